@@ -1,0 +1,130 @@
+"""Ledger events: immutable, versioned facts. Integer credit units, integer epoch milliseconds.
+
+Inputs to the fold (published on `ledger.events`, keyed by tenant id):
+    CreditGranted, GrantVoided, UsageRecorded
+Facts the fold derives and publishes (on `ledger.entries`):
+    CreditExpired and the entries in `ledger.entries`.
+
+Every event validates itself on construction and on decode (see `ledger.codec`); a violation raises
+`InvalidEvent` naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Union
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+IDENTIFIER_LENGTH_MAX = 128
+MODEL_NAME_LENGTH_MAX = 128
+AMOUNT_MAX = 2**62  # far above any real grant; keeps every sum inside a signed 64-bit column
+TIMESTAMP_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]
+PositiveAmount = Annotated[int, msgspec.Meta(gt=0, le=AMOUNT_MAX)]
+NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_MAX)]
+TimestampMs = Annotated[int, msgspec.Meta(ge=0, le=TIMESTAMP_MAX_MS)]
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
+Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31)]
+
+
+class InvalidEvent(ValueError):
+    """A record that is not a valid ledger event. `reason` says what is wrong, naming the field."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CreditGranted(msgspec.Struct, frozen=True, tag="credit_granted", tag_field="type", kw_only=True):
+    """A block of credit that counts at t iff effective_at <= t < expires_at (None: never expires)."""
+
+    event_id: Identifier
+    tenant_id: Identifier
+    grant_id: Identifier
+    amount: PositiveAmount
+    effective_at: TimestampMs
+    expires_at: TimestampMs | None = None
+    priority: Priority = 0  # lower is drawn first
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 0
+
+    def __post_init__(self) -> None:
+        if self.expires_at is not None and self.expires_at <= self.effective_at:
+            raise ValueError("expires_at must be after effective_at")
+
+    @property
+    def timestamp(self) -> int:
+        return self.effective_at
+
+
+class GrantVoided(msgspec.Struct, frozen=True, tag="grant_voided", tag_field="type", kw_only=True):
+    """The grant's remainder is removed from voided_at on."""
+
+    event_id: Identifier
+    tenant_id: Identifier
+    grant_id: Identifier
+    voided_at: TimestampMs
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 1
+
+    @property
+    def timestamp(self) -> int:
+        return self.voided_at
+
+
+class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field="type", kw_only=True):
+    """Credit used by one inference request. event_id is the request id."""
+
+    event_id: Identifier
+    tenant_id: Identifier
+    amount: NonNegativeAmount
+    occurred_at: TimestampMs
+    model: ModelName
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 2
+
+    @property
+    def timestamp(self) -> int:
+        return self.occurred_at
+
+
+class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field="type", kw_only=True):
+    """Derived: a block's remainder forfeited at its expiry. Published by the fold, never an input."""
+
+    event_id: Identifier
+    tenant_id: Identifier
+    grant_id: Identifier
+    expired_at: TimestampMs
+    amount: NonNegativeAmount
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 3
+
+    @property
+    def timestamp(self) -> int:
+        return self.expired_at
+
+
+InputEvent = Union[CreditGranted, GrantVoided, UsageRecorded]
+Event = Union[CreditGranted, GrantVoided, UsageRecorded, CreditExpired]
+
+
+def validated(event: Event) -> Event:
+    """Run the declared constraints on an event built in code (msgspec checks them only on decode)."""
+    from ledger.codec import decode_event, encode_event
+
+    return decode_event(encode_event(event))
+
+
+def event_order_key(event: Event) -> tuple[int, int, str]:
+    """The deterministic order of events: by time, then grant < void < usage, then event id."""
+    return (event.timestamp, event.kind_order, event.event_id)
