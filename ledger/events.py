@@ -100,7 +100,7 @@ class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field
 class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field="type", kw_only=True):
     """Derived: a block's remainder forfeited at its expiry. Published by the fold, never an input."""
 
-    event_id: Identifier
+    event_id: str
     tenant_id: Identifier
     grant_id: Identifier
     expired_at: TimestampMs
@@ -112,6 +112,10 @@ class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field
     @property
     def timestamp(self) -> int:
         return self.expired_at
+
+    @property
+    def entry_id(self) -> str:
+        return self.event_id
 
 
 InputEvent = Union[CreditGranted, GrantVoided, UsageRecorded]

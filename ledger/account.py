@@ -1,0 +1,653 @@
+"""One tenant's credit blocks, folded from grant, void and usage events in any order.
+
+The rules (see the README's "Ledger semantics"):
+- A block counts at t iff effective_at <= t < end, where end = min(expires_at, voided_at).
+- Usage at u draws from the blocks active at u in the order (priority, expires_at soonest first,
+  effective_at, grant_id); what no block covers is overage.
+- At a block's end its remainder is forfeited (expiry) or voided (void). A void at the same instant as
+  the expiry comes too late: the expiry wins.
+- At equal timestamps: grant, void, usage.
+
+The state is a sorted list of boundaries (every effective_at and end) and, for each segment between two
+consecutive boundaries, the usage total in it. Inside a segment the set of active blocks does not change,
+so greedy consumption of u1..uk there equals greedy consumption of their sum: the state is O(grants),
+not O(usage events). A usage in the last computed segment (the frontier) is O(1) amortised whatever its
+order inside the segment; a usage in an earlier segment, or a grant or void that lands before the
+frontier, recomputes the segments from there on.
+
+Duplicates and the usage history live in a `UsageIndex` beside the state (it grows with usage). The
+account asks it whether a usage event was seen, and, rarely, how much usage fell before a time inside a
+segment: when a late grant or void splits a segment whose usage lies on both sides, or when a query asks
+about a time between two usages of one segment.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ledger.entries import (
+    Allocation,
+    AllocationCorrected,
+    CreditVoided,
+    EndCorrected,
+    Entry,
+    UsageAllocated,
+    end_correction_entry_id,
+    expired_entry_id,
+    reallocation_entry_id,
+    usage_entry_id,
+    voided_entry_id,
+)
+from ledger.events import CreditExpired, CreditGranted, GrantVoided, InvalidEvent, UsageRecorded
+from ledger.snapshot import AccountState, BlockState
+from ledger.usage_index import UsageIndex
+
+NEVER = 2**63 - 1  # an end that never comes
+NO_USAGE_FIRST = NEVER  # segment_first_usage_at of a segment without usage
+NO_USAGE_LAST = -1  # segment_last_usage_at of a segment without usage
+
+EXPIRED = "expired"
+VOIDED = "voided"
+
+
+class ConflictingEvent(InvalidEvent):
+    """An event that contradicts one already applied (the same grant id with other terms)."""
+
+
+@dataclass(slots=True)
+class Block:
+    """A credit block and what has happened to it. `consumed` is over all applied usage."""
+
+    grant_id: str
+    amount: int
+    effective_at: int
+    expires_at: int | None
+    priority: int
+    voided_at: int | None = None
+    consumed: int = 0
+    reported_end_kind: str | None = None  # EXPIRED or VOIDED once its end was published
+    reported_end_amount: int = 0
+    reported_end_entry_id: str = ""
+
+    @property
+    def end(self) -> int:
+        expires = NEVER if self.expires_at is None else self.expires_at
+        voided = NEVER if self.voided_at is None else self.voided_at
+        return min(expires, voided)
+
+    @property
+    def end_kind(self) -> str:
+        if self.voided_at is not None and (self.expires_at is None or self.voided_at < self.expires_at):
+            return VOIDED
+        return EXPIRED
+
+    @property
+    def remaining(self) -> int:
+        return self.amount - self.consumed
+
+    @property
+    def order_key(self) -> tuple[int, int, int, str]:
+        expires = NEVER if self.expires_at is None else self.expires_at
+        return (self.priority, expires, self.effective_at, self.grant_id)
+
+    def active_at(self, t: int) -> bool:
+        return self.effective_at <= t < self.end
+
+
+class BlockView(NamedTuple):
+    grant_id: str
+    amount: int
+    remaining: int
+    effective_at: int
+    expires_at: int | None
+    priority: int
+
+
+class Totals(NamedTuple):
+    """Everything that happened up to and including t, over blocks with effective_at <= t."""
+
+    granted: int
+    consumed: int
+    forfeited: int
+    voided: int
+    remaining: int
+    overage: int
+
+
+class Statement(NamedTuple):
+    """Movements in (start, end] with the balances at both ends."""
+
+    opening_balance: int
+    granted: int
+    consumed: int
+    forfeited: int
+    voided: int
+    overage: int
+    closing_balance: int
+
+
+class Account:
+    """The fold state of one tenant. Not thread-safe; one partition owner mutates it."""
+
+    def __init__(self, tenant_id: str) -> None:
+        self.tenant_id = tenant_id
+        self.blocks: dict[str, Block] = {}
+        self._ordered: list[tuple[tuple[int, int, int, str], Block]] = []  # by drawing order
+        self._pending_voids: dict[str, int] = {}  # voids that arrived before their grant
+        self._grant_event_ids: dict[str, str] = {}  # grant id -> event id of its CreditGranted
+        # Segment j covers [bounds[j-1], bounds[j]); segment 0 is everything before the first boundary.
+        self._bounds: list[int] = []
+        self._segment_usage: list[int] = [0]
+        self._segment_first_usage_at: list[int] = [NO_USAGE_FIRST]
+        self._segment_last_usage_at: list[int] = [NO_USAGE_LAST]
+        self._segment_allocations: list[dict[str, int]] = [{}]
+        self._segment_overage: list[int] = [0]
+        # Segments after the frontier hold no usage; allocations are computed up to it.
+        self._frontier = 0
+        self._frontier_active: list[Block] = []
+        self._frontier_cursor = 0  # blocks before it in _frontier_active are exhausted
+        self.overage_total = 0
+        self.watermark = NO_USAGE_LAST  # stream time up to which ends have been published
+
+    # ----------------------------------------------------------------------------------------- apply
+
+    def apply(self, event: CreditGranted | GrantVoided | UsageRecorded, index: UsageIndex) -> list[Entry]:
+        """Fold one event in; returns the entries it publishes. A duplicate returns no entries."""
+        assert event.tenant_id == self.tenant_id, f"event for {event.tenant_id} applied to {self.tenant_id}"
+        kind = type(event)
+        if kind is UsageRecorded:
+            return self._apply_usage(event, index)
+        if kind is CreditGranted:
+            return self._apply_grant(event, index)
+        if kind is GrantVoided:
+            return self._apply_void(event, index)
+        if kind is CreditExpired:
+            raise InvalidEvent("credit_expired is derived by the fold and is not accepted as input")
+        raise InvalidEvent(f"unknown event type {kind.__name__}")
+
+    def _apply_usage(self, event: UsageRecorded, index: UsageIndex) -> list[Entry]:
+        event_id = event.event_id
+        if index.seen(event_id):
+            return []
+        occurred_at = event.occurred_at
+        amount = event.amount
+        segment = bisect_right(self._bounds, occurred_at)
+        self._segment_usage[segment] += amount
+        if occurred_at < self._segment_first_usage_at[segment]:
+            self._segment_first_usage_at[segment] = occurred_at
+        if occurred_at > self._segment_last_usage_at[segment]:
+            self._segment_last_usage_at[segment] = occurred_at
+        if segment >= self._frontier:
+            if segment > self._frontier:
+                self._move_frontier(segment)
+            allocations, overage = self._consume_at_frontier(amount)
+        else:
+            settled = self._consume_in_earlier_segment(segment, amount)
+            deltas, overage = settled if settled is not None else self._recompute_from(segment)
+            allocations = _allocations(deltas)
+        index.record(event_id, occurred_at, amount)
+        entries: list[Entry] = [
+            UsageAllocated(
+                entry_id=usage_entry_id(self.tenant_id, event_id),
+                tenant_id=self.tenant_id,
+                event_id=event_id,
+                occurred_at=occurred_at,
+                model=event.model,
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                amount=amount,
+                allocations=allocations,
+                overage=overage,
+            )
+        ]
+        if self.watermark >= 0:
+            self._correct_published_ends([a.grant_id for a in allocations], event_id, entries)
+        return entries
+
+    def _apply_grant(self, event: CreditGranted, index: UsageIndex) -> list[Entry]:
+        grant_id = event.grant_id
+        existing = self.blocks.get(grant_id)
+        if existing is not None:
+            if self._grant_event_ids[grant_id] == event.event_id and _same_terms(existing, event):
+                return []
+            raise ConflictingEvent(f"grant_id {grant_id!r} was already granted by another event or other terms")
+        block = Block(
+            grant_id=grant_id,
+            amount=event.amount,
+            effective_at=event.effective_at,
+            expires_at=event.expires_at,
+            priority=event.priority,
+            voided_at=self._pending_voids.pop(grant_id, None),
+        )
+        self.blocks[grant_id] = block
+        self._grant_event_ids[grant_id] = event.event_id
+        insort(self._ordered, (block.order_key, block))
+        return self._restructure(event.event_id, block.effective_at, (block.effective_at, block.end), index)
+
+    def _apply_void(self, event: GrantVoided, index: UsageIndex) -> list[Entry]:
+        block = self.blocks.get(event.grant_id)
+        voided_at = event.voided_at
+        if block is None:
+            earlier = self._pending_voids.get(event.grant_id)
+            self._pending_voids[event.grant_id] = voided_at if earlier is None else min(earlier, voided_at)
+            return []
+        if block.voided_at is not None and block.voided_at <= voided_at:
+            return []
+        block.voided_at = voided_at
+        return self._restructure(event.event_id, voided_at, (voided_at,), index)
+
+    def _restructure(self, cause_event_id: str, changed_at: int, new_bounds: tuple[int, ...], index: UsageIndex) -> list[Entry]:
+        """After a block was added or its end moved: split segments at the new bounds, recompute the
+        segments from the change on, and report what moved."""
+        dirty_from = NEVER
+        for bound in new_bounds:
+            if bound != NEVER:
+                dirty_from = min(dirty_from, self._insert_bound(bound, index))
+        changed_segment = bisect_right(self._bounds, changed_at)
+        dirty_from = min(dirty_from, changed_segment)
+        deltas: dict[str, int] = {}
+        overage = 0
+        if dirty_from <= self._frontier:
+            deltas, overage = self._recompute_from(dirty_from)
+        else:
+            self._rebuild_frontier_active()
+        entries: list[Entry] = []
+        if deltas or overage:
+            entries.append(
+                AllocationCorrected(
+                    entry_id=reallocation_entry_id(self.tenant_id, cause_event_id),
+                    tenant_id=self.tenant_id,
+                    cause_event_id=cause_event_id,
+                    allocations=_allocations(deltas),
+                    overage_delta=overage,
+                )
+            )
+        if self.watermark >= 0:
+            touched = set(deltas)
+            touched.update(b.grant_id for b in self.blocks.values() if b.reported_end_kind is not None)
+            self._correct_published_ends(touched, cause_event_id, entries)
+            self._publish_ends_through(self.watermark, entries)
+        return entries
+
+    # ------------------------------------------------------------------------------------- segments
+
+    def _segment_start(self, segment: int) -> int:
+        return self._bounds[segment - 1] if segment > 0 else -NEVER
+
+    def _insert_bound(self, bound: int, index: UsageIndex) -> int:
+        """Split the segment containing `bound` at it. Returns the first segment whose allocations are
+        no longer valid (NEVER if none)."""
+        position = bisect_left(self._bounds, bound)
+        if position < len(self._bounds) and self._bounds[position] == bound:
+            return NEVER
+        segment = position  # the segment that contains bound, before the split
+        start = self._segment_start(segment)
+        usage = self._segment_usage[segment]
+        first = self._segment_first_usage_at[segment]
+        last = self._segment_last_usage_at[segment]
+        if usage == 0 or last < bound:
+            left, right = (usage, first, last), (0, NO_USAGE_FIRST, NO_USAGE_LAST)
+        elif first >= bound:
+            left, right = (0, NO_USAGE_FIRST, NO_USAGE_LAST), (usage, first, last)
+        else:
+            before = index.usage_between(start, bound)
+            after = index.usage_between(bound, NEVER if segment == len(self._bounds) else self._bounds[segment])
+            assert before.total + after.total == usage, (
+                f"usage index disagrees with segment total for {self.tenant_id}: "
+                f"{before.total} + {after.total} != {usage}"
+            )
+            left, right = (before.total, before.first_at, before.last_at), (after.total, after.first_at, after.last_at)
+        self._bounds.insert(position, bound)
+        self._segment_usage[segment : segment + 1] = [left[0], right[0]]
+        self._segment_first_usage_at[segment : segment + 1] = [left[1], right[1]]
+        self._segment_last_usage_at[segment : segment + 1] = [left[2], right[2]]
+        self._segment_allocations.insert(segment + 1, {})
+        self._segment_overage.insert(segment + 1, 0)
+        if self._frontier > segment or (self._frontier == segment and right[0] > 0):
+            self._frontier += 1
+        return segment if usage > 0 and right[0] > 0 else NEVER
+
+    def _active_blocks(self, segment: int) -> list[Block]:
+        start = self._segment_start(segment)
+        return [block for _, block in self._ordered if block.effective_at <= start < block.end]
+
+    def _move_frontier(self, segment: int) -> None:
+        self._frontier = segment
+        self._rebuild_frontier_active()
+
+    def _rebuild_frontier_active(self) -> None:
+        self._frontier_active = self._active_blocks(self._frontier)
+        self._frontier_cursor = 0
+
+    def _consume_at_frontier(self, amount: int) -> tuple[tuple[Allocation, ...], int]:
+        """Greedy consumption of `amount` in the frontier segment. Returns (what each block gave, in
+        drawing order; the overage)."""
+        active = self._frontier_active
+        cursor = self._frontier_cursor
+        segment_allocations = self._segment_allocations[self._frontier]
+        taken: tuple[Allocation, ...] = ()
+        while amount and cursor < len(active):
+            block = active[cursor]
+            remaining = block.amount - block.consumed
+            if remaining <= 0:
+                cursor += 1
+                continue
+            take = remaining if remaining < amount else amount
+            block.consumed += take
+            grant_id = block.grant_id
+            segment_allocations[grant_id] = segment_allocations.get(grant_id, 0) + take
+            taken += (Allocation(grant_id, take),)
+            amount -= take
+            if take == remaining:
+                cursor += 1
+        self._frontier_cursor = cursor
+        if amount:
+            self._segment_overage[self._frontier] += amount
+            self.overage_total += amount
+        return taken, amount
+
+    def _consume_in_earlier_segment(self, segment: int, amount: int) -> tuple[dict[str, int], int] | None:
+        """A late usage in a segment before the frontier. Greedy consumption of a segment's sum is a
+        prefix: the new usage takes from the blocks that still had a remainder at the end of its segment.
+        If none of those blocks is exhausted later on (total consumption plus the take stays within
+        its amount), every later segment's allocation stands and only this segment changes. Returns
+        None when that does not hold and the segments from here must be recomputed."""
+        start = self._segment_start(segment)
+        later_allocations = self._segment_allocations[segment + 1 : self._frontier + 1]
+        takes: dict[str, int] = {}
+        need = amount
+        for _, block in self._ordered:
+            if not need:
+                break
+            if not block.effective_at <= start < block.end:
+                continue
+            grant_id = block.grant_id
+            consumed_through_segment = block.consumed - sum(a.get(grant_id, 0) for a in later_allocations)
+            remaining = block.amount - consumed_through_segment
+            if remaining <= 0:
+                continue
+            take = remaining if remaining < need else need
+            if block.consumed + take > block.amount:
+                return None
+            takes[grant_id] = take
+            need -= take
+        allocations = self._segment_allocations[segment]
+        for grant_id, take in takes.items():
+            self.blocks[grant_id].consumed += take
+            allocations[grant_id] = allocations.get(grant_id, 0) + take
+        if need:
+            self._segment_overage[segment] += need
+            self.overage_total += need
+        return takes, need
+
+    def _recompute_from(self, first_segment: int) -> tuple[dict[str, int], int]:
+        """Redo greedy consumption of every segment from first_segment on. Returns the net change per
+        block and in overage."""
+        consumed_before: dict[str, int] = {}
+        overage_before = self.overage_total
+        for segment in range(first_segment, len(self._segment_allocations)):
+            allocations = self._segment_allocations[segment]
+            for grant_id, amount in allocations.items():
+                block = self.blocks[grant_id]
+                consumed_before.setdefault(grant_id, block.consumed)
+                block.consumed -= amount
+            allocations.clear()
+            self.overage_total -= self._segment_overage[segment]
+            self._segment_overage[segment] = 0
+        for segment in range(first_segment, len(self._segment_usage)):
+            usage = self._segment_usage[segment]
+            if usage:
+                self._move_frontier(segment)
+                for allocation in self._consume_at_frontier(usage)[0]:
+                    grant_id = allocation.grant_id
+                    consumed_before.setdefault(grant_id, self.blocks[grant_id].consumed - allocation.amount)
+        self._settle_frontier()
+        deltas = {}
+        for grant_id, before in consumed_before.items():
+            delta = self.blocks[grant_id].consumed - before
+            if delta:
+                deltas[grant_id] = delta
+        return deltas, self.overage_total - overage_before
+
+    def _settle_frontier(self) -> None:
+        """The frontier is the last segment holding usage (segment 0 when none does)."""
+        frontier = len(self._bounds)
+        while frontier > 0 and self._segment_usage[frontier] == 0:
+            frontier -= 1
+        if frontier != self._frontier:
+            self._move_frontier(frontier)
+        else:
+            self._rebuild_frontier_active()
+        self._skip_exhausted()
+
+    def _skip_exhausted(self) -> None:
+        active = self._frontier_active
+        cursor = 0
+        while cursor < len(active) and active[cursor].amount - active[cursor].consumed <= 0:
+            cursor += 1
+        self._frontier_cursor = cursor
+
+    # ------------------------------------------------------------------------ published block ends
+
+    def advance_to(self, stream_time: int) -> list[Entry]:
+        """Publish the expiries and voids of blocks whose end is at or before stream_time."""
+        entries: list[Entry] = []
+        if stream_time > self.watermark:
+            self.watermark = stream_time
+            self._publish_ends_through(stream_time, entries)
+        return entries
+
+    def _publish_ends_through(self, stream_time: int, entries: list[Entry]) -> None:
+        for block in self.blocks.values():
+            if block.reported_end_kind is None and block.end <= stream_time:
+                entries.append(self._publish_end(block))
+
+    def _publish_end(self, block: Block) -> Entry:
+        kind = block.end_kind
+        amount = block.remaining
+        block.reported_end_kind = kind
+        block.reported_end_amount = amount
+        if kind == EXPIRED:
+            entry_id = expired_entry_id(self.tenant_id, block.grant_id)
+            entry: Entry = CreditExpired(
+                event_id=entry_id,
+                tenant_id=self.tenant_id,
+                grant_id=block.grant_id,
+                expired_at=block.end,
+                amount=amount,
+            )
+        else:
+            entry_id = voided_entry_id(self.tenant_id, block.grant_id)
+            entry = CreditVoided(
+                entry_id=entry_id,
+                tenant_id=self.tenant_id,
+                grant_id=block.grant_id,
+                voided_at=block.end,
+                amount=amount,
+            )
+        block.reported_end_entry_id = entry_id
+        return entry
+
+    def _correct_published_ends(self, touched: Iterable[str], cause_event_id: str, entries: list[Entry]) -> None:
+        """For each touched block whose end was already published, publish what changed about it."""
+        for grant_id in touched:
+            block = self.blocks[grant_id]
+            if block.reported_end_kind is None:
+                continue
+            same_kind = block.reported_end_kind == block.end_kind
+            delta = (block.remaining if same_kind else 0) - block.reported_end_amount
+            if delta:
+                entries.append(
+                    EndCorrected(
+                        entry_id=end_correction_entry_id(self.tenant_id, cause_event_id, grant_id),
+                        tenant_id=self.tenant_id,
+                        grant_id=grant_id,
+                        corrects=block.reported_end_entry_id,
+                        cause_event_id=cause_event_id,
+                        delta=delta,
+                    )
+                )
+                block.reported_end_amount += delta
+            if not same_kind:
+                entries.append(self._publish_end(block))
+
+    # --------------------------------------------------------------------------------------- queries
+
+    def _consumption_through(self, t: int, index: UsageIndex) -> tuple[dict[str, int], int]:
+        """Per-block consumption and overage from usage at or before t."""
+        segment = bisect_right(self._bounds, t)
+        consumed: dict[str, int] = {}
+        overage = 0
+        for earlier in range(min(segment, self._frontier + 1)):
+            for grant_id, amount in self._segment_allocations[earlier].items():
+                consumed[grant_id] = consumed.get(grant_id, 0) + amount
+            overage += self._segment_overage[earlier]
+        if segment > self._frontier or self._segment_usage[segment] == 0:
+            return consumed, overage
+        if t >= self._segment_last_usage_at[segment]:
+            for grant_id, amount in self._segment_allocations[segment].items():
+                consumed[grant_id] = consumed.get(grant_id, 0) + amount
+            return consumed, overage + self._segment_overage[segment]
+        if t < self._segment_first_usage_at[segment]:
+            return consumed, overage
+        usage = index.usage_between(self._segment_start(segment), t + 1).total
+        for block in self._active_blocks(segment):
+            if not usage:
+                break
+            remaining = block.amount - consumed.get(block.grant_id, 0)
+            take = min(remaining, usage)
+            if take > 0:
+                consumed[block.grant_id] = consumed.get(block.grant_id, 0) + take
+                usage -= take
+        return consumed, overage + usage
+
+    def balance_at(self, t: int, index: UsageIndex) -> int:
+        consumed, _ = self._consumption_through(t, index)
+        return sum(b.amount - consumed.get(b.grant_id, 0) for b in self.blocks.values() if b.active_at(t))
+
+    def overage_at(self, t: int, index: UsageIndex) -> int:
+        return self._consumption_through(t, index)[1]
+
+    def blocks_at(self, t: int, index: UsageIndex) -> list[BlockView]:
+        """The blocks that count at t, in drawing order, with what remains of each."""
+        consumed, _ = self._consumption_through(t, index)
+        return [
+            BlockView(b.grant_id, b.amount, b.amount - consumed.get(b.grant_id, 0), b.effective_at, b.expires_at, b.priority)
+            for _, b in self._ordered
+            if b.active_at(t)
+        ]
+
+    def totals_at(self, t: int, index: UsageIndex) -> Totals:
+        consumed_by_block, overage = self._consumption_through(t, index)
+        granted = consumed = forfeited = voided = remaining = 0
+        for block in self.blocks.values():
+            if block.effective_at > t:
+                continue
+            used = consumed_by_block.get(block.grant_id, 0)
+            granted += block.amount
+            consumed += used
+            if block.end > t:
+                remaining += block.amount - used
+            elif block.end_kind == EXPIRED:
+                forfeited += block.amount - used
+            else:
+                voided += block.amount - used
+        return Totals(granted, consumed, forfeited, voided, remaining, overage)
+
+    def statement(self, start: int, end: int, index: UsageIndex) -> Statement:
+        """Movements in (start, end]."""
+        assert start <= end, f"statement window reversed: {start} > {end}"
+        opening = self.totals_at(start, index)
+        closing = self.totals_at(end, index)
+        return Statement(
+            opening_balance=opening.remaining,
+            granted=closing.granted - opening.granted,
+            consumed=closing.consumed - opening.consumed,
+            forfeited=closing.forfeited - opening.forfeited,
+            voided=closing.voided - opening.voided,
+            overage=closing.overage - opening.overage,
+            closing_balance=closing.remaining,
+        )
+
+    def check_invariants(self) -> None:
+        """Conservation and the bookkeeping that the fast path relies on; raises AssertionError."""
+        by_block: dict[str, int] = {}
+        for segment, allocations in enumerate(self._segment_allocations):
+            for grant_id, amount in allocations.items():
+                assert amount > 0, f"segment {segment} allocates {amount} from {grant_id}"
+                by_block[grant_id] = by_block.get(grant_id, 0) + amount
+        for block in self.blocks.values():
+            assert by_block.get(block.grant_id, 0) == block.consumed, f"{block.grant_id}: allocations != consumed"
+            assert 0 <= block.consumed <= block.amount, f"{block.grant_id}: consumed {block.consumed} of {block.amount}"
+        assert sum(self._segment_overage) == self.overage_total, "overage total drifted"
+        assert all(u == 0 for u in self._segment_usage[self._frontier + 1 :]), "usage past the frontier"
+        assert len(self._segment_usage) == len(self._bounds) + 1, "segments and bounds out of step"
+
+    # ------------------------------------------------------------------------------------ snapshots
+
+    def to_state(self) -> AccountState:
+        return AccountState(
+            tenant_id=self.tenant_id,
+            blocks=[
+                BlockState(
+                    b.grant_id, b.amount, b.effective_at, b.expires_at, b.priority, b.voided_at, b.consumed,
+                    b.reported_end_kind, b.reported_end_amount, b.reported_end_entry_id,
+                    self._grant_event_ids[b.grant_id],
+                )
+                for b in self.blocks.values()
+            ],
+            pending_voids=dict(self._pending_voids),
+            bounds=list(self._bounds),
+            segment_usage=list(self._segment_usage),
+            segment_first_usage_at=list(self._segment_first_usage_at),
+            segment_last_usage_at=list(self._segment_last_usage_at),
+            segment_allocations=[dict(a) for a in self._segment_allocations],
+            segment_overage=list(self._segment_overage),
+            overage_total=self.overage_total,
+            watermark=self.watermark,
+        )
+
+    @classmethod
+    def from_state(cls, state: AccountState) -> Account:
+        account = cls(state.tenant_id)
+        for s in state.blocks:
+            block = Block(
+                s.grant_id, s.amount, s.effective_at, s.expires_at, s.priority, s.voided_at, s.consumed,
+                s.reported_end_kind, s.reported_end_amount, s.reported_end_entry_id,
+            )
+            account.blocks[block.grant_id] = block
+            account._grant_event_ids[block.grant_id] = s.grant_event_id
+            account._ordered.append((block.order_key, block))
+        account._ordered.sort(key=lambda pair: pair[0])
+        account._pending_voids = dict(state.pending_voids)
+        account._bounds = list(state.bounds)
+        account._segment_usage = list(state.segment_usage)
+        account._segment_first_usage_at = list(state.segment_first_usage_at)
+        account._segment_last_usage_at = list(state.segment_last_usage_at)
+        account._segment_allocations = [dict(a) for a in state.segment_allocations]
+        account._segment_overage = list(state.segment_overage)
+        account.overage_total = state.overage_total
+        account.watermark = state.watermark
+        account._settle_frontier()
+        account.check_invariants()
+        return account
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segment_usage)
+
+
+def _allocations(deltas: dict[str, int]) -> tuple[Allocation, ...]:
+    return tuple(Allocation(grant_id, amount) for grant_id, amount in sorted(deltas.items()))
+
+
+def _same_terms(block: Block, event: CreditGranted) -> bool:
+    return (block.amount, block.effective_at, block.expires_at, block.priority) == (
+        event.amount,
+        event.effective_at,
+        event.expires_at,
+        event.priority,
+    )

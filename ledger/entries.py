@@ -1,0 +1,109 @@
+"""Ledger entries: the facts finance reads on `ledger.entries`. Immutable; a fact already published is
+never changed, a later event that changes it publishes a correction that references it.
+
+Every entry has a deterministic `entry_id` (a reprocessed event yields the same ids, so consumers can
+drop repeats by id) and the `tenant_id` it belongs to.
+
+- UsageAllocated: what one usage event did to each credit block's consumption, and the overage. For a
+  usage that arrives in order these are exactly the blocks that paid for it; for a late one they are the
+  net change its arrival caused (it may displace later usage between blocks). Always
+  sum(allocations) + overage == amount.
+- AllocationCorrected: a late grant or void moved already-reported consumption between blocks or
+  overage. Deltas may be negative.
+- CreditExpired (see ledger.events): a block's remainder forfeited at its expiry.
+- CreditVoided: a block's remainder removed by a void.
+- EndCorrected: a late event changed a published CreditExpired or CreditVoided by `delta`; `corrects`
+  is the entry id of that original.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from ledger.events import SCHEMA_VERSION, CreditExpired, InvalidEvent
+
+
+class Allocation(msgspec.Struct, frozen=True, array_like=True):
+    grant_id: str
+    amount: int
+
+
+class UsageAllocated(msgspec.Struct, frozen=True, tag="usage_allocated", tag_field="type", kw_only=True):
+    entry_id: str
+    tenant_id: str
+    event_id: str  # the usage event, i.e. the request id
+    occurred_at: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    amount: int
+    allocations: tuple[Allocation, ...]
+    overage: int
+    schema_version: int = SCHEMA_VERSION
+
+
+class AllocationCorrected(msgspec.Struct, frozen=True, tag="allocation_corrected", tag_field="type", kw_only=True):
+    entry_id: str
+    tenant_id: str
+    cause_event_id: str
+    allocations: tuple[Allocation, ...]  # deltas
+    overage_delta: int
+    schema_version: int = SCHEMA_VERSION
+
+
+class CreditVoided(msgspec.Struct, frozen=True, tag="credit_voided", tag_field="type", kw_only=True):
+    entry_id: str
+    tenant_id: str
+    grant_id: str
+    voided_at: int
+    amount: int
+    schema_version: int = SCHEMA_VERSION
+
+
+class EndCorrected(msgspec.Struct, frozen=True, tag="end_corrected", tag_field="type", kw_only=True):
+    entry_id: str
+    tenant_id: str
+    grant_id: str
+    corrects: str  # entry id of the CreditExpired or CreditVoided being corrected
+    cause_event_id: str
+    delta: int
+    schema_version: int = SCHEMA_VERSION
+
+
+Entry = Union[UsageAllocated, AllocationCorrected, CreditExpired, CreditVoided, EndCorrected]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Entry)
+
+
+def encode_entry(entry: Entry) -> bytes:
+    return _encoder.encode(entry)
+
+
+def decode_entry(data: bytes) -> Entry:
+    try:
+        return _decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        raise InvalidEvent(f"invalid entry: {error}") from None
+
+
+def usage_entry_id(tenant_id: str, event_id: str) -> str:
+    return f"{tenant_id}/usage/{event_id}"
+
+
+def expired_entry_id(tenant_id: str, grant_id: str) -> str:
+    return f"{tenant_id}/expired/{grant_id}"
+
+
+def voided_entry_id(tenant_id: str, grant_id: str) -> str:
+    return f"{tenant_id}/voided/{grant_id}"
+
+
+def reallocation_entry_id(tenant_id: str, cause_event_id: str) -> str:
+    return f"{tenant_id}/reallocation/{cause_event_id}"
+
+
+def end_correction_entry_id(tenant_id: str, cause_event_id: str, grant_id: str) -> str:
+    return f"{tenant_id}/end-correction/{cause_event_id}/{grant_id}"
