@@ -1,0 +1,368 @@
+"""The one Kafka producer every writer uses, with a durable spool for when the broker is away.
+
+`EventProducer.publish(event)` sends a ledger event to `ledger.events` (key = tenant id, value =
+`ledger.codec.encode_event(event)`) with acks=all and idempotence, and returns once the broker has
+acknowledged it, or, when the broker does not answer within `publish_ack_timeout_ms`, once the event
+is fsync'd in the local spool (`streams.spool`). Either way the event is never lost: a background task
+resends the spool, oldest first, in bounded batches with exponential backoff, and deletes each record
+only after the broker acknowledged it. While anything is spooled, new records go to the spool too, so
+they stay behind the older ones.
+
+Duplicates. Within one process no record is sent twice: a record that timed out while the Kafka
+client still holds it is not handed to the client again; the client's own idempotent retries (same
+producer id and sequence number, deduplicated by the broker) deliver it once, and the spool row is
+deleted when that delivery is acknowledged. A duplicate record can appear on the topic only when an
+acknowledgement is lost for good: the process dies (or the client is replaced after a fatal error)
+after the broker wrote a record but before its spool row was deleted; the record is then resent on the
+next start. That is harmless: every ledger event carries an `event_id`, and consumers (the fold, the
+projections) apply an event id at most once ("a duplicate changes nothing", DESIGN.md). Records on the
+derived topics sent with `send()` need the same property from their consumers: carry an id and
+deduplicate, or be idempotent by key (the compacted `ledger.balances`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+
+from ledger.codec import encode_event
+from ledger.events import Event
+from streams.settings import StreamSettings
+from streams.spool import OutgoingRecord, Spool
+from streams.topics import LedgerTopics
+
+log = logging.getLogger(__name__)
+
+
+class PublishRejected(RuntimeError):
+    """The broker refused records for a reason a retry cannot fix (e.g. too large); they were not sent."""
+
+
+@dataclass(frozen=True)
+class PublishReceipt:
+    """Where a record went: acknowledged at (partition, offset), or durably spooled as spool_seq."""
+
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    spool_seq: int | None = None
+
+    @property
+    def spooled(self) -> bool:
+        return self.spool_seq is not None
+
+
+def _is_retriable(error: BaseException) -> bool:
+    """Broker away, leader moving, timeouts: worth spooling. Anything else is the record's own fault."""
+    return isinstance(error, KafkaTimeoutError) or (isinstance(error, KafkaError) and error.retriable)
+
+
+class EventProducer:
+    def __init__(self, settings: StreamSettings, *, spool: Spool | None = None) -> None:
+        assert settings.resend_backoff_initial_ms <= settings.resend_backoff_max_ms, "backoff initial > max"
+        self.settings = settings
+        self.topics = LedgerTopics.from_settings(settings)
+        self._spool = spool
+        self._kafka: AIOKafkaProducer | None = None
+        self._spooling = False
+        # spool seq -> the Kafka client's delivery future for a record that timed out while the client
+        # still holds it: the client delivers it (idempotently), so it is never handed over again.
+        self._in_flight: dict[int, asyncio.Future] = {}
+        self._mode_lock: asyncio.Lock | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
+        self._drainer: asyncio.Task | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the spool and connect. An unreachable broker is not an error: publishing spools."""
+        assert not self._started, "EventProducer.start() called twice"
+        if self._spool is None:
+            self._spool = await asyncio.to_thread(
+                Spool, self.settings.spool_path, self.settings.spool_size_max_bytes
+            )
+        self._mode_lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._kafka = await self._connect()
+        self._spooling = self._kafka is None or self._spool.count() > 0
+        if not self._spooling:
+            self._drained.set()
+        self._drainer = asyncio.create_task(self._drain_forever(), name="event-producer-spool-drainer")
+        self._wakeup.set()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop resending, let the Kafka client flush (bounded), close. Spooled records stay on disk."""
+        if not self._started:
+            return
+        self._started = False
+        assert self._drainer is not None
+        self._drainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._drainer
+        if self._kafka is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kafka.flush(), self.settings.producer_close_timeout_ms / 1000)
+            await self._settle_in_flight()
+            await self._close_client(self._kafka)
+            self._kafka = None
+        self._in_flight.clear()
+        assert self._spool is not None
+        await asyncio.to_thread(self._spool.close)
+
+    async def __aenter__(self) -> EventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------------------------ publishing
+
+    async def publish(self, event: Event) -> PublishReceipt:
+        """Send one ledger event to ledger.events (key = tenant id); acknowledged or durably spooled."""
+        (receipt,) = await self.publish_many([event])
+        return receipt
+
+    async def publish_many(self, events: Sequence[Event]) -> list[PublishReceipt]:
+        records = [OutgoingRecord(self.topics.events, event.tenant_id.encode(), encode_event(event)) for event in events]
+        return await self.send_many(records)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> PublishReceipt:
+        """Send raw bytes to any topic (derived topics: entries, balances, dlq); same guarantees."""
+        (receipt,) = await self.send_many([OutgoingRecord(topic, key, value)])
+        return receipt
+
+    async def send_many(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt]:
+        assert self._started, "EventProducer is not started"
+        if not records:
+            return []
+        if self._spooling:
+            receipts = await self._spool_if_still_spooling(records)
+            if receipts is not None:
+                return receipts
+        return await self._send_direct(records)
+
+    def spooled_count(self) -> int:
+        """Records waiting in the spool (including those the Kafka client is still delivering)."""
+        assert self._spool is not None, "EventProducer is not started"
+        return self._spool.count()
+
+    async def wait_until_drained(self, timeout_ms: int) -> bool:
+        """Wait until the spool is empty and publishing goes straight to the broker; False on timeout."""
+        assert self._drained is not None, "EventProducer is not started"
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_ms / 1000)
+        except TimeoutError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------ direct path
+
+    async def _send_direct(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt]:
+        kafka = self._kafka
+        futures: list[asyncio.Future | None] = []
+        rejected: list[str] = []
+        handed_over = kafka is not None
+        for record in records:
+            if not handed_over:
+                futures.append(None)
+                continue
+            try:
+                futures.append(await kafka.send(record.topic, record.value, key=record.key))
+            except KafkaError as error:
+                if not _is_retriable(error):
+                    raise PublishRejected(f"{record.topic}: {error!r}") from error
+                log.warning("Kafka client did not take a record (%r); spooling", error)
+                futures.append(None)
+                handed_over = False  # the rest go straight to the spool, behind this one
+        waiting = [future for future in futures if future is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.settings.publish_ack_timeout_ms / 1000)
+
+        receipts: list[PublishReceipt | None] = []
+        to_spool: list[tuple[int, OutgoingRecord, asyncio.Future | None]] = []
+        for index, (record, future) in enumerate(zip(records, futures, strict=True)):
+            if future is not None and future.done() and future.exception() is None:
+                metadata = future.result()
+                receipts.append(PublishReceipt(record.topic, metadata.partition, metadata.offset))
+                continue
+            if future is not None and future.done():
+                error = future.exception()
+                if not _is_retriable(error):
+                    rejected.append(f"{record.topic}: {error!r}")
+                    receipts.append(None)
+                    continue
+                future = None  # the client gave up on it: the spool resends it
+            receipts.append(None)
+            to_spool.append((index, record, future))
+        if to_spool:
+            sequence_numbers = await self._spool_records(to_spool)
+            for (index, record, _), seq in zip(to_spool, sequence_numbers, strict=True):
+                receipts[index] = PublishReceipt(record.topic, spool_seq=seq)
+        if rejected:
+            raise PublishRejected("the broker refused: " + "; ".join(rejected))
+        assert all(receipt is not None for receipt in receipts), "a record has neither an ack nor a spool row"
+        return receipts
+
+    async def _spool_records(self, entries: list[tuple[int, OutgoingRecord, asyncio.Future | None]]) -> list[int]:
+        """Spool records the broker did not acknowledge in time; switch to spooling mode."""
+        assert self._mode_lock is not None and self._spool is not None
+        async with self._mode_lock:
+            sequence_numbers = await asyncio.to_thread(self._spool.append, [record for _, record, _ in entries])
+            for (_, _, future), seq in zip(entries, sequence_numbers, strict=True):
+                if future is not None:
+                    self._in_flight[seq] = future
+            if not self._spooling:
+                log.warning("broker did not acknowledge %d records in time: spooling to %s", len(entries), self._spool.path)
+            self._enter_spooling()
+        return sequence_numbers
+
+    async def _spool_if_still_spooling(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt] | None:
+        assert self._mode_lock is not None and self._spool is not None
+        async with self._mode_lock:
+            if not self._spooling:
+                return None
+            sequence_numbers = await asyncio.to_thread(self._spool.append, list(records))
+            self._wakeup.set()
+        return [PublishReceipt(record.topic, spool_seq=seq) for record, seq in zip(records, sequence_numbers, strict=True)]
+
+    def _enter_spooling(self) -> None:
+        self._spooling = True
+        self._drained.clear()
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------------------------ resending
+
+    async def _drain_forever(self) -> None:
+        backoff_ms = self.settings.resend_backoff_initial_ms
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._spool.count() > 0:
+                try:
+                    progressed = await self._resend_oldest()
+                except Exception:  # the drainer must outlive any one failure; the records stay spooled
+                    log.exception("resending from the spool failed; retrying after backoff")
+                    progressed = False
+                if progressed:
+                    backoff_ms = self.settings.resend_backoff_initial_ms
+                    continue
+                await asyncio.sleep(backoff_ms / 1000)
+                backoff_ms = min(backoff_ms * 2, self.settings.resend_backoff_max_ms)
+            async with self._mode_lock:
+                if self._spool.count() == 0 and self._spooling:
+                    self._spooling = False
+                    self._in_flight.clear()
+                    self._drained.set()
+                    log.info("spool drained: publishing straight to the broker again")
+
+    async def _resend_oldest(self) -> bool:
+        """Resend one bounded batch, oldest first; True if the broker acknowledged any of it."""
+        if self._kafka is None:
+            self._kafka = await self._connect()
+            if self._kafka is None:
+                return False
+        kafka = self._kafka
+        async with self._mode_lock:  # rows and their in-flight futures are registered together
+            batch = await asyncio.to_thread(self._spool.oldest, self.settings.resend_batch_max)
+            in_flight = {record.seq: self._in_flight[record.seq] for record in batch if record.seq in self._in_flight}
+        futures: dict[int, asyncio.Future] = {}
+        fatal: BaseException | None = None
+        for record in batch:
+            if record.seq in in_flight:
+                futures[record.seq] = in_flight[record.seq]
+                continue
+            try:
+                futures[record.seq] = await kafka.send(record.topic, record.value, key=record.key)
+            except KafkaError as error:
+                fatal = None if _is_retriable(error) else error
+                break  # keep the order: nothing after a record that could not be handed over
+        for seq, future in futures.items():
+            self._in_flight[seq] = future
+        if futures:
+            await asyncio.wait(futures.values(), timeout=self.settings.publish_ack_timeout_ms / 1000)
+        acknowledged = []
+        for seq, future in futures.items():
+            if not future.done():
+                continue  # the client still holds it: wait for it next round, never hand it over again
+            del self._in_flight[seq]
+            error = future.exception()
+            if error is None:
+                acknowledged.append(seq)
+            elif not _is_retriable(error):
+                fatal = error
+        if acknowledged:
+            await asyncio.to_thread(self._spool.remove, acknowledged)
+        if fatal is not None:
+            log.error("Kafka client failed for good (%r): replacing it; its unacknowledged records are resent", fatal)
+            await self._replace_client()
+        return bool(acknowledged)
+
+    async def _settle_in_flight(self) -> None:
+        acknowledged = [
+            seq
+            for seq, future in self._in_flight.items()
+            if future.done() and not future.cancelled() and future.exception() is None
+        ]
+        if acknowledged:
+            await asyncio.to_thread(self._spool.remove, acknowledged)
+
+    # ------------------------------------------------------------------------------------ the client
+
+    def _new_client(self) -> AIOKafkaProducer:
+        settings = self.settings
+        return AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            client_id="tollgate-event-producer",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=settings.producer_linger_ms,
+            max_batch_size=settings.producer_batch_size_bytes,
+            request_timeout_ms=settings.producer_request_timeout_ms,
+            retry_backoff_ms=settings.producer_retry_backoff_ms,
+            metadata_max_age_ms=settings.producer_metadata_max_age_ms,
+            connections_max_idle_ms=settings.producer_connections_max_idle_ms,
+            compression_type=None,
+        )
+
+    async def _connect(self) -> AIOKafkaProducer | None:
+        client = self._new_client()
+        try:
+            await client.start()
+        except KafkaError as error:
+            log.warning("Kafka at %s unreachable (%r): publishing spools", self.settings.kafka_bootstrap_servers, error)
+            await self._close_client(client)
+            return None
+        return client
+
+    async def _replace_client(self) -> None:
+        old, self._kafka = self._kafka, None
+        self._in_flight.clear()  # futures of the old client: their records are resent from the spool
+        if old is not None:
+            await self._close_client(old)
+
+    async def _close_client(self, client: AIOKafkaProducer) -> None:
+        """Close the client; if it cannot flush in time (broker away), abandon its pending batches.
+
+        Abandoning is safe: every record it still held is in the spool and is resent from there.
+        """
+        closing = asyncio.ensure_future(client.stop())
+        done, _ = await asyncio.wait({closing}, timeout=self.settings.producer_close_timeout_ms / 1000)
+        if not done:
+            sender = getattr(client, "_sender", None)  # aiokafka 0.14: stop() waits for the flush or the sender
+            if sender is not None:
+                await sender.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closing, self.settings.producer_close_timeout_ms / 1000)
+        if closing.done() and not closing.cancelled() and closing.exception() is not None:
+            log.warning("closing the Kafka client failed: %r", closing.exception())
