@@ -1,0 +1,391 @@
+"""A decoder-only transformer (GPT-2 layout) with a packed, slot-addressed KV cache.
+
+Two forward passes share the same weights:
+- `GPT.forward(idx)`: the plain (B, T) causal pass with no cache, used for training and as a reference.
+- `GPT.forward_packed(batch, cache)`: the serving pass. The new tokens of many sequences are packed
+  into one (N,) row so every Linear runs once per step; each sequence reads and writes its own slot
+  of the preallocated `KVCache`. Sequences that feed one token (decode) attend in one batched call;
+  sequences that feed a chunk of their prompt (prefill) attend one by one.
+
+Checkpoints use the Hugging Face GPT-2 layout: `config.json` (n_layer, n_head, n_embd, n_positions,
+vocab_size, layer_norm_epsilon) and safetensors weights whose attention/MLP projections are Conv1D
+(stored as (in, out), the transpose of nn.Linear). `load_checkpoint` and `save_checkpoint` convert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from torch.nn import functional as F
+
+CONFIG_FILE_NAME = "config.json"
+WEIGHTS_FILE_NAME = "model.safetensors"
+
+# GPT-2 Conv1D weights are stored (in_features, out_features); nn.Linear wants (out, in).
+CONV1D_WEIGHT_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # tokens in the tokenizer (GPT-2: 50257)
+    block_size: int = 1024  # maximum context length in tokens (HF name: n_positions)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # embedding width; head size is n_embd // n_head
+    layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon (GPT-2: 1e-5)
+    eos_token_id: int | None = None  # generation stops here; None: never stops on a token
+
+    def __post_init__(self) -> None:
+        assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must divide by n_head {self.n_head}"
+        assert self.vocab_size > 0 and self.block_size > 0, "vocab_size and block_size must be positive"
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict) -> GPTConfig:
+        """Read a Hugging Face GPT-2 config.json dict; unknown keys are ignored."""
+        model_type = raw.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"config.json model_type is {model_type!r}; only 'gpt2' layout is supported")
+        return cls(
+            vocab_size=int(raw["vocab_size"]),
+            block_size=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
+            n_layer=int(raw["n_layer"]),
+            n_head=int(raw["n_head"]),
+            n_embd=int(raw["n_embd"]),
+            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
+            eos_token_id=raw.get("eos_token_id"),
+        )
+
+    def to_hf_dict(self) -> dict:
+        fields = asdict(self)
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": fields["vocab_size"],
+            "n_positions": fields["block_size"],
+            "n_ctx": fields["block_size"],
+            "n_layer": fields["n_layer"],
+            "n_head": fields["n_head"],
+            "n_embd": fields["n_embd"],
+            "layer_norm_epsilon": fields["layer_norm_epsilon"],
+            "eos_token_id": fields["eos_token_id"],
+            "bos_token_id": fields["eos_token_id"],
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": True,
+        }
+
+
+class KVCache:
+    """Preallocated keys and values: `slot_count` sequences of up to `context_tokens_max` tokens each.
+
+    Memory is fixed at construction and reported by `bytes_total`; a sequence owns one slot from
+    admission to finish, so admission only needs a free slot.
+    """
+
+    def __init__(
+        self, config: GPTConfig, slot_count: int, context_tokens_max: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        assert slot_count > 0, "slot_count must be positive"
+        assert 0 < context_tokens_max <= config.block_size, (
+            f"context_tokens_max {context_tokens_max} must be in 1..block_size {config.block_size}"
+        )
+        shape = (config.n_layer, slot_count, config.n_head, context_tokens_max, config.head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, nh, T, hs)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, nh, T, hs)
+        self.slot_count = slot_count
+        self.context_tokens_max = context_tokens_max
+        self._free_slots = list(range(slot_count - 1, -1, -1))  # pop() hands out the lowest slot first
+
+    @staticmethod
+    def bytes_for(config: GPTConfig, slot_count: int, context_tokens_max: int, dtype: torch.dtype) -> int:
+        element_bytes = torch.empty((), dtype=dtype).element_size()
+        per_token = 2 * config.n_layer * config.n_head * config.head_size * element_bytes  # keys + values
+        return per_token * slot_count * context_tokens_max
+
+    @property
+    def bytes_total(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    @property
+    def free_slot_count(self) -> int:
+        return len(self._free_slots)
+
+    def allocate(self) -> int:
+        assert self._free_slots, "allocate() called with no free slot; check free_slot_count first"
+        return self._free_slots.pop()
+
+    def release(self, slot: int) -> None:
+        assert 0 <= slot < self.slot_count, f"slot {slot} out of range"
+        assert slot not in self._free_slots, f"slot {slot} released twice"
+        self._free_slots.append(slot)
+        self._free_slots.sort(reverse=True)
+
+
+@dataclass
+class PackedBatch:
+    """The new tokens of one engine step, for several sequences, packed into one row.
+
+    Sequence i feeds `lengths[i]` tokens starting at cache position `starts[i]` of slot `slots[i]`;
+    its tokens occupy token_ids[offsets[i] : offsets[i] + lengths[i]].
+    """
+
+    token_ids: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (N,) long, absolute position of each token in its sequence
+    token_slots: torch.Tensor  # (N,) long, the slot of each token's sequence
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    offsets: list[int]
+    decode_rows: torch.Tensor  # (D,) long, sequence indices that feed exactly one token
+    decode_slots: torch.Tensor  # (D,) long
+    decode_context_lengths: torch.Tensor  # (D,) long, tokens in cache after this step
+    last_token_rows: torch.Tensor  # (S,) long, packed index of each sequence's last new token
+
+    @classmethod
+    def build(cls, slots: list[int], starts: list[int], chunks: list[list[int]], device: torch.device) -> PackedBatch:
+        assert len(slots) == len(starts) == len(chunks) > 0, "one slot, start and chunk per sequence"
+        assert all(len(chunk) > 0 for chunk in chunks), "every sequence feeds at least one token"
+        lengths = [len(chunk) for chunk in chunks]
+        offsets, total = [], 0
+        for length in lengths:
+            offsets.append(total)
+            total += length
+        token_ids = [token for chunk in chunks for token in chunk]
+        positions = [start + i for start, length in zip(starts, lengths, strict=True) for i in range(length)]
+        token_slots = [slot for slot, length in zip(slots, lengths, strict=True) for _ in range(length)]
+        decode_rows = [i for i, length in enumerate(lengths) if length == 1]
+
+        def long_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            token_ids=long_tensor(token_ids),
+            positions=long_tensor(positions),
+            token_slots=long_tensor(token_slots),
+            slots=slots,
+            starts=starts,
+            lengths=lengths,
+            offsets=offsets,
+            decode_rows=long_tensor(decode_rows),
+            decode_slots=long_tensor([slots[i] for i in decode_rows]),
+            decode_context_lengths=long_tensor([starts[i] + 1 for i in decode_rows]),
+            last_token_rows=long_tensor([offset + length - 1 for offset, length in zip(offsets, lengths, strict=True)]),
+        )
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v projections in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()  # (B, T, C)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+    def forward_packed(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache, layer: int) -> torch.Tensor:
+        N, C = x.size()  # (N, C)
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=1)
+        q = q.view(N, self.n_head, hs)  # (N, nh, hs)
+        layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (slots, nh, T, hs)
+        # Write every new key/value into its slot at its position in one indexed store.
+        layer_keys[batch.token_slots, :, batch.positions] = k.view(N, self.n_head, hs).to(layer_keys.dtype)
+        layer_values[batch.token_slots, :, batch.positions] = v.view(N, self.n_head, hs).to(layer_values.dtype)
+
+        y = torch.empty_like(q)  # (N, nh, hs)
+        if batch.decode_rows.numel() > 0:
+            y[batch.last_token_rows[batch.decode_rows]] = self._attend_decodes(q, batch, layer_keys, layer_values)
+        for i, length in enumerate(batch.lengths):
+            if length > 1:
+                rows = slice(batch.offsets[i], batch.offsets[i] + length)
+                y[rows] = self._attend_chunk(q[rows], batch.slots[i], batch.starts[i], layer_keys, layer_values)
+        return self.c_proj(y.view(N, C))
+
+    @staticmethod
+    def _attend_decodes(
+        q: torch.Tensor, batch: PackedBatch, layer_keys: torch.Tensor, layer_values: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token per sequence, all sequences in one call; keys past each context are masked."""
+        context_max = int(batch.decode_context_lengths.max())
+        q_decode = q[batch.last_token_rows[batch.decode_rows]].unsqueeze(2)  # (D, nh, 1, hs)
+        keys = layer_keys[batch.decode_slots, :, :context_max]  # (D, nh, Tk, hs)
+        values = layer_values[batch.decode_slots, :, :context_max]  # (D, nh, Tk, hs)
+        key_positions = torch.arange(context_max, device=q.device)
+        visible = key_positions.unsqueeze(0) < batch.decode_context_lengths.unsqueeze(1)  # (D, Tk)
+        y = F.scaled_dot_product_attention(
+            q_decode.to(keys.dtype), keys, values, attn_mask=visible[:, None, None, :]
+        )  # (D, nh, 1, hs)
+        return y.squeeze(2).to(q.dtype)
+
+    @staticmethod
+    def _attend_chunk(
+        q: torch.Tensor, slot: int, start: int, layer_keys: torch.Tensor, layer_values: torch.Tensor
+    ) -> torch.Tensor:
+        """A chunk of T tokens at positions start..start+T-1 attends to the cache up to itself."""
+        T = q.size(0)
+        context = start + T
+        q_chunk = q.transpose(0, 1).unsqueeze(0)  # (1, nh, T, hs)
+        keys = layer_keys[slot, :, :context].unsqueeze(0)  # (1, nh, Tk, hs)
+        values = layer_values[slot, :, :context].unsqueeze(0)  # (1, nh, Tk, hs)
+        if start == 0:
+            # Fast path: the chunk is the whole context, so the plain causal kernel applies.
+            y = F.scaled_dot_product_attention(q_chunk.to(keys.dtype), keys, values, is_causal=True)
+        else:
+            # Fallback: is_causal aligns the mask top-left, but our queries sit at the end of the keys.
+            query_positions = torch.arange(start, context, device=q.device)
+            key_positions = torch.arange(context, device=q.device)
+            visible = key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)  # (T, Tk)
+            y = F.scaled_dot_product_attention(q_chunk.to(keys.dtype), keys, values, attn_mask=visible)
+        return y.squeeze(0).transpose(0, 1).to(q.dtype)  # (T, nh, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_packed(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.attn.forward_packed(self.ln_1(x), batch, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for name, parameter in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                torch.nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits for every position of (B, T) token ids, without a cache."""
+        B, T = idx.size()
+        assert self.config.block_size >= T, f"sequence length {T} exceeds block_size {self.config.block_size}"
+        positions = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+
+    def forward_packed(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        """Logits at the last new token of each sequence in the batch: (S, vocab)."""
+        assert int(batch.positions.max()) < cache.context_tokens_max, "a position exceeds the cache context"
+        x = self.transformer.wte(batch.token_ids) + self.transformer.wpe(batch.positions)  # (N, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block.forward_packed(x, batch, cache, layer)
+        x = self.transformer.ln_f(x[batch.last_token_rows])  # (S, C)
+        return self.lm_head(x)  # (S, vocab)
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face GPT-2 names, Conv1D weights transposed, lm_head omitted (tied)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        value = tensor.t() if name.endswith(CONV1D_WEIGHT_SUFFIXES) else tensor
+        state[name] = value.detach().contiguous()
+    return state
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write contiguous CPU tensors as a safetensors file.
+
+    `safetensors.torch.save_file` goes through numpy, which is not a dependency of this project, so we
+    hand the tensors' own memory to the library's serializer; `tensors` keeps that memory alive.
+    """
+    specs = {}
+    for name, tensor in tensors.items():
+        assert tensor.device.type == "cpu" and tensor.is_contiguous(), f"{name} must be a contiguous CPU tensor"
+        specs[name] = safetensors.TensorSpec(
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            shape=list(tensor.shape),
+            data_ptr=tensor.data_ptr(),
+            data_len=tensor.numel() * tensor.element_size(),
+        )
+    safetensors.serialize_file(specs, str(path), metadata={"format": "pt"})
+
+
+def save_checkpoint(model: GPT, directory: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write config.json and model.safetensors (GPT-2 layout) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.to(device="cpu", dtype=dtype).contiguous() for name, tensor in hf_state_dict(model).items()}
+    write_safetensors(state, directory / WEIGHTS_FILE_NAME)
+    (directory / CONFIG_FILE_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+
+
+def load_checkpoint(directory: Path, device: torch.device, dtype: torch.dtype) -> GPT:
+    """Load a GPT-2 layout checkpoint directory (config.json + model.safetensors) onto `device`."""
+    config_path, weights_path = directory / CONFIG_FILE_NAME, directory / WEIGHTS_FILE_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"checkpoint {directory} needs {CONFIG_FILE_NAME} and {WEIGHTS_FILE_NAME}")
+    config = GPTConfig.from_hf_dict(json.loads(config_path.read_text()))
+    raw = load_file(str(weights_path))
+    state = {}
+    for name, tensor in raw.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # GPT-2's stored causal-mask buffers; we build masks on the fly
+        local_name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        state[local_name] = tensor.t() if local_name.endswith(CONV1D_WEIGHT_SUFFIXES) else tensor
+    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not match GPT-2 layout: missing={missing} unexpected={unexpected}")
+    return model.to(device=device, dtype=dtype).eval()
