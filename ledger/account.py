@@ -38,7 +38,6 @@ from ledger.entries import (
     end_correction_entry_id,
     expired_entry_id,
     reallocation_entry_id,
-    usage_entry_id,
     voided_entry_id,
 )
 from ledger.events import CreditExpired, CreditGranted, GrantVoided, InvalidEvent, UsageRecorded
@@ -159,7 +158,7 @@ class Account:
         assert event.tenant_id == self.tenant_id, f"event for {event.tenant_id} applied to {self.tenant_id}"
         kind = type(event)
         if kind is UsageRecorded:
-            return self._apply_usage(event, index)
+            return self.apply_usage(event, index)
         if kind is CreditGranted:
             return self._apply_grant(event, index)
         if kind is GrantVoided:
@@ -168,7 +167,8 @@ class Account:
             raise InvalidEvent("credit_expired is derived by the fold and is not accepted as input")
         raise InvalidEvent(f"unknown event type {kind.__name__}")
 
-    def _apply_usage(self, event: UsageRecorded, index: UsageIndex) -> list[Entry]:
+    def apply_usage(self, event: UsageRecorded, index: UsageIndex) -> list[Entry]:
+        """The hot path, callable directly when the caller already knows the event is a usage."""
         event_id = event.event_id
         if index.seen(event_id):
             return []
@@ -191,7 +191,7 @@ class Account:
         index.record(event_id, occurred_at, amount)
         entries: list[Entry] = [
             UsageAllocated(
-                entry_id=usage_entry_id(self.tenant_id, event_id),
+                entry_id=f"{self.tenant_id}/usage/{event_id}",  # entries.usage_entry_id, inlined: hot path
                 tenant_id=self.tenant_id,
                 event_id=event_id,
                 occurred_at=occurred_at,

@@ -55,7 +55,7 @@ class CreditGranted(msgspec.Struct, frozen=True, tag="credit_granted", tag_field
 
     def __post_init__(self) -> None:
         if self.expires_at is not None and self.expires_at <= self.effective_at:
-            raise ValueError("expires_at must be after effective_at")
+            raise InvalidEvent("expires_at must be after effective_at")
 
     @property
     def timestamp(self) -> int:
