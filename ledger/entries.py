@@ -18,8 +18,6 @@ drop repeats by id) and the `tenant_id` it belongs to.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 from ledger.events import SCHEMA_VERSION, CreditExpired, InvalidEvent
@@ -72,7 +70,7 @@ class EndCorrected(msgspec.Struct, frozen=True, tag="end_corrected", tag_field="
     schema_version: int = SCHEMA_VERSION
 
 
-Entry = Union[UsageAllocated, AllocationCorrected, CreditExpired, CreditVoided, EndCorrected]
+Entry = UsageAllocated | AllocationCorrected | CreditExpired | CreditVoided | EndCorrected
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Entry)

@@ -11,7 +11,7 @@ Every event validates itself on construction and on decode (see `ledger.codec`);
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Union
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -118,8 +118,8 @@ class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field
         return self.event_id
 
 
-InputEvent = Union[CreditGranted, GrantVoided, UsageRecorded]
-Event = Union[CreditGranted, GrantVoided, UsageRecorded, CreditExpired]
+InputEvent = CreditGranted | GrantVoided | UsageRecorded
+Event = CreditGranted | GrantVoided | UsageRecorded | CreditExpired
 
 
 def validated(event: Event) -> Event:
