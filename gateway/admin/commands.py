@@ -1,0 +1,177 @@
+"""Admin writes: tenants, keys, grants and voids. Each function runs inside the caller's transaction.
+
+Grant and void ids are derived from what makes the request unique (tenant + Idempotency-Key, grant),
+so a retry after any failure, even one between publishing and recording that it was published,
+re-emits the same event id, which every consumer treats as a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.admin.errors import AdminError
+from gateway.admin.models import GrantCreate, TenantCreate
+from gateway.api_keys import GeneratedKey, generate_api_key
+from ledger.events import CreditGranted, GrantVoided
+from streams.schema import ApiKey, Grant, Tenant
+
+
+async def create_tenant(
+    session: AsyncSession, request: TenantCreate, tiers: tuple[str, ...], now_ms: int
+) -> Tenant:
+    if request.tier not in tiers:
+        raise AdminError(422, "tier", f"must be one of {', '.join(tiers)}")
+    tenant = Tenant(
+        tenant_id=f"tn_{secrets.token_hex(8)}", name=request.name, tier=request.tier, created_at_ms=now_ms
+    )
+    session.add(tenant)
+    await session.flush()
+    return tenant
+
+
+async def existing_tenant(session: AsyncSession, tenant_id: str) -> Tenant:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise AdminError(404, "tenant_id", f"no tenant {tenant_id!r}")
+    return tenant
+
+
+async def issue_key(session: AsyncSession, tenant_id: str, now_ms: int) -> tuple[ApiKey, GeneratedKey]:
+    await existing_tenant(session, tenant_id)
+    generated = generate_api_key()
+    api_key = ApiKey(
+        key_id=generated.key_id,
+        tenant_id=tenant_id,
+        prefix=generated.prefix,
+        secret_sha256=generated.secret_sha256,
+        created_at_ms=now_ms,
+        revoked_at_ms=None,
+    )
+    session.add(api_key)
+    await session.flush()
+    return api_key, generated
+
+
+async def revoke_key(session: AsyncSession, key_id: str, now_ms: int) -> ApiKey:
+    """Revoke once; revoking again returns the first revocation."""
+    await session.execute(
+        update(ApiKey)
+        .where(ApiKey.key_id == key_id, ApiKey.revoked_at_ms.is_(None))
+        .values(revoked_at_ms=now_ms)
+    )
+    api_key = await session.get(ApiKey, key_id, populate_existing=True)
+    if api_key is None:
+        raise AdminError(404, "key_id", f"no key {key_id!r}")
+    return api_key
+
+
+def grant_identity(tenant_id: str, idempotency_key: str) -> tuple[str, str]:
+    """(grant_id, event_id) for a tenant's grant request with this Idempotency-Key."""
+    digest = hashlib.sha256(f"{tenant_id}\x00{idempotency_key}".encode()).hexdigest()[:32]
+    return f"gr_{digest}", f"ev_grant_{digest}"
+
+
+def request_fingerprint(request: GrantCreate) -> bytes:
+    return hashlib.sha256(json.dumps(request.model_dump(), sort_keys=True).encode()).digest()
+
+
+async def record_grant(
+    session: AsyncSession,
+    tenant_id: str,
+    idempotency_key: str,
+    request: GrantCreate,
+    amount_max: int,
+    now_ms: int,
+) -> tuple[Grant, bool]:
+    """The grant for this Idempotency-Key, recorded now or by an earlier request; True when new."""
+    if request.amount > amount_max:
+        raise AdminError(422, "amount", f"must be at most {amount_max}")
+    effective_at_ms = request.effective_at if request.effective_at is not None else now_ms
+    if request.expires_at is not None and request.expires_at <= effective_at_ms:
+        raise AdminError(422, "expires_at", f"must be after effective_at ({effective_at_ms})")
+    await existing_tenant(session, tenant_id)
+    grant_id, event_id = grant_identity(tenant_id, idempotency_key)
+    fingerprint = request_fingerprint(request)
+    inserted = await session.execute(
+        insert(Grant)
+        .values(
+            grant_id=grant_id,
+            tenant_id=tenant_id,
+            event_id=event_id,
+            amount=request.amount,
+            effective_at_ms=effective_at_ms,
+            expires_at_ms=request.expires_at,
+            priority=request.priority,
+            idempotency_key=idempotency_key,
+            request_sha256=fingerprint,
+            created_at_ms=now_ms,
+        )
+        .on_conflict_do_nothing(index_elements=[Grant.tenant_id, Grant.idempotency_key])
+        .returning(Grant.grant_id)
+    )
+    created = inserted.first() is not None
+    grant = (
+        await session.execute(
+            select(Grant).where(Grant.grant_id == grant_id).execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    if grant.request_sha256 != fingerprint:
+        raise AdminError(409, "Idempotency-Key", "was already used for a grant with a different body")
+    return grant, created
+
+
+def granted_event(grant: Grant) -> CreditGranted:
+    return CreditGranted(
+        event_id=grant.event_id,
+        tenant_id=grant.tenant_id,
+        grant_id=grant.grant_id,
+        amount=grant.amount,
+        effective_at=grant.effective_at_ms,
+        expires_at=grant.expires_at_ms,
+        priority=grant.priority,
+    )
+
+
+async def mark_grant_published(session: AsyncSession, grant_id: str, now_ms: int) -> None:
+    await session.execute(
+        update(Grant)
+        .where(Grant.grant_id == grant_id, Grant.published_at_ms.is_(None))
+        .values(published_at_ms=now_ms)
+    )
+
+
+async def record_void(session: AsyncSession, grant_id: str, now_ms: int) -> Grant:
+    """Void once, from now on; voiding again returns the first void."""
+    await session.execute(
+        update(Grant)
+        .where(Grant.grant_id == grant_id, Grant.voided_at_ms.is_(None))
+        .values(voided_at_ms=now_ms, void_event_id=f"ev_void_{grant_id}")
+    )
+    grant = await session.get(Grant, grant_id, populate_existing=True)
+    if grant is None:
+        raise AdminError(404, "grant_id", f"no grant {grant_id!r}")
+    return grant
+
+
+def voided_event(grant: Grant) -> GrantVoided:
+    assert grant.voided_at_ms is not None and grant.void_event_id is not None, "grant is not voided"
+    return GrantVoided(
+        event_id=grant.void_event_id,
+        tenant_id=grant.tenant_id,
+        grant_id=grant.grant_id,
+        voided_at=grant.voided_at_ms,
+    )
+
+
+async def mark_void_published(session: AsyncSession, grant_id: str, now_ms: int) -> None:
+    await session.execute(
+        update(Grant)
+        .where(Grant.grant_id == grant_id, Grant.void_published_at_ms.is_(None))
+        .values(void_published_at_ms=now_ms)
+    )

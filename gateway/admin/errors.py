@@ -1,0 +1,65 @@
+"""Admin API errors: every 4xx body is {"detail": {"field": ..., "message": ...}}, the message naming
+the field. Validation errors from FastAPI are rewritten into that shape by `AdminRoute`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
+
+
+class AdminError(HTTPException):
+    def __init__(
+        self, status_code: int, field: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(
+            status_code, detail={"field": field, "message": f"{field}: {message}"}, headers=headers
+        )
+
+
+def field_of(location: tuple[Any, ...]) -> str:
+    """`("body", "amount")` -> "amount"; `("header", "idempotency-key")` -> "Idempotency-Key"."""
+    parts = list(location)
+    part = parts.pop(0) if parts and parts[0] in REQUEST_PARTS else None
+    if part == "header" and parts:
+        return "-".join(word.capitalize() for word in str(parts[0]).split("-"))
+    if not parts:
+        return part or "request"
+    return ".".join(str(item) for item in parts)
+
+
+def validation_error_response(error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        detail = {
+            "field": "body",
+            "message": f"body: malformed JSON ({first.get('ctx', {}).get('error', 'invalid')})",
+        }
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_400_BAD_REQUEST)
+    field = field_of(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        message = "is required"
+    detail = {"field": field, "message": f"{field}: {message}"}
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+class AdminRoute(APIRoute):
+    """Routes whose request validation errors name the offending field in one short message."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as error:
+                return validation_error_response(error)
+
+        return handle

@@ -1,0 +1,140 @@
+"""Request and response bodies of the admin API. Amounts are integer credit units; times are accepted
+as epoch milliseconds or ISO 8601 with a timezone, and returned as epoch milliseconds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+
+from ledger.events import IDENTIFIER_LENGTH_MAX, TIMESTAMP_MAX_MS
+
+TENANT_NAME_LENGTH_MAX = 200
+PRIORITY_MIN = -(2**31)
+PRIORITY_MAX = 2**31 - 1
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)
+
+
+def parse_time_ms(value: object) -> int:
+    """Epoch milliseconds from an int, a string of digits, or an ISO 8601 string with a timezone."""
+    if isinstance(value, bool):
+        raise ValueError("must be epoch milliseconds or an ISO 8601 time, not a boolean")
+    if isinstance(value, int):
+        milliseconds = value
+    elif isinstance(value, str) and value.isdigit():
+        milliseconds = int(value)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is neither epoch milliseconds nor an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"{value!r} has no timezone; add one, e.g. 'Z' or '+00:00'")
+        since_epoch = moment - EPOCH
+        if since_epoch % MILLISECOND:
+            raise ValueError(f"{value!r} is finer than a millisecond")
+        milliseconds = since_epoch // MILLISECOND
+    else:
+        raise ValueError("must be epoch milliseconds (integer) or an ISO 8601 time (string)")
+    if not 0 <= milliseconds <= TIMESTAMP_MAX_MS:
+        raise ValueError(f"must be between 0 and {TIMESTAMP_MAX_MS} epoch milliseconds")
+    return milliseconds
+
+
+TimeMs = Annotated[
+    int,
+    BeforeValidator(parse_time_ms),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "format": "date-time"}],
+            "description": "epoch milliseconds, or ISO 8601 with a timezone",
+        }
+    ),
+]
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: str = Field(min_length=1, max_length=TENANT_NAME_LENGTH_MAX)
+    tier: str = Field(min_length=1, max_length=64)
+
+
+class TenantView(BaseModel):
+    tenant_id: str
+    name: str
+    tier: str
+    created_at: int
+
+
+class KeyCreated(BaseModel):
+    key_id: str
+    key: str = Field(description="the full key; shown only in this response, stored hashed")
+    prefix: str
+    tenant_id: str
+    created_at: int
+
+
+class KeyRevoked(BaseModel):
+    key_id: str
+    tenant_id: str
+    revoked_at: int
+
+
+class GrantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: StrictInt = Field(gt=0, description="credit units, at most the configured grant_amount_max")
+    effective_at: TimeMs | None = Field(default=None, description="default: now")
+    expires_at: TimeMs | None = Field(default=None, description="default: never; must be after effective_at")
+    priority: StrictInt = Field(
+        default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="lower is drawn first"
+    )
+
+
+class GrantView(BaseModel):
+    grant_id: str
+    tenant_id: str
+    event_id: str
+    amount: int
+    effective_at: int
+    expires_at: int | None
+    priority: int
+    created_at: int
+    voided_at: int | None
+    void_event_id: str | None
+
+
+class BlockView(BaseModel):
+    grant_id: str
+    amount: int
+    remaining: int
+    effective_at: int
+    expires_at: int | None
+    priority: int
+
+
+class BalanceView(BaseModel):
+    tenant_id: str
+    at: int
+    balance: int
+    overage: int
+    blocks: list[BlockView]
+
+
+class EntriesPage(BaseModel):
+    tenant_id: str
+    entries: list[dict[str, Any]] = Field(
+        description="ledger entries in the order recorded, each with its `sequence` and `type`"
+    )
+    next_since: int = Field(
+        description="pass as `since` for the next page (or to poll for new entries later)"
+    )
+    has_more: bool = Field(description="whether entries after this page exist now")
+
+
+IdempotencyKey = Annotated[
+    str, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX, pattern=r"^[\x21-\x7e]+$")
+]

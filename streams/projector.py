@@ -1,0 +1,326 @@
+"""The Postgres projector: folds the ledger topics into tables, exactly once.
+
+    ledger.events   -> ledger_events  (archive of every event, unique on event id)
+    ledger.entries  -> ledger_entries (append-only, unique on entry id) and CreditExpired into ledger_events
+    ledger.balances -> balances       (latest record per tenant; a tombstone deletes the row)
+
+Exactly once: each bounded batch is written in ONE transaction together with the next offset of every
+partition it read (`projector_offsets`). Kafka offsets are never committed to the broker; on every
+partition assignment the consumer seeks to the offsets stored in Postgres. A crash anywhere before the
+commit loses the whole batch's rows and offsets together, so the restart reads the same records again;
+a crash after it resumes after them. Rows are also inserted with ON CONFLICT DO NOTHING on their ids,
+so a duplicate record on a topic (a producer retry) changes nothing either.
+
+Records that do not decode are skipped (logged and counted) and their offsets advance: the stream
+processor routes such records to ledger.dlq; a projection must not stall on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ledger.codec import decode_event
+from ledger.entries import decode_entry
+from ledger.events import CreditExpired, Event, InvalidEvent
+from streams.schema import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
+from streams.topics import LedgerTopics
+
+logger = logging.getLogger(__name__)
+
+ENTRY_TIME_FIELDS = ("occurred_at", "voided_at", "expired_at")  # whichever the entry type has
+ENTRY_AMOUNT_FIELDS = ("amount", "delta")
+
+
+class ProjectorSettings(BaseSettings):
+    """Environment prefix `TOLLGATE_PROJECTOR_`."""
+
+    model_config = SettingsConfigDict(env_prefix="TOLLGATE_PROJECTOR_", extra="ignore")
+
+    name: str = Field(default="postgres", min_length=1, max_length=128)  # also the Kafka consumer group id
+    batch_records_max: int = Field(default=500, ge=1, le=5_000)  # x 11 columns < 65535 parameters
+    poll_timeout_ms: int = Field(default=1_000, ge=1)
+    fetch_bytes_max: int = Field(default=8 * 1024 * 1024, ge=1024)
+    session_timeout_ms: int = Field(default=30_000, ge=6_000)
+    request_timeout_ms: int = Field(default=40_000, ge=1_000)
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """What the projector needs of one Kafka record."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class BalanceRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """A `ledger.balances` value."""
+
+    tenant_id: str
+    balance: int
+    overage: int
+    as_of: int
+
+
+_balance_decoder = msgspec.json.Decoder(BalanceRecord)
+
+
+@dataclass
+class BatchRows:
+    """The rows one batch produces, deduplicated by key, and the offsets it advances to."""
+
+    events: dict[str, dict] = field(default_factory=dict)
+    entries: dict[str, dict] = field(default_factory=dict)
+    balances: dict[str, dict | None] = field(default_factory=dict)  # None: tombstone, delete the row
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    skipped: int = 0
+
+
+def _event_row(event: Event, record: SourceRecord, now_ms: int) -> dict:
+    return {
+        "event_id": event.event_id,
+        "tenant_id": event.tenant_id,
+        "event_type": type(event).__struct_config__.tag,
+        "occurred_at_ms": event.timestamp,
+        "payload": msgspec.to_builtins(event),
+        "source_topic": record.topic,
+        "source_partition": record.partition,
+        "source_offset": record.offset,
+        "recorded_at_ms": now_ms,
+    }
+
+
+def _first_int(payload: dict, names: Iterable[str]) -> int | None:
+    for name in names:
+        value = payload.get(name)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _entry_row(payload: dict, entry_id: str, record: SourceRecord, now_ms: int) -> dict:
+    return {
+        "entry_id": entry_id,
+        "tenant_id": payload["tenant_id"],
+        "entry_type": payload["type"],
+        "occurred_at_ms": _first_int(payload, ENTRY_TIME_FIELDS),
+        "amount": _first_int(payload, ENTRY_AMOUNT_FIELDS),
+        "payload": payload,
+        "source_topic": record.topic,
+        "source_partition": record.partition,
+        "source_offset": record.offset,
+        "recorded_at_ms": now_ms,
+    }
+
+
+def rows_of_batch(topics: LedgerTopics, records: Sequence[SourceRecord], now_ms: int) -> BatchRows:
+    """Pure: the rows and offsets a batch of records turns into. Later records win for balances."""
+    rows = BatchRows()
+    for record in records:
+        key = (record.topic, record.partition)
+        rows.next_offsets[key] = max(rows.next_offsets.get(key, 0), record.offset + 1)
+        try:
+            _add_record(rows, topics, record, now_ms)
+        except (InvalidEvent, msgspec.ValidationError, msgspec.DecodeError) as error:
+            rows.skipped += 1
+            logger.warning("skipping %s[%d]@%d: %s", record.topic, record.partition, record.offset, error)
+    return rows
+
+
+def _add_record(rows: BatchRows, topics: LedgerTopics, record: SourceRecord, now_ms: int) -> None:
+    if record.topic == topics.balances:
+        if record.value is None:
+            if record.key is not None:
+                rows.balances[record.key.decode()] = None
+            return
+        balance = _balance_decoder.decode(record.value)
+        rows.balances[balance.tenant_id] = {
+            "tenant_id": balance.tenant_id,
+            "balance": balance.balance,
+            "overage": balance.overage,
+            "as_of_ms": balance.as_of,
+            "updated_at_ms": now_ms,
+        }
+        return
+    if record.value is None:
+        raise InvalidEvent("empty value on a ledger topic")
+    if record.topic == topics.events:
+        event = decode_event(record.value)
+        rows.events.setdefault(event.event_id, _event_row(event, record, now_ms))
+        return
+    assert record.topic == topics.entries, f"record from a topic the projector does not read: {record.topic}"
+    entry = decode_entry(record.value)
+    payload = msgspec.to_builtins(entry)
+    rows.entries.setdefault(entry.entry_id, _entry_row(payload, entry.entry_id, record, now_ms))
+    if isinstance(entry, CreditExpired):  # a derived event: archived with the others
+        rows.events.setdefault(entry.event_id, _event_row(entry, record, now_ms))
+
+
+async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRows) -> None:
+    """Write a batch's rows and offsets in the caller's transaction."""
+    if rows.events:
+        await session.execute(insert(LedgerEvent).values(list(rows.events.values())).on_conflict_do_nothing())
+    if rows.entries:
+        await session.execute(insert(LedgerEntry).values(list(rows.entries.values())).on_conflict_do_nothing())
+    upserts = [row for row in rows.balances.values() if row is not None]
+    if upserts:
+        statement = insert(Balance).values(upserts)
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[Balance.tenant_id],
+                set_={name: statement.excluded[name] for name in ("balance", "overage", "as_of_ms", "updated_at_ms")},
+            )
+        )
+    tombstones = [tenant_id for tenant_id, row in rows.balances.items() if row is None]
+    if tombstones:
+        await session.execute(delete(Balance).where(Balance.tenant_id.in_(tombstones)))
+    if rows.next_offsets:
+        offsets = [
+            {"projector_name": projector_name, "topic": topic, "partition": partition, "next_offset": offset}
+            for (topic, partition), offset in rows.next_offsets.items()
+        ]
+        statement = insert(ProjectorOffset).values(offsets)
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[ProjectorOffset.projector_name, ProjectorOffset.topic, ProjectorOffset.partition],
+                set_={"next_offset": statement.excluded.next_offset},
+            )
+        )
+
+
+async def stored_offsets(session: AsyncSession, projector_name: str) -> dict[tuple[str, int], int]:
+    rows = await session.execute(
+        select(ProjectorOffset.topic, ProjectorOffset.partition, ProjectorOffset.next_offset).where(
+            ProjectorOffset.projector_name == projector_name
+        )
+    )
+    return {(topic, partition): next_offset for topic, partition, next_offset in rows}
+
+
+BeforeCommit = Callable[[Sequence[SourceRecord]], Awaitable[None]]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):
+    """On every assignment, position each partition at the offset stored in Postgres (or its start)."""
+
+    def __init__(self, projector: Projector) -> None:
+        self.projector = projector
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.projector.seek_to_stored_offsets(assigned)
+
+
+class Projector:
+    """Consumes the ledger topics into Postgres. `step()` handles one bounded batch; `run()` loops.
+
+    `before_commit` is called with each batch after its rows are written and before the transaction
+    commits: tests use it to kill the projector in the middle of a batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: ProjectorSettings,
+        topics: LedgerTopics,
+        bootstrap_servers: str,
+        session_factory: async_sessionmaker[AsyncSession],
+        before_commit: BeforeCommit | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.session_factory = session_factory
+        self.before_commit = before_commit
+        self.clock_ms = clock_ms
+        self.records_projected = 0
+        self.records_skipped = 0
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=settings.name,
+            client_id=f"tollgate-projector-{settings.name}",
+            enable_auto_commit=False,  # offsets live in Postgres, in the rows' transaction
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=settings.batch_records_max,
+            fetch_max_bytes=settings.fetch_bytes_max,
+            session_timeout_ms=settings.session_timeout_ms,
+            request_timeout_ms=settings.request_timeout_ms,
+        )
+
+    async def start(self) -> None:
+        self.consumer.subscribe(
+            topics=[self.topics.events, self.topics.entries, self.topics.balances],
+            listener=_SeekToStoredOffsets(self),
+        )
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    async def __aenter__(self) -> Projector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    async def seek_to_stored_offsets(self, partitions: Iterable[TopicPartition]) -> None:
+        async with self.session_factory() as session:
+            offsets = await stored_offsets(session, self.settings.name)
+        for partition in partitions:
+            next_offset = offsets.get((partition.topic, partition.partition))
+            if next_offset is None:
+                await self.consumer.seek_to_beginning(partition)
+            else:
+                self.consumer.seek(partition, next_offset)
+        logger.info("projector %s assigned %s", self.settings.name, sorted(map(tuple, partitions)))
+
+    async def step(self) -> int:
+        """Read at most `batch_records_max` records and project them in one transaction; their count."""
+        fetched = await self.consumer.getmany(
+            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_records_max
+        )
+        records = [
+            SourceRecord(record.topic, record.partition, record.offset, record.key, record.value)
+            for batch in fetched.values()
+            for record in batch
+        ]
+        if records:
+            await self.project(records)
+        return len(records)
+
+    async def project(self, records: Sequence[SourceRecord]) -> None:
+        assert len(records) <= self.settings.batch_records_max, "batch larger than batch_records_max"
+        rows = rows_of_batch(self.topics, records, self.clock_ms())
+        async with self.session_factory() as session, session.begin():
+            await write_batch(session, self.settings.name, rows)
+            if self.before_commit is not None:
+                await self.before_commit(records)
+        self.records_projected += len(records) - rows.skipped
+        self.records_skipped += rows.skipped
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project until `stop` is set."""
+        while not stop.is_set():
+            await self.step()

@@ -1,0 +1,110 @@
+"""The admin API under test: a FastAPI app with only the admin router, on a fresh real database, a
+recording publisher (the events it was handed, in order) and a clock the test sets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.admin import AdminSettings, build_admin_router
+from ledger.codec import encode_event
+from ledger.events import Event
+from streams.projector import SourceRecord, rows_of_batch, write_batch
+from streams.topics import LedgerTopics
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+GRANT_AMOUNT_MAX = 1_000_000
+ENTRIES_PAGE_SIZE_MAX = 50
+TOPICS = LedgerTopics(events="ledger.events", entries="ledger.entries", balances="ledger.balances", dlq="ledger.dlq")
+
+
+class PublisherDown(ConnectionError):
+    pass
+
+
+@dataclass
+class RecordingPublisher:
+    events: list[Event] = field(default_factory=list)
+    failures_left: int = 0  # the next N publish() calls raise
+
+    async def publish(self, event: Event) -> None:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise PublisherDown("broker away")
+        self.events.append(event)
+
+
+@dataclass
+class SettableClock:
+    now_ms: int = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def clock() -> SettableClock:
+    return SettableClock()
+
+
+@pytest.fixture
+def admin_app(session_factory, publisher, clock) -> FastAPI:
+    settings = AdminSettings(
+        grant_amount_max=GRANT_AMOUNT_MAX,
+        entries_page_size_max=ENTRIES_PAGE_SIZE_MAX,
+        entries_page_size_default=10,
+    )
+    app = FastAPI()
+    app.include_router(
+        build_admin_router(
+            settings=settings,
+            admin_token=ADMIN_TOKEN,
+            session_factory_dependency=lambda: session_factory,
+            publisher_dependency=lambda: publisher,
+            clock_ms=clock,
+        )
+    )
+    return app
+
+
+@pytest.fixture
+async def client(admin_app) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=admin_app),
+        base_url="http://admin.test",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def tenant_id(client) -> str:
+    response = await client.post("/admin/v1/tenants", json={"name": "Acme", "tier": "pro"})
+    assert response.status_code == 201, response.text
+    return response.json()["tenant_id"]
+
+
+async def archive_events(
+    session_factory: async_sessionmaker[AsyncSession], events: Sequence[Event], first_offset: int = 0
+) -> None:
+    """Write events into ledger_events the way the projector does (the projector's own row code)."""
+    records = [
+        SourceRecord(TOPICS.events, 0, first_offset + index, event.tenant_id.encode(), encode_event(event))
+        for index, event in enumerate(events)
+    ]
+    await archive_records(session_factory, records)
+
+
+async def archive_records(session_factory: async_sessionmaker[AsyncSession], records: Sequence[SourceRecord]) -> None:
+    async with session_factory() as session, session.begin():
+        await write_batch(session, "test", rows_of_batch(TOPICS, records, now_ms=0))
