@@ -20,7 +20,9 @@ from streams.topics import LedgerTopics
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 GRANT_AMOUNT_MAX = 1_000_000
 ENTRIES_PAGE_SIZE_MAX = 50
-TOPICS = LedgerTopics(events="ledger.events", entries="ledger.entries", balances="ledger.balances", dlq="ledger.dlq")
+TOPICS = LedgerTopics(
+    events="ledger.events", entries="ledger.entries", balances="ledger.balances", dlq="ledger.dlq"
+)
 
 
 class PublisherDown(ConnectionError):
@@ -105,6 +107,8 @@ async def archive_events(
     await archive_records(session_factory, records)
 
 
-async def archive_records(session_factory: async_sessionmaker[AsyncSession], records: Sequence[SourceRecord]) -> None:
+async def archive_records(
+    session_factory: async_sessionmaker[AsyncSession], records: Sequence[SourceRecord]
+) -> None:
     async with session_factory() as session, session.begin():
         await write_batch(session, "test", rows_of_batch(TOPICS, records, now_ms=0))

@@ -26,7 +26,9 @@ WRONG_CREDENTIALS = [
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES)
 @pytest.mark.parametrize(("authorization", "message"), WRONG_CREDENTIALS)
-async def test_route_refuses_missing_or_wrong_token(client, publisher, method, path, body, authorization, message):
+async def test_route_refuses_missing_or_wrong_token(
+    client, publisher, method, path, body, authorization, message
+):
     headers = {"Idempotency-Key": "k1"}
     if authorization is not None:
         headers["Authorization"] = authorization

@@ -9,11 +9,15 @@ pytestmark = pytest.mark.postgres
 
 
 async def grant(client, tenant_id, body, key="grant-1"):
-    return await client.post(f"/admin/v1/tenants/{tenant_id}/grants", json=body, headers={"Idempotency-Key": key})
+    return await client.post(
+        f"/admin/v1/tenants/{tenant_id}/grants", json=body, headers={"Idempotency-Key": key}
+    )
 
 
 async def test_grant_emits_credit_granted(client, tenant_id, publisher, clock):
-    response = await grant(client, tenant_id, {"amount": 500, "expires_at": clock.now_ms + 1_000, "priority": 2})
+    response = await grant(
+        client, tenant_id, {"amount": 500, "expires_at": clock.now_ms + 1_000, "priority": 2}
+    )
 
     assert response.status_code == 201
     body = response.json()
@@ -32,17 +36,30 @@ async def test_grant_emits_credit_granted(client, tenant_id, publisher, clock):
 
 
 async def test_grant_takes_iso_8601_or_epoch_ms(client, tenant_id, publisher):
-    iso = await grant(client, tenant_id, {"amount": 1, "effective_at": "2024-01-01T00:00:00Z",
-                                          "expires_at": "2024-01-01T01:00:00.250+01:00"}, key="iso")
-    epoch = await grant(client, tenant_id, {"amount": 1, "effective_at": 1_704_067_200_000,
-                                            "expires_at": "1704067200250"}, key="epoch")
+    iso = await grant(
+        client,
+        tenant_id,
+        {"amount": 1, "effective_at": "2024-01-01T00:00:00Z", "expires_at": "2024-01-01T01:00:00.250+01:00"},
+        key="iso",
+    )
+    epoch = await grant(
+        client,
+        tenant_id,
+        {"amount": 1, "effective_at": 1_704_067_200_000, "expires_at": "1704067200250"},
+        key="epoch",
+    )
 
     assert iso.status_code == 201 and epoch.status_code == 201
     assert (iso.json()["effective_at"], iso.json()["expires_at"]) == (1_704_067_200_000, 1_704_067_200_250)
-    assert (epoch.json()["effective_at"], epoch.json()["expires_at"]) == (1_704_067_200_000, 1_704_067_200_250)
+    assert (epoch.json()["effective_at"], epoch.json()["expires_at"]) == (
+        1_704_067_200_000,
+        1_704_067_200_250,
+    )
 
 
-async def test_repeated_idempotency_key_returns_the_first_grant_and_grants_nothing_more(client, tenant_id, publisher, clock):
+async def test_repeated_idempotency_key_returns_the_first_grant_and_grants_nothing_more(
+    client, tenant_id, publisher, clock
+):
     first = await grant(client, tenant_id, {"amount": 500})
     clock.now_ms += 60_000
     repeat = await grant(client, tenant_id, {"amount": 500})
@@ -51,7 +68,10 @@ async def test_repeated_idempotency_key_returns_the_first_grant_and_grants_nothi
     assert repeat.status_code == 201 and repeat.headers["Idempotent-Replayed"] == "true"
     assert repeat.json() == first.json()
     assert other_key.json()["grant_id"] != first.json()["grant_id"]
-    assert [event.grant_id for event in publisher.events] == [first.json()["grant_id"], other_key.json()["grant_id"]]
+    assert [event.grant_id for event in publisher.events] == [
+        first.json()["grant_id"],
+        other_key.json()["grant_id"],
+    ]
 
 
 async def test_idempotency_key_reused_with_another_body_is_409(client, tenant_id, publisher):
@@ -85,8 +105,12 @@ async def test_grant_retried_after_the_bus_failed_publishes_the_same_event_once(
         pytest.param({"amount": 1.5}, "amount", id="fraction"),
         pytest.param({"amount": "10"}, "amount", id="string"),
         pytest.param({}, "amount", id="missing"),
-        pytest.param({"amount": 5, "effective_at": 2_000, "expires_at": 2_000}, "expires_at", id="expiry-at-start"),
-        pytest.param({"amount": 5, "effective_at": 2_000, "expires_at": 1_000}, "expires_at", id="expiry-before"),
+        pytest.param(
+            {"amount": 5, "effective_at": 2_000, "expires_at": 2_000}, "expires_at", id="expiry-at-start"
+        ),
+        pytest.param(
+            {"amount": 5, "effective_at": 2_000, "expires_at": 1_000}, "expires_at", id="expiry-before"
+        ),
         pytest.param({"amount": 5, "effective_at": "2024-01-01T00:00:00"}, "effective_at", id="naive-iso"),
         pytest.param({"amount": 5, "effective_at": "yesterday"}, "effective_at", id="not-a-time"),
         pytest.param({"amount": 5, "expires_at": -1}, "expires_at", id="negative-time"),

@@ -16,7 +16,12 @@ async def test_create_tenant_returns_it(client, clock):
     assert response.status_code == 201
     body = response.json()
     assert body["tenant_id"].startswith("tn_")
-    assert body == {"tenant_id": body["tenant_id"], "name": "Acme Corp", "tier": "enterprise", "created_at": clock.now_ms}
+    assert body == {
+        "tenant_id": body["tenant_id"],
+        "name": "Acme Corp",
+        "tier": "enterprise",
+        "created_at": clock.now_ms,
+    }
 
 
 @pytest.mark.parametrize(
@@ -40,7 +45,9 @@ async def test_create_tenant_refuses_bad_input_naming_the_field(client, content,
     assert detail["message"].startswith(f"{field}: ")
 
 
-async def test_new_key_resolves_to_its_tenant_and_only_its_hash_is_stored(client, tenant_id, session_factory, database_url):
+async def test_new_key_resolves_to_its_tenant_and_only_its_hash_is_stored(
+    client, tenant_id, session_factory, database_url
+):
     response = await client.post(f"/admin/v1/tenants/{tenant_id}/keys")
 
     assert response.status_code == 201
@@ -50,7 +57,10 @@ async def test_new_key_resolves_to_its_tenant_and_only_its_hash_is_stored(client
     async with session_factory() as session:
         tenant = await resolve_key(session, created["key"])
         assert tenant is not None and tenant.tenant_id == tenant_id
-        assert await resolve_key(session, created["key"][:-1] + ("A" if created["key"][-1] != "A" else "B")) is None
+        assert (
+            await resolve_key(session, created["key"][:-1] + ("A" if created["key"][-1] != "A" else "B"))
+            is None
+        )
         assert await resolve_key(session, f"tg_{'0' * 12}_{secret}") is None
         assert await resolve_key(session, "not a key") is None
     with psycopg.connect(database_url) as connection:
@@ -66,7 +76,9 @@ async def test_key_for_unknown_tenant_is_404_naming_tenant_id(client):
     assert response.json()["detail"]["field"] == "tenant_id"
 
 
-async def test_revoked_key_no_longer_resolves_and_revoking_again_keeps_the_first_time(client, tenant_id, clock, session_factory):
+async def test_revoked_key_no_longer_resolves_and_revoking_again_keeps_the_first_time(
+    client, tenant_id, clock, session_factory
+):
     created = (await client.post(f"/admin/v1/tenants/{tenant_id}/keys")).json()
     other = (await client.post(f"/admin/v1/tenants/{tenant_id}/keys")).json()
 
@@ -75,7 +87,11 @@ async def test_revoked_key_no_longer_resolves_and_revoking_again_keeps_the_first
     again = await client.delete(f"/admin/v1/keys/{created['key_id']}")
 
     assert first.status_code == 200 and again.status_code == 200
-    assert first.json() == {"key_id": created["key_id"], "tenant_id": tenant_id, "revoked_at": clock.now_ms - 5_000}
+    assert first.json() == {
+        "key_id": created["key_id"],
+        "tenant_id": tenant_id,
+        "revoked_at": clock.now_ms - 5_000,
+    }
     assert again.json() == first.json()
     async with session_factory() as session:
         assert await resolve_key(session, created["key"]) is None

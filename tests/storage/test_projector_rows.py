@@ -1,0 +1,103 @@
+"""The projector's batch write against real Postgres, records handed in directly (no broker here;
+tests/storage/test_projector_kafka.py runs it over a real one)."""
+
+import msgspec
+import psycopg
+import pytest
+
+from ledger.codec import encode_event
+from ledger.entries import encode_entry
+from ledger.events import CreditExpired, CreditGranted, UsageRecorded
+from streams.projector import SourceRecord, rows_of_batch, stored_offsets, write_batch
+from streams.topics import LedgerTopics
+
+pytestmark = pytest.mark.postgres
+
+TOPICS = LedgerTopics(
+    events="ledger.events", entries="ledger.entries", balances="ledger.balances", dlq="ledger.dlq"
+)
+GRANT = CreditGranted(
+    event_id="e1", tenant_id="t1", grant_id="g1", amount=100, effective_at=10, expires_at=20
+)
+USAGE = UsageRecorded(event_id="r1", tenant_id="t1", amount=5, occurred_at=12, model="m")
+EXPIRED = CreditExpired(event_id="t1/expired/g1", tenant_id="t1", grant_id="g1", expired_at=20, amount=95)
+
+
+def balance_value(tenant_id: str, balance: int, as_of: int) -> bytes:
+    return msgspec.json.encode({"tenant_id": tenant_id, "balance": balance, "overage": 0, "as_of": as_of})
+
+
+async def project(session_factory, records):
+    async with session_factory() as session, session.begin():
+        await write_batch(session, "p", rows_of_batch(TOPICS, records, now_ms=1))
+
+
+def rows(database_url: str, query: str) -> list[tuple]:
+    with psycopg.connect(database_url) as connection:
+        return connection.execute(query).fetchall()
+
+
+async def test_batches_write_each_event_once_and_advance_offsets(session_factory, database_url):
+    await project(
+        session_factory,
+        [
+            SourceRecord(TOPICS.events, 0, 7, b"t1", encode_event(GRANT)),
+            SourceRecord(TOPICS.events, 0, 8, b"t1", encode_event(GRANT)),  # a producer retry's duplicate
+            SourceRecord(TOPICS.events, 1, 3, b"t1", b"{not json"),
+            SourceRecord(TOPICS.entries, 2, 0, b"t1", encode_entry(EXPIRED)),
+        ],
+    )
+    await project(
+        session_factory,
+        [
+            SourceRecord(TOPICS.events, 0, 9, b"t1", encode_event(USAGE)),
+            SourceRecord(TOPICS.events, 0, 10, b"t1", encode_event(GRANT)),
+            SourceRecord(TOPICS.entries, 2, 1, b"t1", encode_entry(EXPIRED)),
+        ],
+    )
+
+    archived = rows(
+        database_url,
+        "SELECT event_id, event_type, occurred_at_ms, source_offset FROM ledger_events ORDER BY event_id",
+    )
+    assert archived == [
+        ("e1", "credit_granted", 10, 7),
+        ("r1", "usage_recorded", 12, 9),
+        ("t1/expired/g1", "credit_expired", 20, 0),
+    ]
+    assert rows(database_url, "SELECT entry_id, entry_type, occurred_at_ms, amount FROM ledger_entries") == [
+        ("t1/expired/g1", "credit_expired", 20, 95)
+    ]
+    (payload,) = rows(database_url, "SELECT payload FROM ledger_events WHERE event_id = 'e1'")[0]
+    assert CreditGranted(**{k: v for k, v in payload.items() if k != "type"}) == GRANT
+    async with session_factory() as session:
+        assert await stored_offsets(session, "p") == {
+            (TOPICS.events, 0): 11,
+            (TOPICS.events, 1): 4,  # the undecodable record is skipped, not retried forever
+            (TOPICS.entries, 2): 2,
+        }
+        assert await stored_offsets(session, "another-projector") == {}
+
+
+async def test_balances_keep_the_latest_record_and_a_tombstone_deletes(session_factory, database_url):
+    await project(
+        session_factory,
+        [
+            SourceRecord(TOPICS.balances, 0, 0, b"t1", balance_value("t1", 100, 1)),
+            SourceRecord(TOPICS.balances, 0, 1, b"t2", balance_value("t2", 7, 1)),
+            SourceRecord(TOPICS.balances, 0, 2, b"t1", balance_value("t1", 60, 2)),
+        ],
+    )
+    assert rows(database_url, "SELECT tenant_id, balance, as_of_ms FROM balances ORDER BY tenant_id") == [
+        ("t1", 60, 2),
+        ("t2", 7, 1),
+    ]
+
+    await project(
+        session_factory,
+        [
+            SourceRecord(TOPICS.balances, 0, 3, b"t1", balance_value("t1", 40, 3)),
+            SourceRecord(TOPICS.balances, 0, 4, b"t2", None),
+        ],
+    )
+    assert rows(database_url, "SELECT tenant_id, balance, as_of_ms FROM balances") == [("t1", 40, 3)]
