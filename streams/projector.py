@@ -5,8 +5,10 @@
     ledger.balances -> balances       (latest record per tenant; a tombstone deletes the row)
 
 Exactly once: each bounded batch is written in ONE transaction together with the next offset of every
-partition it read (`projector_offsets`). Kafka offsets are never committed to the broker; on every
-partition assignment the consumer seeks to the offsets stored in Postgres. A crash anywhere before the
+partition it read (`projector_offsets`). Kafka offsets are never committed to the broker (there is no
+consumer group): the projector assigns itself every partition of the three topics and seeks each to the
+offset stored in Postgres. Run one projector per name; a restarted one starts at once, without waiting
+out a dead group member's session. A crash anywhere before the
 commit loses the whole batch's rows and offsets together, so the restart reads the same records again;
 a crash after it resumes after them. Rows are also inserted with ON CONFLICT DO NOTHING on their ids,
 so a duplicate record on a topic (a producer retry) changes nothing either.
@@ -24,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import delete, select
@@ -35,7 +37,7 @@ from ledger.codec import decode_event
 from ledger.entries import decode_entry
 from ledger.events import CreditExpired, Event, InvalidEvent
 from streams.schema import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
-from streams.topics import LedgerTopics
+from streams.topics import LedgerTopics, describe_partition_counts
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +50,15 @@ class ProjectorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_PROJECTOR_", extra="ignore")
 
-    name: str = Field(default="postgres", min_length=1, max_length=128)  # also the Kafka consumer group id
+    name: str = Field(default="postgres", min_length=1, max_length=128)  # the key of its stored offsets
     batch_records_max: int = Field(default=500, ge=1, le=5_000)  # x 11 columns < 65535 parameters
     poll_timeout_ms: int = Field(default=1_000, ge=1)
     fetch_bytes_max: int = Field(default=8 * 1024 * 1024, ge=1024)
-    session_timeout_ms: int = Field(default=30_000, ge=6_000)
     request_timeout_ms: int = Field(default=40_000, ge=1_000)
+
+
+class ProjectorError(RuntimeError):
+    """The projector cannot run: the message says why."""
 
 
 @dataclass(frozen=True)
@@ -175,14 +180,19 @@ async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRow
     if rows.events:
         await session.execute(insert(LedgerEvent).values(list(rows.events.values())).on_conflict_do_nothing())
     if rows.entries:
-        await session.execute(insert(LedgerEntry).values(list(rows.entries.values())).on_conflict_do_nothing())
+        await session.execute(
+            insert(LedgerEntry).values(list(rows.entries.values())).on_conflict_do_nothing()
+        )
     upserts = [row for row in rows.balances.values() if row is not None]
     if upserts:
         statement = insert(Balance).values(upserts)
         await session.execute(
             statement.on_conflict_do_update(
                 index_elements=[Balance.tenant_id],
-                set_={name: statement.excluded[name] for name in ("balance", "overage", "as_of_ms", "updated_at_ms")},
+                set_={
+                    name: statement.excluded[name]
+                    for name in ("balance", "overage", "as_of_ms", "updated_at_ms")
+                },
             )
         )
     tombstones = [tenant_id for tenant_id, row in rows.balances.items() if row is None]
@@ -196,7 +206,11 @@ async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRow
         statement = insert(ProjectorOffset).values(offsets)
         await session.execute(
             statement.on_conflict_do_update(
-                index_elements=[ProjectorOffset.projector_name, ProjectorOffset.topic, ProjectorOffset.partition],
+                index_elements=[
+                    ProjectorOffset.projector_name,
+                    ProjectorOffset.topic,
+                    ProjectorOffset.partition,
+                ],
                 set_={"next_offset": statement.excluded.next_offset},
             )
         )
@@ -218,19 +232,6 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _SeekToStoredOffsets(ConsumerRebalanceListener):
-    """On every assignment, position each partition at the offset stored in Postgres (or its start)."""
-
-    def __init__(self, projector: Projector) -> None:
-        self.projector = projector
-
-    async def on_partitions_revoked(self, revoked) -> None:
-        return None
-
-    async def on_partitions_assigned(self, assigned) -> None:
-        await self.projector.seek_to_stored_offsets(assigned)
-
-
 class Projector:
     """Consumes the ledger topics into Postgres. `step()` handles one bounded batch; `run()` loops.
 
@@ -250,6 +251,7 @@ class Projector:
     ) -> None:
         self.settings = settings
         self.topics = topics
+        self.bootstrap_servers = bootstrap_servers
         self.session_factory = session_factory
         self.before_commit = before_commit
         self.clock_ms = clock_ms
@@ -257,23 +259,28 @@ class Projector:
         self.records_skipped = 0
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
-            group_id=settings.name,
+            group_id=None,  # offsets live in Postgres, in the rows' transaction
             client_id=f"tollgate-projector-{settings.name}",
-            enable_auto_commit=False,  # offsets live in Postgres, in the rows' transaction
+            enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=settings.batch_records_max,
             fetch_max_bytes=settings.fetch_bytes_max,
-            session_timeout_ms=settings.session_timeout_ms,
             request_timeout_ms=settings.request_timeout_ms,
         )
 
     async def start(self) -> None:
-        self.consumer.subscribe(
-            topics=[self.topics.events, self.topics.entries, self.topics.balances],
-            listener=_SeekToStoredOffsets(self),
+        names = (self.topics.events, self.topics.entries, self.topics.balances)
+        counts = await describe_partition_counts(
+            self.bootstrap_servers, names, request_timeout_ms=self.settings.request_timeout_ms
         )
+        missing = [name for name in names if not counts.get(name)]
+        if missing:
+            raise ProjectorError(f"topics {missing} do not exist; create them first (streams.topics.ensure_topics)")
+        partitions = [TopicPartition(name, number) for name in names for number in range(counts[name])]
         await self.consumer.start()
+        self.consumer.assign(partitions)
+        await self.seek_to_stored_offsets(partitions)
 
     async def stop(self) -> None:
         await self.consumer.stop()
@@ -294,7 +301,7 @@ class Projector:
                 await self.consumer.seek_to_beginning(partition)
             else:
                 self.consumer.seek(partition, next_offset)
-        logger.info("projector %s assigned %s", self.settings.name, sorted(map(tuple, partitions)))
+        logger.info("projector %s resumes at %s", self.settings.name, offsets)
 
     async def step(self) -> int:
         """Read at most `batch_records_max` records and project them in one transaction; their count."""
