@@ -23,6 +23,8 @@ AMOUNT_MAX = 2**62  # far above any real grant; keeps every sum inside a signed 
 TIMESTAMP_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)]
+# Tenant ids key Kafka records and state: letters, digits and . _ : - only (no "/").
+TenantId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]
 PositiveAmount = Annotated[int, msgspec.Meta(gt=0, le=AMOUNT_MAX)]
 NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_MAX)]
@@ -43,7 +45,7 @@ class CreditGranted(msgspec.Struct, frozen=True, tag="credit_granted", tag_field
     """A block of credit that counts at t iff effective_at <= t < expires_at (None: never expires)."""
 
     event_id: Identifier
-    tenant_id: Identifier
+    tenant_id: TenantId
     grant_id: Identifier
     amount: PositiveAmount
     effective_at: TimestampMs
@@ -66,7 +68,7 @@ class GrantVoided(msgspec.Struct, frozen=True, tag="grant_voided", tag_field="ty
     """The grant's remainder is removed from voided_at on."""
 
     event_id: Identifier
-    tenant_id: Identifier
+    tenant_id: TenantId
     grant_id: Identifier
     voided_at: TimestampMs
     schema_version: int = SCHEMA_VERSION
@@ -82,7 +84,7 @@ class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field
     """Credit used by one inference request. event_id is the request id."""
 
     event_id: Identifier
-    tenant_id: Identifier
+    tenant_id: TenantId
     amount: NonNegativeAmount
     occurred_at: TimestampMs
     model: ModelName
@@ -101,7 +103,7 @@ class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field
     """Derived: a block's remainder forfeited at its expiry. Published by the fold, never an input."""
 
     event_id: str
-    tenant_id: Identifier
+    tenant_id: TenantId
     grant_id: Identifier
     expired_at: TimestampMs
     amount: NonNegativeAmount

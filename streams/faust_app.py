@@ -1,0 +1,194 @@
+"""The faust-streaming app: one agent folds `ledger.events` into a changelog-backed table.
+
+Processing guarantee: at-least-once plus event-id dedupe, on purpose. faust's exactly_once mode is
+known to duplicate and crash on rebalances (faust-streaming issues #517, #323, #440), while
+at-least-once is simple and the ledger makes it exact: outputs are acked before the state that
+records them is written; the state write order makes a crash leave a consistent prefix; every
+entry carries a deterministic id (see streams.processor).
+
+The table `ledger-state` (memory store, changelog topic `<app id>-ledger-state-changelog`) holds, per
+tenant, the account snapshot with the highest source offset folded in, and the seen usage ids. Every
+write goes to the changelog partition of the tenant's source partition, so a restarted or rebalanced
+worker recovers exactly the tenants it owns.
+
+Run it with `tollgate streams` (or `python -m streams.faust_app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import faust
+from faust.transport.drivers import TRANSPORTS
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from pydantic import Field
+
+from streams.processor import LedgerProcessor, ProcessorOutput, SourceRecord
+from streams.producer import EventProducer
+from streams.settings import StreamSettings
+from streams.spool import OutgoingRecord
+from streams.topics import LedgerTopics
+
+log = logging.getLogger(__name__)
+
+STATE_TABLE = "ledger-state"
+
+
+class ProcessorSettings(StreamSettings):
+    """The stream processor's own limits (env TOLLGATE_*), beside the Kafka settings it shares."""
+
+    processor_app_id: str = "tollgate-ledger"
+    # Pull bounded batches: at most this many records, or what arrived within the wait.
+    processor_batch_max: int = Field(default=2_000, ge=1, le=100_000)
+    processor_batch_wait_ms: int = Field(default=20, ge=1, le=10_000)
+    # How often offsets are committed (faust commits after the producer flushed).
+    processor_commit_interval_ms: int = Field(default=500, ge=10)
+    # Expiries of quiet tenants are published when wall-clock time passes them, this often.
+    processor_expiry_sweep_interval_ms: int = Field(default=5_000, ge=100)
+    # Allowed lateness before wall-clock time publishes an expiry (later events still get corrections).
+    processor_expiry_grace_ms: int = Field(default=60_000, ge=0)
+    processor_stream_buffer_max: int = Field(default=20_000, ge=1)
+    processor_data_dir: str = "var/tollgate/faust"
+
+
+class IdempotentProducer(faust_aiokafka.Producer):
+    """faust enables idempotence only inside transactions; every Tollgate producer is idempotent."""
+
+    def _settings_extra(self):
+        return {"acks": "all", "enable_idempotence": True}
+
+
+class IdempotentTransport(faust_aiokafka.Transport):
+    Producer = IdempotentProducer
+
+
+TRANSPORTS.data["tollgate"] = f"{__name__}:IdempotentTransport"
+
+
+class TableState:
+    """`StateReader` over the table's local store."""
+
+    def __init__(self, table: faust.Table) -> None:
+        self._table = table
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._table.data.get(key)
+
+    def items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in list(self._table.data.items()):
+            if key.startswith(prefix):
+                yield key, value
+
+    def write(self, partition: int, key: bytes, value: bytes) -> None:
+        self._table.data[key] = value
+        self._table.send_changelog(partition, key, value)
+
+
+def create_app(settings: ProcessorSettings) -> faust.App:
+    topics = LedgerTopics.from_settings(settings)
+    app = faust.App(
+        settings.processor_app_id,
+        broker=[f"tollgate://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
+        store="memory://",
+        processing_guarantee="at_least_once",
+        version=1,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        topic_allow_declare=True,  # the changelog topic; the ledger topics exist already (ensure_topics)
+        producer_acks=-1,
+        broker_commit_interval=settings.processor_commit_interval_ms / 1000,
+        broker_commit_every=settings.processor_batch_max,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=settings.processor_stream_buffer_max,
+        table_standby_replicas=0,
+        web_enabled=False,
+        datadir=settings.processor_data_dir,
+    )
+    source = app.topic(
+        topics.events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=settings.topic_partitions, internal=False,
+    )
+    table = app.Table(
+        STATE_TABLE,
+        default=None,
+        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+        partitions=settings.topic_partitions,
+    )
+    state = TableState(table)
+    processor = LedgerProcessor(state, source_topic=topics.events)
+    producer = EventProducer(settings)
+    app.ledger_processor = processor  # for tests and introspection
+
+    @app.on_rebalance_complete.connect
+    async def forget_tenants(sender, **kwargs) -> None:
+        processor.forget()
+
+    producer_starting = asyncio.Lock()
+    producer_running = asyncio.Event()
+
+    async def ensure_producer() -> None:
+        async with producer_starting:
+            if not producer_running.is_set():
+                await producer.start()
+                producer_running.set()
+
+    @app.agent(source, concurrency=1)
+    async def fold(stream) -> None:
+        async for events in stream.take_events(settings.processor_batch_max, within=settings.processor_batch_wait_ms / 1000):
+            by_partition: dict[int, list[SourceRecord]] = defaultdict(list)
+            for event in events:
+                message = event.message
+                by_partition[message.partition].append(
+                    SourceRecord(message.partition, message.offset, message.key, message.value, int(message.timestamp * 1000))
+                )
+            for partition, records in by_partition.items():
+                await _commit(processor.process(partition, records), partition)
+
+    @app.timer(interval=settings.processor_expiry_sweep_interval_ms / 1000)
+    async def sweep_expiries() -> None:
+        now_ms = int(time.time() * 1000) - settings.processor_expiry_grace_ms
+        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.events}
+        for partition in assigned:
+            tenants = [t for t in processor.known_tenants() if _partition_of(app, source, t) == partition]
+            await _commit(processor.advance(tenants, now_ms), partition)
+
+    async def _commit(output: ProcessorOutput, partition: int) -> None:
+        outgoing = (
+            [OutgoingRecord(topics.entries, r.key, r.value) for r in output.entries]
+            + [OutgoingRecord(topics.balances, r.key, r.value) for r in output.balances]
+            + [OutgoingRecord(topics.dlq, r.key, r.value) for r in output.dead_letters]
+        )
+        if outgoing:
+            await ensure_producer()
+            await producer.send_many(outgoing)  # acked (or durably spooled) before the state records them
+        for key, value in output.state_writes:
+            state.write(partition, key, value)
+
+    @app.on_before_shutdown.connect
+    async def stop_output_producer(sender, **kwargs) -> None:
+        if producer_running.is_set():
+            await producer.stop()
+
+    return app
+
+
+def _partition_of(app: faust.App, topic: faust.TopicT, tenant_id: str) -> int:
+    """The partition the default partitioner gives a tenant's key (murmur2, as the Java client)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    return DefaultPartitioner()(tenant_id.encode(), list(range(app.conf.topic_partitions)), [])
+
+
+def run_worker(settings: ProcessorSettings | None = None, *, loglevel: str = "INFO") -> None:
+    """Run one stream processor in this process until it is stopped (SIGTERM/SIGINT)."""
+    app = create_app(settings or ProcessorSettings())
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+if __name__ == "__main__":
+    run_worker()

@@ -1,0 +1,309 @@
+"""The ledger processor: source records in, entries, balances, dead letters and state writes out.
+
+It owns no transport. The faust agent (streams.faust_app), the embedded log's driver and the audit
+replay all call `LedgerProcessor.process(partition, records)` and then, in this order:
+  1. publish `output.entries`, `output.balances` and `output.dead_letters` and wait for the acks;
+  2. persist `output.state_writes` in order (seen usage ids first, account snapshots last), on the
+     owning partition's changelog.
+A crash between 1 and 2 reprocesses the batch: the same entries are published again with the same
+entry ids (consumers keep one per id). A crash during 2 leaves a prefix of the writes: a seen-id
+written without its account snapshot is recognised by its source offset and applied again; an account
+written is never applied twice, because each snapshot carries the highest source offset it includes.
+
+Dedupe, two ways: a record redelivered after a crash has an offset at or below the tenant's
+`applied_offset`; the same event produced twice (a producer resend) has another offset, and its event
+id is in the seen index with the first offset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+
+from ledger.account import Account
+from ledger.codec import decode_input_event
+from ledger.entries import Entry, encode_entry
+from ledger.events import InvalidEvent, UsageRecorded
+from ledger.snapshot import account_from_bytes, account_to_bytes
+from ledger.usage_index import InMemoryUsageIndex
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_KEY_PREFIX = b"a/"
+SEEN_KEY_PREFIX = b"s/"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    key: bytes
+    value: bytes
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """What `ledger.dlq` holds for a rejected record: why, where it came from, and its bytes."""
+
+    reason: str
+    source_topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None  # base64 in JSON
+    value: bytes | None
+
+
+class BalanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The latest balance of a tenant, on the compacted `ledger.balances` (key = tenant id)."""
+
+    tenant_id: str
+    balance: int
+    overage: int
+    as_of: int  # epoch ms the balance is computed at
+    applied_offset: int  # highest source offset folded in
+
+
+class AccountRecord(msgspec.Struct, frozen=True, array_like=True):
+    """An account snapshot with the highest source offset it includes."""
+
+    applied_offset: int
+    stream_time: int
+    snapshot: bytes
+
+
+class SeenRecord(msgspec.Struct, frozen=True, array_like=True):
+    offset: int
+    occurred_at: int
+    amount: int
+
+
+@dataclass
+class ProcessorOutput:
+    entries: list[OutputRecord] = field(default_factory=list)
+    balances: list[OutputRecord] = field(default_factory=list)
+    dead_letters: list[OutputRecord] = field(default_factory=list)
+    state_writes: list[tuple[bytes, bytes]] = field(default_factory=list)
+    applied_events: int = 0
+    duplicate_events: int = 0
+
+
+class StateReader(Protocol):
+    """Read access to the durable state of one processor (a faust table, a Postgres table, a dict)."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
+
+
+_json = msgspec.json.Encoder()
+_account_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(AccountRecord))
+_seen_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(SeenRecord))
+
+
+def account_key(tenant_id: str) -> bytes:
+    return ACCOUNT_KEY_PREFIX + tenant_id.encode()
+
+
+def seen_key(tenant_id: str, event_id: str) -> bytes:
+    return SEEN_KEY_PREFIX + tenant_id.encode() + b"/" + event_id.encode()
+
+
+class _OffsetAwareIndex:
+    """The usage index of one tenant as the processor sees it. An event id is a duplicate when it was
+    first applied at another source offset; at the same offset it is this record, redelivered."""
+
+    __slots__ = ("index", "current_offset", "first_offsets")
+
+    def __init__(self) -> None:
+        self.index = InMemoryUsageIndex()
+        self.first_offsets: dict[str, int] = {}
+        self.current_offset = -1
+
+    def seen(self, event_id: str) -> bool:
+        first = self.first_offsets.get(event_id)
+        return first is not None and first != self.current_offset
+
+    def record(self, event_id: str, occurred_at: int, amount: int) -> None:
+        self.first_offsets[event_id] = self.current_offset
+        self.index.record(event_id, occurred_at, amount)
+
+    def usage_between(self, start: int, end: int):
+        return self.index.usage_between(start, end)
+
+
+@dataclass
+class _Tenant:
+    account: Account
+    index: _OffsetAwareIndex
+    applied_offset: int
+    stream_time: int
+
+
+class LedgerProcessor:
+    """Folds ledger events into per-tenant accounts. One instance per process; not thread-safe."""
+
+    def __init__(self, state: StateReader, *, source_topic: str) -> None:
+        self._state = state
+        self._source_topic = source_topic
+        self._tenants: dict[str, _Tenant] = {}
+        self._recovered_seen: dict[str, list[tuple[str, SeenRecord]]] | None = None
+
+    def forget(self) -> None:
+        """Drop every cached tenant (after a rebalance or a failed write): state is read again."""
+        self._tenants.clear()
+        self._recovered_seen = None
+
+    def process(self, partition: int, records: Sequence[SourceRecord]) -> ProcessorOutput:
+        output = ProcessorOutput()
+        touched: dict[str, _Tenant] = {}
+        new_seen: list[tuple[bytes, bytes]] = []
+        for record in records:
+            assert record.partition == partition, f"record of partition {record.partition} in batch of {partition}"
+            try:
+                event = self._decode(record)
+                tenant = self._tenant(event.tenant_id)
+            except InvalidEvent as error:
+                output.dead_letters.append(self._dead_letter(record, error.reason))
+                continue
+            if record.offset <= tenant.applied_offset:
+                output.duplicate_events += 1
+                continue
+            tenant.index.current_offset = record.offset
+            try:
+                entries = tenant.account.apply(event, tenant.index)
+            except InvalidEvent as error:
+                output.dead_letters.append(self._dead_letter(record, error.reason))
+                continue
+            tenant.applied_offset = record.offset
+            tenant.stream_time = max(tenant.stream_time, record.timestamp_ms, _usage_time(event))
+            touched[event.tenant_id] = tenant
+            if not entries and isinstance(event, UsageRecorded):
+                output.duplicate_events += 1
+                continue
+            output.applied_events += 1
+            if isinstance(event, UsageRecorded):
+                new_seen.append((
+                    seen_key(event.tenant_id, event.event_id),
+                    _seen_record_codec[0].encode(SeenRecord(record.offset, event.occurred_at, event.amount)),
+                ))
+            output.entries.extend(_entry_records(entries))
+        for tenant in touched.values():
+            output.entries.extend(_entry_records(tenant.account.advance_to(tenant.stream_time)))
+            output.balances.append(self._balance_record(tenant))
+        output.state_writes.extend(new_seen)
+        output.state_writes.extend((account_key(t), self._account_record(tenant)) for t, tenant in touched.items())
+        return output
+
+    def advance(self, tenant_ids: Sequence[str], now_ms: int) -> ProcessorOutput:
+        """Publish the expiries that wall-clock time has passed for quiet tenants."""
+        output = ProcessorOutput()
+        for tenant_id in tenant_ids:
+            tenant = self._tenant(tenant_id)
+            entries = tenant.account.advance_to(now_ms)
+            if not entries:
+                continue
+            tenant.stream_time = max(tenant.stream_time, now_ms)
+            output.entries.extend(_entry_records(entries))
+            output.balances.append(self._balance_record(tenant))
+            output.state_writes.append((account_key(tenant_id), self._account_record(tenant)))
+        return output
+
+    def known_tenants(self) -> list[str]:
+        return [key[len(ACCOUNT_KEY_PREFIX):].decode() for key, _ in self._state.items_with_prefix(ACCOUNT_KEY_PREFIX)]
+
+    def tenant_account(self, tenant_id: str) -> tuple[Account, InMemoryUsageIndex]:
+        tenant = self._tenant(tenant_id)
+        return tenant.account, tenant.index.index
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def _decode(self, record: SourceRecord):
+        if record.value is None:
+            raise InvalidEvent("empty record (no value)")
+        event = decode_input_event(record.value)
+        if record.key is not None and record.key != event.tenant_id.encode():
+            raise InvalidEvent(f"record key {record.key!r} does not match tenant_id {event.tenant_id!r}")
+        return event
+
+    def _tenant(self, tenant_id: str) -> _Tenant:
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None:
+            tenant = self._tenants[tenant_id] = self._load_tenant(tenant_id)
+        return tenant
+
+    def _load_tenant(self, tenant_id: str) -> _Tenant:
+        stored = self._state.get(account_key(tenant_id))
+        if stored is None:
+            account, applied_offset, stream_time = Account(tenant_id), -1, -1
+        else:
+            record = _account_record_codec[1].decode(stored)
+            account = account_from_bytes(record.snapshot)
+            applied_offset, stream_time = record.applied_offset, record.stream_time
+        index = _OffsetAwareIndex()
+        for event_id, seen in self._seen_of(tenant_id):
+            if seen.offset <= applied_offset:  # its effect is in the snapshot; later ones get redelivered
+                index.current_offset = seen.offset
+                index.record(event_id, seen.occurred_at, seen.amount)
+        return _Tenant(account, index, applied_offset, stream_time)
+
+    def _seen_of(self, tenant_id: str) -> list[tuple[str, SeenRecord]]:
+        """The stored seen ids of a tenant. One pass over the state groups them all, once per recovery."""
+        if self._recovered_seen is None:
+            decode_seen = _seen_record_codec[1].decode
+            grouped: dict[str, list[tuple[str, SeenRecord]]] = {}
+            for key, value in self._state.items_with_prefix(SEEN_KEY_PREFIX):
+                tenant, _, event_id = key[len(SEEN_KEY_PREFIX):].decode().partition("/")
+                grouped.setdefault(tenant, []).append((event_id, decode_seen(value)))
+            self._recovered_seen = grouped
+        return self._recovered_seen.pop(tenant_id, [])
+
+    def _balance_record(self, tenant: _Tenant) -> OutputRecord:
+        account = tenant.account
+        as_of = max(tenant.stream_time, 0)
+        index = tenant.index.index
+        record = BalanceRecord(
+            tenant_id=account.tenant_id,
+            balance=account.balance_at(as_of, index),
+            overage=account.overage_total,
+            as_of=as_of,
+            applied_offset=tenant.applied_offset,
+        )
+        return OutputRecord(account.tenant_id.encode(), _json.encode(record))
+
+    def _account_record(self, tenant: _Tenant) -> bytes:
+        record = AccountRecord(tenant.applied_offset, tenant.stream_time, account_to_bytes(tenant.account))
+        return _account_record_codec[0].encode(record)
+
+    def _dead_letter(self, record: SourceRecord, reason: str) -> OutputRecord:
+        log.warning("dead letter %s[%d]@%d: %s", self._source_topic, record.partition, record.offset, reason)
+        letter = DeadLetter(
+            reason=reason,
+            source_topic=self._source_topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+            key=record.key,
+            value=record.value,
+        )
+        return OutputRecord(record.key or b"", _json.encode(letter))
+
+
+def _usage_time(event) -> int:
+    """Usage moves stream time (workers stamp it now); grants and voids may be dated ahead and do not."""
+    return event.occurred_at if isinstance(event, UsageRecorded) else -1
+
+
+def _entry_records(entries: list[Entry]) -> Iterator[OutputRecord]:
+    for entry in entries:
+        yield OutputRecord(entry.tenant_id.encode(), encode_entry(entry))
