@@ -203,6 +203,7 @@ class Engine:
             starts=[chunk.start for chunk in chunks],
             chunks=[chunk.token_ids for chunk in chunks],
             device=self.device,
+            dtype=self.dtype,
         )
         logits = self.model.forward_packed(batch, self.cache)  # (S, vocab)
         rows = [i for i, chunk in enumerate(chunks) if chunk.completes_sequence]

@@ -120,6 +120,7 @@ def test_packed_pass_with_chunks_and_decodes_matches_full_forward():
                 starts=[plan[slot][0] for slot in slots],
                 chunks=[sequences[slot][plan[slot][0] : sum(plan[slot])] for slot in slots],
                 device=torch.device("cpu"),
+                dtype=torch.float64,
             )
             logits = model.forward_packed(batch, cache)
             for row, slot in enumerate(slots):
