@@ -163,7 +163,6 @@ async def test_projector_raising_mid_batch_resumes_without_gap_or_duplicate(
     await assert_state_matches_offsets(session_factory, database_url, topics)
 
 
-@pytest.mark.slow
 async def test_projector_killed_mid_batch_resumes_without_gap_or_duplicate(
     kafka_broker, ledger_topics, session_factory, database_url
 ):
@@ -190,10 +189,6 @@ async def test_projector_killed_mid_batch_resumes_without_gap_or_duplicate(
     assert child.returncode == -signal.SIGKILL, stderr.decode()
     committed = await assert_state_matches_offsets(session_factory, database_url, topics)
     assert sum(committed.values()) == 3 * BATCH_MAX  # three batches committed, the fourth died uncommitted
-    with psycopg.connect(database_url) as connection:
-        assert connection.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
-        ).fetchone() == (0,)
 
     resumed = await resume_to_the_end(kafka_broker, topics, session_factory, ends)
 
