@@ -169,6 +169,7 @@ class PackedBatch:
     positions: torch.Tensor  # (N,) long, absolute position of each token in its sequence
     token_slots: torch.Tensor  # (N,) long, the slot of each token's sequence
     last_token_rows: torch.Tensor  # (S,) long, packed index of each sequence's last new token
+    position_max: int  # the furthest cache position written this step
     decode: DecodeGroup | None
     prefills: list[PrefillChunk]
 
@@ -204,6 +205,7 @@ class PackedBatch:
             positions=long_tensor([s + i for s, n in zip(starts, lengths, strict=True) for i in range(n)]),
             token_slots=long_tensor([slot for slot, n in zip(slots, lengths, strict=True) for _ in range(n)]),
             last_token_rows=long_tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)]),
+            position_max=max(s + n - 1 for s, n in zip(starts, lengths, strict=True)),
             decode=_decode_group(decode_indices, slots, starts, offsets, total, device, dtype) if decode_indices else None,
             prefills=prefills,
         )
@@ -393,7 +395,7 @@ class GPT(nn.Module):
 
     def forward_packed(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
         """Logits at the last new token of each sequence in the batch: (S, vocab)."""
-        assert int(batch.positions.max()) < cache.context_tokens_max, "a position exceeds the cache context"
+        assert batch.position_max < cache.context_tokens_max, "a position exceeds the cache context"
         x = self.transformer.wte(batch.token_ids) + self.transformer.wpe(batch.positions)  # (N, C)
         for layer, block in enumerate(self.transformer.h):
             x = block.forward_packed(x, batch, cache, layer)
