@@ -56,7 +56,8 @@ class WorkerMetrics:
         self.kv_cache_bytes = Gauge("tollgate_worker_kv_cache_bytes", "Preallocated KV cache", registry=self.registry)
         self.kv_cache_bytes.set(kv_cache_bytes)
         self._lock = threading.Lock()
-        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._recent_tokens: deque[tuple[float, int]] = deque()  # (monotonic s, tokens) of recent steps
+        self._window_tokens = 0  # sum of the tokens in _recent_tokens
 
     def observe_step(self, stats: StepStats) -> None:
         self.waiting.set(stats.waiting)
@@ -65,10 +66,16 @@ class WorkerMetrics:
             self.batch_size.observe(stats.scheduled_sequences)
             self.batch_tokens.observe(stats.scheduled_tokens)
         self.generated_tokens.inc(stats.generated_tokens)
+        with self._lock:
+            self._recent_tokens.append((time.monotonic(), stats.generated_tokens))
+            self._window_tokens += stats.generated_tokens
+        self.refresh_throughput()
+
+    def refresh_throughput(self) -> None:
+        """Recompute tokens/s over the window (also at scrape time, so an idle worker reads 0)."""
         now = time.monotonic()
         with self._lock:
-            self._recent_tokens.append((now, stats.generated_tokens))
             while self._recent_tokens and self._recent_tokens[0][0] < now - THROUGHPUT_WINDOW_S:
-                self._recent_tokens.popleft()
-            total = sum(tokens for _, tokens in self._recent_tokens)
+                self._window_tokens -= self._recent_tokens.popleft()[1]
+            total = self._window_tokens
         self.tokens_per_second.set(total / THROUGHPUT_WINDOW_S)

@@ -252,6 +252,7 @@ def create_app(settings: WorkerSettings, emit_usage: EmitUsage, engine: Engine |
         waiting, running = runtime.engine.queue_depth()
         runtime.metrics.waiting.set(waiting)
         runtime.metrics.running.set(running)
+        runtime.metrics.refresh_throughput()
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
