@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +37,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from ledger.codec import decode_event
 from ledger.entries import decode_entry
 from ledger.events import CreditExpired, Event, InvalidEvent
+from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
 from streams.schema import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
-from streams.topics import LedgerTopics, describe_partition_counts
+from streams.settings import StreamSettings
+from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +279,9 @@ class Projector:
         )
         missing = [name for name in names if not counts.get(name)]
         if missing:
-            raise ProjectorError(f"topics {missing} do not exist; create them first (streams.topics.ensure_topics)")
+            raise ProjectorError(
+                f"topics {missing} do not exist; create them first (streams.topics.ensure_topics)"
+            )
         partitions = [TopicPartition(name, number) for name in names for number in range(counts[name])]
         await self.consumer.start()
         self.consumer.assign(partitions)
@@ -331,3 +336,48 @@ class Projector:
         """Project until `stop` is set."""
         while not stop.is_set():
             await self.step()
+
+
+async def run_projector(
+    database_settings: DatabaseSettings,
+    stream_settings: StreamSettings,
+    projector_settings: ProjectorSettings,
+    stop: asyncio.Event,
+) -> None:
+    """Wait for and migrate the database, create missing topics, then project until `stop` is set."""
+    database_url = await asyncio.to_thread(prepare_database, database_settings)
+    await ensure_topics(
+        stream_settings.kafka_bootstrap_servers,
+        ledger_topic_specs(stream_settings),
+        request_timeout_ms=stream_settings.admin_request_timeout_ms,
+    )
+    engine = build_async_engine(database_url, database_settings)
+    try:
+        projector = Projector(
+            settings=projector_settings,
+            topics=LedgerTopics.from_settings(stream_settings),
+            bootstrap_servers=stream_settings.kafka_bootstrap_servers,
+            session_factory=build_session_factory(engine),
+        )
+        async with projector:
+            await projector.run(stop)
+    finally:
+        await engine.dispose()
+
+
+def main() -> None:
+    """`python -m streams.projector`: run until SIGINT or SIGTERM. Settings from the environment."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, stop.set)
+        await run_projector(DatabaseSettings(), StreamSettings(), ProjectorSettings(), stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
