@@ -1,5 +1,7 @@
 """Grants and voids: the events they emit, idempotency, and refusals that name the field."""
 
+import asyncio
+
 import pytest
 
 from ledger.events import CreditGranted, GrantVoided
@@ -167,3 +169,14 @@ async def test_void_of_unknown_grant_is_404_naming_grant_id(client, publisher):
     assert response.status_code == 404
     assert response.json()["detail"]["field"] == "grant_id"
     assert publisher.events == []
+
+
+async def test_concurrent_requests_with_one_idempotency_key_grant_once(client, tenant_id, publisher):
+    responses = await asyncio.gather(
+        *(grant(client, tenant_id, {"amount": 77}, key="race") for _ in range(4))
+    )
+
+    assert {response.status_code for response in responses} == {201}
+    assert len({response.json()["grant_id"] for response in responses}) == 1
+    assert sum("Idempotent-Replayed" not in response.headers for response in responses) == 1
+    assert len({event.event_id for event in publisher.events}) == 1
