@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import msgspec
+from fastapi import HTTPException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.admin.errors import AdminError
 from gateway.admin.models import BalanceView, BlockView, EntriesPage
 from ledger.codec import decode_input_event
 from ledger.events import InvalidEvent
@@ -37,7 +37,13 @@ async def balance_at(session: AsyncSession, tenant_id: str, at_ms: int, events_m
     async for payload in payloads:
         folded += 1
         if folded > events_max:
-            raise AdminError(503, "at", f"the balance needs more than balance_events_max={events_max} events")
+            raise HTTPException(
+                503,
+                detail={
+                    "field": None,
+                    "message": f"the balance needs more than balance_events_max={events_max} events",
+                },
+            )
         try:
             ledger.apply(decode_input_event(msgspec.json.encode(payload)))
         except InvalidEvent as error:  # e.g. a grant id reused with other terms: the fold rejects it

@@ -2,11 +2,14 @@
 
 import random
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
+from gateway.admin import AdminSettings, build_admin_router
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded, event_order_key
 from ledger.tenant import TenantLedger
-from tests.admin.conftest import archive_events
+from tests.admin.conftest import ADMIN_TOKEN, archive_events
 
 pytestmark = pytest.mark.postgres
 
@@ -138,3 +141,28 @@ async def test_balance_refusals_name_the_field(client, tenant_id):
 
     assert (unknown.status_code, unknown.json()["detail"]["field"]) == (404, "tenant_id")
     assert (bad_time.status_code, bad_time.json()["detail"]["field"]) == (422, "at")
+
+
+async def test_balance_needing_more_events_than_the_limit_is_503(session_factory, tenant_id, publisher):
+    app = FastAPI()
+    app.include_router(
+        build_admin_router(
+            settings=AdminSettings(balance_events_max=2),
+            admin_token=ADMIN_TOKEN,
+            session_factory_dependency=lambda: session_factory,
+            publisher_dependency=lambda: publisher,
+        )
+    )
+    usages = [
+        UsageRecorded(event_id=f"r{n}", tenant_id=tenant_id, amount=1, occurred_at=n, model="m")
+        for n in range(3)
+    ]
+    await archive_events(session_factory, usages)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin.test") as limited:
+        response = await limited.get(
+            f"/admin/v1/tenants/{tenant_id}/balance", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+
+    assert response.status_code == 503
+    assert "balance_events_max=2" in response.json()["detail"]["message"]
