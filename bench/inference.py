@@ -101,8 +101,8 @@ def bench_engine(engine: Engine, requests: list[GenerationRequest], rounds: int)
 def bench_transformers(checkpoint_dir: Path, engine: Engine, requests: list[GenerationRequest], max_tokens: int) -> dict:
     try:
         from transformers import GPT2LMHeadModel
-    except ImportError:
-        return {"skipped": "transformers is not installed"}
+    except ImportError as error:  # not installed, or installed without what it needs
+        return {"skipped": f"transformers unavailable: {error}"}
     model = GPT2LMHeadModel.from_pretrained(str(checkpoint_dir)).to(device=engine.device, dtype=engine.dtype).eval()
     eos = model.config.eos_token_id
     prompts = [engine.tokenizer.encode(request.prompt) for request in requests]
