@@ -53,6 +53,9 @@ class ProcessorSettings(StreamSettings):
     processor_expiry_grace_ms: int = Field(default=60_000, ge=0)
     processor_stream_buffer_max: int = Field(default=20_000, ge=1)
     processor_data_dir: str = "var/tollgate/faust"
+    # A crashed processor's partitions move to the others after this long without heartbeats.
+    processor_session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    processor_heartbeat_interval_ms: int = Field(default=1_000, ge=100)
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
@@ -102,6 +105,8 @@ def create_app(settings: ProcessorSettings) -> faust.App:
         producer_acks=-1,
         broker_commit_interval=settings.processor_commit_interval_ms / 1000,
         broker_commit_every=settings.processor_batch_max,
+        broker_session_timeout=settings.processor_session_timeout_ms / 1000,
+        broker_heartbeat_interval=settings.processor_heartbeat_interval_ms / 1000,
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=settings.processor_stream_buffer_max,
         table_standby_replicas=0,
@@ -112,12 +117,7 @@ def create_app(settings: ProcessorSettings) -> faust.App:
         topics.events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
         partitions=settings.topic_partitions, internal=False,
     )
-    table = app.Table(
-        STATE_TABLE,
-        default=None,
-        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
-        partitions=settings.topic_partitions,
-    )
+    table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions)
     state = TableState(table)
     processor = LedgerProcessor(state, source_topic=topics.events)
     producer = EventProducer(settings)

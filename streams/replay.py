@@ -84,14 +84,10 @@ async def replay(
     topics = LedgerTopics.from_settings(settings)
     state = DictState()
     processor = LedgerProcessor(state, source_topic=topics.events)
-    consumer = _consumer(settings)
-    await consumer.start()
+    consumer, partitions = await _assigned_consumer(settings, topics.events)
     records = dead_letters = 0
     stream_time: dict[str, int] = {}
     try:
-        partitions = [TopicPartition(topics.events, p) for p in sorted(consumer.partitions_for_topic(topics.events) or ())]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         if until_offset is not None:
             ends = {tp: min(end, until_offset + 1) for tp, end in ends.items()}
@@ -127,13 +123,9 @@ async def replay(
 async def live_balances(settings: StreamSettings) -> dict[str, BalanceRecord]:
     """The latest record per tenant on the compacted `ledger.balances`."""
     topics = LedgerTopics.from_settings(settings)
-    consumer = _consumer(settings)
-    await consumer.start()
+    consumer, partitions = await _assigned_consumer(settings, topics.balances)
     latest: dict[str, BalanceRecord] = {}
     try:
-        partitions = [TopicPartition(topics.balances, p) for p in sorted(consumer.partitions_for_topic(topics.balances) or ())]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
         remaining = {tp: end for tp, end in (await consumer.end_offsets(partitions)).items() if end > 0}
         while remaining:
             batch = await consumer.getmany(*remaining, timeout_ms=REPLAY_POLL_TIMEOUT_MS, max_records=REPLAY_FETCH_MAX_RECORDS)
@@ -168,13 +160,26 @@ def compare(result: ReplayResult, live: dict[str, BalanceRecord]) -> list[Mismat
     return mismatches
 
 
-def _consumer(settings: StreamSettings) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
+async def _assigned_consumer(settings: StreamSettings, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
+    """A group-less consumer assigned every partition of `topic`, at the beginning."""
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         group_id=None,
+        request_timeout_ms=settings.admin_request_timeout_ms,
     )
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            raise LookupError(f"topic {topic} does not exist")
+        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]  # as declared
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer, partitions
 
 
