@@ -1,0 +1,183 @@
+"""The event log contract: what every Tollgate process needs from Kafka, and what the embedded log
+(streams.embedded_log, in Postgres) provides the same way.
+
+    append / append_many   keyed records; a key always lands on the same partition (murmur2, as Kafka)
+    publish                a ledger event on `ledger.events`, key = tenant id
+    read                   records of one partition from an offset (replay from any point)
+    end_offset             the offset the next record of a partition will get
+    tail                   batches from every partition of a topic, from the beginning or the end
+
+Offsets start at 0 and grow by one per record within a partition. The shared contract tests
+(tests/streams/test_log_contract.py) run over both implementations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import murmur2
+
+from ledger.codec import encode_event
+from ledger.events import Event
+from streams.producer import EventProducer
+from streams.settings import StreamSettings
+from streams.spool import OutgoingRecord
+from streams.topics import LedgerTopics
+
+TAIL_POLL_TIMEOUT_MS = 200
+READ_TIMEOUT_MS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    """Where an appended record went; `spooled` when the broker was away and it waits in the spool."""
+
+    topic: str
+    partition: int | None
+    offset: int | None
+    spooled: bool = False
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2, positive, modulo), so both logs place a key alike."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class EventLog(Protocol):
+    topics: LedgerTopics
+    partitions: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def append(self, topic: str, key: bytes, value: bytes) -> LogPosition: ...
+
+    async def append_many(self, records: Sequence[OutgoingRecord]) -> list[LogPosition]: ...
+
+    async def publish(self, event: Event) -> LogPosition: ...
+
+    async def read(self, topic: str, partition: int, from_offset: int, max_records: int) -> list[LogRecord]: ...
+
+    async def end_offset(self, topic: str, partition: int) -> int: ...
+
+    def tail(self, topic: str, *, from_beginning: bool, batch_max: int = 1_000) -> AsyncIterator[list[LogRecord]]: ...
+
+
+class KafkaLog:
+    """The contract over a real broker: appends through the one idempotent EventProducer."""
+
+    def __init__(self, settings: StreamSettings, producer: EventProducer | None = None) -> None:
+        self.settings = settings
+        self.topics = LedgerTopics.from_settings(settings)
+        self.partitions = settings.topic_partitions
+        self._producer = producer or EventProducer(settings)
+        self._owns_producer = producer is None
+        self._reader: AIOKafkaConsumer | None = None
+        self._reader_lock = asyncio.Lock()
+
+    @property
+    def producer(self) -> EventProducer:
+        return self._producer
+
+    async def start(self) -> None:
+        if self._owns_producer:
+            await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
+        if self._owns_producer:
+            await self._producer.stop()
+
+    async def append(self, topic: str, key: bytes, value: bytes) -> LogPosition:
+        return _position(await self._producer.send(topic, key, value))
+
+    async def append_many(self, records: Sequence[OutgoingRecord]) -> list[LogPosition]:
+        return [_position(receipt) for receipt in await self._producer.send_many(records)]
+
+    async def publish(self, event: Event) -> LogPosition:
+        return await self.append(self.topics.events, event.tenant_id.encode(), encode_event(event))
+
+    async def read(self, topic: str, partition: int, from_offset: int, max_records: int) -> list[LogRecord]:
+        async with self._reader_lock:
+            reader = await self._ensure_reader()
+            tp = TopicPartition(topic, partition)
+            reader.assign([tp])
+            end = (await reader.end_offsets([tp]))[tp]
+            if from_offset >= end:
+                return []
+            reader.seek(tp, from_offset)
+            out: list[LogRecord] = []
+            while len(out) < max_records:
+                batch = await reader.getmany(tp, timeout_ms=READ_TIMEOUT_MS, max_records=max_records - len(out))
+                messages = batch.get(tp, [])
+                if not messages:
+                    break
+                out.extend(_record(m) for m in messages)
+                if messages[-1].offset + 1 >= end:
+                    break
+            return out
+
+    async def end_offset(self, topic: str, partition: int) -> int:
+        async with self._reader_lock:
+            reader = await self._ensure_reader()
+            tp = TopicPartition(topic, partition)
+            return (await reader.end_offsets([tp]))[tp]
+
+    async def tail(self, topic: str, *, from_beginning: bool, batch_max: int = 1_000) -> AsyncIterator[list[LogRecord]]:
+        consumer = self._new_consumer()
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(topic, p) for p in range(self.partitions)]
+            consumer.assign(partitions)
+            if from_beginning:
+                await consumer.seek_to_beginning(*partitions)
+            else:
+                await consumer.seek_to_end(*partitions)
+            while True:
+                batches = await consumer.getmany(timeout_ms=TAIL_POLL_TIMEOUT_MS, max_records=batch_max)
+                records = [_record(m) for messages in batches.values() for m in messages]
+                if records:
+                    yield records
+        finally:
+            await consumer.stop()
+
+    async def _ensure_reader(self) -> AIOKafkaConsumer:
+        if self._reader is None:
+            self._reader = self._new_consumer()
+            await self._reader.start()
+        return self._reader
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            request_timeout_ms=self.settings.admin_request_timeout_ms,
+        )
+
+
+def _record(message) -> LogRecord:
+    return LogRecord(message.topic, message.partition, message.offset, message.key, message.value, message.timestamp)
+
+
+def _position(receipt) -> LogPosition:
+    return LogPosition(receipt.topic, receipt.partition, receipt.offset, receipt.spooled)
