@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import safetensors
 import torch
@@ -49,6 +50,10 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_head_count(self) -> int:
+        return self.n_head  # GPT-2 caches one key/value head per query head
 
     @classmethod
     def from_hf_dict(cls, raw: dict) -> GPTConfig:
@@ -85,6 +90,21 @@ class GPTConfig:
         }
 
 
+class ModelConfig(Protocol):
+    """What the cache and the engine need from any model layout's config."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    eos_token_id: int | None
+
+    @property
+    def head_size(self) -> int: ...
+
+    @property
+    def kv_head_count(self) -> int: ...
+
+
 class KVCache:
     """Preallocated keys and values: `slot_count` sequences of up to `context_tokens_max` tokens each.
 
@@ -93,23 +113,23 @@ class KVCache:
     """
 
     def __init__(
-        self, config: GPTConfig, slot_count: int, context_tokens_max: int, device: torch.device, dtype: torch.dtype
+        self, config: ModelConfig, slot_count: int, context_tokens_max: int, device: torch.device, dtype: torch.dtype
     ) -> None:
         assert slot_count > 0, "slot_count must be positive"
         assert 0 < context_tokens_max <= config.block_size, (
             f"context_tokens_max {context_tokens_max} must be in 1..block_size {config.block_size}"
         )
-        shape = (config.n_layer, slot_count, config.n_head, context_tokens_max, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, nh, T, hs)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, nh, T, hs)
+        shape = (config.n_layer, slot_count, config.kv_head_count, context_tokens_max, config.head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, nkv, T, hs)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, nkv, T, hs)
         self.slot_count = slot_count
         self.context_tokens_max = context_tokens_max
         self._free_slots = list(range(slot_count - 1, -1, -1))  # pop() hands out the lowest slot first
 
     @staticmethod
-    def bytes_for(config: GPTConfig, slot_count: int, context_tokens_max: int, dtype: torch.dtype) -> int:
+    def bytes_for(config: ModelConfig, slot_count: int, context_tokens_max: int, dtype: torch.dtype) -> int:
         element_bytes = torch.empty((), dtype=dtype).element_size()
-        per_token = 2 * config.n_layer * config.n_head * config.head_size * element_bytes  # keys + values
+        per_token = 2 * config.n_layer * config.kv_head_count * config.head_size * element_bytes  # keys + values
         return per_token * slot_count * context_tokens_max
 
     @property
@@ -274,58 +294,70 @@ class CausalSelfAttention(nn.Module):
         N, C = x.size()  # (N, C)
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=1)
-        q = q.reshape(N, self.n_head, hs)  # (N, nh, hs)
-        layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (slots, nh, T, hs)
-        # Write every new key/value into its slot at its position in one indexed store.
-        layer_keys[batch.token_slots, :, batch.positions] = k.reshape(N, self.n_head, hs).to(layer_keys.dtype)
-        layer_values[batch.token_slots, :, batch.positions] = v.reshape(N, self.n_head, hs).to(layer_values.dtype)
-
-        decode = batch.decode
-        if decode is not None and decode.token_rows is None:
-            y = self._attend_decodes(q, decode, layer_keys, layer_values)  # every token is a decode
-        else:
-            y = torch.empty_like(q)  # (N, nh, hs)
-            if decode is not None:
-                y[decode.token_rows] = self._attend_decodes(q[decode.token_rows], decode, layer_keys, layer_values)
-        for chunk in batch.prefills:
-            y[chunk.rows] = self._attend_chunk(q[chunk.rows], chunk, layer_keys, layer_values)
+        shape = (N, self.n_head, hs)
+        y = packed_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), batch, cache, layer)  # (N, nh, hs)
         return self.c_proj(y.reshape(N, C))
 
-    @staticmethod
-    def _attend_decodes(
-        q: torch.Tensor, decode: DecodeGroup, layer_keys: torch.Tensor, layer_values: torch.Tensor
-    ) -> torch.Tensor:
-        """One new token per sequence (q: (D, nh, hs)), all sequences in one call over a view of their slots."""
-        keys = layer_keys[decode.slot_low : decode.slot_high, :, : decode.context_max]  # (R, nh, Tk, hs) view
-        values = layer_values[decode.slot_low : decode.slot_high, :, : decode.context_max]  # (R, nh, Tk, hs) view
-        if decode.range_rows is None:
-            q_range = q
-        else:
-            q_range = q.new_zeros((decode.slot_high - decode.slot_low, *q.shape[1:]))  # (R, nh, hs)
-            q_range[decode.range_rows] = q
-        y = F.scaled_dot_product_attention(
-            q_range.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=decode.visible
-        ).squeeze(2)  # (R, nh, hs)
-        if decode.range_rows is not None:
-            y = y[decode.range_rows]  # (D, nh, hs)
-        return y.to(q.dtype)
 
-    @staticmethod
-    def _attend_chunk(
-        q: torch.Tensor, chunk: PrefillChunk, layer_keys: torch.Tensor, layer_values: torch.Tensor
-    ) -> torch.Tensor:
-        """A chunk of T tokens at positions start..start+T-1 attends to the cache up to itself."""
-        context = chunk.start + q.size(0)
-        q_chunk = q.transpose(0, 1).unsqueeze(0)  # (1, nh, T, hs)
-        keys = layer_keys[chunk.slot, :, :context].unsqueeze(0)  # (1, nh, Tk, hs)
-        values = layer_values[chunk.slot, :, :context].unsqueeze(0)  # (1, nh, Tk, hs)
-        if chunk.visible is None:
-            # Fast path: the chunk is the whole context, so the plain causal kernel applies.
-            y = F.scaled_dot_product_attention(q_chunk.to(keys.dtype), keys, values, is_causal=True)
-        else:
-            # Fallback: is_causal aligns the mask top-left, but our queries sit at the end of the keys.
-            y = F.scaled_dot_product_attention(q_chunk.to(keys.dtype), keys, values, attn_mask=chunk.visible)
-        return y.squeeze(0).transpose(0, 1).to(q.dtype)  # (T, nh, hs)
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, cache: KVCache, layer: int
+) -> torch.Tensor:
+    """Store the step's keys/values in the cache, then attend. q: (N, nh, hs); k, v: (N, nkv, hs).
+
+    With fewer key/value heads than query heads (grouped-query attention), each group of query heads
+    shares one cached head.
+    """
+    layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (slots, nkv, T, hs)
+    # Write every new key/value into its slot at its position in one indexed store.
+    layer_keys[batch.token_slots, :, batch.positions] = k.to(layer_keys.dtype)
+    layer_values[batch.token_slots, :, batch.positions] = v.to(layer_values.dtype)
+    grouped = q.size(1) != k.size(1)
+    decode = batch.decode
+    if decode is not None and decode.token_rows is None:
+        y = _attend_decodes(q, decode, layer_keys, layer_values, grouped)  # every token is a decode
+    else:
+        y = torch.empty_like(q)  # (N, nh, hs)
+        if decode is not None:
+            y[decode.token_rows] = _attend_decodes(q[decode.token_rows], decode, layer_keys, layer_values, grouped)
+    for chunk in batch.prefills:
+        y[chunk.rows] = _attend_chunk(q[chunk.rows], chunk, layer_keys, layer_values, grouped)
+    return y
+
+
+def _attend_decodes(
+    q: torch.Tensor, decode: DecodeGroup, layer_keys: torch.Tensor, layer_values: torch.Tensor, grouped: bool
+) -> torch.Tensor:
+    """One new token per sequence (q: (D, nh, hs)), all sequences in one call over a view of their slots."""
+    keys = layer_keys[decode.slot_low : decode.slot_high, :, : decode.context_max]  # (R, nkv, Tk, hs) view
+    values = layer_values[decode.slot_low : decode.slot_high, :, : decode.context_max]  # (R, nkv, Tk, hs) view
+    if decode.range_rows is None:
+        q_range = q
+    else:
+        q_range = q.new_zeros((decode.slot_high - decode.slot_low, *q.shape[1:]))  # (R, nh, hs)
+        q_range[decode.range_rows] = q
+    y = F.scaled_dot_product_attention(
+        q_range.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=decode.visible, enable_gqa=grouped
+    ).squeeze(2)  # (R, nh, hs)
+    if decode.range_rows is not None:
+        y = y[decode.range_rows]  # (D, nh, hs)
+    return y.to(q.dtype)
+
+
+def _attend_chunk(
+    q: torch.Tensor, chunk: PrefillChunk, layer_keys: torch.Tensor, layer_values: torch.Tensor, grouped: bool
+) -> torch.Tensor:
+    """A chunk of T tokens at positions start..start+T-1 attends to the cache up to itself."""
+    context = chunk.start + q.size(0)
+    q_chunk = q.transpose(0, 1).unsqueeze(0).to(layer_keys.dtype)  # (1, nh, T, hs)
+    keys = layer_keys[chunk.slot, :, :context].unsqueeze(0)  # (1, nkv, Tk, hs)
+    values = layer_values[chunk.slot, :, :context].unsqueeze(0)  # (1, nkv, Tk, hs)
+    if chunk.visible is None:
+        # Fast path: the chunk is the whole context, so the plain causal kernel applies.
+        y = F.scaled_dot_product_attention(q_chunk, keys, values, is_causal=True, enable_gqa=grouped)
+    else:
+        # Fallback: is_causal aligns the mask top-left, but our queries sit at the end of the keys.
+        y = F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=chunk.visible, enable_gqa=grouped)
+    return y.squeeze(0).transpose(0, 1).to(q.dtype)  # (T, nh, hs)
 
 
 class MLP(nn.Module):

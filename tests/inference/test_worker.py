@@ -48,11 +48,24 @@ class RecordingUsage:
         return [event for event in self.events if event.event_id == request_id]
 
 
+class GatedEngine(Engine):
+    """The real engine whose step waits while `gate` is clear, so a test can hold the loop still."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def step(self):
+        assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        return super().step()
+
+
 @contextmanager
 def serve(default_models, tokenizer, **engine_overrides) -> Iterator[tuple[httpx.Client, RecordingUsage]]:
     engine_settings = EngineSettings(**({"device": "cpu", "torch_threads": 0, "step_tokens_max": 64, "prefill_chunk_tokens_max": 32} | engine_overrides))
     settings = WorkerSettings(engine=engine_settings, retry_after_s=2)
-    engine = Engine(default_models("cpu", torch.float32), tokenizer, engine_settings)
+    engine = GatedEngine(default_models("cpu", torch.float32), tokenizer, engine_settings)
     usage = RecordingUsage()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings, usage, engine=engine), host="127.0.0.1", port=0, log_level="warning")
@@ -68,8 +81,10 @@ def serve(default_models, tokenizer, **engine_overrides) -> Iterator[tuple[httpx
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as client:
+            client.app_engine = engine
             yield client, usage
     finally:
+        engine.gate.set()
         server.should_exit = True
         thread.join(WAIT_S)
 
@@ -175,20 +190,30 @@ def cancelled_count(client: httpx.Client) -> float:
     return 0.0
 
 
-def test_full_queue_is_503_overloaded_and_disconnect_cancels(default_models, tokenizer):
+def test_full_queue_is_503_overloaded_at_once(default_models, tokenizer):
     with serve(default_models, tokenizer, running_sequences_max=1, waiting_queue_depth_max=1) as (client, usage):
-        long_running = body("req-long", prompt=LONG_PROMPT, max_tokens=400)
-        with client.stream("POST", "/internal/v1/generate", json=long_running) as running:
-            assert first_token(running)["type"] == "token"  # req-long holds the only running place
-            with client.stream("POST", "/internal/v1/generate", json=body("req-waiting", max_tokens=2)) as waiting:
-                assert waiting.status_code == 200  # it waits in the queue, which is now full
-                refused = client.post("/internal/v1/generate", json=body("req-refused"))
-                assert refused.status_code == 503
-                assert refused.json()["error"] == "overloaded" and refused.json()["retryable"] is True
-                assert refused.headers["Retry-After"] == "2"
-            # Leaving the with-blocks closes both connections: the worker must cancel both requests.
+        client.app_engine.gate.clear()  # the engine loop stops before its next schedule: nothing is admitted
+        with client.stream("POST", "/internal/v1/generate", json=body("req-queued", max_tokens=3)) as queued:
+            assert queued.status_code == 200  # accepted: it fills the one waiting place
+            refused = client.post("/internal/v1/generate", json=body("req-refused"))
+            assert refused.status_code == 503
+            assert refused.json()["error"] == "overloaded" and refused.json()["retryable"] is True
+            assert refused.headers["Retry-After"] == "2"
+            client.app_engine.gate.set()
+            events = [json.loads(line) for line in queued.iter_lines() if line]
+        assert events[-1]["type"] == "done" and events[-1]["finish_reason"] in ("length", "stop")
+        assert usage.wait_for("req-queued").completion_tokens == events[-1]["completion_tokens"]
+        assert not usage.for_request("req-refused")
+
+
+def test_client_disconnect_cancels_the_request(default_models, tokenizer):
+    with serve(default_models, tokenizer, running_sequences_max=1) as (client, usage):
+        engine = client.app_engine
+        with client.stream("POST", "/internal/v1/generate", json=body("req-long", prompt=LONG_PROMPT, max_tokens=400)) as running:
+            assert first_token(running)["type"] == "token"
+            engine.gate.clear()  # hold the engine so the request cannot run to its end meanwhile
+        # The connection is closed; the worker notices at its next write and cancels.
+        engine.gate.set()
         cancelled = usage.wait_for("req-long")
         assert 1 <= cancelled.completion_tokens < 400
-        assert usage.wait_for("req-waiting").completion_tokens <= 2
-        assert not usage.for_request("req-refused")
-        assert cancelled_count(client) >= 1
+        assert cancelled_count(client) == 1
