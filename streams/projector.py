@@ -143,7 +143,7 @@ def rows_of_batch(topics: LedgerTopics, records: Sequence[SourceRecord], now_ms:
         rows.next_offsets[key] = max(rows.next_offsets.get(key, 0), record.offset + 1)
         try:
             _add_record(rows, topics, record, now_ms)
-        except (InvalidEvent, msgspec.ValidationError, msgspec.DecodeError) as error:
+        except (InvalidEvent, msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as error:
             rows.skipped += 1
             logger.warning("skipping %s[%d]@%d: %s", record.topic, record.partition, record.offset, error)
     return rows

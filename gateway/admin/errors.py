@@ -10,8 +10,28 @@ from fastapi import HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
 
 REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
+
+
+class ErrorDetail(BaseModel):
+    field: str | None = Field(
+        description="the request field at fault (body, a JSON field, a header, a parameter)"
+    )
+    message: str = Field(description="what is wrong, starting with the field's name")
+
+
+class ErrorBody(BaseModel):
+    detail: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "malformed JSON"},
+    401: {"model": ErrorBody, "description": "missing or wrong admin token"},
+    404: {"model": ErrorBody, "description": "unknown tenant, key or grant"},
+    422: {"model": ErrorBody, "description": "a field is invalid; `detail.field` names it"},
+}
 
 
 class AdminError(HTTPException):

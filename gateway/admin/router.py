@@ -24,7 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.admin import commands, queries
-from gateway.admin.errors import AdminError, AdminRoute
+from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute, ErrorBody
 from gateway.admin.models import (
     BalanceView,
     EntriesPage,
@@ -120,7 +120,7 @@ def build_admin_router(
         tags=["admin"],
         route_class=AdminRoute,
         dependencies=[Depends(require_admin)],
-        responses={401: {"description": "missing or wrong admin token"}},
+        responses=ERROR_RESPONSES,
     )
 
     @router.post("/tenants", status_code=status.HTTP_201_CREATED, response_model=TenantView)
@@ -154,7 +154,13 @@ def build_admin_router(
         "/tenants/{tenant_id}/grants",
         status_code=status.HTTP_201_CREATED,
         response_model=GrantView,
-        responses={409: {"description": "Idempotency-Key reused with a different body"}},
+        responses={
+            409: {"model": ErrorBody, "description": "Idempotency-Key reused with a different body"},
+            503: {
+                "model": ErrorBody,
+                "description": "the event bus did not accept the event; retry with the same key",
+            },
+        },
     )
     async def create_grant(
         tenant_id: Identifier,
@@ -217,5 +223,3 @@ def build_admin_router(
             return await queries.entries_page(session, tenant_id, since, page_size)
 
     return router
-
-

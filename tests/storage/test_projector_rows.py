@@ -98,6 +98,10 @@ async def test_balances_keep_the_latest_record_and_a_tombstone_deletes(session_f
         [
             SourceRecord(TOPICS.balances, 0, 3, b"t1", balance_value("t1", 40, 3)),
             SourceRecord(TOPICS.balances, 0, 4, b"t2", None),
+            SourceRecord(TOPICS.balances, 0, 5, b"\xff", None),  # a key that is not UTF-8: skipped
+            SourceRecord(TOPICS.balances, 0, 6, b"t1", b'{"tenant_id": "t1"}'),  # fields missing: skipped
         ],
     )
     assert rows(database_url, "SELECT tenant_id, balance, as_of_ms FROM balances") == [("t1", 40, 3)]
+    async with session_factory() as session:
+        assert await stored_offsets(session, "p") == {(TOPICS.balances, 0): 7}
