@@ -12,12 +12,15 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Column,
     ForeignKey,
     Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -164,3 +167,38 @@ class ProjectorOffset(Base):
 
 
 APPEND_ONLY_TABLES = ("ledger_events", "ledger_entries")
+
+
+# --- The embedded event log (streams.embedded_log) and the embedded processor's state ------------------
+# Only `make run`'s single-process mode uses them; with Kafka they stay empty.
+
+log_records = Table(
+    "log_records",
+    Base.metadata,
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("log_offset", BigInteger, nullable=False),
+    Column("key", LargeBinary, nullable=True),
+    Column("value", LargeBinary, nullable=True),
+    Column("timestamp_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("topic", "partition", "log_offset", name="pk_log_records"),
+)
+
+log_partition_heads = Table(
+    "log_partition_heads",
+    Base.metadata,
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    PrimaryKeyConstraint("topic", "partition", name="pk_log_partition_heads"),
+    CheckConstraint("next_offset >= 0", name="next_offset_non_negative"),
+)
+
+processor_state = Table(
+    "processor_state",
+    Base.metadata,
+    Column("processor_name", Text, nullable=False),
+    Column("key", LargeBinary, nullable=False),
+    Column("value", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("processor_name", "key", name="pk_processor_state"),
+)
