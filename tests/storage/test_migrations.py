@@ -12,7 +12,7 @@ from streams.schema import Base
 
 pytestmark = pytest.mark.postgres
 
-EXPECTED_TABLES = {
+LEDGER_TABLES = {
     "tenants",
     "api_keys",
     "grants",
@@ -21,6 +21,7 @@ EXPECTED_TABLES = {
     "balances",
     "projector_offsets",
 }
+EXPECTED_TABLES = set(Base.metadata.tables)  # the ledger's and every other module's
 
 
 def table_names(url: str) -> set[str]:
@@ -43,6 +44,7 @@ def test_upgrade_from_empty_then_downgrade_to_empty_then_upgrade_again(empty_dat
     head = ScriptDirectory.from_config(alembic_config(empty_database_url)).get_current_head()
 
     upgrade_database(empty_database_url)
+    assert LEDGER_TABLES <= EXPECTED_TABLES
     assert table_names(empty_database_url) == EXPECTED_TABLES | {"alembic_version"}
     assert current_revision(empty_database_url) == head
 
