@@ -130,9 +130,11 @@ def build_admin_router(
         return tenant_view(tenant)
 
     @router.post("/tenants/{tenant_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
-    async def create_key(tenant_id: Identifier, sessions: Sessions) -> KeyCreated:
+    async def create_key(tenant_id: Identifier, sessions: Sessions, response: Response) -> KeyCreated:
+        """A new API key. The full key is in this response only (stored hashed): keep it."""
         async with sessions() as session, session.begin():
             api_key, generated = await commands.issue_key(session, tenant_id, clock_ms())
+        response.headers["Cache-Control"] = "no-store"
         return KeyCreated(
             key_id=api_key.key_id,
             key=generated.presented,

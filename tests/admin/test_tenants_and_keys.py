@@ -51,6 +51,7 @@ async def test_new_key_resolves_to_its_tenant_and_only_its_hash_is_stored(
     response = await client.post(f"/admin/v1/tenants/{tenant_id}/keys")
 
     assert response.status_code == 201
+    assert response.headers["Cache-Control"] == "no-store"
     created = response.json()
     prefix, secret = split_presented_key(created["key"])
     assert created["key"].startswith(f"tg_{prefix}_") and created["prefix"] == prefix
