@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from inference.checkpoint import CausalLM, load_model
 from inference.detokenizer import IncrementalDetokenizer
-from inference.model import GPT, KVCache, PackedBatch, load_checkpoint
+from inference.model import KVCache, PackedBatch
 from inference.queue_policy import create_waiting_queue
 from inference.request import FinishReason, InvalidRequest, Request, SamplingParams
 from inference.sampler import new_generator, sample_next_tokens
@@ -86,7 +87,7 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 class Engine:
     def __init__(
         self,
-        model: GPT,
+        model: CausalLM,
         tokenizer: TextTokenizer,
         settings: EngineSettings,
         clock_ms: Callable[[], int] | None = None,
@@ -127,7 +128,7 @@ class Engine:
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         device = resolve_device(settings.device)
-        model = load_checkpoint(checkpoint_dir, device, resolve_dtype(settings.dtype, device))
+        model = load_model(checkpoint_dir, device, resolve_dtype(settings.dtype, device))
         return cls(model, TextTokenizer.from_directory(checkpoint_dir), settings)
 
     # ---- called from any thread -------------------------------------------------------------------
