@@ -1,8 +1,226 @@
-"""The `tollgate` command line."""
+"""The `tollgate` command line (Typer). Every command has --help.
+
+    tollgate dev                      the whole system in one process (what `make run` calls)
+    tollgate gateway | worker | streams | projector | migrate | topics
+                                      one component each, for the distributed deployment
+    tollgate ledger replay            audit replay of ledger.events (--verify against live balances)
+    tollgate tenants create | keys create | credits grant | balance
+                                      the admin API, over HTTP (URL and token from .tollgate/demo.json
+                                      or --url / --admin-token / TOLLGATE_ADMIN_TOKEN)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(help="Tollgate: event-sourced billing and metering for AI inference.", no_args_is_help=True)
+ledger_app = typer.Typer(help="Audit the ledger.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants (admin API).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (admin API).", no_args_is_help=True)
+credits_app = typer.Typer(help="Credit grants (admin API).", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+
+DEMO_FILE = Path(".tollgate/demo.json")
+ADMIN_TIMEOUT_S = 30.0
+
+Url = Annotated[str | None, typer.Option(help="Gateway base URL (default: from .tollgate/demo.json).")]
+AdminToken = Annotated[str | None, typer.Option(help="Admin token (default: TOLLGATE_ADMIN_TOKEN or .tollgate/demo.json).")]
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+@app.command()
+def dev(
+    host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Where the embedded database and demo.json live.")] = Path(".tollgate"),
+) -> None:
+    """Run everything in one process on embedded defaults: Postgres (pgserver), the event log, the stream
+    processor, the projector, one inference worker and the gateway. Ctrl-C stops it all."""
+    from tollgate.dev import DevOptions, run_dev
+
+    run_dev(DevOptions(host=host, port=port, data_dir=data_dir))
+
+
+@app.command()
+def gateway() -> None:
+    """Run the gateway (settings from TOLLGATE_* environment variables)."""
+    from gateway.__main__ import main as gateway_main
+
+    gateway_main()
+
+
+@app.command()
+def worker() -> None:
+    """Run one inference worker (TOLLGATE_WORKER_* settings; usage events go to Kafka)."""
+    from inference.worker import main as worker_main
+
+    worker_main()
+
+
+@app.command()
+def streams() -> None:
+    """Run one faust stream processor (scale out by running more with the same app id)."""
+    from streams.faust_app import run_worker
+
+    run_worker()
+
+
+@app.command()
+def projector() -> None:
+    """Run the Postgres projector (Kafka topics into tables, exactly once)."""
+    from streams.projector import main as projector_main
+
+    projector_main()
+
+
+@app.command()
+def migrate() -> None:
+    """Wait for the database (DATABASE_URL, or the embedded one) and migrate it to the latest schema."""
+    from streams.database import DatabaseSettings, prepare_database
+
+    url = prepare_database(DatabaseSettings())
+    typer.echo(f"database at head: {url.split('@')[-1]}")
+
+
+@app.command()
+def topics() -> None:
+    """Create the ledger topics that are missing (partitions, retention and compaction as declared)."""
+    from streams.settings import StreamSettings
+    from streams.topics import ensure_topics, ledger_topic_specs
+
+    settings = StreamSettings()
+    created = asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, ledger_topic_specs(settings)))
+    typer.echo(f"created: {', '.join(created) or 'none (all exist)'}")
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+@ledger_app.command("replay")
+def ledger_replay(
+    until_offset: Annotated[int | None, typer.Option(help="Stop after this offset in every partition.")] = None,
+    until_time: Annotated[int | None, typer.Option(help="Only records stamped at or before this epoch ms.")] = None,
+    verify: Annotated[bool, typer.Option(help="Compare with the live ledger.balances; exit 1 on any mismatch.")] = False,
+) -> None:
+    """Rebuild every tenant from ledger.events with the pure fold and print their balances."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from streams.replay import compare, live_balances, replay
+    from streams.settings import StreamSettings
+
+    settings = StreamSettings()
+    console = Console()
+    with Progress(TextColumn("replaying ledger.events"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("replay", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = asyncio.run(replay(settings, until_offset=until_offset, until_time_ms=until_time, on_progress=on_progress))
+    table = Table("tenant", "balance", "overage", "as of (epoch ms)")
+    for balance in result.balances(at=until_time):
+        table.add_row(balance.tenant_id, str(balance.balance), str(balance.overage), str(balance.as_of))
+    console.print(table)
+    console.print(f"{result.records} records, {result.dead_letters} rejected (see ledger.dlq)")
+    if verify:
+        mismatches = compare(result, asyncio.run(live_balances(settings)))
+        for mismatch in mismatches:
+            console.print(f"[red]MISMATCH[/red] {mismatch.tenant_id}: {mismatch.reason}")
+        if mismatches:
+            raise typer.Exit(1)
+        console.print("[green]verified[/green]: every live balance equals the replay")
+
+
+# ---------------------------------------------------------------------------------------- admin API
+
+
+def _admin(url: str | None, admin_token: str | None):
+    import httpx
+
+    demo = json.loads(DEMO_FILE.read_text()) if DEMO_FILE.exists() else {}
+    base_url = url or demo.get("base_url", "http://127.0.0.1:8000/v1").removesuffix("/v1")
+    token = admin_token or os.environ.get("TOLLGATE_ADMIN_TOKEN") or demo.get("admin_token")
+    if not token:
+        raise typer.BadParameter("no admin token: pass --admin-token or set TOLLGATE_ADMIN_TOKEN")
+    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=ADMIN_TIMEOUT_S)
+
+
+def _show(response) -> None:
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    typer.echo(json.dumps(body, indent=2))
+    if response.status_code >= 400:
+        raise typer.Exit(1)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Option(help="Display name.")],
+    tier: Annotated[str, typer.Option(help="Rate-limit tier: free, pro or enterprise.")] = "free",
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Create a tenant."""
+    with _admin(url, admin_token) as client:
+        _show(client.post("/admin/v1/tenants", json={"name": name, "tier": tier}))
+
+
+@keys_app.command("create")
+def keys_create(tenant_id: str, url: Url = None, admin_token: AdminToken = None) -> None:
+    """Issue an API key for a tenant (the secret is shown once)."""
+    with _admin(url, admin_token) as client:
+        _show(client.post(f"/admin/v1/tenants/{tenant_id}/keys"))
+
+
+@credits_app.command("grant")
+def credits_grant(
+    tenant_id: str,
+    amount: Annotated[int, typer.Argument(help="Credit units (integer).")],
+    expires_at: Annotated[str | None, typer.Option(help="ISO 8601 or epoch ms; default never.")] = None,
+    effective_at: Annotated[str | None, typer.Option(help="ISO 8601 or epoch ms; default now.")] = None,
+    priority: Annotated[int, typer.Option(help="Lower is drawn first.")] = 0,
+    idempotency_key: Annotated[str | None, typer.Option(help="Repeat-safe key; default a new one.")] = None,
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Grant credits to a tenant (emits CreditGranted)."""
+    import uuid
+
+    body: dict = {"amount": amount, "priority": priority}
+    if expires_at is not None:
+        body["expires_at"] = int(expires_at) if expires_at.isdigit() else expires_at
+    if effective_at is not None:
+        body["effective_at"] = int(effective_at) if effective_at.isdigit() else effective_at
+    with _admin(url, admin_token) as client:
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        _show(client.post(f"/admin/v1/tenants/{tenant_id}/grants", json=body, headers=headers))
+
+
+@app.command()
+def balance(
+    tenant_id: str,
+    at: Annotated[str | None, typer.Option(help="ISO 8601 or epoch ms; default now.")] = None,
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """A tenant's balance, overage and blocks at a point in time."""
+    with _admin(url, admin_token) as client:
+        _show(client.get(f"/admin/v1/tenants/{tenant_id}/balance", params={"at": at} if at else None))
 
 
 @app.command()

@@ -4,7 +4,10 @@ a restart, a malformed record, and the audit replay's verify at the end."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -124,3 +127,17 @@ async def test_kill_restart_duplicates_and_a_malformed_record(kafka_broker, topi
     result = await replay(settings)
     assert result.dead_letters >= 1
     assert compare(result, await live_balances(settings)) == []
+
+    env = {**os.environ, **processor_env(settings, tmp_path)}
+    verified = subprocess.run([sys.executable, "-m", "tollgate", "ledger", "replay", "--verify"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "verified" in verified.stdout and "acme" in verified.stdout
+
+    live = await live_balances(settings)
+    forged = msgspec.structs.replace(live["acme"], balance=live["acme"].balance + 1)
+    async with EventProducer(settings.model_copy(update={"spool_path": tmp_path / "forger.sqlite3"})) as producer:
+        await producer.send(topics.balances, b"acme", msgspec.json.encode(forged))
+    caught = subprocess.run([sys.executable, "-m", "tollgate", "ledger", "replay", "--verify"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert caught.returncode == 1 and "MISMATCH" in caught.stdout and "acme" in caught.stdout
