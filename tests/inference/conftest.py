@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -13,12 +13,21 @@ from inference.settings import EngineSettings
 from inference.tokenizer import DEFAULT_MODEL_DIR, TextTokenizer, load_default_tokenizer
 
 CUDA_AVAILABLE = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("cuda") is not None and not CUDA_AVAILABLE:
         pytest.skip("needs a CUDA device")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny test models gain nothing from a second thread, and on a busy 2-core machine an
+    intra-op thread that waits for a descheduled partner makes every small op many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import torch
 from inference.engine import Engine, GenerationRequest
 from inference.request import FinishReason, InvalidRequest, Overloaded
 from tests.inference.conftest import (
-    DEVICES,
     completion_text,
     completion_token_ids,
     engine_settings,
@@ -28,10 +27,17 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request) -> str:
+    """Engine tests run on the CPU and, where present, on CUDA."""
+    return request.param
+
+
 @pytest.fixture()
-def make_engine(default_models, tokenizer):
-    def make(device: str = "cpu", dtype: torch.dtype = torch.float32, **overrides) -> Engine:
-        return Engine(default_models(device, dtype), tokenizer, engine_settings(device=device, **overrides))
+def make_engine(default_models, tokenizer, device):
+    def make(on_device: str | None = None, dtype: torch.dtype = torch.float32, **overrides) -> Engine:
+        chosen = on_device or device
+        return Engine(default_models(chosen, dtype), tokenizer, engine_settings(device=chosen, **overrides))
 
     return make
 
@@ -40,11 +46,17 @@ def greedy(index: int, prompt: str, max_tokens: int = 24) -> GenerationRequest:
     return GenerationRequest(request_id=f"r{index}", prompt=prompt, max_tokens=max_tokens)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.float32),
+        ("cpu", torch.float64),
+        # On CUDA the GEMM kernel (and so the float32 rounding) changes with the batch shape, which can
+        # flip a near-tie argmax; in float64 the rounding is far below any logit gap.
+        pytest.param("cuda", torch.float64, marks=pytest.mark.cuda),
+    ],
+)
 def test_batched_greedy_equals_each_prompt_decoded_alone(make_engine, device, dtype):
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round differently per batch shape
     requests = [greedy(i, prompt) for i, prompt in enumerate(PROMPTS)]
     # Staggered arrivals, a small budget and chunk so long prompts prefill in pieces next to decodes.
     arrivals = {0: requests[:3], 2: requests[3:5], 5: requests[5:7], 9: requests[7:]}
@@ -55,9 +67,13 @@ def test_batched_greedy_equals_each_prompt_decoded_alone(make_engine, device, dt
         assert completion_text(batched[request.request_id]) == completion_text(alone[request.request_id])
 
 
-def test_greedy_matches_the_plain_forward_pass(make_engine, default_models, tokenizer):
+def cpu_engine(default_models, tokenizer) -> Engine:
+    return Engine(default_models("cpu", torch.float32), tokenizer, engine_settings())
+
+
+def test_greedy_matches_the_plain_forward_pass(default_models, tokenizer):
     prompt = PROMPTS[1]
-    outputs = run_to_completion(make_engine(), {0: [greedy(0, prompt, max_tokens=12)]})["r0"]
+    outputs = run_to_completion(cpu_engine(default_models, tokenizer), {0: [greedy(0, prompt, max_tokens=12)]})["r0"]
     model = default_models("cpu", torch.float32)
     token_ids = tokenizer.encode(prompt)
     expected = []
@@ -71,8 +87,8 @@ def test_greedy_matches_the_plain_forward_pass(make_engine, default_models, toke
     assert completion_token_ids(outputs)[: len(expected)] == expected
 
 
-def test_default_model_writes_recognisable_text(make_engine):
-    outputs = run_to_completion(make_engine(), {0: [greedy(0, "Permission is hereby granted, free of", max_tokens=40)]})
+def test_default_model_writes_recognisable_text(default_models, tokenizer):
+    outputs = run_to_completion(cpu_engine(default_models, tokenizer), {0: [greedy(0, "Permission is hereby granted, free of", max_tokens=40)]})
     text = completion_text(outputs["r0"])
     words = [word.strip(".,;:()\"'").lower() for word in text.split()]
     english = {"the", "of", "to", "and", "a", "any", "or", "is", "this", "in", "software", "be", "that", "for"}
