@@ -1,0 +1,20 @@
+# One image for every Tollgate process; the compose file picks the command.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+# PyPI's default torch brings CUDA libraries (GPU workers need them). For CPU-only images pass a
+# CPU wheel index: --build-arg TORCH_INDEX_URL=<your CPU wheel index>.
+ARG TORCH_INDEX_URL=""
+RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" torch; else pip install torch; fi
+COPY pyproject.toml README.md ./
+COPY ledger ledger
+COPY streams streams
+COPY gateway gateway
+COPY inference inference
+COPY migrations migrations
+COPY tollgate tollgate
+COPY alembic.ini ./
+RUN pip install .
+RUN useradd --create-home tollgate
+USER tollgate
+ENTRYPOINT ["tollgate"]

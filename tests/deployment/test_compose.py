@@ -1,0 +1,69 @@
+"""docker-compose.yml: the distributed deployment's shape, and `docker compose config` where a compose
+client is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+TOLLGATE_SERVICES = {"migrate", "streams", "projector", "worker", "gateway"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_every_component_is_a_service_with_a_health_check(compose):
+    services = compose["services"]
+    assert {"kafka", "postgres"} | TOLLGATE_SERVICES <= set(services)
+    for name, service in services.items():
+        if name != "migrate":
+            assert "healthcheck" in service, f"{name} has no health check"
+
+
+def test_gateways_processors_and_workers_are_replicated(compose):
+    for name in ("gateway", "streams", "worker"):
+        assert compose["services"][name]["deploy"]["replicas"] >= 2, name
+
+
+def test_migrations_run_once_before_the_tollgate_processes(compose):
+    services = compose["services"]
+    assert services["migrate"]["restart"] == "no"
+    for name in TOLLGATE_SERVICES - {"migrate"}:
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
+
+
+def test_settings_come_from_the_environment(compose):
+    for name in TOLLGATE_SERVICES:
+        environment = compose["services"][name]["environment"]
+        assert environment["TOLLGATE_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+        assert environment["DATABASE_URL"].startswith("postgresql://")
+
+
+def test_compose_config_validates():
+    client = (["docker", "compose"] if _docker_compose_plugin() else None) or (
+        ["docker-compose"] if shutil.which("docker-compose") else None
+    )
+    if client is None:
+        pytest.skip("no docker compose client installed (apt-get install docker-compose to run this check)")
+    result = subprocess.run(
+        [*client, "-f", str(COMPOSE_FILE), "config", "-q"],
+        env={**os.environ, "TOLLGATE_ADMIN_TOKEN": "x" * 32},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _docker_compose_plugin() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
