@@ -72,6 +72,9 @@ class BalanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     overage: int
     as_of: int  # epoch ms the balance is computed at
     applied_offset: int  # highest source offset folded in
+    # (expires_at, remaining) of the blocks in `balance` that expire, so admission can stop counting a
+    # block at its expiry, before the forfeit is published (gateway.ledger_view). Empty in older records.
+    expiring: tuple[tuple[int, int], ...] = ()
 
 
 class AccountRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -272,12 +275,14 @@ class LedgerProcessor:
         account = tenant.account
         as_of = max(tenant.stream_time, 0)
         index = tenant.index.index
+        blocks = account.blocks_at(as_of, index)  # the blocks balance_at(as_of) sums, with their remainders
         record = BalanceRecord(
             tenant_id=account.tenant_id,
-            balance=account.balance_at(as_of, index),
+            balance=sum(block.remaining for block in blocks),
             overage=account.overage_total,
             as_of=as_of,
             applied_offset=tenant.applied_offset,
+            expiring=tuple((b.expires_at, b.remaining) for b in blocks if b.expires_at is not None and b.remaining),
         )
         return OutputRecord(account.tenant_id.encode(), _json.encode(record))
 
