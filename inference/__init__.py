@@ -1,0 +1,21 @@
+"""Inference: a decoder-only transformer served with continuous batching, and the worker around it.
+
+Modules, in the order data flows:
+    tokenizer     TextTokenizer (tokenizer.json via `tokenizers`), count_tokens(text) for the gateway
+    chat          render_chat(messages) -> prompt string (the template is documented there), CHAT_STOP
+    model         GPT-2 layout (GPT, GPTConfig), KVCache (preallocated slots), PackedBatch, checkpoints
+    llama         Llama layout (Llama, LlamaConfig) on the same cache and packed attention
+    checkpoint    load_model(directory, device, dtype): picks the layout from config.json
+    request       Request, SamplingParams, FinishReason, InvalidRequest, Overloaded
+    queue_policy  waiting-queue order: FCFS, or priority by tier with aging (create_waiting_queue)
+    scheduler     Scheduler: token budget, chunked prefill, running cap, cache-slot admission
+    sampler       greedy / temperature + top-p, per-request seeded generators
+    detokenizer   incremental text with stop sequences held back
+    engine        Engine: add_request / abort_request / step (schedule -> execute -> update)
+    async_engine  AsyncEngine: the step loop on a thread, RequestStream per request on asyncio
+    metrics       WorkerMetrics (Prometheus, one registry per worker)
+    usage         build_usage_event: UsageRecorded priced in integer credits
+    worker        create_app(settings, emit_usage, engine=None) -> FastAPI; `python -m inference.worker`
+    settings      WorkerSettings / EngineSettings (env prefix TOLLGATE_WORKER_)
+    train_default `python -m inference.train_default` rebuilds default_model/
+"""

@@ -2,8 +2,8 @@
 
 State lives in three containers: `requests` (every unfinished request by id), `waiting` (a queue
 policy) and `running` (a list, in admission order). Each `schedule()` hands out a token budget:
-running requests first (a decode feeds one token; a prompt still in prefill feeds its next chunk, at
-most `prefill_chunk_tokens_max`), then waiting requests are admitted while there is budget, a running
+running decodes first (one token each; the budget always covers them), then running prompts still in
+prefill (their next chunk, at most `prefill_chunk_tokens_max`), then waiting requests are admitted while there is budget, a running
 place and a free KV cache slot. A long prompt therefore advances chunk by chunk while the others keep
 decoding. `update_from_output` applies the sampled tokens and finishes requests that reached
 max_tokens or the end-of-text token; `finish_requests` removes requests (cancel, stop string) and frees
@@ -76,7 +76,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         token_budget = self.step_tokens_max
         chunks: list[ScheduledChunk] = []
-        for request in self.running:
+        # Decodes first: the budget covers one token per running sequence, so no prefill can stall them.
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decoding + prefilling:
             if token_budget == 0:
                 break
             chunk = self._next_chunk(request, token_budget)

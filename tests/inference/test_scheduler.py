@@ -64,6 +64,23 @@ def test_long_prompt_is_chunked_while_a_short_one_keeps_decoding():
     assert scheduler.requests["long"].completion_tokens == 1
 
 
+def test_prompts_in_prefill_never_stall_running_decodes():
+    scheduler = make_scheduler(running_max=4, step_tokens_max=16, chunk_max=8)
+    for request_id in ("short-1", "short-2"):
+        scheduler.add_request(make_request(request_id, prompt_tokens=1, max_tokens=20))
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, sample_for_completed(scheduler, output))
+    for request_id in ("long-1", "long-2"):
+        scheduler.add_request(make_request(request_id, prompt_tokens=60, max_tokens=4))
+    for _ in range(6):
+        output = scheduler.schedule()
+        fed = {chunk.request.request_id: len(chunk.token_ids) for chunk in output.chunks}
+        assert fed["short-1"] == fed["short-2"] == 1  # the decodes advance every step
+        assert output.total_num_scheduled_tokens == 16  # the long prompts take the rest of the budget
+        assert sum(fed.get(r, 0) for r in ("long-1", "long-2")) == 14
+        scheduler.update_from_output(output, sample_for_completed(scheduler, output))
+
+
 def test_running_sequences_are_capped_and_the_rest_wait():
     scheduler = make_scheduler(running_max=2, step_tokens_max=16)
     for index in range(5):
