@@ -148,6 +148,17 @@ def test_cancel_while_waiting_reports_nothing_processed(make_engine):
     assert [(o.finish_reason, o.prompt_tokens, o.completion_tokens) for o in outputs] == [(FinishReason.CANCELLED, 0, 0)]
 
 
+def test_cancel_mid_prefill_counts_only_the_prompt_tokens_processed(make_engine, tokenizer):
+    engine = make_engine(step_tokens_max=8, prefill_chunk_tokens_max=8)
+    engine.add_request(greedy(0, PROMPTS[6], max_tokens=5))
+    assert len(tokenizer.encode(PROMPTS[6])) > 16
+    engine.step()
+    engine.step()
+    engine.abort_request("r0")
+    [output] = engine.step()
+    assert (output.finish_reason, output.prompt_tokens, output.completion_tokens) == (FinishReason.CANCELLED, 16, 0)
+
+
 def test_seeded_sampling_replays_and_differs_from_greedy(make_engine):
     def sampled(request_id: str, seed: int) -> GenerationRequest:
         return GenerationRequest(request_id=request_id, prompt="The", max_tokens=30, temperature=1.0, top_p=0.9, seed=seed)
