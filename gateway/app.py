@@ -1,0 +1,103 @@
+"""The gateway app factory: the OpenAI routes, the admin API, /metrics and /health.
+
+    app = create_app(settings, log=log, admission=admission, session_factory=sessions)
+
+`log` (an `EventLog`, Kafka or embedded) publishes the admin API's ledger events; `admission` admits and
+settles requests (gateway.admission); `session_factory` reaches Postgres (API keys, idempotency, admin).
+The caller starts and stops those; the app's lifespan owns the worker clients. `collectors` are extra
+Prometheus collectors (admission's open reservations, ledger consumer lag) served at /metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.admin import AdminSettings, build_admin_router
+from gateway.admission.base import Admission, Rejection
+from gateway.auth import TenantKeyCache
+from gateway.completions import CompletionService
+from gateway.errors import ApiError, handle_api_error, handle_rejection, handle_validation_error
+from gateway.idempotency import IdempotencyStore
+from gateway.metrics import GatewayMetrics
+from gateway.routes import router as openai_router
+from gateway.runtime import GatewayRuntime
+from gateway.settings import GatewaySettings
+from gateway.workers import WorkerPool
+from streams.log import EventLog
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    log: EventLog,
+    admission: Admission,
+    session_factory: async_sessionmaker[AsyncSession],
+    collectors: Iterable[Collector] = (),
+    admin_settings: AdminSettings | None = None,
+) -> FastAPI:
+    metrics = GatewayMetrics(collectors)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = WorkerPool(settings)
+        idempotency = IdempotencyStore(session_factory, stale_after_ms=settings.request_timeout_ms)
+        app.state.runtime = GatewayRuntime(
+            settings=settings,
+            admission=admission,
+            metrics=metrics,
+            pool=pool,
+            key_cache=TenantKeyCache(session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max),
+            completions=CompletionService(settings, pool, admission, metrics, idempotency),
+        )
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="Tollgate gateway", lifespan=lifespan)
+    app.state.session_factory = session_factory
+    app.state.event_log = log
+
+    async def count_and_answer_api_error(request: Request, error: ApiError) -> Response:
+        metrics.rejections.labels(error.code or str(error.status_code)).inc()
+        return await handle_api_error(request, error)
+
+    async def count_and_answer_rejection(request: Request, rejection: Rejection) -> Response:
+        metrics.rejections.labels(rejection.code).inc()
+        return await handle_rejection(request, rejection)
+
+    async def count_and_answer_validation(request: Request, error: RequestValidationError) -> Response:
+        metrics.rejections.labels("invalid_value").inc()
+        return await handle_validation_error(request, error)
+
+    app.add_exception_handler(ApiError, count_and_answer_api_error)
+    app.add_exception_handler(Rejection, count_and_answer_rejection)
+    app.add_exception_handler(RequestValidationError, count_and_answer_validation)
+
+    app.include_router(openai_router)
+    app.include_router(
+        build_admin_router(
+            settings=admin_settings or AdminSettings(),
+            session_factory_dependency=lambda request: request.app.state.session_factory,
+            publisher_dependency=lambda request: request.app.state.event_log,
+            admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+        )
+    )
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,58 @@
+"""The gateway's Prometheus metrics, in a registry of its own (served at /metrics).
+
+Admission's own collectors (open reservations, ledger consumer lag) are registered into the same
+registry by `create_app(..., collectors=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class GatewayMetrics:
+    def __init__(self, collectors: Iterable[Collector] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "tollgate_gateway_time_to_first_token_seconds",
+            "From the request's arrival to its first token leaving the gateway",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.worker_queue_time = Histogram(
+            "tollgate_gateway_worker_queue_seconds",
+            "From dispatch to a worker until its first event (the worker's queue wait and prefill)",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.request_duration = Histogram(
+            "tollgate_gateway_request_duration_seconds",
+            "From the request's arrival to its last byte",
+            ["model", "stream"], buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tollgate_gateway_prompt_tokens", "Prompt tokens processed (tokens in)", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "tollgate_gateway_completion_tokens", "Completion tokens produced (tokens out)", ["model"], registry=r
+        )
+        self.requests = Counter(
+            "tollgate_gateway_requests", "Requests answered, by outcome", ["model", "outcome"], registry=r
+        )
+        self.rejections = Counter(
+            "tollgate_gateway_rejections", "Requests refused, by reason (the error code)", ["reason"], registry=r
+        )
+        self.stream_disconnects = Counter(
+            "tollgate_gateway_stream_disconnects", "Streams whose client went away before the end", ["model"], registry=r
+        )
+        self.worker_retries = Counter(
+            "tollgate_gateway_worker_retries", "Requests that needed more than one worker attempt", registry=r
+        )
+        self.idempotent_replays = Counter(
+            "tollgate_gateway_idempotent_replays", "Responses answered from the idempotency store", registry=r
+        )
+        for collector in collectors:
+            r.register(collector)

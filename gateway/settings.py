@@ -1,0 +1,90 @@
+"""Gateway settings from the environment (prefix TOLLGATE_GATEWAY_). Every limit is named with its unit last.
+
+List- and dict-valued settings are JSON in the environment, e.g.
+    TOLLGATE_GATEWAY_WORKER_URLS='["http://127.0.0.1:8100", "http://127.0.0.1:8101"]'
+    TOLLGATE_GATEWAY_MODELS='{"tollgate-tiny": {"context_tokens_max": 512, "max_tokens_max": 512}}'
+Prices are the workers' `inference.settings.ModelPrice` table (the same definition, the same defaults), so
+the gateway's estimate and the worker's bill use one price per model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inference.settings import DEFAULT_MODEL_NAME, ModelPrice, WorkerSettings
+
+ADMIN_TOKEN_LENGTH_MIN = 24
+
+
+def default_prices() -> dict[str, ModelPrice]:
+    """The workers' default price table (not a copy of it)."""
+    return WorkerSettings.model_fields["prices"].default_factory()
+
+
+class ModelLimits(BaseModel):
+    """What one served model accepts."""
+
+    context_tokens_max: int = Field(default=512, ge=2)  # prompt + completion tokens (the worker's slot size)
+    max_tokens_max: int = Field(default=256, ge=1)  # the largest max_tokens a request may ask for
+    owned_by: str = "tollgate"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelLimits:
+        if self.max_tokens_max >= self.context_tokens_max:
+            raise ValueError("max_tokens_max must leave room for a prompt (be below context_tokens_max)")
+        return self
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOLLGATE_GATEWAY_", env_nested_delimiter="__")
+
+    environment: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    admin_token: SecretStr | None = None  # for the mounted admin API; generated in development when unset
+
+    worker_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"], min_length=1)
+    models: dict[str, ModelLimits] = Field(default_factory=lambda: {DEFAULT_MODEL_NAME: ModelLimits()})
+    prices: dict[str, ModelPrice] = Field(default_factory=default_prices)
+
+    # Request limits (each refusal is a 400 naming the param).
+    body_bytes_max: int = Field(default=1024 * 1024, ge=1024)
+    messages_max: int = Field(default=256, ge=1)
+    prompt_chars_max: int = Field(default=65536, ge=1)  # the rendered prompt (the worker refuses more)
+    stop_sequences_max: int = Field(default=3, ge=0)  # the worker takes 4; chat adds its own turn stop
+    stop_sequence_chars_max: int = Field(default=64, ge=1)
+    idempotency_key_chars_max: int = Field(default=255, ge=1)
+
+    # Talking to workers.
+    worker_connect_timeout_ms: int = Field(default=1_000, ge=1)
+    worker_read_timeout_ms: int = Field(default=30_000, ge=1)  # the longest wait for one worker event
+    request_timeout_ms: int = Field(default=120_000, ge=1)  # a request's whole budget, retries included
+    worker_attempts_max: int = Field(default=3, ge=1)  # tries before the first token, across workers
+    worker_connections_max: int = Field(default=512, ge=1)  # per worker client (keep-alive pool)
+    worker_event_bytes_max: int = Field(default=64 * 1024, ge=256)  # one NDJSON line from a worker
+    breaker_failures_max: int = Field(default=5, ge=1)  # consecutive failures that open a worker's breaker
+    breaker_open_ms: int = Field(default=5_000, ge=1)  # how long an open breaker refuses before one trial
+    overloaded_retry_after_s: int = Field(default=1, ge=0)  # Retry-After when every worker is full
+
+    # Auth.
+    auth_cache_ttl_ms: int = Field(default=5_000, ge=0)  # a revoked key keeps working at most this long
+    auth_cache_entries_max: int = Field(default=100_000, ge=1)
+
+    # Idempotency.
+    idempotency_timeout_ms: int = Field(default=5_000, ge=1)  # each store round trip
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewaySettings:
+        for model in self.models:
+            if model not in self.prices:
+                raise ValueError(f"prices has no entry for the served model {model!r}")
+        if self.environment == "production":
+            token = self.admin_token.get_secret_value() if self.admin_token else ""
+            if len(token) < ADMIN_TOKEN_LENGTH_MIN:
+                raise ValueError(f"production needs TOLLGATE_GATEWAY_ADMIN_TOKEN of {ADMIN_TOKEN_LENGTH_MIN}+ characters")
+        return self

@@ -1,0 +1,265 @@
+"""Talking to the inference workers: one keep-alive httpx client per worker, a circuit breaker each, and
+`WorkerPool.open()`, which places a generation on a worker and returns once its first event arrived.
+
+Retries happen only before the first token: a worker that refuses the connection, answers 5xx, or
+fails before its first event is skipped (and its breaker told), and the next worker is tried, at most
+`worker_attempts_max` tries within the request's deadline. A worker whose queue is full answers 503
+{"error": "overloaded"} at once; when every tried worker did, the pool raises admission's `Overloaded`
+(503 with Retry-After) instead of waiting. Once a token has been handed out, a failure ends the stream.
+
+The worker's NDJSON protocol (inference.worker): {"type": "token", "text", "token_id"} per token, then
+{"type": "done", "finish_reason", "prompt_tokens", "completion_tokens"}; {"type": "error", ...} when
+the engine failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import msgspec
+
+from gateway.admission.base import Overloaded
+from gateway.breaker import CircuitBreaker
+from gateway.errors import ApiError
+from gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+GENERATE_PATH = "/internal/v1/generate"
+
+
+class TokenEvent(msgspec.Struct, tag_field="type", tag="token"):
+    text: str
+    token_id: int
+
+
+class DoneEvent(msgspec.Struct, tag_field="type", tag="done"):
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ErrorEvent(msgspec.Struct, tag_field="type", tag="error"):
+    error: str
+    message: str = ""
+    retryable: bool = False
+
+
+WorkerEvent = TokenEvent | DoneEvent | ErrorEvent
+_event_decoder = msgspec.json.Decoder(WorkerEvent)
+_refusal_decoder = msgspec.json.Decoder(dict)
+_body_encoder = msgspec.json.Encoder()
+
+
+class WorkerFailed(Exception):
+    """A worker broke its protocol or its connection; says which and how."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateCall:
+    """The body of POST /internal/v1/generate."""
+
+    request_id: str
+    tenant_id: str
+    tier: str
+    model: str
+    prompt: str
+    max_tokens: int
+    stop: tuple[str, ...]
+    temperature: float
+    top_p: float
+    seed: int | None
+
+    def encode(self) -> bytes:
+        return _body_encoder.encode(
+            {
+                "request_id": self.request_id,
+                "tenant_id": self.tenant_id,
+                "tier": self.tier,
+                "model": self.model,
+                "prompt": self.prompt,
+                "max_tokens": self.max_tokens,
+                "stop": list(self.stop),
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "seed": self.seed,
+            }
+        )
+
+
+class WorkerClient:
+    """One worker: its URL, its keep-alive client and its breaker."""
+
+    def __init__(self, url: str, settings: GatewaySettings) -> None:
+        self.url = url.rstrip("/")
+        self.breaker = CircuitBreaker(settings.breaker_failures_max, settings.breaker_open_ms)
+        self.http = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=httpx.Timeout(
+                connect=settings.worker_connect_timeout_ms / 1000,
+                read=settings.worker_read_timeout_ms / 1000,
+                write=settings.worker_connect_timeout_ms / 1000,
+                pool=settings.worker_connect_timeout_ms / 1000,
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.worker_connections_max,
+                max_keepalive_connections=settings.worker_connections_max,
+            ),
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class WorkerStream:
+    """A generation running on one worker. `first` is its first event (already read)."""
+
+    def __init__(
+        self, worker: WorkerClient, response: httpx.Response, lines: AsyncIterator[bytes], first: WorkerEvent
+    ) -> None:
+        self.worker = worker
+        self.first = first
+        self._response = response
+        self._lines = lines
+
+    async def events(self) -> AsyncIterator[WorkerEvent]:
+        """The first event, then the rest, up to and including the done (or error) event."""
+        event = self.first
+        yield event
+        while not isinstance(event, DoneEvent | ErrorEvent):
+            event = await self.next_event()
+            yield event
+
+    async def next_event(self) -> WorkerEvent:
+        try:
+            line = await anext(self._lines)
+        except StopAsyncIteration:
+            raise WorkerFailed(f"{self.worker.url} ended the stream without a done event") from None
+        except httpx.HTTPError as error:
+            raise WorkerFailed(f"{self.worker.url} broke the stream: {error!r}") from error
+        try:
+            return _event_decoder.decode(line)
+        except msgspec.ValidationError as error:
+            raise WorkerFailed(f"{self.worker.url} sent an unreadable event: {error}") from error
+
+    async def close(self) -> None:
+        """Closing before the done event drops the connection, which cancels the generation there."""
+        await self._response.aclose()
+
+
+async def ndjson_lines(response: httpx.Response, line_bytes_max: int) -> AsyncIterator[bytes]:
+    pending = b""
+    async for chunk in response.aiter_raw():
+        pending = pending + chunk if pending else chunk
+        if b"\n" not in pending:
+            if len(pending) > line_bytes_max:
+                raise WorkerFailed(f"a worker event is longer than {line_bytes_max} bytes")
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line:
+                yield line
+    if pending.strip():
+        yield pending
+
+
+class WorkerPool:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.workers = [WorkerClient(url, settings) for url in settings.worker_urls]
+        self._rotation = itertools.cycle(range(len(self.workers)))
+
+    async def close(self) -> None:
+        for worker in self.workers:
+            await worker.close()
+
+    def candidates(self) -> list[WorkerClient]:
+        """Every worker once, starting at the next in rotation (spreads load, keeps retries distinct)."""
+        start = next(self._rotation)
+        return self.workers[start:] + self.workers[:start]
+
+    async def open(self, call: GenerateCall, deadline_ms: float, now_ms) -> WorkerStream:
+        """A stream whose first event has arrived, from the first worker able to give one."""
+        body = call.encode()
+        attempts = 0
+        overloaded = 0
+        failures: list[str] = []
+        for worker in self.candidates():
+            if attempts >= self.settings.worker_attempts_max or now_ms() >= deadline_ms:
+                break
+            if not worker.breaker.allow():
+                failures.append(f"{worker.url}: circuit open")
+                continue
+            attempts += 1
+            outcome = await self._try(worker, body)
+            if isinstance(outcome, WorkerStream):
+                worker.breaker.record_success()
+                return outcome
+            if outcome == "overloaded":
+                worker.breaker.record_neutral()
+                overloaded += 1
+            else:
+                worker.breaker.record_failure()
+                failures.append(f"{worker.url}: {outcome}")
+        retry_after = {"Retry-After": str(self.settings.overloaded_retry_after_s), "x-should-retry": "true"}
+        if overloaded:
+            raise Overloaded(
+                f"every worker tried ({attempts}) is at capacity; retry after {self.settings.overloaded_retry_after_s} s",
+                headers=retry_after,
+            )
+        logger.warning("request %s found no worker: %s", call.request_id, "; ".join(failures))
+        raise ApiError(
+            503,
+            "no inference worker is available now; retry",
+            error_type="server_error",
+            code="worker_unavailable",
+            headers=retry_after,
+        )
+
+    async def _try(self, worker: WorkerClient, body: bytes) -> WorkerStream | str:
+        """A started stream, "overloaded", or why this worker failed (a string). Bad input raises."""
+        request = worker.http.build_request(
+            "POST", GENERATE_PATH, content=body, headers={"content-type": "application/json"}
+        )
+        try:
+            response = await worker.http.send(request, stream=True)
+        except httpx.HTTPError as error:
+            return f"no response ({error!r})"
+        if response.status_code != 200:
+            return await self._refusal(worker, response)
+        lines = ndjson_lines(response, self.settings.worker_event_bytes_max)
+        stream = WorkerStream(worker, response, lines, TokenEvent(text="", token_id=-1))
+        try:
+            first = await stream.next_event()
+        except WorkerFailed as error:
+            await response.aclose()
+            return str(error)
+        if isinstance(first, ErrorEvent):
+            await response.aclose()
+            return f"failed before its first token ({first.error}: {first.message})"
+        stream.first = first
+        return stream
+
+    async def _refusal(self, worker: WorkerClient, response: httpx.Response) -> str:
+        try:
+            raw = await response.aread()
+        except httpx.HTTPError as error:
+            return f"answered {response.status_code} and broke ({error!r})"
+        finally:
+            await response.aclose()
+        try:
+            refusal = _refusal_decoder.decode(raw)
+        except msgspec.DecodeError:
+            refusal = {}
+        error = refusal.get("error")
+        if response.status_code == 503 and error == "overloaded":
+            return "overloaded"
+        if response.status_code == 404 and error == "model_not_found":
+            raise ApiError(404, str(refusal.get("message", "model not served")), param="model", code="model_not_found")
+        if response.status_code == 400 and error == "invalid_request":
+            raise ApiError(400, str(refusal.get("message", "invalid request")), code="invalid_value")
+        return f"answered {response.status_code} {error or raw[:200]!r}"
