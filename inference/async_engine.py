@@ -3,7 +3,8 @@
 `submit()` answers at once (InvalidRequest / Overloaded raise before anything is queued), and returns a
 `RequestStream`: iterate it for `RequestOutput`s; `cancel()` (or leaving the stream early and calling
 cancel, as the worker does on client disconnect) aborts the request within one engine step. Every
-request ends with exactly one finished output, and `on_finished` is called with it once, on the loop.
+request ends with exactly one finished output, and `on_finished` is called with it once, on the loop;
+if the step loop dies, streams raise EngineFailed and on_finished still gets each request's counts.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class AsyncEngine:
         except BaseException as error:  # a bug in the engine: fail every waiting stream loudly
             log.exception("engine loop failed")
             self.failure = error
-            self._loop.call_soon_threadsafe(self._fail_all, error)
+            # Bill what each request did process: its final output still reaches on_finished.
+            self._loop.call_soon_threadsafe(self._fail_all, error, self.engine.finish_all_now())
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -153,7 +155,11 @@ class AsyncEngine:
                 if on_finished is not None:
                     on_finished(output)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, final_outputs: list[RequestOutput]) -> None:
+        for output in final_outputs:
+            on_finished = self._on_finished.pop(output.request_id, None)
+            if on_finished is not None:
+                on_finished(output)
         for stream in self._streams.values():
             stream._deliver(EngineFailed(f"engine loop failed: {error!r}"))
         self._streams.clear()

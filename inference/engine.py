@@ -168,6 +168,12 @@ class Engine:
         with self._lock:
             self._pending_aborts.update(self.scheduler.requests)
 
+    def finish_all_now(self) -> list[RequestOutput]:
+        """Cancel every unfinished request at once (the step loop is gone); returns their final outputs."""
+        with self._lock:
+            self._pending_aborts.update(self.scheduler.requests)
+            return self._apply_aborts()
+
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return self.scheduler.has_unfinished_requests()

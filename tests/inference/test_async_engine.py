@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from inference.async_engine import AsyncEngine
+from inference.async_engine import AsyncEngine, EngineFailed
 from inference.engine import Engine, GenerationRequest, RequestOutput
 from inference.request import FinishReason
 from tests.inference.conftest import engine_settings
@@ -43,3 +44,31 @@ async def test_stop_cancels_work_in_flight_and_reports_each_request_once(default
     assert sorted(output.request_id for output in finished) == [f"r{i}" for i in range(6)]
     assert all(output.finish_reason is FinishReason.CANCELLED for output in finished)
     assert not async_engine.engine.has_unfinished_requests() and async_engine.engine.cache.free_slot_count == 4
+
+
+class EngineThatBreaks(Engine):
+    """Fails on its fourth step, as a bug in the model code would."""
+
+    steps = 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps == 4:
+            raise RuntimeError("simulated kernel failure")
+        return super().step()
+
+
+async def test_a_dying_loop_fails_streams_and_still_reports_each_request(default_models, tokenizer):
+    engine = EngineThatBreaks(default_models("cpu", torch.float32), tokenizer, engine_settings())
+    async_engine = AsyncEngine(engine)
+    await async_engine.start()
+    finished: list[RequestOutput] = []
+    stream = async_engine.submit(GenerationRequest(request_id="a", prompt="The", max_tokens=50), finished.append)
+    tokens = 0
+    with pytest.raises(EngineFailed):
+        async for output in stream:
+            tokens += output.token_id is not None
+    await async_engine.stop()
+    assert not async_engine.healthy
+    assert [(o.request_id, o.finish_reason, o.completion_tokens) for o in finished] == [("a", FinishReason.CANCELLED, 3)]
+    assert tokens == 3
