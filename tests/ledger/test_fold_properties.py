@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ledger.entries import AllocationCorrected, CreditVoided, EndCorrected, UsageAllocated
 from ledger.events import CreditExpired, CreditGranted, GrantVoided, UsageRecorded
+from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.tenant import TenantLedger
 from tests.ledger import oracle
 
@@ -69,6 +70,8 @@ def scenarios(draw):
             steps.append(("query", draw(st.integers(-1, TIME_MAX + 1))))
         if draw(st.integers(0, 6)) == 0:
             steps.append(("advance", draw(st.integers(0, TIME_MAX + 1))))
+        if draw(st.integers(0, 8)) == 0:
+            steps.append(("snapshot", None))
     steps.append(("query", draw(st.integers(-1, TIME_MAX + 1))))
     return steps
 
@@ -95,6 +98,8 @@ def test_fold_matches_replay_oracle_in_any_order(steps):
             ledger.account.check_invariants()
         elif action == "advance":
             ledger.advance_to(value)
+        elif action == "snapshot":  # what a restarted processor does: the state from its bytes
+            ledger.account = account_from_bytes(account_to_bytes(ledger.account))
         else:
             check_query(ledger, applied, value)
 
@@ -112,6 +117,8 @@ def test_published_entries_add_up_to_the_final_state(steps):
             applied.append(value)
         elif action == "advance":
             entries += ledger.advance_to(value)
+        elif action == "snapshot":
+            ledger.account = account_from_bytes(account_to_bytes(ledger.account))
     entries += ledger.advance_to(TIME_MAX * 3)
     ids = [entry.entry_id for entry in entries]
     assert len(ids) == len(set(ids)), "entry ids repeat"
