@@ -18,8 +18,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Each benchmark prints one JSON line; see README "Benchmarks".
+BENCHES := ledger streams inference gateway overspend
 bench: $(STAMP)
-	$(PY) -m bench.ledger
+	@for name in $(BENCHES); do $(PY) -m bench.$$name || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
