@@ -1,0 +1,142 @@
+"""What both admission modes share: the rate limiter, the view guard, this process's holds and their
+sweeper, the view's "folded" reports, and the metrics. The modes differ only in where credit is reserved
+(gateway.admission.fast, gateway.admission.strict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from gateway.admission.base import AdmissionRequest, CreditExhausted, Rejection, Reservation
+from gateway.admission.holds import Hold, LocalHolds
+from gateway.admission.metrics import REASON_CREDIT, AdmissionMetrics
+from gateway.admission.rate_limit import RateLimiter
+from gateway.admission.settings import AdmissionSettings
+from gateway.ledger_view import LedgerView, TenantBalance, wall_clock_ms
+
+logger = logging.getLogger(__name__)
+
+
+class CreditBalanceExhausted(CreditExhausted):
+    reason = REASON_CREDIT
+
+
+def check_request(request: AdmissionRequest) -> None:
+    """The API layer computed these; a negative one is its bug, not the client's."""
+    assert request.estimated_cost >= 0, f"estimated_cost must be non-negative: {request}"
+    assert request.prompt_tokens >= 0 and request.max_tokens >= 0, f"token counts must be non-negative: {request}"
+
+
+def credit_exhausted(request: AdmissionRequest, available: int, headers: dict[str, str]) -> CreditBalanceExhausted:
+    return CreditBalanceExhausted(
+        f"You exceeded your current quota: this request may cost up to {request.estimated_cost} credits "
+        f"and {max(available, 0)} are available. Add credit to your organization to continue.",
+        headers=headers,
+    )
+
+
+class AdmissionCore:
+    mode = "abstract"
+
+    def __init__(
+        self,
+        view: LedgerView,
+        settings: AdmissionSettings,
+        *,
+        metrics: AdmissionMetrics | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.view = view
+        self.settings = settings
+        self.metrics = metrics or view.metrics
+        self.clock_ms = clock_ms
+        self.rate_limiter = RateLimiter(settings)
+        self.holds = LocalHolds()
+        self._sweeper: asyncio.Task | None = None
+        view.add_listener(self._folded)
+
+    async def start(self) -> None:
+        assert self._sweeper is None, "already started"
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    def sweep(self, now_ms: int) -> int:
+        """Drop every hold past its deadline and forget idle rate buckets; the number of holds dropped."""
+        expired = self.holds.expire_all(now_ms)
+        self._forget(expired, "timed_out")
+        self.rate_limiter.sweep(now_ms)
+        return len(expired)
+
+    # -------------------------------------------------------------------------- for the modes
+
+    def _refused(self, rejection: Rejection) -> Rejection:
+        self.metrics.rejections.labels(reason=getattr(rejection, "reason", rejection.code)).inc()
+        return rejection
+
+    def _held(self, request: AdmissionRequest, now_ms: int, headers: dict[str, str]) -> Reservation:
+        """Record an admitted request's hold in this process and watch for its usage to be folded."""
+        self.holds.add(Hold(
+            request.request_id, request.tenant_id, request.estimated_cost, now_ms + self.settings.hold_timeout_ms
+        ))
+        self.view.watch(request.tenant_id, request.request_id)
+        self.metrics.reservations_open.labels(mode=self.mode).inc()
+        self.metrics.admitted.labels(mode=self.mode).inc()
+        return Reservation(
+            request_id=request.request_id,
+            tenant_id=request.tenant_id,
+            amount=request.estimated_cost,
+            tokens=request.prompt_tokens + request.max_tokens,
+            headers=headers,
+        )
+
+    def _finish_locally(self, reservation: Reservation, actual_cost: int, now_ms: int) -> Hold | None:
+        assert actual_cost >= 0, f"actual cost must be non-negative, got {actual_cost}"
+        if actual_cost > reservation.amount:
+            logger.warning(
+                "request %s cost %d, more than the %d reserved", reservation.request_id, actual_cost, reservation.amount
+            )
+        hold = self.holds.finish(reservation.request_id, actual_cost, now_ms + self.settings.settle_timeout_ms)
+        if hold is not None:
+            reservation.amount = actual_cost
+        return hold
+
+    def _release_locally(self, reservation: Reservation) -> Hold | None:
+        hold = self.holds.drop(reservation.request_id)
+        if hold is not None:
+            self._forget([hold], "released")
+        return hold
+
+    def _forget(self, holds: list[Hold], how: str) -> None:
+        for hold in holds:
+            self.view.unwatch(hold.tenant_id, hold.request_id)
+            self.metrics.reservations_open.labels(mode=self.mode).dec()
+            self.metrics.settled.labels(how=how).inc()
+
+    def _folded(self, tenant_id: str, request_id: str, balance: TenantBalance) -> None:
+        """The view's balance now includes the request's usage: the hold has done its job."""
+        hold = self.holds.drop(request_id)
+        if hold is None:
+            return  # another admission's request (several share a view in tests and benchmarks)
+        self.metrics.reservations_open.labels(mode=self.mode).dec()
+        self.metrics.settled.labels(how="folded").inc()
+        self._settled(hold, balance)
+
+    def _settled(self, hold: Hold, balance: TenantBalance) -> None:
+        """Mode hook: the hold was dropped locally because `balance` includes its usage."""
+
+    async def _sweep_forever(self) -> None:
+        interval_s = self.settings.hold_sweep_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            expired = self.sweep(self.clock_ms())
+            if expired:
+                logger.info("%d holds timed out", expired)

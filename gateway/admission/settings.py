@@ -1,0 +1,76 @@
+"""Admission settings from the environment (prefix TOLLGATE_ADMISSION_). Every limit has its unit last.
+
+Dict-valued settings are JSON in the environment, e.g.
+    TOLLGATE_ADMISSION_MODE=strict
+    TOLLGATE_ADMISSION_TIERS='{"free": {"requests_per_minute": 20, "tokens_per_minute": 20000}}'
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TierLimits(BaseModel):
+    """Per-tenant rate limits of one tier. Tokens are prompt tokens + max_tokens, counted at admission."""
+
+    requests_per_minute: int = Field(ge=1)
+    tokens_per_minute: int = Field(ge=1)
+
+
+def default_tiers() -> dict[str, TierLimits]:
+    return {
+        "free": TierLimits(requests_per_minute=60, tokens_per_minute=40_000),
+        "standard": TierLimits(requests_per_minute=500, tokens_per_minute=400_000),
+        "pro": TierLimits(requests_per_minute=3_000, tokens_per_minute=2_000_000),
+        "enterprise": TierLimits(requests_per_minute=10_000, tokens_per_minute=10_000_000),
+    }
+
+
+class AdmissionSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOLLGATE_ADMISSION_", env_nested_delimiter="__")
+
+    # fast: reserve against this process's balance view (overspend bounded by the race between
+    # processes); strict: reserve through the tenant's owner row in Postgres (never overspends).
+    mode: Literal["fast", "strict"] = "fast"
+
+    tiers: dict[str, TierLimits] = Field(default_factory=default_tiers)
+    tier_default: str = "free"  # the limits of a tenant whose tier is not in `tiers`
+
+    # A hold whose request never calls finish() or release() is dropped after this long.
+    hold_timeout_ms: int = Field(default=15 * 60_000, ge=1)
+    # A finished hold waits for its usage to be folded into the balance; dropped after this long anyway.
+    settle_timeout_ms: int = Field(default=5 * 60_000, ge=1)
+    # Open holds of one tenant in one process; beyond it admission answers 503 overloaded.
+    tenant_holds_max: int = Field(default=10_000, ge=1)
+    # How often timed-out holds are swept (they are also checked at each admission of their tenant).
+    hold_sweep_interval_ms: int = Field(default=1_000, ge=1)
+
+    # The balance view: admission answers 503 when it has not been caught up with the log for this long
+    # (a view that falls behind would let a tenant spend credit the ledger already consumed).
+    view_staleness_max_ms: int = Field(default=10_000, ge=1)
+    # How often the view compares its position with the ends of the log (consumer lag, staleness).
+    view_lag_check_interval_ms: int = Field(default=500, ge=1)
+    # How long admit() waits for a view that is still reading the balances at start-up before a 503.
+    view_ready_wait_ms: int = Field(default=2_000, ge=0)
+    # Records per batch the view takes from each tail.
+    view_batch_records_max: int = Field(default=1_000, ge=1, le=100_000)
+    # Retry-After (seconds) when the view is not ready or stale.
+    view_unavailable_retry_after_s: int = Field(default=1, ge=0)
+
+    # Strict mode: one reservation transaction's budget (lock wait included); beyond it a 503.
+    strict_transaction_timeout_ms: int = Field(default=5_000, ge=1)
+    # Folded holds waiting to be deleted in Postgres (beyond it they are left to expire), and per batch.
+    strict_settle_queue_max: int = Field(default=100_000, ge=1)
+    strict_settle_batch_max: int = Field(default=500, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AdmissionSettings:
+        if self.tier_default not in self.tiers:
+            raise ValueError(f"tier_default {self.tier_default!r} is not one of the tiers {sorted(self.tiers)}")
+        return self
+
+    def limits_of(self, tier: str) -> TierLimits:
+        return self.tiers.get(tier) or self.tiers[self.tier_default]

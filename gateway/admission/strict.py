@@ -1,0 +1,194 @@
+"""Strict mode: every reservation goes through the tenant's owner row in Postgres. Never overspends.
+
+How it differs from fast mode (gateway.admission.fast): fast reserves against this process's view and
+holds only, so N gateways racing for a tenant's last credits can each spend them. Strict reserves in
+one transaction that locks the tenant's row in `admission_accounts` (gateway.admission.strict_store):
+the holds of every gateway are summed under that lock, so the sum of holds never exceeds the newest
+balance any gateway's view has seen. Measured by `python -m bench.overspend`: 0 overspent.
+
+What it costs: one transaction (two statements) per admission, serialised per tenant; a finished
+request's hold leaves Postgres when this process's view reports its usage folded (batched, off the
+request path). Rate limits stay per process, like fast mode.
+
+Expiry is the owner's clock discipline: holds carry `expires_at_ms` computed by the gateway that wrote
+them, so gateways should run NTP-synchronised clocks. A gateway that dies leaves its holds to expire
+(hold_timeout_ms, or settle_timeout_ms once finished): conservative, never an overspend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.admission.base import AdmissionRequest, Overloaded, Rejection, Reservation
+from gateway.admission.core import AdmissionCore, check_request, credit_exhausted
+from gateway.admission.holds import Hold
+from gateway.admission.metrics import REASON_STORE_UNAVAILABLE, AdmissionMetrics
+from gateway.admission.settings import AdmissionSettings
+from gateway.admission.strict_store import Settlement, StrictStore
+from gateway.admission.view_guard import require_fresh_view, too_many_holds
+from gateway.ledger_view import LedgerView, TenantBalance, wall_clock_ms
+
+logger = logging.getLogger(__name__)
+
+STOP_FLUSH_TIMEOUT_MS = 5_000
+
+
+class ReservationStoreUnavailable(Overloaded):
+    reason = REASON_STORE_UNAVAILABLE
+
+
+class StrictAdmission(AdmissionCore):
+    mode = "strict"
+
+    def __init__(
+        self,
+        view: LedgerView,
+        settings: AdmissionSettings,
+        engine: AsyncEngine,
+        *,
+        metrics: AdmissionMetrics | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        super().__init__(view, settings, metrics=metrics, clock_ms=clock_ms)
+        self.store = StrictStore(engine)
+        self._settlements: asyncio.Queue[Settlement] = asyncio.Queue(maxsize=settings.strict_settle_queue_max)
+        self._settler: asyncio.Task | None = None
+        self._cleanups: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        await super().start()
+        self._settler = asyncio.create_task(self._settle_forever())
+
+    async def stop(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain(), STOP_FLUSH_TIMEOUT_MS / 1000)
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+            self._settler = None
+        if self._cleanups:
+            await asyncio.wait(self._cleanups, timeout=STOP_FLUSH_TIMEOUT_MS / 1000)
+        await super().stop()
+
+    async def admit(self, request: AdmissionRequest) -> Reservation:
+        check_request(request)
+        now_ms = self.clock_ms()
+        try:
+            await require_fresh_view(self.view, self.settings, now_ms)
+        except Rejection as rejection:
+            raise self._refused(rejection) from None
+        now_ms = self.clock_ms()
+        tenant_id = request.tenant_id
+        self._forget(self.holds.expire(tenant_id, now_ms), "timed_out")
+        if self.holds.count(tenant_id) >= self.settings.tenant_holds_max:
+            raise self._refused(too_many_holds(tenant_id, self.settings))
+        tokens = request.prompt_tokens + request.max_tokens
+        try:
+            headers = self.rate_limiter.acquire(tenant_id, request.tier, tokens, now_ms)
+        except Rejection as rejection:
+            raise self._refused(rejection) from None
+        try:
+            async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
+                result = await self.store.reserve(
+                    tenant_id=tenant_id,
+                    request_id=request.request_id,
+                    amount=request.estimated_cost,
+                    view_balance=self.view.balance(tenant_id),
+                    now_ms=now_ms,
+                    expires_at_ms=now_ms + self.settings.hold_timeout_ms,
+                    holds_max=self.settings.tenant_holds_max,
+                )
+        except (TimeoutError, SQLAlchemyError, asyncio.CancelledError) as error:
+            # The transaction may have committed just before: delete the hold it may have written.
+            self._cleanup(request.request_id)
+            self.rate_limiter.give_back(tenant_id, tokens, self.clock_ms())
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            logger.warning("strict reservation of %s failed: %r", request.request_id, error)
+            raise self._refused(ReservationStoreUnavailable(
+                "The credit reservation store did not answer in time; try again shortly.",
+                headers={"retry-after": str(self.settings.view_unavailable_retry_after_s)},
+            )) from None
+        if not result.reserved:
+            headers = self.rate_limiter.give_back(tenant_id, tokens, self.clock_ms())
+            if result.holds >= self.settings.tenant_holds_max:
+                raise self._refused(too_many_holds(tenant_id, self.settings))
+            raise self._refused(credit_exhausted(request, result.available, headers))
+        return self._held(request, now_ms, headers)
+
+    async def finish(self, reservation: Reservation, actual_cost: int) -> None:
+        now_ms = self.clock_ms()
+        hold = self._finish_locally(reservation, actual_cost, now_ms)
+        if hold is None:
+            return  # already folded (its row is being deleted) or timed out (its row expired)
+        if actual_cost == 0:
+            await self.release(reservation)
+            return
+        try:
+            async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
+                await self.store.finish(reservation.request_id, actual_cost, now_ms, hold.deadline_ms)
+        except (TimeoutError, SQLAlchemyError) as error:
+            # The row keeps the estimate (>= the actual cost) until its hold timeout: conservative.
+            logger.warning("could not record the actual cost of %s: %r", reservation.request_id, error)
+
+    async def release(self, reservation: Reservation) -> None:
+        self._release_locally(reservation)
+        try:
+            async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
+                await self.store.release([reservation.request_id])
+        except (TimeoutError, SQLAlchemyError) as error:
+            logger.warning("could not release %s, it will expire: %r", reservation.request_id, error)
+
+    async def available(self, tenant_id: str) -> int:
+        """The owner row's balance spendable now minus every gateway's open holds (introspection, tests)."""
+        spendable, held = await self.store.snapshot(tenant_id, self.clock_ms())
+        return spendable - held
+
+    # ---------------------------------------------------------------------------------- settling
+
+    def _settled(self, hold: Hold, balance: TenantBalance) -> None:
+        try:
+            self._settlements.put_nowait(Settlement(hold.request_id, balance))
+        except asyncio.QueueFull:
+            logger.warning("settle queue full: hold %s stays in Postgres until it expires", hold.request_id)
+
+    async def _settle_forever(self) -> None:
+        while True:
+            batch = [await self._settlements.get()]
+            while len(batch) < self.settings.strict_settle_batch_max and not self._settlements.empty():
+                batch.append(self._settlements.get_nowait())
+            await self._settle(batch)
+
+    async def _drain(self) -> None:
+        while not self._settlements.empty():
+            batch = []
+            while len(batch) < self.settings.strict_settle_batch_max and not self._settlements.empty():
+                batch.append(self._settlements.get_nowait())
+            await self._settle(batch)
+
+    async def _settle(self, batch: list[Settlement]) -> None:
+        try:
+            async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
+                await self.store.settle(batch, self.clock_ms())
+        except (TimeoutError, SQLAlchemyError) as error:
+            # Not settled: the holds stay counted until they expire (conservative).
+            logger.warning("settling %d holds failed, they will expire: %r", len(batch), error)
+
+    def _cleanup(self, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release_row(request_id))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _release_row(self, request_id: str) -> None:
+        try:
+            async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
+                await self.store.release([request_id])
+        except (TimeoutError, SQLAlchemyError) as error:
+            logger.warning("could not delete the hold of %s, it will expire: %r", request_id, error)

@@ -1,0 +1,167 @@
+"""Strict mode's reservations in Postgres: the tenant's row in admission_accounts is its one owner.
+
+reserve(), one transaction at READ COMMITTED:
+  1. upsert the tenant's account row with this gateway's view of the balance, kept only when newer
+     (applied_offset, then as_of): every gateway brings what its view read, the row keeps the newest.
+     The upsert takes the row lock (ON CONFLICT DO UPDATE locks the row), so reservations of one
+     tenant queue here, across every gateway. It returns the row as it stands under the lock.
+  2. one statement, started after the lock was granted, so its snapshot sees every hold committed by
+     earlier lock holders: drop the tenant's expired holds, sum the rest, and insert the new hold only
+     if (balance spendable now - sum) >= cost.
+  3. commit (releases the lock).
+Every statement that adds to a tenant's holds runs under that lock; the others only shrink them
+(release, finish at an actual cost below the estimate, settle), so no two gateways can both spend the
+last credit.
+
+settle(): when a view reports request R's usage folded into a balance B (B.applied_offset >= R's
+offset on ledger.events), one transaction raises the account row to at least B and deletes R's hold.
+Both together or neither: the row never counts R twice (in the balance and as a hold) for long, and
+never zero times.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from gateway.ledger_view import TenantBalance
+
+NO_BALANCE_OFFSET = -1  # an account row for a tenant no view has a balance for yet
+
+_NEWER = "(excluded.applied_offset, excluded.as_of_ms) > (account.applied_offset, account.as_of_ms)"
+_UPSERT_ACCOUNT = text(f"""
+INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, as_of_ms, expiring, updated_at_ms)
+VALUES (:tenant_id, :balance, :applied_offset, :as_of_ms, CAST(:expiring AS JSONB), :now_ms)
+ON CONFLICT (tenant_id) DO UPDATE SET
+    balance = CASE WHEN {_NEWER} THEN excluded.balance ELSE account.balance END,
+    applied_offset = CASE WHEN {_NEWER} THEN excluded.applied_offset ELSE account.applied_offset END,
+    as_of_ms = CASE WHEN {_NEWER} THEN excluded.as_of_ms ELSE account.as_of_ms END,
+    expiring = CASE WHEN {_NEWER} THEN excluded.expiring ELSE account.expiring END,
+    updated_at_ms = CASE WHEN {_NEWER} THEN excluded.updated_at_ms ELSE account.updated_at_ms END
+RETURNING balance, applied_offset, as_of_ms, expiring
+""")
+
+_RESERVE = text("""
+WITH expired AS (
+    DELETE FROM admission_holds WHERE tenant_id = :tenant_id AND expires_at_ms <= :now_ms
+), held AS (
+    SELECT COALESCE(SUM(amount), 0)::bigint AS total, count(*) AS holds FROM admission_holds
+    WHERE tenant_id = :tenant_id AND expires_at_ms > :now_ms
+), reserved AS (
+    INSERT INTO admission_holds (request_id, tenant_id, amount, created_at_ms, expires_at_ms)
+    SELECT :request_id, :tenant_id, :amount, :now_ms, :expires_at_ms FROM held
+    WHERE (:amount = 0 OR :spendable - held.total >= :amount) AND held.holds < :holds_max
+    RETURNING 1
+)
+SELECT held.total, held.holds, (SELECT count(*) FROM reserved) AS reserved FROM held
+""")
+
+_FINISH = text("""
+UPDATE admission_holds SET amount = :amount, finished_at_ms = :now_ms, expires_at_ms = :expires_at_ms
+WHERE request_id = :request_id
+""")
+
+_DELETE_HOLDS = text("DELETE FROM admission_holds WHERE request_id = ANY(:request_ids)")
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    reserved: bool
+    spendable: int  # the owner row's balance, without blocks expired by now
+    held: int  # the tenant's other open holds, across every gateway
+    holds: int
+
+    @property
+    def available(self) -> int:
+        return self.spendable - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    request_id: str
+    balance: TenantBalance  # includes the request's usage
+
+
+def _account_parameters(tenant_id: str, balance: TenantBalance | None, now_ms: int) -> dict:
+    if balance is None:
+        return {"tenant_id": tenant_id, "balance": 0, "applied_offset": NO_BALANCE_OFFSET, "as_of_ms": -1,
+                "expiring": "[]", "now_ms": now_ms}
+    expiring = json.dumps([[expires_at_ms, remaining] for expires_at_ms, remaining in balance.expiring])
+    return {"tenant_id": tenant_id, "balance": balance.balance, "applied_offset": balance.applied_offset,
+            "as_of_ms": balance.as_of_ms, "expiring": expiring, "now_ms": now_ms}
+
+
+def _owner_balance(tenant_id: str, account) -> TenantBalance:
+    """An admission_accounts row as a TenantBalance (overage is not kept there)."""
+    expiring = tuple((int(expires_at_ms), int(remaining)) for expires_at_ms, remaining in account.expiring)
+    return TenantBalance(tenant_id, account.balance, 0, account.as_of_ms, account.applied_offset, expiring)
+
+
+class StrictStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def reserve(
+        self,
+        *,
+        tenant_id: str,
+        request_id: str,
+        amount: int,
+        view_balance: TenantBalance | None,
+        now_ms: int,
+        expires_at_ms: int,
+        holds_max: int,
+    ) -> ReserveResult:
+        async with self.engine.begin() as connection:
+            account = await self._raise_account(connection, tenant_id, view_balance, now_ms)
+            spendable = _owner_balance(tenant_id, account).spendable_at(now_ms)
+            row = (await connection.execute(_RESERVE, {
+                "tenant_id": tenant_id, "request_id": request_id, "amount": amount, "now_ms": now_ms,
+                "expires_at_ms": expires_at_ms, "spendable": spendable, "holds_max": holds_max,
+            })).one()
+        return ReserveResult(reserved=row.reserved == 1, spendable=spendable, held=row.total, holds=row.holds)
+
+    async def finish(self, request_id: str, amount: int, now_ms: int, expires_at_ms: int) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(_FINISH, {
+                "request_id": request_id, "amount": amount, "now_ms": now_ms, "expires_at_ms": expires_at_ms,
+            })
+
+    async def release(self, request_ids: Sequence[str]) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(_DELETE_HOLDS, {"request_ids": list(request_ids)})
+
+    async def settle(self, settlements: Sequence[Settlement], now_ms: int) -> None:
+        """Raise each tenant's row to the newest balance reported, then delete the holds it includes."""
+        newest: dict[str, TenantBalance] = {}
+        for settlement in settlements:
+            balance = settlement.balance
+            current = newest.get(balance.tenant_id)
+            if current is None or (balance.applied_offset, balance.as_of_ms) > (current.applied_offset, current.as_of_ms):
+                newest[balance.tenant_id] = balance
+        async with self.engine.begin() as connection:
+            for tenant_id in sorted(newest):  # one lock order for every settling gateway
+                await self._raise_account(connection, tenant_id, newest[tenant_id], now_ms)
+            await connection.execute(_DELETE_HOLDS, {"request_ids": [s.request_id for s in settlements]})
+
+    async def snapshot(self, tenant_id: str, now_ms: int) -> tuple[int, int]:
+        """(the owner row's balance spendable now, the tenant's open holds), read without locking."""
+        async with self.engine.connect() as connection:
+            account = (await connection.execute(
+                text("SELECT balance, applied_offset, as_of_ms, expiring FROM admission_accounts WHERE tenant_id = :t"),
+                {"t": tenant_id},
+            )).one_or_none()
+            held = (await connection.execute(
+                text("SELECT COALESCE(SUM(amount), 0) FROM admission_holds WHERE tenant_id = :t AND expires_at_ms > :now"),
+                {"t": tenant_id, "now": now_ms},
+            )).scalar_one()
+        spendable = _owner_balance(tenant_id, account).spendable_at(now_ms) if account is not None else 0
+        return spendable, held
+
+    @staticmethod
+    async def _raise_account(connection: AsyncConnection, tenant_id: str, balance: TenantBalance | None, now_ms: int):
+        return (await connection.execute(_UPSERT_ACCOUNT, _account_parameters(tenant_id, balance, now_ms))).one()

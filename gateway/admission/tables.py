@@ -1,0 +1,39 @@
+"""Strict mode's tables (migration 0004): the tenant's owner row and the open holds.
+
+    admission_accounts  one row per tenant: the newest ledger balance any gateway's view has brought
+                        (by applied_offset, then as_of), with its expiring blocks. Reservations lock it.
+    admission_holds     one row per admitted request until its usage is folded into that balance,
+                        it is released, or it expires.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, CheckConstraint, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from streams.schema import Base
+
+
+class AdmissionAccount(Base):
+    __tablename__ = "admission_accounts"
+
+    tenant_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger)  # credit left at as_of_ms
+    applied_offset: Mapped[int] = mapped_column(BigInteger)  # -1: no balance seen yet
+    as_of_ms: Mapped[int] = mapped_column(BigInteger)
+    expiring: Mapped[list] = mapped_column(JSONB)  # [[expires_at_ms, remaining], ...] of blocks in balance
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AdmissionHold(Base):
+    __tablename__ = "admission_holds"
+
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(Text, index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)  # the estimate while running, the actual cost once finished
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_at_ms: Mapped[int] = mapped_column(BigInteger)  # hold_timeout_ms, then settle_timeout_ms once finished
+    finished_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("amount >= 0", name="amount_non_negative"),)
