@@ -48,6 +48,8 @@ CONFIG_FILE = "server.properties"
 LOG4J_FILE = "log4j.properties"
 DATA_DIR = "data"
 PID_FILE = "broker.pid"
+WATCHER_PID_FILE = "watcher.pid"
+WATCH_INTERVAL_S = 1.0
 LOG_FILE = "broker.log"
 BOOTSTRAP_FILE = "bootstrap"
 MAIN_CLASS = "kafka.Kafka"
@@ -371,10 +373,18 @@ def _wait_until_serving(process: subprocess.Popen, address: BrokerAddress, direc
     raise BrokerError(f"broker did not answer metadata within {timeout_s}s ({last_error}):\n{_log_tail(directory)}")
 
 
-def start(directory: Path, port: int | None = None, timeout_s: float = START_TIMEOUT_S) -> BrokerAddress:
-    """Start (or restart, keeping the data) the broker that lives in `directory`; return its address."""
+def start(
+    directory: Path, port: int | None = None, timeout_s: float = START_TIMEOUT_S, owner_pid: int | None = None
+) -> BrokerAddress:
+    """Start (or restart, keeping the data) the broker that lives in `directory`; return its address.
+
+    With `owner_pid`, a small watcher process kills the broker once that process is gone, so a test run
+    that dies without its teardown does not leave a JVM behind.
+    """
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    if owner_pid is not None:
+        _ensure_watcher(directory, owner_pid)
     existing = _read_address(directory)
     if running_pid(directory) is not None:
         assert existing is not None, f"a broker runs from {directory} but its config is gone"
@@ -404,6 +414,32 @@ def start(directory: Path, port: int | None = None, timeout_s: float = START_TIM
         kill(directory)
         raise
     return address
+
+
+def _ensure_watcher(directory: Path, owner_pid: int) -> None:
+    watcher_pid_file = directory / WATCHER_PID_FILE
+    if watcher_pid_file.exists():
+        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+            os.kill(int(watcher_pid_file.read_text().strip()), 0)
+            return  # one watcher per directory; it outlives restarts of the broker
+    command = [sys.executable, str(Path(__file__).resolve()), "watch", "--dir", str(directory), "--owner-pid", str(owner_pid)]
+    watcher = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    watcher_pid_file.write_text(f"{watcher.pid}\n")
+
+
+def watch(directory: Path, owner_pid: int) -> None:
+    """Block until `owner_pid` is gone, then SIGKILL the broker of `directory` if it still runs."""
+    directory = Path(directory).resolve()
+    while True:
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(WATCH_INTERVAL_S)
+    kill(directory)
+    (directory / WATCHER_PID_FILE).unlink(missing_ok=True)
 
 
 def _signal_group(pid: int, signal_number: int) -> None:
@@ -455,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_parser.add_argument("--timeout-s", type=float, default=STOP_TIMEOUT_S)
     kill_parser = commands.add_parser("kill", help="SIGKILL the broker in DIR (simulated crash)")
     kill_parser.add_argument("--dir", required=True, type=Path)
+    watch_parser = commands.add_parser("watch", help="kill the broker in DIR once --owner-pid exits")
+    watch_parser.add_argument("--dir", required=True, type=Path)
+    watch_parser.add_argument("--owner-pid", required=True, type=int)
     status_parser = commands.add_parser("status", help="print the bootstrap address if running; exit 1 if not")
     status_parser.add_argument("--dir", required=True, type=Path)
     arguments = parser.parse_args(argv)
@@ -473,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         elif arguments.command == "kill":
             if not kill(arguments.dir):
                 print(f"no broker running in {arguments.dir}", file=sys.stderr)
+        elif arguments.command == "watch":
+            watch(arguments.dir, arguments.owner_pid)
         elif arguments.command == "status":
             address = _read_address(Path(arguments.dir).resolve())
             if running_pid(arguments.dir) is None or address is None:
