@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from ledger.codec import decode_event
-from streams.producer import EventProducer
+from streams.producer import EventProducer, PublishRejected
 from streams.spool import SpoolFull
 from tests.fixtures.kafka import broker_down
 from tests.streams.helpers import create_ledger_topics, read_topic, stream_settings, usage_event
@@ -103,3 +103,13 @@ async def test_full_spool_raises_and_takes_nothing(tmp_path):
                 accepted += 1
         assert 0 < accepted < 100
         assert producer.spooled_count() == accepted
+
+
+async def test_a_record_the_broker_can_never_take_is_rejected_not_spooled(kafka_broker, topic_prefix, tmp_path):
+    settings = stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path)
+    await create_ledger_topics(settings)
+    async with EventProducer(settings) as producer:
+        with pytest.raises(PublishRejected, match="MessageSizeTooLarge"):
+            await producer.send(topic_prefix + "ledger.dlq", b"tenant-a", b"x" * 2_000_000)
+        assert producer.spooled_count() == 0
+        assert not (await producer.publish(usage_event("tenant-a", 0, run=topic_prefix))).spooled
