@@ -6,14 +6,14 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from migrations.models import TARGET_METADATA
 from streams.database import ISOLATION_LEVEL, DatabaseSettings, resolve_database_url, sqlalchemy_url
-from streams.schema import Base
 
 config = context.config
 if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-target_metadata = Base.metadata
+target_metadata = TARGET_METADATA
 
 
 def database_url() -> str:

@@ -7,8 +7,8 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
+from migrations.models import TARGET_METADATA, managed_table_names
 from streams.database import alembic_config, downgrade_database, sqlalchemy_url, upgrade_database
-from streams.schema import Base
 
 pytestmark = pytest.mark.postgres
 
@@ -21,7 +21,7 @@ LEDGER_TABLES = {
     "balances",
     "projector_offsets",
 }
-EXPECTED_TABLES = set(Base.metadata.tables)  # the ledger's and every other module's
+EXPECTED_TABLES = managed_table_names()  # the ledger's and every other module's
 
 
 def table_names(url: str) -> set[str]:
@@ -60,7 +60,7 @@ def test_migrated_schema_matches_the_models(database_url):
     engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        differences = compare_metadata(context, Base.metadata)
+        differences = compare_metadata(context, TARGET_METADATA)
     engine.dispose()
     assert differences == []
 
