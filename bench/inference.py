@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -154,6 +155,7 @@ def main() -> None:
     )
     engine = Engine.from_checkpoint(args.checkpoint_dir, settings)
     requests = build_requests(args.requests, args.max_tokens)
+    load_before = os.getloadavg()[0]
     result = {
         "benchmark": "inference",
         "device": str(engine.device) if engine.device.type == "cpu" else torch.cuda.get_device_name(engine.device),
@@ -165,6 +167,9 @@ def main() -> None:
         **bench_engine(engine, requests, args.rounds),
         "transformers": bench_transformers(args.checkpoint_dir, engine, requests, args.max_tokens),
     }
+    # Other processes on a small machine skew every figure above; say how busy it was.
+    result["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    result["cpu_count"] = os.cpu_count()
     print(json.dumps(result))
 
 
