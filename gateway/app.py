@@ -83,11 +83,17 @@ def create_app(
     app.add_exception_handler(RequestValidationError, count_and_answer_validation)
 
     app.include_router(openai_router)
+    def app_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
+        return request.app.state.session_factory
+
+    def app_event_log(request: Request) -> EventLog:
+        return request.app.state.event_log
+
     app.include_router(
         build_admin_router(
             settings=admin_settings or AdminSettings(),
-            session_factory_dependency=lambda request: request.app.state.session_factory,
-            publisher_dependency=lambda request: request.app.state.event_log,
+            session_factory_dependency=app_session_factory,
+            publisher_dependency=app_event_log,
             admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
         )
     )
