@@ -34,19 +34,40 @@ FETCH_MAX_RECORDS = 10_000
 # ---------------------------------------------------------------------------------------------- broker
 
 
+@dataclass(frozen=True)
+class LocalBroker:
+    bootstrap: str
+    pid: int
+
+
 @contextlib.contextmanager
-def local_broker() -> Iterator[str]:
-    """A single-node broker in a temporary directory for the block; yields its bootstrap address.
+def local_broker() -> Iterator[LocalBroker]:
+    """A single-node broker in a temporary directory for the block; yields its address and pid.
     The broker is stopped and its directory removed afterwards, whatever happened in the block."""
     directory = Path(tempfile.mkdtemp(prefix="tollgate-bench-kafka-"))
     try:
         address = kafka_local.start(directory)
         try:
-            yield address.bootstrap
+            pid = kafka_local.running_pid(directory)
+            assert pid is not None, f"the broker started from {directory} has no live pid"
+            yield LocalBroker(address.bootstrap, pid)
         finally:
             kafka_local.stop(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- cpu time
+
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    user_ticks, system_ticks = int(fields[11]), int(fields[12])  # stat fields 14 and 15
+    return (user_ticks + system_ticks) / CLOCK_TICKS_PER_S
 
 
 # ---------------------------------------------------------------------------------------------- child process
@@ -78,6 +99,11 @@ class ChildProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.module} not started"
+        return self.process.pid
 
     def stop(self) -> None:
         """SIGTERM to the child's process group, SIGKILL if it is still there after the timeout."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import pstats
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,9 @@ import msgspec
 
 from bench._kafka_bench_util import (
     ChildProcess,
+    LocalBroker,
     ProducerOptions,
+    cpu_seconds,
     end_offsets,
     keys_covering_partitions,
     local_broker,
@@ -71,10 +74,11 @@ PACE_TICK_MS = 10
 PRODUCE_IN_FLIGHT_MAX = 20_000
 
 WORKER_READY_TIMEOUT_S = 60
-FOLD_TIMEOUT_S = 90
-LAG_DRAIN_TIMEOUT_S = 30
+FOLD_DEADLINE_S_DEFAULT = 45
+LAG_DRAIN_DEADLINE_S_DEFAULT = 15
 METADATA_TIMEOUT_S = 15
 READ_TIMEOUT_S = 30
+WAIT_POLL_INTERVAL_S = 0.05
 PROCESSOR_MODULE = "streams.faust_app"
 
 FOLD_EVENTS_PER_S_TARGET = 20_000
@@ -147,6 +151,9 @@ class BalanceWatch:
         """Broker time of the balance record that completed the coverage of `targets`."""
         return max(next(ts for ts, offset in self.progress[p] if offset >= target) for p, target in targets.items())
 
+    def last_at_ms(self) -> int:
+        return max(history[-1][0] for history in self.progress.values() if history)
+
     def first_at_ms(self) -> int:
         return min(history[0][0] for history in self.progress.values() if history)
 
@@ -174,15 +181,39 @@ class BalanceWatch:
         if not history or balance.applied_offset > history[-1][1]:
             history.append((timestamp_ms, balance.applied_offset))
 
-    async def wait_covering(self, targets: dict[int, int], worker: ChildProcess, timeout_s: float) -> None:
+    async def wait_first_record(self, worker: ChildProcess, timeout_s: float) -> None:
+        await self.wait_covering({partition: 0 for partition in range(self.partitions)}, worker, timeout_s, any_partition=True)
+
+    async def wait_covering(
+        self, targets: dict[int, int], worker: ChildProcess, timeout_s: float, *,
+        any_partition: bool = False, raise_on_timeout: bool = True,
+    ) -> bool:
+        """Wait until the balances cover `targets` (or any balance arrived); False on timeout when allowed."""
         deadline = time.monotonic() + timeout_s
-        while not self.covers(targets):
+        while not (self.records_read > 0 if any_partition else self.covers(targets)):
             if not worker.alive():
                 raise RuntimeError(f"the processor exited:\n{worker.log_tail()}")
             if time.monotonic() >= deadline:
+                if not raise_on_timeout:
+                    return False
                 behind = {p: (self.applied(p), t) for p, t in targets.items() if self.applied(p) < t}
                 raise RuntimeError(f"balances not caught up in {timeout_s}s (applied, target): {behind}")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(WAIT_POLL_INTERVAL_S)
+        return True
+
+
+class CpuMeter:
+    """CPU seconds each named process (and this one) used since the meter was made."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self._start["bench"] = time.process_time()
+
+    def used(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self._pids.items()}
+        now["bench"] = time.process_time()
+        return {name: now[name] - self._start[name] for name in now}
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -245,9 +276,11 @@ def lags_ms(entry_records, sent_at_ms: dict[str, int]) -> list[int]:
     return lags
 
 
-def percentile(sorted_values: list[int], fraction: float) -> int:
-    assert sorted_values, "percentile of nothing"
-    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+def percentile(folded_lags_sorted: list[int], unfolded: int, fraction: float) -> int | None:
+    """The lag below which `fraction` of all offered events fall, counting an event not folded by the
+    drain deadline as later than every folded one; None when the percentile falls among those."""
+    index = int(fraction * (len(folded_lags_sorted) + unfolded))
+    return folded_lags_sorted[index] if index < len(folded_lags_sorted) else None
 
 
 class _DictState:
@@ -306,83 +339,143 @@ def processor_env(settings: ProcessorSettings, bootstrap: str, workdir: Path) ->
     }
 
 
-async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
-    # The processor's settings as it will read them, except what the bench sets (broker, names, paths).
-    settings = ProcessorSettings(topic_prefix="bench.", processor_app_id="tollgate-bench-ledger")
+@contextlib.asynccontextmanager
+async def processor_running(
+    broker: LocalBroker, settings: ProcessorSettings, workdir: Path, python_args: list[str] | None
+) -> AsyncIterator[tuple[ChildProcess, BalanceWatch]]:
+    """The processor as a child process, with a watch on its balances; both stopped at the end."""
     topics = LedgerTopics.from_settings(settings)
-    partitions = settings.topic_partitions
-    tenants = keys_covering_partitions("bench-tenant", partitions, TENANTS_PER_PARTITION)
-    with local_broker() as bootstrap:
-        await ensure_topics(bootstrap, ledger_topic_specs(settings))
-        throughput_offsets, produce_rate = await produce_throughput_events(bootstrap, topics.events, tenants, arguments.events)
+    watch = BalanceWatch(settings.topic_partitions)
+    watch_ready = asyncio.Event()
+    watcher = asyncio.create_task(watch.follow(broker.bootstrap, topics.balances, watch_ready))
+    env = processor_env(settings, broker.bootstrap, workdir)
+    worker = ChildProcess(PROCESSOR_MODULE, env, workdir / f"{settings.processor_app_id}.log", python_args)
+    try:
+        await asyncio.wait_for(watch_ready.wait(), METADATA_TIMEOUT_S)
+        worker.start()
+        yield worker, watch
+    finally:
+        worker.stop()
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
 
-        watch = BalanceWatch(partitions)
-        watch_ready = asyncio.Event()
-        watcher = asyncio.create_task(watch.follow(bootstrap, topics.balances, watch_ready))
-        python_args = profiled_module_args(PROCESSOR_MODULE, arguments.profile.resolve()) if arguments.profile else None
-        worker = ChildProcess(PROCESSOR_MODULE, processor_env(settings, bootstrap, workdir), workdir / "processor.log", python_args)
-        try:
-            await asyncio.wait_for(watch_ready.wait(), METADATA_TIMEOUT_S)
-            worker_started = time.perf_counter()
-            worker.start()
-            await watch.wait_covering(throughput_offsets, worker, WORKER_READY_TIMEOUT_S + FOLD_TIMEOUT_S)
-            start_to_caught_up_s = time.perf_counter() - worker_started
-            fold_span_ms = watch.covered_at_ms(throughput_offsets) - watch.first_at_ms()
-            folded_events = arguments.events + len(tenants)
 
-            entries_before = await end_offsets(bootstrap, topics.entries, METADATA_TIMEOUT_S)
-            sent_at_ms, lag_offsets, offered_rate = await offer_paced(
-                bootstrap, topics.events, tenants, arguments.rate, arguments.duration_s
-            )
-            await watch.wait_covering(lag_offsets, worker, LAG_DRAIN_TIMEOUT_S)
-        finally:
-            worker.stop()
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-        entries_after = await end_offsets(bootstrap, topics.entries, METADATA_TIMEOUT_S)
-        entries = await read_range(bootstrap, topics.entries, entries_before, entries_after, READ_TIMEOUT_S)
+def phase_settings(phase: str) -> ProcessorSettings:
+    """The processor's settings as it will read them (env TOLLGATE_*), with the phase's own topics and group."""
+    return ProcessorSettings(topic_prefix=f"bench.{phase}.", processor_app_id=f"tollgate-bench-{phase}")
 
-    lags = sorted(lags_ms(entries, sent_at_ms))
-    assert len(lags) == len(sent_at_ms), f"{len(sent_at_ms)} usage events offered, {len(lags)} allocations read"
-    fold_rate = folded_events / (fold_span_ms / 1000)
+
+async def measure_fold(broker: LocalBroker, arguments: argparse.Namespace, workdir: Path) -> dict:
+    settings = phase_settings("fold")
+    topics = LedgerTopics.from_settings(settings)
+    tenants = keys_covering_partitions("bench-tenant", settings.topic_partitions, TENANTS_PER_PARTITION)
+    await ensure_topics(broker.bootstrap, ledger_topic_specs(settings))
+    last_offsets, produce_rate = await produce_throughput_events(broker.bootstrap, topics.events, tenants, arguments.events)
+    python_args = profiled_module_args(PROCESSOR_MODULE, arguments.profile.resolve()) if arguments.profile else None
+    started = time.perf_counter()
+    async with processor_running(broker, settings, workdir, python_args) as (worker, watch):
+        await watch.wait_first_record(worker, WORKER_READY_TIMEOUT_S)
+        cpu = CpuMeter({"processor": worker.pid, "broker": broker.pid})
+        caught_up = await watch.wait_covering(last_offsets, worker, arguments.fold_deadline_s, raise_on_timeout=False)
+        cpu_s = cpu.used()
+        start_to_end_s = time.perf_counter() - started
+    folded = sum(min(watch.applied(p), last) + 1 for p, last in last_offsets.items())
+    span_ms = (watch.covered_at_ms(last_offsets) if caught_up else watch.last_at_ms()) - watch.first_at_ms()
+    fold_rate = folded / (span_ms / 1000)
     fold_alone = fold_only_rate(
         grant_records(tenants) + throughput_records(tenants, arguments.events, int(time.time() * 1000)),
-        partitions, settings.processor_batch_max, topics.events,
+        settings.topic_partitions, settings.processor_batch_max, topics.events,
     )
-    if arguments.profile:
-        print_profile(arguments.profile, arguments.profile_lines)
-    lag_p99 = percentile(lags, 0.99)
     return {
-        "bench": "streams",
-        "partitions": partitions,
+        "partitions": settings.topic_partitions,
         "tenants": len(tenants),
         "usage_events": arguments.events,
         "produce_events_per_s": round(produce_rate),
         "fold_events_per_s": round(fold_rate),
-        "fold_span_s": round(fold_span_ms / 1000, 2),
-        "processor_start_to_caught_up_s": round(start_to_caught_up_s, 2),
+        "fold_caught_up": caught_up,
+        "fold_events_folded": folded,
+        "fold_span_s": round(span_ms / 1000, 2),
+        "fold_processor_start_to_end_s": round(start_to_end_s, 2),
+        "fold_balance_records": watch.records_read,
+        "fold_cpu_s": {name: round(seconds, 2) for name, seconds in cpu_s.items()},
+        "processor_cpu_us_per_event": round(cpu_s["processor"] * 1e6 / folded, 1),
+        "processor_one_core_events_per_s": round(folded / cpu_s["processor"]),
         "fold_only_in_process_events_per_s": round(fold_alone),
+        "settings": settings_used(settings),
+    }
+
+
+async def measure_lag(broker: LocalBroker, arguments: argparse.Namespace, workdir: Path) -> dict:
+    settings = phase_settings("lag")
+    topics = LedgerTopics.from_settings(settings)
+    tenants = keys_covering_partitions("bench-tenant", settings.topic_partitions, TENANTS_PER_PARTITION)
+    await ensure_topics(broker.bootstrap, ledger_topic_specs(settings))
+    producer = new_producer(broker.bootstrap, BULK_PRODUCER)
+    await producer.start()
+    try:
+        grant_offsets = await send_all(producer, topics.events, grant_records(tenants), PRODUCE_IN_FLIGHT_MAX)
+    finally:
+        await producer.stop()
+    async with processor_running(broker, settings, workdir, None) as (worker, watch):
+        await watch.wait_covering(grant_offsets, worker, WORKER_READY_TIMEOUT_S)  # started and caught up
+        cpu = CpuMeter({"processor": worker.pid, "broker": broker.pid})
+        sent_at_ms, last_offsets, offered_rate = await offer_paced(
+            broker.bootstrap, topics.events, tenants, arguments.rate, arguments.duration_s
+        )
+        cpu_s = cpu.used()
+        drained = await watch.wait_covering(last_offsets, worker, arguments.drain_deadline_s, raise_on_timeout=False)
+    entries_end = await end_offsets(broker.bootstrap, topics.entries, METADATA_TIMEOUT_S)
+    entries = await read_range(broker.bootstrap, topics.entries, {}, entries_end, READ_TIMEOUT_S)
+    lags = sorted(lags_ms(entries, sent_at_ms))
+    unfolded = len(sent_at_ms) - len(lags)
+    assert unfolded >= 0, f"{len(lags)} allocations read for {len(sent_at_ms)} usage events offered"
+    assert drained == (unfolded == 0), f"drained={drained} but {unfolded} usage events have no allocation"
+    return {
         "lag_offered_rate_target_per_s": arguments.rate,
         "lag_offered_rate_achieved_per_s": round(offered_rate),
-        "lag_events": len(lags),
-        "lag_ms_p50": percentile(lags, 0.50),
-        "lag_ms_p99": lag_p99,
-        "lag_ms_max": lags[-1],
-        "balance_records_read": watch.records_read,
+        "lag_offered_s": arguments.duration_s,
+        "lag_events": len(sent_at_ms),
+        "lag_events_unfolded_after_drain": unfolded,
+        "lag_drain_deadline_s": arguments.drain_deadline_s,
+        "lag_ms_p50": percentile(lags, unfolded, 0.50),
+        "lag_ms_p99": percentile(lags, unfolded, 0.99),
+        "lag_ms_max": lags[-1] if lags and not unfolded else None,
+        "lag_ms_max_folded": lags[-1] if lags else None,
+        "lag_cpu_s": {name: round(seconds, 2) for name, seconds in cpu_s.items()},
+        "lag_processor_core_share": round(cpu_s["processor"] / arguments.duration_s, 2),
+    }
+
+
+def settings_used(settings: ProcessorSettings) -> dict:
+    return {
+        "processor_batch_max": settings.processor_batch_max,
+        "processor_batch_wait_ms": settings.processor_batch_wait_ms,
+        "processor_commit_interval_ms": settings.processor_commit_interval_ms,
+        "processor_stream_buffer_max": settings.processor_stream_buffer_max,
+        "processor_producer_linger_ms": settings.producer_linger_ms,
+        "processor_producer_batch_size_bytes": settings.producer_batch_size_bytes,
+        "bench_bulk_producer_linger_ms": BULK_PRODUCER.linger_ms,
+        "bench_paced_producer_linger_ms": PACED_PRODUCER.linger_ms,
+        "pace_tick_ms": PACE_TICK_MS,
+    }
+
+
+async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
+    with local_broker() as broker:
+        fold = await measure_fold(broker, arguments, workdir)
+        lag = await measure_lag(broker, arguments, workdir)
+    if arguments.profile:
+        print_profile(arguments.profile, arguments.profile_lines)
+    lag_p99 = lag["lag_ms_p99"]
+    return {
+        "bench": "streams",
+        **fold,
+        **lag,
         "profiled": bool(arguments.profile),
-        "settings": {
-            "processor_batch_max": settings.processor_batch_max,
-            "processor_batch_wait_ms": settings.processor_batch_wait_ms,
-            "processor_commit_interval_ms": settings.processor_commit_interval_ms,
-            "processor_producer_linger_ms": settings.producer_linger_ms,
-            "processor_producer_batch_size_bytes": settings.producer_batch_size_bytes,
-            "bench_bulk_producer_linger_ms": BULK_PRODUCER.linger_ms,
-            "bench_paced_producer_linger_ms": PACED_PRODUCER.linger_ms,
-            "pace_tick_ms": PACE_TICK_MS,
-        },
         "targets_met": {
-            "fold_events_per_s_at_least_20000": fold_rate >= FOLD_EVENTS_PER_S_TARGET,
-            "lag_p99_under_500_ms_at_5000_per_s": lag_p99 < LAG_P99_MS_TARGET and arguments.rate >= 5_000,
+            "fold_events_per_s_at_least_20000": fold["fold_events_per_s"] >= FOLD_EVENTS_PER_S_TARGET,
+            "lag_p99_under_500_ms_at_5000_per_s": lag_p99 is not None and lag_p99 < LAG_P99_MS_TARGET
+            and lag["lag_offered_rate_achieved_per_s"] >= OFFERED_RATE_PER_S_DEFAULT,
         },
     }
 
@@ -392,6 +485,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=THROUGHPUT_USAGE_EVENTS_DEFAULT, help="usage events pre-produced")
     parser.add_argument("--rate", type=int, default=OFFERED_RATE_PER_S_DEFAULT, help="offered usage events per second")
     parser.add_argument("--duration-s", type=float, default=OFFERED_DURATION_S_DEFAULT, help="how long the rate is offered")
+    parser.add_argument("--fold-deadline-s", type=float, default=FOLD_DEADLINE_S_DEFAULT,
+                        help="stop the fold phase after this long and report the rate so far")
+    parser.add_argument("--drain-deadline-s", type=float, default=LAG_DRAIN_DEADLINE_S_DEFAULT,
+                        help="how long the lag phase waits for the offered events to be folded")
     parser.add_argument("--profile", type=Path, default=None, help="run the processor under cProfile; stats to this file")
     parser.add_argument("--profile-lines", type=int, default=30, help="functions printed per profile listing")
     arguments = parser.parse_args(argv)
