@@ -8,6 +8,7 @@ working within the TTL.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class TenantKeyCache:
         self._entries_max = entries_max
         self._clock_ms = clock_ms
         self._entries: dict[bytes, tuple[float, TenantIdentity | None]] = {}
+        self._lookups: dict[bytes, asyncio.Future[TenantIdentity | None]] = {}  # one query per key at a time
 
     async def tenant_of(self, presented_key: str) -> TenantIdentity:
         digest = hashlib.sha256(presented_key.encode()).digest()
@@ -65,10 +67,28 @@ class TenantKeyCache:
         if cached is not None and cached[0] > now:
             identity = cached[1]
         else:
-            identity = await self._lookup(presented_key)
-            self._remember(digest, now + self._ttl_ms, identity)
+            identity = await self._lookup_once(digest, presented_key)
         if identity is None:
             raise unauthorized("Incorrect API key provided.")
+        return identity
+
+    async def _lookup_once(self, digest: bytes, presented_key: str) -> TenantIdentity | None:
+        """Concurrent requests with the same uncached key share one database query."""
+        in_flight = self._lookups.get(digest)
+        if in_flight is not None:
+            return await asyncio.shield(in_flight)
+        future: asyncio.Future[TenantIdentity | None] = asyncio.get_running_loop().create_future()
+        self._lookups[digest] = future
+        try:
+            identity = await self._lookup(presented_key)
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved here, so a lookup nobody else awaited logs nothing
+            raise
+        finally:
+            del self._lookups[digest]
+        future.set_result(identity)
+        self._remember(digest, self._clock_ms() + self._ttl_ms, identity)
         return identity
 
     async def _lookup(self, presented_key: str) -> TenantIdentity | None:

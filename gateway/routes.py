@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from gateway.deps import AuthenticatedTenant, Runtime
 from gateway.errors import ApiError
@@ -21,11 +22,14 @@ async def read_body(request: Request, bytes_max: int) -> bytes:
         raise too_large
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > bytes_max:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > bytes_max:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "The client went away while sending the body.", param="body", code="client_disconnected") from None
     return b"".join(chunks)
 
 

@@ -45,6 +45,7 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     admin_token: SecretStr | None = None  # for the mounted admin API; generated in development when unset
+    event_log: Literal["kafka", "embedded"] = "kafka"  # embedded: the Postgres-backed log (no broker)
 
     worker_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"], min_length=1)
     models: dict[str, ModelLimits] = Field(default_factory=lambda: {DEFAULT_MODEL_NAME: ModelLimits()})
@@ -59,11 +60,13 @@ class GatewaySettings(BaseSettings):
     idempotency_key_chars_max: int = Field(default=255, ge=1)
 
     # Talking to workers.
-    worker_connect_timeout_ms: int = Field(default=1_000, ge=1)
+    worker_connect_timeout_ms: int = Field(default=3_000, ge=1)
     worker_read_timeout_ms: int = Field(default=30_000, ge=1)  # the longest wait for one worker event
     request_timeout_ms: int = Field(default=120_000, ge=1)  # a request's whole budget, retries included
     worker_attempts_max: int = Field(default=3, ge=1)  # tries before the first token, across workers
-    worker_connections_max: int = Field(default=512, ge=1)  # per worker client (keep-alive pool)
+    worker_connections_max: int = Field(default=512, ge=1)  # per worker, over all its client shards
+    worker_client_shards: int = Field(default=16, ge=1)  # httpx clients per worker (small pools scale better)
+    worker_keepalive_expiry_ms: int = Field(default=3_000, ge=1)  # below the worker's keep-alive (uvicorn: 5 s)
     worker_event_bytes_max: int = Field(default=64 * 1024, ge=256)  # one NDJSON line from a worker
     breaker_failures_max: int = Field(default=5, ge=1)  # consecutive failures that open a worker's breaker
     breaker_open_ms: int = Field(default=5_000, ge=1)  # how long an open breaker refuses before one trial

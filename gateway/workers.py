@@ -30,6 +30,7 @@ from gateway.settings import GatewaySettings
 logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/internal/v1/generate"
+OVERLOADED = "overloaded"  # the worker's queue is full: backpressure, not a failure
 
 
 class TokenEvent(msgspec.Struct, tag_field="type", tag="token"):
@@ -92,27 +93,39 @@ class GenerateCall:
 
 
 class WorkerClient:
-    """One worker: its URL, its keep-alive client and its breaker."""
+    """One worker: its URL, its breaker, and `worker_client_shards` keep-alive httpx clients used in turn.
+
+    Sharding keeps each connection pool small: httpcore's pool scans its requests and connections on
+    every request start and close, which grows with the square of the pool at high concurrency.
+    """
 
     def __init__(self, url: str, settings: GatewaySettings) -> None:
         self.url = url.rstrip("/")
         self.breaker = CircuitBreaker(settings.breaker_failures_max, settings.breaker_open_ms)
-        self.http = httpx.AsyncClient(
-            base_url=self.url,
-            timeout=httpx.Timeout(
-                connect=settings.worker_connect_timeout_ms / 1000,
-                read=settings.worker_read_timeout_ms / 1000,
-                write=settings.worker_connect_timeout_ms / 1000,
-                pool=settings.worker_connect_timeout_ms / 1000,
-            ),
-            limits=httpx.Limits(
-                max_connections=settings.worker_connections_max,
-                max_keepalive_connections=settings.worker_connections_max,
-            ),
+        connections = max(1, settings.worker_connections_max // settings.worker_client_shards)
+        timeout = httpx.Timeout(
+            connect=settings.worker_connect_timeout_ms / 1000,
+            read=settings.worker_read_timeout_ms / 1000,
+            write=settings.worker_connect_timeout_ms / 1000,
+            pool=settings.worker_connect_timeout_ms / 1000,
         )
+        limits = httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=settings.worker_keepalive_expiry_ms / 1000,
+        )
+        self.shards = [
+            httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits)
+            for _ in range(settings.worker_client_shards)
+        ]
+        self._next_shard = itertools.cycle(self.shards)
+
+    def http(self) -> httpx.AsyncClient:
+        return next(self._next_shard)
 
     async def close(self) -> None:
-        await self.http.aclose()
+        for shard in self.shards:
+            await shard.aclose()
 
 
 class WorkerStream:
@@ -125,6 +138,7 @@ class WorkerStream:
         self.first = first
         self._response = response
         self._lines = lines
+        self.finished = False  # the done (or error) event has been read
 
     async def events(self) -> AsyncIterator[WorkerEvent]:
         """The first event, then the rest, up to and including the done (or error) event."""
@@ -142,12 +156,22 @@ class WorkerStream:
         except httpx.HTTPError as error:
             raise WorkerFailed(f"{self.worker.url} broke the stream: {error!r}") from error
         try:
-            return _event_decoder.decode(line)
-        except msgspec.ValidationError as error:
+            event = _event_decoder.decode(line)
+        except msgspec.DecodeError as error:
             raise WorkerFailed(f"{self.worker.url} sent an unreadable event: {error}") from error
+        if type(event) is not TokenEvent:
+            self.finished = True
+        return event
 
     async def close(self) -> None:
-        """Closing before the done event drops the connection, which cancels the generation there."""
+        """After the done event, read the body's end so the connection is kept alive for the next request;
+        before it, drop the connection, which cancels the generation on the worker."""
+        if self.finished:
+            try:
+                async for _ in self._lines:
+                    raise WorkerFailed(f"{self.worker.url} sent events after its done event")
+            except (WorkerFailed, httpx.HTTPError) as error:
+                logger.warning("worker stream of %s ended badly: %s", self.worker.url, error)
         await self._response.aclose()
 
 
@@ -178,7 +202,7 @@ class WorkerPool:
             await worker.close()
 
     def candidates(self) -> list[WorkerClient]:
-        """Every worker once, starting at the next in rotation (spreads load, keeps retries distinct)."""
+        """Every worker once, starting at the next in rotation (spreads load; retries go round this list)."""
         start = next(self._rotation)
         return self.workers[start:] + self.workers[:start]
 
@@ -186,22 +210,30 @@ class WorkerPool:
         """A stream whose first event has arrived, from the first worker able to give one."""
         body = call.encode()
         attempts = 0
-        overloaded = 0
+        overloaded: set[str] = set()
         failures: list[str] = []
-        for worker in self.candidates():
+        candidates = self.candidates()
+        for attempt in range(self.settings.worker_attempts_max * len(candidates)):
             if attempts >= self.settings.worker_attempts_max or now_ms() >= deadline_ms:
                 break
+            worker = candidates[attempt % len(candidates)]
+            if worker.url in overloaded:
+                if len(overloaded) == len(candidates):
+                    break
+                continue
             if not worker.breaker.allow():
                 failures.append(f"{worker.url}: circuit open")
+                if attempt + 1 >= len(candidates) and not attempts:
+                    break  # every breaker is open: nothing to try
                 continue
             attempts += 1
             outcome = await self._try(worker, body)
             if isinstance(outcome, WorkerStream):
                 worker.breaker.record_success()
                 return outcome
-            if outcome == "overloaded":
+            if outcome is OVERLOADED:
                 worker.breaker.record_neutral()
-                overloaded += 1
+                overloaded.add(worker.url)
             else:
                 worker.breaker.record_failure()
                 failures.append(f"{worker.url}: {outcome}")
@@ -221,12 +253,11 @@ class WorkerPool:
         )
 
     async def _try(self, worker: WorkerClient, body: bytes) -> WorkerStream | str:
-        """A started stream, "overloaded", or why this worker failed (a string). Bad input raises."""
-        request = worker.http.build_request(
-            "POST", GENERATE_PATH, content=body, headers={"content-type": "application/json"}
-        )
+        """A started stream, OVERLOADED, or why this worker failed (a string). Bad input raises."""
+        http = worker.http()
+        request = http.build_request("POST", GENERATE_PATH, content=body, headers={"content-type": "application/json"})
         try:
-            response = await worker.http.send(request, stream=True)
+            response = await http.send(request, stream=True)
         except httpx.HTTPError as error:
             return f"no response ({error!r})"
         if response.status_code != 200:
@@ -257,7 +288,7 @@ class WorkerPool:
             refusal = {}
         error = refusal.get("error")
         if response.status_code == 503 and error == "overloaded":
-            return "overloaded"
+            return OVERLOADED
         if response.status_code == 404 and error == "model_not_found":
             raise ApiError(404, str(refusal.get("message", "model not served")), param="model", code="model_not_found")
         if response.status_code == 400 and error == "invalid_request":

@@ -1,0 +1,342 @@
+"""Gateway benchmark: `python -m bench.gateway` prints one JSON line.
+
+What it measures: the latency the gateway adds to a streamed completion, against calling the worker
+directly with the same requests at the same concurrency, and the gateway's requests/s.
+
+The "fast model" is `CannedTokenWorker`, a BENCHMARK-ONLY stand-in for the inference worker: it speaks
+the real worker's NDJSON protocol (POST /internal/v1/generate -> token lines, then a done line) and
+streams `max_tokens` canned tokens `--token-interval-ms` apart, using almost no CPU, so what is measured is
+the gateway and not the model. Tests never use it; they run the real worker.
+
+Processes: the canned worker and the gateway each run in their own process (uvicorn, uvloop, httptools);
+the gateway is the real app (`gateway.app.create_app`): key auth against an embedded Postgres (the cache
+is warm after the first request), limits, token counting, the worker pool, SSE, metrics, JSON logs at
+WARNING. Admission is `AdmitAllAdmission` (BENCHMARK-ONLY, admits everything): the real admission's
+balance view needs the ledger pipeline, which is not what this benchmark is about.
+
+The load generator is a minimal HTTP/1.1 client over asyncio streams (keep-alive, one connection per
+concurrent stream), so its own overhead is small and the same for both targets. Per request it records
+the time to the first token and the time to the end of the stream. Rounds alternate direct and gateway.
+
+    added latency p50/p99 = percentile(gateway) - percentile(direct), per metric (first token, full stream)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+
+MODEL = "tollgate-tiny"
+READY_TIMEOUT_S = 60
+DEFAULT_CONCURRENCY = 200
+
+
+# ---- the BENCHMARK-ONLY worker stand-in -------------------------------------------------------------
+
+
+class CannedTokenWorker:
+    """ASGI app: the worker's generate protocol with canned tokens (benchmark only, not a model)."""
+
+    def __init__(self, token_interval_ms: float) -> None:
+        self.token_interval_s = token_interval_ms / 1000
+        self.token_line = b'{"type":"token","text":" tok","token_id":42}\n'
+        self._decode = msgspec.json.Decoder(dict).decode
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if scope["path"] != "/internal/v1/generate":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+            return
+        max_tokens = self._decode(body)["max_tokens"]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/x-ndjson")]})
+        for _ in range(max_tokens):
+            await asyncio.sleep(self.token_interval_s)
+            await send({"type": "http.response.body", "body": self.token_line, "more_body": True})
+        done = {"type": "done", "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": max_tokens}
+        await send({"type": "http.response.body", "body": json.dumps(done).encode() + b"\n", "more_body": False})
+
+
+class AdmitAllAdmission:
+    """BENCHMARK-ONLY admission: admits every request and holds nothing."""
+
+    async def admit(self, request):
+        from gateway.admission.base import Reservation
+
+        return Reservation(request.request_id, request.tenant_id, request.estimated_cost, 0)
+
+    async def finish(self, reservation, actual_cost: int) -> None:
+        return None
+
+    async def release(self, reservation) -> None:
+        return None
+
+
+class NoPublishing:
+    async def publish(self, event) -> None:
+        raise RuntimeError("the benchmark gateway publishes nothing")
+
+
+def serve_canned_worker(port: int, token_interval_ms: float) -> None:
+    import uvicorn
+
+    uvicorn.run(CannedTokenWorker(token_interval_ms), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False)
+
+
+def serve_gateway(port: int, worker_url: str, database_url: str) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.settings import GatewaySettings
+    from streams.database import DatabaseSettings, build_async_engine, build_session_factory
+
+    configure_logging("WARNING")
+    settings = GatewaySettings(worker_urls=[worker_url], admin_token="bench-admin-token-0123456789abcdef",
+                               worker_connections_max=1024)
+
+    async def run() -> None:
+        database_settings = DatabaseSettings(database_url=database_url)
+        sessions = build_session_factory(build_async_engine(database_url, database_settings))
+        app = create_app(settings, log=NoPublishing(), admission=AdmitAllAdmission(), session_factory=sessions)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", http="httptools",
+                                log_level="warning", access_log=False, log_config=None, backlog=4096)
+        await uvicorn.Server(config).serve()
+
+    import uvloop
+
+    uvloop.run(run())
+
+
+# ---- the load generator ----------------------------------------------------------------------------
+
+
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection that times chunked streaming responses."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, path: str, body: bytes, headers: str) -> tuple[float, float]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        started = time.perf_counter()
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{headers}"
+            f"content-length: {len(body)}\r\n\r\n".encode() + body
+        )
+        reader = self.reader
+        status_line = await reader.readline()
+        if b" 200 " not in status_line:
+            raise RuntimeError(f"{path} answered {status_line!r}: {await reader.read(2000)!r}")
+        chunked = False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
+                chunked = True
+        assert chunked, "a streamed response is chunked"
+        first_token_s = None
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
+                break
+            data = await reader.readexactly(size + 2)
+            if first_token_s is None and (b'"token"' in data or b'"text"' in data):
+                first_token_s = time.perf_counter() - started
+        total_s = time.perf_counter() - started
+        assert first_token_s is not None, "no token arrived"
+        return first_token_s, total_s
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+async def run_round(port: int, path: str, make_body, headers: str, concurrency: int, requests: int) -> tuple[list, list, float]:
+    remaining = iter(range(requests))
+    first_token: list[float] = []
+    total: list[float] = []
+
+    async def client() -> None:
+        connection = HttpConnection(port)
+        try:
+            for index in remaining:
+                ttft, duration = await connection.request(path, make_body(index), headers)
+                first_token.append(ttft)
+                total.append(duration)
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return first_token, total, time.perf_counter() - started
+
+
+def wait_ready(port: int, process: subprocess.Popen) -> None:
+    import httpx
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"a benchmark server exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answered on port {port}")
+
+
+def prepare_tenant(data_dir: str) -> tuple[str, str]:
+    """An embedded Postgres at head with one tenant and key: (database url, presented key)."""
+    import psycopg
+
+    from gateway.api_keys import generate_api_key
+    from streams.database import start_embedded_postgres, upgrade_database
+
+    url = start_embedded_postgres(Path(data_dir) / "pg", delete_on_exit=True)
+    upgrade_database(url)
+    key = generate_api_key()
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("INSERT INTO tenants VALUES ('bench', 'bench', 'enterprise', 0)")
+        connection.execute(
+            "INSERT INTO api_keys (key_id, tenant_id, prefix, secret_sha256, created_at_ms) VALUES (%s, 'bench', %s, %s, 0)",
+            (key.key_id, key.prefix, key.secret_sha256),
+        )
+    return url, key.presented
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def measure(options, worker_port: int, gateway_port: int, key: str) -> dict:
+    encode = msgspec.json.encode
+    prompt = "Benchmark prompt: say something."
+    run = uuid.uuid4().hex[:8]
+
+    def direct_body(index: int) -> bytes:
+        return encode({"request_id": f"bench-{run}-{index}", "tenant_id": "bench", "tier": "enterprise",
+                       "model": MODEL, "prompt": prompt, "max_tokens": options.tokens})
+
+    gateway_body = encode({"model": MODEL, "prompt": prompt, "max_tokens": options.tokens, "stream": True})
+
+    direct = ("/internal/v1/generate", direct_body, "")
+    through = ("/v1/completions", lambda _index: gateway_body, f"authorization: Bearer {key}\r\n")
+    warmup = min(options.requests, options.concurrency * 2)
+    await run_round(worker_port, *direct, 1, 10)  # warm the key cache and the connections gently first
+    await run_round(gateway_port, *through, 1, 10)
+    await run_round(worker_port, *direct, options.concurrency, warmup)
+    await run_round(gateway_port, *through, options.concurrency, warmup)
+    results = {"direct": ([], [], 0.0), "gateway": ([], [], 0.0)}
+    for _ in range(options.rounds):
+        for name, port, target in (("direct", worker_port, direct), ("gateway", gateway_port, through)):
+            first, total, seconds = await run_round(port, *target, options.concurrency, options.requests)
+            kept = results[name]
+            results[name] = (kept[0] + first, kept[1] + total, kept[2] + seconds)
+    summary = {}
+    for name, (first, total, seconds) in results.items():
+        summary[name] = {
+            "first_token_p50_ms": percentile(first, 0.5) * 1000,
+            "first_token_p99_ms": percentile(first, 0.99) * 1000,
+            "stream_p50_ms": percentile(total, 0.5) * 1000,
+            "stream_p99_ms": percentile(total, 0.99) * 1000,
+            "requests_per_s": len(total) / seconds,
+        }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", choices=["canned-worker", "gateway"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-url", help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="concurrent streams")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per round and target")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway rounds")
+    parser.add_argument("--tokens", type=int, default=16, help="canned tokens per completion")
+    parser.add_argument("--token-interval-ms", type=float, default=20.0, help="time between canned tokens")
+    options = parser.parse_args()
+    if options.serve == "canned-worker":
+        serve_canned_worker(options.port, options.token_interval_ms)
+        return
+    if options.serve == "gateway":
+        serve_gateway(options.port, options.worker_url, options.database_url)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as data_dir:
+        database_url, key = prepare_tenant(data_dir)
+        worker_port, gateway_port = free_port(), free_port()
+        me = [sys.executable, "-m", "bench.gateway"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        worker = subprocess.Popen([*me, "--serve", "canned-worker", "--port", str(worker_port),
+                                   "--token-interval-ms", str(options.token_interval_ms)], env=env)
+        gateway = subprocess.Popen([*me, "--serve", "gateway", "--port", str(gateway_port), "--worker-url",
+                                    f"http://127.0.0.1:{worker_port}", "--database-url", database_url], env=env)
+        try:
+            wait_ready(worker_port, worker)
+            wait_ready(gateway_port, gateway)
+            import uvloop
+
+            summary = uvloop.run(measure(options, worker_port, gateway_port, key))
+        finally:
+            for process in (gateway, worker):
+                process.terminate()
+                process.wait(timeout=20)
+    direct, through = summary["direct"], summary["gateway"]
+    print(json.dumps({
+        "benchmark": "gateway",
+        "worker": "CannedTokenWorker (benchmark-only stand-in, real NDJSON protocol)",
+        "admission": "AdmitAllAdmission (benchmark-only)",
+        "concurrency": options.concurrency,
+        "requests": options.requests * options.rounds,
+        "tokens_per_request": options.tokens,
+        "token_interval_ms": options.token_interval_ms,
+        "cpus": os.cpu_count(),
+        "added_latency_p50_ms": round(through["stream_p50_ms"] - direct["stream_p50_ms"], 3),
+        "added_latency_p99_ms": round(through["stream_p99_ms"] - direct["stream_p99_ms"], 3),
+        "added_first_token_p50_ms": round(through["first_token_p50_ms"] - direct["first_token_p50_ms"], 3),
+        "added_first_token_p99_ms": round(through["first_token_p99_ms"] - direct["first_token_p99_ms"], 3),
+        "gateway_requests_per_s": round(through["requests_per_s"], 1),
+        "direct_requests_per_s": round(direct["requests_per_s"], 1),
+        "direct": {k: round(v, 3) for k, v in direct.items()},
+        "gateway": {k: round(v, 3) for k, v in through.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""`python -m gateway`: the gateway on uvicorn, everything from the environment.
+
+TOLLGATE_GATEWAY_* (gateway.settings), TOLLGATE_ADMISSION_* (admission), TOLLGATE_* / DATABASE_URL (the
+database and the event log). Start-up: wait for and migrate the database, open the event log (Kafka, or
+the embedded Postgres log), build admission (its balance view tails the log), then serve until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from gateway.admin import AdminSettings
+from gateway.app import create_app
+from gateway.logs import configure_logging
+from gateway.settings import GatewaySettings
+from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from streams.settings import StreamSettings
+
+logger = logging.getLogger("gateway")
+SHUTDOWN_TIMEOUT_S = 10
+
+
+def open_event_log(settings: GatewaySettings, stream_settings: StreamSettings, engine):
+    if settings.event_log == "embedded":
+        from streams.embedded_log import PostgresLog
+
+        return PostgresLog(engine, stream_settings)
+    from streams.log import KafkaLog
+
+    return KafkaLog(stream_settings)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    from gateway.admission.factory import build_admission
+
+    database_settings = DatabaseSettings()
+    database_url = await asyncio.to_thread(prepare_database, database_settings)
+    engine = build_async_engine(database_url, database_settings)
+    sessions = build_session_factory(engine)
+    event_log = open_event_log(settings, StreamSettings(), engine)
+    await event_log.start()
+    background: list[asyncio.Task] = []
+    try:
+        admission, admission_tasks, collectors = await build_admission(event_log=event_log, session_factory=sessions)
+        background = [asyncio.create_task(task, name="admission") for task in admission_tasks]
+        app = create_app(
+            settings,
+            log=event_log,
+            admission=admission,
+            session_factory=sessions,
+            collectors=collectors,
+            admin_settings=AdminSettings(admin_token=settings.admin_token) if settings.admin_token else None,
+        )
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_config=None,  # our JSON logging stays in charge
+            lifespan="on",
+        )
+        logger.info("gateway listening on %s:%d, workers %s", settings.host, settings.port, settings.worker_urls)
+        await uvicorn.Server(config).serve()
+    finally:
+        for task in background:
+            task.cancel()
+        if background:
+            await asyncio.wait(background, timeout=SHUTDOWN_TIMEOUT_S)
+        await event_log.stop()
+        await engine.dispose()
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()
