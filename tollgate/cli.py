@@ -43,13 +43,14 @@ AdminToken = Annotated[str | None, typer.Option(help="Admin token (default: TOLL
 def dev(
     host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+    worker_port: Annotated[int, typer.Option(help="The inference worker's internal port.")] = 8100,
     data_dir: Annotated[Path, typer.Option(help="Where the embedded database and demo.json live.")] = Path(".tollgate"),
 ) -> None:
     """Run everything in one process on embedded defaults: Postgres (pgserver), the event log, the stream
     processor, the projector, one inference worker and the gateway. Ctrl-C stops it all."""
     from tollgate.dev import DevOptions, run_dev
 
-    run_dev(DevOptions(host=host, port=port, data_dir=data_dir))
+    run_dev(DevOptions(host=host, port=port, worker_port=worker_port, data_dir=data_dir))
 
 
 @app.command()

@@ -52,6 +52,8 @@ def run_dev(options: DevOptions) -> None:
 
 async def _run(options: DevOptions) -> None:
     from gateway.admin import AdminSettings
+    from gateway.admission.factory import AdmissionRuntime
+    from gateway.admission.settings import AdmissionSettings
     from gateway.app import create_app as create_gateway_app
     from gateway.settings import GatewaySettings
     from inference.settings import WorkerSettings
@@ -88,7 +90,8 @@ async def _run(options: DevOptions) -> None:
     worker_settings = WorkerSettings(host="127.0.0.1", port=options.worker_port)
     worker_app = create_worker_app(worker_settings, emit_usage=event_log.publish)
 
-    admission, admission_tasks, collectors = await _build_admission(event_log, sessions)
+    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine)
+    await admission_runtime.start()
     gateway_settings = GatewaySettings(
         host=options.host,
         port=options.port,
@@ -98,9 +101,8 @@ async def _run(options: DevOptions) -> None:
     gateway_app = create_gateway_app(
         gateway_settings,
         log=event_log,
-        admission=admission,
+        admission=admission_runtime.admission,
         session_factory=sessions,
-        collectors=collectors,
         admin_settings=AdminSettings(admin_token=admin_token),
     )
     servers = [
@@ -110,7 +112,6 @@ async def _run(options: DevOptions) -> None:
     tasks = [
         asyncio.create_task(processor.run(stop), name="ledger-processor"),
         asyncio.create_task(projector.run(stop), name="projector"),
-        *[asyncio.create_task(task, name="admission") for task in admission_tasks],
         *[asyncio.create_task(server.serve(), name="http") for server in servers],
     ]
     base = f"http://{options.host}:{options.port}"
@@ -131,15 +132,9 @@ async def _run(options: DevOptions) -> None:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await admission_runtime.stop()
         await event_log.stop()
         await engine.dispose()
-
-
-async def _build_admission(event_log, sessions):
-    """Fast-mode admission over a balance view that tails the embedded log."""
-    from gateway.admission.factory import build_admission
-
-    return await build_admission(event_log=event_log, session_factory=sessions)
 
 
 def _server(app, host: str, port: int) -> uvicorn.Server:
