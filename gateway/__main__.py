@@ -20,7 +20,6 @@ from streams.database import DatabaseSettings, build_async_engine, build_session
 from streams.settings import StreamSettings
 
 logger = logging.getLogger("gateway")
-SHUTDOWN_TIMEOUT_S = 10
 
 
 def open_event_log(settings: GatewaySettings, stream_settings: StreamSettings, engine):
@@ -34,7 +33,9 @@ def open_event_log(settings: GatewaySettings, stream_settings: StreamSettings, e
 
 
 async def serve(settings: GatewaySettings) -> None:
-    from gateway.admission.factory import build_admission
+    from gateway.admission.factory import AdmissionRuntime
+    from gateway.admission.metrics import AdmissionMetrics
+    from gateway.admission.settings import AdmissionSettings
 
     database_settings = DatabaseSettings()
     database_url = await asyncio.to_thread(prepare_database, database_settings)
@@ -42,16 +43,16 @@ async def serve(settings: GatewaySettings) -> None:
     sessions = build_session_factory(engine)
     event_log = open_event_log(settings, StreamSettings(), engine)
     await event_log.start()
-    background: list[asyncio.Task] = []
+    admission_metrics = AdmissionMetrics(registry=None)  # served by the gateway's own registry
+    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine, metrics=admission_metrics)
+    await admission_runtime.start()
     try:
-        admission, admission_tasks, collectors = await build_admission(event_log=event_log, session_factory=sessions)
-        background = [asyncio.create_task(task, name="admission") for task in admission_tasks]
         app = create_app(
             settings,
             log=event_log,
-            admission=admission,
+            admission=admission_runtime.admission,
             session_factory=sessions,
-            collectors=collectors,
+            collectors=admission_metrics.collectors(),
             admin_settings=AdminSettings(admin_token=settings.admin_token) if settings.admin_token else None,
         )
         config = uvicorn.Config(
@@ -67,10 +68,7 @@ async def serve(settings: GatewaySettings) -> None:
         logger.info("gateway listening on %s:%d, workers %s", settings.host, settings.port, settings.worker_urls)
         await uvicorn.Server(config).serve()
     finally:
-        for task in background:
-            task.cancel()
-        if background:
-            await asyncio.wait(background, timeout=SHUTDOWN_TIMEOUT_S)
+        await admission_runtime.stop()
         await event_log.stop()
         await engine.dispose()
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import (
     BigInteger,
     Column,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -46,6 +47,7 @@ idempotent_responses = Table(
     Column("response_body", LargeBinary),
     Column("created_at_ms", BigInteger, nullable=False),
     Column("completed_at_ms", BigInteger),
+    Index("ix_idempotent_responses_created_at_ms", "created_at_ms"),
 )
 
 

@@ -20,6 +20,7 @@ from inference.settings import EngineSettings, WorkerSettings
 from inference.worker import create_app as create_worker_app
 from ledger.events import UsageRecorded
 from streams.database import DatabaseSettings, build_async_engine, build_session_factory
+from tests.fixtures.stack import stack  # noqa: F401  (the e2e stack fixture, module-scoped)
 from tests.gateway.servers import ThreadServer
 
 ADMIN_TOKEN = "gateway-test-admin-token-0123456789"
