@@ -53,6 +53,7 @@ def run_dev(options: DevOptions) -> None:
 async def _run(options: DevOptions) -> None:
     from gateway.admin import AdminSettings
     from gateway.admission.factory import AdmissionRuntime
+    from gateway.admission.metrics import AdmissionMetrics
     from gateway.admission.settings import AdmissionSettings
     from gateway.app import create_app as create_gateway_app
     from gateway.settings import GatewaySettings
@@ -90,7 +91,8 @@ async def _run(options: DevOptions) -> None:
     worker_settings = WorkerSettings(host="127.0.0.1", port=options.worker_port)
     worker_app = create_worker_app(worker_settings, emit_usage=event_log.publish)
 
-    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine)
+    admission_metrics = AdmissionMetrics(registry=None)  # served by the gateway's own registry
+    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine, metrics=admission_metrics)
     await admission_runtime.start()
     gateway_settings = GatewaySettings(
         host=options.host,
@@ -103,6 +105,7 @@ async def _run(options: DevOptions) -> None:
         log=event_log,
         admission=admission_runtime.admission,
         session_factory=sessions,
+        collectors=admission_metrics.collectors(),
         admin_settings=AdminSettings(admin_token=admin_token),
     )
     servers = [
