@@ -328,6 +328,13 @@ class Account:
         active = self._frontier_active
         cursor = self._frontier_cursor
         segment_allocations = self._segment_allocations[self._frontier]
+        if amount and cursor < len(active):  # fast path: the first block in line covers it all
+            block = active[cursor]
+            if block.amount - block.consumed > amount:
+                block.consumed += amount
+                grant_id = block.grant_id
+                segment_allocations[grant_id] = segment_allocations.get(grant_id, 0) + amount
+                return (Allocation(grant_id, amount),), 0
         taken: tuple[Allocation, ...] = ()
         while amount and cursor < len(active):
             block = active[cursor]

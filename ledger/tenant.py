@@ -22,6 +22,8 @@ class TenantLedger:
         return self.account.tenant_id
 
     def apply(self, event: CreditGranted | GrantVoided | UsageRecorded) -> list[Entry]:
+        if type(event) is UsageRecorded and event.tenant_id == self.account.tenant_id:
+            return self.account.apply_usage(event, self.index)  # the hot path, one call shorter
         return self.account.apply(event, self.index)
 
     def advance_to(self, stream_time: int) -> list[Entry]:
