@@ -312,9 +312,36 @@ def fold_only_rate(records: list[tuple[bytes, bytes]], partitions: int, batch_ma
     return len(records) / (time.perf_counter() - started)
 
 
+PROFILE_GROUPS = (  # (group, path fragment), first match wins
+    ("fold: ledger + streams.processor", ("/ledger/", "/streams/processor.py")),
+    ("glue: streams.faust_app + producer + spool", ("/streams/faust_app.py", "/streams/producer.py", "/streams/spool.py")),
+    ("faust + mode (stream, consumer, table, changelog)", ("/faust/", "/mode/", "/venusian/", "/yarl/", "/croniter/")),
+    ("aiokafka client (protocol, accumulator, sender, fetcher)", ("/aiokafka/",)),
+    ("msgspec / json", ("msgspec",)),
+    ("asyncio event loop", ("/asyncio/", "selectors.py")),
+)
+
+
+def profile_groups(stats: pstats.Stats) -> dict[str, float]:
+    """Own time per group of modules, in seconds; socket syscalls and epoll waits apart."""
+    groups: dict[str, float] = defaultdict(float)
+    for (path, _line, function), (_calls, _primitive, own_s, _cumulative, _callers) in stats.stats.items():
+        if "socket" in function and ("send" in function or "recv" in function):
+            groups["socket send/recv syscalls"] += own_s
+        elif "poll" in function and "epoll" in function:
+            groups["epoll wait (idle)"] += own_s
+        else:
+            name = next((group for group, parts in PROFILE_GROUPS if any(part in path for part in parts)), "other")
+            groups[name] += own_s
+    return dict(sorted(groups.items(), key=lambda item: -item[1]))
+
+
 def print_profile(path: Path, lines: int) -> None:
     stream = io.StringIO()
     stats = pstats.Stats(str(path), stream=stream)
+    print("own time by group (s):", file=stream)
+    for group, seconds in profile_groups(stats).items():
+        print(f"  {seconds:8.2f}  {group}", file=stream)
     stats.sort_stats("cumulative").print_stats(lines)
     stats.sort_stats("tottime").print_stats(lines)
     print(stream.getvalue(), file=sys.stderr)
@@ -382,6 +409,9 @@ async def measure_fold(broker: LocalBroker, arguments: argparse.Namespace, workd
     folded = sum(min(watch.applied(p), last) + 1 for p, last in last_offsets.items())
     span_ms = (watch.covered_at_ms(last_offsets) if caught_up else watch.last_at_ms()) - watch.first_at_ms()
     fold_rate = folded / (span_ms / 1000)
+    read_cpu_started = time.process_time()
+    source = await read_range(broker.bootstrap, topics.events, {}, {p: last + 1 for p, last in last_offsets.items()}, READ_TIMEOUT_S)
+    read_cpu_us_per_event = (time.process_time() - read_cpu_started) * 1e6 / len(source)
     fold_alone = fold_only_rate(
         grant_records(tenants) + throughput_records(tenants, arguments.events, int(time.time() * 1000)),
         settings.topic_partitions, settings.processor_batch_max, topics.events,
@@ -401,6 +431,7 @@ async def measure_fold(broker: LocalBroker, arguments: argparse.Namespace, workd
         "processor_cpu_us_per_event": round(cpu_s["processor"] * 1e6 / folded, 1),
         "processor_one_core_events_per_s": round(folded / cpu_s["processor"]),
         "fold_only_in_process_events_per_s": round(fold_alone),
+        "plain_aiokafka_read_cpu_us_per_event": round(read_cpu_us_per_event, 1),
         "settings": settings_used(settings),
     }
 
