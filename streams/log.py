@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -24,32 +23,13 @@ from aiokafka.partitioner import murmur2
 from ledger.codec import encode_event
 from ledger.events import Event
 from streams.producer import EventProducer
+from streams.records import LogPosition, LogRecord
 from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics
 
 TAIL_POLL_TIMEOUT_MS = 200
 READ_TIMEOUT_MS = 5_000
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class LogPosition:
-    """Where an appended record went; `spooled` when the broker was away and it waits in the spool."""
-
-    topic: str
-    partition: int | None
-    offset: int | None
-    spooled: bool = False
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:

@@ -38,6 +38,8 @@ from ledger.codec import decode_event
 from ledger.entries import decode_entry
 from ledger.events import CreditExpired, Event, InvalidEvent
 from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from streams.processor import BalanceRecord
+from streams.records import LogRecord
 from streams.schema import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs
@@ -64,26 +66,6 @@ class ProjectorError(RuntimeError):
     """The projector cannot run: the message says why."""
 
 
-@dataclass(frozen=True)
-class SourceRecord:
-    """What the projector needs of one Kafka record."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-class BalanceRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
-    """A `ledger.balances` value."""
-
-    tenant_id: str
-    balance: int
-    overage: int
-    as_of: int
-
-
 _balance_decoder = msgspec.json.Decoder(BalanceRecord)
 
 
@@ -98,7 +80,7 @@ class BatchRows:
     skipped: int = 0
 
 
-def _event_row(event: Event, record: SourceRecord, now_ms: int) -> dict:
+def _event_row(event: Event, record: LogRecord, now_ms: int) -> dict:
     return {
         "event_id": event.event_id,
         "tenant_id": event.tenant_id,
@@ -120,7 +102,7 @@ def _first_int(payload: dict, names: Iterable[str]) -> int | None:
     return None
 
 
-def _entry_row(payload: dict, entry_id: str, record: SourceRecord, now_ms: int) -> dict:
+def _entry_row(payload: dict, entry_id: str, record: LogRecord, now_ms: int) -> dict:
     return {
         "entry_id": entry_id,
         "tenant_id": payload["tenant_id"],
@@ -135,7 +117,7 @@ def _entry_row(payload: dict, entry_id: str, record: SourceRecord, now_ms: int) 
     }
 
 
-def rows_of_batch(topics: LedgerTopics, records: Sequence[SourceRecord], now_ms: int) -> BatchRows:
+def rows_of_batch(topics: LedgerTopics, records: Sequence[LogRecord], now_ms: int) -> BatchRows:
     """Pure: the rows and offsets a batch of records turns into. Later records win for balances."""
     rows = BatchRows()
     for record in records:
@@ -149,7 +131,7 @@ def rows_of_batch(topics: LedgerTopics, records: Sequence[SourceRecord], now_ms:
     return rows
 
 
-def _add_record(rows: BatchRows, topics: LedgerTopics, record: SourceRecord, now_ms: int) -> None:
+def _add_record(rows: BatchRows, topics: LedgerTopics, record: LogRecord, now_ms: int) -> None:
     if record.topic == topics.balances:
         if record.value is None:
             if record.key is not None:
@@ -228,7 +210,7 @@ async def stored_offsets(session: AsyncSession, projector_name: str) -> dict[tup
     return {(topic, partition): next_offset for topic, partition, next_offset in rows}
 
 
-BeforeCommit = Callable[[Sequence[SourceRecord]], Awaitable[None]]
+BeforeCommit = Callable[[Sequence[LogRecord]], Awaitable[None]]
 
 
 def wall_clock_ms() -> int:
@@ -314,7 +296,7 @@ class Projector:
             timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_records_max
         )
         records = [
-            SourceRecord(record.topic, record.partition, record.offset, record.key, record.value)
+            LogRecord(record.topic, record.partition, record.offset, record.key, record.value)
             for batch in fetched.values()
             for record in batch
         ]
@@ -322,7 +304,7 @@ class Projector:
             await self.project(records)
         return len(records)
 
-    async def project(self, records: Sequence[SourceRecord]) -> None:
+    async def project(self, records: Sequence[LogRecord]) -> None:
         assert len(records) <= self.settings.batch_records_max, "batch larger than batch_records_max"
         rows = rows_of_batch(self.topics, records, self.clock_ms())
         async with self.session_factory() as session, session.begin():

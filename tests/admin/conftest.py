@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from gateway.admin import AdminSettings, build_admin_router
 from ledger.codec import encode_event
 from ledger.events import Event
-from streams.projector import SourceRecord, rows_of_batch, write_batch
+from streams.projector import rows_of_batch, write_batch
+from streams.records import LogRecord
 from streams.topics import LedgerTopics
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
@@ -101,14 +102,14 @@ async def archive_events(
 ) -> None:
     """Write events into ledger_events the way the projector does (the projector's own row code)."""
     records = [
-        SourceRecord(TOPICS.events, 0, first_offset + index, event.tenant_id.encode(), encode_event(event))
+        LogRecord(TOPICS.events, 0, first_offset + index, event.tenant_id.encode(), encode_event(event))
         for index, event in enumerate(events)
     ]
     await archive_records(session_factory, records)
 
 
 async def archive_records(
-    session_factory: async_sessionmaker[AsyncSession], records: Sequence[SourceRecord]
+    session_factory: async_sessionmaker[AsyncSession], records: Sequence[LogRecord]
 ) -> None:
     async with session_factory() as session, session.begin():
         await write_batch(session, "test", rows_of_batch(TOPICS, records, now_ms=0))

@@ -5,7 +5,7 @@ import pytest
 from ledger.entries import encode_entry
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
 from ledger.tenant import TenantLedger
-from streams.projector import SourceRecord
+from streams.records import LogRecord
 from tests.admin.conftest import ENTRIES_PAGE_SIZE_MAX, TOPICS, archive_records
 
 pytestmark = pytest.mark.postgres
@@ -44,7 +44,7 @@ def ledger_entries(tenant_id: str) -> list:
 
 async def archive_entries(session_factory, entries, other_tenant_entries=()):
     records = [
-        SourceRecord(TOPICS.entries, 0, offset, entry.tenant_id.encode(), encode_entry(entry))
+        LogRecord(TOPICS.entries, 0, offset, entry.tenant_id.encode(), encode_entry(entry))
         for offset, entry in enumerate([*entries, *other_tenant_entries])
     ]
     await archive_records(session_factory, records)

@@ -60,7 +60,7 @@ def ledger_records(topics: LedgerTopics) -> list[tuple[str, bytes, bytes]]:
             records.append((topics.events, tenant_id.encode(), encode_event(event)))
             for entry in ledger.apply(event):
                 records.append((topics.entries, tenant_id.encode(), encode_entry(entry)))
-        balance = {"tenant_id": tenant_id, "balance": ledger.balance_at(200), "overage": 0, "as_of": 200}
+        balance = {"tenant_id": tenant_id, "balance": ledger.balance_at(200), "overage": 0, "as_of": 200, "applied_offset": 0}
         records.append((topics.balances, tenant_id.encode(), msgspec.json.encode(balance)))
     return records
 

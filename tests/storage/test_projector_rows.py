@@ -8,7 +8,8 @@ import pytest
 from ledger.codec import encode_event
 from ledger.entries import encode_entry
 from ledger.events import CreditExpired, CreditGranted, UsageRecorded
-from streams.projector import SourceRecord, rows_of_batch, stored_offsets, write_batch
+from streams.projector import rows_of_batch, stored_offsets, write_batch
+from streams.records import LogRecord
 from streams.topics import LedgerTopics
 
 pytestmark = pytest.mark.postgres
@@ -24,7 +25,9 @@ EXPIRED = CreditExpired(event_id="t1/expired/g1", tenant_id="t1", grant_id="g1",
 
 
 def balance_value(tenant_id: str, balance: int, as_of: int) -> bytes:
-    return msgspec.json.encode({"tenant_id": tenant_id, "balance": balance, "overage": 0, "as_of": as_of})
+    return msgspec.json.encode(
+        {"tenant_id": tenant_id, "balance": balance, "overage": 0, "as_of": as_of, "applied_offset": as_of}
+    )
 
 
 async def project(session_factory, records):
@@ -41,18 +44,18 @@ async def test_batches_write_each_event_once_and_advance_offsets(session_factory
     await project(
         session_factory,
         [
-            SourceRecord(TOPICS.events, 0, 7, b"t1", encode_event(GRANT)),
-            SourceRecord(TOPICS.events, 0, 8, b"t1", encode_event(GRANT)),  # a producer retry's duplicate
-            SourceRecord(TOPICS.events, 1, 3, b"t1", b"{not json"),
-            SourceRecord(TOPICS.entries, 2, 0, b"t1", encode_entry(EXPIRED)),
+            LogRecord(TOPICS.events, 0, 7, b"t1", encode_event(GRANT)),
+            LogRecord(TOPICS.events, 0, 8, b"t1", encode_event(GRANT)),  # a producer retry's duplicate
+            LogRecord(TOPICS.events, 1, 3, b"t1", b"{not json"),
+            LogRecord(TOPICS.entries, 2, 0, b"t1", encode_entry(EXPIRED)),
         ],
     )
     await project(
         session_factory,
         [
-            SourceRecord(TOPICS.events, 0, 9, b"t1", encode_event(USAGE)),
-            SourceRecord(TOPICS.events, 0, 10, b"t1", encode_event(GRANT)),
-            SourceRecord(TOPICS.entries, 2, 1, b"t1", encode_entry(EXPIRED)),
+            LogRecord(TOPICS.events, 0, 9, b"t1", encode_event(USAGE)),
+            LogRecord(TOPICS.events, 0, 10, b"t1", encode_event(GRANT)),
+            LogRecord(TOPICS.entries, 2, 1, b"t1", encode_entry(EXPIRED)),
         ],
     )
 
@@ -83,9 +86,9 @@ async def test_balances_keep_the_latest_record_and_a_tombstone_deletes(session_f
     await project(
         session_factory,
         [
-            SourceRecord(TOPICS.balances, 0, 0, b"t1", balance_value("t1", 100, 1)),
-            SourceRecord(TOPICS.balances, 0, 1, b"t2", balance_value("t2", 7, 1)),
-            SourceRecord(TOPICS.balances, 0, 2, b"t1", balance_value("t1", 60, 2)),
+            LogRecord(TOPICS.balances, 0, 0, b"t1", balance_value("t1", 100, 1)),
+            LogRecord(TOPICS.balances, 0, 1, b"t2", balance_value("t2", 7, 1)),
+            LogRecord(TOPICS.balances, 0, 2, b"t1", balance_value("t1", 60, 2)),
         ],
     )
     assert rows(database_url, "SELECT tenant_id, balance, as_of_ms FROM balances ORDER BY tenant_id") == [
@@ -96,10 +99,10 @@ async def test_balances_keep_the_latest_record_and_a_tombstone_deletes(session_f
     await project(
         session_factory,
         [
-            SourceRecord(TOPICS.balances, 0, 3, b"t1", balance_value("t1", 40, 3)),
-            SourceRecord(TOPICS.balances, 0, 4, b"t2", None),
-            SourceRecord(TOPICS.balances, 0, 5, b"\xff", None),  # a key that is not UTF-8: skipped
-            SourceRecord(TOPICS.balances, 0, 6, b"t1", b'{"tenant_id": "t1"}'),  # fields missing: skipped
+            LogRecord(TOPICS.balances, 0, 3, b"t1", balance_value("t1", 40, 3)),
+            LogRecord(TOPICS.balances, 0, 4, b"t2", None),
+            LogRecord(TOPICS.balances, 0, 5, b"\xff", None),  # a key that is not UTF-8: skipped
+            LogRecord(TOPICS.balances, 0, 6, b"t1", b'{"tenant_id": "t1"}'),  # fields missing: skipped
         ],
     )
     assert rows(database_url, "SELECT tenant_id, balance, as_of_ms FROM balances") == [("t1", 40, 3)]

@@ -1,0 +1,25 @@
+"""The records every log carries, transport-free: what a consumer reads and where an append went."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0  # the log's append time; 0 where a test or tool does not know it
+
+
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    """Where an appended record went; `spooled` when the broker was away and it waits in the spool."""
+
+    topic: str
+    partition: int | None
+    offset: int | None
+    spooled: bool = False
