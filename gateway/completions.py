@@ -90,12 +90,12 @@ class Generation:
         self.outcome = "disconnected"  # until the stream ends one way or another
         self._settled = False
 
-    def on_token(self) -> None:
+    def on_tokens(self, count: int) -> None:
         if self.tokens_seen == 0:
             self.service.metrics.time_to_first_token.labels(self.prepared.model).observe(
                 (monotonic_ms() - self.started_ms) / 1000
             )
-        self.tokens_seen += 1
+        self.tokens_seen += count
         if monotonic_ms() > self.deadline_ms:
             raise BudgetExhausted(f"the request ran past its {self.service.settings.request_timeout_ms} ms budget")
 
@@ -276,25 +276,28 @@ class CompletionService:
         return f"chatcmpl-{request_id}" if prepared.chat else f"cmpl-{request_id}"
 
     async def _sse(self, generation: Generation, writer: ChunkWriter) -> AsyncIterator[bytes]:
+        """One write per batch of worker events (several tokens when they arrived together)."""
         if writer.chat:
             yield writer.role()
         try:
-            async for event in generation.stream.events():
-                if type(event) is TokenEvent:
-                    generation.on_token()
-                    if event.text:
-                        yield writer.token(event.text)
-                elif type(event) is DoneEvent:
-                    generation.done = event
+            async for batch in generation.stream.batches():
+                parts = [writer.token(event.text) for event in batch if type(event) is TokenEvent and event.text]
+                last = batch[-1]
+                tokens = len(batch) - (type(last) is not TokenEvent)
+                if tokens:
+                    generation.on_tokens(tokens)
+                if type(last) is DoneEvent:
+                    generation.done = last
                     generation.outcome = "ok"
-                    yield writer.finish(finish_reason_of(event.finish_reason))
+                    parts.append(writer.finish(finish_reason_of(last.finish_reason)))
                     if writer.include_usage:
-                        yield writer.usage(event.prompt_tokens, event.completion_tokens)
-                    yield DONE_LINE
-                else:
-                    assert type(event) is ErrorEvent, f"unknown worker event {event!r}"
+                        parts.append(writer.usage(last.prompt_tokens, last.completion_tokens))
+                    parts.append(DONE_LINE)
+                elif type(last) is ErrorEvent:
                     generation.outcome = "worker_failed"
-                    yield writer.error(f"the worker failed: {event.message}", "server_error", event.error)
+                    parts.append(writer.error(f"the worker failed: {last.message}", "server_error", last.error))
+                if parts:
+                    yield parts[0] if len(parts) == 1 else b"".join(parts)
         except WorkerFailed as error:
             generation.outcome = "worker_failed"
             logger.warning("worker failed mid-stream: %s", error)
@@ -307,16 +310,18 @@ class CompletionService:
         prepared = generation.prepared
         texts: list[str] = []
         try:
-            async for event in generation.stream.events():
-                if type(event) is TokenEvent:
-                    generation.on_token()
-                    texts.append(event.text)
-                elif type(event) is DoneEvent:
-                    generation.done = event
+            async for batch in generation.stream.batches():
+                texts.extend(event.text for event in batch if type(event) is TokenEvent)
+                last = batch[-1]
+                tokens = len(batch) - (type(last) is not TokenEvent)
+                if tokens:
+                    generation.on_tokens(tokens)
+                if type(last) is DoneEvent:
+                    generation.done = last
                     generation.outcome = "ok"
-                else:
+                elif type(last) is ErrorEvent:
                     generation.outcome = "worker_failed"
-                    raise WorkerFailed(f"{event.error}: {event.message}")
+                    raise WorkerFailed(f"{last.error}: {last.message}")
         except (WorkerFailed, BudgetExhausted) as error:
             if generation.outcome != "worker_failed":
                 generation.outcome = "timeout" if isinstance(error, BudgetExhausted) else "worker_failed"

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from gateway.deps import AuthenticatedTenant, Runtime
+from gateway.deps import AuthenticatedTenant, Runtime, authenticated_tenant, gateway_runtime
 from gateway.errors import ApiError
 from gateway.schemas import ChatCompletionBody, CompletionBody, parse_body
 from gateway.wire import encode_json
@@ -33,15 +33,24 @@ async def read_body(request: Request, bytes_max: int) -> bytes:
     return b"".join(chunks)
 
 
+# The two completion routes resolve their runtime and tenant by direct calls rather than through
+# FastAPI's dependency solver: it is the same code (gateway.deps), without the solver's per-request cost
+# on the hot path.
+
+
 @router.post("/chat/completions", response_model=None)
-async def chat_completions(request: Request, tenant: AuthenticatedTenant, runtime: Runtime) -> Response:
+async def chat_completions(request: Request) -> Response:
+    runtime = gateway_runtime(request)
+    tenant = await authenticated_tenant(request, runtime)
     raw = await read_body(request, runtime.settings.body_bytes_max)
     body = parse_body(ChatCompletionBody, raw)
     return await runtime.completions.serve(request, tenant, body, raw)
 
 
 @router.post("/completions", response_model=None)
-async def completions(request: Request, tenant: AuthenticatedTenant, runtime: Runtime) -> Response:
+async def completions(request: Request) -> Response:
+    runtime = gateway_runtime(request)
+    tenant = await authenticated_tenant(request, runtime)
     raw = await read_body(request, runtime.settings.body_bytes_max)
     body = parse_body(CompletionBody, raw)
     return await runtime.completions.serve(request, tenant, body, raw)

@@ -51,7 +51,7 @@ class ErrorEvent(msgspec.Struct, tag_field="type", tag="error"):
 
 
 WorkerEvent = TokenEvent | DoneEvent | ErrorEvent
-_event_decoder = msgspec.json.Decoder(WorkerEvent)
+_batch_decoder = msgspec.json.Decoder(list[WorkerEvent])
 _refusal_decoder = msgspec.json.Decoder(dict)
 _body_encoder = msgspec.json.Encoder()
 
@@ -114,8 +114,9 @@ class WorkerClient:
             max_keepalive_connections=connections,
             keepalive_expiry=settings.worker_keepalive_expiry_ms / 1000,
         )
+        tls = httpx.create_ssl_context()  # loaded once, shared by the shards (https worker URLs)
         self.shards = [
-            httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits)
+            httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits, verify=tls)
             for _ in range(settings.worker_client_shards)
         ]
         self._next_shard = itertools.cycle(self.shards)
@@ -129,66 +130,70 @@ class WorkerClient:
 
 
 class WorkerStream:
-    """A generation running on one worker. `first` is its first event (already read)."""
+    """A generation running on one worker. `first_batch` holds its first events (already read).
 
-    def __init__(
-        self, worker: WorkerClient, response: httpx.Response, lines: AsyncIterator[bytes], first: WorkerEvent
-    ) -> None:
+    Events come in batches: all the complete lines of the bytes that arrived together (one line when the
+    worker is quick to send, several when they queue up under load), decoded in one call, so a busy
+    gateway handles and forwards several tokens for the price of one.
+    """
+
+    def __init__(self, worker: WorkerClient, response: httpx.Response, line_bytes_max: int) -> None:
         self.worker = worker
-        self.first = first
-        self._response = response
-        self._lines = lines
+        self.first_batch: list[WorkerEvent] = []
         self.finished = False  # the done (or error) event has been read
+        self._response = response
+        self._chunks = response.aiter_raw()
+        self._pending = b""
+        self._line_bytes_max = line_bytes_max
 
-    async def events(self) -> AsyncIterator[WorkerEvent]:
-        """The first event, then the rest, up to and including the done (or error) event."""
-        event = self.first
-        yield event
-        while not isinstance(event, DoneEvent | ErrorEvent):
-            event = await self.next_event()
-            yield event
+    async def batches(self) -> AsyncIterator[list[WorkerEvent]]:
+        """The first batch, then the rest, up to and including the one with the done (or error) event."""
+        yield self.first_batch
+        while not self.finished:
+            yield await self.next_batch()
 
-    async def next_event(self) -> WorkerEvent:
-        try:
-            line = await anext(self._lines)
-        except StopAsyncIteration:
-            raise WorkerFailed(f"{self.worker.url} ended the stream without a done event") from None
-        except httpx.HTTPError as error:
-            raise WorkerFailed(f"{self.worker.url} broke the stream: {error!r}") from error
-        try:
-            event = _event_decoder.decode(line)
+    async def next_batch(self) -> list[WorkerEvent]:
+        assert not self.finished, "nothing follows the done event"
+        while True:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                raise WorkerFailed(f"{self.worker.url} ended the stream without a done event") from None
+            except httpx.HTTPError as error:
+                raise WorkerFailed(f"{self.worker.url} broke the stream: {error!r}") from error
+            data = self._pending + chunk if self._pending else chunk
+            end = data.rfind(b"\n")
+            if end < 0:
+                if len(data) > self._line_bytes_max:
+                    raise WorkerFailed(f"a worker event is longer than {self._line_bytes_max} bytes")
+                self._pending = data
+                continue
+            self._pending = data[end + 1 :]
+            return self._decode(data[:end])
+
+    def _decode(self, lines: bytes) -> list[WorkerEvent]:
+        try:  # JSON lines never hold a raw newline, so the lines joined by commas are one JSON array
+            events = _batch_decoder.decode(b"[" + lines.replace(b"\n", b",") + b"]")
         except msgspec.DecodeError as error:
             raise WorkerFailed(f"{self.worker.url} sent an unreadable event: {error}") from error
-        if type(event) is not TokenEvent:
-            self.finished = True
-        return event
+        for index, event in enumerate(events):
+            if type(event) is not TokenEvent:
+                if index != len(events) - 1:
+                    raise WorkerFailed(f"{self.worker.url} sent events after its last event")
+                self.finished = True
+        return events
 
     async def close(self) -> None:
         """After the done event, read the body's end so the connection is kept alive for the next request;
         before it, drop the connection, which cancels the generation on the worker."""
         if self.finished:
             try:
-                async for _ in self._lines:
-                    raise WorkerFailed(f"{self.worker.url} sent events after its done event")
+                async for chunk in self._chunks:
+                    if chunk.strip():
+                        raise WorkerFailed(f"{self.worker.url} sent events after its done event")
             except (WorkerFailed, httpx.HTTPError) as error:
                 logger.warning("worker stream of %s ended badly: %s", self.worker.url, error)
         await self._response.aclose()
-
-
-async def ndjson_lines(response: httpx.Response, line_bytes_max: int) -> AsyncIterator[bytes]:
-    pending = b""
-    async for chunk in response.aiter_raw():
-        pending = pending + chunk if pending else chunk
-        if b"\n" not in pending:
-            if len(pending) > line_bytes_max:
-                raise WorkerFailed(f"a worker event is longer than {line_bytes_max} bytes")
-            continue
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line:
-                yield line
-    if pending.strip():
-        yield pending
 
 
 class WorkerPool:
@@ -262,17 +267,17 @@ class WorkerPool:
             return f"no response ({error!r})"
         if response.status_code != 200:
             return await self._refusal(worker, response)
-        lines = ndjson_lines(response, self.settings.worker_event_bytes_max)
-        stream = WorkerStream(worker, response, lines, TokenEvent(text="", token_id=-1))
+        stream = WorkerStream(worker, response, self.settings.worker_event_bytes_max)
         try:
-            first = await stream.next_event()
+            first = await stream.next_batch()
         except WorkerFailed as error:
             await response.aclose()
             return str(error)
-        if isinstance(first, ErrorEvent):
+        if not first or isinstance(first[0], ErrorEvent):
             await response.aclose()
-            return f"failed before its first token ({first.error}: {first.message})"
-        stream.first = first
+            reason = f"{first[0].error}: {first[0].message}" if first else "an empty batch"
+            return f"failed before its first token ({reason})"
+        stream.first_batch = first
         return stream
 
     async def _refusal(self, worker: WorkerClient, response: httpx.Response) -> str:
