@@ -1,24 +1,34 @@
 """Stream processor benchmark on a real broker: `python -m bench.streams` prints one JSON line.
 
 It starts its own single-node broker in a temporary directory, runs the faust processor
-(`python -m streams.faust_app`) as a child process, and stops both at the end.
+(`python -m streams.faust_app`) as a child process per phase, and stops everything at the end. Each
+phase has its own topics (`bench.fold.*`, `bench.lag.*`) and consumer group, and a deadline, so the
+run is bounded (about two minutes with the defaults) whether or not the processor keeps up.
 
-Phase 1, throughput. Grants for a few tenants (two per partition) and `--events` usage events are
-produced as fast as a plain idempotent aiokafka producer batches them (acks=all, lingering) before
-the processor starts. The fold rate is the usage count over the time between the processor's first
-balance record and the balance record whose `applied_offset` covers the last event of every
-partition (broker CreateTime of the processor's own records on `ledger.balances`).
+Fold phase. Grants for twelve tenants (two per partition) and `--events` usage events are produced as
+fast as a plain idempotent aiokafka producer batches them (acks=all, lingering) before the processor
+starts (`produce_events_per_s`). The fold rate is the events folded over the time between the
+processor's first balance record and the balance record whose `applied_offset` covers the last event
+of every partition (broker CreateTime of the processor's records on `ledger.balances`). If that has
+not happened within `--fold-deadline-s`, the rate is what was folded by then (`fold_caught_up`: false).
+Beside it: the CPU seconds of the processor, the broker and this process while folding
+(`processor_cpu_us_per_event`, and `processor_one_core_events_per_s`, the rate one uncontended core
+would give at that cost), `LedgerProcessor.process` alone over the same records in this process
+(`fold_only_in_process_events_per_s`: no faust, no broker), and a plain aiokafka consumer reading the
+same records (`plain_aiokafka_read_cpu_us_per_event`).
 
-Phase 2, lag. With the processor caught up, a paced producer offers usage events at `--rate` per
-second for `--duration-s`. Per usage event, lag = CreateTime of its `usage_allocated` record on
-`ledger.entries` minus the CreateTime of the source record; p50/p99/max over every event.
+Lag phase. A fresh processor, caught up on the grants, is offered usage events at `--rate` per second
+for `--duration-s` by a paced producer (one burst per 10 ms tick). Per usage event, lag = CreateTime
+of its `usage_allocated` record on `ledger.entries` (set by the processor's producer) minus the
+CreateTime of the source record. Events not folded within `--drain-deadline-s` after the last one was
+offered count as later than every folded one: a percentile that falls among them is null.
 
-Phase 3, the fold alone. `LedgerProcessor.process` runs in this process over the phase-1 records,
-in batches of `processor_batch_max` per partition, against a dict: the rate without faust, aiokafka,
-the broker or the output producer. The gap to phase 1 is the transport's share.
+`--profile PATH` runs the fold phase's processor under cProfile (stats to PATH when it stops) and
+prints own time by module group, then the top functions, to stderr. Timings under the profiler are
+several times slower; use it for shares, not rates.
 
-`--profile PATH` runs the processor under cProfile (stats written to PATH when it stops) and prints
-the top functions by cumulative and own time to stderr.
+The processor reads its settings from the environment (TOLLGATE_PROCESSOR_BATCH_MAX, ..., and faust's
+own PRODUCER_LINGER for its changelog producer); the values used are in `settings`.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faust
 import msgspec
 
 from bench._kafka_bench_util import (
@@ -478,7 +489,11 @@ async def measure_lag(broker: LocalBroker, arguments: argparse.Namespace, workdi
 
 
 def settings_used(settings: ProcessorSettings) -> dict:
+    # faust's own producer (the changelog writes) takes its settings from faust's defaults and env.
+    faust_conf = faust.App(settings.processor_app_id, broker="kafka://settings-only:9092").conf
     return {
+        "faust_changelog_producer_linger_s": faust_conf.producer_linger,
+        "faust_changelog_producer_max_batch_size_bytes": faust_conf.producer_max_batch_size,
         "processor_batch_max": settings.processor_batch_max,
         "processor_batch_wait_ms": settings.processor_batch_wait_ms,
         "processor_commit_interval_ms": settings.processor_commit_interval_ms,
