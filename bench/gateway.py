@@ -243,7 +243,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def measure(options, worker_port: int, gateway_port: int, key: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(options, worker_port: int, gateway_port: int, key: str, gateway_pid: int) -> dict:
     encode = msgspec.json.encode
     prompt = "Benchmark prompt: say something."
     run = uuid.uuid4().hex[:8]
@@ -262,9 +268,13 @@ async def measure(options, worker_port: int, gateway_port: int, key: str) -> dic
     await run_round(worker_port, *direct, options.concurrency, warmup)
     await run_round(gateway_port, *through, options.concurrency, warmup)
     results = {"direct": ([], [], 0.0), "gateway": ([], [], 0.0)}
+    gateway_cpu_s = 0.0
     for _ in range(options.rounds):
         for name, port, target in (("direct", worker_port, direct), ("gateway", gateway_port, through)):
+            cpu_before = cpu_seconds(gateway_pid)
             first, total, seconds = await run_round(port, *target, options.concurrency, options.requests)
+            if name == "gateway":
+                gateway_cpu_s += cpu_seconds(gateway_pid) - cpu_before
             kept = results[name]
             results[name] = (kept[0] + first, kept[1] + total, kept[2] + seconds)
     summary = {}
@@ -276,6 +286,7 @@ async def measure(options, worker_port: int, gateway_port: int, key: str) -> dic
             "stream_p99_ms": percentile(total, 0.99) * 1000,
             "requests_per_s": len(total) / seconds,
         }
+    summary["gateway_cpu_ms_per_request"] = gateway_cpu_s / (options.requests * options.rounds) * 1000
     return summary
 
 
@@ -312,7 +323,8 @@ def main() -> None:
             wait_ready(gateway_port, gateway)
             import uvloop
 
-            summary = uvloop.run(measure(options, worker_port, gateway_port, key))
+            load_before = os.getloadavg()[0]
+            summary = uvloop.run(measure(options, worker_port, gateway_port, key, gateway.pid))
         finally:
             for process in (gateway, worker):
                 process.terminate()
@@ -327,11 +339,13 @@ def main() -> None:
         "tokens_per_request": options.tokens,
         "token_interval_ms": options.token_interval_ms,
         "cpus": os.cpu_count(),
+        "load_average_1m_before": round(load_before, 2),  # other processes competing for the cores
         "added_latency_p50_ms": round(through["stream_p50_ms"] - direct["stream_p50_ms"], 3),
         "added_latency_p99_ms": round(through["stream_p99_ms"] - direct["stream_p99_ms"], 3),
         "added_first_token_p50_ms": round(through["first_token_p50_ms"] - direct["first_token_p50_ms"], 3),
         "added_first_token_p99_ms": round(through["first_token_p99_ms"] - direct["first_token_p99_ms"], 3),
         "gateway_requests_per_s": round(through["requests_per_s"], 1),
+        "gateway_cpu_ms_per_request": round(summary["gateway_cpu_ms_per_request"], 3),
         "direct_requests_per_s": round(direct["requests_per_s"], 1),
         "direct": {k: round(v, 3) for k, v in direct.items()},
         "gateway": {k: round(v, 3) for k, v in through.items()},
