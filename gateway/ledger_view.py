@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 CAUGHT_UP_TARGETS_MAX = 64  # end-offset snapshots waiting to be reached; the oldest is dropped beyond
 TAIL_RESTART_BACKOFF_MS = 1_000
+STOP_TIMEOUT_MS = 5_000
 
 _balance_decoder = msgspec.json.Decoder(BalanceRecord)
 
@@ -259,9 +260,10 @@ class LedgerViewFeed:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_MS / 1000)
+            if pending:
+                logger.warning("%d view tasks did not stop within %d ms", len(pending), STOP_TIMEOUT_MS)
         self._tasks = []
 
     async def wait_ready(self, timeout_ms: int) -> bool:
@@ -278,6 +280,7 @@ class LedgerViewFeed:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                _raise_if_cancelling()  # a log's clean-up may turn our cancellation into another error
                 logger.exception("tail of %s failed; restarting in %d ms", topic, TAIL_RESTART_BACKOFF_MS)
             await asyncio.sleep(TAIL_RESTART_BACKOFF_MS / 1000)
 
@@ -290,6 +293,7 @@ class LedgerViewFeed:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                _raise_if_cancelling()
                 logger.exception("reading the log's end offsets failed; staleness grows until it answers")
 
     async def _check_ends(self) -> None:
@@ -299,3 +303,9 @@ class LedgerViewFeed:
         balance_ends = {p: await self.log.end_offset(topics.balances, p) for p in partitions}
         event_ends = {p: await self.log.end_offset(topics.events, p) for p in partitions}
         self.view.note_end_offsets(at_ms, balance_ends, event_ends)
+
+
+def _raise_if_cancelling() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

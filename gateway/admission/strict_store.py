@@ -1,14 +1,14 @@
 """Strict mode's reservations in Postgres: the tenant's row in admission_accounts is its one owner.
 
-reserve(), one transaction at READ COMMITTED:
+reserve() is one call of the SQL function admission_reserve() (migration 0004), a transaction of its
+own (autocommit), so the lock is held only while the server runs it, never across a Python await:
   1. upsert the tenant's account row with this gateway's view of the balance, kept only when newer
      (applied_offset, then as_of): every gateway brings what its view read, the row keeps the newest.
      The upsert takes the row lock (ON CONFLICT DO UPDATE locks the row), so reservations of one
-     tenant queue here, across every gateway. It returns the row as it stands under the lock.
-  2. one statement, started after the lock was granted, so its snapshot sees every hold committed by
-     earlier lock holders: drop the tenant's expired holds, sum the rest, and insert the new hold only
-     if (balance spendable now - sum) >= cost.
-  3. commit (releases the lock).
+     tenant queue here, across every gateway.
+  2. under the lock, statements with fresh snapshots (READ COMMITTED, a VOLATILE function) that see
+     every hold committed by earlier lock holders: drop the tenant's expired holds, sum the rest, and
+     insert the new hold only if (balance spendable now - sum) >= cost.
 Every statement that adds to a tenant's holds runs under that lock; the others only shrink them
 (release, finish at an actual cost below the estimate, settle), so no two gateways can both spend the
 last credit.
@@ -47,18 +47,10 @@ RETURNING balance, applied_offset, as_of_ms, expiring
 """)
 
 _RESERVE = text("""
-WITH expired AS (
-    DELETE FROM admission_holds WHERE tenant_id = :tenant_id AND expires_at_ms <= :now_ms
-), held AS (
-    SELECT COALESCE(SUM(amount), 0)::bigint AS total, count(*) AS holds FROM admission_holds
-    WHERE tenant_id = :tenant_id AND expires_at_ms > :now_ms
-), reserved AS (
-    INSERT INTO admission_holds (request_id, tenant_id, amount, created_at_ms, expires_at_ms)
-    SELECT :request_id, :tenant_id, :amount, :now_ms, :expires_at_ms FROM held
-    WHERE (:amount = 0 OR :spendable - held.total >= :amount) AND held.holds < :holds_max
-    RETURNING 1
+SELECT reserved, spendable, held, holds FROM admission_reserve(
+    :tenant_id, :request_id, :amount, :balance, :applied_offset, :as_of_ms, CAST(:expiring AS JSONB),
+    :now_ms, :expires_at_ms, :holds_max
 )
-SELECT held.total, held.holds, (SELECT count(*) FROM reserved) AS reserved FROM held
 """)
 
 _FINISH = text("""
@@ -117,14 +109,14 @@ class StrictStore:
         expires_at_ms: int,
         holds_max: int,
     ) -> ReserveResult:
-        async with self.engine.begin() as connection:
-            account = await self._raise_account(connection, tenant_id, view_balance, now_ms)
-            spendable = _owner_balance(tenant_id, account).spendable_at(now_ms)
-            row = (await connection.execute(_RESERVE, {
-                "tenant_id": tenant_id, "request_id": request_id, "amount": amount, "now_ms": now_ms,
-                "expires_at_ms": expires_at_ms, "spendable": spendable, "holds_max": holds_max,
-            })).one()
-        return ReserveResult(reserved=row.reserved == 1, spendable=spendable, held=row.total, holds=row.holds)
+        parameters = _account_parameters(tenant_id, view_balance, now_ms) | {
+            "request_id": request_id, "amount": amount, "expires_at_ms": expires_at_ms, "holds_max": holds_max,
+        }
+        async with self.engine.connect() as connection:
+            # One statement in its own transaction: the row lock is held only while the server runs it.
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            row = (await autocommit.execute(_RESERVE, parameters)).one()
+        return ReserveResult(reserved=row.reserved, spendable=row.spendable, held=row.held, holds=row.holds)
 
     async def finish(self, request_id: str, amount: int, now_ms: int, expires_at_ms: int) -> None:
         async with self.engine.begin() as connection:
