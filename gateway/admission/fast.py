@@ -13,9 +13,11 @@ process alone never overspends. N processes racing for the same tenant each admi
 available credit before any of them sees the others' usage folded: the overspend is at most
 (N - 1) x the credit available when the race starts, i.e. the in-flight race window. For a tenant
 whose last credits cover fewer than two requests, that is at most one request's maximum cost per
-extra process. `python -m bench.overspend` measures it: with 2 gateways, 200 concurrent requests and
-credit for 10 requests, fast mode spent 10 requests' worth too much; strict mode spent none
-(see the report in bench/overspend.py). Use strict mode when that matters more than latency.
+extra process. `python -m bench.overspend` measures it (2 gateways, 200 concurrent requests of cost
+1000, on the 2-core dev machine): with credit for 10 requests fast mode overspent 10,000 (10 requests,
+= (N - 1) x the credit available); with credit for 1.5 requests it overspent 500 (half a request);
+strict mode overspent 0 in both. Fast mode admitted 25k-58k requests/s, strict 230-800/s.
+Use strict mode when that matters more than latency.
 """
 
 from __future__ import annotations

@@ -110,3 +110,20 @@ async def test_a_tenant_no_view_has_a_balance_for_gets_nothing(gateways):
     with pytest.raises(CreditExhausted):
         await a.admit(admission_request("r1", tenant_id="nobody", cost=1))
     await a.admit(admission_request("r2", tenant_id="nobody", cost=0))
+
+
+async def test_an_admission_cancelled_mid_transaction_leaves_no_hold(gateways):
+    (a, b), _ = gateways
+    for yields in range(6):  # cancel at different points of the round trip
+        task = asyncio.create_task(a.admit(admission_request(f"cancelled-{yields}", cost=1_000)))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def no_holds() -> bool:
+        return (await a.store.snapshot("acme", a.clock_ms()))[1] == 0
+
+    await wait_until(no_holds)
+    await b.admit(admission_request("after", cost=1_000))
