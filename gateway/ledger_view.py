@@ -6,6 +6,11 @@ Sources, read through the `streams.log.EventLog` contract (Kafka or the embedded
     ledger.events    from the end; only the `UsageRecorded` of requests this process watches are
                      decoded (their key, the tenant id, is checked first), to learn their source offset
 
+The events tail starts at the end of the log, and is started before the balances tail whose first
+pass makes the view ready for admissions, so it is in place before any request is admitted. Were it
+not, a usage appended before it got there would never be seen: its hold would wait for
+settle_timeout_ms instead (conservative).
+
 When is a request's usage in the balance? A balance record carries `applied_offset`, the highest source
 offset on `ledger.events` folded into it. The usage of request R is in a balance exactly when that
 balance's applied_offset >= the offset of R's UsageRecorded. So the view learns R's offset from

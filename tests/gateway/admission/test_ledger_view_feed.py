@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
+from gateway.admission.factory import AdmissionRuntime
 from gateway.admission.fast import FastAdmission
 from gateway.admission.settings import AdmissionSettings
-from gateway.ledger_view import LedgerView, LedgerViewFeed
 from ledger.events import CreditGranted, UsageRecorded
 from streams.database import build_async_engine
 from streams.embedded_log import PostgresLog
@@ -92,12 +92,12 @@ async def test_view_reads_balances_at_start_and_settles_a_finished_request_once_
     await step.run()
 
     settings = AdmissionSettings(view_lag_check_interval_ms=50, view_ready_wait_ms=WAIT_S * 1000)
-    view = LedgerView(event_log.topics, event_log.partitions, metrics=new_metrics())
-    feed = LedgerViewFeed(event_log, view, settings)
-    admission = FastAdmission(view, settings)
-    await feed.start()
+    runtime = AdmissionRuntime.create(event_log, settings, metrics=new_metrics())
+    view, admission = runtime.view, runtime.admission
+    assert isinstance(admission, FastAdmission)
+    await runtime.start()
     try:
-        assert await feed.wait_ready(WAIT_S * 1000)
+        assert await runtime.feed.wait_ready(WAIT_S * 1000)
         balance = view.balance("acme")
         assert (balance.balance, balance.expiring) == (1_000, ((T0 + 10**12, 1_000),))
 
@@ -113,4 +113,4 @@ async def test_view_reads_balances_at_start_and_settles_a_finished_request_once_
         assert admission.available("acme", admission.clock_ms()) == 750
         await eventually(lambda: view.metrics.view_lag_records.labels(topic=event_log.topics.events)._value.get() == 0)
     finally:
-        await feed.stop()
+        await runtime.stop()
