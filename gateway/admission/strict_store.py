@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.admission import tables  # noqa: F401  (declares the tables these statements use)
 from gateway.ledger_view import TenantBalance
@@ -34,16 +34,23 @@ from gateway.ledger_view import TenantBalance
 NO_BALANCE_OFFSET = -1  # an account row for a tenant no view has a balance for yet
 
 _NEWER = "(excluded.applied_offset, excluded.as_of_ms) > (account.applied_offset, account.as_of_ms)"
-_UPSERT_ACCOUNT = text(f"""
-INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, as_of_ms, expiring, updated_at_ms)
-VALUES (:tenant_id, :balance, :applied_offset, :as_of_ms, CAST(:expiring AS JSONB), :now_ms)
-ON CONFLICT (tenant_id) DO UPDATE SET
-    balance = CASE WHEN {_NEWER} THEN excluded.balance ELSE account.balance END,
-    applied_offset = CASE WHEN {_NEWER} THEN excluded.applied_offset ELSE account.applied_offset END,
-    as_of_ms = CASE WHEN {_NEWER} THEN excluded.as_of_ms ELSE account.as_of_ms END,
-    expiring = CASE WHEN {_NEWER} THEN excluded.expiring ELSE account.expiring END,
-    updated_at_ms = CASE WHEN {_NEWER} THEN excluded.updated_at_ms ELSE account.updated_at_ms END
-RETURNING balance, applied_offset, as_of_ms, expiring
+_SETTLE = text(f"""
+WITH raised AS (
+    INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, as_of_ms, expiring, updated_at_ms)
+    SELECT tenant_id, balance, applied_offset, as_of_ms, expiring, :now_ms
+    FROM unnest(CAST(:tenant_ids AS text[]), CAST(:balances AS bigint[]), CAST(:applied_offsets AS bigint[]),
+                CAST(:as_of_ms AS bigint[]), CAST(:expirings AS jsonb[]))
+         AS reported (tenant_id, balance, applied_offset, as_of_ms, expiring)
+    ORDER BY tenant_id
+    ON CONFLICT (tenant_id) DO UPDATE SET
+        balance = CASE WHEN {_NEWER} THEN excluded.balance ELSE account.balance END,
+        applied_offset = CASE WHEN {_NEWER} THEN excluded.applied_offset ELSE account.applied_offset END,
+        as_of_ms = CASE WHEN {_NEWER} THEN excluded.as_of_ms ELSE account.as_of_ms END,
+        expiring = CASE WHEN {_NEWER} THEN excluded.expiring ELSE account.expiring END,
+        updated_at_ms = CASE WHEN {_NEWER} THEN excluded.updated_at_ms ELSE account.updated_at_ms END
+    RETURNING 1
+)
+DELETE FROM admission_holds WHERE request_id = ANY(:request_ids)
 """)
 
 _RESERVE = text("""
@@ -136,10 +143,20 @@ class StrictStore:
             current = newest.get(balance.tenant_id)
             if current is None or (balance.applied_offset, balance.as_of_ms) > (current.applied_offset, current.as_of_ms):
                 newest[balance.tenant_id] = balance
-        async with self.engine.begin() as connection:
-            for tenant_id in sorted(newest):  # one lock order for every settling gateway
-                await self._raise_account(connection, tenant_id, newest[tenant_id], now_ms)
-            await connection.execute(_DELETE_HOLDS, {"request_ids": [s.request_id for s in settlements]})
+        rows = [_account_parameters(tenant_id, balance, now_ms) for tenant_id, balance in newest.items()]
+        async with self.engine.connect() as connection:
+            # One statement (the raise and the delete atomic together), its own transaction: the rows'
+            # locks are held only while the server runs it, taken in tenant order.
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(_SETTLE, {
+                "now_ms": now_ms,
+                "tenant_ids": [row["tenant_id"] for row in rows],
+                "balances": [row["balance"] for row in rows],
+                "applied_offsets": [row["applied_offset"] for row in rows],
+                "as_of_ms": [row["as_of_ms"] for row in rows],
+                "expirings": [row["expiring"] for row in rows],
+                "request_ids": [settlement.request_id for settlement in settlements],
+            })
 
     async def snapshot(self, tenant_id: str, now_ms: int) -> tuple[int, int]:
         """(the owner row's balance spendable now, the tenant's open holds), read without locking."""
@@ -154,7 +171,3 @@ class StrictStore:
             )).scalar_one()
         spendable = _owner_balance(tenant_id, account).spendable_at(now_ms) if account is not None else 0
         return spendable, held
-
-    @staticmethod
-    async def _raise_account(connection: AsyncConnection, tenant_id: str, balance: TenantBalance | None, now_ms: int):
-        return (await connection.execute(_UPSERT_ACCOUNT, _account_parameters(tenant_id, balance, now_ms))).one()
