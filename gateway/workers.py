@@ -30,6 +30,7 @@ from gateway.settings import GatewaySettings
 logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/internal/v1/generate"
+JSON_HEADERS = {"content-type": "application/json"}
 OVERLOADED = "overloaded"  # the worker's queue is full: backpressure, not a failure
 
 
@@ -101,6 +102,7 @@ class WorkerClient:
 
     def __init__(self, url: str, settings: GatewaySettings) -> None:
         self.url = url.rstrip("/")
+        self.generate_url = httpx.URL(self.url + GENERATE_PATH)  # parsed once, not per request
         self.breaker = CircuitBreaker(settings.breaker_failures_max, settings.breaker_open_ms)
         connections = max(1, settings.worker_connections_max // settings.worker_client_shards)
         timeout = httpx.Timeout(
@@ -259,10 +261,9 @@ class WorkerPool:
 
     async def _try(self, worker: WorkerClient, body: bytes) -> WorkerStream | str:
         """A started stream, OVERLOADED, or why this worker failed (a string). Bad input raises."""
-        http = worker.http()
-        request = http.build_request("POST", GENERATE_PATH, content=body, headers={"content-type": "application/json"})
+        request = httpx.Request("POST", worker.generate_url, content=body, headers=JSON_HEADERS)
         try:
-            response = await http.send(request, stream=True)
+            response = await worker.http().send(request, stream=True)
         except httpx.HTTPError as error:
             return f"no response ({error!r})"
         if response.status_code != 200:
