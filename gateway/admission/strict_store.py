@@ -119,21 +119,17 @@ class StrictStore:
         parameters = _account_parameters(tenant_id, view_balance, now_ms) | {
             "request_id": request_id, "amount": amount, "expires_at_ms": expires_at_ms, "holds_max": holds_max,
         }
-        async with self.engine.connect() as connection:
-            # One statement in its own transaction: the row lock is held only while the server runs it.
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            row = (await autocommit.execute(_RESERVE, parameters)).one()
+        # One statement in its own transaction: the row lock is held only while the server runs it.
+        [row] = await self._execute_alone(_RESERVE, parameters)
         return ReserveResult(reserved=row.reserved, spendable=row.spendable, held=row.held, holds=row.holds)
 
     async def finish(self, request_id: str, amount: int, now_ms: int, expires_at_ms: int) -> None:
-        async with self.engine.begin() as connection:
-            await connection.execute(_FINISH, {
-                "request_id": request_id, "amount": amount, "now_ms": now_ms, "expires_at_ms": expires_at_ms,
-            })
+        await self._execute_alone(_FINISH, {
+            "request_id": request_id, "amount": amount, "now_ms": now_ms, "expires_at_ms": expires_at_ms,
+        })
 
     async def release(self, request_ids: Sequence[str]) -> None:
-        async with self.engine.begin() as connection:
-            await connection.execute(_DELETE_HOLDS, {"request_ids": list(request_ids)})
+        await self._execute_alone(_DELETE_HOLDS, {"request_ids": list(request_ids)})
 
     async def settle(self, settlements: Sequence[Settlement], now_ms: int) -> None:
         """Raise each tenant's row to the newest balance reported, then delete the holds it includes."""
@@ -144,19 +140,17 @@ class StrictStore:
             if current is None or (balance.applied_offset, balance.as_of_ms) > (current.applied_offset, current.as_of_ms):
                 newest[balance.tenant_id] = balance
         rows = [_account_parameters(tenant_id, balance, now_ms) for tenant_id, balance in newest.items()]
-        async with self.engine.connect() as connection:
-            # One statement (the raise and the delete atomic together), its own transaction: the rows'
-            # locks are held only while the server runs it, taken in tenant order.
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            await autocommit.execute(_SETTLE, {
-                "now_ms": now_ms,
-                "tenant_ids": [row["tenant_id"] for row in rows],
-                "balances": [row["balance"] for row in rows],
-                "applied_offsets": [row["applied_offset"] for row in rows],
-                "as_of_ms": [row["as_of_ms"] for row in rows],
-                "expirings": [row["expiring"] for row in rows],
-                "request_ids": [settlement.request_id for settlement in settlements],
-            })
+        # One statement (the raise and the delete atomic together), its own transaction: the rows'
+        # locks are held only while the server runs it, taken in tenant order.
+        await self._execute_alone(_SETTLE, {
+            "now_ms": now_ms,
+            "tenant_ids": [row["tenant_id"] for row in rows],
+            "balances": [row["balance"] for row in rows],
+            "applied_offsets": [row["applied_offset"] for row in rows],
+            "as_of_ms": [row["as_of_ms"] for row in rows],
+            "expirings": [row["expiring"] for row in rows],
+            "request_ids": [settlement.request_id for settlement in settlements],
+        })
 
     async def snapshot(self, tenant_id: str, now_ms: int) -> tuple[int, int]:
         """(the owner row's balance spendable now, the tenant's open holds), read without locking."""
@@ -171,3 +165,10 @@ class StrictStore:
             )).scalar_one()
         spendable = _owner_balance(tenant_id, account).spendable_at(now_ms) if account is not None else 0
         return spendable, held
+
+    async def _execute_alone(self, statement, parameters: dict) -> list:
+        """Run one statement as its own transaction (autocommit: one round trip, no BEGIN/COMMIT)."""
+        async with self.engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            result = await autocommit.execute(statement, parameters)
+            return result.all() if result.returns_rows else []
