@@ -17,6 +17,8 @@ balance view needs the ledger pipeline, which is not what this benchmark is abou
 The load generator is a minimal HTTP/1.1 client over asyncio streams (keep-alive, one connection per
 concurrent stream), so its own overhead is small and the same for both targets. Per request it records
 the time to the first token and the time to the end of the stream. Rounds alternate direct and gateway.
+Clients start staggered over one stream's length, so arrivals are spread as in real traffic rather than
+200 streams starting in the same millisecond every stream-length (the same for both targets).
 
     added latency p50/p99 = percentile(gateway) - percentile(direct), per metric (first token, full stream)
 """
@@ -180,12 +182,17 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def run_round(port: int, path: str, make_body, headers: str, concurrency: int, requests: int) -> tuple[list, list, float]:
+async def run_round(
+    port: int, path: str, make_body, headers: str, concurrency: int, requests: int, stagger_s: float = 0.0
+) -> tuple[list, list, float]:
+    """`concurrency` clients, each sending its next request when the last one ended. Client i starts
+    i/concurrency of `stagger_s` late, so streams of equal length do not all begin (and end) at once."""
     remaining = iter(range(requests))
     first_token: list[float] = []
     total: list[float] = []
 
-    async def client() -> None:
+    async def client(index: int) -> None:
+        await asyncio.sleep(stagger_s * index / concurrency)
         connection = HttpConnection(port)
         try:
             for index in remaining:
@@ -196,7 +203,7 @@ async def run_round(port: int, path: str, make_body, headers: str, concurrency: 
             connection.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(index) for index in range(concurrency)))
     return first_token, total, time.perf_counter() - started
 
 
@@ -272,7 +279,10 @@ async def measure(options, worker_port: int, gateway_port: int, key: str, gatewa
     for _ in range(options.rounds):
         for name, port, target in (("direct", worker_port, direct), ("gateway", gateway_port, through)):
             cpu_before = cpu_seconds(gateway_pid)
-            first, total, seconds = await run_round(port, *target, options.concurrency, options.requests)
+            stream_s = options.tokens * options.token_interval_ms / 1000
+            first, total, seconds = await run_round(
+                port, *target, options.concurrency, options.requests, stagger_s=stream_s
+            )
             if name == "gateway":
                 gateway_cpu_s += cpu_seconds(gateway_pid) - cpu_before
             kept = results[name]

@@ -10,6 +10,7 @@ Prometheus collectors (admission's open reservations, ledger consumer lag) serve
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
@@ -57,6 +58,10 @@ def create_app(
             key_cache=TenantKeyCache(session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max),
             completions=CompletionService(settings, pool, admission, metrics, idempotency),
         )
+        # What start-up built lives as long as the process: move it out of the collector's way, so a
+        # full collection scans only what requests allocate (else it walks ~140k objects: ~70 ms pauses).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
