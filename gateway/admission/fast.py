@@ -7,17 +7,14 @@ The check and the hold happen with no await in between, so on the gateway's even
 atomic step (stronger than a per-tenant asyncio.Lock, and cheaper): within one process the holds
 never exceed the view's balance, whatever the concurrency.
 
-The overspend bound. Each gateway process reserves against its own holds only. A finished request
-keeps its hold (at its actual cost) until the view holds a balance that includes its usage, so one
-process alone never overspends. N processes racing for the same tenant each admit up to the
-available credit before any of them sees the others' usage folded: the overspend is at most
-(N - 1) x the credit available when the race starts, i.e. the in-flight race window. For a tenant
-whose last credits cover fewer than two requests, that is at most one request's maximum cost per
-extra process. `python -m bench.overspend` measures it (2 gateways, 200 concurrent requests of cost
-1000, on the 2-core dev machine): with credit for 10 requests fast mode overspent 10,000 (10 requests,
-= (N - 1) x the credit available); with credit for 1.5 requests it overspent 500 (half a request);
-strict mode overspent 0 in both. Fast mode admitted 25k-58k requests/s, strict 230-800/s.
-Use strict mode when that matters more than latency.
+The overspend bound. Each gateway process sees only its own holds, so N processes racing for one tenant
+could each spend the whole balance before any sees the others' usage folded. Shares prevent that: with
+`gateway_processes` = N, a process admits iff its holds plus the cost fit in its share (the spendable
+balance / N), or, when it holds nothing for the tenant, iff the cost fits in the whole spendable
+balance (so a request larger than a share still runs). Each process then holds at most its share or
+one request, and all of them together at most the balance plus N x one request's maximum cost: the
+overspend bound. `python -m bench.overspend` measures it (2 gateways, 200 concurrent requests racing
+for a balance worth 10 requests). Use strict mode when that matters more than latency.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ class FastAdmission(AdmissionCore):
         tenant_id = request.tenant_id
         self._forget(self.holds.expire(tenant_id, now_ms), "timed_out")
         available = self.available(tenant_id, now_ms)
-        if request.estimated_cost > 0 and available < request.estimated_cost:
+        if request.estimated_cost > 0 and not self._fits(tenant_id, request.estimated_cost, now_ms):
             headers = self.rate_limiter.peek_headers(tenant_id, request.tier, now_ms)
             raise self._refused(credit_exhausted(request, available, headers))
         if self.holds.count(tenant_id) >= self.settings.tenant_holds_max:
@@ -63,6 +60,16 @@ class FastAdmission(AdmissionCore):
 
     def available(self, tenant_id: str, now_ms: int) -> int:
         """The view's balance spendable now minus this process's holds (may be negative)."""
+        return self._spendable(tenant_id, now_ms) - self.holds.total(tenant_id)
+
+    def _fits(self, tenant_id: str, cost: int, now_ms: int) -> bool:
+        """Within this process's share, or a lone request within the whole spendable balance."""
+        spendable = self._spendable(tenant_id, now_ms)
+        held = self.holds.total(tenant_id)
+        if held == 0:
+            return cost <= spendable
+        return held + cost <= spendable // self.settings.gateway_processes
+
+    def _spendable(self, tenant_id: str, now_ms: int) -> int:
         balance = self.view.balance(tenant_id)
-        spendable = balance.spendable_at(now_ms) if balance is not None else 0
-        return spendable - self.holds.total(tenant_id)
+        return balance.spendable_at(now_ms) if balance is not None else 0

@@ -36,6 +36,12 @@ class AdmissionSettings(BaseSettings):
     # processes); strict: reserve through the tenant's owner row in Postgres (never overspends).
     mode: Literal["fast", "strict"] = "fast"
 
+    # Fast mode: how many gateway processes admit for the same tenants. Each may hold at most its share
+    # (1/gateway_processes) of a tenant's spendable credit, plus one request when it holds nothing else:
+    # overspend is then at most one request's maximum cost per gateway process. Set it to the number of
+    # gateway replicas; 1 (a single gateway) keeps the whole balance spendable by that process.
+    gateway_processes: int = Field(default=1, ge=1, le=1024)
+
     tiers: dict[str, TierLimits] = Field(default_factory=default_tiers)
     tier_default: str = "free"  # the limits of a tenant whose tier is not in `tiers`
 

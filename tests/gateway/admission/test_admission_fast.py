@@ -208,3 +208,28 @@ async def test_sweeper_task_runs_in_the_background():
     finally:
         await admission.stop()
     assert admission.holds.open_count() == 0
+
+
+async def test_gateways_racing_for_one_tenant_overspend_at_most_one_request_each():
+    """Each of N processes holds at most its share of the balance, or one request: total <= balance + N x cost."""
+    gateways = [fast_admission(1_000, gateway_processes=3)[0] for _ in range(3)]  # three processes, one balance
+
+    async def attempt(n: int):
+        await asyncio.sleep(0)
+        try:
+            return await gateways[n % 3].admit(admission_request(f"r{n}", cost=150))
+        except CreditExhausted:
+            return None
+
+    admitted = [r for r in await asyncio.gather(*(attempt(n) for n in range(300))) if r is not None]
+    spent = sum(r.amount for r in admitted)
+    assert spent <= 1_000 + 3 * 150
+    assert spent >= 1_000 - 3 * 150, "shares do not strand more than a request per process"
+
+
+async def test_a_request_larger_than_the_share_runs_when_the_process_holds_nothing_else():
+    admission, _ = fast_admission(1_000, gateway_processes=4)  # share 250
+    big = await admission.admit(admission_request("big", cost=900))
+    assert big.amount == 900
+    with pytest.raises(CreditExhausted):
+        await admission.admit(admission_request("second", cost=50))  # 900 held: past its share
