@@ -107,3 +107,20 @@ def test_prepare_refuses_what_does_not_fit_naming_the_param():
 def test_max_tokens_max_must_leave_room_for_a_prompt():
     with pytest.raises(ValueError, match="max_tokens_max"):
         ModelLimits(context_tokens_max=16, max_tokens_max=16)
+
+
+def test_json_log_lines_carry_the_request_tenant_and_model():
+    import logging
+
+    from gateway.logs import JsonFormatter, model_var, request_id_var, tenant_id_var
+
+    tokens = [request_id_var.set("req-1"), tenant_id_var.set("acme"), model_var.set("tollgate-tiny")]
+    try:
+        record = logging.LogRecord("gateway.test", logging.INFO, __file__, 1, "finished %s", ("ok",), None)
+        record.cost = 12
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        for variable, token in zip((request_id_var, tenant_id_var, model_var), tokens, strict=True):
+            variable.reset(token)
+    assert line["message"] == "finished ok" and line["level"] == "INFO"
+    assert (line["request_id"], line["tenant_id"], line["model"], line["cost"]) == ("req-1", "acme", "tollgate-tiny", 12)
