@@ -52,6 +52,9 @@ class ProcessorSettings(StreamSettings):
     # Allowed lateness before wall-clock time publishes an expiry (later events still get corrections).
     processor_expiry_grace_ms: int = Field(default=60_000, ge=0)
     processor_stream_buffer_max: int = Field(default=20_000, ge=1)
+    # faust's own producer (the table's changelog): linger so state writes go out in batches.
+    processor_changelog_linger_ms: int = Field(default=5, ge=0, le=1_000)
+    processor_changelog_batch_size_bytes: int = Field(default=256 * 1024, ge=1024)
     processor_data_dir: str = "var/tollgate/faust"
     # A crashed processor's partitions move to the others after this long without heartbeats.
     processor_session_timeout_ms: int = Field(default=10_000, ge=1_000)
@@ -86,9 +89,10 @@ class TableState:
             if key.startswith(prefix):
                 yield key, value
 
-    def write(self, partition: int, key: bytes, value: bytes) -> None:
+    def write(self, partition: int, key: bytes, value: bytes):
+        """Set locally and send to the changelog; returns the send's future (resolved on the broker's ack)."""
         self._table.data[key] = value
-        self._table.send_changelog(partition, key, value)
+        return self._table.send_changelog(partition, key, value)
 
 
 def create_app(settings: ProcessorSettings) -> faust.App:
@@ -103,6 +107,8 @@ def create_app(settings: ProcessorSettings) -> faust.App:
         topic_replication_factor=settings.topic_replication_factor,
         topic_allow_declare=True,  # the changelog topic; the ledger topics exist already (ensure_topics)
         producer_acks=-1,
+        producer_linger=settings.processor_changelog_linger_ms / 1000,
+        producer_max_batch_size=settings.processor_changelog_batch_size_bytes,
         broker_commit_interval=settings.processor_commit_interval_ms / 1000,
         broker_commit_every=settings.processor_batch_max,
         broker_session_timeout=settings.processor_session_timeout_ms / 1000,
@@ -145,8 +151,9 @@ def create_app(settings: ProcessorSettings) -> faust.App:
                 by_partition[message.partition].append(
                     SourceRecord(message.partition, message.offset, message.key, message.value, int(message.timestamp * 1000))
                 )
-            for partition, records in by_partition.items():
-                await _commit(processor.process(partition, records), partition)
+            outputs = {partition: processor.process(partition, records) for partition, records in by_partition.items()}
+            await _publish(list(outputs.values()))  # one round trip for the whole batch
+            await _write_state([(output, partition) for partition, output in outputs.items()])
 
     @app.timer(interval=settings.processor_expiry_sweep_interval_ms / 1000)
     async def sweep_expiries() -> None:
@@ -154,19 +161,29 @@ def create_app(settings: ProcessorSettings) -> faust.App:
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.events}
         for partition in assigned:
             tenants = [t for t in processor.known_tenants() if _partition_of(app, source, t) == partition]
-            await _commit(processor.advance(tenants, now_ms), partition)
+            output = processor.advance(tenants, now_ms)
+            await _publish([output])
+            await _write_state([(output, partition)])
 
-    async def _commit(output: ProcessorOutput, partition: int) -> None:
-        outgoing = (
-            [OutgoingRecord(topics.entries, r.key, r.value) for r in output.entries]
-            + [OutgoingRecord(topics.balances, r.key, r.value) for r in output.balances]
-            + [OutgoingRecord(topics.dlq, r.key, r.value) for r in output.dead_letters]
-        )
+    async def _publish(outputs: list[ProcessorOutput]) -> None:
+        """Outputs are acked (or durably spooled) before the state that records them is written."""
+        outgoing = [
+            OutgoingRecord(topic, r.key, r.value)
+            for output in outputs
+            for topic, records in ((topics.entries, output.entries), (topics.balances, output.balances), (topics.dlq, output.dead_letters))
+            for r in records
+        ]
         if outgoing:
             await ensure_producer()
-            await producer.send_many(outgoing)  # acked (or durably spooled) before the state records them
-        for key, value in output.state_writes:
-            state.write(partition, key, value)
+            await producer.send_many(outgoing)
+
+    async def _write_state(outputs: list[tuple[ProcessorOutput, int]]) -> None:
+        """Write, in order, then wait for the broker's acks: faust acks the source records when this batch
+        returns and may commit their offsets soon after; its flush before a commit does not cover
+        changelog records still lingering in the producer (a kill -9 then lost folded events)."""
+        sent = [state.write(partition, key, value) for output, partition in outputs for key, value in output.state_writes]
+        if sent:
+            await asyncio.gather(*sent)
 
     @app.on_before_shutdown.connect
     async def stop_output_producer(sender, **kwargs) -> None:

@@ -3,8 +3,8 @@
 It owns no transport. The faust agent (streams.faust_app), the embedded log's driver and the audit
 replay all call `LedgerProcessor.process(partition, records)` and then, in this order:
   1. publish `output.entries`, `output.balances` and `output.dead_letters` and wait for the acks;
-  2. persist `output.state_writes` in order (seen usage ids first, account snapshots last), on the
-     owning partition's changelog.
+  2. persist `output.state_writes` in order (the batch's seen usage ids per tenant first, account
+     snapshots last), on the owning partition's changelog.
 A crash between 1 and 2 reprocesses the batch: the same entries are published again with the same
 entry ids (consumers keep one per id). A crash during 2 leaves a prefix of the writes: a seen-id
 written without its account snapshot is recognised by its source offset and applied again; an account
@@ -86,6 +86,9 @@ class AccountRecord(msgspec.Struct, frozen=True, array_like=True):
 
 
 class SeenRecord(msgspec.Struct, frozen=True, array_like=True):
+    """A usage event applied at `offset`. Stored in batches: one state write per tenant per batch."""
+
+    event_id: str
     offset: int
     occurred_at: int
     amount: int
@@ -111,15 +114,16 @@ class StateReader(Protocol):
 
 _json = msgspec.json.Encoder()
 _account_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(AccountRecord))
-_seen_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(SeenRecord))
+_seen_batch_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[SeenRecord]))
 
 
 def account_key(tenant_id: str) -> bytes:
     return ACCOUNT_KEY_PREFIX + tenant_id.encode()
 
 
-def seen_key(tenant_id: str, event_id: str) -> bytes:
-    return SEEN_KEY_PREFIX + tenant_id.encode() + b"/" + event_id.encode()
+def seen_batch_key(tenant_id: str, first_offset: int) -> bytes:
+    """The key of a tenant's usage ids applied in one batch, named by the batch's first source offset."""
+    return SEEN_KEY_PREFIX + tenant_id.encode() + b"/" + b"%020d" % first_offset
 
 
 class _OffsetAwareIndex:
@@ -160,7 +164,7 @@ class LedgerProcessor:
         self._state = state
         self._source_topic = source_topic
         self._tenants: dict[str, _Tenant] = {}
-        self._recovered_seen: dict[str, list[tuple[str, SeenRecord]]] | None = None
+        self._recovered_seen: dict[str, list[SeenRecord]] | None = None
 
     def forget(self) -> None:
         """Drop every cached tenant (after a rebalance or a failed write): state is read again."""
@@ -170,7 +174,7 @@ class LedgerProcessor:
     def process(self, partition: int, records: Sequence[SourceRecord]) -> ProcessorOutput:
         output = ProcessorOutput()
         touched: dict[str, _Tenant] = {}
-        new_seen: list[tuple[bytes, bytes]] = []
+        new_seen: dict[str, list[SeenRecord]] = {}
         for record in records:
             assert record.partition == partition, f"record of partition {record.partition} in batch of {partition}"
             try:
@@ -196,15 +200,17 @@ class LedgerProcessor:
                 continue
             output.applied_events += 1
             if isinstance(event, UsageRecorded):
-                new_seen.append((
-                    seen_key(event.tenant_id, event.event_id),
-                    _seen_record_codec[0].encode(SeenRecord(record.offset, event.occurred_at, event.amount)),
-                ))
+                new_seen.setdefault(event.tenant_id, []).append(
+                    SeenRecord(event.event_id, record.offset, event.occurred_at, event.amount)
+                )
             output.entries.extend(_entry_records(entries))
         for tenant in touched.values():
             output.entries.extend(_entry_records(tenant.account.advance_to(tenant.stream_time)))
             output.balances.append(self._balance_record(tenant))
-        output.state_writes.extend(new_seen)
+        output.state_writes.extend(
+            (seen_batch_key(tenant_id, seen[0].offset), _seen_batch_codec[0].encode(seen))
+            for tenant_id, seen in new_seen.items()
+        )
         output.state_writes.extend((account_key(t), self._account_record(tenant)) for t, tenant in touched.items())
         return output
 
@@ -254,20 +260,20 @@ class LedgerProcessor:
             account = account_from_bytes(record.snapshot)
             applied_offset, stream_time = record.applied_offset, record.stream_time
         index = _OffsetAwareIndex()
-        for event_id, seen in self._seen_of(tenant_id):
+        for seen in self._seen_of(tenant_id):
             if seen.offset <= applied_offset:  # its effect is in the snapshot; later ones get redelivered
                 index.current_offset = seen.offset
-                index.record(event_id, seen.occurred_at, seen.amount)
+                index.record(seen.event_id, seen.occurred_at, seen.amount)
         return _Tenant(account, index, applied_offset, stream_time)
 
-    def _seen_of(self, tenant_id: str) -> list[tuple[str, SeenRecord]]:
+    def _seen_of(self, tenant_id: str) -> list[SeenRecord]:
         """The stored seen ids of a tenant. One pass over the state groups them all, once per recovery."""
         if self._recovered_seen is None:
-            decode_seen = _seen_record_codec[1].decode
-            grouped: dict[str, list[tuple[str, SeenRecord]]] = {}
+            decode_seen = _seen_batch_codec[1].decode
+            grouped: dict[str, list[SeenRecord]] = {}
             for key, value in self._state.items_with_prefix(SEEN_KEY_PREFIX):
-                tenant, _, event_id = key[len(SEEN_KEY_PREFIX):].decode().partition("/")
-                grouped.setdefault(tenant, []).append((event_id, decode_seen(value)))
+                tenant = key[len(SEEN_KEY_PREFIX):].decode().partition("/")[0]
+                grouped.setdefault(tenant, []).extend(decode_seen(value))
             self._recovered_seen = grouped
         return self._recovered_seen.pop(tenant_id, [])
 

@@ -70,7 +70,12 @@ async def wait_converged(settings, events, worker: ComponentProcess) -> None:
             return
         assert worker.alive(), worker.log_tail()
         await asyncio.sleep(1)
-    raise AssertionError(f"balances did not converge:\n{worker.log_tail()}")
+    live = await live_balances(settings)
+    differences = {
+        tenant: ((record.balance, record.overage, record.applied_offset), expected_balance(events, tenant, record.as_of))
+        for tenant, record in live.items()
+    }
+    raise AssertionError(f"balances did not converge: (live, applied offset) vs expected {differences}")
 
 
 def processor_env(settings, tmp_path) -> dict[str, str]:
