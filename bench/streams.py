@@ -27,8 +27,8 @@ offered count as later than every folded one: a percentile that falls among them
 prints own time by module group, then the top functions, to stderr. Timings under the profiler are
 several times slower; use it for shares, not rates.
 
-The processor reads its settings from the environment (TOLLGATE_PROCESSOR_BATCH_MAX, ..., and faust's
-own PRODUCER_LINGER for its changelog producer); the values used are in `settings`.
+The processor reads its settings from the environment (TOLLGATE_PROCESSOR_BATCH_MAX, ...,
+TOLLGATE_PROCESSOR_CHANGELOG_LINGER_MS for faust's changelog producer); the values used are in `settings`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faust
 import msgspec
 
 from bench._kafka_bench_util import (
@@ -489,11 +488,9 @@ async def measure_lag(broker: LocalBroker, arguments: argparse.Namespace, workdi
 
 
 def settings_used(settings: ProcessorSettings) -> dict:
-    # faust's own producer (the changelog writes) takes its settings from faust's defaults and env.
-    faust_conf = faust.App(settings.processor_app_id, broker="kafka://settings-only:9092").conf
     return {
-        "faust_changelog_producer_linger_s": faust_conf.producer_linger,
-        "faust_changelog_producer_max_batch_size_bytes": faust_conf.producer_max_batch_size,
+        "faust_changelog_producer_linger_ms": settings.processor_changelog_linger_ms,
+        "faust_changelog_producer_max_batch_size_bytes": settings.processor_changelog_batch_size_bytes,
         "processor_batch_max": settings.processor_batch_max,
         "processor_batch_wait_ms": settings.processor_batch_wait_ms,
         "processor_commit_interval_ms": settings.processor_commit_interval_ms,
