@@ -47,7 +47,7 @@ class PostgresLog:
         self.topics = LedgerTopics.from_settings(settings)
         self.partitions = settings.topic_partitions
         self._poll_interval_s = poll_interval_ms / 1000
-        self._appended = asyncio.Condition()
+        self._appended = asyncio.Event()  # replaced on each notification: waiting needs no lock
 
     async def start(self) -> None:
         rows = [
@@ -104,8 +104,8 @@ class PostgresLog:
         return positions  # type: ignore[return-value]
 
     async def notify_appended(self) -> None:
-        async with self._appended:
-            self._appended.notify_all()
+        appended, self._appended = self._appended, asyncio.Event()
+        appended.set()
 
     async def read(self, topic: str, partition: int, from_offset: int, max_records: int) -> list[LogRecord]:
         query = (
@@ -143,6 +143,5 @@ class PostgresLog:
             if batch:
                 yield batch
                 continue
-            async with self._appended:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._appended.wait(), timeout=self._poll_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._appended.wait(), timeout=self._poll_interval_s)

@@ -67,7 +67,8 @@ class KafkaLog:
         self.partitions = settings.topic_partitions
         self._producer = producer or EventProducer(settings)
         self._owns_producer = producer is None
-        self._reader: AIOKafkaConsumer | None = None
+        self._reader: AIOKafkaConsumer | None = None  # read(): assigned one partition at a time
+        self._offsets_client: AIOKafkaConsumer | None = None  # end_offset(): never assigned, never fetching
         self._reader_lock = asyncio.Lock()
 
     @property
@@ -79,9 +80,10 @@ class KafkaLog:
             await self._producer.start()
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            await self._reader.stop()
-            self._reader = None
+        for client in (self._reader, self._offsets_client):
+            if client is not None:
+                await client.stop()
+        self._reader = self._offsets_client = None
         if self._owns_producer:
             await self._producer.stop()
 
@@ -116,9 +118,11 @@ class KafkaLog:
 
     async def end_offset(self, topic: str, partition: int) -> int:
         async with self._reader_lock:
-            reader = await self._ensure_reader()
+            if self._offsets_client is None:
+                self._offsets_client = self._new_consumer()
+                await self._offsets_client.start()
             tp = TopicPartition(topic, partition)
-            return (await reader.end_offsets([tp]))[tp]
+            return (await self._offsets_client.end_offsets([tp]))[tp]
 
     async def tail(self, topic: str, *, from_beginning: bool, batch_max: int = 1_000) -> AsyncIterator[list[LogRecord]]:
         consumer = self._new_consumer()

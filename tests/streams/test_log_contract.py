@@ -130,3 +130,16 @@ async def test_records_are_durable_for_a_second_reader(event_log, tmp_path):
         await other.stop()
     assert [r.value for r in records][-5:] == [f"v{n}".encode() for n in range(5)]
     assert [r.offset for r in records] == list(range(len(records)))
+
+
+async def test_a_cancelled_tail_stops_cleanly(event_log):
+    async def follow():
+        async for _ in event_log.tail(event_log.topics.balances, from_beginning=False):
+            pass
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.5)  # waiting for records that do not come
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await event_log.end_offset(event_log.topics.balances, 0) >= 0, "the log still answers"
