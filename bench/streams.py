@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +68,9 @@ from bench._kafka_bench_util import (
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, UsageRecorded
 from streams.faust_app import ProcessorSettings
-from streams.processor import BalanceRecord, LedgerProcessor, SourceRecord
+from streams.processor import BalanceRecord, LedgerProcessor
+from streams.records import LogRecord
+from streams.replay import DictState
 from streams.topics import LedgerTopics, ensure_topics, ledger_topic_specs
 
 TENANTS_PER_PARTITION = 2
@@ -293,32 +295,19 @@ def percentile(folded_lags_sorted: list[int], unfolded: int, fraction: float) ->
     return folded_lags_sorted[index] if index < len(folded_lags_sorted) else None
 
 
-class _DictState:
-    """`StateReader` over a dict, with the write the transports make after publishing."""
-
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
-
-    def get(self, key: bytes) -> bytes | None:
-        return self.data.get(key)
-
-    def items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        return ((k, v) for k, v in list(self.data.items()) if k.startswith(prefix))
-
-
 def fold_only_rate(records: list[tuple[bytes, bytes]], partitions: int, batch_max: int, topic: str) -> float:
     """Usage events per second through LedgerProcessor.process alone, batched as the faust agent does."""
-    by_partition: dict[int, list[SourceRecord]] = defaultdict(list)
+    by_partition: dict[int, list[LogRecord]] = defaultdict(list)
     for key, value in records:
         partition = partition_of(key, partitions)
-        by_partition[partition].append(SourceRecord(partition, len(by_partition[partition]), key, value, 0))
-    state = _DictState()
+        by_partition[partition].append(LogRecord(topic, partition, len(by_partition[partition]), key, value, 0))
+    state = DictState()
     processor = LedgerProcessor(state, source_topic=topic)
     started = time.perf_counter()
     for partition, source in by_partition.items():
         for start in range(0, len(source), batch_max):
             output = processor.process(partition, source[start:start + batch_max])
-            state.data.update(output.state_writes)
+            state.write_all(output.state_writes)
     return len(records) / (time.perf_counter() - started)
 
 

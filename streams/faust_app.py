@@ -27,8 +27,9 @@ from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from pydantic import Field
 
-from streams.processor import LedgerProcessor, ProcessorOutput, SourceRecord
+from streams.processor import LedgerProcessor, ProcessorOutput
 from streams.producer import EventProducer
+from streams.records import LogRecord
 from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics
@@ -145,11 +146,11 @@ def create_app(settings: ProcessorSettings) -> faust.App:
     @app.agent(source, concurrency=1)
     async def fold(stream) -> None:
         async for events in stream.take_events(settings.processor_batch_max, within=settings.processor_batch_wait_ms / 1000):
-            by_partition: dict[int, list[SourceRecord]] = defaultdict(list)
+            by_partition: dict[int, list[LogRecord]] = defaultdict(list)
             for event in events:
                 message = event.message
                 by_partition[message.partition].append(
-                    SourceRecord(message.partition, message.offset, message.key, message.value, int(message.timestamp * 1000))
+                    LogRecord(message.topic, message.partition, message.offset, message.key, message.value, int(message.timestamp * 1000))
                 )
             outputs = {partition: processor.process(partition, records) for partition, records in by_partition.items()}
             await _publish(list(outputs.values()))  # one round trip for the whole batch

@@ -30,20 +30,12 @@ from ledger.entries import Entry, encode_entry
 from ledger.events import InvalidEvent, UsageRecorded
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.usage_index import InMemoryUsageIndex
+from streams.records import LogRecord
 
 log = logging.getLogger(__name__)
 
 ACCOUNT_KEY_PREFIX = b"a/"
 SEEN_KEY_PREFIX = b"s/"
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRecord:
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +163,7 @@ class LedgerProcessor:
         self._tenants.clear()
         self._recovered_seen = None
 
-    def process(self, partition: int, records: Sequence[SourceRecord]) -> ProcessorOutput:
+    def process(self, partition: int, records: Sequence[LogRecord]) -> ProcessorOutput:
         output = ProcessorOutput()
         touched: dict[str, _Tenant] = {}
         new_seen: dict[str, list[SeenRecord]] = {}
@@ -237,7 +229,7 @@ class LedgerProcessor:
 
     # -------------------------------------------------------------------------------------- helpers
 
-    def _decode(self, record: SourceRecord):
+    def _decode(self, record: LogRecord):
         if record.value is None:
             raise InvalidEvent("empty record (no value)")
         event = decode_input_event(record.value)
@@ -296,7 +288,7 @@ class LedgerProcessor:
         record = AccountRecord(tenant.applied_offset, tenant.stream_time, account_to_bytes(tenant.account))
         return _account_record_codec[0].encode(record)
 
-    def _dead_letter(self, record: SourceRecord, reason: str) -> OutputRecord:
+    def _dead_letter(self, record: LogRecord, reason: str) -> OutputRecord:
         log.warning("dead letter %s[%d]@%d: %s", self._source_topic, record.partition, record.offset, reason)
         letter = DeadLetter(
             reason=reason,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.processor import BalanceRecord, LedgerProcessor, SourceRecord
+from streams.processor import BalanceRecord, LedgerProcessor
+from streams.records import LogRecord
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics
 
@@ -100,7 +101,7 @@ async def replay(
                 if end is None:
                     continue
                 kept = [
-                    SourceRecord(tp.partition, m.offset, m.key, m.value, m.timestamp)
+                    LogRecord(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp)
                     for m in messages
                     if m.offset < end and (until_time_ms is None or m.timestamp <= until_time_ms)
                 ]

@@ -11,7 +11,8 @@ import pytest
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
 from ledger.tenant import Book
-from streams.processor import BalanceRecord, DeadLetter, LedgerProcessor, SourceRecord
+from streams.processor import BalanceRecord, DeadLetter, LedgerProcessor
+from streams.records import LogRecord
 from streams.replay import DictState
 
 TOPIC = "ledger.events"
@@ -36,7 +37,7 @@ def events_for(tenant: str, usage_count: int, seed: int):
 
 def as_records(events, start_offset=0, partition=0):
     return [
-        SourceRecord(partition, start_offset + n, e.tenant_id.encode(), encode_event(e), NOW + n)
+        LogRecord(TOPIC, partition, start_offset + n, e.tenant_id.encode(), encode_event(e), NOW + n)
         for n, e in enumerate(events)
     ]
 
@@ -138,7 +139,7 @@ def test_records_at_or_below_the_applied_offset_are_skipped():
 )
 def test_bad_records_become_dead_letters_and_processing_goes_on(value, key, reason):
     good = events_for("acme", 3, 6)
-    records = [SourceRecord(0, 0, key, value, NOW)] + as_records(good, start_offset=1)
+    records = [LogRecord(TOPIC, 0, 0, key, value, NOW)] + as_records(good, start_offset=1)
     state = DictState()
     output = LedgerProcessor(state, source_topic=TOPIC).process(0, records)
     [letter] = [msgspec.json.decode(r.value, type=DeadLetter) for r in output.dead_letters]
@@ -158,7 +159,7 @@ def test_expiries_of_quiet_tenants_are_published_by_advance():
     grant = CreditGranted(event_id="e1", tenant_id="acme", grant_id="g", amount=5, effective_at=NOW, expires_at=NOW + 10)
     state = DictState()
     processor = LedgerProcessor(state, source_topic=TOPIC)
-    state.write_all(processor.process(0, [SourceRecord(0, 0, b"acme", encode_event(grant), NOW)]).state_writes)
+    state.write_all(processor.process(0, [LogRecord(TOPIC, 0, 0, b"acme", encode_event(grant), NOW)]).state_writes)
     assert processor.advance(["acme"], NOW + 5).entries == []
     output = processor.advance(processor.known_tenants(), NOW + 10)
     assert [msgspec.json.decode(e.value)["type"] for e in output.entries] == ["credit_expired"]

@@ -14,7 +14,7 @@ from ledger.events import CreditGranted, UsageRecorded
 from streams.database import build_async_engine
 from streams.embedded_log import PostgresLog
 from streams.log import KafkaLog
-from streams.processor import LedgerProcessor, SourceRecord
+from streams.processor import LedgerProcessor
 from streams.spool import OutgoingRecord
 from tests.gateway.admission.helpers import admission_request, new_metrics
 from tests.streams.helpers import create_ledger_topics, stream_settings
@@ -68,9 +68,7 @@ class ProcessorStep:
             if not records:
                 continue
             self.next_offsets[partition] = records[-1].offset + 1
-            output = self.processor.process(partition, [
-                SourceRecord(r.partition, r.offset, r.key, r.value, r.timestamp_ms) for r in records
-            ])
+            output = self.processor.process(partition, records)
             outgoing = [OutgoingRecord(topics.entries, r.key, r.value) for r in output.entries]
             outgoing += [OutgoingRecord(topics.balances, r.key, r.value) for r in output.balances]
             await self.log.append_many(outgoing)
