@@ -42,7 +42,7 @@ from ledger.entries import (
 )
 from ledger.events import CreditExpired, CreditGranted, GrantVoided, InvalidEvent, UsageRecorded
 from ledger.snapshot import AccountState, BlockState
-from ledger.usage_index import UsageIndex
+from ledger.usage_index import UsageIndex, UsageSummary
 
 NEVER = 2**63 - 1  # an end that never comes
 NO_USAGE_FIRST = NEVER  # segment_first_usage_at of a segment without usage
@@ -288,7 +288,8 @@ class Account:
         usage = self._segment_usage[segment]
         first = self._segment_first_usage_at[segment]
         last = self._segment_last_usage_at[segment]
-        if usage == 0 or last < bound:
+        # By the usage's timestamps, not its total: zero-amount usage has times too.
+        if last < bound:
             left, right = (usage, first, last), (0, NO_USAGE_FIRST, NO_USAGE_LAST)
         elif first >= bound:
             left, right = (0, NO_USAGE_FIRST, NO_USAGE_LAST), (usage, first, last)
@@ -299,7 +300,7 @@ class Account:
                 f"usage index disagrees with segment total for {self.tenant_id}: "
                 f"{before.total} + {after.total} != {usage}"
             )
-            left, right = (before.total, before.first_at, before.last_at), (after.total, after.first_at, after.last_at)
+            left, right = _segment_usage_of(before), _segment_usage_of(after)
         self._bounds.insert(position, bound)
         self._segment_usage[segment : segment + 1] = [left[0], right[0]]
         self._segment_first_usage_at[segment : segment + 1] = [left[1], right[1]]
@@ -645,6 +646,13 @@ class Account:
     @property
     def segment_count(self) -> int:
         return len(self._segment_usage)
+
+
+def _segment_usage_of(summary: UsageSummary) -> tuple[int, int, int]:
+    """(total, first usage time, last usage time) of a segment, with the sentinels when it has none."""
+    if summary.first_at is None:
+        return (0, NO_USAGE_FIRST, NO_USAGE_LAST)
+    return (summary.total, summary.first_at, summary.last_at)
 
 
 def _allocations(deltas: dict[str, int]) -> tuple[Allocation, ...]:

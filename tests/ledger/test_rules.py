@@ -11,6 +11,7 @@ from ledger.entries import AllocationCorrected, CreditVoided, EndCorrected, Usag
 from ledger.events import CreditExpired, CreditGranted, GrantVoided, InvalidEvent, UsageRecorded
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.tenant import TenantLedger
+from tests.ledger import oracle
 
 T = "tenant"
 
@@ -201,3 +202,15 @@ def test_snapshot_round_trip_continues_the_same_fold():
     for t in (0, 10, 25, 40, 55):
         assert restored.balance_at(t) == ledger.balance_at(t)
     assert restored.account.watermark == 55
+
+
+def test_zero_amount_usage_keeps_segment_times_right_through_later_splits():
+    """Found by hypothesis: a split once gave a zero-total segment the times of usage beyond its bound,
+    and a later split then asked the index about an empty range."""
+    events = [usage("zero", 0, 2), grant("a", 1, 2), usage("one", 1, 0), grant("b", 1, 0), void("a", 1)]
+    ledger = ledger_of(*events)
+    ledger.account.check_invariants()
+    restored = account_from_bytes(account_to_bytes(ledger.account))
+    for t in (-1, 0, 1, 2, 3):
+        assert ledger.balance_at(t) == oracle.balance_at(events, t)
+        assert restored.balance_at(t, ledger.index) == oracle.balance_at(events, t)
