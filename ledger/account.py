@@ -643,10 +643,6 @@ class Account:
         account.check_invariants()
         return account
 
-    @property
-    def segment_count(self) -> int:
-        return len(self._segment_usage)
-
 
 def _segment_usage_of(summary: UsageSummary) -> tuple[int, int, int]:
     """(total, first usage time, last usage time) of a segment, with the sentinels when it has none."""
