@@ -26,8 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.codec import encode_event
 from ledger.events import Event
-from streams.log import partition_for_key
-from streams.records import LogPosition, LogRecord
+from streams.records import LogPosition, LogRecord, partition_for_key
 from streams.schema import log_partition_heads, log_records
 from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord

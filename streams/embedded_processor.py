@@ -18,7 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from streams.embedded_log import PostgresLog
-from streams.log import partition_for_key
 from streams.processor import LedgerProcessor, ProcessorOutput
 from streams.replay import DictState
 from streams.schema import ProjectorOffset, processor_state
@@ -84,10 +83,7 @@ class EmbeddedProcessor:
     async def sweep_expiries(self) -> None:
         """Publish expiries that wall-clock time has passed, for tenants without new events."""
         now_ms = self.clock_ms() - self.expiry_grace_ms
-        by_partition: dict[int, list[str]] = {}
-        for tenant_id in self.processor.known_tenants():
-            by_partition.setdefault(partition_for_key(tenant_id.encode(), self.log.partitions), []).append(tenant_id)
-        for partition, tenants in by_partition.items():
+        for partition, tenants in self.processor.tenants_by_partition(self.log.partitions).items():
             output = self.processor.advance(tenants, now_ms)
             if output.entries or output.state_writes:
                 await self._commit(output, partition, None)

@@ -160,11 +160,13 @@ def create_app(settings: ProcessorSettings) -> faust.App:
     async def sweep_expiries() -> None:
         now_ms = int(time.time() * 1000) - settings.processor_expiry_grace_ms
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.events}
-        for partition in assigned:
-            tenants = [t for t in processor.known_tenants() if _partition_of(app, source, t) == partition]
+        for partition, tenants in processor.tenants_by_partition(settings.topic_partitions).items():
+            if partition not in assigned:
+                continue
             output = processor.advance(tenants, now_ms)
-            await _publish([output])
-            await _write_state([(output, partition)])
+            if output.entries or output.state_writes:
+                await _publish([output])
+                await _write_state([(output, partition)])
 
     async def _publish(outputs: list[ProcessorOutput]) -> None:
         """Outputs are acked (or durably spooled) before the state that records them is written."""
@@ -192,13 +194,6 @@ def create_app(settings: ProcessorSettings) -> faust.App:
             await producer.stop()
 
     return app
-
-
-def _partition_of(app: faust.App, topic: faust.TopicT, tenant_id: str) -> int:
-    """The partition the default partitioner gives a tenant's key (murmur2, as the Java client)."""
-    from aiokafka.partitioner import DefaultPartitioner
-
-    return DefaultPartitioner()(tenant_id.encode(), list(range(app.conf.topic_partitions)), [])
 
 
 def run_worker(settings: ProcessorSettings | None = None, *, loglevel: str = "INFO") -> None:

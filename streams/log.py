@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.partitioner import murmur2
 
 from ledger.codec import encode_event
 from ledger.events import Event
@@ -30,11 +29,6 @@ from streams.topics import LedgerTopics
 
 TAIL_POLL_TIMEOUT_MS = 200
 READ_TIMEOUT_MS = 5_000
-
-
-def partition_for_key(key: bytes, partitions: int) -> int:
-    """Kafka's default partitioner (murmur2, positive, modulo), so both logs place a key alike."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class EventLog(Protocol):

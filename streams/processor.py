@@ -30,7 +30,7 @@ from ledger.entries import Entry, encode_entry
 from ledger.events import InvalidEvent, UsageRecorded
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.usage_index import InMemoryUsageIndex
-from streams.records import LogRecord
+from streams.records import LogRecord, partition_for_key
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,13 @@ class LedgerProcessor:
 
     def known_tenants(self) -> list[str]:
         return [key[len(ACCOUNT_KEY_PREFIX):].decode() for key, _ in self._state.items_with_prefix(ACCOUNT_KEY_PREFIX)]
+
+    def tenants_by_partition(self, partitions: int) -> dict[int, list[str]]:
+        """Every known tenant under the source partition that owns it (one pass over the state)."""
+        grouped: dict[int, list[str]] = {}
+        for tenant_id in self.known_tenants():
+            grouped.setdefault(partition_for_key(tenant_id.encode(), partitions), []).append(tenant_id)
+        return grouped
 
     def tenant_account(self, tenant_id: str) -> tuple[Account, InMemoryUsageIndex]:
         tenant = self._tenant(tenant_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aiokafka.partitioner import murmur2
+
 
 @dataclass(frozen=True, slots=True)
 class LogRecord:
@@ -23,3 +25,8 @@ class LogPosition:
     partition: int | None
     offset: int | None
     spooled: bool = False
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner (murmur2, positive, modulo), so both logs place a key alike."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

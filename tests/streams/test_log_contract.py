@@ -10,7 +10,8 @@ from ledger.codec import decode_event
 from ledger.events import UsageRecorded
 from streams.database import build_async_engine
 from streams.embedded_log import PostgresLog
-from streams.log import KafkaLog, partition_for_key
+from streams.log import KafkaLog
+from streams.records import partition_for_key
 from streams.spool import OutgoingRecord
 from tests.streams.helpers import create_ledger_topics, stream_settings
 
