@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,14 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from tests.fixtures.processes import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
 BALANCE_TIMEOUT_S = 20
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_dev(data_dir: Path, port: int, worker_port: int, log_path: Path) -> subprocess.Popen:

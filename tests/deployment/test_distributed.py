@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +16,7 @@ from openai import OpenAI
 from inference.settings import WorkerSettings
 from inference.usage import usage_amount
 from streams.replay import compare, live_balances, replay
-from tests.fixtures.processes import ComponentProcess
+from tests.fixtures.processes import ComponentProcess, free_port, wait_http_ok
 from tests.streams.helpers import create_ledger_topics, stream_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -28,25 +27,6 @@ REQUESTS_PER_TENANT = 8
 GRANT = 1_000_000
 READY_TIMEOUT_S = 120
 CONVERGE_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_http(url: str, process: ComponentProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.alive(), process.log_tail()
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not healthy:\n{process.log_tail()}")
 
 
 @pytest.fixture
@@ -81,9 +61,9 @@ def cluster(kafka_broker, database_url, topic_prefix, tmp_path):
             launch(f"gateway-{number}", "gateway", TOLLGATE_GATEWAY_PORT=str(port),
                    TOLLGATE_GATEWAY_WORKER_URLS=f'["http://127.0.0.1:{worker_port}"]')
             gateway_urls.append(f"http://127.0.0.1:{port}")
-        wait_http(f"http://127.0.0.1:{worker_port}/health", worker)
+        wait_http_ok(f"http://127.0.0.1:{worker_port}/health", worker, READY_TIMEOUT_S)
         for number, url in enumerate(gateway_urls, start=1):
-            wait_http(f"{url}/health", processes[f"gateway-{number}"])
+            wait_http_ok(f"{url}/health", processes[f"gateway-{number}"], READY_TIMEOUT_S)
         for number in (1, 2):
             processes[f"processor-{number}"].wait_for_log("Worker ready", READY_TIMEOUT_S)
         yield settings, gateway_urls, admin_token, processes

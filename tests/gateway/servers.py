@@ -4,7 +4,6 @@ the benchmark: the test's loop talks to them over real sockets, as a client woul
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -12,13 +11,9 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 from fastapi import FastAPI
 
+from tests.fixtures.processes import free_port
+
 START_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ThreadServer:

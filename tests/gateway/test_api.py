@@ -14,13 +14,13 @@ import pytest
 from gateway.admission.base import CreditExhausted, RateLimited
 from inference.settings import WorkerSettings
 from inference.usage import usage_amount
+from tests.fixtures.processes import free_port
 from tests.gateway.conftest import (
     RecordingAdmission,
     gateway_settings,
     insert_tenant_with_key,
     start_gateway,
 )
-from tests.gateway.servers import free_port
 
 pytestmark = pytest.mark.postgres
 
