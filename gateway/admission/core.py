@@ -15,6 +15,7 @@ from gateway.admission.holds import Hold, LocalHolds
 from gateway.admission.metrics import REASON_CREDIT, AdmissionMetrics
 from gateway.admission.rate_limit import RateLimiter
 from gateway.admission.settings import AdmissionSettings
+from gateway.admission.view_guard import too_many_holds
 from gateway.ledger_view import LedgerView, TenantBalance, wall_clock_ms
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,11 @@ logger = logging.getLogger(__name__)
 
 class CreditBalanceExhausted(CreditExhausted):
     reason = REASON_CREDIT
+
+
+def rate_tokens(request: AdmissionRequest) -> int:
+    """What a request counts against the tokens-per-minute limit: its prompt and the most it may produce."""
+    return request.prompt_tokens + request.max_tokens
 
 
 def check_request(request: AdmissionRequest) -> None:
@@ -78,6 +84,16 @@ class AdmissionCore:
 
     # -------------------------------------------------------------------------- for the modes
 
+    def _take_hold_slot_and_rate(self, request: AdmissionRequest, now_ms: int) -> dict[str, str]:
+        """The per-process limits every mode applies: open holds per tenant, then the tier's requests and
+        tokens per minute. Returns the x-ratelimit-* headers; raises the (counted) rejection."""
+        if self.holds.count(request.tenant_id) >= self.settings.tenant_holds_max:
+            raise self._refused(too_many_holds(request.tenant_id, self.settings))
+        try:
+            return self.rate_limiter.acquire(request.tenant_id, request.tier, rate_tokens(request), now_ms)
+        except Rejection as rejection:
+            raise self._refused(rejection) from None
+
     def _refused(self, rejection: Rejection) -> Rejection:
         self.metrics.rejections.labels(reason=getattr(rejection, "reason", rejection.code)).inc()
         return rejection
@@ -94,7 +110,7 @@ class AdmissionCore:
             request_id=request.request_id,
             tenant_id=request.tenant_id,
             amount=request.estimated_cost,
-            tokens=request.prompt_tokens + request.max_tokens,
+            tokens=rate_tokens(request),
             headers=headers,
         )
 

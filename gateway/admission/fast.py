@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from gateway.admission.base import AdmissionRequest, Rejection, Reservation
 from gateway.admission.core import AdmissionCore, check_request, credit_exhausted
-from gateway.admission.view_guard import require_fresh_view, too_many_holds
+from gateway.admission.view_guard import require_fresh_view
 
 
 class FastAdmission(AdmissionCore):
@@ -41,13 +41,7 @@ class FastAdmission(AdmissionCore):
         if request.estimated_cost > 0 and not self._fits(tenant_id, request.estimated_cost, now_ms):
             headers = self.rate_limiter.peek_headers(tenant_id, request.tier, now_ms)
             raise self._refused(credit_exhausted(request, available, headers))
-        if self.holds.count(tenant_id) >= self.settings.tenant_holds_max:
-            raise self._refused(too_many_holds(tenant_id, self.settings))
-        tokens = request.prompt_tokens + request.max_tokens
-        try:
-            headers = self.rate_limiter.acquire(tenant_id, request.tier, tokens, now_ms)
-        except Rejection as rejection:
-            raise self._refused(rejection) from None
+        headers = self._take_hold_slot_and_rate(request, now_ms)
         return self._held(request, now_ms, headers)
 
     async def finish(self, reservation: Reservation, actual_cost: int) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.admission.base import AdmissionRequest, Overloaded, Rejection, Reservation
-from gateway.admission.core import AdmissionCore, check_request, credit_exhausted
+from gateway.admission.core import AdmissionCore, check_request, credit_exhausted, rate_tokens
 from gateway.admission.holds import Hold
 from gateway.admission.metrics import REASON_STORE_UNAVAILABLE, AdmissionMetrics
 from gateway.admission.settings import AdmissionSettings
@@ -90,13 +90,7 @@ class StrictAdmission(AdmissionCore):
         now_ms = self.clock_ms()
         tenant_id = request.tenant_id
         self._forget(self.holds.expire(tenant_id, now_ms), "timed_out")
-        if self.holds.count(tenant_id) >= self.settings.tenant_holds_max:
-            raise self._refused(too_many_holds(tenant_id, self.settings))
-        tokens = request.prompt_tokens + request.max_tokens
-        try:
-            headers = self.rate_limiter.acquire(tenant_id, request.tier, tokens, now_ms)
-        except Rejection as rejection:
-            raise self._refused(rejection) from None
+        headers = self._take_hold_slot_and_rate(request, now_ms)
         try:
             async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
                 result = await self.store.reserve(
@@ -111,7 +105,7 @@ class StrictAdmission(AdmissionCore):
         except (TimeoutError, SQLAlchemyError, asyncio.CancelledError) as error:
             # The transaction may have committed just before: delete the hold it may have written.
             self._cleanup(request.request_id)
-            self.rate_limiter.give_back(tenant_id, tokens, self.clock_ms())
+            self.rate_limiter.give_back(tenant_id, rate_tokens(request), self.clock_ms())
             if isinstance(error, asyncio.CancelledError):
                 raise
             logger.warning("strict reservation of %s failed: %r", request.request_id, error)
@@ -120,7 +114,7 @@ class StrictAdmission(AdmissionCore):
                 headers={"retry-after": str(self.settings.view_unavailable_retry_after_s)},
             )) from None
         if not result.reserved:
-            headers = self.rate_limiter.give_back(tenant_id, tokens, self.clock_ms())
+            headers = self.rate_limiter.give_back(tenant_id, rate_tokens(request), self.clock_ms())
             if result.holds >= self.settings.tenant_holds_max:
                 raise self._refused(too_many_holds(tenant_id, self.settings))
             raise self._refused(credit_exhausted(request, result.available, headers))
