@@ -32,29 +32,36 @@ def open_event_log(settings: GatewaySettings, stream_settings: StreamSettings, e
     return KafkaLog(stream_settings)
 
 
-async def serve(settings: GatewaySettings) -> None:
+async def start_gateway(settings: GatewaySettings, event_log, engine, sessions):
+    """The gateway app over a started event log, with admission (its balance view tailing that log)
+    started and its metrics in the gateway's registry. Returns (app, admission runtime to stop)."""
     from gateway.admission.factory import AdmissionRuntime
     from gateway.admission.metrics import AdmissionMetrics
     from gateway.admission.settings import AdmissionSettings
 
+    admission_metrics = AdmissionMetrics(registry=None)  # served by the gateway's own registry
+    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine, metrics=admission_metrics)
+    await admission_runtime.start()
+    app = create_app(
+        settings,
+        log=event_log,
+        admission=admission_runtime.admission,
+        session_factory=sessions,
+        collectors=admission_metrics.collectors(),
+        admin_settings=AdminSettings(admin_token=settings.admin_token) if settings.admin_token else None,
+    )
+    return app, admission_runtime
+
+
+async def serve(settings: GatewaySettings) -> None:
     database_settings = DatabaseSettings()
     database_url = await asyncio.to_thread(prepare_database, database_settings)
     engine = build_async_engine(database_url, database_settings)
     sessions = build_session_factory(engine)
     event_log = open_event_log(settings, StreamSettings(), engine)
     await event_log.start()
-    admission_metrics = AdmissionMetrics(registry=None)  # served by the gateway's own registry
-    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine, metrics=admission_metrics)
-    await admission_runtime.start()
+    app, admission_runtime = await start_gateway(settings, event_log, engine, sessions)
     try:
-        app = create_app(
-            settings,
-            log=event_log,
-            admission=admission_runtime.admission,
-            session_factory=sessions,
-            collectors=admission_metrics.collectors(),
-            admin_settings=AdminSettings(admin_token=settings.admin_token) if settings.admin_token else None,
-        )
         config = uvicorn.Config(
             app,
             host=settings.host,

@@ -51,11 +51,7 @@ def run_dev(options: DevOptions) -> None:
 
 
 async def _run(options: DevOptions) -> None:
-    from gateway.admin import AdminSettings
-    from gateway.admission.factory import AdmissionRuntime
-    from gateway.admission.metrics import AdmissionMetrics
-    from gateway.admission.settings import AdmissionSettings
-    from gateway.app import create_app as create_gateway_app
+    from gateway.__main__ import start_gateway
     from gateway.settings import GatewaySettings
     from inference.settings import WorkerSettings
     from inference.worker import create_app as create_worker_app
@@ -91,23 +87,13 @@ async def _run(options: DevOptions) -> None:
     worker_settings = WorkerSettings(host="127.0.0.1", port=options.worker_port)
     worker_app = create_worker_app(worker_settings, emit_usage=event_log.publish)
 
-    admission_metrics = AdmissionMetrics(registry=None)  # served by the gateway's own registry
-    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine, metrics=admission_metrics)
-    await admission_runtime.start()
     gateway_settings = GatewaySettings(
         host=options.host,
         port=options.port,
         worker_urls=[f"http://127.0.0.1:{options.worker_port}"],
         admin_token=admin_token,
     )
-    gateway_app = create_gateway_app(
-        gateway_settings,
-        log=event_log,
-        admission=admission_runtime.admission,
-        session_factory=sessions,
-        collectors=admission_metrics.collectors(),
-        admin_settings=AdminSettings(admin_token=admin_token),
-    )
+    gateway_app, admission_runtime = await start_gateway(gateway_settings, event_log, engine, sessions)
     servers = [
         _server(worker_app, "127.0.0.1", options.worker_port),
         _server(gateway_app, options.host, options.port),
