@@ -119,3 +119,31 @@ async def test_a_failed_commit_leaves_nothing_behind_and_the_retry_is_exact(embe
     for partition in range(event_log.partitions):
         entries += [msgspec.json.decode(r.value)["entry_id"] for r in await event_log.read(event_log.topics.entries, partition, 0, 10_000)]
     assert len(entries) == len(set(entries)), "a failed batch published nothing"
+
+
+async def test_the_sweep_publishes_the_expiry_of_a_quiet_tenant(embedded):
+    event_log, _ = embedded
+    grant = CreditGranted(event_id="g", tenant_id="quiet", grant_id="g", amount=40, effective_at=NOW, expires_at=NOW + 1_000)
+    await event_log.publish(grant)
+    clock = {"now": NOW + 500}
+    processor = EmbeddedProcessor(event_log, expiry_grace_ms=0, clock_ms=lambda: clock["now"])
+    await processor.start()
+    await drain(processor)
+
+    async def expiries() -> list[dict]:
+        found = []
+        for partition in range(event_log.partitions):
+            for record in await event_log.read(event_log.topics.entries, partition, 0, 1_000):
+                entry = msgspec.json.decode(record.value)
+                if entry["type"] == "credit_expired":
+                    found.append(entry)
+        return found
+
+    await processor.sweep_expiries()
+    assert await expiries() == [], "not before the expiry"
+    clock["now"] = NOW + 1_000
+    await processor.sweep_expiries()
+    await processor.sweep_expiries()  # published once
+    [expired] = await expiries()
+    assert (expired["grant_id"], expired["amount"]) == ("g", 40)
+    assert (await latest_balances(event_log))["quiet"].balance == 0
