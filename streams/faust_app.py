@@ -25,41 +25,17 @@ from collections.abc import Iterator
 import faust
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from pydantic import Field
 
 from streams.processor import LedgerProcessor, ProcessorOutput
+from streams.processor_settings import ProcessorSettings
 from streams.producer import EventProducer
 from streams.records import LogRecord
-from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics
 
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "ledger-state"
-
-
-class ProcessorSettings(StreamSettings):
-    """The stream processor's own limits (env TOLLGATE_*), beside the Kafka settings it shares."""
-
-    processor_app_id: str = "tollgate-ledger"
-    # Pull bounded batches: at most this many records, or what arrived within the wait.
-    processor_batch_max: int = Field(default=2_000, ge=1, le=100_000)
-    processor_batch_wait_ms: int = Field(default=20, ge=1, le=10_000)
-    # How often offsets are committed (faust commits after the producer flushed).
-    processor_commit_interval_ms: int = Field(default=500, ge=10)
-    # Expiries of quiet tenants are published when wall-clock time passes them, this often.
-    processor_expiry_sweep_interval_ms: int = Field(default=5_000, ge=100)
-    # Allowed lateness before wall-clock time publishes an expiry (later events still get corrections).
-    processor_expiry_grace_ms: int = Field(default=60_000, ge=0)
-    processor_stream_buffer_max: int = Field(default=20_000, ge=1)
-    # faust's own producer (the table's changelog): linger so state writes go out in batches.
-    processor_changelog_linger_ms: int = Field(default=5, ge=0, le=1_000)
-    processor_changelog_batch_size_bytes: int = Field(default=256 * 1024, ge=1024)
-    processor_data_dir: str = "var/tollgate/faust"
-    # A crashed processor's partitions move to the others after this long without heartbeats.
-    processor_session_timeout_ms: int = Field(default=10_000, ge=1_000)
-    processor_heartbeat_interval_ms: int = Field(default=1_000, ge=100)
 
 
 class IdempotentProducer(faust_aiokafka.Producer):

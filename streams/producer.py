@@ -44,6 +44,24 @@ class PublishRejected(RuntimeError):
     """The broker refused records for a reason a retry cannot fix (e.g. too large); they were not sent."""
 
 
+class BrokerUnavailable(RuntimeError):
+    """`send_partitioned` could not get the broker's acknowledgement; the caller retries the whole batch."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionedRecord:
+    """A record whose partition the sender chose (a processor's outputs stay on its tenant's partition)."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.key or b"") + len(self.value)
+
+
 @dataclass(frozen=True)
 class PublishReceipt:
     """Where a record went: acknowledged at (partition, offset), or durably spooled as spool_seq."""
@@ -151,6 +169,40 @@ class EventProducer:
             if receipts is not None:
                 return receipts
         return await self._send_direct(records)
+
+    async def send_partitioned(self, records: Sequence[PartitionedRecord]) -> None:
+        """Send records to the partitions they name, in order per partition, and wait for every ack.
+
+        The bulk path of a stream processor's outputs: records go into the client's record batches
+        directly (no per-record send call), so thousands cost little more than one. Nothing is spooled
+        here: a processor that cannot publish retries its whole batch from its committed offsets
+        (`streams.batch_processor`), so this raises `BrokerUnavailable` when the broker is away or does
+        not acknowledge within `publish_ack_timeout_ms`, and `PublishRejected` for a record the broker
+        refuses for good.
+        """
+        assert self._started, "EventProducer is not started"
+        kafka = self._kafka
+        if kafka is None or self._spooling:
+            raise BrokerUnavailable("the broker is away (this producer is spooling)")
+        open_batches: dict[tuple[str, int], object] = {}
+        ready: list[tuple[str, int, object]] = []
+        for record in records:
+            destination = (record.topic, record.partition)
+            batch = open_batches.get(destination)
+            if batch is None or batch.append(key=record.key, value=record.value, timestamp=None) is None:
+                if batch is not None:
+                    ready.append((*destination, batch))
+                batch = open_batches[destination] = kafka.create_batch()
+                if batch.append(key=record.key, value=record.value, timestamp=None) is None:
+                    raise PublishRejected(f"{record.topic}: a record of {record.size_bytes} bytes exceeds the batch size")
+        ready.extend((*destination, batch) for destination, batch in open_batches.items())
+        try:
+            futures = [await kafka.send_batch(batch, topic, partition=partition) for topic, partition, batch in ready]
+            await asyncio.wait_for(asyncio.gather(*futures), self.settings.publish_ack_timeout_ms / 1000)
+        except (KafkaError, TimeoutError) as error:
+            if isinstance(error, KafkaError) and not _is_retriable(error):
+                raise PublishRejected(f"the broker refused a batch: {error!r}") from error
+            raise BrokerUnavailable(f"the broker did not acknowledge a batch: {error!r}") from error
 
     def spooled_count(self) -> int:
         """Records waiting in the spool (including those the Kafka client is still delivering)."""

@@ -90,6 +90,17 @@ def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
     ]
 
 
+def state_changelog_spec(settings: StreamSettings, name: str) -> TopicSpec:
+    """A processor's state changelog: compacted (the latest value per key), one partition per source
+    partition, so a processor that takes over a partition reads back exactly that partition's state."""
+    return TopicSpec(
+        name,
+        settings.topic_partitions,
+        settings.topic_replication_factor,
+        {"cleanup.policy": "compact", "min.insync.replicas": str(min(2, settings.topic_replication_factor))},
+    )
+
+
 async def ensure_topics(
     bootstrap: str, specs: Iterable[TopicSpec], *, request_timeout_ms: int = 15_000
 ) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -69,10 +70,23 @@ def worker() -> None:
     worker_main()
 
 
+class StreamsEngine(StrEnum):
+    batch = "batch"
+    faust = "faust"
+
+
 @app.command()
-def streams() -> None:
-    """Run one faust stream processor (scale out by running more with the same app id)."""
-    from streams.faust_app import run_worker
+def streams(
+    engine: Annotated[
+        StreamsEngine,
+        typer.Option(help="batch: plain aiokafka, a batch at a time (fast); faust: the faust-streaming agent."),
+    ] = StreamsEngine.batch,
+) -> None:
+    """Run one ledger stream processor (scale out by running more with the same app id and engine)."""
+    if engine is StreamsEngine.faust:
+        from streams.faust_app import run_worker
+    else:
+        from streams.batch_processor import run_worker
 
     run_worker()
 

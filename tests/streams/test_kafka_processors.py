@@ -1,5 +1,6 @@
-"""The faust processor on a real broker: out-of-order and duplicated events, kill -9 mid-stream and
-a restart, a malformed record, and the audit replay's verify at the end."""
+"""Both Kafka processor engines on a real broker (the batch engine, the default, and the faust agent):
+out-of-order and duplicated events, kill -9 mid-stream and a restart, a malformed record, and the audit
+replay's verify at the end."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from tests.fixtures.processes import ComponentProcess
 from tests.streams.helpers import create_ledger_topics, read_topic, stream_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+# engine -> (module run as the processor, the log line it prints once it consumes)
+ENGINES = {
+    "batch": ("streams.batch_processor", "Processor ready"),
+    "faust": ("streams.faust_app", "Worker ready"),
+}
 
 TENANTS = ["acme", "globex", "initech"]
 WORKER_READY_TIMEOUT_S = 90
@@ -90,7 +97,9 @@ def processor_env(settings, tmp_path) -> dict[str, str]:
     }
 
 
-async def test_kill_restart_duplicates_and_a_malformed_record(kafka_broker, topic_prefix, tmp_path):
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+async def test_kill_restart_duplicates_and_a_malformed_record(engine, kafka_broker, topic_prefix, tmp_path):
+    module, ready_line = ENGINES[engine]
     settings = stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path)
     topics = LedgerTopics.from_settings(settings)
     await create_ledger_topics(settings)
@@ -101,9 +110,9 @@ async def test_kill_restart_duplicates_and_a_malformed_record(kafka_broker, topi
     rng.shuffle(stream)
     first, second = stream[:300], stream[300:]
 
-    worker = ComponentProcess("streams.faust_app", processor_env(settings, tmp_path), tmp_path / "processor.log").start()
+    worker = ComponentProcess(module, processor_env(settings, tmp_path), tmp_path / "processor.log").start()
     try:
-        worker.wait_for_log("Worker ready", WORKER_READY_TIMEOUT_S)
+        worker.wait_for_log(ready_line, WORKER_READY_TIMEOUT_S)
         async with EventProducer(settings) as producer:
             await producer.publish_many(first)
             await producer.send(topics.events, b"acme", b"{not json")  # lands in the DLQ; the rest goes on
@@ -112,7 +121,7 @@ async def test_kill_restart_duplicates_and_a_malformed_record(kafka_broker, topi
             worker.kill()
             await producer.publish_many(second[600:])
         worker.start()
-        worker.wait_for_log("Worker ready", WORKER_READY_TIMEOUT_S)
+        worker.wait_for_log(ready_line, WORKER_READY_TIMEOUT_S)
         await wait_converged(settings, events, worker)
     finally:
         worker.stop()
