@@ -67,8 +67,8 @@ from bench._kafka_bench_util import (
 )
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, UsageRecorded
-from streams.faust_app import ProcessorSettings
 from streams.processor import BalanceRecord, LedgerProcessor
+from streams.processor_settings import ProcessorSettings
 from streams.records import LogRecord
 from streams.replay import DictState
 from streams.topics import LedgerTopics, ensure_topics, ledger_topic_specs
@@ -91,7 +91,7 @@ LAG_DRAIN_DEADLINE_S_DEFAULT = 15
 METADATA_TIMEOUT_S = 15
 READ_TIMEOUT_S = 30
 WAIT_POLL_INTERVAL_S = 0.05
-PROCESSOR_MODULE = "streams.faust_app"
+ENGINE_MODULES = {"batch": "streams.batch_processor", "faust": "streams.faust_app"}  # tollgate streams --engine
 
 FOLD_EVENTS_PER_S_TARGET = 20_000
 LAG_P99_MS_TARGET = 500
@@ -313,7 +313,7 @@ def fold_only_rate(records: list[tuple[bytes, bytes]], partitions: int, batch_ma
 
 PROFILE_GROUPS = (  # (group, path fragment), first match wins
     ("fold: ledger + streams.processor", ("/ledger/", "/streams/processor.py")),
-    ("glue: streams.faust_app + producer + spool", ("/streams/faust_app.py", "/streams/producer.py", "/streams/spool.py")),
+    ("glue: engine + producer + spool", ("/streams/faust_app.py", "/streams/batch_processor.py", "/streams/producer.py", "/streams/spool.py")),
     ("faust + mode (stream, consumer, table, changelog)", ("/faust/", "/mode/", "/venusian/", "/yarl/", "/croniter/")),
     ("aiokafka client (protocol, accumulator, sender, fetcher)", ("/aiokafka/",)),
     ("msgspec / json", ("msgspec",)),
@@ -367,7 +367,7 @@ def processor_env(settings: ProcessorSettings, bootstrap: str, workdir: Path) ->
 
 @contextlib.asynccontextmanager
 async def processor_running(
-    broker: LocalBroker, settings: ProcessorSettings, workdir: Path, python_args: list[str] | None
+    broker: LocalBroker, settings: ProcessorSettings, workdir: Path, module: str, python_args: list[str] | None
 ) -> AsyncIterator[tuple[ChildProcess, BalanceWatch]]:
     """The processor as a child process, with a watch on its balances; both stopped at the end."""
     topics = LedgerTopics.from_settings(settings)
@@ -375,7 +375,7 @@ async def processor_running(
     watch_ready = asyncio.Event()
     watcher = asyncio.create_task(watch.follow(broker.bootstrap, topics.balances, watch_ready))
     env = processor_env(settings, broker.bootstrap, workdir)
-    worker = ChildProcess(PROCESSOR_MODULE, env, workdir / f"{settings.processor_app_id}.log", python_args)
+    worker = ChildProcess(module, env, workdir / f"{settings.processor_app_id}.log", python_args)
     try:
         await asyncio.wait_for(watch_ready.wait(), METADATA_TIMEOUT_S)
         worker.start()
@@ -397,9 +397,10 @@ async def measure_fold(broker: LocalBroker, arguments: argparse.Namespace, workd
     tenants = keys_covering_partitions("bench-tenant", settings.topic_partitions, TENANTS_PER_PARTITION)
     await ensure_topics(broker.bootstrap, ledger_topic_specs(settings))
     last_offsets, produce_rate = await produce_throughput_events(broker.bootstrap, topics.events, tenants, arguments.events)
-    python_args = profiled_module_args(PROCESSOR_MODULE, arguments.profile.resolve()) if arguments.profile else None
+    module = ENGINE_MODULES[arguments.engine]
+    python_args = profiled_module_args(module, arguments.profile.resolve()) if arguments.profile else None
     started = time.perf_counter()
-    async with processor_running(broker, settings, workdir, python_args) as (worker, watch):
+    async with processor_running(broker, settings, workdir, module, python_args) as (worker, watch):
         await watch.wait_first_record(worker, WORKER_READY_TIMEOUT_S)
         cpu = CpuMeter({"processor": worker.pid, "broker": broker.pid})
         caught_up = await watch.wait_covering(last_offsets, worker, arguments.fold_deadline_s, raise_on_timeout=False)
@@ -446,7 +447,7 @@ async def measure_lag(broker: LocalBroker, arguments: argparse.Namespace, workdi
         grant_offsets = await send_all(producer, topics.events, grant_records(tenants), PRODUCE_IN_FLIGHT_MAX)
     finally:
         await producer.stop()
-    async with processor_running(broker, settings, workdir, None) as (worker, watch):
+    async with processor_running(broker, settings, workdir, ENGINE_MODULES[arguments.engine], None) as (worker, watch):
         await watch.wait_covering(grant_offsets, worker, WORKER_READY_TIMEOUT_S)  # started and caught up
         cpu = CpuMeter({"processor": worker.pid, "broker": broker.pid})
         sent_at_ms, last_offsets, offered_rate = await offer_paced(
@@ -501,6 +502,7 @@ async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
     lag_p99 = lag["lag_ms_p99"]
     return {
         "bench": "streams",
+        "engine": arguments.engine,
         **fold,
         **lag,
         "profiled": bool(arguments.profile),
@@ -514,6 +516,8 @@ async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.streams", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=sorted(ENGINE_MODULES), default="batch",
+                        help="the processor engine (tollgate streams --engine): batch (default) or faust")
     parser.add_argument("--events", type=int, default=THROUGHPUT_USAGE_EVENTS_DEFAULT, help="usage events pre-produced")
     parser.add_argument("--rate", type=int, default=OFFERED_RATE_PER_S_DEFAULT, help="offered usage events per second")
     parser.add_argument("--duration-s", type=float, default=OFFERED_DURATION_S_DEFAULT, help="how long the rate is offered")
