@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -106,7 +107,7 @@ def serve_canned_worker(port: int, token_interval_ms: float) -> None:
                 log_level="warning", access_log=False)
 
 
-def serve_gateway(port: int, worker_url: str, database_url: str) -> None:
+def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: str | None) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -128,7 +129,23 @@ def serve_gateway(port: int, worker_url: str, database_url: str) -> None:
 
     import uvloop
 
-    uvloop.run(run())
+    if profile_path is None:
+        uvloop.run(run())
+        return
+    import cProfile
+    import signal
+
+    def exit_on_sigterm(_signal, _frame) -> None:
+        raise SystemExit(0)  # uvicorn re-raises the SIGTERM it caught: exit through `finally`, stats written
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        uvloop.run(run())
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile_path)
 
 
 # ---- the load generator ----------------------------------------------------------------------------
@@ -256,7 +273,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(options, worker_port: int, gateway_port: int, key: str, gateway_pid: int) -> dict:
+@dataclass
+class RoundTotals:
+    """What the measured rounds of one target added up to: latencies, wall time, CPU per process."""
+
+    first_token_s: list[float] = field(default_factory=list)
+    stream_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds over the rounds
+
+    def add(self, first_token_s: list[float], stream_s: list[float], wall_s: float, cpu_s: dict[str, float]) -> None:
+        self.first_token_s += first_token_s
+        self.stream_s += stream_s
+        self.wall_s += wall_s
+        for name, seconds in cpu_s.items():
+            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + seconds
+
+    def summary(self) -> dict:
+        requests = len(self.stream_s)
+        return {
+            "first_token_p50_ms": percentile(self.first_token_s, 0.5) * 1000,
+            "first_token_p99_ms": percentile(self.first_token_s, 0.99) * 1000,
+            "stream_p50_ms": percentile(self.stream_s, 0.5) * 1000,
+            "stream_p99_ms": percentile(self.stream_s, 0.99) * 1000,
+            "requests_per_s": requests / self.wall_s,
+            # CPU per request of each process, and how busy each was (CPU seconds per wall second)
+            **{f"{name}_cpu_ms_per_request": seconds / requests * 1000 for name, seconds in self.cpu_s.items()},
+            **{f"{name}_cpu_utilisation": seconds / self.wall_s for name, seconds in self.cpu_s.items()},
+        }
+
+
+async def measure(options, worker_port: int, gateway_port: int, key: str, pids: dict[str, int]) -> dict:
     encode = msgspec.json.encode
     prompt = "Benchmark prompt: say something."
     run = uuid.uuid4().hex[:8]
@@ -274,30 +321,17 @@ async def measure(options, worker_port: int, gateway_port: int, key: str, gatewa
     await run_round(gateway_port, *through, 1, 10)
     await run_round(worker_port, *direct, options.concurrency, warmup)
     await run_round(gateway_port, *through, options.concurrency, warmup)
-    results = {"direct": ([], [], 0.0), "gateway": ([], [], 0.0)}
-    gateway_cpu_s = 0.0
+    totals = {"direct": RoundTotals(), "gateway": RoundTotals()}
+    stream_s = options.tokens * options.token_interval_ms / 1000
     for _ in range(options.rounds):
         for name, port, target in (("direct", worker_port, direct), ("gateway", gateway_port, through)):
-            cpu_before = cpu_seconds(gateway_pid)
-            stream_s = options.tokens * options.token_interval_ms / 1000
+            cpu_before = {process: cpu_seconds(pid) for process, pid in pids.items()}
             first, total, seconds = await run_round(
                 port, *target, options.concurrency, options.requests, stagger_s=stream_s
             )
-            if name == "gateway":
-                gateway_cpu_s += cpu_seconds(gateway_pid) - cpu_before
-            kept = results[name]
-            results[name] = (kept[0] + first, kept[1] + total, kept[2] + seconds)
-    summary = {}
-    for name, (first, total, seconds) in results.items():
-        summary[name] = {
-            "first_token_p50_ms": percentile(first, 0.5) * 1000,
-            "first_token_p99_ms": percentile(first, 0.99) * 1000,
-            "stream_p50_ms": percentile(total, 0.5) * 1000,
-            "stream_p99_ms": percentile(total, 0.99) * 1000,
-            "requests_per_s": len(total) / seconds,
-        }
-    summary["gateway_cpu_ms_per_request"] = gateway_cpu_s / (options.requests * options.rounds) * 1000
-    return summary
+            cpu_used = {process: cpu_seconds(pid) - cpu_before[process] for process, pid in pids.items()}
+            totals[name].add(first, total, seconds, cpu_used)
+    return {name: round_totals.summary() for name, round_totals in totals.items()}
 
 
 def main() -> None:
@@ -306,6 +340,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-url", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", metavar="PATH", help="write the gateway's cProfile stats here (slows it)")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="concurrent streams")
     parser.add_argument("--requests", type=int, default=2000, help="requests per round and target")
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway rounds")
@@ -316,7 +351,7 @@ def main() -> None:
         serve_canned_worker(options.port, options.token_interval_ms)
         return
     if options.serve == "gateway":
-        serve_gateway(options.port, options.worker_url, options.database_url)
+        serve_gateway(options.port, options.worker_url, options.database_url, options.profile)
         return
 
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as data_dir:
@@ -326,15 +361,18 @@ def main() -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         worker = subprocess.Popen([*me, "--serve", "canned-worker", "--port", str(worker_port),
                                    "--token-interval-ms", str(options.token_interval_ms)], env=env)
+        profiling = ["--profile", options.profile] if options.profile else []
         gateway = subprocess.Popen([*me, "--serve", "gateway", "--port", str(gateway_port), "--worker-url",
-                                    f"http://127.0.0.1:{worker_port}", "--database-url", database_url], env=env)
+                                    f"http://127.0.0.1:{worker_port}", "--database-url", database_url, *profiling],
+                                   env=env)
         try:
             wait_ready(worker_port, worker)
             wait_ready(gateway_port, gateway)
             import uvloop
 
             load_before = os.getloadavg()[0]
-            summary = uvloop.run(measure(options, worker_port, gateway_port, key, gateway.pid))
+            pids = {"gateway": gateway.pid, "worker": worker.pid, "load_generator": os.getpid()}
+            summary = uvloop.run(measure(options, worker_port, gateway_port, key, pids))
         finally:
             for process in (gateway, worker):
                 process.terminate()
@@ -355,7 +393,7 @@ def main() -> None:
         "added_first_token_p50_ms": round(through["first_token_p50_ms"] - direct["first_token_p50_ms"], 3),
         "added_first_token_p99_ms": round(through["first_token_p99_ms"] - direct["first_token_p99_ms"], 3),
         "gateway_requests_per_s": round(through["requests_per_s"], 1),
-        "gateway_cpu_ms_per_request": round(summary["gateway_cpu_ms_per_request"], 3),
+        "gateway_cpu_ms_per_request": round(through["gateway_cpu_ms_per_request"], 3),
         "direct_requests_per_s": round(direct["requests_per_s"], 1),
         "direct": {k: round(v, 3) for k, v in direct.items()},
         "gateway": {k: round(v, 3) for k, v in through.items()},

@@ -36,6 +36,7 @@ from gateway.wire import (
     text_completion,
 )
 from gateway.workers import (
+    BudgetExhausted,
     DoneEvent,
     ErrorEvent,
     GenerateCall,
@@ -57,10 +58,6 @@ def monotonic_ms() -> float:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-class BudgetExhausted(Exception):
-    """The request's timeout budget ran out while it was generating."""
 
 
 class Generation:

@@ -60,14 +60,14 @@ class GatewaySettings(BaseSettings):
     idempotency_key_chars_max: int = Field(default=255, ge=1)
 
     # Talking to workers.
-    worker_connect_timeout_ms: int = Field(default=3_000, ge=1)
+    worker_connect_timeout_ms: int = Field(default=3_000, ge=1)  # connecting, or waiting for a free connection
     worker_read_timeout_ms: int = Field(default=30_000, ge=1)  # the longest wait for one worker event
     request_timeout_ms: int = Field(default=120_000, ge=1)  # a request's whole budget, retries included
     worker_attempts_max: int = Field(default=3, ge=1)  # tries before the first token, across workers
-    worker_connections_max: int = Field(default=512, ge=1)  # per worker, over all its client shards
-    worker_client_shards: int = Field(default=16, ge=1)  # httpx clients per worker (small pools scale better)
+    worker_connections_max: int = Field(default=512, ge=1)  # open connections per worker, idle ones included
     worker_keepalive_expiry_ms: int = Field(default=3_000, ge=1)  # below the worker's keep-alive (uvicorn: 5 s)
-    worker_event_bytes_max: int = Field(default=64 * 1024, ge=256)  # one NDJSON line from a worker
+    worker_event_bytes_max: int = Field(default=64 * 1024, ge=256)  # one NDJSON line (or refusal body) from a worker
+    worker_response_head_bytes_max: int = Field(default=16 * 1024, ge=256)  # a worker response's headers
     breaker_failures_max: int = Field(default=5, ge=1)  # consecutive failures that open a worker's breaker
     breaker_open_ms: int = Field(default=5_000, ge=1)  # how long an open breaker refuses before one trial
     overloaded_retry_after_s: int = Field(default=1, ge=0)  # Retry-After when every worker is full

@@ -1,4 +1,5 @@
-"""Talking to the inference workers: one keep-alive httpx client per worker, a circuit breaker each, and
+"""Talking to the inference workers: a keep-alive connection pool per worker (gateway.worker_http), a
+circuit breaker each, and
 `WorkerPool.open()`, which places a generation on a worker and returns once its first event arrived.
 
 Retries happen only before the first token: a worker that refuses the connection, answers 5xx, or
@@ -19,18 +20,23 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
 import msgspec
 
 from gateway.admission.base import Overloaded
 from gateway.breaker import CircuitBreaker
 from gateway.errors import ApiError
 from gateway.settings import GatewaySettings
+from gateway.worker_http import (
+    WorkerConnection,
+    WorkerHttpError,
+    WorkerHttpLimits,
+    WorkerHttpPool,
+    WorkerTimeout,
+)
 
 logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/internal/v1/generate"
-JSON_HEADERS = {"content-type": "application/json"}
 OVERLOADED = "overloaded"  # the worker's queue is full: backpressure, not a failure
 
 
@@ -93,42 +99,30 @@ class GenerateCall:
         )
 
 
-class WorkerClient:
-    """One worker: its URL, its breaker, and `worker_client_shards` keep-alive httpx clients used in turn.
+class BudgetExhausted(Exception):
+    """The request's timeout budget ran out while it was generating."""
 
-    Sharding keeps each connection pool small: httpcore's pool scans its requests and connections on
-    every request start and close, which grows with the square of the pool at high concurrency.
-    """
+
+class WorkerClient:
+    """One worker: its URL, its breaker, and its keep-alive connection pool."""
 
     def __init__(self, url: str, settings: GatewaySettings) -> None:
         self.url = url.rstrip("/")
-        self.generate_url = httpx.URL(self.url + GENERATE_PATH)  # parsed once, not per request
         self.breaker = CircuitBreaker(settings.breaker_failures_max, settings.breaker_open_ms)
-        connections = max(1, settings.worker_connections_max // settings.worker_client_shards)
-        timeout = httpx.Timeout(
-            connect=settings.worker_connect_timeout_ms / 1000,
-            read=settings.worker_read_timeout_ms / 1000,
-            write=settings.worker_connect_timeout_ms / 1000,
-            pool=settings.worker_connect_timeout_ms / 1000,
-        )
-        limits = httpx.Limits(
-            max_connections=connections,
-            max_keepalive_connections=connections,
-            keepalive_expiry=settings.worker_keepalive_expiry_ms / 1000,
-        )
-        tls = httpx.create_ssl_context()  # loaded once, shared by the shards (https worker URLs)
-        self.shards = [
-            httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits, verify=tls)
-            for _ in range(settings.worker_client_shards)
-        ]
-        self._next_shard = itertools.cycle(self.shards)
-
-    def http(self) -> httpx.AsyncClient:
-        return next(self._next_shard)
+        self.http = WorkerHttpPool(self.url, http_limits(settings))
 
     async def close(self) -> None:
-        for shard in self.shards:
-            await shard.aclose()
+        await self.http.close()
+
+
+def http_limits(settings: GatewaySettings) -> WorkerHttpLimits:
+    return WorkerHttpLimits(
+        connections_max=settings.worker_connections_max,
+        connect_timeout_s=settings.worker_connect_timeout_ms / 1000,
+        read_timeout_s=settings.worker_read_timeout_ms / 1000,
+        keepalive_expiry_s=settings.worker_keepalive_expiry_ms / 1000,
+        response_head_bytes_max=settings.worker_response_head_bytes_max,
+    )
 
 
 class WorkerStream:
@@ -139,12 +133,11 @@ class WorkerStream:
     gateway handles and forwards several tokens for the price of one.
     """
 
-    def __init__(self, worker: WorkerClient, response: httpx.Response, line_bytes_max: int) -> None:
+    def __init__(self, worker: WorkerClient, exchange: WorkerConnection, line_bytes_max: int) -> None:
         self.worker = worker
         self.first_batch: list[WorkerEvent] = []
         self.finished = False  # the done (or error) event has been read
-        self._response = response
-        self._chunks = response.aiter_raw()
+        self._exchange = exchange
         self._pending = b""
         self._line_bytes_max = line_bytes_max
 
@@ -155,14 +148,20 @@ class WorkerStream:
             yield await self.next_batch()
 
     async def next_batch(self) -> list[WorkerEvent]:
+        """Raises WorkerFailed when the worker broke the stream or went silent, BudgetExhausted when the
+        request's budget ran out while waiting."""
         assert not self.finished, "nothing follows the done event"
         while True:
             try:
-                chunk = await anext(self._chunks)
-            except StopAsyncIteration:
-                raise WorkerFailed(f"{self.worker.url} ended the stream without a done event") from None
-            except httpx.HTTPError as error:
-                raise WorkerFailed(f"{self.worker.url} broke the stream: {error!r}") from error
+                chunk = await self._exchange.read()
+            except WorkerTimeout as error:
+                if error.budget_exhausted:
+                    raise BudgetExhausted(str(error)) from error
+                raise WorkerFailed(f"{self.worker.url} broke the stream: {error}") from error
+            except WorkerHttpError as error:
+                raise WorkerFailed(f"{self.worker.url} broke the stream: {error}") from error
+            if not chunk:
+                raise WorkerFailed(f"{self.worker.url} ended the stream without a done event")
             data = self._pending + chunk if self._pending else chunk
             end = data.rfind(b"\n")
             if end < 0:
@@ -188,14 +187,16 @@ class WorkerStream:
     async def close(self) -> None:
         """After the done event, read the body's end so the connection is kept alive for the next request;
         before it, drop the connection, which cancels the generation on the worker."""
-        if self.finished:
-            try:
-                async for chunk in self._chunks:
-                    if chunk.strip():
-                        raise WorkerFailed(f"{self.worker.url} sent events after its done event")
-            except (WorkerFailed, httpx.HTTPError) as error:
-                logger.warning("worker stream of %s ended badly: %s", self.worker.url, error)
-        await self._response.aclose()
+        if not self.finished:
+            self._exchange.abort()
+            return
+        try:
+            rest = await self._exchange.finish()
+        except WorkerHttpError as error:
+            logger.warning("worker stream of %s ended badly: %s", self.worker.url, error)
+            return
+        if (self._pending + rest).strip():
+            logger.warning("worker stream of %s ended badly: events after its done event", self.worker.url)
 
 
 class WorkerPool:
@@ -234,7 +235,7 @@ class WorkerPool:
                     break  # every breaker is open: nothing to try
                 continue
             attempts += 1
-            outcome = await self._try(worker, body)
+            outcome = await self._try(worker, body, (deadline_ms - now_ms()) / 1000)
             if isinstance(outcome, WorkerStream):
                 worker.breaker.record_success()
                 return outcome
@@ -259,44 +260,57 @@ class WorkerPool:
             headers=retry_after,
         )
 
-    async def _try(self, worker: WorkerClient, body: bytes) -> WorkerStream | str:
+    async def _try(self, worker: WorkerClient, body: bytes, budget_s: float) -> WorkerStream | str:
         """A started stream, OVERLOADED, or why this worker failed (a string). Bad input raises."""
-        request = httpx.Request("POST", worker.generate_url, content=body, headers=JSON_HEADERS)
         try:
-            response = await worker.http().send(request, stream=True)
-        except httpx.HTTPError as error:
-            return f"no response ({error!r})"
-        if response.status_code != 200:
-            return await self._refusal(worker, response)
-        stream = WorkerStream(worker, response, self.settings.worker_event_bytes_max)
+            exchange = await worker.http.post(GENERATE_PATH, body, budget_s)
+        except WorkerHttpError as error:
+            return f"no response ({error})"
+        if exchange.status != 200:
+            return await self._refusal(exchange)
+        stream = WorkerStream(worker, exchange, self.settings.worker_event_bytes_max)
         try:
             first = await stream.next_batch()
-        except WorkerFailed as error:
-            await response.aclose()
+        except (WorkerFailed, BudgetExhausted) as error:
+            exchange.abort()
             return str(error)
+        except BaseException:
+            exchange.abort()
+            raise
         if not first or isinstance(first[0], ErrorEvent):
-            await response.aclose()
+            exchange.abort()
             reason = f"{first[0].error}: {first[0].message}" if first else "an empty batch"
             return f"failed before its first token ({reason})"
         stream.first_batch = first
         return stream
 
-    async def _refusal(self, worker: WorkerClient, response: httpx.Response) -> str:
+    async def _refusal(self, exchange: WorkerConnection) -> str:
+        status = exchange.status
+        bytes_max = self.settings.worker_event_bytes_max
+        parts: list[bytes] = []
         try:
-            raw = await response.aread()
-        except httpx.HTTPError as error:
-            return f"answered {response.status_code} and broke ({error!r})"
-        finally:
-            await response.aclose()
+            while data := await exchange.read():
+                parts.append(data)
+                if sum(map(len, parts)) > bytes_max:
+                    exchange.abort()
+                    return f"answered {status} with a body over {bytes_max} bytes"
+            await exchange.finish()
+        except WorkerHttpError as error:
+            exchange.abort()
+            return f"answered {status} and broke ({error})"
+        except BaseException:
+            exchange.abort()
+            raise
+        raw = b"".join(parts)
         try:
             refusal = _refusal_decoder.decode(raw)
         except msgspec.DecodeError:
             refusal = {}
         error = refusal.get("error")
-        if response.status_code == 503 and error == "overloaded":
+        if status == 503 and error == "overloaded":
             return OVERLOADED
-        if response.status_code == 404 and error == "model_not_found":
+        if status == 404 and error == "model_not_found":
             raise ApiError(404, str(refusal.get("message", "model not served")), param="model", code="model_not_found")
-        if response.status_code == 400 and error == "invalid_request":
+        if status == 400 and error == "invalid_request":
             raise ApiError(400, str(refusal.get("message", "invalid request")), code="invalid_value")
-        return f"answered {response.status_code} {error or raw[:200]!r}"
+        return f"answered {status} {error or raw[:200]!r}"
