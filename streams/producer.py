@@ -193,8 +193,7 @@ class EventProducer:
                 if batch is not None:
                     ready.append((*destination, batch))
                 batch = open_batches[destination] = kafka.create_batch()
-                if batch.append(key=record.key, value=record.value, timestamp=None) is None:
-                    raise PublishRejected(f"{record.topic}: a record of {record.size_bytes} bytes exceeds the batch size")
+                batch.append(key=record.key, value=record.value, timestamp=None)  # an empty batch takes any record
         ready.extend((*destination, batch) for destination, batch in open_batches.items())
         try:
             futures = [await kafka.send_batch(batch, topic, partition=partition) for topic, partition, batch in ready]

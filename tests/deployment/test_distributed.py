@@ -15,6 +15,7 @@ from openai import OpenAI
 
 from inference.settings import WorkerSettings
 from inference.usage import usage_amount
+from streams.batch_processor import READY_LOG_LINE as PROCESSOR_READY_LOG_LINE
 from streams.replay import compare, live_balances, replay
 from tests.fixtures.processes import ComponentProcess, free_port, wait_http_ok
 from tests.streams.helpers import create_ledger_topics, stream_settings
@@ -50,8 +51,7 @@ def cluster(kafka_broker, database_url, topic_prefix, tmp_path):
 
     try:
         for number in (1, 2):
-            launch(f"processor-{number}", "streams.faust_app", TOLLGATE_PROCESSOR_APP_ID=topic_prefix + "ledger",
-                   TOLLGATE_PROCESSOR_DATA_DIR=str(tmp_path / f"faust-{number}"))
+            launch(f"processor-{number}", "streams.batch_processor", TOLLGATE_PROCESSOR_APP_ID=topic_prefix + "ledger")
         launch("projector", "streams.projector", TOLLGATE_PROJECTOR_NAME=topic_prefix + "projector")
         worker_port = free_port()
         worker = launch("worker", "inference.worker", TOLLGATE_WORKER_PORT=str(worker_port))
@@ -65,7 +65,7 @@ def cluster(kafka_broker, database_url, topic_prefix, tmp_path):
         for number, url in enumerate(gateway_urls, start=1):
             wait_http_ok(f"{url}/health", processes[f"gateway-{number}"], READY_TIMEOUT_S)
         for number in (1, 2):
-            processes[f"processor-{number}"].wait_for_log("Worker ready", READY_TIMEOUT_S)
+            processes[f"processor-{number}"].wait_for_log(PROCESSOR_READY_LOG_LINE, READY_TIMEOUT_S)
         yield settings, gateway_urls, admin_token, processes
     finally:
         for process in processes.values():
