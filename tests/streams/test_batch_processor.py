@@ -12,7 +12,7 @@ from collections import defaultdict
 import msgspec
 import pytest
 
-from ledger.events import UsageRecorded
+from ledger.events import CreditGranted, UsageRecorded
 from streams.batch_processor import READY_LOG_LINE, BatchProcessor, PartitionedState, changelog_topic
 from streams.processor_settings import ProcessorSettings
 from streams.producer import BrokerUnavailable, EventProducer, PartitionedRecord, PublishRejected
@@ -174,3 +174,36 @@ async def test_a_killed_processor_partitions_move_to_the_other_one(kafka_broker,
     assert b"assigned [0, 1, 2, 3, 4, 5]" in after_kill, "the survivor should have taken every partition"
     await assert_entries_complete_and_consistent(settings, events)
     assert compare(await replay(settings), await live_balances(settings)) == []
+
+
+async def test_the_sweep_publishes_the_expiry_of_a_quiet_tenant_once(kafka_broker, topic_prefix, tmp_path):
+    settings = processor_settings(
+        stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path), tmp_path,
+        processor_expiry_grace_ms=0, processor_expiry_sweep_interval_ms=100,
+    )
+    await create_ledger_topics(settings)
+    topics = LedgerTopics.from_settings(settings)
+    now = int(time.time() * 1000)
+    grant = CreditGranted(event_id="g", tenant_id="quiet", grant_id="g", amount=40, effective_at=now - 1_000,
+                          expires_at=now + 1_500)
+    engine = BatchProcessor(settings)
+    await engine.start()
+    stop = asyncio.Event()
+    running = asyncio.create_task(engine.run(stop))
+    try:
+        async with EventProducer(settings.model_copy(update={"spool_path": tmp_path / "publisher.sqlite3"})) as producer:
+            await producer.publish(grant)  # and nothing after it: only wall-clock time can expire the block
+        deadline = time.monotonic() + CONVERGE_TIMEOUT_S
+        while (await live_balances(settings)).get("quiet") is None or (await live_balances(settings))["quiet"].balance:
+            assert not running.done(), running.exception()
+            assert time.monotonic() < deadline, "the expiry was not published"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # several more sweeps
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        await engine.stop()
+    entries = await read_topic(settings.kafka_bootstrap_servers, topics.entries, settings.topic_partitions, 1, quiet_s=1)
+    expired = [msgspec.json.decode(r.value) for r in entries if b"credit_expired" in r.value]
+    assert [(entry["grant_id"], entry["amount"]) for entry in expired] == [("g", 40)]
+    assert time.time() * 1000 >= grant.expires_at
