@@ -1,7 +1,8 @@
 """The ledger processor: source records in, entries, balances, dead letters and state writes out.
 
-It owns no transport. The faust agent (streams.faust_app), the embedded log's driver and the audit
-replay all call `LedgerProcessor.process(partition, records)` and then, in this order:
+It owns no transport. The Kafka batch engine (streams.batch_processor), the faust agent
+(streams.faust_app), the embedded log's driver and the audit replay all call
+`LedgerProcessor.process(partition, records)` and then, in this order:
   1. publish `output.entries`, `output.balances` and `output.dead_letters` and wait for the acks;
   2. persist `output.state_writes` in order (the batch's seen usage ids per tenant first, account
      snapshots last), on the owning partition's changelog.

@@ -18,6 +18,10 @@ next start. That is harmless: every ledger event carries an `event_id`, and cons
 projections) apply an event id at most once ("a duplicate changes nothing", DESIGN.md). Records on the
 derived topics sent with `send()` need the same property from their consumers: carry an id and
 deduplicate, or be idempotent by key (the compacted `ledger.balances`).
+
+`send_partitioned(records)` is the stream processor's bulk path: records go straight into the client's
+record batches on the partitions they name, and it raises instead of spooling (the processor retries
+its whole batch from its committed offsets).
 """
 
 from __future__ import annotations
