@@ -267,10 +267,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system (kernel: mostly socket calls) CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks_per_s, int(fields[12]) / ticks_per_s
 
 
 @dataclass
@@ -281,13 +282,16 @@ class RoundTotals:
     stream_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds over the rounds
+    system_cpu_s: dict[str, float] = field(default_factory=dict)  # the part of it in the kernel
 
-    def add(self, first_token_s: list[float], stream_s: list[float], wall_s: float, cpu_s: dict[str, float]) -> None:
+    def add(self, first_token_s: list[float], stream_s: list[float], wall_s: float,
+            cpu_s: dict[str, tuple[float, float]]) -> None:
         self.first_token_s += first_token_s
         self.stream_s += stream_s
         self.wall_s += wall_s
-        for name, seconds in cpu_s.items():
-            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + seconds
+        for name, (user_s, system_s) in cpu_s.items():
+            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + user_s + system_s
+            self.system_cpu_s[name] = self.system_cpu_s.get(name, 0.0) + system_s
 
     def summary(self) -> dict:
         requests = len(self.stream_s)
@@ -300,6 +304,7 @@ class RoundTotals:
             # CPU per request of each process, and how busy each was (CPU seconds per wall second)
             **{f"{name}_cpu_ms_per_request": seconds / requests * 1000 for name, seconds in self.cpu_s.items()},
             **{f"{name}_cpu_utilisation": seconds / self.wall_s for name, seconds in self.cpu_s.items()},
+            **{f"{name}_system_cpu_share": self.system_cpu_s[name] / max(seconds, 1e-9) for name, seconds in self.cpu_s.items()},
         }
 
 
@@ -329,7 +334,11 @@ async def measure(options, worker_port: int, gateway_port: int, key: str, pids: 
             first, total, seconds = await run_round(
                 port, *target, options.concurrency, options.requests, stagger_s=stream_s
             )
-            cpu_used = {process: cpu_seconds(pid) - cpu_before[process] for process, pid in pids.items()}
+            cpu_after = {process: cpu_seconds(pid) for process, pid in pids.items()}
+            cpu_used = {
+                process: (cpu_after[process][0] - cpu_before[process][0], cpu_after[process][1] - cpu_before[process][1])
+                for process in pids
+            }
             totals[name].add(first, total, seconds, cpu_used)
     return {name: round_totals.summary() for name, round_totals in totals.items()}
 

@@ -24,8 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from gateway.admin import AdminSettings, build_admin_router
 from gateway.admission.base import Admission, Rejection
 from gateway.auth import TenantKeyCache
+from gateway.completion_routes import CompletionRoutes, refusal_response
 from gateway.completions import CompletionService
-from gateway.errors import ApiError, handle_api_error, handle_rejection, handle_validation_error
+from gateway.errors import ApiError, handle_validation_error
 from gateway.idempotency import IdempotencyStore
 from gateway.metrics import GatewayMetrics
 from gateway.routes import router as openai_router
@@ -71,22 +72,18 @@ def create_app(
     app.state.session_factory = session_factory
     app.state.event_log = log
 
-    async def count_and_answer_api_error(request: Request, error: ApiError) -> Response:
-        metrics.rejections.labels(error.code or str(error.status_code)).inc()
-        return await handle_api_error(request, error)
-
-    async def count_and_answer_rejection(request: Request, rejection: Rejection) -> Response:
-        metrics.rejections.labels(rejection.code).inc()
-        return await handle_rejection(request, rejection)
+    async def count_and_answer_refusal(_request: Request, error: ApiError | Rejection) -> Response:
+        return refusal_response(metrics, error)
 
     async def count_and_answer_validation(request: Request, error: RequestValidationError) -> Response:
         metrics.rejections.labels("invalid_value").inc()
         return await handle_validation_error(request, error)
 
-    app.add_exception_handler(ApiError, count_and_answer_api_error)
-    app.add_exception_handler(Rejection, count_and_answer_rejection)
+    app.add_exception_handler(ApiError, count_and_answer_refusal)
+    app.add_exception_handler(Rejection, count_and_answer_refusal)
     app.add_exception_handler(RequestValidationError, count_and_answer_validation)
 
+    app.add_middleware(CompletionRoutes)  # POST /v1/chat/completions and /v1/completions, the hot path
     app.include_router(openai_router)
     def app_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
         return request.app.state.session_factory

@@ -13,11 +13,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import anyio
-from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from gateway.admission.base import Admission, AdmissionRequest, Reservation
 from gateway.auth import TenantIdentity
@@ -27,6 +26,7 @@ from gateway.logs import model_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PreparedRequest, SamplingFields, prepare
 from gateway.settings import GatewaySettings
+from gateway.sse import SseResponse
 from gateway.wire import (
     DONE_LINE,
     ChunkWriter,
@@ -143,22 +143,6 @@ class Generation:
         )
 
 
-class SettlingStreamingResponse(StreamingResponse):
-    """Settles the generation when the response ends for any reason, a client disconnect included."""
-
-    def __init__(self, content: AsyncIterator[bytes], generation: Generation, headers: dict[str, str]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._generation = generation
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-                await self._generation.settle()
-
-
 class CompletionService:
     def __init__(
         self,
@@ -176,15 +160,18 @@ class CompletionService:
         self.idempotency = idempotency
         self.wall_clock_ms = wall_clock_ms
 
-    async def serve(self, request: Request, tenant: TenantIdentity, body: SamplingFields, raw_body: bytes) -> Response:
+    async def serve(
+        self, tenant: TenantIdentity, body: SamplingFields, raw_body: bytes, path: str, idempotency_key: str | None
+    ) -> Response | SseResponse:
+        """The response to one completion request (an ASGI callable): JSON, or SSE when it streams."""
         started_ms = monotonic_ms()
         model_var.set(body.model)
         prepared = prepare(body, self.settings)
         request_id = new_request_id()
         request_id_var.set(request_id)
-        key = None if prepared.stream else request.headers.get("idempotency-key")
+        key = None if prepared.stream else idempotency_key
         if key is not None:
-            stored = await self._claim(tenant, key, request.url.path, raw_body, request_id)
+            stored = await self._claim(tenant, key, path, raw_body, request_id)
             if stored is not None:
                 self.metrics.idempotent_replays.inc()
                 return Response(
@@ -208,7 +195,7 @@ class CompletionService:
                 model=prepared.model,
                 include_usage=prepared.include_usage,
             )
-            return SettlingStreamingResponse(self._sse(generation, writer), generation, {**SSE_HEADERS, **headers})
+            return SseResponse(self._sse(generation, writer), generation.settle, {**SSE_HEADERS, **headers})
         return await self._complete(generation, key, headers)
 
     async def _claim(
@@ -272,7 +259,7 @@ class CompletionService:
     def _response_id(prepared: PreparedRequest, request_id: str) -> str:
         return f"chatcmpl-{request_id}" if prepared.chat else f"cmpl-{request_id}"
 
-    async def _sse(self, generation: Generation, writer: ChunkWriter) -> AsyncIterator[bytes]:
+    async def _sse(self, generation: Generation, writer: ChunkWriter) -> AsyncGenerator[bytes, None]:
         """One write per batch of worker events (several tokens when they arrived together)."""
         if writer.chat:
             yield writer.role()

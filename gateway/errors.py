@@ -61,14 +61,6 @@ def rejection_error(rejection: Rejection) -> ApiError:
     )
 
 
-async def handle_api_error(_request: Request, error: ApiError) -> Response:
-    return error_response(error)
-
-
-async def handle_rejection(_request: Request, rejection: Rejection) -> Response:
-    return error_response(rejection_error(rejection))
-
-
 async def handle_validation_error(_request: Request, error: RequestValidationError) -> Response:
     """FastAPI's 422 becomes OpenAI's 400 naming the first offending param."""
     first = error.errors()[0] if error.errors() else {}

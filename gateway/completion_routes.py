@@ -1,0 +1,104 @@
+"""POST /v1/chat/completions and /v1/completions as plain ASGI, in front of the FastAPI app.
+
+    app.add_middleware(CompletionRoutes)   # everything else (models, admin, /metrics, /health) is FastAPI's
+
+These two routes are the gateway's hot path: under load, FastAPI's router and request objects and
+Starlette's streaming response cost more CPU than the completion itself. Here a request is: the bearer
+key (cached tenant), the body (bounded), the completion service, its response; refusals are answered in
+OpenAI's error shape and counted, as the app's exception handlers do for every other route.
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import Response
+
+from gateway.admission.base import Rejection
+from gateway.auth import bearer_key
+from gateway.errors import ApiError, error_response, rejection_error
+from gateway.logs import tenant_id_var
+from gateway.metrics import GatewayMetrics
+from gateway.runtime import GatewayRuntime
+from gateway.schemas import ChatCompletionBody, CompletionBody, SamplingFields, parse_body
+
+BODY_OF_PATH: dict[str, type[SamplingFields]] = {
+    "/v1/chat/completions": ChatCompletionBody,
+    "/v1/completions": CompletionBody,
+}
+
+
+def refusal_response(metrics: GatewayMetrics, error: ApiError | Rejection) -> Response:
+    """OpenAI's error shape for a refused request, counted by its code."""
+    api_error = rejection_error(error) if isinstance(error, Rejection) else error
+    metrics.rejections.labels(api_error.code or str(api_error.status_code)).inc()
+    return error_response(api_error)
+
+
+class RequestHeaders:
+    """The few request headers the completion routes read, found in one pass over the ASGI headers."""
+
+    __slots__ = ("authorization", "content_length", "idempotency_key")
+
+    def __init__(self, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.authorization: str | None = None
+        self.content_length: str | None = None
+        self.idempotency_key: str | None = None
+        for name, value in raw_headers:
+            if name == b"authorization":
+                self.authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                self.content_length = value.decode("latin-1")
+            elif name == b"idempotency-key":
+                self.idempotency_key = value.decode("latin-1")
+
+
+async def read_body(receive, headers: RequestHeaders, bytes_max: int) -> bytes:
+    """The request body, refused with a 400 once it is longer than `bytes_max`."""
+    too_large = ApiError(400, f"The request body is larger than {bytes_max} bytes.", param="body", code="body_too_large")
+    declared = headers.content_length
+    if declared is not None and declared.isdigit() and int(declared) > bytes_max:
+        raise too_large
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "The client went away while sending the body.", param="body", code="client_disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > bytes_max:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class CompletionRoutes:
+    """ASGI middleware answering the completion routes itself and passing everything else on."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        body_model = BODY_OF_PATH.get(scope["path"]) if scope["type"] == "http" else None
+        if body_model is None:
+            await self.app(scope, receive, send)
+            return
+        runtime: GatewayRuntime = scope["app"].state.runtime
+        if scope["method"] != "POST":
+            error = ApiError(405, f"{scope['path']} accepts POST only", code="method_not_allowed", headers={"Allow": "POST"})
+            await refusal_response(runtime.metrics, error)(scope, receive, send)
+            return
+        try:
+            response = await self._serve(runtime, scope, receive, body_model)
+        except (ApiError, Rejection) as error:
+            response = refusal_response(runtime.metrics, error)
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _serve(runtime: GatewayRuntime, scope, receive, body_model: type[SamplingFields]):
+        headers = RequestHeaders(scope["headers"])
+        tenant = await runtime.key_cache.tenant_of(bearer_key(headers.authorization))
+        tenant_id_var.set(tenant.tenant_id)
+        raw = await read_body(receive, headers, runtime.settings.body_bytes_max)
+        body = parse_body(body_model, raw)
+        return await runtime.completions.serve(tenant, body, raw, scope["path"], headers.idempotency_key)
