@@ -1,7 +1,8 @@
 """Stream processor benchmark on a real broker: `python -m bench.streams` prints one JSON line.
 
-It starts its own single-node broker in a temporary directory, runs the faust processor
-(`python -m streams.faust_app`) as a child process per phase, and stops everything at the end. Each
+It starts its own single-node broker in a temporary directory, runs the stream processor
+(`--engine batch`, the default: `python -m streams.batch_processor`; `--engine faust`: `python -m
+streams.faust_app`) as a child process per phase, and stops everything at the end. Each
 phase has its own topics (`bench.fold.*`, `bench.lag.*`) and consumer group, and a deadline, so the
 run is bounded (about two minutes with the defaults) whether or not the processor keeps up.
 
