@@ -111,6 +111,7 @@ def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: s
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.listener import listening_socket
     from gateway.logs import configure_logging
     from gateway.settings import GatewaySettings
     from streams.database import DatabaseSettings, build_async_engine, build_session_factory
@@ -123,9 +124,9 @@ def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: s
         database_settings = DatabaseSettings(database_url=database_url)
         sessions = build_session_factory(build_async_engine(database_url, database_settings))
         app = create_app(settings, log=NoPublishing(), admission=AdmitAllAdmission(), session_factory=sessions)
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", http="httptools",
-                                log_level="warning", access_log=False, log_config=None, backlog=4096)
-        await uvicorn.Server(config).serve()
+        config = uvicorn.Config(app, loop="none", http="httptools", log_level="warning", access_log=False,
+                                log_config=None)
+        await uvicorn.Server(config).serve(sockets=[listening_socket("127.0.0.1", port, reuse_port=True)])
 
     import uvloop
 
@@ -267,11 +268,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system (kernel: mostly socket calls) CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(*pids: int) -> tuple[float, float]:
+    """User and system (kernel: mostly socket calls) CPU time of processes so far, summed (Linux /proc)."""
+    user_ticks = system_ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user_ticks += int(fields[11])
+        system_ticks += int(fields[12])
     ticks_per_s = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks_per_s, int(fields[12]) / ticks_per_s
+    return user_ticks / ticks_per_s, system_ticks / ticks_per_s
 
 
 @dataclass
@@ -308,7 +313,7 @@ class RoundTotals:
         }
 
 
-async def measure(options, worker_port: int, gateway_port: int, key: str, pids: dict[str, int]) -> dict:
+async def measure(options, worker_port: int, gateway_port: int, key: str, pids: dict[str, list[int]]) -> dict:
     encode = msgspec.json.encode
     prompt = "Benchmark prompt: say something."
     run = uuid.uuid4().hex[:8]
@@ -330,11 +335,11 @@ async def measure(options, worker_port: int, gateway_port: int, key: str, pids: 
     stream_s = options.tokens * options.token_interval_ms / 1000
     for _ in range(options.rounds):
         for name, port, target in (("direct", worker_port, direct), ("gateway", gateway_port, through)):
-            cpu_before = {process: cpu_seconds(pid) for process, pid in pids.items()}
+            cpu_before = {process: cpu_seconds(*process_ids) for process, process_ids in pids.items()}
             first, total, seconds = await run_round(
                 port, *target, options.concurrency, options.requests, stagger_s=stream_s
             )
-            cpu_after = {process: cpu_seconds(pid) for process, pid in pids.items()}
+            cpu_after = {process: cpu_seconds(*process_ids) for process, process_ids in pids.items()}
             cpu_used = {
                 process: (cpu_after[process][0] - cpu_before[process][0], cpu_after[process][1] - cpu_before[process][1])
                 for process in pids
@@ -351,6 +356,8 @@ def main() -> None:
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--profile", metavar="PATH", help="write the gateway's cProfile stats here (slows it)")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="concurrent streams")
+    parser.add_argument("--gateway-processes", type=int, default=1,
+                        help="gateway processes sharing the port (SO_REUSEPORT), as one per core would be deployed")
     parser.add_argument("--requests", type=int, default=2000, help="requests per round and target")
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway rounds")
     parser.add_argument("--tokens", type=int, default=16, help="canned tokens per completion")
@@ -371,19 +378,23 @@ def main() -> None:
         worker = subprocess.Popen([*me, "--serve", "canned-worker", "--port", str(worker_port),
                                    "--token-interval-ms", str(options.token_interval_ms)], env=env)
         profiling = ["--profile", options.profile] if options.profile else []
-        gateway = subprocess.Popen([*me, "--serve", "gateway", "--port", str(gateway_port), "--worker-url",
-                                    f"http://127.0.0.1:{worker_port}", "--database-url", database_url, *profiling],
-                                   env=env)
+        gateways = [
+            subprocess.Popen([*me, "--serve", "gateway", "--port", str(gateway_port), "--worker-url",
+                              f"http://127.0.0.1:{worker_port}", "--database-url", database_url, *profiling], env=env)
+            for _ in range(options.gateway_processes)
+        ]
         try:
             wait_ready(worker_port, worker)
-            wait_ready(gateway_port, gateway)
+            for gateway in gateways:
+                wait_ready(gateway_port, gateway)
             import uvloop
 
             load_before = os.getloadavg()[0]
-            pids = {"gateway": gateway.pid, "worker": worker.pid, "load_generator": os.getpid()}
+            pids = {"gateway": [gateway.pid for gateway in gateways], "worker": [worker.pid],
+                    "load_generator": [os.getpid()]}
             summary = uvloop.run(measure(options, worker_port, gateway_port, key, pids))
         finally:
-            for process in (gateway, worker):
+            for process in (*gateways, worker):
                 process.terminate()
                 process.wait(timeout=20)
     direct, through = summary["direct"], summary["gateway"]
@@ -392,6 +403,7 @@ def main() -> None:
         "worker": "CannedTokenWorker (benchmark-only stand-in, real NDJSON protocol)",
         "admission": "AdmitAllAdmission (benchmark-only)",
         "concurrency": options.concurrency,
+        "gateway_processes": options.gateway_processes,
         "requests": options.requests * options.rounds,
         "tokens_per_request": options.tokens,
         "token_interval_ms": options.token_interval_ms,

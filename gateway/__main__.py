@@ -11,9 +11,11 @@ import asyncio
 import logging
 
 import uvicorn
+import uvloop
 
 from gateway.admin import AdminSettings
 from gateway.app import create_app
+from gateway.listener import listening_socket
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
 from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
@@ -62,10 +64,9 @@ async def serve(settings: GatewaySettings) -> None:
     await event_log.start()
     app, admission_runtime = await start_gateway(settings, event_log, engine, sessions)
     try:
+        listener = listening_socket(settings.host, settings.port, reuse_port=settings.reuse_port)
         config = uvicorn.Config(
             app,
-            host=settings.host,
-            port=settings.port,
             loop="uvloop",
             http="httptools",
             access_log=False,
@@ -73,7 +74,7 @@ async def serve(settings: GatewaySettings) -> None:
             lifespan="on",
         )
         logger.info("gateway listening on %s:%d, workers %s", settings.host, settings.port, settings.worker_urls)
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(config).serve(sockets=[listener])
     finally:
         await admission_runtime.stop()
         await event_log.stop()
@@ -83,7 +84,7 @@ async def serve(settings: GatewaySettings) -> None:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    uvloop.run(serve(settings))  # uvicorn's loop="uvloop" applies only to uvicorn.run, not to Server.serve
 
 
 if __name__ == "__main__":

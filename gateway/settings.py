@@ -44,6 +44,7 @@ class GatewaySettings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    reuse_port: bool = False  # SO_REUSEPORT: several gateway processes on this host share the port (one per core)
     admin_token: SecretStr | None = None  # for the mounted admin API; generated in development when unset
     event_log: Literal["kafka", "embedded"] = "kafka"  # embedded: the Postgres-backed log (no broker)
 
