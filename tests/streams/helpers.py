@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from ledger.events import CreditGranted, UsageRecorded
 from streams.settings import StreamSettings
-from streams.topics import ensure_topics, ledger_topic_specs
+from streams.topics import LedgerTopics, ensure_topics, ledger_topic_specs
 
 READ_TIMEOUT_S = 60.0
 FETCH_TIMEOUT_MS = 500
@@ -86,3 +88,15 @@ async def read_topic(
         return records
     finally:
         await consumer.stop()
+
+
+async def assert_entries_complete_and_consistent(settings, events) -> None:
+    """Every usage event has its allocation; an entry id seen twice carries the same entry both times."""
+    topics = LedgerTopics.from_settings(settings)
+    entries = await read_topic(settings.kafka_bootstrap_servers, topics.entries, settings.topic_partitions, 1, quiet_s=2)
+    by_id = defaultdict(set)
+    for record in entries:
+        by_id[msgspec.json.decode(record.value)["entry_id"]].add(record.value)
+    assert all(len(copies) == 1 for copies in by_id.values()), "a repeated entry id must repeat the same entry"
+    usage_ids = {entry_id for entry_id in by_id if "/usage/" in entry_id}
+    assert usage_ids == {f"{e.tenant_id}/usage/{e.event_id}" for e in events if isinstance(e, UsageRecorded)}

@@ -12,14 +12,19 @@ from collections import defaultdict
 import msgspec
 import pytest
 
-from ledger.events import CreditGranted, UsageRecorded
+from ledger.events import CreditGranted
 from streams.batch_processor import READY_LOG_LINE, BatchProcessor, PartitionedState, changelog_topic
 from streams.processor_settings import ProcessorSettings
 from streams.producer import BrokerUnavailable, EventProducer, PartitionedRecord, PublishRejected
 from streams.replay import compare, live_balances, replay
 from streams.topics import LedgerTopics
 from tests.fixtures.processes import ComponentProcess
-from tests.streams.helpers import create_ledger_topics, read_topic, stream_settings
+from tests.streams.helpers import (
+    assert_entries_complete_and_consistent,
+    create_ledger_topics,
+    read_topic,
+    stream_settings,
+)
 from tests.streams.test_kafka_processors import converged, ledger_events, processor_env, wait_converged
 
 pytestmark = pytest.mark.kafka
@@ -39,18 +44,6 @@ def processor_settings(settings, tmp_path, **overrides) -> ProcessorSettings:
         processor_retry_backoff_initial_ms=50,
         **overrides,
     )
-
-
-async def assert_entries_complete_and_consistent(settings, events) -> None:
-    """Every usage event has its allocation; an entry id seen twice carries the same entry both times."""
-    topics = LedgerTopics.from_settings(settings)
-    entries = await read_topic(settings.kafka_bootstrap_servers, topics.entries, settings.topic_partitions, 1, quiet_s=2)
-    by_id = defaultdict(set)
-    for record in entries:
-        by_id[msgspec.json.decode(record.value)["entry_id"]].add(record.value)
-    assert all(len(copies) == 1 for copies in by_id.values()), "a repeated entry id must repeat the same entry"
-    usage_ids = {entry_id for entry_id in by_id if "/usage/" in entry_id}
-    assert usage_ids == {f"{e.tenant_id}/usage/{e.event_id}" for e in events if isinstance(e, UsageRecorded)}
 
 
 def test_partitioned_state_keeps_each_partition_apart():

@@ -10,7 +10,6 @@ import random
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 import msgspec
 import pytest
@@ -21,7 +20,12 @@ from streams.producer import EventProducer
 from streams.replay import compare, live_balances, replay
 from streams.topics import LedgerTopics
 from tests.fixtures.processes import ComponentProcess
-from tests.streams.helpers import create_ledger_topics, read_topic, stream_settings
+from tests.streams.helpers import (
+    assert_entries_complete_and_consistent,
+    create_ledger_topics,
+    read_topic,
+    stream_settings,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -126,13 +130,7 @@ async def test_kill_restart_duplicates_and_a_malformed_record(engine, kafka_brok
     finally:
         worker.stop()
 
-    entries = await read_topic(settings.kafka_bootstrap_servers, topics.entries, 3, expected_count=1, quiet_s=2)
-    by_id = defaultdict(set)
-    for record in entries:
-        by_id[msgspec.json.decode(record.value)["entry_id"]].add(record.value)
-    assert all(len(copies) == 1 for copies in by_id.values()), "a repeated entry id must repeat the same entry"
-    usage_ids = {i for i in by_id if "/usage/" in i}
-    assert usage_ids == {f"{e.tenant_id}/usage/{e.event_id}" for e in events if isinstance(e, UsageRecorded)}
+    await assert_entries_complete_and_consistent(settings, events)
 
     dead = await read_topic(settings.kafka_bootstrap_servers, topics.dlq, 3, expected_count=1, quiet_s=1)
     letters = [msgspec.json.decode(r.value) for r in dead]
