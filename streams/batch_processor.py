@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 READY_LOG_LINE = "Processor ready"
 CHANGELOG_FETCH_MAX_RECORDS = 10_000
 CHANGELOG_FETCH_TIMEOUT_MS = 500
+PARTITION_MEMO_KEYS_MAX = 100_000  # tenant key -> partition, for the derived records; cleared when full
 
 
 def changelog_topic(settings: ProcessorSettings) -> str:
@@ -254,8 +255,8 @@ class BatchProcessor:
         """Derived records are keyed by tenant and land on the tenant's partition (co-partitioned topics)."""
         partition = self._partition_of_key.get(record.key)
         if partition is None:
-            if len(self._partition_of_key) >= self.settings.processor_batch_max * 10:
-                self._partition_of_key.clear()  # a bounded memo, not a second copy of the tenant list
+            if len(self._partition_of_key) >= PARTITION_MEMO_KEYS_MAX:
+                self._partition_of_key.clear()
             partition = self._partition_of_key[record.key] = partition_for_key(record.key, self.settings.topic_partitions)
         return partition
 
