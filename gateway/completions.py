@@ -89,7 +89,7 @@ class Generation:
 
     def on_tokens(self, count: int) -> None:
         if self.tokens_seen == 0:
-            self.service.metrics.time_to_first_token.labels(self.prepared.model).observe(
+            self.service.metrics.of_model(self.prepared.model).time_to_first_token.observe(
                 (monotonic_ms() - self.started_ms) / 1000
             )
         self.tokens_seen += count
@@ -121,15 +121,15 @@ class Generation:
                 await service.admission.finish(self.reservation, cost)
             except Exception:
                 logger.exception("admission.finish failed for %s (cost %d)", self.request_id, cost)
-        metrics = service.metrics
-        metrics.prompt_tokens.labels(model).inc(self.prompt_tokens)
-        metrics.completion_tokens.labels(model).inc(self.completion_tokens)
-        metrics.requests.labels(model, self.outcome).inc()
-        metrics.request_duration.labels(model, "true" if self.prepared.stream else "false").observe(
-            (monotonic_ms() - self.started_ms) / 1000
-        )
+        metrics = service.metrics.of_model(model)
+        metrics.prompt_tokens.inc(self.prompt_tokens)
+        metrics.completion_tokens.inc(self.completion_tokens)
+        metrics.requests(self.outcome).inc()
+        metrics.request_duration[self.prepared.stream].observe((monotonic_ms() - self.started_ms) / 1000)
         if self.outcome == "disconnected":
-            metrics.stream_disconnects.labels(model).inc()
+            metrics.stream_disconnects.inc()
+        if not logger.isEnabledFor(logging.INFO):
+            return  # the line's fields cost more than the check
         logger.info(
             "request finished",
             extra={
@@ -252,7 +252,7 @@ class CompletionService:
             with anyio.CancelScope(shield=True):
                 await self.admission.release(reservation)
             raise
-        self.metrics.worker_queue_time.labels(prepared.model).observe((monotonic_ms() - dispatched_ms) / 1000)
+        self.metrics.of_model(prepared.model).worker_queue_time.observe((monotonic_ms() - dispatched_ms) / 1000)
         return Generation(self, tenant, prepared, request_id, reservation, stream, started_ms, deadline_ms)
 
     @staticmethod

@@ -56,3 +56,33 @@ class GatewayMetrics:
         )
         for collector in collectors:
             r.register(collector)
+        self._of_model: dict[str, ModelMetrics] = {}
+
+    def of_model(self, model: str) -> ModelMetrics:
+        """The per-model children, resolved once per model (only served models reach here: a bounded set)."""
+        children = self._of_model.get(model)
+        if children is None:
+            children = self._of_model[model] = ModelMetrics(self, model)
+        return children
+
+
+class ModelMetrics:
+    """One model's labelled children of the gateway's metrics: `labels()` takes a lock and builds a key on
+    every call, which a request would otherwise pay six times."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        self.time_to_first_token = metrics.time_to_first_token.labels(model)
+        self.worker_queue_time = metrics.worker_queue_time.labels(model)
+        self.request_duration = {stream: metrics.request_duration.labels(model, str(stream).lower()) for stream in (True, False)}
+        self.prompt_tokens = metrics.prompt_tokens.labels(model)
+        self.completion_tokens = metrics.completion_tokens.labels(model)
+        self.stream_disconnects = metrics.stream_disconnects.labels(model)
+        self._requests_counter = metrics.requests
+        self._model = model
+        self._requests: dict[str, Counter] = {}
+
+    def requests(self, outcome: str) -> Counter:
+        child = self._requests.get(outcome)
+        if child is None:
+            child = self._requests[outcome] = self._requests_counter.labels(self._model, outcome)
+        return child
