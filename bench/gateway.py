@@ -21,6 +21,13 @@ Clients start staggered over one stream's length, so arrivals are spread as in r
 200 streams starting in the same millisecond every stream-length (the same for both targets).
 
     added latency p50/p99 = percentile(gateway) - percentile(direct), per metric (first token, full stream)
+
+`--gateway-processes N` runs N gateway processes on one SO_REUSEPORT port (one per core, as
+`TOLLGATE_GATEWAY_REUSE_PORT` deploys them); the kernel spreads the load generator's connections among them.
+CPU per request and utilisation (CPU seconds per wall second) are read from /proc for the gateway processes
+(summed), the worker and the load generator over each measured round, split into user and kernel time, so
+what the three processes sharing the cores cost is in the JSON line. `--profile PATH` writes the gateway's
+cProfile stats (it slows the gateway: figures from such a run are not the benchmark's).
 """
 
 from __future__ import annotations
