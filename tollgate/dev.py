@@ -34,6 +34,8 @@ DEMO_TIER = "pro"
 DEMO_CREDITS = 10_000_000
 DEMO_GRANT_IDEMPOTENCY_KEY = "tollgate-dev-demo-grant"
 SHUTDOWN_TIMEOUT_S = 20
+DEMO_READY_TIMEOUT_S = 60
+DEMO_READY_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ async def _run(options: DevOptions) -> None:
         if stop.is_set():
             return
         demo = await _ensure_demo_tenant(base, admin_token, demo)
+        await _wait_demo_credits_visible(base, admin_token, demo["tenant_id"], admission_runtime.view, tasks)
         demo_file.write_text(json.dumps(demo, indent=2) + "\n")
         _print_banner(demo, demo_file)
         await _until_stopped(stop, tasks)
@@ -178,6 +181,25 @@ async def _ensure_demo_tenant(base: str, admin_token: str, demo: dict) -> dict:
             )
         )
     return {"base_url": f"{base}/v1", "api_key": key["key"], "admin_token": admin_token, "tenant_id": tenant_id}
+
+
+async def _wait_demo_credits_visible(base: str, admin_token: str, tenant_id: str, view, tasks: list[asyncio.Task]) -> None:
+    """Until the demo tenant's balance is folded and both readers agree on it: the gateway's admission view
+    (so the first request printed below is admitted) and the admin API's projection (`tollgate balance`)."""
+    deadline = time.monotonic() + DEMO_READY_TIMEOUT_S
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {admin_token}"}, timeout=10.0) as admin:
+        while True:
+            for task in tasks:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()
+            held = view.balance(tenant_id)
+            if held is not None:
+                projected = (await _ok(admin.get(f"/admin/v1/tenants/{tenant_id}/balance")))["balance"]
+                if projected == held.balance:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the demo tenant's credits were not folded within {DEMO_READY_TIMEOUT_S}s")
+            await asyncio.sleep(DEMO_READY_POLL_S)
 
 
 async def _ok(response_coroutine) -> dict:
