@@ -83,10 +83,8 @@ class EmbeddedProcessor:
     async def sweep_expiries(self) -> None:
         """Publish expiries that wall-clock time has passed, for tenants without new events."""
         now_ms = self.clock_ms() - self.expiry_grace_ms
-        for partition, tenants in self.processor.tenants_by_partition(self.log.partitions).items():
-            output = self.processor.advance(tenants, now_ms)
-            if output.entries or output.state_writes:
-                await self._commit(output, partition, None)
+        for partition, output in self.processor.expire_quiet(now_ms, self.log.partitions):
+            await self._commit(output, partition, None)
 
     async def run(self, stop: asyncio.Event) -> None:
         last_sweep = 0.0

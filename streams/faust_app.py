@@ -139,13 +139,10 @@ def create_app(settings: ProcessorSettings) -> faust.App:
     async def sweep_expiries() -> None:
         now_ms = int(time.time() * 1000) - settings.processor_expiry_grace_ms
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.events}
-        for partition, tenants in processor.tenants_by_partition(settings.topic_partitions).items():
-            if partition not in assigned:
-                continue
-            output = processor.advance(tenants, now_ms)
-            if output.entries or output.state_writes:
-                await _publish([output])
-                await _write_state([(output, partition)])
+        swept = processor.expire_quiet(now_ms, settings.topic_partitions, assigned)
+        if swept:
+            await _publish([output for _, output in swept])
+            await _write_state([(output, partition) for partition, output in swept])
 
     async def _publish(outputs: list[ProcessorOutput]) -> None:
         """Outputs are acked (or durably spooled) before the state that records them is written."""

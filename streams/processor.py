@@ -19,7 +19,7 @@ id is in the seen index with the first offset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -224,12 +224,21 @@ class LedgerProcessor:
     def known_tenants(self) -> list[str]:
         return [key[len(ACCOUNT_KEY_PREFIX):].decode() for key, _ in self._state.items_with_prefix(ACCOUNT_KEY_PREFIX)]
 
-    def tenants_by_partition(self, partitions: int) -> dict[int, list[str]]:
-        """Every known tenant under the source partition that owns it (one pass over the state)."""
+    def expire_quiet(
+        self, now_ms: int, partitions: int, owned: Container[int] | None = None
+    ) -> list[tuple[int, ProcessorOutput]]:
+        """`advance` every known tenant to `now_ms`, grouped by the source partition that owns it (one pass
+        over the state; only the `owned` partitions when given); the partitions that published something."""
         grouped: dict[int, list[str]] = {}
         for tenant_id in self.known_tenants():
             grouped.setdefault(partition_for_key(tenant_id.encode(), partitions), []).append(tenant_id)
-        return grouped
+        swept = []
+        for partition, tenants in grouped.items():
+            if owned is None or partition in owned:
+                output = self.advance(tenants, now_ms)
+                if output.entries or output.state_writes:
+                    swept.append((partition, output))
+        return swept
 
     def tenant_account(self, tenant_id: str) -> tuple[Account, InMemoryUsageIndex]:
         tenant = self._tenant(tenant_id)
