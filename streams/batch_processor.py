@@ -34,10 +34,10 @@ from collections.abc import Iterator
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from streams.processor import LedgerProcessor, OutputRecord, ProcessorOutput
+from streams.processor import LedgerProcessor, ProcessorOutput
 from streams.processor_settings import ProcessorSettings
 from streams.producer import BrokerUnavailable, EventProducer, PartitionedRecord
-from streams.records import LogRecord, partition_for_key
+from streams.records import LogRecord
 from streams.topics import LedgerTopics, ensure_topics, state_changelog_spec
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 READY_LOG_LINE = "Processor ready"
 CHANGELOG_FETCH_MAX_RECORDS = 10_000
 CHANGELOG_FETCH_TIMEOUT_MS = 500
-PARTITION_MEMO_KEYS_MAX = 100_000  # tenant key -> partition, for the derived records; cleared when full
 
 
 def changelog_topic(settings: ProcessorSettings) -> str:
@@ -111,7 +110,6 @@ class BatchProcessor:
         self._loaded: set[int] = set()  # source partitions whose state is in `self.state`
         self._committable: dict[TopicPartition, int] = {}  # next offsets acked through outputs and state
         self._lock = asyncio.Lock()  # one batch at a time; a revoke waits for the batch in flight
-        self._partition_of_key: dict[bytes, int] = {}
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -196,34 +194,32 @@ class BatchProcessor:
         for tp in owned:
             if tp.partition not in self._loaded:
                 await self._load(tp.partition)
-        folded: list[tuple[TopicPartition, ProcessorOutput, int]] = []
+        outputs: list[tuple[int, ProcessorOutput]] = []
+        next_offsets: dict[TopicPartition, int] = {}
         for tp, messages in owned.items():
             records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
-            folded.append((tp, self.processor.process(tp.partition, records), messages[-1].offset + 1))
-        await self._publish([output for _, output, _ in folded])
-        await self._write_state([(tp.partition, output) for tp, output, _ in folded])
-        for tp, _, next_offset in folded:
-            self._committable[tp] = next_offset
+            outputs.append((tp.partition, self.processor.process(tp.partition, records)))
+            next_offsets[tp] = messages[-1].offset + 1
+        await self._emit(outputs)
+        self._committable.update(next_offsets)
 
     async def _sweep_expiries(self) -> None:
         """Publish the expiries that wall-clock time has passed, for the tenants of the loaded partitions."""
         now_ms = int(time.time() * 1000) - self.settings.processor_expiry_grace_ms
-        swept = []
-        for partition, tenants in self.processor.tenants_by_partition(self.settings.topic_partitions).items():
-            if partition in self._loaded:
-                output = self.processor.advance(tenants, now_ms)
-                if output.entries or output.state_writes:
-                    swept.append((partition, output))
-        if swept:
-            await self._publish([output for _, output in swept])
-            await self._write_state(swept)
+        swept = self.processor.expire_quiet(now_ms, self.settings.topic_partitions, self._loaded)
+        await self._emit(swept)
 
-    async def _publish(self, outputs: list[ProcessorOutput]) -> None:
-        """Outputs are acked before the state that records them is written."""
+    async def _emit(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
+        """(source partition, output) pairs: outputs are acked before the state that records them is written."""
+        await self._publish(outputs)
+        await self._write_state(outputs)
+
+    async def _publish(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
+        """To the source partition: the derived topics are co-partitioned with `ledger.events` (key = tenant)."""
         topics = self.topics
         outgoing = [
-            PartitionedRecord(topic, self._partition(record), record.key, record.value)
-            for output in outputs
+            PartitionedRecord(topic, partition, record.key, record.value)
+            for partition, output in outputs
             for topic, records in ((topics.entries, output.entries), (topics.balances, output.balances), (topics.dlq, output.dead_letters))
             for record in records
         ]
@@ -250,15 +246,6 @@ class BatchProcessor:
             await self._consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as error:  # the group moved on: the new owner replays, deduped
             log.warning("offset commit failed (%r); the partitions' next owner replays from the previous commit", error)
-
-    def _partition(self, record: OutputRecord) -> int:
-        """Derived records are keyed by tenant and land on the tenant's partition (co-partitioned topics)."""
-        partition = self._partition_of_key.get(record.key)
-        if partition is None:
-            if len(self._partition_of_key) >= PARTITION_MEMO_KEYS_MAX:
-                self._partition_of_key.clear()
-            partition = self._partition_of_key[record.key] = partition_for_key(record.key, self.settings.topic_partitions)
-        return partition
 
     # ------------------------------------------------------------------------------------ ownership
 
