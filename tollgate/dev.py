@@ -138,10 +138,15 @@ def _server(app, host: str, port: int) -> uvicorn.Server:
 async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
     """Until Ctrl-C, or until a component fails (then its error is raised)."""
     waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
-    for task in done:
-        if task is not waiter and task.exception() is not None:
+    _raise_if_failed(tasks)
+
+
+def _raise_if_failed(tasks: list[asyncio.Task]) -> None:
+    """A component that died while we wait for something fails the wait with its own error."""
+    for task in tasks:
+        if task.done() and task.exception() is not None:
             raise task.exception()
 
 
@@ -150,9 +155,7 @@ async def _wait_healthy(urls: list[str], tasks: list[asyncio.Task], stop: asynci
     async with httpx.AsyncClient(timeout=2.0) as client:
         for url in urls:
             while not stop.is_set():
-                for task in tasks:
-                    if task.done() and task.exception() is not None:
-                        raise task.exception()
+                _raise_if_failed(tasks)
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(url)).status_code == 200:
                         break
@@ -189,9 +192,7 @@ async def _wait_demo_credits_visible(base: str, admin_token: str, tenant_id: str
     deadline = time.monotonic() + DEMO_READY_TIMEOUT_S
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {admin_token}"}, timeout=10.0) as admin:
         while True:
-            for task in tasks:
-                if task.done() and task.exception() is not None:
-                    raise task.exception()
+            _raise_if_failed(tasks)
             held = view.balance(tenant_id)
             if held is not None:
                 projected = (await _ok(admin.get(f"/admin/v1/tenants/{tenant_id}/balance")))["balance"]
