@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.api_keys import PRESENTED_KEY_LENGTH_MAX, resolve_key
 from gateway.errors import ApiError
+from gateway.logs import tenant_id_var
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +104,10 @@ class TenantKeyCache:
         while len(self._entries) >= self._entries_max:
             del self._entries[next(iter(self._entries))]
         self._entries[digest] = (expires_at_ms, identity)
+
+
+async def authenticate(key_cache: TenantKeyCache, authorization: str | None) -> TenantIdentity:
+    """The tenant owning the `Authorization` header's bearer key (a 401 otherwise), set for the log lines."""
+    tenant = await key_cache.tenant_of(bearer_key(authorization))
+    tenant_id_var.set(tenant.tenant_id)
+    return tenant

@@ -13,9 +13,8 @@ from __future__ import annotations
 from fastapi.responses import Response
 
 from gateway.admission.base import Rejection
-from gateway.auth import bearer_key
+from gateway.auth import authenticate
 from gateway.errors import ApiError, error_response, rejection_error
-from gateway.logs import tenant_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.runtime import GatewayRuntime
 from gateway.schemas import ChatCompletionBody, CompletionBody, SamplingFields, parse_body
@@ -97,8 +96,7 @@ class CompletionRoutes:
     @staticmethod
     async def _serve(runtime: GatewayRuntime, scope, receive, body_model: type[SamplingFields]):
         headers = RequestHeaders(scope["headers"])
-        tenant = await runtime.key_cache.tenant_of(bearer_key(headers.authorization))
-        tenant_id_var.set(tenant.tenant_id)
+        tenant = await authenticate(runtime.key_cache, headers.authorization)
         raw = await read_body(receive, headers, runtime.settings.body_bytes_max)
         body = parse_body(body_model, raw)
         return await runtime.completions.serve(tenant, body, raw, scope["path"], headers.idempotency_key)

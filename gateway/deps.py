@@ -6,8 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from gateway.auth import TenantIdentity, bearer_key
-from gateway.logs import tenant_id_var
+from gateway.auth import TenantIdentity, authenticate
 from gateway.runtime import GatewayRuntime
 
 
@@ -20,9 +19,7 @@ Runtime = Annotated[GatewayRuntime, Depends(gateway_runtime)]
 
 async def authenticated_tenant(request: Request, runtime: Runtime) -> TenantIdentity:
     """The tenant owning the bearer key, or a 401."""
-    tenant = await runtime.key_cache.tenant_of(bearer_key(request.headers.get("authorization")))
-    tenant_id_var.set(tenant.tenant_id)
-    return tenant
+    return await authenticate(runtime.key_cache, request.headers.get("authorization"))
 
 
 AuthenticatedTenant = Annotated[TenantIdentity, Depends(authenticated_tenant)]
