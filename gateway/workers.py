@@ -288,10 +288,12 @@ class WorkerPool:
         status = exchange.status
         bytes_max = self.settings.worker_event_bytes_max
         parts: list[bytes] = []
+        size = 0
         try:
             while data := await exchange.read():
                 parts.append(data)
-                if sum(map(len, parts)) > bytes_max:
+                size += len(data)
+                if size > bytes_max:
                     exchange.abort()
                     return f"answered {status} with a body over {bytes_max} bytes"
             await exchange.finish()
