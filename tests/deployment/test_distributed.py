@@ -41,6 +41,7 @@ def cluster(kafka_broker, database_url, topic_prefix, tmp_path):
         "TOLLGATE_TOPIC_PARTITIONS": str(settings.topic_partitions),
         "DATABASE_URL": database_url,
         "TOLLGATE_ADMIN_TOKEN": admin_token,
+        "TOLLGATE_INTERNAL_TOKEN": secrets.token_urlsafe(32),  # gateway -> worker
     }
     processes: dict[str, ComponentProcess] = {}
 
