@@ -11,6 +11,10 @@ entry ids (consumers keep one per id). A crash during 2 leaves a prefix of the w
 written without its account snapshot is recognised by its source offset and applied again; an account
 written is never applied twice, because each snapshot carries the highest source offset it includes.
 
+Usage for a tenant without a single grant on this partition is dead-lettered ("unknown tenant"), not
+folded as overage: admission needs credit, so legitimate usage always follows its tenant's first grant
+on the same partition (same key, same partition), and anything else was not admitted by a gateway.
+
 Dedupe, two ways: a record redelivered after a crash has an offset at or below the tenant's
 `applied_offset`; the same event produced twice (a producer resend) has another offset, and its event
 id is in the seen index with the first offset.
@@ -179,6 +183,10 @@ class LedgerProcessor:
             if record.offset <= tenant.applied_offset:
                 output.duplicate_events += 1
                 continue
+            if isinstance(event, UsageRecorded) and not tenant.account.blocks:
+                output.dead_letters.append(self._dead_letter(record, f"unknown tenant {event.tenant_id}"))
+                self._forget_if_empty(event.tenant_id, tenant)
+                continue
             tenant.index.current_offset = record.offset
             try:
                 entries = tenant.account.apply(event, tenant.index)
@@ -259,6 +267,12 @@ class LedgerProcessor:
         if tenant is None:
             tenant = self._tenants[tenant_id] = self._load_tenant(tenant_id)
         return tenant
+
+    def _forget_if_empty(self, tenant_id: str, tenant: _Tenant) -> None:
+        """Drop a tenant that has never applied anything from the cache, so that records naming tenants
+        that do not exist (dead-lettered) cannot grow it."""
+        if tenant.applied_offset < 0:
+            del self._tenants[tenant_id]
 
     def _load_tenant(self, tenant_id: str) -> _Tenant:
         stored = self._state.get(account_key(tenant_id))

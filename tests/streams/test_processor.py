@@ -43,10 +43,14 @@ def as_records(events, start_offset=0, partition=0):
 
 
 def shuffled_with_duplicates(events, seed):
+    """Any order, with duplicates, after the tenant's first grant: admission needs credit, so usage never
+    precedes it on the log (usage for a tenant without a grant is dead-lettered)."""
     rng = random.Random(seed)
-    stream = events + rng.sample(events, len(events) // 5)
+    first_grant, rest = events[0], events[1:]
+    assert isinstance(first_grant, CreditGranted)
+    stream = rest + rng.sample(events, len(events) // 5)
     rng.shuffle(stream)
-    return stream
+    return [first_grant, *stream]
 
 
 def balances(output):
@@ -164,3 +168,36 @@ def test_expiries_of_quiet_tenants_are_published_by_advance():
     output = processor.advance(processor.known_tenants(), NOW + 10)
     assert [msgspec.json.decode(e.value)["type"] for e in output.entries] == ["credit_expired"]
     assert balances(output)["acme"].balance == 0
+
+
+def usage(tenant, event_id, amount=7):
+    return UsageRecorded(event_id=event_id, tenant_id=tenant, amount=amount, occurred_at=NOW + 1, model="m",
+                         prompt_tokens=3, completion_tokens=4)
+
+
+def test_usage_for_a_tenant_without_any_grant_is_dead_lettered_not_billed_as_overage():
+    grant = CreditGranted(event_id="e1", tenant_id="acme", grant_id="g", amount=50, effective_at=NOW)
+    records = as_records([usage("ghost", "r0"), grant, usage("acme", "r1"), usage("ghost", "r2")])
+    state = DictState()
+    processor = LedgerProcessor(state, source_topic=TOPIC)
+    output = processor.process(0, records)
+    letters = [msgspec.json.decode(r.value, type=DeadLetter) for r in output.dead_letters]
+    assert [(letter.offset, letter.reason) for letter in letters] == [(0, "unknown tenant ghost"), (3, "unknown tenant ghost")]
+    assert [r.key for r in output.dead_letters] == [b"ghost", b"ghost"]
+    assert set(balances(output)) == {"acme"} and balances(output)["acme"].balance == 43
+    assert not any(b"ghost" in key for key, _ in output.state_writes), "nothing of the unknown tenant is stored"
+    assert output.applied_events == 2
+
+    state.write_all(output.state_writes)
+    restarted = LedgerProcessor(state, source_topic=TOPIC)
+    later = restarted.process(0, as_records([usage("acme", "r3"), usage("ghost", "r4")], start_offset=4))
+    assert [msgspec.json.decode(r.value)["reason"] for r in later.dead_letters] == ["unknown tenant ghost"]
+    assert balances(later)["acme"].balance == 36, "a known tenant's snapshot read back is not unknown"
+
+
+def test_usage_after_the_tenants_first_grant_is_folded_even_before_the_grant_is_effective():
+    grant = CreditGranted(event_id="e1", tenant_id="acme", grant_id="g", amount=50, effective_at=NOW + 1_000)
+    output = LedgerProcessor(DictState(), source_topic=TOPIC).process(0, as_records([grant, usage("acme", "r1")]))
+    assert not output.dead_letters
+    [allocated] = [msgspec.json.decode(e.value) for e in output.entries if b"usage_allocated" in e.value]
+    assert allocated["overage"] == 7, "usage before any block is effective is overage, as before"
