@@ -9,6 +9,13 @@ race (per mode):  the tenant has credit for `--balance-requests` requests of `--
                   then finishes at its full estimated cost (the worst case: max_tokens all used).
                   overspend = credits admitted beyond the balance; overspend_requests = that / cost.
 near_empty (fast): the same race with credit for 1.5 requests (the "last credits" of a tenant).
+expiring (per mode): the tenant's credit for `--balance-requests` requests is one block that expires
+                  `--expiry-ms` after the race starts; requests arrive spread over twice that time and each
+                  generates for `--generation-ms` after admission, so most finish after the block expired.
+                  The admitted requests' usage is then folded by the real ledger (`ledger.tenant`) twice:
+                  billed at admission (what the worker does: UsageRecorded.occurred_at = the gateway's
+                  admitted_at_ms) and, for contrast, billed when generation finished (the old rule, under
+                  which credit that expired mid-generation became overage). overspend = the fold's overage.
 throughput:       `--throughput-requests` requests of a tenant with ample credit, `--concurrency` in
                   flight per gateway, each admitted then released; admits_per_s over both gateways.
 
@@ -36,6 +43,8 @@ from gateway.admission.metrics import AdmissionMetrics
 from gateway.admission.settings import AdmissionSettings, TierLimits
 from gateway.admission.strict import StrictAdmission
 from gateway.ledger_view import LedgerView, LedgerViewFeed, wall_clock_ms
+from ledger.events import CreditGranted, UsageRecorded
+from ledger.tenant import TenantLedger
 from streams.database import DatabaseSettings, build_async_engine, start_embedded_postgres, upgrade_database
 from streams.embedded_log import PostgresLog
 from streams.processor import BalanceRecord
@@ -88,9 +97,15 @@ async def stop_gateways(gateways: list[Gateway]) -> None:
         await gateway.log.stop()
 
 
-async def give_balance(gateways: list[Gateway], tenant_id: str, balance: int) -> None:
-    """Publish the tenant's balance on ledger.balances and wait until every gateway's view has it."""
-    record = BalanceRecord(tenant_id=tenant_id, balance=balance, overage=0, as_of=wall_clock_ms(), applied_offset=0)
+async def give_balance(
+    gateways: list[Gateway], tenant_id: str, balance: int, expires_at_ms: int | None = None
+) -> None:
+    """Publish the tenant's balance on ledger.balances and wait until every gateway's view has it.
+    With `expires_at_ms`, the whole balance is one block expiring then (as the processor lists it)."""
+    expiring = [(expires_at_ms, balance)] if expires_at_ms is not None else []
+    record = BalanceRecord(
+        tenant_id=tenant_id, balance=balance, overage=0, as_of=wall_clock_ms(), applied_offset=0, expiring=expiring
+    )
     log = gateways[0].log
     await log.append(log.topics.balances, tenant_id.encode(), msgspec.json.encode(record))
     async with asyncio.timeout(VIEW_WAIT_S):
@@ -122,6 +137,50 @@ async def race(gateways: list[Gateway], tenant_id: str, balance: int, requests: 
     return {
         "balance": balance, "admitted": spent // cost, "spent": spent,
         "overspend": overspend, "overspend_requests": round(overspend / cost, 2),
+    }
+
+
+async def expiring_race(
+    gateways: list[Gateway], tenant_id: str, balance: int, requests: int, cost: int, expiry_ms: int, generation_ms: int
+) -> dict:
+    started_ms = wall_clock_ms()
+    expires_at_ms = started_ms + expiry_ms
+    await give_balance(gateways, tenant_id, balance, expires_at_ms)
+    spread_s = 2 * expiry_ms / 1000 / requests
+    admitted: list[tuple[int, int]] = []  # (admitted_at_ms, finished_at_ms) of each admitted request
+
+    async def attempt(number: int) -> None:
+        await asyncio.sleep(number * spread_s)
+        admission = gateways[number % len(gateways)].admission
+        try:
+            reservation = await admission.admit(request(tenant_id, f"{tenant_id}-{number}", cost))
+        except CreditExhausted:
+            return
+        admitted_at_ms = wall_clock_ms()
+        await asyncio.sleep(generation_ms / 1000)
+        await admission.finish(reservation, cost)  # worst case: every max token used
+        admitted.append((admitted_at_ms, wall_clock_ms()))
+
+    await asyncio.gather(*(attempt(n) for n in range(requests)))
+
+    def overage_when_billed_at(moment: int) -> int:
+        ledger = TenantLedger(tenant_id)
+        ledger.apply(CreditGranted(
+            event_id=f"{tenant_id}-grant", tenant_id=tenant_id, grant_id="g", amount=balance,
+            effective_at=started_ms - 1_000, expires_at=expires_at_ms,
+        ))
+        for number, times in enumerate(admitted):
+            ledger.apply(UsageRecorded(
+                event_id=f"{tenant_id}-usage-{number}", tenant_id=tenant_id, amount=cost,
+                occurred_at=times[moment], model="bench",
+            ))
+        ledger.advance_to(max(expires_at_ms, *(finished for _, finished in admitted)) + 1)
+        return ledger.overage_at(wall_clock_ms() + 10 * generation_ms)
+
+    finished_after_expiry = sum(finished >= expires_at_ms for _, finished in admitted)
+    return {
+        "balance": balance, "admitted": len(admitted), "finished_after_expiry": finished_after_expiry,
+        "overspend": overage_when_billed_at(0), "overspend_if_billed_at_finish": overage_when_billed_at(1),
     }
 
 
@@ -162,6 +221,10 @@ async def run(args: argparse.Namespace) -> dict:
                     outcome["near_empty"] = await race(
                         gateways, f"{run_id}-{mode}-near-empty", args.cost * 3 // 2, args.requests, args.cost
                     )
+                outcome["expiring"] = await expiring_race(
+                    gateways, f"{run_id}-{mode}-expiring", balance, args.expiring_requests, args.cost,
+                    args.expiry_ms, args.generation_ms,
+                )
                 outcome["admits_per_s"] = await throughput(
                     gateways, f"{run_id}-{mode}-throughput", args.throughput_requests, args.concurrency, args.cost
                 )
@@ -172,9 +235,9 @@ async def run(args: argparse.Namespace) -> dict:
         for engine in engines:
             await engine.dispose()
     fast, strict = result["fast"], result["strict"]
-    result["strict_overspend_zero"] = strict["overspend"] == 0
+    result["strict_overspend_zero"] = strict["overspend"] == 0 and strict["expiring"]["overspend"] == 0
     result["fast_within_one_request_per_gateway"] = all(
-        race["overspend"] <= args.cost * args.gateways for race in (fast, fast["near_empty"])
+        race["overspend"] <= args.cost * args.gateways for race in (fast, fast["near_empty"], fast["expiring"])
     )
     return result
 
@@ -187,6 +250,9 @@ def main() -> None:
     parser.add_argument("--cost", type=int, default=1_000)
     parser.add_argument("--throughput-requests", type=int, default=2_000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--expiring-requests", type=int, default=40)
+    parser.add_argument("--expiry-ms", type=int, default=1_500)
+    parser.add_argument("--generation-ms", type=int, default=1_500)
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 
