@@ -39,6 +39,17 @@ def grant_event(tenant_id: str, *, run: str) -> CreditGranted:
     )
 
 
+def after_first_grants(events, stream: list) -> list:
+    """`stream` preceded by each tenant's first grant in `events` (a repeat of it later changes nothing): on
+    the log, usage never precedes its tenant's first grant (admission needs credit), and the processor
+    dead-letters usage for a tenant it has no grant for."""
+    firsts: dict[str, CreditGranted] = {}
+    for event in events:
+        if isinstance(event, CreditGranted):
+            firsts.setdefault(event.tenant_id, event)
+    return [*firsts.values(), *stream]
+
+
 def stream_settings(bootstrap: str, topic_prefix: str, tmp_path, **overrides) -> StreamSettings:
     values = dict(
         kafka_bootstrap_servers=bootstrap,

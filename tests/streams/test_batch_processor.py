@@ -20,6 +20,7 @@ from streams.replay import compare, live_balances, replay
 from streams.topics import LedgerTopics
 from tests.fixtures.processes import ComponentProcess
 from tests.streams.helpers import (
+    after_first_grants,
     assert_entries_complete_and_consistent,
     create_ledger_topics,
     read_topic,
@@ -91,6 +92,7 @@ async def test_unacknowledged_batches_are_retried_from_the_committed_offsets(kaf
     events = ledger_events(int(time.time() * 1000), usage_per_tenant=300)
     stream = events + random.Random(5).sample(events, 100)
     random.Random(6).shuffle(stream)
+    stream = after_first_grants(events, stream)
 
     engine = BatchProcessor(settings)
     send = engine.producer.send_partitioned
@@ -137,6 +139,7 @@ async def test_a_killed_processor_partitions_move_to_the_other_one(kafka_broker,
     events = ledger_events(int(time.time() * 1000), usage_per_tenant=400)
     stream = events + random.Random(7).sample(events, 100)
     random.Random(8).shuffle(stream)
+    stream = after_first_grants(events, stream)
     env = {
         **processor_env(settings, tmp_path),
         "TOLLGATE_PROCESSOR_SESSION_TIMEOUT_MS": "6000",  # the broker's group.min.session.timeout.ms,

@@ -16,7 +16,7 @@ from streams.embedded_processor import EmbeddedProcessor
 from streams.embedded_projector import EmbeddedProjector
 from streams.processor import BalanceRecord
 from streams.schema import Balance, LedgerEntry
-from tests.streams.helpers import stream_settings
+from tests.streams.helpers import after_first_grants, stream_settings
 
 NOW = 1_800_000_000_000
 
@@ -68,6 +68,7 @@ async def test_out_of_order_duplicates_and_a_restart_fold_exactly_once(embedded)
     events = some_events()
     stream = events + random.Random(1).sample(events, 40)
     random.Random(2).shuffle(stream)
+    stream = after_first_grants(events, stream)
     for event in stream[:150]:
         await event_log.publish(event)
     first = EmbeddedProcessor(event_log, batch_max=37)

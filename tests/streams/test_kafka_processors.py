@@ -21,6 +21,7 @@ from streams.replay import compare, live_balances, replay
 from streams.topics import LedgerTopics
 from tests.fixtures.processes import ComponentProcess
 from tests.streams.helpers import (
+    after_first_grants,
     assert_entries_complete_and_consistent,
     create_ledger_topics,
     read_topic,
@@ -112,6 +113,7 @@ async def test_kill_restart_duplicates_and_a_malformed_record(engine, kafka_brok
     rng = random.Random(3)
     stream = events + rng.sample(events, 150)  # producer-level duplicates
     rng.shuffle(stream)
+    stream = after_first_grants(events, stream)
     first, second = stream[:300], stream[300:]
 
     worker = ComponentProcess(module, processor_env(settings, tmp_path), tmp_path / "processor.log").start()
