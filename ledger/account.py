@@ -40,7 +40,14 @@ from ledger.entries import (
     reallocation_entry_id,
     voided_entry_id,
 )
-from ledger.events import CreditExpired, CreditGranted, GrantVoided, InvalidEvent, UsageRecorded
+from ledger.events import (
+    TENANT_CREDIT_MAX,
+    CreditExpired,
+    CreditGranted,
+    GrantVoided,
+    InvalidEvent,
+    UsageRecorded,
+)
 from ledger.snapshot import AccountState, BlockState
 from ledger.usage_index import UsageIndex, UsageSummary
 
@@ -149,6 +156,7 @@ class Account:
         self._frontier_active: list[Block] = []
         self._frontier_cursor = 0  # blocks before it in _frontier_active are exhausted
         self.overage_total = 0
+        self.granted_total = 0  # every block's amount, voided and expired ones too: <= TENANT_CREDIT_MAX
         self.watermark = NO_USAGE_LAST  # stream time up to which ends have been published
 
     # ----------------------------------------------------------------------------------------- apply
@@ -214,6 +222,11 @@ class Account:
             if self._grant_event_ids[grant_id] == event.event_id and _same_terms(existing, event):
                 return []
             raise ConflictingEvent(f"grant_id {grant_id!r} was already granted by another event or other terms")
+        if self.granted_total + event.amount > TENANT_CREDIT_MAX:
+            raise InvalidEvent(
+                f"amount: {event.amount} would take the tenant's total granted ({self.granted_total}) "
+                f"above TENANT_CREDIT_MAX ({TENANT_CREDIT_MAX})"
+            )
         block = Block(
             grant_id=grant_id,
             amount=event.amount,
@@ -223,6 +236,7 @@ class Account:
             voided_at=self._pending_voids.pop(grant_id, None),
         )
         self.blocks[grant_id] = block
+        self.granted_total += block.amount
         self._grant_event_ids[grant_id] = event.event_id
         insort(self._ordered, (block.order_key, block))
         return self._restructure(event.event_id, block.effective_at, (block.effective_at, block.end), index)
@@ -591,6 +605,9 @@ class Account:
             assert by_block.get(block.grant_id, 0) == block.consumed, f"{block.grant_id}: allocations != consumed"
             assert 0 <= block.consumed <= block.amount, f"{block.grant_id}: consumed {block.consumed} of {block.amount}"
         assert sum(self._segment_overage) == self.overage_total, "overage total drifted"
+        assert self.granted_total == sum(b.amount for b in self.blocks.values()) <= TENANT_CREDIT_MAX, (
+            f"granted total {self.granted_total} drifted or is above TENANT_CREDIT_MAX"
+        )
         assert all(u == 0 for u in self._segment_usage[self._frontier + 1 :]), "usage past the frontier"
         assert len(self._segment_usage) == len(self._bounds) + 1, "segments and bounds out of step"
 
@@ -627,6 +644,7 @@ class Account:
                 s.reported_end_kind, s.reported_end_amount, s.reported_end_entry_id,
             )
             account.blocks[block.grant_id] = block
+            account.granted_total += block.amount
             account._grant_event_ids[block.grant_id] = s.grant_event_id
             account._ordered.append((block.order_key, block))
         account._ordered.sort(key=lambda pair: pair[0])

@@ -20,11 +20,15 @@ SCHEMA_VERSION = 1
 IDENTIFIER_LENGTH_MAX = 128
 MODEL_NAME_LENGTH_MAX = 128
 AMOUNT_MAX = 2**62  # far above any real grant; keeps every sum inside a signed 64-bit column
+# A tenant's credit granted over its whole life (voided and expired grants included) is at most this, so
+# its balance, its totals and their sums stay inside a signed 64-bit column (Postgres bigint).
+TENANT_CREDIT_MAX = 2**62
 TIMESTAMP_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)]
 # Tenant ids key Kafka records and state: letters, digits and . _ : - only (no "/").
-TenantId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+TenantId = Annotated[str, msgspec.Meta(pattern=TENANT_ID_PATTERN)]
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]
 PositiveAmount = Annotated[int, msgspec.Meta(gt=0, le=AMOUNT_MAX)]
 NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_MAX)]

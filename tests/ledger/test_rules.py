@@ -214,3 +214,18 @@ def test_zero_amount_usage_keeps_segment_times_right_through_later_splits():
     for t in (-1, 0, 1, 2, 3):
         assert ledger.balance_at(t) == oracle.balance_at(events, t)
         assert restored.balance_at(t, ledger.index) == oracle.balance_at(events, t)
+
+
+def test_a_grant_that_would_take_the_tenants_total_above_the_bound_is_refused():
+    from ledger.events import TENANT_CREDIT_MAX
+
+    half = TENANT_CREDIT_MAX // 2
+    ledger = ledger_of(grant("a", half, 0), grant("b", half, 5, expires_at=6))  # expired: still counts
+    with pytest.raises(InvalidEvent, match="^amount: .*TENANT_CREDIT_MAX"):
+        ledger.apply(grant("c", 1, 10))
+    assert ledger.balance_at(10) == half and ledger.totals_at(10).granted == 2 * half
+    restored = account_from_bytes(account_to_bytes(ledger.account))
+    assert restored.granted_total == TENANT_CREDIT_MAX
+    with pytest.raises(InvalidEvent, match="^amount: "):
+        restored.apply(grant("c", 1, 10), ledger.index)
+    assert ledger.apply(grant("a", half, 0)) == []  # a duplicate of an applied grant is still a duplicate
