@@ -6,8 +6,8 @@ running decodes first (one token each; the budget always covers them), then runn
 prefill (their next chunk, at most `prefill_chunk_tokens_max`), then waiting requests are admitted while there is budget, a running
 place and a free KV cache slot. A long prompt therefore advances chunk by chunk while the others keep
 decoding. `update_from_output` applies the sampled tokens and finishes requests that reached
-max_tokens or the end-of-text token; `finish_requests` removes requests (cancel, stop string) and frees
-their cache slot at once.
+max_tokens or the end-of-text token (and, with ERROR, those whose token could not be chosen);
+`finish_requests` removes requests (cancel, stop string, a failure) and frees their cache slot at once.
 """
 
 from __future__ import annotations
@@ -114,8 +114,18 @@ class Scheduler:
         start = request.num_computed_tokens
         return ScheduledChunk(request=request, start=start, token_ids=request.token_slice(start, count))
 
-    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests; returns those that received a new token (finished or not)."""
+    def update_from_output(
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: dict[str, int],
+        failed: dict[str, str] | None = None,
+    ) -> list[Request]:
+        """Advance the scheduled requests; returns those that received a new token (finished or not).
+
+        `failed` (request id -> why) are requests whose chunk went through the model but whose next
+        token could not be chosen: they finish with ERROR and free their slot; the others go on.
+        """
+        failed = failed or {}
         advanced = []
         finished_ids = []
         for chunk in output.chunks:
@@ -123,6 +133,11 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # finished while the step ran (cancelled); its slot is already free
             request.num_computed_tokens += len(chunk.token_ids)
+            if request.request_id in failed:
+                request.finish_reason = FinishReason.ERROR
+                request.error = failed[request.request_id]
+                finished_ids.append(request.request_id)
+                continue
             token_id = sampled_token_ids.get(request.request_id)
             if token_id is None:
                 assert not chunk.completes_sequence, f"request {request.request_id} completed without a token"
@@ -138,11 +153,13 @@ class Scheduler:
         self._remove(finished_ids)
         return advanced
 
-    def finish_requests(self, request_ids: list[str], reason: FinishReason) -> list[Request]:
+    def finish_requests(self, request_ids: list[str], reason: FinishReason, error: str | None = None) -> list[Request]:
         """Finish unfinished requests (unknown or finished ids are ignored); frees their slots now."""
+        assert (reason is FinishReason.ERROR) == (error is not None), "an error, and only an error, says why"
         finishing = [self.requests[rid] for rid in request_ids if rid in self.requests]
         for request in finishing:
             request.finish_reason = reason
+            request.error = error
         self._remove([request.request_id for request in finishing])
         return finishing
 
