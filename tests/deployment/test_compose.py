@@ -47,6 +47,16 @@ def test_settings_come_from_the_environment(compose):
         assert environment["DATABASE_URL"].startswith("postgresql://")
 
 
+def test_workers_accept_only_the_gateways_and_are_not_published(compose):
+    services = compose["services"]
+    for name in ("gateway", "worker"):
+        token = services[name]["environment"]["TOLLGATE_INTERNAL_TOKEN"]
+        assert token.startswith("${TOLLGATE_INTERNAL_TOKEN:?"), f"{name}: the shared secret is required"
+    assert "ports" not in services["worker"], "a worker is reachable on the compose network only"
+    for name in TOLLGATE_SERVICES - {"gateway", "worker"}:
+        assert "TOLLGATE_INTERNAL_TOKEN" not in services[name]["environment"], f"{name} does not need the secret"
+
+
 def test_compose_config_validates():
     client = (["docker", "compose"] if _docker_compose_plugin() else None) or (
         ["docker-compose"] if shutil.which("docker-compose") else None
@@ -55,7 +65,7 @@ def test_compose_config_validates():
         pytest.skip("no docker compose client installed (apt-get install docker-compose to run this check)")
     result = subprocess.run(
         [*client, "-f", str(COMPOSE_FILE), "config", "-q"],
-        env={**os.environ, "TOLLGATE_ADMIN_TOKEN": "x" * 32},
+        env={**os.environ, "TOLLGATE_ADMIN_TOKEN": "x" * 32, "TOLLGATE_INTERNAL_TOKEN": "y" * 32},
         capture_output=True,
         text=True,
         timeout=60,
