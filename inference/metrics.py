@@ -53,6 +53,20 @@ class WorkerMetrics:
         self.usage_emit_failures = Counter(
             "tollgate_worker_usage_emit_failures", "UsageRecorded events that could not be published", registry=self.registry
         )
+        self.usage_emit_seconds = Histogram(
+            "tollgate_worker_usage_emit_seconds",
+            "From a request's end to its UsageRecorded being durably accepted (the done line waits for it)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=self.registry,
+        )
+        self.delivery_failures = Counter(
+            "tollgate_worker_delivery_failures",
+            "Engine outputs that could not be delivered to their request (a bug; the others still were)",
+            registry=self.registry,
+        )
+        self.engine_restarts = Counter(
+            "tollgate_worker_engine_restarts", "Times the engine loop died and was rebuilt", registry=self.registry
+        )
         self.kv_cache_bytes = Gauge("tollgate_worker_kv_cache_bytes", "Preallocated KV cache", registry=self.registry)
         self.kv_cache_bytes.set(kv_cache_bytes)
         self._lock = threading.Lock()

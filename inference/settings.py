@@ -70,8 +70,13 @@ class WorkerSettings(BaseSettings):
     port: int = Field(default=8100, ge=1, le=65535)
     retry_after_s: int = Field(default=1, ge=0)  # Retry-After on an overloaded answer
     prompt_chars_max: int = Field(default=65536, ge=1)  # request body limit on the prompt text
-    usage_emit_timeout_ms: int = Field(default=10000, ge=1)  # per UsageRecorded publish
+    usage_emit_timeout_ms: int = Field(default=10000, ge=1)  # per UsageRecorded publish (the done line waits for it)
     shutdown_drain_timeout_ms: int = Field(default=10000, ge=1)  # waiting for pending usage emits at shutdown
+    engine_restarts_max: int = Field(default=3, ge=0)  # engine loop rebuilds allowed within the window below
+    engine_restart_window_ms: int = Field(default=60000, ge=1)  # past restarts_max in this window: stay down
+    health_failed_exit_ms: int = Field(default=5000, ge=1)  # health failed this long: the process exits
+    health_check_interval_ms: int = Field(default=250, ge=1)  # how often the watchdog reads health
+    fatal_exit_grace_ms: int = Field(default=60000, ge=1)  # a graceful stop after that exit is cut short past this
 
     @model_validator(mode="after")
     def _check_price(self) -> WorkerSettings:

@@ -22,7 +22,9 @@ def build_usage_event(
     completion_tokens: int,
     occurred_at_ms: int | None = None,
 ) -> UsageRecorded:
-    """event_id is the request id, so a replayed emit is a duplicate the ledger ignores."""
+    """event_id is the worker request id (the gateway's attempt id), so a replayed emit, or the gateway's own
+    event for a stream whose worker died, is a duplicate the ledger ignores. occurred_at is when the request
+    was admitted when the caller knows it (so credit that expires during generation still covers it), else now."""
     return UsageRecorded(
         event_id=request_id,
         tenant_id=tenant_id,

@@ -1,11 +1,20 @@
 """The inference worker: the engine served to the gateway over an internal streaming HTTP endpoint.
 
+Every route but /health and /metrics needs `Authorization: Bearer <TOLLGATE_INTERNAL_TOKEN>`
+(inference.internal_auth); without it the answer is 401 {"error": "unauthorized", ...}.
+
     POST /internal/v1/generate   {request_id, tenant_id, tier, model, prompt | prompt_tokens, max_tokens,
-                                  stop, temperature, top_p, seed}
+                                  stop, temperature, top_p, seed, logprobs, top_logprobs, logit_bias,
+                                  presence_penalty, frequency_penalty, admitted_at_ms}
         -> 200 application/x-ndjson, one JSON object per line:
-           {"type": "token", "text": "...", "token_id": 17}            (one per completion token)
+           {"type": "token", "text": "...", "token_id": 17}            (one per completion token; with
+                                                                        "logprob" and "top_logprobs"
+                                                                        when logprobs was asked)
+           then exactly one last line, sent only once the request's UsageRecorded is durably accepted:
            {"type": "done", "finish_reason": "stop" | "length" | "cancelled",
-            "prompt_tokens": N, "completion_tokens": M}                 (always last)
+            "prompt_tokens": N, "completion_tokens": M}
+           or {"type": "error", "error": "request_failed" | "engine_failed" | "usage_not_recorded",
+            "message": ..., "retryable": false, "prompt_tokens": N, "completion_tokens": M}
         -> 503 {"error": "overloaded", "retryable": true} with Retry-After when the queue is full
         -> 400 {"error": "invalid_request", "message": ...}; 404 {"error": "model_not_found", ...}
        A client disconnect cancels the request.
@@ -13,8 +22,16 @@
     GET  /health                 -> 200 {"status": "ok", ...} or 503 when the engine loop is down
     GET  /metrics                -> Prometheus text
 
-Every request, finished, stopped or cancelled, emits exactly one UsageRecorded through the injected
-`emit_usage` (event id = request id; the prompt and completion tokens actually processed).
+Billing. Every request, finished, stopped, failed or cancelled, emits exactly one UsageRecorded through
+the injected `emit_usage` (event id = request id, which is the gateway's attempt id; the prompt and
+completion tokens actually processed; occurred_at = admitted_at_ms when given). The publish starts the
+moment the request ends, whether or not its client is still there, and the stream's last line waits for
+it: a client never sees the end of a response whose usage could be lost by a crash. When the publish
+fails or times out (`usage_emit_timeout_ms`) the last line is `usage_not_recorded` instead of done.
+Publishes still pending at shutdown are waited for (`shutdown_drain_timeout_ms`).
+
+Self-healing. A dead engine loop is rebuilt (inference.async_engine); when health stays failed for
+`health_failed_exit_ms` (restarts used up), the process ends so its supervisor starts a fresh one.
 Run it with `python -m inference.worker` (publishes usage through streams.producer.EventProducer).
 """
 
@@ -23,33 +40,47 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from inference.async_engine import AsyncEngine, EngineFailed, RequestStream
 from inference.engine import Engine, GenerationRequest, RequestOutput
+from inference.internal_auth import InternalAuthSettings, InternalTokenMissing, check_token, token_matches
 from inference.metrics import WorkerMetrics
-from inference.request import InvalidRequest, Overloaded
+from inference.request import SEED_MAX, SEED_MIN, FinishReason, InvalidRequest, Overloaded, TokenLogprob
 from inference.settings import WorkerSettings
 from inference.usage import build_usage_event
-from ledger.events import IDENTIFIER_LENGTH_MAX, UsageRecorded
+from ledger.events import IDENTIFIER_LENGTH_MAX, TIMESTAMP_MAX_MS, UsageRecorded
 
 log = logging.getLogger(__name__)
 
 EmitUsage = Callable[[UsageRecorded], Awaitable[object]]
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # every other path needs the internal token
+TOKEN_ID_PATTERN = re.compile(r"[0-9]{1,9}")  # a logit_bias key: a token id in ASCII decimal digits
+LOGPROB_FLOOR = -9999.0  # a logprob of -inf (a token masked out) is sent as this, as OpenAI does
+VALIDATION_ERRORS_SHOWN_MAX = 3  # a 400 for a malformed body names at most this many fields
+FATAL_EXIT_CODE = 70  # EX_SOFTWARE: when a graceful stop after a fatal health failure takes too long
 
 
 class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    request_id: str = Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)
+    request_id: str = Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)  # the gateway's attempt id
     tenant_id: str = Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)
     tier: str = Field(min_length=1, max_length=64)
     model: str = Field(min_length=1, max_length=128)
@@ -59,7 +90,13 @@ class GenerateBody(BaseModel):
     stop: list[str] | str | None = None
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # SEED_MIN..SEED_MAX, checked in the route (a 400 naming seed)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: dict[str, float] | None = None  # token id (decimal string) -> bias
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    admitted_at_ms: int | None = Field(default=None, ge=0, le=TIMESTAMP_MAX_MS)  # when the gateway admitted it
 
 
 class TokenizeBody(BaseModel):
@@ -68,30 +105,69 @@ class TokenizeBody(BaseModel):
     text: str
 
 
+def logit_bias_by_token_id(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """The wire's string keys as token ids; InvalidRequest for a key that is not a decimal integer."""
+    if logit_bias is None:
+        return None
+    by_token_id: dict[int, float] = {}
+    for key, bias in logit_bias.items():
+        if TOKEN_ID_PATTERN.fullmatch(key) is None:
+            raise InvalidRequest(f"logit_bias key {key[:32]!r} is not a token id (a decimal integer)")
+        by_token_id[int(key)] = bias
+    return by_token_id
+
+
 class UsageEmitter:
-    """Publishes UsageRecorded events in the background; each publish bounded by a timeout."""
+    """Publishes UsageRecorded events, each bounded by a timeout, and keeps them until done so shutdown can wait."""
 
     def __init__(self, emit_usage: EmitUsage, timeout_ms: int, metrics: WorkerMetrics) -> None:
         self._emit_usage = emit_usage
         self._timeout_s = timeout_ms / 1000
         self._metrics = metrics
-        self._pending: set[asyncio.Task] = set()
+        self._pending: set[asyncio.Task[bool]] = set()
 
-    def emit(self, event: UsageRecorded) -> None:
+    def emit(self, event: UsageRecorded) -> asyncio.Task[bool]:
+        """Start publishing now; the task's result says whether the event was durably accepted."""
         task = asyncio.get_running_loop().create_task(self._publish(event))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
-    async def _publish(self, event: UsageRecorded) -> None:
+    async def _publish(self, event: UsageRecorded) -> bool:
+        started = time.monotonic()
         try:
             await asyncio.wait_for(self._emit_usage(event), self._timeout_s)
         except Exception:
             self._metrics.usage_emit_failures.inc()
             log.exception("UsageRecorded %s for tenant %s could not be published", event.event_id, event.tenant_id)
+            return False
+        self._metrics.usage_emit_seconds.observe(time.monotonic() - started)
+        return True
 
     async def drain(self, timeout_ms: int) -> None:
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=timeout_ms / 1000)
+
+
+class RequestUsage:
+    """One request's UsageRecorded: published once when the request ends, awaited before its last line."""
+
+    def __init__(self, emitter: UsageEmitter, build: Callable[[RequestOutput], UsageRecorded]) -> None:
+        self._emitter = emitter
+        self._build = build
+        self._published: asyncio.Task[bool] | None = None
+
+    def on_finished(self, output: RequestOutput) -> None:
+        assert self._published is None, f"request {output.request_id} finished twice"
+        self._published = self._emitter.emit(self._build(output))
+
+    async def recorded(self) -> bool:
+        """Whether the usage was durably accepted; waits for the publish (bounded by its timeout)."""
+        if self._published is None:  # a bug: the engine ended the stream without reporting the request
+            log.error("a request's stream ended before its usage was emitted")
+            return False
+        # shield: a client that leaves while we wait must not cancel the publish itself
+        return await asyncio.shield(self._published)
 
 
 class WorkerRuntime:
@@ -99,26 +175,36 @@ class WorkerRuntime:
 
     def __init__(self, settings: WorkerSettings, engine: Engine, emit_usage: EmitUsage) -> None:
         self.settings = settings
-        self.engine = engine
         self.metrics = WorkerMetrics(kv_cache_bytes=engine.cache.bytes_total)
-        self.async_engine = AsyncEngine(engine, self.metrics)
+        self.async_engine = AsyncEngine(
+            engine,
+            self.metrics,
+            restarts_max=settings.engine_restarts_max,
+            restart_window_ms=settings.engine_restart_window_ms,
+        )
         self.usage = UsageEmitter(emit_usage, settings.usage_emit_timeout_ms, self.metrics)
 
-    def submit(self, body: GenerateBody) -> RequestStream:
+    @property
+    def engine(self) -> Engine:
+        """The engine serving now (a restart replaces it)."""
+        return self.async_engine.engine
+
+    def submit(self, body: GenerateBody) -> tuple[RequestStream, RequestUsage]:
         price = self.settings.prices[self.settings.model_name]
 
-        def on_finished(output: RequestOutput) -> None:
-            self.usage.emit(
-                build_usage_event(
-                    request_id=body.request_id,
-                    tenant_id=body.tenant_id,
-                    model=body.model,
-                    price=price,
-                    prompt_tokens=output.prompt_tokens,
-                    completion_tokens=output.completion_tokens,
-                )
+        def build_event(output: RequestOutput) -> UsageRecorded:
+            return build_usage_event(
+                request_id=body.request_id,
+                tenant_id=body.tenant_id,
+                model=body.model,
+                price=price,
+                prompt_tokens=output.prompt_tokens,
+                completion_tokens=output.completion_tokens,
+                occurred_at_ms=body.admitted_at_ms,
             )
 
+        if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
+            raise InvalidRequest(f"seed must be in {SEED_MIN}..{SEED_MAX}")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         generation = GenerationRequest(
             request_id=body.request_id,
@@ -130,15 +216,21 @@ class WorkerRuntime:
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs,
+            logit_bias=logit_bias_by_token_id(body.logit_bias),
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
         )
-        return self.async_engine.submit(generation, on_finished=on_finished)
+        usage = RequestUsage(self.usage, build_event)
+        return self.async_engine.submit(generation, on_finished=usage.on_finished), usage
 
 
 class CancellingStreamingResponse(StreamingResponse):
     """Cancels the request when the response ends for any reason, including a client disconnect."""
 
-    def __init__(self, request_stream: RequestStream) -> None:
-        super().__init__(ndjson_events(request_stream), media_type=NDJSON_MEDIA_TYPE)
+    def __init__(self, request_stream: RequestStream, usage: RequestUsage, logprobs: bool) -> None:
+        super().__init__(ndjson_events(request_stream, usage, logprobs), media_type=NDJSON_MEDIA_TYPE)
         self._request_stream = request_stream
 
     async def __call__(self, scope, receive, send) -> None:
@@ -148,24 +240,52 @@ class CancellingStreamingResponse(StreamingResponse):
             self._request_stream.cancel()
 
 
-async def ndjson_events(request_stream: RequestStream) -> AsyncIterator[bytes]:
+async def ndjson_events(request_stream: RequestStream, usage: RequestUsage, logprobs: bool) -> AsyncIterator[bytes]:
     try:
         async for output in request_stream:
             if output.token_id is not None:
-                yield _line({"type": "token", "text": output.text, "token_id": output.token_id})
+                yield _line(_token_line(output, logprobs))
             if output.finished:
-                yield _line(
-                    {
-                        "type": "done",
-                        "finish_reason": output.finish_reason.value,
-                        "prompt_tokens": output.prompt_tokens,
-                        "completion_tokens": output.completion_tokens,
-                    }
-                )
+                yield _line(await _last_line(usage, output, _finished_line(output)))
     except EngineFailed as error:
-        yield _line({"type": "error", "error": "engine_failed", "message": str(error), "retryable": False})
+        assert error.output is not None, "a stream's EngineFailed carries the request's final counts"
+        failed = {"type": "error", "error": "engine_failed", "message": str(error), "retryable": False}
+        yield _line(await _last_line(usage, error.output, failed))
     finally:
         request_stream.cancel()
+
+
+def _token_line(output: RequestOutput, logprobs: bool) -> dict:
+    line = {"type": "token", "text": output.text, "token_id": output.token_id}
+    if logprobs and output.logprob is not None:  # the engine gives it with every sampled token when asked
+        line["logprob"] = _logprob_payload(output.logprob)
+        line["top_logprobs"] = [_logprob_payload(candidate) for candidate in output.top_logprobs]
+    return line
+
+
+def _logprob_payload(logprob: TokenLogprob) -> dict:
+    value = logprob.logprob if logprob.logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # -inf (or NaN) is not JSON
+    return {"token_id": logprob.token_id, "token": logprob.token, "bytes": list(logprob.bytes), "logprob": value}
+
+
+def _finished_line(output: RequestOutput) -> dict:
+    if output.finish_reason is FinishReason.ERROR:
+        message = output.error or "the request failed in the engine"
+        return {"type": "error", "error": "request_failed", "message": message, "retryable": False}
+    return {"type": "done", "finish_reason": output.finish_reason.value}
+
+
+async def _last_line(usage: RequestUsage, output: RequestOutput, line: dict) -> dict:
+    """`line` once the usage is durably recorded, else usage_not_recorded; with the request's counts."""
+    counts = {"prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens}
+    if await usage.recorded():
+        return line | counts
+    return {
+        "type": "error",
+        "error": "usage_not_recorded",
+        "message": "the usage of this request could not be recorded; the response is not complete",
+        "retryable": False,
+    } | counts
 
 
 def _line(payload: dict) -> bytes:
@@ -176,6 +296,55 @@ def _error(status_code: int, error: str, message: str, headers: dict[str, str] |
     return JSONResponse({"error": error, "message": message, "retryable": status_code == 503}, status_code, headers)
 
 
+class InternalAuthMiddleware:
+    """401 for any path but OPEN_PATHS unless the request carries the internal token (before the body is read)."""
+
+    def __init__(self, app, internal_token: str) -> None:
+        self.app = app
+        self._internal_token = internal_token
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            presented = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+            if not token_matches(self._internal_token, None if presented is None else presented.decode("latin-1")):
+                refusal = JSONResponse(
+                    {"error": "unauthorized", "message": "a valid internal token is required", "retryable": False},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def watch_health(
+    is_healthy: Callable[[], bool], failed_exit_ms: int, interval_ms: int, on_fatal: Callable[[], None]
+) -> None:
+    """Call on_fatal once health has read failed for failed_exit_ms without a break; then return."""
+    failed_since: float | None = None
+    while True:
+        await asyncio.sleep(interval_ms / 1000)
+        if is_healthy():
+            failed_since = None
+            continue
+        now = time.monotonic()
+        if failed_since is None:
+            failed_since = now
+        if (now - failed_since) * 1000 >= failed_exit_ms:
+            log.critical("worker health has failed for %d ms: ending the process so it is restarted", failed_exit_ms)
+            on_fatal()
+            return
+
+
+def terminate_process(grace_ms: int) -> None:
+    """The default on_fatal: SIGTERM to ourselves (a graceful stop that drains usage; uvicorn then dies of the
+    signal, a non-zero status), and a hard exit if that stop takes longer than grace_ms."""
+    timer = threading.Timer(grace_ms / 1000, os._exit, args=(FATAL_EXIT_CODE,))
+    timer.daemon = True
+    timer.start()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _runtime(request: Request) -> WorkerRuntime:
     return request.app.state.runtime
 
@@ -183,8 +352,18 @@ def _runtime(request: Request) -> WorkerRuntime:
 Runtime = Annotated[WorkerRuntime, Depends(_runtime)]
 
 
-def create_app(settings: WorkerSettings, emit_usage: EmitUsage, engine: Engine | None = None) -> FastAPI:
-    """The worker app. `engine` defaults to one loaded from settings.checkpoint_dir."""
+def create_app(
+    settings: WorkerSettings,
+    emit_usage: EmitUsage,
+    engine: Engine | None = None,
+    *,
+    internal_token: str,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The worker app. `engine` defaults to one loaded from settings.checkpoint_dir; `internal_token` is the
+    shared secret the gateway sends; `on_fatal` is called when health stays failed (default: end the process)."""
+    check_token(internal_token)
+    fatal = on_fatal or partial(terminate_process, settings.fatal_exit_grace_ms)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -192,13 +371,31 @@ def create_app(settings: WorkerSettings, emit_usage: EmitUsage, engine: Engine |
         runtime = WorkerRuntime(settings, loaded, emit_usage)
         await runtime.async_engine.start()
         app.state.runtime = runtime
+        watchdog = asyncio.create_task(
+            watch_health(
+                lambda: runtime.async_engine.healthy,
+                settings.health_failed_exit_ms,
+                settings.health_check_interval_ms,
+                fatal,
+            )
+        )
         try:
             yield
         finally:
+            watchdog.cancel()  # first: stopping the engine makes health fail on purpose
             await runtime.async_engine.stop()
             await runtime.usage.drain(settings.shutdown_drain_timeout_ms)
 
     app = FastAPI(title="Tollgate inference worker", lifespan=lifespan)
+    app.add_middleware(InternalAuthMiddleware, internal_token=internal_token)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'body'}: {problem['msg']}"
+            for problem in error.errors()[:VALIDATION_ERRORS_SHOWN_MAX]
+        ]
+        return _error(400, "invalid_request", "; ".join(problems))
 
     @app.post("/internal/v1/generate", response_model=None)
     async def generate(body: GenerateBody, runtime: Runtime) -> Response:
@@ -207,7 +404,7 @@ def create_app(settings: WorkerSettings, emit_usage: EmitUsage, engine: Engine |
         if body.prompt is not None and len(body.prompt) > settings.prompt_chars_max:
             return _error(400, "invalid_request", f"prompt is longer than {settings.prompt_chars_max} characters")
         try:
-            request_stream = runtime.submit(body)
+            request_stream, usage = runtime.submit(body)
         except Overloaded as error:
             runtime.metrics.overloaded.inc()
             return JSONResponse(
@@ -219,7 +416,7 @@ def create_app(settings: WorkerSettings, emit_usage: EmitUsage, engine: Engine |
             return _error(400, "invalid_request", str(error))
         except EngineFailed as error:
             return _error(503, "engine_failed", str(error))
-        return CancellingStreamingResponse(request_stream)
+        return CancellingStreamingResponse(request_stream, usage, body.logprobs)
 
     @app.post("/internal/v1/tokenize", response_model=None)
     async def tokenize(body: TokenizeBody, runtime: Runtime) -> dict | JSONResponse:
@@ -230,19 +427,21 @@ def create_app(settings: WorkerSettings, emit_usage: EmitUsage, engine: Engine |
 
     @app.get("/health", response_model=None)
     async def health(runtime: Runtime) -> JSONResponse:
-        waiting, running = runtime.engine.queue_depth()
+        engine_ = runtime.engine
+        waiting, running = engine_.queue_depth()
         healthy = runtime.async_engine.healthy
         return JSONResponse(
             {
                 "status": "ok" if healthy else "failed",
                 "model": settings.model_name,
-                "device": str(runtime.engine.device),
-                "dtype": str(runtime.engine.dtype).removeprefix("torch."),
-                "kv_cache_bytes": runtime.engine.cache.bytes_total,
+                "device": str(engine_.device),
+                "dtype": str(engine_.dtype).removeprefix("torch."),
+                "kv_cache_bytes": engine_.cache.bytes_total,
                 "waiting": waiting,
                 "running": running,
                 "waiting_queue_depth_max": settings.engine.waiting_queue_depth_max,
                 "running_sequences_max": settings.engine.running_sequences_max,
+                "engine_restarts": runtime.async_engine.restarts,
             },
             status_code=200 if healthy else 503,
         )
@@ -265,9 +464,13 @@ def main() -> None:
     from streams.settings import StreamSettings
 
     logging.basicConfig(level=logging.INFO)
+    try:
+        internal_token = InternalAuthSettings().required_token()
+    except InternalTokenMissing as error:
+        sys.exit(f"inference worker not started: {error}")
     settings = WorkerSettings()
     producer = EventProducer(StreamSettings())
-    app = create_app(settings, emit_usage=producer.publish)
+    app = create_app(settings, emit_usage=producer.publish, internal_token=internal_token)
     engine_lifespan = app.router.lifespan_context
 
     @asynccontextmanager

@@ -13,6 +13,7 @@ from inference.settings import EngineSettings
 from inference.tokenizer import DEFAULT_MODEL_DIR, TextTokenizer, load_default_tokenizer
 
 CUDA_AVAILABLE = torch.cuda.is_available()
+INTERNAL_TOKEN = "inference-tests-internal-token-0123456789"  # the worker's shared secret in these tests
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -1,9 +1,12 @@
-"""The worker over real HTTP (uvicorn on a free port): streaming, usage events, overload, disconnect, health."""
+"""The worker over real HTTP (uvicorn on a free port): streaming, usage events (awaited before the last
+line), authentication, sampling parameters, overload, disconnect, engine failures, health."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,10 +17,13 @@ import torch
 import uvicorn
 
 from inference.engine import Engine
+from inference.internal_auth import authorization_header
+from inference.request import SEED_MAX
 from inference.settings import EngineSettings, WorkerSettings
 from inference.tokenizer import count_tokens
-from inference.worker import create_app
+from inference.worker import create_app, watch_health
 from ledger.events import UsageRecorded
+from tests.inference.conftest import INTERNAL_TOKEN
 
 STARTUP_POLLS_MAX = 600
 WAIT_S = 60.0
@@ -61,15 +67,19 @@ class GatedEngine(Engine):
         return super().step()
 
 
+AUTHORIZATION = {"Authorization": authorization_header(INTERNAL_TOKEN).decode()}
+
+
 @contextmanager
-def serve(default_models, tokenizer, **engine_overrides) -> Iterator[tuple[httpx.Client, RecordingUsage]]:
+def serve(
+    default_models, tokenizer, usage=None, worker_overrides: dict | None = None, on_fatal=None, **engine_overrides
+) -> Iterator[tuple[httpx.Client, RecordingUsage]]:
     engine_settings = EngineSettings(**({"device": "cpu", "torch_threads": 0, "step_tokens_max": 64, "prefill_chunk_tokens_max": 32} | engine_overrides))
-    settings = WorkerSettings(engine=engine_settings, retry_after_s=2)
+    settings = WorkerSettings(engine=engine_settings, retry_after_s=2, **(worker_overrides or {}))
     engine = GatedEngine(default_models("cpu", torch.float32), tokenizer, engine_settings)
-    usage = RecordingUsage()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, usage, engine=engine), host="127.0.0.1", port=0, log_level="warning")
-    )
+    usage = usage or RecordingUsage()
+    app = create_app(settings, usage, engine=engine, internal_token=INTERNAL_TOKEN, on_fatal=on_fatal or unexpected_fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     started = threading.Event()
@@ -80,13 +90,17 @@ def serve(default_models, tokenizer, **engine_overrides) -> Iterator[tuple[httpx
     assert server.started, "worker did not start"
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S, headers=AUTHORIZATION) as client:
             client.app_engine = engine
             yield client, usage
     finally:
         engine.gate.set()
         server.should_exit = True
         thread.join(WAIT_S)
+
+
+def unexpected_fatal() -> None:
+    raise AssertionError("the worker's health watchdog fired in a test that did not expect it")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +160,9 @@ def test_bad_input_is_a_400_and_unknown_model_a_404(worker):
     assert response.status_code == 400 and "exceeds the context" in response.json()["message"]
     response = client.post("/internal/v1/generate", json=body("req-model", model="gpt-9"))
     assert response.status_code == 404 and response.json()["error"] == "model_not_found"
-    assert client.post("/internal/v1/generate", json={"request_id": "x"}).status_code == 422
+    response = client.post("/internal/v1/generate", json={"request_id": "x"})
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request"  # never retried
+    assert "tenant_id" in response.json()["message"]
     assert not usage.for_request("req-bad") and not usage.for_request("req-model")
 
 
