@@ -201,3 +201,18 @@ def test_usage_after_the_tenants_first_grant_is_folded_even_before_the_grant_is_
     assert not output.dead_letters
     [allocated] = [msgspec.json.decode(e.value) for e in output.entries if b"usage_allocated" in e.value]
     assert allocated["overage"] == 7, "usage before any block is effective is overage, as before"
+
+
+def test_a_grant_over_the_tenant_credit_bound_is_a_dead_letter_and_the_rest_of_the_batch_folds(monkeypatch):
+    monkeypatch.setattr("ledger.account.TENANT_CREDIT_MAX", 100)
+    within = CreditGranted(event_id="e1", tenant_id="acme", grant_id="g1", amount=60, effective_at=NOW)
+    over = CreditGranted(event_id="e2", tenant_id="acme", grant_id="g2", amount=50, effective_at=NOW)
+    state = DictState()
+    processor = LedgerProcessor(state, source_topic=TOPIC)
+    output = processor.process(0, as_records([within, over, usage("acme", "r1", amount=10)]))
+    [letter] = [msgspec.json.decode(r.value, type=DeadLetter) for r in output.dead_letters]
+    assert letter.offset == 1 and "TENANT_CREDIT_MAX" in letter.reason
+    assert balances(output)["acme"].balance == 50, "the refused grant left nothing behind; the usage folded"
+    state.write_all(output.state_writes)
+    restarted = LedgerProcessor(state, source_topic=TOPIC)  # the snapshot written reads back (invariants hold)
+    assert restarted.tenant_account("acme")[0].granted_total == 60
