@@ -3,6 +3,11 @@
 Grant and void ids are derived from what makes the request unique (tenant + Idempotency-Key, grant),
 so a retry after any failure, even one between publishing and recording that it was published,
 re-emits the same event id, which every consumer treats as a duplicate.
+
+Claim, then publish under a lock: a grant is first recorded (its own transaction, under the tenant's
+row lock, which also serialises the tenant's credit bound); then `unpublished_grant` locks the grant's
+row (SELECT ... FOR UPDATE) for the publish and its mark. Concurrent retries of one grant wait on
+that lock and find it published: one event, however many retries race.
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ import hashlib
 import json
 import secrets
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.admin.errors import AdminError
 from gateway.admin.models import GrantCreate, TenantCreate
 from gateway.api_keys import GeneratedKey, generate_api_key
-from ledger.events import CreditGranted, GrantVoided
+from ledger.events import TENANT_CREDIT_MAX, CreditGranted, GrantVoided
 from streams.schema import ApiKey, Grant, Tenant
 
 
@@ -35,8 +40,9 @@ async def create_tenant(
     return tenant
 
 
-async def existing_tenant(session: AsyncSession, tenant_id: str) -> Tenant:
-    tenant = await session.get(Tenant, tenant_id)
+async def existing_tenant(session: AsyncSession, tenant_id: str, *, lock: bool = False) -> Tenant:
+    """The tenant, or a 404. `lock`: hold its row until the transaction ends (serialises its grants)."""
+    tenant = await session.get(Tenant, tenant_id, with_for_update=lock)
     if tenant is None:
         raise AdminError(404, "tenant_id", f"no tenant {tenant_id!r}")
     return tenant
@@ -95,9 +101,12 @@ async def record_grant(
     effective_at_ms = request.effective_at if request.effective_at is not None else now_ms
     if request.expires_at is not None and request.expires_at <= effective_at_ms:
         raise AdminError(422, "expires_at", f"must be after effective_at ({effective_at_ms})")
-    await existing_tenant(session, tenant_id)
+    await existing_tenant(session, tenant_id, lock=True)
     grant_id, event_id = grant_identity(tenant_id, idempotency_key)
     fingerprint = request_fingerprint(request)
+    existing = await session.get(Grant, grant_id)
+    if existing is None:
+        await refuse_above_tenant_credit_max(session, tenant_id, request.amount)
     inserted = await session.execute(
         insert(Grant)
         .values(
@@ -124,6 +133,35 @@ async def record_grant(
     if grant.request_sha256 != fingerprint:
         raise AdminError(409, "Idempotency-Key", "was already used for a grant with a different body")
     return grant, created
+
+
+async def refuse_above_tenant_credit_max(session: AsyncSession, tenant_id: str, amount: int) -> None:
+    """The fold refuses a grant that takes a tenant's total granted (voided and expired grants too) above
+    TENANT_CREDIT_MAX; refuse it here first, naming the amount. The caller holds the tenant's row lock."""
+    granted = (
+        await session.execute(select(func.coalesce(func.sum(Grant.amount), 0)).where(Grant.tenant_id == tenant_id))
+    ).scalar_one()
+    if granted + amount > TENANT_CREDIT_MAX:
+        raise AdminError(
+            422,
+            "amount",
+            f"would take the tenant's total granted ({granted}) above {TENANT_CREDIT_MAX} "
+            f"(at most {TENANT_CREDIT_MAX - granted} more can be granted)",
+        )
+
+
+async def unpublished_grant(session: AsyncSession, grant_id: str) -> Grant | None:
+    """The grant, its row locked until the transaction ends, when its CreditGranted is still to publish."""
+    grant = await session.get(Grant, grant_id, with_for_update=True, populate_existing=True)
+    assert grant is not None, f"grant {grant_id} vanished"
+    return grant if grant.published_at_ms is None else None
+
+
+async def unpublished_void(session: AsyncSession, grant_id: str) -> Grant | None:
+    """The voided grant, its row locked until the transaction ends, when its GrantVoided is still to publish."""
+    grant = await session.get(Grant, grant_id, with_for_update=True, populate_existing=True)
+    assert grant is not None and grant.voided_at_ms is not None, f"grant {grant_id} is not voided"
+    return grant if grant.void_published_at_ms is None else None
 
 
 def granted_event(grant: Grant) -> CreditGranted:

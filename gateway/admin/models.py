@@ -6,21 +6,36 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
 
-from ledger.events import IDENTIFIER_LENGTH_MAX, TIMESTAMP_MAX_MS
+from ledger.events import IDENTIFIER_LENGTH_MAX, TENANT_ID_PATTERN, TIMESTAMP_MAX_MS
 
 TENANT_NAME_LENGTH_MAX = 200
 PRIORITY_MIN = -(2**31)
 PRIORITY_MAX = 2**31 - 1
+SEQUENCE_MAX = 2**63 - 1  # an entry's `sequence` is a Postgres bigint
+TIER_LENGTH_MAX = 64
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = timedelta(milliseconds=1)
 
 
+def without_control_characters(value: str) -> str:
+    """Text Postgres and log readers can hold: no NUL (Postgres refuses it) and no other control character."""
+    if any(character < " " or character == "\x7f" for character in value):
+        raise ValueError("must not contain control characters (such as NUL)")
+    return value
+
+
+PlainText = Annotated[str, AfterValidator(without_control_characters)]
+
+
 def parse_time_ms(value: object) -> int:
-    """Epoch milliseconds from an int, a string of digits, or an ISO 8601 string with a timezone."""
+    """Epoch milliseconds from an int, a string of ASCII digits, or an ISO 8601 string with a timezone."""
     if isinstance(value, bool):
         raise ValueError("must be epoch milliseconds or an ISO 8601 time, not a boolean")
+    # int() and fromisoformat() take other scripts' digits, and fromisoformat() stops at a NUL
+    if isinstance(value, str) and not (value.isascii() and value.isprintable()):
+        raise ValueError("must be printable ASCII: epoch milliseconds or an ISO 8601 time")
     if isinstance(value, int):
         milliseconds = value
     elif isinstance(value, str) and value.isdigit():
@@ -58,8 +73,8 @@ TimeMs = Annotated[
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    name: str = Field(min_length=1, max_length=TENANT_NAME_LENGTH_MAX)
-    tier: str = Field(min_length=1, max_length=64)
+    name: PlainText = Field(min_length=1, max_length=TENANT_NAME_LENGTH_MAX)
+    tier: PlainText = Field(min_length=1, max_length=TIER_LENGTH_MAX)
 
 
 class TenantView(BaseModel):
@@ -138,3 +153,6 @@ class EntriesPage(BaseModel):
 IdempotencyKey = Annotated[
     str, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX, pattern=r"^[\x21-\x7e]+$")
 ]
+# Path ids: a tenant id as the ledger accepts it (it keys Kafka records), other ids as printable text.
+TenantIdText = Annotated[str, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX, pattern=TENANT_ID_PATTERN)]
+IdentifierText = Annotated[PlainText, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)]

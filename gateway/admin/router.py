@@ -26,20 +26,23 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from gateway.admin import commands, queries
 from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute, ErrorBody
 from gateway.admin.models import (
+    SEQUENCE_MAX,
     BalanceView,
     EntriesPage,
     GrantCreate,
     GrantView,
     IdempotencyKey,
+    IdentifierText,
     KeyCreated,
     KeyRevoked,
     TenantCreate,
+    TenantIdText,
     TenantView,
     TimeMs,
 )
 from gateway.admin.publisher import EventPublisher
 from gateway.admin.settings import AdminSettings, resolve_admin_token
-from ledger.events import IDENTIFIER_LENGTH_MAX, Event
+from ledger.events import Event
 from streams.schema import Grant, Tenant
 
 logger = logging.getLogger(__name__)
@@ -47,7 +50,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "/admin/v1"
 PUBLISH_RETRY_AFTER_S = 1
 
-Identifier = Annotated[str, Path(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)]
+# Checked here, at the boundary: a NUL byte or an out-of-range number never reaches Postgres.
+TenantIdPath = Annotated[TenantIdText, Path()]
+Identifier = Annotated[IdentifierText, Path()]
 
 
 def wall_clock_ms() -> int:
@@ -130,7 +135,7 @@ def build_admin_router(
         return tenant_view(tenant)
 
     @router.post("/tenants/{tenant_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
-    async def create_key(tenant_id: Identifier, sessions: Sessions, response: Response) -> KeyCreated:
+    async def create_key(tenant_id: TenantIdPath, sessions: Sessions, response: Response) -> KeyCreated:
         """A new API key. The full key is in this response only (stored hashed): keep it."""
         async with sessions() as session, session.begin():
             api_key, generated = await commands.issue_key(session, tenant_id, clock_ms())
@@ -165,7 +170,7 @@ def build_admin_router(
         },
     )
     async def create_grant(
-        tenant_id: Identifier,
+        tenant_id: TenantIdPath,
         body: GrantCreate,
         idempotency_key: Annotated[IdempotencyKey, Header()],
         response: Response,
@@ -179,9 +184,11 @@ def build_admin_router(
                 session, tenant_id, idempotency_key, body, settings.grant_amount_max, clock_ms()
             )
         if grant.published_at_ms is None:
-            await publish(publisher, commands.granted_event(grant))
             async with sessions() as session, session.begin():
-                await commands.mark_grant_published(session, grant.grant_id, clock_ms())
+                unpublished = await commands.unpublished_grant(session, grant.grant_id)
+                if unpublished is not None:  # else a concurrent retry published it while we waited
+                    await publish(publisher, commands.granted_event(unpublished))
+                    await commands.mark_grant_published(session, grant.grant_id, clock_ms())
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
         return grant_view(grant)
@@ -192,14 +199,16 @@ def build_admin_router(
         async with sessions() as session, session.begin():
             grant = await commands.record_void(session, grant_id, clock_ms())
         if grant.void_published_at_ms is None:
-            await publish(publisher, commands.voided_event(grant))
             async with sessions() as session, session.begin():
-                await commands.mark_void_published(session, grant.grant_id, clock_ms())
+                unpublished = await commands.unpublished_void(session, grant.grant_id)
+                if unpublished is not None:  # else a concurrent retry published it while we waited
+                    await publish(publisher, commands.voided_event(unpublished))
+                    await commands.mark_void_published(session, grant.grant_id, clock_ms())
         return grant_view(grant)
 
     @router.get("/tenants/{tenant_id}/balance", response_model=BalanceView)
     async def get_balance(
-        tenant_id: Identifier,
+        tenant_id: TenantIdPath,
         sessions: Sessions,
         at: Annotated[TimeMs | None, Query(description="epoch ms or ISO 8601; default now")] = None,
     ) -> BalanceView:
@@ -210,9 +219,11 @@ def build_admin_router(
 
     @router.get("/tenants/{tenant_id}/entries", response_model=EntriesPage)
     async def get_entries(
-        tenant_id: Identifier,
+        tenant_id: TenantIdPath,
         sessions: Sessions,
-        since: Annotated[int, Query(ge=0, description="the `sequence` of the last entry already read")] = 0,
+        since: Annotated[
+            int, Query(ge=0, le=SEQUENCE_MAX, description="the `sequence` of the last entry already read")
+        ] = 0,
         limit: Annotated[
             int | None, Query(ge=1, description="page size; default and maximum configured")
         ] = None,

@@ -3,6 +3,7 @@ recording publisher (the events it was handed, in order) and a clock the test se
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -33,13 +34,20 @@ class PublisherDown(ConnectionError):
 @dataclass
 class RecordingPublisher:
     events: list[Event] = field(default_factory=list)
+    appended: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
     failures_left: int = 0  # the next N publish() calls raise
+    delay_s: float = 0.0  # each publish() takes this long, as a broker round trip does
+    topics: LedgerTopics = TOPICS
 
     async def publish(self, event: Event) -> None:
         if self.failures_left > 0:
             self.failures_left -= 1
             raise PublisherDown("broker away")
+        await asyncio.sleep(self.delay_s)
         self.events.append(event)
+
+    async def append(self, topic: str, key: bytes, value: bytes) -> None:
+        self.appended.append((topic, key, value))
 
 
 @dataclass
