@@ -49,6 +49,7 @@ import msgspec
 MODEL = "tollgate-tiny"
 READY_TIMEOUT_S = 60
 DEFAULT_CONCURRENCY = 200
+BENCH_INTERNAL_TOKEN = "bench-internal-token-0123456789abcdef"  # the canned worker does not check it
 
 
 # ---- the BENCHMARK-ONLY worker stand-in -------------------------------------------------------------
@@ -130,7 +131,8 @@ def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: s
     async def run() -> None:
         database_settings = DatabaseSettings(database_url=database_url)
         sessions = build_session_factory(build_async_engine(database_url, database_settings))
-        app = create_app(settings, log=NoPublishing(), admission=AdmitAllAdmission(), session_factory=sessions)
+        app = create_app(settings, internal_token=BENCH_INTERNAL_TOKEN, log=NoPublishing(),
+                         admission=AdmitAllAdmission(), session_factory=sessions)
         config = uvicorn.Config(app, loop="none", http="httptools", log_level="warning", access_log=False,
                                 log_config=None)
         await uvicorn.Server(config).serve(sockets=[listening_socket("127.0.0.1", port, reuse_port=True)])

@@ -1,6 +1,7 @@
 """`python -m gateway`: the gateway on uvicorn, everything from the environment.
 
-TOLLGATE_GATEWAY_* (gateway.settings), TOLLGATE_ADMISSION_* (admission), TOLLGATE_* / DATABASE_URL (the
+TOLLGATE_GATEWAY_* (gateway.settings), TOLLGATE_ADMISSION_* (admission), TOLLGATE_INTERNAL_TOKEN (the
+secret the workers require: the gateway refuses to start without it), TOLLGATE_* / DATABASE_URL (the
 database and the event log). Start-up: wait for and migrate the database, open the event log (Kafka, or
 the embedded Postgres log), build admission (its balance view tails the log), then serve until SIGTERM.
 """
@@ -18,6 +19,7 @@ from gateway.app import create_app
 from gateway.listener import listening_socket
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
+from inference.internal_auth import InternalAuthSettings
 from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
 from streams.settings import StreamSettings
 
@@ -34,9 +36,10 @@ def open_event_log(settings: GatewaySettings, stream_settings: StreamSettings, e
     return KafkaLog(stream_settings)
 
 
-async def start_gateway(settings: GatewaySettings, event_log, engine, sessions):
+async def start_gateway(settings: GatewaySettings, event_log, engine, sessions, *, internal_token: str):
     """The gateway app over a started event log, with admission (its balance view tailing that log)
-    started and its metrics in the gateway's registry. Returns (app, admission runtime to stop)."""
+    started and its metrics in the gateway's registry; `internal_token` goes to the workers with every
+    call. Returns (app, admission runtime to stop)."""
     from gateway.admission.factory import AdmissionRuntime
     from gateway.admission.metrics import AdmissionMetrics
     from gateway.admission.settings import AdmissionSettings
@@ -46,6 +49,7 @@ async def start_gateway(settings: GatewaySettings, event_log, engine, sessions):
     await admission_runtime.start()
     app = create_app(
         settings,
+        internal_token=internal_token,
         log=event_log,
         admission=admission_runtime.admission,
         session_factory=sessions,
@@ -55,14 +59,14 @@ async def start_gateway(settings: GatewaySettings, event_log, engine, sessions):
     return app, admission_runtime
 
 
-async def serve(settings: GatewaySettings) -> None:
+async def serve(settings: GatewaySettings, internal_token: str) -> None:
     database_settings = DatabaseSettings()
     database_url = await asyncio.to_thread(prepare_database, database_settings)
     engine = build_async_engine(database_url, database_settings)
     sessions = build_session_factory(engine)
     event_log = open_event_log(settings, StreamSettings(), engine)
     await event_log.start()
-    app, admission_runtime = await start_gateway(settings, event_log, engine, sessions)
+    app, admission_runtime = await start_gateway(settings, event_log, engine, sessions, internal_token=internal_token)
     try:
         listener = listening_socket(settings.host, settings.port, reuse_port=settings.reuse_port)
         config = uvicorn.Config(
@@ -84,7 +88,8 @@ async def serve(settings: GatewaySettings) -> None:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(settings.log_level)
-    uvloop.run(serve(settings))  # uvicorn's loop="uvloop" applies only to uvicorn.run, not to Server.serve
+    internal_token = InternalAuthSettings().required_token()  # raises, naming TOLLGATE_INTERNAL_TOKEN, without one
+    uvloop.run(serve(settings, internal_token))  # uvicorn's loop="uvloop" applies only to uvicorn.run, not to Server.serve
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """The gateway app factory: the OpenAI routes, the admin API, /metrics and /health.
 
-    app = create_app(settings, log=log, admission=admission, session_factory=sessions)
+    app = create_app(settings, internal_token=token, log=log, admission=admission, session_factory=sessions)
 
-`log` (an `EventLog`, Kafka or embedded) publishes the admin API's ledger events; `admission` admits and
+`internal_token` is the gateway <-> worker shared secret (inference.internal_auth), sent on every worker
+call. `log` (an `EventLog`, Kafka or embedded) publishes the admin API's ledger events and the usage of
+worker streams that broke before the worker could bill them; `admission` admits and
 settles requests (gateway.admission); `session_factory` reaches Postgres (API keys, idempotency, admin).
 The caller starts and stops those; the app's lifespan owns the worker clients. `collectors` are extra
 Prometheus collectors (admission's open reservations, ledger consumer lag) served at /metrics.
+
+Every error of every path is in OpenAI's shape: an unknown URL is a 404 `unknown_url`, a wrong method a
+405 with Allow (the admin API keeps its own `detail` shape for the errors it raises itself).
 """
 
 from __future__ import annotations
@@ -15,16 +20,19 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin import AdminSettings, build_admin_router
 from gateway.admission.base import Admission, Rejection
 from gateway.auth import TenantKeyCache
-from gateway.completion_routes import CompletionRoutes, refusal_response
+from gateway.completion_routes import CompletionRoutes, add_completion_routes_to, refusal_response
 from gateway.completions import CompletionService
 from gateway.errors import ApiError, handle_validation_error
 from gateway.idempotency import IdempotencyStore
@@ -39,6 +47,7 @@ from streams.log import EventLog
 def create_app(
     settings: GatewaySettings,
     *,
+    internal_token: str,
     log: EventLog,
     admission: Admission,
     session_factory: async_sessionmaker[AsyncSession],
@@ -49,7 +58,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = WorkerPool(settings)
+        pool = WorkerPool(settings, internal_token)
         idempotency = IdempotencyStore(session_factory, stale_after_ms=settings.request_timeout_ms)
         app.state.runtime = GatewayRuntime(
             settings=settings,
@@ -57,7 +66,7 @@ def create_app(
             metrics=metrics,
             pool=pool,
             key_cache=TenantKeyCache(session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max),
-            completions=CompletionService(settings, pool, admission, metrics, idempotency),
+            completions=CompletionService(settings, pool, admission, metrics, idempotency, publish_usage=log.publish),
         )
         # What start-up built lives as long as the process: move it out of the collector's way, so a
         # full collection scans only what requests allocate (else it walks ~140k objects: ~70 ms pauses).
@@ -79,6 +88,21 @@ def create_app(
         metrics.rejections.labels("invalid_value").inc()
         return await handle_validation_error(request, error)
 
+    async def answer_unknown_route(request: Request, error: StarletteHTTPException) -> Response:
+        """The router's own 404 and 405 in OpenAI's shape; any other HTTPException (the admin API's, with
+        their `detail`) as FastAPI answers it."""
+        method, path = request.method, request.url.path
+        if error.status_code == 404 and error.detail == "Not Found":
+            api_error = ApiError(404, f"Unknown request URL: {method} {path}. Please check the URL for typos.", code="unknown_url")
+        elif error.status_code == 405 and error.detail == "Method Not Allowed":
+            api_error = ApiError(
+                405, f"Method {method} is not allowed for {path}.", code="method_not_allowed", headers=error.headers
+            )
+        else:
+            return await http_exception_handler(request, error)
+        return refusal_response(metrics, api_error)
+
+    app.add_exception_handler(StarletteHTTPException, answer_unknown_route)
     app.add_exception_handler(ApiError, count_and_answer_refusal)
     app.add_exception_handler(Rejection, count_and_answer_refusal)
     app.add_exception_handler(RequestValidationError, count_and_answer_validation)
@@ -99,6 +123,14 @@ def create_app(
             admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
         )
     )
+
+    def openapi_with_completion_routes() -> dict:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = add_completion_routes_to(document)
+        return app.openapi_schema
+
+    app.openapi = openapi_with_completion_routes  # type: ignore[method-assign]
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:

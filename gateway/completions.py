@@ -2,10 +2,20 @@
 
 The worker's UsageRecorded event is what bills the tenant; the gateway settles its reservation with the
 same price (`inference.usage.usage_amount`) over the tokens it saw: the worker's own counts when its
-done event arrived, else (the client went away, the worker broke, the budget ran out) the prompt and the
-tokens produced so far. The worker stops generating when the gateway drops its connection, so a tenant
-pays for what was produced and no more. A reservation is always settled exactly once: `finish` when a
-worker started the request, `release` when none did.
+done (or error) line arrived, else (the client went away, the worker broke, the budget ran out) the prompt
+and the tokens produced so far. The worker stops generating when the gateway drops its connection, so a
+tenant pays for what was produced and no more; a non-streaming client that leaves is watched for as a
+streaming one is (`gateway.sse.run_until_client_leaves`). A reservation is always settled exactly once:
+`finish` when a worker started the request, `release` when none did.
+
+When a worker breaks its stream after tokens were relayed, with no done or error line (it died, its
+connection broke), the gateway publishes the UsageRecorded itself: the attempt's id as event id (the one
+the worker would have used, so whichever arrives first counts once), the prompt and the tokens relayed,
+billed at the admission time. The same for an error line saying the worker could not record the usage.
+
+`Idempotency-Key` works on both kinds of request: the first request with a key runs and its complete
+response (the JSON, or the whole SSE body once the stream finished) is stored; a repeat gets it back and
+runs nothing; a repeat while the first is still running gets 409.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import anyio
 from fastapi.responses import Response
@@ -26,13 +36,15 @@ from gateway.logs import model_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PreparedRequest, SamplingFields, prepare
 from gateway.settings import GatewaySettings
-from gateway.sse import SseResponse
+from gateway.sse import SSE_MEDIA_TYPE, SseResponse, run_until_client_leaves
 from gateway.wire import (
     DONE_LINE,
     ChunkWriter,
     chat_completion,
+    chat_logprobs,
     encode_json,
     finish_reason_of,
+    legacy_logprobs,
     text_completion,
 )
 from gateway.workers import (
@@ -43,13 +55,18 @@ from gateway.workers import (
     TokenEvent,
     WorkerFailed,
     WorkerPool,
+    WorkerRequestFailed,
     WorkerStream,
 )
-from inference.usage import usage_amount
+from inference.usage import build_usage_event, usage_amount
+from ledger.events import UsageRecorded
 
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+USAGE_NOT_RECORDED = "usage_not_recorded"  # the worker's error line: it could not record the usage itself
+
+PublishUsage = Callable[[UsageRecorded], Awaitable[object]]
 
 
 def monotonic_ms() -> float:
@@ -58,6 +75,17 @@ def monotonic_ms() -> float:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def worker_error(event: ErrorEvent) -> ApiError:
+    """The client's answer for a request that failed on its worker (never retried elsewhere)."""
+    if event.error == "request_failed":
+        return ApiError(
+            500, "the request failed in the inference engine", error_type="server_error", code="request_failed"
+        )
+    return ApiError(
+        502, f"the inference worker failed ({event.error})", error_type="server_error", code="worker_failed"
+    )
 
 
 class Generation:
@@ -73,6 +101,7 @@ class Generation:
         stream: WorkerStream,
         started_ms: float,
         deadline_ms: float,
+        admitted_at_ms: int,
     ) -> None:
         self.service = service
         self.tenant = tenant
@@ -82,8 +111,10 @@ class Generation:
         self.stream = stream
         self.started_ms = started_ms
         self.deadline_ms = deadline_ms
+        self.admitted_at_ms = admitted_at_ms  # wall clock: the usage is billed at this time
         self.tokens_seen = 0
         self.done: DoneEvent | None = None
+        self.error: ErrorEvent | None = None  # the worker's error line, with its token counts
         self.outcome = "disconnected"  # until the stream ends one way or another
         self._settled = False
 
@@ -98,11 +129,50 @@ class Generation:
 
     @property
     def prompt_tokens(self) -> int:
-        return self.done.prompt_tokens if self.done else self.prepared.prompt_tokens
+        ended = self.done or self.error
+        return ended.prompt_tokens if ended else self.prepared.prompt_tokens
 
     @property
     def completion_tokens(self) -> int:
-        return self.done.completion_tokens if self.done else self.tokens_seen
+        ended = self.done or self.error
+        return ended.completion_tokens if ended else self.tokens_seen
+
+    def on_error(self, event: ErrorEvent) -> None:
+        self.error = event
+        self.outcome = "worker_failed"
+
+    async def publish_unrecorded_usage(self) -> None:
+        """Bill what the worker did not: after a broken stream (no done or error line) the tokens relayed,
+        after a `usage_not_recorded` line its counts; under the attempt id, at the admission time."""
+        if self.done is not None or (self.error is not None and self.error.error != USAGE_NOT_RECORDED):
+            return  # the worker billed it
+        if self.error is None and self.tokens_seen == 0:
+            return  # nothing was relayed: the worker's own record (if any) covers its prompt
+        service = self.service
+        model = self.prepared.model
+        event = build_usage_event(
+            request_id=self.stream.attempt_id,
+            tenant_id=self.tenant.tenant_id,
+            model=model,
+            price=service.settings.prices[model],
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            occurred_at_ms=self.admitted_at_ms,
+        )
+        timeout_s = service.settings.usage_publish_timeout_ms / 1000
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s) as scope:
+            try:
+                await service.publish_usage(event)
+                return
+            except Exception:
+                logger.exception("publishing the UsageRecorded %s of a broken worker stream failed", event.event_id)
+        if scope.cancelled_caught:
+            logger.error(
+                "publishing the UsageRecorded %s of a broken worker stream took over %d ms",
+                event.event_id,
+                service.settings.usage_publish_timeout_ms,
+            )
+        service.metrics.usage_publish_failures.inc()
 
     async def settle(self) -> None:
         """Close the worker stream (cancelling it there when unfinished) and finish the reservation."""
@@ -151,6 +221,7 @@ class CompletionService:
         admission: Admission,
         metrics: GatewayMetrics,
         idempotency: IdempotencyStore | None,
+        publish_usage: PublishUsage,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.settings = settings
@@ -158,28 +229,34 @@ class CompletionService:
         self.admission = admission
         self.metrics = metrics
         self.idempotency = idempotency
+        self.publish_usage = publish_usage  # the event log's publish: usage the workers could not bill
         self.wall_clock_ms = wall_clock_ms
 
     async def serve(
-        self, tenant: TenantIdentity, body: SamplingFields, raw_body: bytes, path: str, idempotency_key: str | None
+        self,
+        tenant: TenantIdentity,
+        body: SamplingFields,
+        raw_body: bytes,
+        path: str,
+        idempotency_key: str | None,
+        receive: Callable[[], Awaitable[dict]],
     ) -> Response | SseResponse:
-        """The response to one completion request (an ASGI callable): JSON, or SSE when it streams."""
+        """The response to one completion request (an ASGI callable): JSON, or SSE when it streams.
+        `receive` is the request's ASGI receive, its body already read: it says when the client leaves."""
         started_ms = monotonic_ms()
         model_var.set(body.model)
         prepared = prepare(body, self.settings)
         request_id = new_request_id()
         request_id_var.set(request_id)
-        key = None if prepared.stream else idempotency_key
+        key = idempotency_key
         if key is not None:
             stored = await self._claim(tenant, key, path, raw_body, request_id)
             if stored is not None:
                 self.metrics.idempotent_replays.inc()
-                return Response(
-                    stored.body,
-                    stored.status_code,
-                    {"x-request-id": stored.request_id, "idempotent-replayed": "true"},
-                    media_type="application/json",
-                )
+                replayed = {"x-request-id": stored.request_id, "idempotent-replayed": "true"}
+                if prepared.stream:  # the same body (the digest matched), so the stored body is the SSE one
+                    return Response(stored.body, stored.status_code, {**SSE_HEADERS, **replayed}, media_type=SSE_MEDIA_TYPE)
+                return Response(stored.body, stored.status_code, replayed, media_type="application/json")
         try:
             generation = await self._start(tenant, prepared, request_id, started_ms)
         except BaseException:
@@ -195,8 +272,20 @@ class CompletionService:
                 model=prepared.model,
                 include_usage=prepared.include_usage,
             )
-            return SseResponse(self._sse(generation, writer), generation.settle, {**SSE_HEADERS, **headers})
-        return await self._complete(generation, key, headers)
+            sent: list[bytes] | None = [] if key is not None else None  # the body to store for the key
+
+            async def end_stream() -> None:
+                await generation.settle()
+                if key is None:
+                    return
+                assert sent is not None, "a keyed stream keeps its body"
+                if generation.outcome == "ok":
+                    await self._store(generation, key, b"".join(sent))
+                else:
+                    await self._abandon(tenant, key, request_id)
+
+            return SseResponse(self._sse(generation, writer, sent), end_stream, {**SSE_HEADERS, **headers})
+        return await self._complete(generation, key, headers, receive)
 
     async def _claim(
         self, tenant: TenantIdentity, key: str, path: str, raw_body: bytes, request_id: str
@@ -209,6 +298,20 @@ class CompletionService:
             return await self.idempotency.begin(
                 tenant.tenant_id, key, request_digest(path, raw_body), request_id, self.wall_clock_ms()
             )
+
+    async def _store(self, generation: Generation, key: str, body: bytes) -> None:
+        """Keep a completed response for the key's repeats (its own request is answered either way)."""
+        assert self.idempotency is not None, "a key was claimed without a store"
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.idempotency_timeout_ms / 1000) as scope:
+            try:
+                await self.idempotency.complete(
+                    generation.tenant.tenant_id, key, generation.request_id, 200, body, self.wall_clock_ms()
+                )
+                return
+            except Exception:
+                logger.exception("storing the response of %s for its Idempotency-Key failed", generation.request_id)
+        if scope.cancelled_caught:
+            logger.error("storing the response of %s for its Idempotency-Key timed out", generation.request_id)
 
     async def _abandon(self, tenant: TenantIdentity, key: str, request_id: str) -> None:
         assert self.idempotency is not None, "a key was claimed without a store"
@@ -232,6 +335,7 @@ class CompletionService:
             estimated_cost=usage_amount(price, prepared.prompt_tokens, prepared.max_tokens),
         )
         reservation = await self.admission.admit(admission_request)
+        admitted_at_ms = self.wall_clock_ms()
         deadline_ms = started_ms + self.settings.request_timeout_ms
         call = GenerateCall(
             request_id=request_id,
@@ -244,28 +348,63 @@ class CompletionService:
             temperature=prepared.temperature,
             top_p=prepared.top_p,
             seed=prepared.seed,
+            logprobs=prepared.logprobs,
+            top_logprobs=prepared.top_logprobs,
+            logit_bias=prepared.logit_bias,
+            presence_penalty=prepared.presence_penalty,
+            frequency_penalty=prepared.frequency_penalty,
+            admitted_at_ms=admitted_at_ms,
         )
         dispatched_ms = monotonic_ms()
         try:
             stream = await self.pool.open(call, deadline_ms, monotonic_ms)
+        except WorkerRequestFailed as failure:
+            await self._settle_failed_start(reservation, prepared, failure)
+            raise worker_error(failure.event) from failure
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.admission.release(reservation)
             raise
         self.metrics.of_model(prepared.model).worker_queue_time.observe((monotonic_ms() - dispatched_ms) / 1000)
-        return Generation(self, tenant, prepared, request_id, reservation, stream, started_ms, deadline_ms)
+        return Generation(self, tenant, prepared, request_id, reservation, stream, started_ms, deadline_ms, admitted_at_ms)
+
+    async def _settle_failed_start(
+        self, reservation: Reservation, prepared: PreparedRequest, failure: WorkerRequestFailed
+    ) -> None:
+        """A request that failed on its worker before a token: settled at what the worker processed."""
+        event = failure.event
+        logger.warning("request failed on its worker, not retried: %s", failure)
+        cost = usage_amount(self.settings.prices[prepared.model], event.prompt_tokens, event.completion_tokens)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.admission.finish(reservation, cost)
+            except Exception:
+                logger.exception("admission.finish failed for %s (cost %d)", reservation.request_id, cost)
+        metrics = self.metrics.of_model(prepared.model)
+        metrics.prompt_tokens.inc(event.prompt_tokens)
+        metrics.requests("worker_failed").inc()
 
     @staticmethod
     def _response_id(prepared: PreparedRequest, request_id: str) -> str:
         return f"chatcmpl-{request_id}" if prepared.chat else f"cmpl-{request_id}"
 
-    async def _sse(self, generation: Generation, writer: ChunkWriter) -> AsyncGenerator[bytes, None]:
-        """One write per batch of worker events (several tokens when they arrived together)."""
+    async def _sse(
+        self, generation: Generation, writer: ChunkWriter, sent: list[bytes] | None
+    ) -> AsyncGenerator[bytes, None]:
+        """One write per batch of worker events (several tokens when they arrived together). `sent`, when
+        given, collects every chunk (the body stored for an Idempotency-Key)."""
         if writer.chat:
-            yield writer.role()
+            role = writer.role()
+            if sent is not None:
+                sent.append(role)
+            yield role
+        with_logprobs = generation.prepared.logprobs
         try:
             async for batch in generation.stream.batches():
-                parts = [writer.token(event.text) for event in batch if type(event) is TokenEvent and event.text]
+                if with_logprobs:  # a chunk per token, even one with no text yet: its logprob is there
+                    parts = [writer.token_with_logprobs(event) for event in batch if type(event) is TokenEvent]
+                else:
+                    parts = [writer.token(event.text) for event in batch if type(event) is TokenEvent and event.text]
                 last = batch[-1]
                 tokens = len(batch) - (type(last) is not TokenEvent)
                 if tokens:
@@ -278,71 +417,96 @@ class CompletionService:
                         parts.append(writer.usage(last.prompt_tokens, last.completion_tokens))
                     parts.append(DONE_LINE)
                 elif type(last) is ErrorEvent:
-                    generation.outcome = "worker_failed"
-                    parts.append(writer.error(f"the worker failed: {last.message}", "server_error", last.error))
+                    generation.on_error(last)
+                    await generation.publish_unrecorded_usage()
+                    failure = worker_error(last)
+                    parts.append(writer.error(failure.message, "server_error", failure.code or "worker_failed"))
                 if parts:
-                    yield parts[0] if len(parts) == 1 else b"".join(parts)
+                    chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+                    if sent is not None:
+                        sent.append(chunk)
+                    yield chunk
         except WorkerFailed as error:
             generation.outcome = "worker_failed"
             logger.warning("worker failed mid-stream: %s", error)
+            await generation.publish_unrecorded_usage()
             yield writer.error("the inference worker failed mid-stream", "server_error", "worker_failed")
         except BudgetExhausted as error:
             generation.outcome = "timeout"
             yield writer.error(str(error), "server_error", "timeout")
 
-    async def _complete(self, generation: Generation, key: str | None, headers: dict[str, str]) -> Response:
+    async def _complete(
+        self, generation: Generation, key: str | None, headers: dict[str, str], receive: Callable[[], Awaitable[dict]]
+    ) -> Response:
         prepared = generation.prepared
-        texts: list[str] = []
         try:
-            async for batch in generation.stream.batches():
-                texts.extend(event.text for event in batch if type(event) is TokenEvent)
-                last = batch[-1]
-                tokens = len(batch) - (type(last) is not TokenEvent)
-                if tokens:
-                    generation.on_tokens(tokens)
-                if type(last) is DoneEvent:
-                    generation.done = last
-                    generation.outcome = "ok"
-                elif type(last) is ErrorEvent:
-                    generation.outcome = "worker_failed"
-                    raise WorkerFailed(f"{last.error}: {last.message}")
-        except (WorkerFailed, BudgetExhausted) as error:
-            if generation.outcome != "worker_failed":
-                generation.outcome = "timeout" if isinstance(error, BudgetExhausted) else "worker_failed"
+            tokens = await run_until_client_leaves(self._collect(generation), receive)
+        except BaseException as error:
             await generation.settle()
             if key is not None:
                 await self._abandon(generation.tenant, key, generation.request_id)
-            timed_out = isinstance(error, BudgetExhausted)
-            raise ApiError(
-                504 if timed_out else 502,
-                str(error) if timed_out else "the inference worker failed before finishing the completion",
-                error_type="server_error",
-                code="timeout" if timed_out else "worker_failed",
-            ) from error
-        except BaseException:
-            await generation.settle()
-            if key is not None:
-                await self._abandon(generation.tenant, key, generation.request_id)
+            if isinstance(error, BudgetExhausted):
+                raise ApiError(504, str(error), error_type="server_error", code="timeout") from error
+            if isinstance(error, WorkerFailed):
+                raise ApiError(
+                    502,
+                    "the inference worker failed before finishing the completion",
+                    error_type="server_error",
+                    code="worker_failed",
+                ) from error
             raise
         await generation.settle()
         done = generation.done
         assert done is not None, "a completed generation has its done event"
+        text = "".join(event.text for event in tokens)
+        logprobs = None
+        if prepared.logprobs:
+            logprobs = chat_logprobs(tokens) if prepared.chat else legacy_logprobs(tokens, 0)
         build = chat_completion if prepared.chat else text_completion
         body = encode_json(
             build(
                 self._response_id(prepared, generation.request_id),
                 int(self.wall_clock_ms() // 1000),
                 prepared.model,
-                "".join(texts),
+                text,
                 finish_reason_of(done.finish_reason),
                 done.prompt_tokens,
                 done.completion_tokens,
+                logprobs,
             )
         )
         if key is not None:
-            assert self.idempotency is not None, "a key was claimed without a store"
-            with anyio.CancelScope(shield=True), anyio.fail_after(self.settings.idempotency_timeout_ms / 1000):
-                await self.idempotency.complete(
-                    generation.tenant.tenant_id, key, generation.request_id, 200, body, self.wall_clock_ms()
-                )
+            await self._store(generation, key, body)
         return Response(body, 200, headers, media_type="application/json")
+
+    @staticmethod
+    async def _collect(generation: Generation) -> list[TokenEvent]:
+        """Every token up to the done line. Raises WorkerFailed (after billing what was relayed when the
+        stream broke), ApiError for the worker's error line, BudgetExhausted when the budget ran out."""
+        tokens: list[TokenEvent] = []
+        try:
+            async for batch in generation.stream.batches():
+                last = batch[-1]
+                if type(last) is TokenEvent:
+                    tokens.extend(batch)
+                    generation.on_tokens(len(batch))
+                    continue
+                if len(batch) > 1:
+                    tokens.extend(batch[:-1])  # type: ignore[arg-type]  (all but the last are tokens)
+                    generation.on_tokens(len(batch) - 1)
+                if type(last) is DoneEvent:
+                    generation.done = last
+                    generation.outcome = "ok"
+                else:
+                    assert type(last) is ErrorEvent, "a batch ends with a token, done or error event"
+                    generation.on_error(last)
+                    await generation.publish_unrecorded_usage()
+                    raise worker_error(last)
+        except BudgetExhausted:
+            generation.outcome = "timeout"
+            raise
+        except WorkerFailed:
+            generation.outcome = "worker_failed"
+            await generation.publish_unrecorded_usage()
+            raise
+        return tokens

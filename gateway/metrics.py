@@ -54,6 +54,11 @@ class GatewayMetrics:
         self.idempotent_replays = Counter(
             "tollgate_gateway_idempotent_replays", "Responses answered from the idempotency store", registry=r
         )
+        self.usage_publish_failures = Counter(
+            "tollgate_gateway_usage_publish_failures",
+            "UsageRecorded events the gateway had to publish for a broken worker stream and could not",
+            registry=r,
+        )
         for collector in collectors:
             r.register(collector)
         self._of_model: dict[str, ModelMetrics] = {}

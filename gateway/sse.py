@@ -5,16 +5,54 @@ Starlette's StreamingResponse does the same with an anyio task group per respons
 body, one waiting for the client to leave) and its sends pass through a wrapper each; this keeps one
 small task per response, which waits for `http.disconnect` and cancels the streaming task if the client
 leaves first, so a generation stops as soon as nobody reads it, not at its next token.
+
+`run_until_client_leaves` does the same for a response computed before anything is sent (a non-streamed
+completion): the computation runs beside a wait for `http.disconnect`, and is cancelled if that comes
+first (raising `ClientLeft`, with nothing to send).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import TypeVar
 
 import anyio
 
-SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
+SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
+SSE_CONTENT_TYPE = SSE_MEDIA_TYPE.encode()
+
+Result = TypeVar("Result")
+
+
+class ClientLeft(Exception):
+    """The client went away before its response began: the work was cancelled, there is nothing to send."""
+
+
+async def _until_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # a body was read in full before the response began: nothing else can come
+
+
+async def run_until_client_leaves(
+    work: Coroutine[object, object, Result], receive: Callable[[], Awaitable[dict]]
+) -> Result:
+    """`work`'s result; if the client leaves first, `work` is cancelled (and awaited) and ClientLeft raised.
+    The request's body must have been read in full (the next receive() waits for the client to leave)."""
+    loop = asyncio.get_running_loop()
+    working = loop.create_task(work)
+    leaving = loop.create_task(_until_disconnect(receive))
+    try:
+        await asyncio.wait((working, leaving), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not working.done():
+            working.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait((working,))  # its own cleanup (closing the worker stream) runs to the end
+    if working.cancelled():
+        raise ClientLeft()
+    return working.result()
 
 
 class SseResponse:

@@ -1,6 +1,6 @@
 """A lean HTTP/1.1 client for the gateway's calls to its workers: a bounded keep-alive pool per worker.
 
-    pool = WorkerHttpPool("http://127.0.0.1:8100", limits)
+    pool = WorkerHttpPool("http://127.0.0.1:8100", limits, authorization=b"Bearer <internal token>")
     exchange = await pool.post("/internal/v1/generate", body, budget_s=120.0)  # returns once headers arrived
     exchange.status                      # 200
     data = await exchange.read()         # the body bytes buffered so far (b"" once the body has ended)
@@ -240,7 +240,8 @@ class WorkerHttpPool:
     """Keep-alive connections to one worker: at most `connections_max` open, the most recently used reused
     first (so surplus connections age out), waiting at most `connect_timeout_s` for one when all are busy."""
 
-    def __init__(self, url: str, limits: WorkerHttpLimits) -> None:
+    def __init__(self, url: str, limits: WorkerHttpLimits, *, authorization: bytes) -> None:
+        """`authorization`: the Authorization header value sent on every request."""
         parts = urlsplit(url)
         if parts.scheme not in HTTP_DEFAULT_PORTS or not parts.hostname:
             raise ValueError(f"a worker URL is http:// or https:// with a host, not {url!r}")
@@ -252,6 +253,8 @@ class WorkerHttpPool:
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
         default_port = self.port == HTTP_DEFAULT_PORTS[parts.scheme]
         self._host_header = (self.host if default_port else f"{self.host}:{self.port}").encode()
+        assert b"\r" not in authorization and b"\n" not in authorization, "a header value is one line"
+        self._authorization = authorization
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: list[WorkerConnection] = []  # most recently used last
         self._open: set[WorkerConnection] = set()
@@ -275,8 +278,8 @@ class WorkerHttpPool:
 
     def request_bytes(self, path: str, body: bytes) -> bytes:
         head = (
-            b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-            % ((self._base_path + path).encode(), self._host_header, len(body))
+            b"POST %s HTTP/1.1\r\nhost: %s\r\nauthorization: %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % ((self._base_path + path).encode(), self._host_header, self._authorization, len(body))
         )
         return head + body
 

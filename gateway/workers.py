@@ -3,14 +3,25 @@ circuit breaker each, and
 `WorkerPool.open()`, which places a generation on a worker and returns once its first event arrived.
 
 Retries happen only before the first token: a worker that refuses the connection, answers 5xx, or
-fails before its first event is skipped (and its breaker told), and the next worker is tried, at most
-`worker_attempts_max` tries within the request's deadline. A worker whose queue is full answers 503
-{"error": "overloaded"} at once; when every tried worker did, the pool raises admission's `Overloaded`
-(503 with Retry-After) instead of waiting. Once a token has been handed out, a failure ends the stream.
+breaks or times out before its first event is skipped (and its breaker told), and the next worker is
+tried, at most `worker_attempts_max` tries within the request's deadline. Each try is an attempt with an
+id of its own (the worker's `request_id` and the event id of its UsageRecorded): the request id for the
+first, `<request id>.<n>` for the n-th, so a retry never collides with an earlier attempt that may still
+be running on its worker. A worker whose queue is full answers 503 {"error": "overloaded"} at once; when
+every tried worker did, the pool raises admission's `Overloaded` (503 with Retry-After) instead of waiting.
+Once a token has been handed out, a failure ends the stream.
 
-The worker's NDJSON protocol (inference.worker): {"type": "token", "text", "token_id"} per token, then
-{"type": "done", "finish_reason", "prompt_tokens", "completion_tokens"}; {"type": "error", ...} when
-the engine failed.
+Never retried: a request that made its worker fail (an error line, `request_failed` or `engine_failed`:
+the request itself may be what broke it, and would break the next worker too) raises `WorkerRequestFailed`;
+a worker's 400 (`invalid_request`) is a 400 to the client.
+
+Every call carries `Authorization: Bearer <internal token>` (inference.internal_auth): workers serve only
+the gateway.
+
+The worker's NDJSON protocol (inference.worker): {"type": "token", "text", "token_id"[, "logprob",
+"top_logprobs"]} per token, then {"type": "done", "finish_reason", "prompt_tokens", "completion_tokens"},
+or {"type": "error", "error", "message", "retryable", "prompt_tokens", "completion_tokens"} when the
+request failed there.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from gateway.worker_http import (
     WorkerHttpPool,
     WorkerTimeout,
 )
+from inference.internal_auth import authorization_header
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +52,23 @@ GENERATE_PATH = "/internal/v1/generate"
 OVERLOADED = "overloaded"  # the worker's queue is full: backpressure, not a failure
 
 
+NOT_RETRIED_ERRORS = frozenset({"request_failed", "engine_failed"})  # error lines of a request that broke its worker
+
+
+class LogprobEntry(msgspec.Struct):
+    """A token and its log-probability (inference.request.TokenLogprob on the wire)."""
+
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
 class TokenEvent(msgspec.Struct, tag_field="type", tag="token"):
     text: str
     token_id: int
+    logprob: LogprobEntry | None = None  # only when logprobs were asked
+    top_logprobs: list[LogprobEntry] = []  # only when top_logprobs > 0
 
 
 class DoneEvent(msgspec.Struct, tag_field="type", tag="done"):
@@ -52,9 +78,11 @@ class DoneEvent(msgspec.Struct, tag_field="type", tag="done"):
 
 
 class ErrorEvent(msgspec.Struct, tag_field="type", tag="error"):
-    error: str
+    error: str  # request_failed | engine_failed | usage_not_recorded
     message: str = ""
     retryable: bool = False
+    prompt_tokens: int = 0  # what the worker processed before the failure
+    completion_tokens: int = 0
 
 
 WorkerEvent = TokenEvent | DoneEvent | ErrorEvent
@@ -67,9 +95,24 @@ class WorkerFailed(Exception):
     """A worker broke its protocol or its connection; says which and how."""
 
 
+class WorkerRequestFailed(Exception):
+    """The request failed on its worker before its first token (an error line): it is not retried."""
+
+    def __init__(self, attempt_id: str, worker_url: str, event: ErrorEvent) -> None:
+        super().__init__(f"{worker_url} failed request {attempt_id}: {event.error}: {event.message}")
+        self.attempt_id = attempt_id
+        self.event = event
+
+
+def attempt_id_of(request_id: str, attempt: int) -> str:
+    """The worker request id of a request's n-th attempt (1-based): the request id itself, then id.n."""
+    assert attempt >= 1, "attempts count from 1"
+    return request_id if attempt == 1 else f"{request_id}.{attempt}"
+
+
 @dataclass(frozen=True, slots=True)
 class GenerateCall:
-    """The body of POST /internal/v1/generate."""
+    """The body of POST /internal/v1/generate (per attempt: `encode(attempt_id)`)."""
 
     request_id: str
     tenant_id: str
@@ -81,22 +124,39 @@ class GenerateCall:
     temperature: float
     top_p: float
     seed: int | None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: dict[int, float] | None = None  # token id -> bias
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    admitted_at_ms: int | None = None  # wall-clock ms when admission succeeded: the usage is billed then
 
-    def encode(self) -> bytes:
-        return _body_encoder.encode(
-            {
-                "request_id": self.request_id,
-                "tenant_id": self.tenant_id,
-                "tier": self.tier,
-                "model": self.model,
-                "prompt": self.prompt,
-                "max_tokens": self.max_tokens,
-                "stop": list(self.stop),
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "seed": self.seed,
-            }
-        )
+    def encode(self, attempt_id: str) -> bytes:
+        body = {
+            "request_id": attempt_id,
+            "tenant_id": self.tenant_id,
+            "tier": self.tier,
+            "model": self.model,
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+        if self.admitted_at_ms is not None:
+            body["admitted_at_ms"] = self.admitted_at_ms
+        # The rest only when asked, so the common body stays as small as it was.
+        if self.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs
+        if self.logit_bias:
+            body["logit_bias"] = {str(token_id): bias for token_id, bias in self.logit_bias.items()}
+        if self.presence_penalty:
+            body["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            body["frequency_penalty"] = self.frequency_penalty
+        return _body_encoder.encode(body)
 
 
 class BudgetExhausted(Exception):
@@ -106,10 +166,10 @@ class BudgetExhausted(Exception):
 class WorkerClient:
     """One worker: its URL, its breaker, and its keep-alive connection pool."""
 
-    def __init__(self, url: str, settings: GatewaySettings) -> None:
+    def __init__(self, url: str, settings: GatewaySettings, internal_token: str) -> None:
         self.url = url.rstrip("/")
         self.breaker = CircuitBreaker(settings.breaker_failures_max, settings.breaker_open_ms)
-        self.http = WorkerHttpPool(self.url, http_limits(settings))
+        self.http = WorkerHttpPool(self.url, http_limits(settings), authorization=authorization_header(internal_token))
 
     async def close(self) -> None:
         await self.http.close()
@@ -133,8 +193,9 @@ class WorkerStream:
     gateway handles and forwards several tokens for the price of one.
     """
 
-    def __init__(self, worker: WorkerClient, exchange: WorkerConnection, line_bytes_max: int) -> None:
+    def __init__(self, worker: WorkerClient, exchange: WorkerConnection, line_bytes_max: int, attempt_id: str) -> None:
         self.worker = worker
+        self.attempt_id = attempt_id  # the worker's request id (and its UsageRecorded's event id)
         self.first_batch: list[WorkerEvent] = []
         self.finished = False  # the done (or error) event has been read
         self._exchange = exchange
@@ -200,9 +261,9 @@ class WorkerStream:
 
 
 class WorkerPool:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, internal_token: str) -> None:
         self.settings = settings
-        self.workers = [WorkerClient(url, settings) for url in settings.worker_urls]
+        self.workers = [WorkerClient(url, settings, internal_token) for url in settings.worker_urls]
         self._rotation = itertools.cycle(range(len(self.workers)))
 
     async def close(self) -> None:
@@ -216,7 +277,6 @@ class WorkerPool:
 
     async def open(self, call: GenerateCall, deadline_ms: float, now_ms) -> WorkerStream:
         """A stream whose first event has arrived, from the first worker able to give one."""
-        body = call.encode()
         attempts = 0
         overloaded: set[str] = set()
         failures: list[str] = []
@@ -235,7 +295,8 @@ class WorkerPool:
                     break  # every breaker is open: nothing to try
                 continue
             attempts += 1
-            outcome = await self._try(worker, body, (deadline_ms - now_ms()) / 1000)
+            attempt_id = attempt_id_of(call.request_id, attempts)
+            outcome = await self._try(worker, call.encode(attempt_id), attempt_id, (deadline_ms - now_ms()) / 1000)
             if isinstance(outcome, WorkerStream):
                 worker.breaker.record_success()
                 return outcome
@@ -260,15 +321,16 @@ class WorkerPool:
             headers=retry_after,
         )
 
-    async def _try(self, worker: WorkerClient, body: bytes, budget_s: float) -> WorkerStream | str:
-        """A started stream, OVERLOADED, or why this worker failed (a string). Bad input raises."""
+    async def _try(self, worker: WorkerClient, body: bytes, attempt_id: str, budget_s: float) -> WorkerStream | str:
+        """A started stream, OVERLOADED, or why this worker failed (a string). Bad input, and a request that
+        failed on the worker, raise: neither is tried again."""
         try:
             exchange = await worker.http.post(GENERATE_PATH, body, budget_s)
         except WorkerHttpError as error:
             return f"no response ({error})"
         if exchange.status != 200:
             return await self._refusal(exchange)
-        stream = WorkerStream(worker, exchange, self.settings.worker_event_bytes_max)
+        stream = WorkerStream(worker, exchange, self.settings.worker_event_bytes_max, attempt_id)
         try:
             first = await stream.next_batch()
         except (WorkerFailed, BudgetExhausted) as error:
@@ -277,10 +339,16 @@ class WorkerPool:
         except BaseException:
             exchange.abort()
             raise
-        if not first or isinstance(first[0], ErrorEvent):
+        if not first:
             exchange.abort()
-            reason = f"{first[0].error}: {first[0].message}" if first else "an empty batch"
-            return f"failed before its first token ({reason})"
+            return "failed before its first token (an empty batch)"
+        if type(first[0]) is ErrorEvent:
+            await stream.close()  # the error line ended the response: the connection stays usable
+            if first[0].error == "engine_failed":
+                worker.breaker.record_failure()  # its engine died: this worker is unwell
+            else:
+                worker.breaker.record_neutral()  # one request failed there: says nothing of the worker
+            raise WorkerRequestFailed(attempt_id, worker.url, first[0])
         stream.first_batch = first
         return stream
 

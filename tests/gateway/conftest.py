@@ -21,9 +21,10 @@ from inference.worker import create_app as create_worker_app
 from ledger.events import UsageRecorded
 from streams.database import DatabaseSettings, build_async_engine, build_session_factory
 from tests.fixtures.stack import stack  # noqa: F401  (the e2e stack fixture, module-scoped)
-from tests.gateway.servers import ThreadServer
+from tests.gateway.servers import FakeStream, FakeWorker, ThreadServer
 
 ADMIN_TOKEN = "gateway-test-admin-token-0123456789"
+INTERNAL_TOKEN = "gateway-test-internal-token-0123456789abcdef"  # the gateway <-> worker secret
 
 
 @dataclass
@@ -77,9 +78,36 @@ def start_worker(engine: EngineSettings) -> RunningWorker:
         usage.append(event)
 
     async def build():
-        return create_worker_app(WorkerSettings(engine=engine), emit_usage=emit)
+        return create_worker_app(WorkerSettings(engine=engine), emit_usage=emit, internal_token=INTERNAL_TOKEN)
 
     return RunningWorker(ThreadServer(build).start(), usage)
+
+
+@dataclass
+class RunningFakeWorker:
+    server: ThreadServer
+    fake: FakeWorker
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+def start_fake_worker(plan=None, internal_token: str = INTERNAL_TOKEN) -> RunningFakeWorker:
+    fake = FakeWorker(internal_token, plan)
+
+    async def build():
+        return fake
+
+    return RunningFakeWorker(ThreadServer(build).start(), fake)
+
+
+@pytest.fixture
+def fake_worker() -> Iterator[RunningFakeWorker]:
+    """A scripted worker: set `fake_worker.fake.plan` to a body -> FakeStream function."""
+    running = start_fake_worker(lambda _body: FakeStream())
+    yield running
+    running.server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -120,11 +148,25 @@ def insert_tenant_with_key(database_url: str, tenant_id: str, tier: str = "pro")
     return TenantKey(tenant_id, generated.presented, generated.key_id)
 
 
-class UnusedLog:
-    """The admin API's publisher in these tests: none of them grants or voids, so publishing is a bug."""
+class RecordingLog:
+    """The gateway's event log in these tests: records what is published (only the usage of worker streams
+    that broke is; nothing here grants or voids, so anything else is a bug)."""
+
+    def __init__(self) -> None:
+        self.published: list[UsageRecorded] = []
 
     async def publish(self, event) -> None:
-        raise AssertionError(f"nothing in the gateway tests publishes, yet {event!r} was published")
+        assert isinstance(event, UsageRecorded), f"only usage is published in the gateway tests, not {event!r}"
+        self.published.append(event)
+
+    def usage_of(self, event_id: str, timeout_s: float = 10) -> UsageRecorded:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in self.published:
+                if event.event_id == event_id:
+                    return event
+            time.sleep(0.02)
+        raise AssertionError(f"the gateway published no UsageRecorded {event_id}")
 
 
 @dataclass
@@ -132,19 +174,26 @@ class RunningGateway:
     server: ThreadServer
     admission: RecordingAdmission
     settings: GatewaySettings
+    log: RecordingLog
 
     @property
     def url(self) -> str:
         return self.server.url
 
 
-def start_gateway(database_url: str, settings: GatewaySettings, admission: RecordingAdmission) -> RunningGateway:
+def start_gateway(
+    database_url: str, settings: GatewaySettings, admission: RecordingAdmission, internal_token: str = INTERNAL_TOKEN
+) -> RunningGateway:
+    log = RecordingLog()
+
     async def build():
         database_settings = DatabaseSettings(database_url=database_url, pool_size_max=4, pool_overflow_max=0)
         sessions = build_session_factory(build_async_engine(database_url, database_settings))
-        return create_app(settings, log=UnusedLog(), admission=admission, session_factory=sessions)
+        return create_app(
+            settings, internal_token=internal_token, log=log, admission=admission, session_factory=sessions
+        )
 
-    return RunningGateway(ThreadServer(build).start(), admission, settings)
+    return RunningGateway(ThreadServer(build).start(), admission, settings, log)
 
 
 def gateway_settings(worker_urls: list[str], **overrides) -> GatewaySettings:

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.completion_routes import CompletionRoutes, RequestHeaders, read_body
 from gateway.errors import ApiError
-from gateway.sse import SseResponse
+from gateway.sse import ClientLeft, SseResponse, run_until_client_leaves
 
 
 class Client:
@@ -140,3 +140,41 @@ async def test_other_paths_pass_through_to_the_app():
     await routes({"type": "http", "path": "/v1/models", "method": "GET"}, None, None)
     await routes({"type": "lifespan", "path": "/v1/completions"}, None, None)
     assert seen == ["/v1/models", "/v1/completions"]
+
+
+async def test_work_runs_to_its_result_when_the_client_stays():
+    async def work() -> str:
+        await asyncio.sleep(0.01)
+        return "done"
+
+    assert await run_until_client_leaves(work(), Client().receive) == "done"
+
+
+async def test_a_client_leaving_cancels_the_work_and_waits_for_its_cleanup():
+    cleaned = []
+    started = asyncio.Event()
+
+    async def work() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(60)  # a slow worker
+            return "never"
+        finally:
+            await asyncio.sleep(0)  # cleanup that awaits (closing the worker stream)
+            cleaned.append(True)
+
+    client = Client()
+    running = asyncio.ensure_future(run_until_client_leaves(work(), client.receive))
+    await started.wait()
+    client.leave()
+    with pytest.raises(ClientLeft):
+        await asyncio.wait_for(running, 2)
+    assert cleaned == [True]
+
+
+async def test_the_work_failing_is_raised_as_is():
+    async def work() -> None:
+        raise ApiError(502, "the worker failed")
+
+    with pytest.raises(ApiError):
+        await run_until_client_leaves(work(), Client().receive)

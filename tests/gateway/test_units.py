@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 
 import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.completion_choice import Logprobs as CompletionLogprobs
 
 from gateway.breaker import CircuitBreaker
 from gateway.errors import ApiError
 from gateway.schemas import ChatCompletionBody, CompletionBody, parse_body, prepare
 from gateway.settings import GatewaySettings, ModelLimits
-from gateway.wire import DONE_LINE, ChunkWriter
+from gateway.wire import (
+    DONE_LINE,
+    LOGPROB_FLOOR,
+    ChunkWriter,
+    chat_completion,
+    chat_logprobs,
+    legacy_logprobs,
+    text_completion,
+)
+from gateway.workers import LogprobEntry, TokenEvent
 from inference.chat import CHAT_STOP
 from inference.tokenizer import count_tokens
 
@@ -124,3 +136,116 @@ def test_json_log_lines_carry_the_request_tenant_and_model():
             variable.reset(token)
     assert line["message"] == "finished ok" and line["level"] == "INFO"
     assert (line["request_id"], line["tenant_id"], line["model"], line["cost"]) == ("req-1", "acme", "tollgate-tiny", 12)
+
+
+CHAT = {"model": "tollgate-tiny", "messages": [{"role": "user", "content": "hi"}]}
+TEXT = {"model": "tollgate-tiny", "prompt": "hi"}
+
+
+def prepared_of(model, fields: dict):
+    return prepare(parse_body(model, json.dumps(fields).encode()), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "param"),
+    [
+        (ChatCompletionBody, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (ChatCompletionBody, {**CHAT, "functions": [{"name": "f"}]}, "functions"),
+        (ChatCompletionBody, {**CHAT, "tool_choice": "auto"}, "tool_choice"),
+        (ChatCompletionBody, {**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        (ChatCompletionBody, {**CHAT, "function_call": "auto"}, "function_call"),
+        (ChatCompletionBody, {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        (ChatCompletionBody, {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
+        (ChatCompletionBody, {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        (ChatCompletionBody, {**CHAT, "prediction": {"type": "content", "content": "x"}}, "prediction"),
+        (ChatCompletionBody, {**CHAT, "top_logprobs": 3}, "top_logprobs"),
+        (ChatCompletionBody, {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (ChatCompletionBody, {**CHAT, "n": 2}, "n"),
+        (ChatCompletionBody, {**CHAT, "seed": 2**64}, "seed"),
+        (ChatCompletionBody, {**CHAT, "seed": -(2**63) - 1}, "seed"),
+        (ChatCompletionBody, {**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
+        (ChatCompletionBody, {**CHAT, "frequency_penalty": -3}, "frequency_penalty"),
+        (ChatCompletionBody, {**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
+        (ChatCompletionBody, {**CHAT, "logit_bias": {"-5": 1}}, "logit_bias"),
+        (ChatCompletionBody, {**CHAT, "logit_bias": {"17": 101}}, "logit_bias"),
+        (ChatCompletionBody, {**CHAT, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        (CompletionBody, {**TEXT, "best_of": 2}, "best_of"),
+        (CompletionBody, {**TEXT, "suffix": "and then"}, "suffix"),
+        (CompletionBody, {**TEXT, "echo": True}, "echo"),
+        (CompletionBody, {**TEXT, "logprobs": 6}, "logprobs"),
+    ],
+)
+def test_what_is_not_served_is_a_400_naming_the_param(model, fields, param):
+    with pytest.raises(ApiError) as refused:
+        prepared_of(model, fields)
+    assert refused.value.status_code == 400 and refused.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        (ChatCompletionBody, {**CHAT, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}),
+        (ChatCompletionBody, {**CHAT, "modalities": ["text"], "user": "u-1", "store": False, "metadata": {"a": "b"}}),
+        (CompletionBody, {**TEXT, "best_of": 1, "suffix": "", "seed": 2**64 - 1}),
+        (CompletionBody, {**TEXT, "seed": -(2**63)}),
+    ],
+)
+def test_values_that_ask_for_nothing_unsupported_are_accepted(model, fields):
+    prepared_of(model, fields)
+
+
+def test_served_sampling_parameters_reach_the_prepared_request():
+    chat = prepared_of(
+        ChatCompletionBody,
+        {**CHAT, "logprobs": True, "top_logprobs": 4, "logit_bias": {"17": -100, "42": 5.5},
+         "presence_penalty": 0.5, "frequency_penalty": -1.5},
+    )
+    assert (chat.logprobs, chat.top_logprobs) == (True, 4)
+    assert chat.logit_bias == {17: -100.0, 42: 5.5}
+    assert (chat.presence_penalty, chat.frequency_penalty) == (0.5, -1.5)
+    text = prepared_of(CompletionBody, {**TEXT, "logprobs": 0})
+    assert (text.logprobs, text.top_logprobs, text.logit_bias) == (True, 0, None)
+    plain = prepared_of(CompletionBody, TEXT)
+    assert (plain.logprobs, plain.top_logprobs, plain.presence_penalty) == (False, 0, 0.0)
+
+
+def token_event(text: str, token_id: int, logprob: float, alternatives: list[tuple[str, float]]) -> TokenEvent:
+    def entry(token: str, value: float) -> LogprobEntry:
+        return LogprobEntry(token_id=token_id, token=token, bytes=list(token.encode()), logprob=value)
+
+    return TokenEvent(text, token_id, entry(text, logprob), [entry(token, value) for token, value in alternatives])
+
+
+EVENTS = [token_event(" Hel", 1, -0.25, [(" Hel", -0.25), (" Hi", -1.5)]), token_event("lo", 2, float("-inf"), [])]
+
+
+def test_chat_logprobs_in_openai_shape_parse_with_the_openai_types():
+    completion = ChatCompletion.model_validate(
+        chat_completion("chatcmpl-1", 7, "m", " Hello", "stop", 3, 2, chat_logprobs(EVENTS))
+    )
+    content = completion.choices[0].logprobs.content
+    assert [item.token for item in content] == [" Hel", "lo"]
+    assert content[0].logprob == -0.25 and content[0].bytes == list(b" Hel")
+    assert [(top.token, top.logprob) for top in content[0].top_logprobs] == [(" Hel", -0.25), (" Hi", -1.5)]
+    assert content[1].logprob == LOGPROB_FLOOR, "log 0 is reported as OpenAI does, not as -inf"
+    writer = ChunkWriter(chat=True, response_id="chatcmpl-1", created_s=7, model="m", include_usage=True)
+    chunk = ChatCompletionChunk.model_validate(data_of(writer.token_with_logprobs(EVENTS[0])))
+    assert chunk.choices[0].delta.content == " Hel" and chunk.usage is None
+    assert chunk.choices[0].logprobs.content[0].top_logprobs[1].token == " Hi"
+
+
+def test_completion_logprobs_in_the_legacy_shape_parse_with_the_openai_types():
+    completion = Completion.model_validate(
+        text_completion("cmpl-1", 7, "m", " Hello", "stop", 3, 2, legacy_logprobs(EVENTS, 0))
+    )
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [" Hel", "lo"]
+    assert logprobs.token_logprobs == [-0.25, LOGPROB_FLOOR]
+    assert logprobs.top_logprobs == [{" Hel": -0.25, " Hi": -1.5}, {}]
+    assert logprobs.text_offset == [0, 4]
+    writer = ChunkWriter(chat=False, response_id="cmpl-1", created_s=7, model="m", include_usage=False)
+    choices = [data_of(writer.token_with_logprobs(event))["choices"][0] for event in EVENTS]
+    chunk_logprobs = [CompletionLogprobs.model_validate(choice["logprobs"]) for choice in choices]
+    assert [item.text_offset for item in chunk_logprobs] == [[0], [4]], "offsets run on across chunks"
+    assert [item.tokens for item in chunk_logprobs] == [[" Hel"], ["lo"]]
+    assert choices[1]["text"] == "lo" and choices[1]["finish_reason"] is None
