@@ -1,5 +1,5 @@
 """The Postgres projector over the embedded log: the same rows and the same exactly-once transaction
-(`streams.projector.rows_of_batch` / `write_batch`) as over Kafka, reading the log from Postgres."""
+(`streams.projector.project_records`: dead letters included) as over Kafka, reading the log from Postgres."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from streams.embedded_log import PostgresLog
-from streams.projector import rows_of_batch, stored_offsets, write_batch
+from streams.projector import project_records, stored_offsets
 
 PROJECTOR_NAME = "postgres-projector"
 
@@ -33,9 +33,9 @@ class EmbeddedProjector:
                 records += await self.log.read(topic, partition, offsets.get((topic, partition), 0), self.batch_max)
         if not records:
             return 0
-        rows = rows_of_batch(topics, records, int(time.time() * 1000))
-        async with self.session_factory() as session, session.begin():
-            await write_batch(session, PROJECTOR_NAME, rows)
+        await project_records(
+            self.session_factory, PROJECTOR_NAME, topics, records, int(time.time() * 1000), self.log
+        )
         return len(records)
 
     async def run(self, stop: asyncio.Event) -> None:

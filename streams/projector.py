@@ -13,8 +13,14 @@ commit loses the whole batch's rows and offsets together, so the restart reads t
 a crash after it resumes after them. Rows are also inserted with ON CONFLICT DO NOTHING on their ids,
 so a duplicate record on a topic (a producer retry) changes nothing either.
 
-Records that do not decode are skipped (logged and counted) and their offsets advance: the stream
-processor routes such records to ledger.dlq; a projection must not stall on them.
+No single record stops the projector. A record that does not decode, or that Postgres refuses (a data
+or integrity error: a balance beyond bigint, a NUL in a JSON string), goes to ledger.dlq with the reason
+(the stream processor's `DeadLetter` shape) and its offset advances like any other. When a batch's write
+fails that way, the batch is written again one record at a time, each in a savepoint, and only the
+records Postgres refuses are dead-lettered. Dead letters are appended before the offsets commit, so a
+crash in between appends them again on the retry (at least once, like every dead letter). Errors that
+are not about a record (the database or the log away) still raise: the projector retries from its
+stored offsets once restarted.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import delete, select
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -38,10 +46,12 @@ from ledger.codec import decode_event
 from ledger.entries import decode_entry
 from ledger.events import CreditExpired, Event, InvalidEvent
 from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
-from streams.processor import BalanceRecord
-from streams.records import LogRecord
+from streams.log import KafkaLog
+from streams.processor import BalanceRecord, DeadLetter
+from streams.records import LogPosition, LogRecord
 from streams.schema import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.settings import StreamSettings
+from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs
 
 logger = logging.getLogger(__name__)
@@ -66,7 +76,15 @@ class ProjectorError(RuntimeError):
     """The projector cannot run: the message says why."""
 
 
+class DeadLetterLog(Protocol):
+    """Where the projector appends dead letters: `streams.log.EventLog` (Kafka or embedded) is one."""
+
+    async def append_many(self, records: Sequence[OutgoingRecord]) -> list[LogPosition]: ...
+
+
 _balance_decoder = msgspec.json.Decoder(BalanceRecord)
+_json = msgspec.json.Encoder()
+UNDECODABLE = (InvalidEvent, msgspec.MsgspecError, UnicodeDecodeError, KeyError, TypeError, ValueError)
 
 
 @dataclass
@@ -77,7 +95,25 @@ class BatchRows:
     entries: dict[str, dict] = field(default_factory=dict)
     balances: dict[str, dict | None] = field(default_factory=dict)  # None: tombstone, delete the row
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    skipped: int = 0
+    dead_letters: list[OutgoingRecord] = field(default_factory=list)  # for topics.dlq, with the reason
+
+    @property
+    def skipped(self) -> int:
+        return len(self.dead_letters)
+
+
+def dead_letter(topics: LedgerTopics, record: LogRecord, reason: str) -> OutgoingRecord:
+    logger.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+    letter = DeadLetter(
+        reason=reason,
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=record.timestamp_ms,
+        key=record.key,
+        value=record.value,
+    )
+    return OutgoingRecord(topics.dlq, record.key, _json.encode(letter))
 
 
 def _event_row(event: Event, record: LogRecord, now_ms: int) -> dict:
@@ -125,9 +161,8 @@ def rows_of_batch(topics: LedgerTopics, records: Sequence[LogRecord], now_ms: in
         rows.next_offsets[key] = max(rows.next_offsets.get(key, 0), record.offset + 1)
         try:
             _add_record(rows, topics, record, now_ms)
-        except (InvalidEvent, msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as error:
-            rows.skipped += 1
-            logger.warning("skipping %s[%d]@%d: %s", record.topic, record.partition, record.offset, error)
+        except UNDECODABLE as error:
+            rows.dead_letters.append(dead_letter(topics, record, f"undecodable: {error}"))
     return rows
 
 
@@ -213,6 +248,63 @@ async def stored_offsets(session: AsyncSession, projector_name: str) -> dict[tup
 BeforeCommit = Callable[[Sequence[LogRecord]], Awaitable[None]]
 
 
+def is_record_fault(error: Exception) -> bool:
+    """Postgres refused the data (it would refuse it again), as opposed to being unreachable or broken."""
+    if isinstance(error, (DataError, IntegrityError)):
+        return True
+    return isinstance(error, StatementError) and not isinstance(error, DBAPIError)  # refused client-side
+
+
+async def project_records(
+    session_factory: async_sessionmaker[AsyncSession],
+    projector_name: str,
+    topics: LedgerTopics,
+    records: Sequence[LogRecord],
+    now_ms: int,
+    dead_letter_log: DeadLetterLog,
+    before_commit: BeforeCommit | None = None,
+) -> BatchRows:
+    """Project a batch in one transaction with its offsets; every record Postgres refuses or that does not
+    decode is dead-lettered instead. Returns the batch's rows (its dead letters among them)."""
+    rows = rows_of_batch(topics, records, now_ms)
+    try:
+        async with session_factory() as session, session.begin():
+            await write_batch(session, projector_name, rows)
+            await _finish_batch(records, rows, dead_letter_log, before_commit)
+        return rows
+    except Exception as error:
+        if not is_record_fault(error):
+            raise
+        logger.warning("batch of %d records refused (%s); writing it one record at a time", len(records), error)
+    rows = rows_of_batch(topics, records, now_ms)
+    async with session_factory() as session, session.begin():
+        for record in records:
+            single = rows_of_batch(topics, [record], now_ms)
+            if single.dead_letters:
+                continue  # already among rows.dead_letters
+            single.next_offsets.clear()  # the whole batch's offsets are written once, below
+            try:
+                async with session.begin_nested():
+                    await write_batch(session, projector_name, single)
+            except Exception as error:
+                if not is_record_fault(error):
+                    raise
+                rows.dead_letters.append(dead_letter(topics, record, f"refused by Postgres: {error.orig or error}"))
+        await write_batch(session, projector_name, BatchRows(next_offsets=rows.next_offsets))
+        await _finish_batch(records, rows, dead_letter_log, before_commit)
+    return rows
+
+
+async def _finish_batch(
+    records: Sequence[LogRecord], rows: BatchRows, dead_letter_log: DeadLetterLog, before_commit: BeforeCommit | None
+) -> None:
+    """Before the offsets commit: the dead letters are appended (a crash appends them again on the retry)."""
+    if rows.dead_letters:
+        await dead_letter_log.append_many(rows.dead_letters)
+    if before_commit is not None:
+        await before_commit(records)
+
+
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -231,10 +323,12 @@ class Projector:
         topics: LedgerTopics,
         bootstrap_servers: str,
         session_factory: async_sessionmaker[AsyncSession],
+        dead_letter_log: DeadLetterLog,
         before_commit: BeforeCommit | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self.settings = settings
+        self.dead_letter_log = dead_letter_log
         self.topics = topics
         self.bootstrap_servers = bootstrap_servers
         self.session_factory = session_factory
@@ -306,11 +400,15 @@ class Projector:
 
     async def project(self, records: Sequence[LogRecord]) -> None:
         assert len(records) <= self.settings.batch_records_max, "batch larger than batch_records_max"
-        rows = rows_of_batch(self.topics, records, self.clock_ms())
-        async with self.session_factory() as session, session.begin():
-            await write_batch(session, self.settings.name, rows)
-            if self.before_commit is not None:
-                await self.before_commit(records)
+        rows = await project_records(
+            self.session_factory,
+            self.settings.name,
+            self.topics,
+            records,
+            self.clock_ms(),
+            self.dead_letter_log,
+            self.before_commit,
+        )
         self.records_projected += len(records) - rows.skipped
         self.records_skipped += rows.skipped
 
@@ -334,16 +432,20 @@ async def run_projector(
         request_timeout_ms=stream_settings.admin_request_timeout_ms,
     )
     engine = build_async_engine(database_url, database_settings)
+    dead_letter_log = KafkaLog(stream_settings)
     try:
+        await dead_letter_log.start()
         projector = Projector(
             settings=projector_settings,
             topics=LedgerTopics.from_settings(stream_settings),
             bootstrap_servers=stream_settings.kafka_bootstrap_servers,
             session_factory=build_session_factory(engine),
+            dead_letter_log=dead_letter_log,
         )
         async with projector:
             await projector.run(stop)
     finally:
+        await dead_letter_log.stop()
         await engine.dispose()
 
 

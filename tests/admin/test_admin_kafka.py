@@ -8,6 +8,7 @@ from streams.producer import EventProducer
 from streams.projector import Projector, ProjectorSettings
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics, ensure_topics, ledger_topic_specs
+from tests.storage.dead_letters import RecordingDeadLetters
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -76,6 +77,7 @@ async def test_grant_and_void_reach_the_balance_through_broker_and_projector(
         topics=LedgerTopics.from_settings(stream_settings),
         bootstrap_servers=stream_settings.kafka_bootstrap_servers,
         session_factory=session_factory,
+        dead_letter_log=RecordingDeadLetters(),
     )
     async with projector:
         await project_until(projector, 4)  # two grants, one usage, one void: the replay sent nothing

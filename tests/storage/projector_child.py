@@ -13,6 +13,7 @@ from streams.database import DatabaseSettings, build_async_engine, build_session
 from streams.projector import Projector, ProjectorSettings
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics
+from tests.storage.dead_letters import RecordingDeadLetters
 
 STEPS_MAX = 1_000
 
@@ -34,6 +35,7 @@ async def main(
         topics=LedgerTopics.from_settings(StreamSettings(topic_prefix=prefix)),
         bootstrap_servers=bootstrap,
         session_factory=build_session_factory(engine),
+        dead_letter_log=RecordingDeadLetters(),
         before_commit=kill_on_crash_batch,
     )
     async with projector:

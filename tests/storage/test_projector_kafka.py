@@ -21,6 +21,7 @@ from ledger.tenant import TenantLedger
 from streams.projector import Projector, ProjectorSettings, stored_offsets
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics, ensure_topics, ledger_topic_specs
+from tests.storage.dead_letters import RecordingDeadLetters
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -93,6 +94,7 @@ def projector(kafka_broker, topics, session_factory, before_commit=None) -> Proj
         topics=topics,
         bootstrap_servers=kafka_broker.bootstrap,
         session_factory=session_factory,
+        dead_letter_log=RecordingDeadLetters(),
         before_commit=before_commit,
     )
 

@@ -8,9 +8,10 @@ import pytest
 from ledger.codec import encode_event
 from ledger.entries import encode_entry
 from ledger.events import CreditExpired, CreditGranted, UsageRecorded
-from streams.projector import rows_of_batch, stored_offsets, write_batch
+from streams.projector import project_records, stored_offsets
 from streams.records import LogRecord
 from streams.topics import LedgerTopics
+from tests.storage.dead_letters import RecordingDeadLetters
 
 pytestmark = pytest.mark.postgres
 
@@ -30,9 +31,10 @@ def balance_value(tenant_id: str, balance: int, as_of: int) -> bytes:
     )
 
 
-async def project(session_factory, records):
-    async with session_factory() as session, session.begin():
-        await write_batch(session, "p", rows_of_batch(TOPICS, records, now_ms=1))
+async def project(session_factory, records) -> RecordingDeadLetters:
+    dead_letters = RecordingDeadLetters()
+    await project_records(session_factory, "p", TOPICS, records, 1, dead_letters)
+    return dead_letters
 
 
 def rows(database_url: str, query: str) -> list[tuple]:
@@ -41,7 +43,7 @@ def rows(database_url: str, query: str) -> list[tuple]:
 
 
 async def test_batches_write_each_event_once_and_advance_offsets(session_factory, database_url):
-    await project(
+    first = await project(
         session_factory,
         [
             LogRecord(TOPICS.events, 0, 7, b"t1", encode_event(GRANT)),
@@ -76,10 +78,13 @@ async def test_batches_write_each_event_once_and_advance_offsets(session_factory
     async with session_factory() as session:
         assert await stored_offsets(session, "p") == {
             (TOPICS.events, 0): 11,
-            (TOPICS.events, 1): 4,  # the undecodable record is skipped, not retried forever
+            (TOPICS.events, 1): 4,  # the undecodable record is dead-lettered, not retried forever
             (TOPICS.entries, 2): 2,
         }
         assert await stored_offsets(session, "another-projector") == {}
+    [letter] = first.letters
+    assert (letter.source_topic, letter.partition, letter.offset, letter.value) == (TOPICS.events, 1, 3, b"{not json")
+    assert letter.reason.startswith("undecodable: ") and first.records[0].topic == TOPICS.dlq
 
 
 async def test_balances_keep_the_latest_record_and_a_tombstone_deletes(session_factory, database_url):
@@ -108,3 +113,42 @@ async def test_balances_keep_the_latest_record_and_a_tombstone_deletes(session_f
     assert rows(database_url, "SELECT tenant_id, balance, as_of_ms FROM balances") == [("t1", 40, 3)]
     async with session_factory() as session:
         assert await stored_offsets(session, "p") == {(TOPICS.balances, 0): 7}
+
+
+async def test_a_balance_beyond_bigint_is_dead_lettered_and_the_next_record_projected(session_factory, database_url):
+    dead_letters = await project(
+        session_factory,
+        [
+            LogRecord(TOPICS.balances, 0, 0, b"t1", balance_value("t1", 100, 1)),
+            LogRecord(TOPICS.balances, 0, 1, b"t2", balance_value("t2", 2**63, 1)),  # Postgres: out of range
+            LogRecord(TOPICS.events, 0, 0, b"t1", encode_event(GRANT)),
+            LogRecord(TOPICS.balances, 0, 2, b"t1", balance_value("t1", 60, 2)),
+        ],
+    )
+    next_batch = await project(session_factory, [LogRecord(TOPICS.balances, 0, 3, b"t3", balance_value("t3", 5, 3))])
+
+    assert rows(database_url, "SELECT tenant_id, balance FROM balances ORDER BY tenant_id") == [
+        ("t1", 60),
+        ("t3", 5),
+    ]
+    assert rows(database_url, "SELECT event_id FROM ledger_events") == [("e1",)]
+    [letter] = dead_letters.letters
+    assert (letter.source_topic, letter.partition, letter.offset, letter.key) == (TOPICS.balances, 0, 1, b"t2")
+    assert letter.value == balance_value("t2", 2**63, 1) and "refused by Postgres" in letter.reason
+    assert next_batch.records == []
+    async with session_factory() as session:
+        assert await stored_offsets(session, "p") == {(TOPICS.balances, 0): 4, (TOPICS.events, 0): 1}
+
+
+async def test_an_event_postgres_cannot_store_is_dead_lettered(session_factory, database_url):
+    nul_model = UsageRecorded(event_id="r2", tenant_id="t1", amount=5, occurred_at=12, model="m\x00")
+    dead_letters = await project(
+        session_factory,
+        [
+            LogRecord(TOPICS.events, 0, 0, b"t1", encode_event(nul_model)),  # jsonb refuses \u0000
+            LogRecord(TOPICS.events, 0, 1, b"t1", encode_event(USAGE)),
+        ],
+    )
+
+    assert rows(database_url, "SELECT event_id FROM ledger_events") == [("r1",)]
+    assert [(letter.offset, letter.source_topic) for letter in dead_letters.letters] == [(0, TOPICS.events)]
