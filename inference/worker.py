@@ -318,7 +318,11 @@ class InternalAuthMiddleware:
 
 
 async def watch_health(
-    is_healthy: Callable[[], bool], failed_exit_ms: int, interval_ms: int, on_fatal: Callable[[], None]
+    is_healthy: Callable[[], bool],
+    failed_exit_ms: int,
+    interval_ms: int,
+    on_fatal: Callable[[], None],
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Call on_fatal once health has read failed for failed_exit_ms without a break; then return."""
     failed_since: float | None = None
@@ -327,7 +331,7 @@ async def watch_health(
         if is_healthy():
             failed_since = None
             continue
-        now = time.monotonic()
+        now = clock()
         if failed_since is None:
             failed_since = now
         if (now - failed_since) * 1000 >= failed_exit_ms:

@@ -1,14 +1,20 @@
-"""The asyncio front of the engine: streams, cancel from the consumer side, and shutdown with work in flight."""
+"""The asyncio front of the engine: streams, cancel from the consumer side, shutdown with work in flight,
+a dying loop (its requests billed, the engine rebuilt within limits), and delivery isolated per output."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
 
 from inference.async_engine import AsyncEngine, EngineFailed
 from inference.engine import Engine, GenerationRequest, RequestOutput
+from inference.metrics import WorkerMetrics
 from inference.request import FinishReason
 from tests.inference.conftest import engine_settings
+
+WAIT_S = 60.0
 
 
 def make_async_engine(default_models, tokenizer) -> AsyncEngine:
@@ -72,3 +78,94 @@ async def test_a_dying_loop_fails_streams_and_still_reports_each_request(default
     assert not async_engine.healthy
     assert [(o.request_id, o.finish_reason, o.completion_tokens) for o in finished] == [("a", FinishReason.CANCELLED, 3)]
     assert tokens == 3
+
+
+async def consume(stream) -> tuple[list[RequestOutput], BaseException | None]:
+    outputs: list[RequestOutput] = []
+    try:
+        async for output in stream:
+            outputs.append(output)
+    except EngineFailed as error:
+        return outputs, error
+    return outputs, None
+
+
+async def test_a_dead_loop_is_rebuilt_and_serves_new_requests(default_models, tokenizer):
+    engine = EngineThatBreaks(default_models("cpu", torch.float32), tokenizer, engine_settings())
+    async_engine = AsyncEngine(engine, restarts_max=1)
+    await async_engine.start()
+    finished: list[RequestOutput] = []
+    failed_stream = async_engine.submit(GenerationRequest(request_id="a", prompt="The", max_tokens=50), finished.append)
+    outputs, error = await asyncio.wait_for(consume(failed_stream), WAIT_S)
+    assert isinstance(error, EngineFailed) and error.output == finished[0]
+    assert len(outputs) == 3 and (finished[0].request_id, finished[0].completion_tokens) == ("a", 3)
+    assert async_engine.healthy and async_engine.restarts == 1 and async_engine.engine is not engine
+    after = async_engine.submit(GenerationRequest(request_id="b", prompt="The", max_tokens=5), finished.append)
+    outputs, error = await asyncio.wait_for(consume(after), WAIT_S)
+    await async_engine.stop()
+    assert error is None and outputs[-1].finish_reason is FinishReason.LENGTH
+    assert [(o.request_id, o.completion_tokens) for o in finished] == [("a", 3), ("b", 5)]
+
+
+class EngineThatAlwaysBreaks(Engine):
+    def step(self):
+        raise RuntimeError("simulated: broken for good")
+
+
+async def test_failures_past_restarts_max_within_the_window_leave_it_down(default_models, tokenizer):
+    model = default_models("cpu", torch.float32)
+    rebuilt: list[Engine] = []
+
+    def rebuild(failed: Engine) -> Engine:
+        rebuilt.append(EngineThatAlwaysBreaks(failed.model, failed.tokenizer, failed.settings))
+        return rebuilt[-1]
+
+    async_engine = AsyncEngine(EngineThatAlwaysBreaks(model, tokenizer, engine_settings()), restarts_max=2, rebuild=rebuild)
+    await async_engine.start()
+    finished: list[RequestOutput] = []
+    for attempt in range(3):
+        stream = async_engine.submit(GenerationRequest(request_id=f"r{attempt}", prompt="The", max_tokens=5), finished.append)
+        _, error = await asyncio.wait_for(consume(stream), WAIT_S)
+        assert isinstance(error, EngineFailed)
+    assert len(rebuilt) == 2 and async_engine.restarts == 2 and not async_engine.healthy
+    with pytest.raises(EngineFailed):
+        async_engine.submit(GenerationRequest(request_id="r3", prompt="The", max_tokens=5))
+    await async_engine.stop()
+    assert [(o.request_id, o.prompt_tokens, o.completion_tokens) for o in finished] == [(f"r{i}", 0, 0) for i in range(3)]
+
+
+class EngineWithAGhostOutput(Engine):
+    """Adds, to its third step, an output for a request nobody submitted (as a bookkeeping bug would)."""
+
+    steps = 0
+
+    def step(self):
+        outputs = super().step()
+        self.steps += 1
+        if self.steps == 3:
+            ghost = RequestOutput("ghost", token_id=1, text="x", finish_reason=None, prompt_tokens=1, completion_tokens=1)
+            outputs = [ghost, *outputs]
+        return outputs
+
+
+async def test_one_undeliverable_output_costs_no_other_request_its_outputs(default_models, tokenizer):
+    engine = EngineWithAGhostOutput(default_models("cpu", torch.float32), tokenizer, engine_settings())
+    metrics = WorkerMetrics(kv_cache_bytes=engine.cache.bytes_total)
+    async_engine = AsyncEngine(engine, metrics)
+    await async_engine.start()
+    finished: list[RequestOutput] = []
+
+    def on_finished_that_breaks(output: RequestOutput) -> None:
+        raise RuntimeError("simulated: a broken on_finished")
+
+    streams = [
+        async_engine.submit(GenerationRequest(request_id="a", prompt="The", max_tokens=6), on_finished_that_breaks),
+        async_engine.submit(GenerationRequest(request_id="b", prompt="The", max_tokens=6), finished.append),
+    ]
+    results = await asyncio.wait_for(asyncio.gather(*(consume(stream) for stream in streams)), WAIT_S)
+    await async_engine.stop()
+    for outputs, error in results:
+        assert error is None and sum(o.token_id is not None for o in outputs) == 6
+        assert outputs[-1].finish_reason is FinishReason.LENGTH
+    assert [(o.request_id, o.completion_tokens) for o in finished] == [("b", 6)]
+    assert metrics.registry.get_sample_value("tollgate_worker_delivery_failures_total") == 2  # ghost, a's on_finished
