@@ -7,8 +7,18 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from inference.request import TEMPERATURE_GREEDY_BELOW, TEMPERATURE_MAX, SamplingParams
+from inference.request import (
+    LOGIT_BIAS_MAX,
+    PENALTY_MAX,
+    SEED_MAX,
+    SEED_MIN,
+    TEMPERATURE_GREEDY_BELOW,
+    TEMPERATURE_MAX,
+    SamplingParams,
+)
 from inference.sampler import (
     LOGPROB_MIN,
     RowFailure,
@@ -161,3 +171,47 @@ def test_logprobs_of_impossible_tokens_are_floored_not_infinite():
 def test_no_logprobs_unless_asked():
     sampled = draw(random_logits(8), seed=1, temperature=1.0)
     assert sampled.logprob is None and sampled.top_logprobs == ()
+
+
+logit_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([FLOAT32_MAX, -FLOAT32_MAX, FLOAT64_MAX, -FLOAT64_MAX, 5e-324, 0.0]),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    logits=st.lists(logit_values, min_size=1, max_size=12),
+    temperature=st.one_of(st.sampled_from([0.0, 5e-324, 1e-46, 1e-38, TEMPERATURE_MAX]), st.floats(0.0, TEMPERATURE_MAX)),
+    top_p=st.one_of(st.sampled_from([5e-324, 1e-46, 1e-38, 1.0]), st.floats(0.0, 1.0, exclude_min=True)),
+    bias=st.floats(-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX),
+    presence_penalty=st.floats(-PENALTY_MAX, PENALTY_MAX),
+    frequency_penalty=st.floats(-PENALTY_MAX, PENALTY_MAX),
+    history=st.lists(st.integers(0, 11), max_size=20),
+    seed=st.integers(SEED_MIN, SEED_MAX),
+)
+def test_no_logits_and_accepted_parameters_make_the_sampler_raise_unless_nothing_is_finite(
+    logits, temperature, top_p, bias, presence_penalty, frequency_penalty, history, seed
+):
+    row = torch.tensor(logits, dtype=torch.float64)
+    history = [token_id for token_id in history if token_id < row.numel()]
+    params = dict(
+        temperature=temperature,
+        top_p=top_p,
+        logit_bias=((0, bias),),
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    if not bool(torch.isfinite(torch.nan_to_num(row, nan=-math.inf, posinf=1.0)).any()):
+        with pytest.raises(SamplingError):
+            draw(row, seed=seed, output_token_ids=history, **params)
+        return
+    sampled = draw(row, seed=seed, output_token_ids=history, **params)
+    assert 0 <= sampled.token_id < row.numel()
+    assert not math.isnan(row[sampled.token_id]) and row[sampled.token_id] > -math.inf
+    assert LOGPROB_MIN <= sampled.logprob <= 0.0
+    values = [value for _, value in sampled.top_logprobs]
+    assert values == sorted(values, reverse=True) and all(LOGPROB_MIN <= value <= 0.0 for value in values)
