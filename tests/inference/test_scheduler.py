@@ -112,6 +112,37 @@ def test_finishing_a_running_request_frees_its_slot_for_a_waiting_one():
     assert [chunk.request.request_id for chunk in output.chunks] == ["second"]
 
 
+def test_a_request_whose_token_failed_finishes_with_error_and_frees_its_slot_the_others_go_on():
+    scheduler = make_scheduler(running_max=2, step_tokens_max=16, chunk_max=8)
+    for request_id in ("ok", "failing", "waiting"):
+        scheduler.add_request(make_request(request_id, prompt_tokens=3))
+    output = scheduler.schedule()
+    failing = scheduler.requests["failing"]
+    sampled = {"ok": 2}
+    advanced = scheduler.update_from_output(output, sampled, failed={"failing": "sampling failed: boom"})
+    assert [request.request_id for request in advanced] == ["ok"]
+    assert (failing.finish_reason, failing.error, failing.slot) == (FinishReason.ERROR, "sampling failed: boom", None)
+    assert failing.num_computed_tokens == 3 and failing.completion_tokens == 0  # its prompt went through the model
+    assert set(scheduler.requests) == {"ok", "waiting"} and scheduler.cache.free_slot_count == 1
+    admitted = scheduler.schedule()
+    assert {chunk.request.request_id for chunk in admitted.chunks} == {"ok", "waiting"}
+
+
+def test_finishing_with_error_needs_a_reason_and_only_error_carries_one():
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", prompt_tokens=2))
+    scheduler.add_request(make_request("b", prompt_tokens=2))
+    with pytest.raises(AssertionError):
+        scheduler.finish_requests(["a"], FinishReason.ERROR)
+    with pytest.raises(AssertionError):
+        scheduler.finish_requests(["a"], FinishReason.CANCELLED, error="why")
+    [failed] = scheduler.finish_requests(["a"], FinishReason.ERROR, error="the batch failed")
+    [cancelled] = scheduler.finish_requests(["b"], FinishReason.CANCELLED)
+    assert (failed.finish_reason, failed.error) == (FinishReason.ERROR, "the batch failed")
+    assert (cancelled.finish_reason, cancelled.error) == (FinishReason.CANCELLED, None)
+    assert not scheduler.has_unfinished_requests()
+
+
 def test_max_tokens_finishes_with_length():
     scheduler = make_scheduler()
     scheduler.add_request(make_request("r", prompt_tokens=3, max_tokens=2))
