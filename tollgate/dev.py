@@ -6,8 +6,18 @@
     the gateway on 127.0.0.1:8000
 
 On start it creates, once, a demo tenant with credits and an API key, prints them with a curl and an
-openai-client example, and writes .tollgate/demo.json. Ctrl-C (or SIGTERM) stops everything cleanly; a
-second run finds its data, its demo tenant and its admin token again.
+openai-client example, and writes .tollgate/demo.json (readable by its owner only: it holds the admin
+token and the key). Ctrl-C (or SIGTERM) stops everything cleanly; a second run finds its data, its demo
+tenant and its admin token again.
+
+The embedded Postgres is a separate process (pg_ctl starts it in its own session), so a `kill -9` of
+this one would leave it running, and pgserver would keep the dead run's pid in its handle list and never
+stop the server again. Two guards: a watchdog process, in its own session, that stops the postmaster this
+run started as soon as this process is gone however it ended (its stdin pipe reaches EOF); and, on
+start, a postmaster of this data directory whose owners are all dead is stopped (pg_ctl stop -m fast)
+and the dead pids are dropped from the handle list, before a fresh server is started. The owner of the
+data directory is written to .tollgate/dev.pid; a second `tollgate dev` on a live owner's data refuses
+to start.
 """
 
 from __future__ import annotations
@@ -16,9 +26,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +49,11 @@ DEMO_GRANT_IDEMPOTENCY_KEY = "tollgate-dev-demo-grant"
 SHUTDOWN_TIMEOUT_S = 20
 DEMO_READY_TIMEOUT_S = 60
 DEMO_READY_POLL_S = 0.1
+SECRET_FILE_MODE = 0o600  # demo.json holds the admin token and an API key
+DATA_DIR_MODE = 0o700
+OWNER_FILE_NAME = "dev.pid"  # {"pid", "created_at", "watchdog_pid"} of the run that owns the data directory
+PG_HANDLES_FILE_NAME = ".handle_pids.json"  # pgserver's list of the processes using a data directory
+POSTGRES_STOP_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -69,14 +87,21 @@ async def _run(options: DevOptions) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     data_dir = options.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
     demo_file = data_dir / "demo.json"
+    if demo_file.exists():
+        demo_file.chmod(SECRET_FILE_MODE)  # written 0644 by earlier versions
     demo = json.loads(demo_file.read_text()) if demo_file.exists() else {}
     admin_token = demo.get("admin_token") or secrets.token_urlsafe(32)
 
     database_settings = DatabaseSettings(embedded_data_dir=data_dir / "pgdata")
+    embedded = database_settings.database_url is None
+    if embedded:
+        claim_data_dir(data_dir, database_settings.embedded_data_dir)
     log.info("starting PostgreSQL and migrating (first start takes a little longer)")
     url = await asyncio.to_thread(prepare_database, database_settings)
+    if embedded:
+        watch_embedded_postgres(data_dir, database_settings.embedded_data_dir)
     engine = build_async_engine(url, database_settings)
     sessions = build_session_factory(engine)
 
@@ -86,8 +111,9 @@ async def _run(options: DevOptions) -> None:
     await processor.start()
     projector = EmbeddedProjector(event_log, sessions)
 
+    internal_token = dev_internal_token()
     worker_settings = WorkerSettings(host="127.0.0.1", port=options.worker_port)
-    worker_app = create_worker_app(worker_settings, emit_usage=event_log.publish)
+    worker_app = create_worker_app(worker_settings, emit_usage=event_log.publish, internal_token=internal_token)
 
     gateway_settings = GatewaySettings(
         host=options.host,
@@ -95,7 +121,9 @@ async def _run(options: DevOptions) -> None:
         worker_urls=[f"http://127.0.0.1:{options.worker_port}"],
         admin_token=admin_token,
     )
-    gateway_app, admission_runtime = await start_gateway(gateway_settings, event_log, engine, sessions)
+    gateway_app, admission_runtime = await start_gateway(
+        gateway_settings, event_log, engine, sessions, internal_token=internal_token
+    )
     servers = [
         _server(worker_app, "127.0.0.1", options.worker_port),
         _server(gateway_app, options.host, options.port),
@@ -112,7 +140,7 @@ async def _run(options: DevOptions) -> None:
             return
         demo = await _ensure_demo_tenant(base, admin_token, demo)
         await _wait_demo_credits_visible(base, admin_token, demo["tenant_id"], admission_runtime.view, tasks)
-        demo_file.write_text(json.dumps(demo, indent=2) + "\n")
+        write_secret_file(demo_file, json.dumps(demo, indent=2) + "\n")
         _print_banner(demo, demo_file)
         await _until_stopped(stop, tasks)
     finally:
@@ -127,6 +155,159 @@ async def _run(options: DevOptions) -> None:
         await admission_runtime.stop()
         await event_log.stop()
         await engine.dispose()
+
+
+def dev_internal_token() -> str:
+    """The gateway <-> worker secret: TOLLGATE_INTERNAL_TOKEN when set (checked), else a new random one per
+    run (both ends live in this process, so nothing needs to remember it)."""
+    from inference.internal_auth import InternalAuthSettings
+
+    settings = InternalAuthSettings()
+    return settings.required_token() if settings.token is not None else secrets.token_urlsafe(32)
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, readable by its owner only: the temporary file is created
+    0600 (mkstemp) beside it, so the secret is never on disk with a wider mode, then renamed over it."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, SECRET_FILE_MODE)  # mkstemp's mode already; said explicitly
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+# ------------------------------------------------------------------------------- the embedded Postgres
+
+
+def claim_data_dir(data_dir: Path, pgdata: Path) -> None:
+    """Make this process the owner of `data_dir`: refuse when a live `tollgate dev` owns it, stop a
+    postmaster its dead owners left running, and drop dead pids from pgserver's handle list (or no later
+    run would ever stop the server: pgserver stops it only when the exiting process is its last handle)."""
+    owner = _read_owner(data_dir)
+    if owner is not None and owner["pid"] != os.getpid() and _is_process(owner["pid"], owner.get("created_at")):
+        raise RuntimeError(f"another tollgate dev (pid {owner['pid']}) is running on {data_dir}; stop it first")
+    stop_orphaned_postmaster(pgdata)
+    _write_owner(data_dir, {"pid": os.getpid(), "created_at": _created_at(os.getpid())})
+
+
+def stop_orphaned_postmaster(pgdata: Path) -> int | None:
+    """Stop the postmaster of `pgdata` when no process that uses it is alive; prune the dead from the
+    handle list. Returns the pid of the postmaster it stopped, or None."""
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import DiskList, PostmasterInfo
+
+    if not pgdata.exists():
+        return None
+    with PostgresServer._lock:  # pgserver's own inter-process lock over handle lists and starts
+        handles = DiskList(pgdata / PG_HANDLES_FILE_NAME)
+        live = [pid for pid in handles.get() if pid != os.getpid() and _is_process(pid)]
+        handles.put(live)
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+        if live or info is None or not _is_process(info.pid):
+            return None
+        log.warning("stopping the PostgreSQL (pid %d) a previous run left running in %s", info.pid, pgdata)
+        _stop_postmaster(pgdata, info.pid)
+        return info.pid
+
+
+def _stop_postmaster(pgdata: Path, pid: int) -> None:
+    """pg_ctl stop -m fast (as the user pgserver runs postgres as); signals if that fails."""
+    from pgserver._commands import pg_ctl
+
+    user = "pgserver" if os.name == "posix" and os.geteuid() == 0 else None  # pgserver's rule
+    try:
+        pg_ctl(["-w", "-t", str(POSTGRES_STOP_TIMEOUT_S), "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    except (subprocess.SubprocessError, OSError) as error:
+        log.warning("pg_ctl stop failed (%s); terminating the postmaster %d", error, pid)
+        _terminate(pid)
+
+
+def _terminate(pid: int) -> None:
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)
+        process.terminate()  # SIGTERM: postgres's smart shutdown
+        try:
+            process.wait(POSTGRES_STOP_TIMEOUT_S)
+        except psutil.TimeoutExpired:
+            process.kill()
+
+
+def watch_embedded_postgres(data_dir: Path, pgdata: Path) -> subprocess.Popen | None:
+    """Start the watchdog that stops the postmaster running now when this process ends however it ends."""
+    from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata.resolve())
+    if info is None:
+        return None
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "tollgate.dev", "--watch-postgres", str(pgdata.resolve()), str(info.pid)],
+        stdin=subprocess.PIPE,  # its read end reaches EOF when this process is gone: the only signal needed
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # outlives a kill of this process's group
+    )
+    _WATCHDOGS.append(watchdog)  # keeps the pipe's write end open for this process's lifetime
+    owner = _read_owner(data_dir) or {"pid": os.getpid(), "created_at": _created_at(os.getpid())}
+    _write_owner(data_dir, {**owner, "watchdog_pid": watchdog.pid})
+    return watchdog
+
+
+_WATCHDOGS: list[subprocess.Popen] = []
+
+
+def _watch_postgres(pgdata: Path, postmaster_pid: int) -> None:
+    """The watchdog's body: wait for EOF from the parent, then stop that postmaster if it still runs (a
+    clean exit has stopped it already; a newer run's postmaster has another pid and is left alone)."""
+    from pgserver.utils import PostmasterInfo
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while sys.stdin.buffer.read(4096):
+        pass
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is not None and info.pid == postmaster_pid and _is_process(postmaster_pid):
+        _stop_postmaster(pgdata, postmaster_pid)
+
+
+def _is_process(pid: int, created_at: float | None = None) -> bool:
+    """Whether `pid` is a live process (not a zombie) and, when given, the one created at `created_at`."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return created_at is None or abs(process.create_time() - created_at) < 1.0
+    except psutil.Error:
+        return False
+
+
+def _created_at(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).create_time()
+
+
+def _read_owner(data_dir: Path) -> dict | None:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        owner = json.loads((data_dir / OWNER_FILE_NAME).read_text())
+        if isinstance(owner, dict) and isinstance(owner.get("pid"), int):
+            return owner
+    return None
+
+
+def _write_owner(data_dir: Path, owner: dict) -> None:
+    write_secret_file(data_dir / OWNER_FILE_NAME, json.dumps(owner) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ helpers
 
 
 def _server(app, host: str, port: int) -> uvicorn.Server:
@@ -241,3 +422,7 @@ Ctrl-C stops everything.
         file=sys.stdout,
         flush=True,
     )
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--watch-postgres"]:
+    _watch_postgres(Path(sys.argv[2]), int(sys.argv[3]))
