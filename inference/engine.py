@@ -50,7 +50,14 @@ from inference.tokenizer import TextTokenizer
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What a caller submits. Give exactly one of prompt (text) or prompt_token_ids."""
+    """What a caller submits. Give exactly one of prompt (text) or prompt_token_ids.
+
+    The OpenAI extras follow OpenAI's definitions: logit_bias is added to the model's logits, then
+    logit -= frequency_penalty * count + presence_penalty * (count > 0) over the tokens this request
+    generated so far (greedy requests too). logprobs are the log-softmax of those adjusted logits: the
+    model's distribution after logit_bias and penalties, before temperature and top_p (as OpenAI and
+    vLLM report them), floored at inference.sampler.LOGPROB_MIN so they are finite.
+    """
 
     request_id: str
     max_tokens: int
