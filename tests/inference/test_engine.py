@@ -421,6 +421,8 @@ def test_logprobs_describe_the_chosen_token_and_its_alternatives(make_engine, to
         for token in top:
             assert bytes(token.bytes) == tokenizer.token_bytes(token.token_id)
             assert token.token == bytes(token.bytes).decode("utf-8", errors="replace")
+    chosen_bytes = b"".join(bytes(o.logprob.bytes) for o in outputs if o.token_id not in (None, tokenizer.eos_token_id))
+    assert chosen_bytes.decode("utf-8", errors="replace") == completion_text(outputs)  # the bytes spell the text
     without = run_to_completion(make_engine(), {0: [greedy(0, "The", max_tokens=3)]})["r0"]
     assert all(o.logprob is None and o.top_logprobs == () for o in without)
 
