@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -463,3 +466,14 @@ async def test_watch_health_calls_on_fatal_only_after_an_unbroken_failed_spell()
         WAIT_S,
     )
     assert fatal == [4 + 6]  # the second spell began at read 5; read 10 is 50 ms later
+
+
+@pytest.mark.parametrize("token", [None, "short-token"], ids=["missing", "too-short"])
+def test_the_worker_process_refuses_to_start_without_a_usable_token(token):
+    environment = {name: value for name, value in os.environ.items() if name != "TOLLGATE_INTERNAL_TOKEN"}
+    if token is not None:
+        environment["TOLLGATE_INTERNAL_TOKEN"] = token
+    finished = subprocess.run(
+        [sys.executable, "-m", "inference.worker"], env=environment, capture_output=True, text=True, timeout=WAIT_S
+    )
+    assert finished.returncode != 0 and "TOLLGATE_INTERNAL_TOKEN" in finished.stderr
