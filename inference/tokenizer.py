@@ -37,6 +37,32 @@ class TextTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: a byte-level BPE piece mapped back to its bytes (a special
+        token, whose text is not byte-level, as its UTF-8)."""
+        piece = self._tokenizer.id_to_token(token_id)
+        assert piece is not None, f"token id {token_id} is not in the vocabulary"
+        if all(character in _BYTE_OF_CHARACTER for character in piece):
+            return bytes(_BYTE_OF_CHARACTER[character] for character in piece)
+        return piece.encode("utf-8")
+
+
+def _byte_level_characters() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            characters[chr(byte)] = byte
+        else:
+            characters[chr(256 + shifted)] = byte
+            shifted += 1
+    return characters
+
+
+_BYTE_OF_CHARACTER = _byte_level_characters()
+
 
 @functools.cache
 def load_default_tokenizer() -> TextTokenizer:
