@@ -62,6 +62,7 @@ from inference.engine import Engine, GenerationRequest, RequestOutput
 from inference.internal_auth import InternalAuthSettings, InternalTokenMissing, check_token, token_matches
 from inference.metrics import WorkerMetrics
 from inference.request import SEED_MAX, SEED_MIN, FinishReason, InvalidRequest, Overloaded, TokenLogprob
+from inference.sampler import LOGPROB_MIN
 from inference.settings import WorkerSettings
 from inference.usage import build_usage_event
 from ledger.events import IDENTIFIER_LENGTH_MAX, TIMESTAMP_MAX_MS, UsageRecorded
@@ -72,7 +73,6 @@ EmitUsage = Callable[[UsageRecorded], Awaitable[object]]
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # every other path needs the internal token
 TOKEN_ID_PATTERN = re.compile(r"[0-9]{1,9}")  # a logit_bias key: a token id in ASCII decimal digits
-LOGPROB_FLOOR = -9999.0  # a logprob of -inf (a token masked out) is sent as this, as OpenAI does
 VALIDATION_ERRORS_SHOWN_MAX = 3  # a 400 for a malformed body names at most this many fields
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: when a graceful stop after a fatal health failure takes too long
 
@@ -264,8 +264,9 @@ def _token_line(output: RequestOutput, logprobs: bool) -> dict:
 
 
 def _logprob_payload(logprob: TokenLogprob) -> dict:
-    value = logprob.logprob if logprob.logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # -inf (or NaN) is not JSON
-    return {"token_id": logprob.token_id, "token": logprob.token, "bytes": list(logprob.bytes), "logprob": value}
+    # The engine floors every logprob at LOGPROB_MIN, so each is a finite JSON number.
+    assert LOGPROB_MIN <= logprob.logprob <= 0, f"logprob {logprob.logprob} out of range"
+    return {"token_id": logprob.token_id, "token": logprob.token, "bytes": list(logprob.bytes), "logprob": logprob.logprob}
 
 
 def _finished_line(output: RequestOutput) -> dict:
