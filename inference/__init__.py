@@ -15,7 +15,8 @@ Modules, in the order data flows:
     async_engine  AsyncEngine: the step loop on a thread, RequestStream per request on asyncio
     metrics       WorkerMetrics (Prometheus, one registry per worker)
     usage         build_usage_event: UsageRecorded priced in integer credits
-    worker        create_app(settings, emit_usage, engine=None) -> FastAPI; `python -m inference.worker`
+    internal_auth the gateway -> worker shared secret (TOLLGATE_INTERNAL_TOKEN), one definition
+    worker        create_app(settings, emit_usage, engine=None, *, internal_token) -> FastAPI; `python -m inference.worker`
     settings      WorkerSettings / EngineSettings (env prefix TOLLGATE_WORKER_)
     train_default `python -m inference.train_default` rebuilds default_model/
 """
