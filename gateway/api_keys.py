@@ -15,6 +15,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
+import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -24,6 +25,28 @@ KEY_SCHEME = "tg"
 PREFIX_BYTES = 6  # 12 hex characters
 SECRET_BYTES = 32  # 256 bits
 PRESENTED_KEY_LENGTH_MAX = 128  # a real key is 59 characters; anything longer is refused unhashed
+REVOCATION_SCHEMA_VERSION = 1
+
+
+class ApiKeyRevoked(msgspec.Struct, frozen=True, tag="api_key_revoked", tag_field="type", kw_only=True):
+    """On `tenant.keys` (key = key id), published by the admin API: every gateway evicts the key at once."""
+
+    key_id: str
+    tenant_id: str
+    revoked_at: int  # epoch ms
+    schema_version: int = REVOCATION_SCHEMA_VERSION
+
+
+_revocation_decoder = msgspec.json.Decoder(ApiKeyRevoked)
+
+
+def encode_revocation(revocation: ApiKeyRevoked) -> bytes:
+    return msgspec.json.encode(revocation)
+
+
+def decode_revocation(value: bytes) -> ApiKeyRevoked:
+    """Raises msgspec.DecodeError (a ValueError) on anything else."""
+    return _revocation_decoder.decode(value)
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,12 @@ def split_presented_key(presented_key: str) -> tuple[str, str] | None:
 
 async def resolve_key(session: AsyncSession, presented_key: str) -> Tenant | None:
     """The tenant owning this key, or None when the key is malformed, unknown, wrong or revoked."""
+    resolved = await resolve_api_key(session, presented_key)
+    return None if resolved is None else resolved[1]
+
+
+async def resolve_api_key(session: AsyncSession, presented_key: str) -> tuple[ApiKey, Tenant] | None:
+    """The key's row and its tenant, or None when the key is malformed, unknown, wrong or revoked."""
     parts = split_presented_key(presented_key)
     if parts is None:
         return None
@@ -89,4 +118,4 @@ async def resolve_key(session: AsyncSession, presented_key: str) -> Tenant | Non
         return None
     if api_key.revoked_at_ms is not None:
         return None
-    return tenant
+    return api_key, tenant

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin import AdminSettings, build_admin_router
 from gateway.admission.base import Admission, Rejection
-from gateway.auth import TenantKeyCache
+from gateway.auth import KeyRevocationFeed, TenantKeyCache
 from gateway.completion_routes import CompletionRoutes, add_completion_routes_to, refusal_response
 from gateway.completions import CompletionService
 from gateway.errors import ApiError, handle_validation_error
@@ -60,12 +60,15 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = WorkerPool(settings, internal_token)
         idempotency = IdempotencyStore(session_factory, stale_after_ms=settings.request_timeout_ms)
+        key_cache = TenantKeyCache(session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max)
+        revocations = KeyRevocationFeed(log, key_cache)  # evicts revoked keys at once; the TTL is the fallback
+        await revocations.start()
         app.state.runtime = GatewayRuntime(
             settings=settings,
             admission=admission,
             metrics=metrics,
             pool=pool,
-            key_cache=TenantKeyCache(session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max),
+            key_cache=key_cache,
             completions=CompletionService(settings, pool, admission, metrics, idempotency, publish_usage=log.publish),
         )
         # What start-up built lives as long as the process: move it out of the collector's way, so a
@@ -75,6 +78,7 @@ def create_app(
         try:
             yield
         finally:
+            await revocations.stop()
             await pool.close()
 
     app = FastAPI(title="Tollgate gateway", lifespan=lifespan)

@@ -2,23 +2,39 @@
 
 The cache is keyed by the SHA-256 of the presented key (the raw key is not kept), holds answers for
 `auth_cache_ttl_ms` (unknown and revoked keys too, so guessing does not reach the database each time),
-and is bounded by `auth_cache_entries_max` (oldest entries go first). A revoked key therefore stops
-working within the TTL.
+and is bounded by `auth_cache_entries_max` (oldest entries go first).
+
+A revoked key stops working at once: the admin API publishes `ApiKeyRevoked` on `tenant.keys`, and
+`KeyRevocationFeed` (one per gateway process, over Kafka or the embedded log) tails it and calls
+`TenantKeyCache.evict_key`. A lookup that was in flight when a revocation arrived is answered but not
+cached, so it cannot put the revoked key back. The TTL stays as the fallback (a revocation published
+while a gateway's tail was down, or whose publish failed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.api_keys import PRESENTED_KEY_LENGTH_MAX, resolve_key
+from gateway.api_keys import PRESENTED_KEY_LENGTH_MAX, decode_revocation, resolve_api_key
 from gateway.errors import ApiError
 from gateway.logs import tenant_id_var
+from streams.log import EventLog
+from streams.records import LogRecord
+
+logger = logging.getLogger(__name__)
+
+REVOCATION_TAIL_BATCH_MAX = 1_000
+REVOCATION_TAIL_RESTART_MS = 1_000
+REVOCATION_FEED_STOP_TIMEOUT_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +74,10 @@ class TenantKeyCache:
         self._ttl_ms = ttl_ms
         self._entries_max = entries_max
         self._clock_ms = clock_ms
-        self._entries: dict[bytes, tuple[float, TenantIdentity | None]] = {}
+        # digest -> (expires at, identity or None, key id or None)
+        self._entries: dict[bytes, tuple[float, TenantIdentity | None, str | None]] = {}
+        self._digests_of_key: dict[str, set[bytes]] = {}  # key id -> its cached digests (for evict_key)
+        self._evictions = 0  # evict_key calls so far: a lookup spanning one is not cached
         self._lookups: dict[bytes, asyncio.Future[TenantIdentity | None]] = {}  # one query per key at a time
 
     async def tenant_of(self, presented_key: str) -> TenantIdentity:
@@ -80,8 +99,9 @@ class TenantKeyCache:
             return await asyncio.shield(in_flight)
         future: asyncio.Future[TenantIdentity | None] = asyncio.get_running_loop().create_future()
         self._lookups[digest] = future
+        evictions_before = self._evictions
         try:
-            identity = await self._lookup(presented_key)
+            key_id, identity = await self._lookup(presented_key)
         except BaseException as error:
             future.set_exception(error)
             future.exception()  # retrieved here, so a lookup nobody else awaited logs nothing
@@ -89,21 +109,47 @@ class TenantKeyCache:
         finally:
             del self._lookups[digest]
         future.set_result(identity)
-        self._remember(digest, self._clock_ms() + self._ttl_ms, identity)
+        if self._evictions == evictions_before:  # else the answer may predate a revocation: don't keep it
+            self._remember(digest, self._clock_ms() + self._ttl_ms, identity, key_id)
         return identity
 
-    async def _lookup(self, presented_key: str) -> TenantIdentity | None:
+    async def _lookup(self, presented_key: str) -> tuple[str | None, TenantIdentity | None]:
         async with self._session_factory() as session:
-            tenant = await resolve_key(session, presented_key)
-        return None if tenant is None else TenantIdentity(tenant.tenant_id, tenant.tier)
+            resolved = await resolve_api_key(session, presented_key)
+        if resolved is None:
+            return None, None
+        api_key, tenant = resolved
+        return api_key.key_id, TenantIdentity(tenant.tenant_id, tenant.tier)
 
-    def _remember(self, digest: bytes, expires_at_ms: float, identity: TenantIdentity | None) -> None:
+    def evict_key(self, key_id: str) -> int:
+        """Forget every cached answer for this key (it was revoked); the number of entries dropped."""
+        self._evictions += 1
+        digests = self._digests_of_key.pop(key_id, set())
+        for digest in digests:
+            self._entries.pop(digest, None)
+        return len(digests)
+
+    def _remember(
+        self, digest: bytes, expires_at_ms: float, identity: TenantIdentity | None, key_id: str | None
+    ) -> None:
         if self._ttl_ms == 0:
             return
-        self._entries.pop(digest, None)
+        self._forget(digest)
         while len(self._entries) >= self._entries_max:
-            del self._entries[next(iter(self._entries))]
-        self._entries[digest] = (expires_at_ms, identity)
+            self._forget(next(iter(self._entries)))
+        self._entries[digest] = (expires_at_ms, identity, key_id)
+        if key_id is not None:
+            self._digests_of_key.setdefault(key_id, set()).add(digest)
+
+    def _forget(self, digest: bytes) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is None or entry[2] is None:
+            return
+        digests = self._digests_of_key.get(entry[2])
+        if digests is not None:
+            digests.discard(digest)
+            if not digests:
+                del self._digests_of_key[entry[2]]
 
 
 async def authenticate(key_cache: TenantKeyCache, authorization: str | None) -> TenantIdentity:
@@ -111,3 +157,57 @@ async def authenticate(key_cache: TenantKeyCache, authorization: str | None) -> 
     tenant = await key_cache.tenant_of(bearer_key(authorization))
     tenant_id_var.set(tenant.tenant_id)
     return tenant
+
+
+class KeyRevocationFeed:
+    """Tails `tenant.keys` and evicts each revoked key from the cache as it arrives.
+
+    From the beginning, not the end: a revocation published while the tail is starting is not missed,
+    and replaying old ones only evicts what is not cached (the topic is compacted: one record per key).
+
+        feed = KeyRevocationFeed(log, key_cache)
+        await feed.start()   # in the app's lifespan, beside the key cache
+        ...
+        await feed.stop()
+    """
+
+    def __init__(self, log: EventLog, key_cache: TenantKeyCache) -> None:
+        self.log = log
+        self.key_cache = key_cache
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        assert self._task is None, "feed already started"
+        self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(self._task, REVOCATION_FEED_STOP_TIMEOUT_MS / 1000)
+        self._task = None
+
+    def apply(self, records: Sequence[LogRecord]) -> None:
+        for record in records:
+            if record.value is None:
+                continue  # a compaction tombstone: nothing to evict
+            try:
+                revocation = decode_revocation(record.value)
+            except msgspec.DecodeError as error:
+                logger.warning("tenant.keys[%d]@%d: not a revocation: %s", record.partition, record.offset, error)
+                continue
+            dropped = self.key_cache.evict_key(revocation.key_id)
+            logger.info("key %s revoked: %d cached entries dropped", revocation.key_id, dropped)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                tail = self.log.tail(self.log.topics.keys, from_beginning=True, batch_max=REVOCATION_TAIL_BATCH_MAX)
+                async for records in tail:
+                    self.apply(records)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("tail of tenant.keys failed; restarting in %d ms", REVOCATION_TAIL_RESTART_MS)
+            await asyncio.sleep(REVOCATION_TAIL_RESTART_MS / 1000)

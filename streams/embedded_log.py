@@ -51,7 +51,7 @@ class PostgresLog:
     async def start(self) -> None:
         rows = [
             {"topic": topic, "partition": partition, "next_offset": 0}
-            for topic in (self.topics.events, self.topics.entries, self.topics.balances, self.topics.dlq)
+            for topic in (self.topics.events, self.topics.entries, self.topics.balances, self.topics.dlq, self.topics.keys)
             for partition in range(self.partitions)
         ]
         async with self.engine.begin() as connection:

@@ -4,6 +4,7 @@
     ledger.entries   finance: allocations, forfeits, corrections; kept forever
     ledger.balances  latest balance per tenant (cleanup.policy=compact)
     ledger.dlq       rejected records with the reason; kept dlq_retention_ms (30 days by default)
+    tenant.keys      API key revocations (key = key id; compacted): every gateway evicts the key at once
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ EVENTS = "ledger.events"
 ENTRIES = "ledger.entries"
 BALANCES = "ledger.balances"
 DLQ = "ledger.dlq"
+KEYS = "tenant.keys"
 
 RETAIN_FOREVER_MS = -1
 TOPIC_NAME_LENGTH_MAX = 249  # Kafka's own limit
@@ -59,11 +61,18 @@ class LedgerTopics:
     entries: str
     balances: str
     dlq: str
+    keys: str = KEYS
 
     @classmethod
     def from_settings(cls, settings: StreamSettings) -> LedgerTopics:
         prefix = settings.topic_prefix
-        return cls(events=prefix + EVENTS, entries=prefix + ENTRIES, balances=prefix + BALANCES, dlq=prefix + DLQ)
+        return cls(
+            events=prefix + EVENTS,
+            entries=prefix + ENTRIES,
+            balances=prefix + BALANCES,
+            dlq=prefix + DLQ,
+            keys=prefix + KEYS,
+        )
 
 
 def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
@@ -87,6 +96,7 @@ def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
             replicas,
             {"cleanup.policy": "delete", "retention.ms": str(settings.dlq_retention_ms), "min.insync.replicas": "1"},
         ),
+        TopicSpec(names.keys, partitions, replicas, {"cleanup.policy": "compact", "min.insync.replicas": min_in_sync}),
     ]
 
 

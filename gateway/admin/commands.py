@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.admin.errors import AdminError
 from gateway.admin.models import GrantCreate, TenantCreate
-from gateway.api_keys import GeneratedKey, generate_api_key
+from gateway.api_keys import ApiKeyRevoked, GeneratedKey, generate_api_key
 from ledger.events import TENANT_CREDIT_MAX, CreditGranted, GrantVoided
 from streams.schema import ApiKey, Grant, Tenant
 
@@ -75,6 +75,11 @@ async def revoke_key(session: AsyncSession, key_id: str, now_ms: int) -> ApiKey:
     if api_key is None:
         raise AdminError(404, "key_id", f"no key {key_id!r}")
     return api_key
+
+
+def revoked_record(api_key: ApiKey) -> ApiKeyRevoked:
+    assert api_key.revoked_at_ms is not None, f"key {api_key.key_id} is not revoked"
+    return ApiKeyRevoked(key_id=api_key.key_id, tenant_id=api_key.tenant_id, revoked_at=api_key.revoked_at_ms)
 
 
 def grant_identity(tenant_id: str, idempotency_key: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response, status
@@ -42,6 +42,7 @@ from gateway.admin.models import (
 )
 from gateway.admin.publisher import EventPublisher
 from gateway.admin.settings import AdminSettings, resolve_admin_token
+from gateway.api_keys import encode_revocation
 from ledger.events import Event
 from streams.schema import Grant, Tenant
 
@@ -106,11 +107,15 @@ def build_admin_router(
     Publisher = Annotated[EventPublisher, Depends(publisher_dependency)]
 
     async def publish(publisher: EventPublisher, event: Event) -> None:
+        await accepted(publisher.publish(event), event.event_id)
+
+    async def accepted(sending: Awaitable[object], what: str) -> None:
+        """Await a publish within publish_timeout_ms, or answer 503 (retry) saying why."""
         try:
             async with asyncio.timeout(settings.publish_timeout_ms / 1000):
-                await publisher.publish(event)
+                await sending
         except Exception as error:
-            logger.warning("publishing %s failed: %r", event.event_id, error)
+            logger.warning("publishing %s failed: %r", what, error)
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 detail={
@@ -148,11 +153,22 @@ def build_admin_router(
             created_at=api_key.created_at_ms,
         )
 
-    @router.delete("/keys/{key_id}", response_model=KeyRevoked)
-    async def revoke_key(key_id: Identifier, sessions: Sessions) -> KeyRevoked:
+    @router.delete(
+        "/keys/{key_id}",
+        response_model=KeyRevoked,
+        responses={503: {"model": ErrorBody, "description": "revoked, but not yet announced to the gateways; retry"}},
+    )
+    async def revoke_key(key_id: Identifier, sessions: Sessions, publisher: Publisher) -> KeyRevoked:
+        """Revoke the key and announce it on `tenant.keys`: every gateway drops it from its cache at once.
+        Revoking again announces the first revocation again."""
         async with sessions() as session, session.begin():
             api_key = await commands.revoke_key(session, key_id, clock_ms())
         assert api_key.revoked_at_ms is not None, "revoke_key returned an unrevoked key"
+        revocation = commands.revoked_record(api_key)
+        await accepted(
+            publisher.append(publisher.topics.keys, api_key.key_id.encode(), encode_revocation(revocation)),
+            f"revocation of {api_key.key_id}",
+        )
         return KeyRevoked(
             key_id=api_key.key_id, tenant_id=api_key.tenant_id, revoked_at=api_key.revoked_at_ms
         )
