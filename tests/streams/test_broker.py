@@ -37,7 +37,7 @@ async def test_ensure_topics_creates_the_declared_topics_once(kafka_broker, topi
     names = LedgerTopics.from_settings(settings)
 
     created = await ensure_topics(kafka_broker.bootstrap, specs)
-    assert sorted(created) == sorted([names.events, names.entries, names.balances, names.dlq])
+    assert sorted(created) == sorted([names.events, names.entries, names.balances, names.dlq, names.keys])
     assert await ensure_topics(kafka_broker.bootstrap, specs) == []
 
     counts = await describe_partition_counts(kafka_broker.bootstrap, created)
@@ -49,6 +49,7 @@ async def test_ensure_topics_creates_the_declared_topics_once(kafka_broker, topi
     assert configs[names.balances]["cleanup.policy"] == "compact"
     assert configs[names.dlq]["cleanup.policy"] == "delete"
     assert configs[names.dlq]["retention.ms"] == str(30 * DAY_MS)
+    assert configs[names.keys]["cleanup.policy"] == "compact"
 
 
 async def test_ensure_topics_refuses_an_existing_topic_with_other_partitions(kafka_broker, unique_topic):
