@@ -150,3 +150,43 @@ async def test_the_feed_skips_records_that_are_not_revocations(session_factory, 
     )
 
     assert key_cache._evictions == 1
+
+
+@pytest.mark.kafka
+async def test_a_revoked_key_is_refused_within_a_second_over_kafka(
+    session_factory, kafka_broker, topic_prefix, tmp_path
+):
+    from streams.log import KafkaLog
+    from tests.streams.helpers import create_ledger_topics, stream_settings
+
+    settings = stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path)
+    await create_ledger_topics(settings)
+    log = KafkaLog(settings)
+    await log.start()
+    app = FastAPI()
+    app.include_router(
+        build_admin_router(
+            settings=AdminSettings(),
+            admin_token=ADMIN_TOKEN,
+            session_factory_dependency=lambda: session_factory,
+            publisher_dependency=lambda: log,
+        )
+    )
+    key_cache = TenantKeyCache(session_factory, ttl_ms=CACHE_TTL_MS, entries_max=100)
+    feed = KeyRevocationFeed(log, key_cache)
+    await feed.start()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://admin.test",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as admin:
+            tenant_id, key_id, key = await issued_key(admin)
+            assert (await authenticate(key_cache, f"Bearer {key}")).tenant_id == tenant_id
+            revoked = await admin.delete(f"/admin/v1/keys/{key_id}")
+            assert revoked.status_code == 200, revoked.text
+
+            assert await refused_after_ms(key_cache, key, time.monotonic()) is not None
+    finally:
+        await feed.stop()
+        await log.stop()
