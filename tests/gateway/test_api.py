@@ -251,3 +251,70 @@ async def test_full_worker_queues_answer_503_at_once(tiny_queue_worker, module_d
         assert len(running.admission.released) == statuses.count(503)
     finally:
         running.server.stop()
+
+
+async def test_chat_logprobs_through_the_openai_client(client, worker):
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )
+    content = completion.choices[0].logprobs.content
+    assert len(content) == completion.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[-1].logprob
+        assert item.logprob == max(top.logprob for top in item.top_logprobs), "greedy picks the most likely"
+    text = b"".join(bytes(item.bytes) for item in content).decode("utf-8", "replace")
+    assert text == completion.choices[0].message.content, "the tokens' bytes spell the answer"
+
+
+async def test_streamed_chat_logprobs_come_with_each_token(client):
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True, stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    with_logprobs = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].logprobs is not None]
+    assert len(with_logprobs) == chunks[-1].usage.completion_tokens
+    assert all(len(chunk.choices[0].logprobs.content[0].top_logprobs) == 2 for chunk in with_logprobs)
+
+
+async def test_completion_logprobs_in_the_legacy_shape(client):
+    completion = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    tokens = completion.usage.completion_tokens
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == tokens
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)
+
+
+async def test_logit_bias_steers_the_choice(client):
+    forced = 464  # any id of the vocabulary: +100 makes it the greedy choice every step
+    completion = await client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, logprobs=0, logit_bias={str(forced): 100}
+    )
+    plain = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, logprobs=0)
+    assert len(set(completion.choices[0].logprobs.tokens)) == 1
+    assert completion.choices[0].logprobs.tokens != plain.choices[0].logprobs.tokens
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
+        ("/v1/chat/completions", {"seed": 2**64}, "seed"),
+        ("/v1/completions", {"best_of": 3}, "best_of"),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/completions", {"logit_bias": {"not-a-token": 3}}, "logit_bias"),
+    ],
+)
+async def test_unsupported_parameters_are_a_400_naming_them_and_nothing_runs(http, gateway, path, body, param):
+    base = {"model": MODEL, "max_tokens": 3}
+    base.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
+    admitted = len(gateway.admission.admitted)
+    response = await http.post(path, json={**base, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert len(gateway.admission.admitted) == admitted, "a refused request is never admitted (nor billed)"

@@ -145,3 +145,25 @@ def test_one_tenant_cannot_replay_anothers_idempotent_response(stack):
     assert "idempotent-replayed" not in theirs.headers
     assert theirs.headers["x-request-id"] != mine.headers["x-request-id"]
     stack.usage_entry(other.tenant_id, theirs.headers["x-request-id"])
+
+
+def test_logprobs_are_served_and_unsupported_parameters_refused_unbilled(stack):
+    tenant = stack.demo
+    before = stack.balance(tenant.tenant_id)
+    client = client_of(stack, tenant.key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        )
+    assert refused.value.param == "tools"
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=2,
+    )
+    completion = raw.parse()
+    content = completion.choices[0].logprobs.content
+    assert len(content) == completion.usage.completion_tokens
+    assert all(len(item.top_logprobs) == 2 for item in content)
+    request_id = raw.headers["x-request-id"]
+    assert_billed(stack, tenant.tenant_id, request_id, completion.usage.prompt_tokens, completion.usage.completion_tokens, before)
