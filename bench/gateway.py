@@ -104,8 +104,20 @@ class AdmitAllAdmission:
 
 
 class NoPublishing:
+    """The benchmark gateway's event log: nothing is published, nothing arrives on its tails."""
+
+    def __init__(self) -> None:
+        from streams.settings import StreamSettings
+        from streams.topics import LedgerTopics
+
+        self.topics = LedgerTopics.from_settings(StreamSettings())
+
     async def publish(self, event) -> None:
         raise RuntimeError("the benchmark gateway publishes nothing")
+
+    async def tail(self, _topic: str, *, from_beginning: bool, batch_max: int = 1_000):
+        await asyncio.Event().wait()  # the key revocation feed: no revocations in a benchmark
+        yield []
 
 
 def serve_canned_worker(port: int, token_interval_ms: float) -> None:

@@ -5,6 +5,7 @@ refuses what a test tells it to). The full stack with Kafka and the real admissi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from inference.settings import EngineSettings, WorkerSettings
 from inference.worker import create_app as create_worker_app
 from ledger.events import UsageRecorded
 from streams.database import DatabaseSettings, build_async_engine, build_session_factory
+from streams.settings import StreamSettings
+from streams.topics import LedgerTopics
 from tests.fixtures.stack import stack  # noqa: F401  (the e2e stack fixture, module-scoped)
 from tests.gateway.servers import FakeStream, FakeWorker, ThreadServer
 
@@ -150,10 +153,16 @@ def insert_tenant_with_key(database_url: str, tenant_id: str, tier: str = "pro")
 
 class RecordingLog:
     """The gateway's event log in these tests: records what is published (only the usage of worker streams
-    that broke is; nothing here grants or voids, so anything else is a bug)."""
+    that broke is; nothing here grants or voids, so anything else is a bug). Its tails (the gateway's key
+    revocation feed) stay empty: revocations here reach the gateway through the key cache's TTL."""
 
     def __init__(self) -> None:
         self.published: list[UsageRecorded] = []
+        self.topics = LedgerTopics.from_settings(StreamSettings())
+
+    async def tail(self, _topic: str, *, from_beginning: bool, batch_max: int = 1_000):
+        await asyncio.Event().wait()  # nothing is ever appended
+        yield []
 
     async def publish(self, event) -> None:
         assert isinstance(event, UsageRecorded), f"only usage is published in the gateway tests, not {event!r}"
