@@ -24,6 +24,13 @@ of its `usage_allocated` record on `ledger.entries` (set by the processor's prod
 CreateTime of the source record. Events not folded within `--drain-deadline-s` after the last one was
 offered count as later than every folded one: a percentile that falls among them is null.
 
+RSS phase (`--phases ...,rss`, batch engine). Grants for `--rss-tenants` tenants and the largest of
+`--rss-events` usage events (spread round-robin over them) are produced first; then the processor folds
+them, and its resident set size (VmRSS, /proc) is read when its committed offsets cover each count of
+`--rss-events` (1M and 5M by default): state that grows with traffic in RAM shows as growth between
+the two (`rss_growth`, target within 20%). `rss_fold_events_per_s` is the fold rate between the first
+and the last count (10,000 tenants: most batches touch a different tenant per record).
+
 `--profile PATH` runs the fold phase's processor under cProfile (stats to PATH when it stops) and
 prints own time by module group, then the top functions, to stderr. Timings under the profiler are
 several times slower; use it for shares, not rates.
@@ -49,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from bench._kafka_bench_util import (
     ChildProcess,
@@ -64,10 +73,12 @@ from bench._kafka_bench_util import (
     profiled_module_args,
     read_range,
     send_all,
+    send_all_batched,
     topic_partitions,
 )
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, UsageRecorded
+from streams.batch_processor import READY_LOG_LINE, consumer_group
 from streams.processor import BalanceRecord, LedgerProcessor
 from streams.processor_settings import ProcessorSettings
 from streams.records import LogRecord
@@ -96,6 +107,14 @@ ENGINE_MODULES = {"batch": "streams.batch_processor", "faust": "streams.faust_ap
 
 FOLD_EVENTS_PER_S_TARGET = 20_000
 LAG_P99_MS_TARGET = 500
+
+PHASES = ("fold", "lag", "rss")
+RSS_TENANTS_DEFAULT = 10_000
+RSS_EVENTS_DEFAULT = (1_000_000, 5_000_000)  # RSS read when the processor has folded each count
+RSS_DEADLINE_S_DEFAULT = 420
+RSS_POLL_INTERVAL_S = 0.5
+RSS_GROWTH_TARGET = 1.20  # RSS after the last count within 20% of the RSS after the first
+RSS_PRODUCE_CHUNK_EVENTS = 50_000  # usage events built at a time: 5M records are never held at once
 
 BULK_PRODUCER = ProducerOptions(linger_ms=20, max_batch_size_bytes=512 * 1024)
 PACED_PRODUCER = ProducerOptions(linger_ms=1, max_batch_size_bytes=64 * 1024)
@@ -478,6 +497,89 @@ async def measure_lag(broker: LocalBroker, arguments: argparse.Namespace, workdi
     }
 
 
+def rss_bytes(pid: int) -> tuple[int, int]:
+    """(resident set size, its peak) of a live process, in bytes (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def rss_usage_records(tenants: list[str], count: int, start_ms: int):
+    """`count` usage events in time order, round-robin over the tenants, built a chunk at a time."""
+    for chunk_start in range(0, count, RSS_PRODUCE_CHUNK_EVENTS):
+        yield from (
+            usage_record(tenants[n % len(tenants)], f"bench-rss-{n}", start_ms + n // len(tenants), 1 + n % USAGE_AMOUNT_MAX)
+            for n in range(chunk_start, min(count, chunk_start + RSS_PRODUCE_CHUNK_EVENTS))
+        )
+
+
+async def committed_total(admin: AIOKafkaAdminClient, group: str) -> int:
+    """The sum over partitions of the group's committed offsets (records folded and recorded); 0 while
+    the group has no coordinator yet (the processor is still joining)."""
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    except GroupCoordinatorNotAvailableError:
+        return 0
+    return sum(metadata.offset for metadata in offsets.values() if metadata.offset > 0)
+
+
+async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdir: Path) -> dict:
+    assert arguments.engine == "batch", "the RSS phase follows the batch engine's committed offsets"
+    settings = phase_settings("rss")
+    topics = LedgerTopics.from_settings(settings)
+    per_partition = -(-arguments.rss_tenants // settings.topic_partitions)
+    tenants = keys_covering_partitions("bench-rss-tenant", settings.topic_partitions, per_partition)
+    counts = sorted(arguments.rss_events)
+    await ensure_topics(broker.bootstrap, ledger_topic_specs(settings))
+    producer = new_producer(broker.bootstrap, BULK_PRODUCER)
+    await producer.start()
+    try:
+        await send_all(producer, topics.events, grant_records(tenants), PRODUCE_IN_FLIGHT_MAX)
+        started = time.perf_counter()
+        start_ms = int(time.time() * 1000) - counts[-1] // len(tenants) - 1
+        await send_all_batched(producer, topics.events, settings.topic_partitions,
+                               rss_usage_records(tenants, counts[-1], start_ms), PRODUCE_IN_FLIGHT_MAX)
+        produce_rate = counts[-1] / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+    env = processor_env(settings, broker.bootstrap, workdir)
+    worker = ChildProcess(ENGINE_MODULES["batch"], env, workdir / f"{settings.processor_app_id}.log")
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    readings: list[dict] = []
+    try:
+        worker.start()
+        await worker.wait_for_log(READY_LOG_LINE, WORKER_READY_TIMEOUT_S)
+        deadline = time.monotonic() + arguments.rss_deadline_s
+        pending = list(counts)
+        while pending:
+            if not worker.alive():
+                raise RuntimeError(f"the processor exited:\n{worker.log_tail()}")
+            if time.monotonic() >= deadline:
+                break
+            folded = await committed_total(admin, consumer_group(settings)) - len(tenants)
+            while pending and folded >= pending[0]:
+                rss, peak = rss_bytes(worker.pid)
+                readings.append({"events": pending.pop(0), "folded": folded, "at_s": time.monotonic(), "rss": rss, "peak": peak})
+            await asyncio.sleep(RSS_POLL_INTERVAL_S)
+    finally:
+        worker.stop()
+        await admin.close()
+    first, last = (readings[0], readings[-1]) if readings else (None, None)
+    complete = len(readings) == len(counts)
+    growth = last["rss"] / first["rss"] if complete else None
+    rate = (last["folded"] - first["folded"]) / (last["at_s"] - first["at_s"]) if complete and len(counts) > 1 else None
+    return {
+        "rss_tenants": len(tenants),
+        "rss_produce_events_per_s": round(produce_rate),
+        "rss_complete": complete,
+        "rss_mib_after_events": {str(r["events"]): round(r["rss"] / 2**20, 1) for r in readings},
+        "rss_peak_mib_after_events": {str(r["events"]): round(r["peak"] / 2**20, 1) for r in readings},
+        "rss_events_folded_at_reading": {str(r["events"]): r["folded"] for r in readings},
+        "rss_growth": round(growth, 3) if growth is not None else None,
+        "rss_fold_events_per_s": round(rate) if rate is not None else None,
+    }
+
+
 def settings_used(settings: ProcessorSettings) -> dict:
     return {
         "faust_changelog_producer_linger_ms": settings.processor_changelog_linger_ms,
@@ -495,23 +597,36 @@ def settings_used(settings: ProcessorSettings) -> dict:
 
 
 async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
+    fold = lag = rss = {}
     with local_broker() as broker:
-        fold = await measure_fold(broker, arguments, workdir)
-        lag = await measure_lag(broker, arguments, workdir)
+        if "fold" in arguments.phases:
+            fold = await measure_fold(broker, arguments, workdir)
+        if "lag" in arguments.phases:
+            lag = await measure_lag(broker, arguments, workdir)
+        if "rss" in arguments.phases:
+            rss = await measure_rss(broker, arguments, workdir)
     if arguments.profile:
         print_profile(arguments.profile, arguments.profile_lines)
-    lag_p99 = lag["lag_ms_p99"]
+    targets = {}
+    if fold:
+        targets["fold_events_per_s_at_least_20000"] = fold["fold_events_per_s"] >= FOLD_EVENTS_PER_S_TARGET
+    if lag:
+        lag_p99 = lag["lag_ms_p99"]
+        targets["lag_p99_under_500_ms_at_5000_per_s"] = (
+            lag_p99 is not None and lag_p99 < LAG_P99_MS_TARGET
+            and lag["lag_offered_rate_achieved_per_s"] >= OFFERED_RATE_PER_S_DEFAULT
+        )
+    if rss:
+        targets["rss_growth_within_20_percent"] = rss["rss_growth"] is not None and rss["rss_growth"] <= RSS_GROWTH_TARGET
     return {
         "bench": "streams",
         "engine": arguments.engine,
+        "phases": list(arguments.phases),
         **fold,
         **lag,
+        **rss,
         "profiled": bool(arguments.profile),
-        "targets_met": {
-            "fold_events_per_s_at_least_20000": fold["fold_events_per_s"] >= FOLD_EVENTS_PER_S_TARGET,
-            "lag_p99_under_500_ms_at_5000_per_s": lag_p99 is not None and lag_p99 < LAG_P99_MS_TARGET
-            and lag["lag_offered_rate_achieved_per_s"] >= OFFERED_RATE_PER_S_DEFAULT,
-        },
+        "targets_met": targets,
     }
 
 
@@ -526,10 +641,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop the fold phase after this long and report the rate so far")
     parser.add_argument("--drain-deadline-s", type=float, default=LAG_DRAIN_DEADLINE_S_DEFAULT,
                         help="how long the lag phase waits for the offered events to be folded")
+    parser.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
+                        help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)")
+    parser.add_argument("--rss-tenants", type=int, default=RSS_TENANTS_DEFAULT, help="tenants in the RSS phase")
+    parser.add_argument("--rss-events", type=lambda text: [int(n) for n in text.split(",")], default=list(RSS_EVENTS_DEFAULT),
+                        help="comma-separated usage event counts at which the processor's RSS is read")
+    parser.add_argument("--rss-deadline-s", type=float, default=RSS_DEADLINE_S_DEFAULT,
+                        help="stop the RSS phase after this long (rss_complete: false)")
     parser.add_argument("--profile", type=Path, default=None, help="run the processor under cProfile; stats to this file")
     parser.add_argument("--profile-lines", type=int, default=30, help="functions printed per profile listing")
     arguments = parser.parse_args(argv)
     assert arguments.events >= 1 and arguments.rate >= 1 and arguments.duration_s > 0, "counts must be positive"
+    assert set(arguments.phases) <= set(PHASES), f"unknown phases {sorted(set(arguments.phases) - set(PHASES))}"
+    assert arguments.rss_tenants >= 1 and all(n >= 1 for n in arguments.rss_events), "RSS counts must be positive"
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-streams-") as workdir:
         result = asyncio.run(run(arguments, Path(workdir)))
     print(json.dumps(result))

@@ -3,8 +3,10 @@ when usage happened (for the rare question the account's segment totals cannot a
 of a segment's usage fell before a time inside it).
 
 It grows with usage, which is why it is not part of the account state. `InMemoryUsageIndex` serves tests,
-the calculator and audit replays; the stream processor and Postgres provide their own implementations
-of the same protocol.
+the calculator and audit replays; the stream processor keeps its index on disk (`streams.state_store`:
+RocksDB with a bounded cache in front, since the index holds every usage id ever applied), and Postgres
+provides its own; all implement the same protocol, and tests/streams/test_state_store.py runs one
+contract suite over the in-memory and the on-disk index.
 """
 
 from __future__ import annotations
