@@ -24,7 +24,7 @@ from gateway.schemas import (
     ChatCompletion,
     ChatCompletionBody,
     CompletionBody,
-    ErrorResponse,
+    OpenAIErrorResponse,
     SamplingFields,
     TextCompletion,
     parse_body,
@@ -155,7 +155,7 @@ def add_completion_routes_to(document: dict) -> dict:
         "scheme": "bearer",
         "description": "a tenant's API key (tg_...)",
     }
-    error = _schema_ref(schemas, ErrorResponse, "serialization")
+    error = _schema_ref(schemas, OpenAIErrorResponse, "serialization")
     for path, (operation_id, summary, body_model, answer_model) in ROUTE_DOCS.items():
         document.setdefault("paths", {})[path] = {
             "post": {

@@ -331,14 +331,14 @@ class TextCompletion(BaseModel):
     usage: Usage
 
 
-class ErrorDetail(BaseModel):
+class OpenAIErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class ErrorResponse(BaseModel):
+class OpenAIErrorResponse(BaseModel):
     """OpenAI's error shape, for every refusal and failure of the OpenAI routes."""
 
-    error: ErrorDetail
+    error: OpenAIErrorDetail

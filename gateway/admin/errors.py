@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
 
@@ -81,5 +82,11 @@ class AdminRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as error:
                 return validation_error_response(error)
+            except StarletteHTTPException as error:  # FastAPI raises Starlette's for an unreadable body
+                if not isinstance(error.detail, str):
+                    raise  # an AdminError: already in the admin shape
+                # FastAPI's own refusals (a body it cannot read at all): the same shape as every other error
+                detail = {"field": "body", "message": f"body: {error.detail}"}
+                return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
 
         return handle

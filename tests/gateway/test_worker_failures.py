@@ -244,4 +244,4 @@ async def test_unknown_routes_and_wrong_methods_answer_in_openai_shape(fakes, ga
         assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
         assert {"400", "401", "429", "503"} <= set(operation["responses"])
     schemas = document["components"]["schemas"]
-    assert "messages" in schemas["ChatCompletionBody"]["properties"] and "ErrorResponse" in schemas
+    assert "messages" in schemas["ChatCompletionBody"]["properties"] and "OpenAIErrorResponse" in schemas
