@@ -70,5 +70,18 @@ class InMemoryUsageIndex:
         total = sum(amounts[t] for t in times[low:high])
         return UsageSummary(total, times[low], times[high - 1])
 
+    def usage_by_time(self) -> dict[int, int]:
+        """Usage amounts by millisecond: what `usage_between` answers from (without the seen ids)."""
+        return dict(self._amount_by_time)
+
+    @classmethod
+    def for_queries(cls, amount_by_time: dict[int, int]) -> InMemoryUsageIndex:
+        """An index that answers `usage_between` from `usage_by_time()` of another one; it has no seen ids,
+        so it is for point-in-time queries only, never for folding more events."""
+        index = cls()
+        index._amount_by_time = dict(amount_by_time)
+        index._times = sorted(amount_by_time)
+        return index
+
     def __len__(self) -> int:
         return len(self._seen)

@@ -1,32 +1,54 @@
-"""Audit replay: rebuild every tenant from `ledger.events` with the same processor the live path runs,
-and compare with the live `ledger.balances`.
+"""Audit replay: rebuild every tenant from `ledger.events` with the pure fold (`ledger.account`), and
+compare with the live `ledger.balances`.
 
     replay(settings, until_offset=..., until_time_ms=...) -> ReplayResult
     verify(settings, result) -> list[Mismatch]
 
 The replay reads each partition from the beginning up to its end offset at the start of the replay (or
-up to `until_offset` / records stamped at or before `until_time_ms`), into an in-memory state.
+up to `until_offset` / records stamped at or before `until_time_ms`) and folds it in memory. It accepts
+and rejects records as the stream processor does (streams.processor): a record that does not decode, or
+whose key is not its tenant, or that the fold refuses, is a dead letter, and so is usage for a tenant
+without a grant on the partition; a tenant's stream time is the latest record time or usage time folded.
+It calls the fold directly rather than `LedgerProcessor.process`, which also encodes every entry, balance
+and state write the live path publishes: a replay needs none of them, and they cost more than the fold.
+
+Fast on several cores: tenants never span partitions, so above `REPLAY_PARALLEL_RECORDS_MIN` records the
+partitions are shared among `REPLAY_WORKERS_MAX` worker processes, each reading its own partitions from
+the broker and folding them; each sends back its accounts (snapshots) and their usage by millisecond,
+which is all that point-in-time queries of the result need.
 """
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.processor import BalanceRecord, LedgerProcessor
-from streams.records import LogRecord
+from ledger.account import Account
+from ledger.codec import decode_input_event
+from ledger.events import InvalidEvent, UsageRecorded
+from ledger.snapshot import account_from_bytes, account_to_bytes
+from ledger.usage_index import InMemoryUsageIndex
+from streams.processor import BalanceRecord
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics
 
-REPLAY_FETCH_MAX_RECORDS = 5_000
+REPLAY_FETCH_MAX_RECORDS = 10_000
+REPLAY_FETCH_PARTITION_MAX_BYTES = 4 * 1024 * 1024  # per fetch and partition: large batches, few round trips
 REPLAY_POLL_TIMEOUT_MS = 1_000
+REPLAY_WORKERS_MAX = os.cpu_count() or 1  # worker processes of a parallel replay
+REPLAY_PARALLEL_RECORDS_MIN = 200_000  # below this, one process: starting workers costs about a second
+REPLAY_PROGRESS_INTERVAL_S = 0.2
 
 
 class DictState:
-    """`StateReader` over a dict: the processor's durable state kept in memory (replays, tests)."""
+    """`StateReader` over a dict: the processor's durable state kept in memory (tests, benchmarks)."""
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
@@ -51,21 +73,24 @@ class TenantBalance:
 
 @dataclass
 class ReplayResult:
-    processor: LedgerProcessor
+    tenants: dict[str, tuple[Account, InMemoryUsageIndex]]
     records: int
     dead_letters: int
     as_of: dict[str, int]  # tenant -> stream time reached
 
+    def tenant_account(self, tenant_id: str) -> tuple[Account, InMemoryUsageIndex]:
+        return self.tenants[tenant_id]
+
     def balances(self, at: int | None = None) -> list[TenantBalance]:
         out = []
         for tenant_id in sorted(self.as_of):
-            account, index = self.processor.tenant_account(tenant_id)
+            account, index = self.tenants[tenant_id]
             t = self.as_of[tenant_id] if at is None else at
             out.append(TenantBalance(tenant_id, account.balance_at(t, index), account.overage_at(t, index), t))
         return out
 
     def balance_at(self, tenant_id: str, t: int) -> tuple[int, int]:
-        account, index = self.processor.tenant_account(tenant_id)
+        account, index = self.tenants[tenant_id]
         return account.balance_at(t, index), account.overage_total
 
 
@@ -75,56 +100,210 @@ class Mismatch:
     reason: str
 
 
+# ---------------------------------------------------------------------------------------------- the fold
+
+
+@dataclass
+class _Fold:
+    """What one process folded from its partitions."""
+
+    tenants: dict[str, tuple[Account, InMemoryUsageIndex]] = field(default_factory=dict)
+    stream_time: dict[str, int] = field(default_factory=dict)
+    records: int = 0
+    dead_letters: int = 0
+
+    def fold(self, messages, end: int, until_time_ms: int | None) -> bool:
+        """Fold a partition's fetched messages below offset `end`; True once `end` is reached."""
+        tenants, stream_time = self.tenants, self.stream_time
+        for message in messages:
+            if message.offset >= end:
+                return True
+            self.records += 1
+            timestamp = message.timestamp
+            if until_time_ms is not None and timestamp > until_time_ms:
+                continue
+            try:
+                event = _decode(message.key, message.value)
+            except InvalidEvent:
+                self.dead_letters += 1
+                continue
+            tenant_id = event.tenant_id
+            is_usage = type(event) is UsageRecorded
+            pair = tenants.get(tenant_id)
+            if pair is None:
+                if is_usage:  # unknown tenant, as the processor says
+                    self.dead_letters += 1
+                    continue
+                pair = tenants[tenant_id] = (Account(tenant_id), InMemoryUsageIndex())
+            account, index = pair
+            if is_usage and not account.blocks:
+                self.dead_letters += 1
+                continue
+            try:
+                if is_usage:
+                    account.apply_usage(event, index)
+                    if event.occurred_at > timestamp:
+                        timestamp = event.occurred_at
+                else:
+                    account.apply(event, index)
+            except InvalidEvent:
+                self.dead_letters += 1
+                continue
+            if timestamp > stream_time.get(tenant_id, -1):
+                stream_time[tenant_id] = timestamp
+        return bool(messages) and messages[-1].offset + 1 >= end
+
+    def finish(self) -> None:
+        for tenant_id, t in self.stream_time.items():
+            self.tenants[tenant_id][0].advance_to(t)
+
+
+def _decode(key: bytes | None, value: bytes | None):
+    if value is None:
+        raise InvalidEvent("empty record (no value)")
+    event = decode_input_event(value)
+    if key is not None and key != event.tenant_id.encode():
+        raise InvalidEvent(f"record key {key!r} does not match tenant_id {event.tenant_id!r}")
+    return event
+
+
+async def _fold_partitions(
+    settings: StreamSettings, topic: str, ends: dict[int, int], until_time_ms: int | None,
+    on_records: Callable[[int], None] | None = None,
+) -> _Fold:
+    """Read the partitions in `ends` from the beginning up to their end offsets and fold them."""
+    result = _Fold()
+    remaining = {TopicPartition(topic, p): end for p, end in ends.items() if end > 0}
+    if not remaining:
+        return result
+    consumer = await _assigned_consumer(settings, topic, list(remaining))
+    try:
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=REPLAY_POLL_TIMEOUT_MS, max_records=REPLAY_FETCH_MAX_RECORDS)
+            for tp, messages in batch.items():
+                end = remaining.get(tp)
+                if end is not None and result.fold(messages, end, until_time_ms):
+                    del remaining[tp]
+            if on_records:
+                on_records(result.records)
+    finally:
+        await consumer.stop()
+    result.finish()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+_worker_progress = None  # a shared array of records folded, one slot per worker (set in each worker)
+
+
+def _init_worker(progress) -> None:
+    global _worker_progress
+    _worker_progress = progress
+
+
+def _replay_in_worker(settings_json: bytes, topic: str, ends: dict[int, int], until_time_ms: int | None, slot: int):
+    """A worker process: fold its partitions; send back (records, dead letters, {tenant: (snapshot, usage
+    by ms, stream time)})."""
+    settings = StreamSettings.model_validate_json(settings_json)
+
+    def on_records(records: int) -> None:
+        _worker_progress[slot] = records
+
+    fold = asyncio.run(_fold_partitions(settings, topic, ends, until_time_ms, on_records))
+    tenants = {
+        tenant_id: (account_to_bytes(account), index.usage_by_time(), fold.stream_time.get(tenant_id))
+        for tenant_id, (account, index) in fold.tenants.items()
+    }
+    return fold.records, fold.dead_letters, tenants
+
+
+def _share(ends: dict[int, int], workers: int) -> list[dict[int, int]]:
+    """Partitions among workers, largest first to the least loaded."""
+    shares: list[dict[int, int]] = [{} for _ in range(workers)]
+    for partition, end in sorted(ends.items(), key=lambda item: -item[1]):
+        min(shares, key=lambda share: sum(share.values()))[partition] = end
+    return [share for share in shares if share]
+
+
+async def _fold_in_workers(
+    settings: StreamSettings, topic: str, ends: dict[int, int], until_time_ms: int | None,
+    on_progress: Callable[[int, int], None] | None, workers: int,
+) -> _Fold:
+    shares = _share(ends, workers)
+    context = multiprocessing.get_context("spawn")  # no fork of a running event loop
+    progress = context.Array("q", len(shares), lock=False)
+    total = sum(ends.values())
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(len(shares), mp_context=context, initializer=_init_worker, initargs=(progress,)) as pool:
+        settings_json = settings.model_dump_json().encode()
+        futures = [
+            loop.run_in_executor(pool, _replay_in_worker, settings_json, topic, share, until_time_ms, slot)
+            for slot, share in enumerate(shares)
+        ]
+        while not all(future.done() for future in futures):
+            await asyncio.wait(futures, timeout=REPLAY_PROGRESS_INTERVAL_S)
+            if on_progress:
+                on_progress(sum(progress), total)
+        results = [future.result() for future in futures]
+    fold = _Fold()
+    for records, dead_letters, tenants in results:
+        fold.records += records
+        fold.dead_letters += dead_letters
+        for tenant_id, (snapshot, usage_by_time, stream_time) in tenants.items():
+            assert tenant_id not in fold.tenants, f"tenant {tenant_id} folded by two workers"
+            fold.tenants[tenant_id] = (account_from_bytes(snapshot), InMemoryUsageIndex.for_queries(usage_by_time))
+            if stream_time is not None:
+                fold.stream_time[tenant_id] = stream_time
+    return fold
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
 async def replay(
     settings: StreamSettings,
     *,
     until_offset: int | None = None,
     until_time_ms: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> ReplayResult:
+    """`workers`: processes to fold in (1: this one); by default this one below
+    `REPLAY_PARALLEL_RECORDS_MIN` records, else up to `REPLAY_WORKERS_MAX`, one partition at least each."""
     topics = LedgerTopics.from_settings(settings)
-    state = DictState()
-    processor = LedgerProcessor(state, source_topic=topics.events)
-    consumer, partitions = await _assigned_consumer(settings, topics.events)
-    records = dead_letters = 0
-    stream_time: dict[str, int] = {}
+    ends = await _end_offsets(settings, topics.events)
+    if until_offset is not None:
+        ends = {partition: min(end, until_offset + 1) for partition, end in ends.items()}
+    total = sum(ends.values())
+    if workers is None:
+        workers = REPLAY_WORKERS_MAX if total >= REPLAY_PARALLEL_RECORDS_MIN else 1
+    assert workers >= 1, f"workers must be >= 1, got {workers}"
+    workers = min(workers, len(ends))
+    if workers > 1:
+        fold = await _fold_in_workers(settings, topics.events, ends, until_time_ms, on_progress, workers)
+    else:
+        fold = await _fold_partitions(
+            settings, topics.events, ends, until_time_ms, on_progress and (lambda records: on_progress(records, total))
+        )
+    return ReplayResult(fold.tenants, fold.records, fold.dead_letters, fold.stream_time)
+
+
+async def _end_offsets(settings: StreamSettings, topic: str) -> dict[int, int]:
+    partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]  # as declared
+    consumer = await _assigned_consumer(settings, topic, partitions)
     try:
-        ends = await consumer.end_offsets(partitions)
-        if until_offset is not None:
-            ends = {tp: min(end, until_offset + 1) for tp, end in ends.items()}
-        total = sum(ends.values())
-        remaining = {tp: end for tp, end in ends.items() if end > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=REPLAY_POLL_TIMEOUT_MS, max_records=REPLAY_FETCH_MAX_RECORDS)
-            for tp, messages in batch.items():
-                end = remaining.get(tp)
-                if end is None:
-                    continue
-                kept = [
-                    LogRecord(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp)
-                    for m in messages
-                    if m.offset < end and (until_time_ms is None or m.timestamp <= until_time_ms)
-                ]
-                output = processor.process(tp.partition, kept)
-                state.write_all(output.state_writes)
-                dead_letters += len(output.dead_letters)
-                for balance in output.balances:
-                    record = msgspec.json.decode(balance.value, type=BalanceRecord)
-                    stream_time[record.tenant_id] = record.as_of
-                records += len(messages)
-                if messages and messages[-1].offset + 1 >= end:
-                    del remaining[tp]
-            if on_progress:
-                on_progress(records, total)
+        return {tp.partition: end for tp, end in (await consumer.end_offsets(partitions)).items()}
     finally:
         await consumer.stop()
-    return ReplayResult(processor, records, dead_letters, stream_time)
 
 
 async def live_balances(settings: StreamSettings) -> dict[str, BalanceRecord]:
     """The latest record per tenant on the compacted `ledger.balances`."""
     topics = LedgerTopics.from_settings(settings)
-    consumer, partitions = await _assigned_consumer(settings, topics.balances)
+    partitions = [TopicPartition(topics.balances, p) for p in range(settings.topic_partitions)]  # as declared
+    consumer = await _assigned_consumer(settings, topics.balances, partitions)
     latest: dict[str, BalanceRecord] = {}
     try:
         remaining = {tp: end for tp, end in (await consumer.end_offsets(partitions)).items() if end > 0}
@@ -161,8 +340,8 @@ def compare(result: ReplayResult, live: dict[str, BalanceRecord]) -> list[Mismat
     return mismatches
 
 
-async def _assigned_consumer(settings: StreamSettings, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
-    """A group-less consumer assigned every partition of `topic`, at the beginning."""
+async def _assigned_consumer(settings: StreamSettings, topic: str, partitions: list[TopicPartition]) -> AIOKafkaConsumer:
+    """A group-less consumer assigned `partitions` of `topic`, at the beginning."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_auto_commit=False,
@@ -170,17 +349,15 @@ async def _assigned_consumer(settings: StreamSettings, topic: str) -> tuple[AIOK
         isolation_level="read_committed",
         group_id=None,
         request_timeout_ms=settings.admin_request_timeout_ms,
+        max_partition_fetch_bytes=REPLAY_FETCH_PARTITION_MAX_BYTES,
     )
     await consumer.start()
     try:
         if topic not in await consumer.topics():
             raise LookupError(f"topic {topic} does not exist")
-        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]  # as declared
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
     except BaseException:
         await consumer.stop()
         raise
-    return consumer, partitions
-
-
+    return consumer
