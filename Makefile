@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint clean-venv
+.PHONY: run test simulate bench lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The processor simulation (tests/simulation/): `make simulate SEEDS=N` runs seeds 0..N-1 (`FIRST=S` to
+# start elsewhere); `make simulate SEED=S` replays one seed exactly and prints its steps.
+SEEDS ?= 2000
+FIRST ?= 0
+simulate: $(STAMP)
+	$(PY) -m tests.simulation $(if $(SEED),--seed $(SEED),--seeds $(SEEDS) --first $(FIRST))
 
 # Each benchmark prints one JSON line; see README "Benchmarks".
 BENCHES := ledger streams inference gateway overspend

@@ -2,12 +2,18 @@
 
 One loop per process: fetch a bounded batch from `ledger.events` (consumer group, manual commits),
 fold each partition's records with the transport-free `LedgerProcessor`, then, in this order:
-  1. publish the entries, balances and dead letters, and wait for the broker's acks;
-  2. write the batch's state to the changelog topic (partition = source partition) and wait for the acks;
+  1. write the batch's state (each touched tenant's account record holds its outbox: the outputs below)
+     to the changelog topic (partition = source partition) and wait for the acks;
+  2. publish the entries, balances and dead letters, and wait for the broker's acks;
   3. every `processor_commit_interval_ms`, commit the offsets of the batches that got through 1 and 2.
-A crash anywhere replays from the last committed offsets; the processor's offset and event-id dedupe
-makes the replay change nothing (streams.processor says how). Processing guarantee: at-least-once
-delivery, exactly-once effect, as with the faust engine.
+A crash anywhere replays from the last committed offsets: a tenant whose account record was written is
+not folded again, and its stored outbox is published again byte for byte when its partition's state is
+read back (streams.processor says why this order). Processing guarantee: at-least-once delivery of
+byte-identical records, one content per entry id; exactly-once effect.
+
+`BatchEngine` is that step without a transport (fold, persist, publish; read a partition's state back
+and republish its outboxes on assignment): `BatchProcessor` runs it over aiokafka, and the deterministic
+simulation (tests/simulation/) runs the very same code over a simulated log with injected crashes.
 
 State. The changelog `<app id>-batch-state-changelog` is compacted and co-partitioned with
 `ledger.events`. A partition's state is read back from it the first time a batch of that partition
@@ -30,6 +36,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -86,6 +93,151 @@ class PartitionedState:
         return len(self._data)
 
 
+class EngineTransport(Protocol):
+    """What the batch step needs from a log: ordered, acknowledged writes, and a partition's state back."""
+
+    async def write_state(self, records: list[PartitionedRecord]) -> None:
+        """Append to the state changelog, in order per partition; return once every record is acked."""
+
+    async def publish(self, records: list[PartitionedRecord]) -> None:
+        """Append the outputs (entries, balances, dead letters); return once every record is acked."""
+
+    async def read_state(self, partition: int) -> list[tuple[bytes, bytes | None]]:
+        """Every (key, value) on the changelog partition up to its end, in order (None: a tombstone)."""
+
+
+class BatchEngine:
+    """The batch step without a transport: fold -> persist state and outboxes -> publish. The caller
+    commits source offsets only after `fold` returned, and calls `reset` after any failure (a batch that
+    was not acknowledged), then resumes from its committed offsets."""
+
+    def __init__(self, transport: EngineTransport, *, topics: LedgerTopics, changelog_topic: str, partitions: int) -> None:
+        self.transport = transport
+        self.topics = topics
+        self.changelog_topic = changelog_topic
+        self.partitions = partitions
+        self.state = PartitionedState()
+        self.processor = LedgerProcessor(self.state, source_topic=topics.events)
+        self.loaded: set[int] = set()  # source partitions whose state is in `self.state`
+
+    async def ensure_loaded(self, partitions) -> None:
+        for partition in sorted(set(partitions) - self.loaded):
+            await self.load(partition)
+
+    async def load(self, partition: int) -> None:
+        """Read a partition's state back and publish its tenants' stored outboxes again (a crash may have
+        come between writing a tenant's account record and publishing what it holds)."""
+        started = time.monotonic()
+        self.state.drop(partition)
+        self.processor.forget({partition}, self.partitions)
+        records = await self.transport.read_state(partition)
+        for key, value in records:
+            self.state.put(partition, key, value)
+        recovered = self.processor.recover(self.partitions, {partition})
+        await self.emit(recovered)
+        self.loaded.add(partition)
+        log.info("partition %d: state read back from %d changelog records, %d outboxes sent again, in %.2f s",
+                 partition, len(records), sum(o.republished_outboxes for _, o in recovered), time.monotonic() - started)
+
+    async def fold(self, batches: dict[int, list[LogRecord]]) -> None:
+        """One batch: each partition's records in offset order, from the caller's position."""
+        await self.ensure_loaded(p for p, records in batches.items() if records)
+        outputs = [(partition, self.processor.process(partition, records)) for partition, records in batches.items() if records]
+        await self.emit(outputs)
+
+    async def sweep(self, now_ms: int) -> None:
+        """Publish what `now_ms` has passed for the quiet tenants of the loaded partitions."""
+        await self.emit(self.processor.expire_quiet(now_ms, self.partitions, self.loaded))
+
+    def release(self, partitions) -> None:
+        partitions = set(partitions)
+        for partition in partitions:
+            self.state.drop(partition)
+            self.loaded.discard(partition)
+        self.processor.forget(partitions, self.partitions)
+
+    def reset(self) -> None:
+        """After a failure: forget everything; state is read back from the changelog."""
+        self.release(list(self.loaded))
+        self.processor.forget()
+
+    async def emit(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
+        """(source partition, output) pairs: the state (with the outboxes) is acked before the outputs go out."""
+        await self._write_state(outputs)
+        await self._publish(outputs)
+
+    async def _write_state(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
+        """In order, on the source partition's changelog partition, acked before anything is published."""
+        writes = [
+            PartitionedRecord(self.changelog_topic, partition, key, value)
+            for partition, output in outputs
+            for key, value in output.state_writes
+        ]
+        if writes:
+            await self.transport.write_state(writes)
+            for write in writes:
+                self.state.put(write.partition, write.key, write.value)
+
+    async def _publish(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
+        """To the source partition: the derived topics are co-partitioned with `ledger.events` (key = tenant)."""
+        topics = self.topics
+        outgoing = [
+            PartitionedRecord(topic, partition, record.key, record.value)
+            for partition, output in outputs
+            for topic, records in ((topics.entries, output.entries), (topics.balances, output.balances), (topics.dlq, output.dead_letters))
+            for record in records
+        ]
+        if outgoing:
+            await self.transport.publish(outgoing)
+
+
+class KafkaTransport:
+    """`EngineTransport` over the broker: the processor's idempotent producer and a group-less changelog reader."""
+
+    def __init__(self, settings: ProcessorSettings, producer: EventProducer, changelog_topic: str) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.changelog_topic = changelog_topic
+        self.reader: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        self.reader = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=self.settings.processor_fetch_partition_max_bytes,
+        )
+        await self.reader.start()
+
+    async def stop(self) -> None:
+        if self.reader is not None:
+            await self.reader.stop()
+            self.reader = None
+
+    async def write_state(self, records: list[PartitionedRecord]) -> None:
+        await self.producer.send_partitioned(records)
+
+    async def publish(self, records: list[PartitionedRecord]) -> None:
+        await self.producer.send_partitioned(records)
+
+    async def read_state(self, partition: int) -> list[tuple[bytes, bytes | None]]:
+        reader = self.reader
+        assert reader is not None, "KafkaTransport.start() first"
+        tp = TopicPartition(self.changelog_topic, partition)
+        reader.assign([tp])
+        end = (await reader.end_offsets([tp]))[tp]
+        await reader.seek_to_beginning(tp)
+        started = time.monotonic()
+        records: list[tuple[bytes, bytes | None]] = []
+        while await reader.position(tp) < end:
+            if time.monotonic() - started > self.settings.processor_changelog_read_timeout_ms / 1000:
+                raise BrokerUnavailable(f"changelog {tp.topic}[{partition}] not read back within the timeout")
+            batch = await reader.getmany(tp, timeout_ms=CHANGELOG_FETCH_TIMEOUT_MS, max_records=CHANGELOG_FETCH_MAX_RECORDS)
+            records.extend((message.key, message.value) for message in batch.get(tp, ()))
+        return records
+
+
 class _CommitBeforeRevoke(ConsumerRebalanceListener):
     def __init__(self, engine: BatchProcessor) -> None:
         self._engine = engine
@@ -94,7 +246,7 @@ class _CommitBeforeRevoke(ConsumerRebalanceListener):
         await self._engine.release(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        log.info("assigned %s (state is read back at each partition's first batch)", sorted(tp.partition for tp in assigned))
+        log.info("assigned %s (state is read back before the next batch)", sorted(tp.partition for tp in assigned))
 
 
 class BatchProcessor:
@@ -102,13 +254,15 @@ class BatchProcessor:
         self.settings = settings
         self.topics = LedgerTopics.from_settings(settings)
         self.changelog_topic = changelog_topic(settings)
-        self.state = PartitionedState()
-        self.processor = LedgerProcessor(self.state, source_topic=self.topics.events)
         self.producer = producer or EventProducer(settings)
+        self.transport = KafkaTransport(settings, self.producer, self.changelog_topic)
+        self.engine = BatchEngine(
+            self.transport, topics=self.topics, changelog_topic=self.changelog_topic, partitions=settings.topic_partitions
+        )
+        self.state = self.engine.state
+        self.processor = self.engine.processor
         self._consumer: AIOKafkaConsumer | None = None
-        self._changelog_reader: AIOKafkaConsumer | None = None
-        self._loaded: set[int] = set()  # source partitions whose state is in `self.state`
-        self._committable: dict[TopicPartition, int] = {}  # next offsets acked through outputs and state
+        self._committable: dict[TopicPartition, int] = {}  # next offsets acked through state and outputs
         self._lock = asyncio.Lock()  # one batch at a time; a revoke waits for the batch in flight
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -121,14 +275,7 @@ class BatchProcessor:
             request_timeout_ms=settings.admin_request_timeout_ms,
         )
         await self.producer.start()
-        self._changelog_reader = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=settings.processor_fetch_partition_max_bytes,
-        )
-        await self._changelog_reader.start()
+        await self.transport.start()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             group_id=consumer_group(settings),
@@ -150,9 +297,7 @@ class BatchProcessor:
                 await self._commit()
             await self._consumer.stop()  # leaves the group: its partitions move at once
             self._consumer = None
-        if self._changelog_reader is not None:
-            await self._changelog_reader.stop()
-            self._changelog_reader = None
+        await self.transport.stop()
         await self.producer.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -166,11 +311,10 @@ class BatchProcessor:
             batches = await consumer.getmany(timeout_ms=settings.processor_batch_wait_ms, max_records=settings.processor_batch_max)
             try:
                 async with self._lock:
-                    if batches:
-                        await self._fold(batches)
+                    await self._fold(batches)
                     now = time.monotonic()
                     if now - last_sweep >= settings.processor_expiry_sweep_interval_ms / 1000:
-                        await self._sweep_expiries()
+                        await self.engine.sweep(int(time.time() * 1000) - settings.processor_expiry_grace_ms)
                         last_sweep = now
                     if now - last_commit >= settings.processor_commit_interval_ms / 1000:
                         await self._commit()
@@ -190,53 +334,17 @@ class BatchProcessor:
 
     async def _fold(self, batches: dict[TopicPartition, list]) -> None:
         assigned = self._consumer.assignment()
-        owned = {tp: messages for tp, messages in batches.items() if tp in assigned}  # else revoked after the fetch
-        for tp in owned:
-            if tp.partition not in self._loaded:
-                await self._load(tp.partition)
-        outputs: list[tuple[int, ProcessorOutput]] = []
-        next_offsets: dict[TopicPartition, int] = {}
-        for tp, messages in owned.items():
-            records = [LogRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
-            outputs.append((tp.partition, self.processor.process(tp.partition, records)))
-            next_offsets[tp] = messages[-1].offset + 1
-        await self._emit(outputs)
-        self._committable.update(next_offsets)
-
-    async def _sweep_expiries(self) -> None:
-        """Publish the expiries that wall-clock time has passed, for the tenants of the loaded partitions."""
-        now_ms = int(time.time() * 1000) - self.settings.processor_expiry_grace_ms
-        swept = self.processor.expire_quiet(now_ms, self.settings.topic_partitions, self._loaded)
-        await self._emit(swept)
-
-    async def _emit(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
-        """(source partition, output) pairs: outputs are acked before the state that records them is written."""
-        await self._publish(outputs)
-        await self._write_state(outputs)
-
-    async def _publish(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
-        """To the source partition: the derived topics are co-partitioned with `ledger.events` (key = tenant)."""
-        topics = self.topics
-        outgoing = [
-            PartitionedRecord(topic, partition, record.key, record.value)
-            for partition, output in outputs
-            for topic, records in ((topics.entries, output.entries), (topics.balances, output.balances), (topics.dlq, output.dead_letters))
-            for record in records
-        ]
-        if outgoing:
-            await self.producer.send_partitioned(outgoing)
-
-    async def _write_state(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
-        """In order, on the source partition's changelog partition, acked before the offsets are committed."""
-        writes = [
-            PartitionedRecord(self.changelog_topic, partition, key, value)
-            for partition, output in outputs
-            for key, value in output.state_writes
-        ]
-        if writes:
-            await self.producer.send_partitioned(writes)
-            for write in writes:
-                self.state.put(write.partition, write.key, write.value)
+        # Every assigned partition is read back (and its outboxes sent again) before it is folded or swept,
+        # a quiet one included.
+        await self.engine.ensure_loaded(tp.partition for tp in assigned if tp.topic == self.topics.events)
+        owned = {tp: messages for tp, messages in batches.items() if tp in assigned and messages}  # else revoked after the fetch
+        if not owned:
+            return
+        await self.engine.fold({
+            tp.partition: [LogRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
+            for tp, messages in owned.items()
+        })
+        self._committable.update({tp: messages[-1].offset + 1 for tp, messages in owned.items()})
 
     async def _commit(self) -> None:
         if not self._committable:
@@ -254,46 +362,20 @@ class BatchProcessor:
         async with self._lock:
             await self._commit()
             for tp in revoked:
-                self.state.drop(tp.partition)
-                self._loaded.discard(tp.partition)
                 self._committable.pop(tp, None)
-            self.processor.forget()
+            self.engine.release(tp.partition for tp in revoked)
         log.info("released %s", sorted(tp.partition for tp in revoked))
 
     async def _rewind(self) -> None:
         """After a failed batch: drop every cached state and go back to the committed offsets."""
-        for partition in list(self._loaded):
-            self.state.drop(partition)
-        self._loaded.clear()
+        self.engine.reset()
         self._committable.clear()
-        self.processor.forget()
         for tp in self._consumer.assignment():
             committed = await self._consumer.committed(tp)
             if committed is None:
                 await self._consumer.seek_to_beginning(tp)
             else:
                 self._consumer.seek(tp, committed)
-
-    async def _load(self, partition: int) -> None:
-        """Read a partition's state back from the changelog, up to its current end."""
-        reader = self._changelog_reader
-        tp = TopicPartition(self.changelog_topic, partition)
-        reader.assign([tp])
-        end = (await reader.end_offsets([tp]))[tp]
-        await reader.seek_to_beginning(tp)
-        started = time.monotonic()
-        self.state.drop(partition)
-        records = 0
-        while await reader.position(tp) < end:
-            if time.monotonic() - started > self.settings.processor_changelog_read_timeout_ms / 1000:
-                raise BrokerUnavailable(f"changelog {tp.topic}[{partition}] not read back within the timeout")
-            batch = await reader.getmany(tp, timeout_ms=CHANGELOG_FETCH_TIMEOUT_MS, max_records=CHANGELOG_FETCH_MAX_RECORDS)
-            for message in batch.get(tp, ()):
-                self.state.put(partition, message.key, message.value)
-                records += 1
-        self._loaded.add(partition)
-        self.processor.forget()  # cached tenants of other partitions are current; reloading them is cheap
-        log.info("partition %d: state read back from %d changelog records in %.2f s", partition, records, time.monotonic() - started)
 
 
 async def serve(settings: ProcessorSettings) -> None:

@@ -3,7 +3,9 @@ agent, driven by a loop that reads `ledger.events` from Postgres.
 
 Exactly once here: a batch's outputs (entries, balances, dead letters appended to the log), its state
 writes and its consumer offset commit in ONE Postgres transaction. A failed commit drops the cached
-accounts, so the next step starts again from what is durable.
+accounts, so the next step starts again from what is durable. Outputs never exist without the state that
+produced them, so the processor stores no outbox here (`outbox=False`: nothing to send again); a sweep's
+stream time is committed with its outputs like any batch's.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class EmbeddedProcessor:
         self.expiry_grace_ms = expiry_grace_ms
         self.clock_ms = clock_ms
         self.state = DictState()
-        self.processor = LedgerProcessor(self.state, source_topic=event_log.topics.events)
+        self.processor = LedgerProcessor(self.state, source_topic=event_log.topics.events, outbox=False)
         self._next_offsets: dict[int, int] = {}
 
     async def start(self) -> None:

@@ -3,11 +3,13 @@
 The default engine is streams.batch_processor (same fold, same write order, plain aiokafka batches):
 faust's per-record stream path costs about 100 µs of CPU per event, several times the fold itself.
 
-Processing guarantee: at-least-once plus event-id dedupe, on purpose. faust's exactly_once mode is
-known to duplicate and crash on rebalances (faust-streaming issues #517, #323, #440), while
-at-least-once is simple and the ledger makes it exact: outputs are acked before the state that
-records them is written; the state write order makes a crash leave a consistent prefix; every
-entry carries a deterministic id (see streams.processor).
+Processing guarantee: the state-first outbox of streams.processor, on purpose. faust's exactly_once
+mode is known to duplicate and crash on rebalances (faust-streaming issues #517, #323, #440). Each batch
+writes its state to the table (each touched tenant's account record holding that batch's outputs for
+it) and waits for the changelog's acks, then publishes the outputs. A tenant read back from the table
+(after a restart or a rebalance: `forget` on every rebalance and on any failure) has its stored outbox
+published again, byte for byte, before anything new for it: at the tenant's next record, or at the next
+expiry sweep, which visits every tenant of the assigned partitions.
 
 The table `ledger-state` (memory store, changelog topic `<app id>-ledger-state-changelog`) holds, per
 tenant, the account snapshot with the highest source offset folded in, and the seen usage ids. Every
@@ -68,6 +70,14 @@ class TableState:
         for key, value in list(self._table.data.items()):
             if key.startswith(prefix):
                 yield key, value
+
+    def restore(self, values: dict[bytes, bytes | None]) -> None:
+        """Put keys back as they were locally (None: absent), after writes that were not acknowledged."""
+        for key, value in values.items():
+            if value is None:
+                self._table.data.pop(key, None)
+            else:
+                self._table.data[key] = value
 
     def write(self, partition: int, key: bytes, value: bytes):
         """Set locally and send to the changelog; returns the send's future (resolved on the broker's ack)."""
@@ -131,21 +141,30 @@ def create_app(settings: ProcessorSettings) -> faust.App:
                 by_partition[message.partition].append(
                     LogRecord(message.topic, message.partition, message.offset, message.key, message.value, int(message.timestamp * 1000))
                 )
-            outputs = {partition: processor.process(partition, records) for partition, records in by_partition.items()}
-            await _publish(list(outputs.values()))  # one round trip for the whole batch
-            await _write_state([(output, partition) for partition, output in outputs.items()])
+            try:
+                outputs = {partition: processor.process(partition, records) for partition, records in by_partition.items()}
+                await _write_state([(output, partition) for partition, output in outputs.items()])
+                await _publish(list(outputs.values()))  # one round trip for the whole batch
+            except BaseException:
+                processor.forget()  # what is cached may be ahead of the table: read it back, send outboxes again
+                raise
 
     @app.timer(interval=settings.processor_expiry_sweep_interval_ms / 1000)
     async def sweep_expiries() -> None:
         now_ms = int(time.time() * 1000) - settings.processor_expiry_grace_ms
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.events}
         swept = processor.expire_quiet(now_ms, settings.topic_partitions, assigned)
-        if swept:
-            await _publish([output for _, output in swept])
-            await _write_state([(output, partition) for partition, output in swept])
+        try:
+            if swept:
+                await _write_state([(output, partition) for partition, output in swept])
+                await _publish([output for _, output in swept])
+        except BaseException:
+            processor.forget()
+            raise
 
     async def _publish(outputs: list[ProcessorOutput]) -> None:
-        """Outputs are acked (or durably spooled) before the state that records them is written."""
+        """After the state that holds them (the outboxes) was acked; acked (or durably spooled) before
+        the batch returns and faust may commit its offsets."""
         outgoing = [
             OutgoingRecord(topic, r.key, r.value)
             for output in outputs
@@ -157,12 +176,19 @@ def create_app(settings: ProcessorSettings) -> faust.App:
             await producer.send_many(outgoing)
 
     async def _write_state(outputs: list[tuple[ProcessorOutput, int]]) -> None:
-        """Write, in order, then wait for the broker's acks: faust acks the source records when this batch
-        returns and may commit their offsets soon after; its flush before a commit does not cover
-        changelog records still lingering in the producer (a kill -9 then lost folded events)."""
-        sent = [state.write(partition, key, value) for output, partition in outputs for key, value in output.state_writes]
-        if sent:
-            await asyncio.gather(*sent)
+        """Write, in order, then wait for the broker's acks before anything is published: faust acks the
+        source records when this batch returns and may commit their offsets soon after; its flush before
+        a commit does not cover changelog records still lingering in the producer (a kill -9 then lost
+        folded events)."""
+        writes = [(partition, key, value) for output, partition in outputs for key, value in output.state_writes]
+        if not writes:
+            return
+        before = {key: state.get(key) for _, key, _ in writes}
+        try:
+            await asyncio.gather(*[state.write(partition, key, value) for partition, key, value in writes])
+        except BaseException:
+            state.restore(before)  # not acked: the table must not hold what a restart would not read back
+            raise
 
     @app.on_before_shutdown.connect
     async def stop_output_producer(sender, **kwargs) -> None:

@@ -216,3 +216,171 @@ def test_a_grant_over_the_tenant_credit_bound_is_a_dead_letter_and_the_rest_of_t
     state.write_all(output.state_writes)
     restarted = LedgerProcessor(state, source_topic=TOPIC)  # the snapshot written reads back (invariants hold)
     assert restarted.tenant_account("acme")[0].granted_total == 60
+
+
+# ------------------------------------------------------------------ issue #12: exact under crashes
+# The drivers' protocol around the processor (streams.processor): the state, with each touched tenant's
+# outbox, is persisted first, then the outputs are published. A crash drops the in-memory processor and
+# whatever step had not happened yet; the restarted one reads the durable state back, either all at once
+# (`recover`: the batch engine) or tenant by tenant as records or sweeps name them (the faust table).
+
+CRASH_POINTS = ["none", "before_state", "after_state_before_publish"]
+
+
+class Finance:
+    """A consumer of ledger.entries and ledger.balances: one record per entry id, the latest balance."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, bytes] = {}
+        self.balance: BalanceRecord | None = None
+
+    def read(self, output) -> None:
+        for record in output.entries:
+            entry = msgspec.json.decode(record.value)
+            entry_id = entry.get("entry_id") or entry["event_id"]
+            assert self.entries.setdefault(entry_id, record.value) == record.value, f"{entry_id} carries two contents"
+        for record in output.balances:
+            self.balance = msgspec.json.decode(record.value, type=BalanceRecord)
+
+    def totals(self, grant_id: str) -> tuple[int, int, int]:
+        """(consumed, forfeited, voided) of a grant, integrated over the entries kept."""
+        consumed = forfeited = voided = 0
+        kinds = {}
+        for value in self.entries.values():
+            entry = msgspec.json.decode(value)
+            kind = entry["type"]
+            if kind in ("usage_allocated", "allocation_corrected"):
+                consumed += sum(amount for grant, amount in entry["allocations"] if grant == grant_id)
+            elif entry.get("grant_id") == grant_id and kind in ("credit_expired", "credit_voided"):
+                kinds[entry.get("entry_id") or entry["event_id"]] = kind
+        for value in self.entries.values():
+            entry = msgspec.json.decode(value)
+            if entry.get("grant_id") != grant_id:
+                continue
+            kind = entry["type"] if entry["type"] != "end_corrected" else kinds[entry["corrects"]]
+            amount = entry["amount"] if entry["type"] != "end_corrected" else entry["delta"]
+            if kind == "credit_expired":
+                forfeited += amount
+            elif kind == "credit_voided":
+                voided += amount
+        return consumed, forfeited, voided
+
+
+class Driver:
+    def __init__(self, *, recover_on_start: bool) -> None:
+        self.state = DictState()
+        self.finance = Finance()
+        self.recover_on_start = recover_on_start
+        self.offset = 0
+        self.processor = LedgerProcessor(self.state, source_topic=TOPIC)
+
+    def append(self, *events) -> list[LogRecord]:
+        records = [LogRecord(TOPIC, 0, self.offset + n, e.tenant_id.encode(), encode_event(e), 0) for n, e in enumerate(events)]
+        self.offset += len(events)
+        return records
+
+    def fold(self, records, crash: str = "none") -> None:
+        self._step(self.processor.process(0, records), crash)
+
+    def sweep(self, now_ms: int, crash: str = "none") -> None:
+        for _, output in self.processor.expire_quiet(now_ms, 1):
+            self._step(output, crash)
+
+    def _step(self, output, crash: str) -> None:
+        if crash == "before_state":
+            return self._restart()
+        self.state.write_all(output.state_writes)
+        if crash == "after_state_before_publish":
+            return self._restart()
+        self.finance.read(output)
+
+    def _restart(self) -> None:
+        self.processor = LedgerProcessor(self.state, source_topic=TOPIC)
+        if self.recover_on_start:
+            for _, output in self.processor.recover(1, {0}):
+                self.finance.read(output)
+
+
+def grant(grant_id, amount, effective_at, expires_at=None):
+    return CreditGranted(event_id=f"e-{grant_id}", tenant_id="acme", grant_id=grant_id, amount=amount,
+                         effective_at=effective_at, expires_at=expires_at)
+
+
+def usage_at(event_id, amount, occurred_at):
+    return UsageRecorded(event_id=event_id, tenant_id="acme", amount=amount, occurred_at=occurred_at, model="m")
+
+
+def void(grant_id, voided_at):
+    return GrantVoided(event_id=f"void-{grant_id}", tenant_id="acme", grant_id=grant_id, voided_at=voided_at)
+
+
+@pytest.mark.parametrize("recover_on_start", [True, False], ids=["recover", "lazy"])
+@pytest.mark.parametrize("crash", CRASH_POINTS)
+def test_a_crash_around_the_state_write_never_refolds_a_published_expiry_into_another_amount(crash, recover_on_start):
+    """Defect 1: u2 at 150 publishes credit_expired g0 = 7; the batch redelivered after the crash also holds
+    a late u3 of 4 at 60. The truth: 7 consumed, 3 forfeited; the first expiry, if published, is corrected."""
+    driver = Driver(recover_on_start=recover_on_start)
+    driver.fold(driver.append(grant("g0", 10, 0, 100), usage_at("u1", 3, 50)))
+    u2 = driver.append(usage_at("u2", 0, 150))
+    driver.fold(u2, crash)
+    driver.fold(u2 + driver.append(usage_at("u3", 4, 60)))  # redelivered from the committed offset, regrouped
+    assert driver.finance.totals("g0") == (7, 3, 0)
+    assert driver.finance.balance.balance == 0
+
+
+@pytest.mark.parametrize("recover_on_start", [True, False], ids=["recover", "lazy"])
+@pytest.mark.parametrize("crash", CRASH_POINTS)
+def test_a_sweep_that_published_nothing_leaves_no_stream_time_behind_and_a_replayed_void_is_exact(crash, recover_on_start):
+    """Defect 2: a sweep at 50 publishes nothing, a void at 40 follows, crash; after the restart usage u1 of
+    4 at 30 arrives and the final sweep runs. The truth: 4 consumed, 6 voided, under one content per id."""
+    driver = Driver(recover_on_start=recover_on_start)
+    driver.fold(driver.append(grant("g0", 10, 0, 100)))
+    driver.sweep(50)
+    assert driver.finance.totals("g0") == (0, 0, 0)
+    the_void = driver.append(void("g0", 40))
+    driver.fold(the_void, crash)
+    driver.fold(the_void + driver.append(usage_at("u1", 4, 30)))
+    driver.sweep(200)
+    assert driver.finance.totals("g0") == (4, 0, 6)
+
+
+@pytest.mark.parametrize("recover_on_start", [True, False], ids=["recover", "lazy"])
+@pytest.mark.parametrize("crash", CRASH_POINTS)
+def test_an_expiry_published_by_a_sweep_is_corrected_when_a_late_void_ends_the_grant_earlier(crash, recover_on_start):
+    """Defect 3: the sweep publishes credit_expired of a grant of 6, the processor crashes, a late void at 50
+    arrives. The grant must count once: voided 6, forfeited 0 (the expiry, if it went out, corrected)."""
+    driver = Driver(recover_on_start=recover_on_start)
+    driver.fold(driver.append(grant("g0", 6, 0, 100)))
+    driver.sweep(150, crash)
+    driver.fold(driver.append(void("g0", 50)))
+    driver.sweep(200)
+    assert driver.finance.totals("g0") == (0, 0, 6)
+
+
+@pytest.mark.parametrize("crash", CRASH_POINTS)
+def test_a_future_grant_without_expiry_publishes_its_balance_when_it_takes_effect(crash):
+    """Defect 4: a grant effective at 100 that never expires. The sweep that passes 100 publishes the new
+    balance (nothing else would: no end to publish), and that stream time survives a restart."""
+    driver = Driver(recover_on_start=True)
+    driver.fold(driver.append(grant("g0", 10, 100)))
+    assert (driver.finance.balance.balance, driver.finance.balance.as_of) == (0, 0)
+    driver.sweep(99)
+    assert driver.finance.balance.as_of == 0, "nothing changed before it is effective: nothing published"
+    driver.sweep(150, crash)
+    driver.sweep(150)  # after a crash, the sweep runs again
+    assert (driver.finance.balance.balance, driver.finance.balance.as_of) == (10, 150)
+    restarted = LedgerProcessor(driver.state, source_topic=TOPIC)
+    assert restarted.tenant_position("acme")[1] == 150, "the sweep's stream time is persisted with the account"
+    swept = restarted.expire_quiet(150, 1)  # sends the stored outbox again (byte for byte), decides nothing anew
+    assert [(o.state_writes, o.entries, o.republished_outboxes) for _, o in swept] == [([], [], 1)]
+
+
+def test_a_stored_outbox_is_carried_into_the_next_account_record_until_it_is_published():
+    """A tenant read back with an outbox whose publish never happened, then folded again in a batch whose
+    state is written and whose publish is lost too: the second restart still sends the first outbox."""
+    driver = Driver(recover_on_start=False)
+    driver.fold(driver.append(grant("g0", 10, 0, 100), usage_at("u1", 3, 50)), crash="after_state_before_publish")
+    driver.fold(driver.append(usage_at("u2", 2, 60)), crash="after_state_before_publish")
+    driver.fold(driver.append(usage_at("u3", 1, 70)))
+    assert set(driver.finance.entries) == {"acme/usage/u1", "acme/usage/u2", "acme/usage/u3"}
+    assert driver.finance.totals("g0") == (6, 0, 0) and driver.finance.balance.balance == 4
