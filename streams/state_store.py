@@ -25,8 +25,9 @@ disk, and is restored from the changelog on takeover by the same code that write
 applied in this process but whose batch is not written yet sits in the view's overlay (at most one
 batch), cleared when the batch lands. A seen batch can be on disk beyond the account snapshot (a crash
 between the two writes): opening a tenant at its snapshot's `applied_offset` deletes the index keys of
-the batches after it (their records are redelivered and applied again), as the in-memory processor
-filters them out when it reads the state back.
+the records after it (they are redelivered and applied again), as the in-memory processor filters them
+out when it reads the state back. Index keys are named by event id, so a record stored in two batches
+(a refold with other batch boundaries) is one entry.
 
 In front of the disk: `SEEN_CACHE_ENTRIES_MAX` usage ids most recently written or looked up (an LRU:
 a producer resend comes soon after the original), RocksDB's block cache (`STATE_BLOCK_CACHE_BYTES`,
@@ -265,8 +266,10 @@ class DiskUsageIndexes:
             self._open.pop(tenant_id, None)
         self.cache.clear()
 
-    def _delete_records(self, batch: WriteBatch, prefix: bytes, records: list[SeenRecord]) -> None:
+    def _delete_records(self, batch: WriteBatch, prefix: bytes, records: list[SeenRecord], after_offset: int = -2) -> None:
         for record in records:
+            if record.offset <= after_offset:
+                continue
             seen_key = _SEEN_ID + prefix + record.event_id.encode()
             batch.delete(seen_key)
             batch.delete(_USAGE_AT + prefix + _time_key(record.occurred_at) + record.event_id.encode())
@@ -277,8 +280,14 @@ class DiskUsageIndexes:
         if prefix is None:
             return
         first_after = _STATE + seen_batch_key(tenant_id, applied_offset + 1)
-        tenant_batches_end = _prefix_end(_STATE + SEEN_KEY_PREFIX + tenant_id.encode() + b"/")
+        tenant_batches = _STATE + SEEN_KEY_PREFIX + tenant_id.encode() + b"/"
+        tenant_batches_end = _prefix_end(tenant_batches)
         batch = WriteBatch(raw_mode=True)
+        for key, value in self.db.items(backwards=True, from_key=first_after):
+            if key < first_after:  # the last batch that starts at or before the snapshot: its records after it
+                if key >= tenant_batches:
+                    self._delete_records(batch, prefix, _decode_seen_batch(value), after_offset=applied_offset)
+                break
         for key, value in self.db.items(from_key=first_after):
             if key >= tenant_batches_end:
                 break

@@ -222,6 +222,25 @@ def test_batches_after_the_snapshot_are_rolled_back_and_redelivery_counts_once(r
     assert view.seen("u3")
 
 
+def test_records_after_the_snapshot_are_rolled_back_inside_a_batch_too(rocks_state):
+    rocks_state.put(0, *seen_batch("acme", [SeenRecord("u1", 3, 100, 5), SeenRecord("u2", 6, 150, 7)]))
+    view = rocks_state.usage_indexes.open("acme", applied_offset=4)
+    view.current_offset = 6
+    assert not view.seen("u2")
+    view.current_offset = 7
+    assert view.seen("u1")
+    assert view.usage_between(0, 1000) == UsageSummary(5, 100, 100)
+
+
+def test_a_record_in_two_batches_counts_once(rocks_state):
+    """A crash, then a refold with other batch boundaries: the same event at the same offset twice."""
+    rocks_state.put(0, *seen_batch("acme", [SeenRecord("u1", 3, 100, 5)]))
+    rocks_state.put(0, *seen_batch("acme", [SeenRecord("u2", 4, 120, 1)]))
+    rocks_state.put(0, *seen_batch("acme", [SeenRecord("u1", 3, 100, 5), SeenRecord("u2", 4, 120, 1)]))
+    view = rocks_state.usage_indexes.open("acme", applied_offset=4)
+    assert view.usage_between(0, 1000) == UsageSummary(6, 100, 120)
+
+
 def test_a_rewritten_batch_replaces_its_old_records(rocks_state):
     """The changelog key of a batch is its first offset: a redelivery split differently overwrites it."""
     rocks_state.put(0, *seen_batch("acme", [SeenRecord("u1", 3, 100, 5), SeenRecord("u2", 4, 150, 7)]))
