@@ -22,9 +22,9 @@ from tests.test_dev_smoke import START_TIMEOUT_S, start_dev, stop, wait_for_demo
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 3
-CLIENTS = 8
-MAX_TOKENS = 24
+ROUNDS = 4
+CLIENTS = 32
+MAX_TOKENS = 8
 LOAD_BEFORE_KILL_S = (2.0, 6.0)  # each round's kill comes at a random moment in this range
 SETTLE_TIMEOUT_S = 90
 SEED = int(os.environ.get("TOLLGATE_CRASH_SEED", "11"))
