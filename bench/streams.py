@@ -561,6 +561,8 @@ async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdi
                 rss, peak = rss_bytes(worker.pid)
                 readings.append({"events": pending.pop(0), "folded": folded, "at_s": time.monotonic(), "rss": rss, "peak": peak})
             await asyncio.sleep(RSS_POLL_INTERVAL_S)
+        last_folded = await committed_total(admin, consumer_group(settings)) - len(tenants)
+        last_rss = rss_bytes(worker.pid)[0] if worker.alive() else None
     finally:
         worker.stop()
         await admin.close()
@@ -576,6 +578,8 @@ async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdi
         "rss_peak_mib_after_events": {str(r["events"]): round(r["peak"] / 2**20, 1) for r in readings},
         "rss_events_folded_at_reading": {str(r["events"]): r["folded"] for r in readings},
         "rss_growth": round(growth, 3) if growth is not None else None,
+        "rss_events_folded_at_end": last_folded,  # at the last count, or at the deadline when incomplete
+        "rss_mib_at_end": round(last_rss / 2**20, 1) if last_rss is not None else None,
         "rss_fold_events_per_s": round(rate) if rate is not None else None,
     }
 
