@@ -18,6 +18,19 @@ the allocator's arenas, the key cache, connection pools) that are not leaks.
 
 Requests, failures and completion tokens served are in the line too: a soak that served nothing proves
 nothing. Default: 120 s of load after 20 s of warm-up, about 2.5 minutes with the start.
+
+`--deployment distributed` soaks the multi-process deployment instead (bench/_deployment.py: a local Kafka
+broker, an embedded Postgres, and as separate processes one batch stream processor, the projector, one CPU
+inference worker and one gateway, with a tenant, key and grant made through the admin API), so each
+component's memory is its own. The same cycle; each sample holds, per component (gateway, worker,
+processor, projector):
+
+    rss_mb            resident memory of the component's process tree (and of the embedded Postgres)
+    open_sockets      sockets the component's processes hold, at rest
+and reservations_open (the gateway's open holds) and the worker's in-flight streams (its /health
+`running` and `waiting`), at rest. The verdicts: rss_flat and sockets_flat per component (the rules above),
+no_open_reservations, no_streams_in_flight, and `flat`, all of them together. About 3.5 minutes with the
+broker's and the worker's start.
 """
 
 from __future__ import annotations
@@ -33,11 +46,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
+
+from bench._deployment import Deployment, distributed_deployment
 
 MODEL = "tollgate-tiny"
 START_TIMEOUT_S = 240
@@ -64,6 +80,15 @@ class Sample:
     postgres_rss_mb: float
     open_sockets: int
     reservations_open: int
+
+
+@dataclass(frozen=True)
+class DeploymentSample:
+    rss_mb: dict[str, float]  # component (and "postgres") -> resident memory of its process tree
+    open_sockets: dict[str, int]  # component -> sockets its processes hold
+    reservations_open: int  # the gateway's open admission holds
+    worker_running: int  # sequences the worker's engine is generating
+    worker_waiting: int  # requests queued in the worker's engine
 
 
 def free_port() -> int:
@@ -119,6 +144,16 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+def tree_open_sockets(pid: int) -> int:
+    total = 0
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            total += open_sockets(process.pid)
+        except FileNotFoundError:
+            continue
+    return total
+
+
 async def reservations_open(client: httpx.AsyncClient) -> int:
     metrics = (await client.get("/metrics")).content
     return int(sum(float(value) for value in RESERVATIONS_GAUGE.findall(metrics)))
@@ -130,6 +165,19 @@ async def sample(client: httpx.AsyncClient, dev_pid: int, data_dir: Path) -> Sam
         postgres_rss_mb=round(tree_rss_mb(postmaster_pid(data_dir)), 1),
         open_sockets=open_sockets(dev_pid),
         reservations_open=await reservations_open(client),
+    )
+
+
+async def sample_deployment(gateway: httpx.AsyncClient, deployment: Deployment) -> DeploymentSample:
+    deployment.assert_alive()
+    health = (await gateway.get(f"{deployment.worker_url}/health")).json()
+    rss_mb = {name: round(tree_rss_mb(pid), 1) for name, pid in deployment.pids.items()}
+    return DeploymentSample(
+        rss_mb={**rss_mb, "postgres": round(tree_rss_mb(deployment.postgres_pid), 1)},
+        open_sockets={name: tree_open_sockets(pid) for name, pid in deployment.pids.items()},
+        reservations_open=await reservations_open(gateway),
+        worker_running=health["running"],
+        worker_waiting=health["waiting"],
     )
 
 
@@ -176,18 +224,23 @@ def growth(start: float, end: float) -> float:
     return round((end - start) / start, 4) if start else 0.0
 
 
-async def soak(options: argparse.Namespace, dev: subprocess.Popen, demo: dict, data_dir: Path) -> dict:
-    base_url = demo["base_url"].removesuffix("/v1")
-    key = demo["api_key"]
+def sockets_flat(start: int, end: int) -> bool:
+    return end <= max(start * (1 + FLAT_GROWTH_MAX), start + FLAT_SOCKETS_SLACK)
+
+
+async def cycle(options: argparse.Namespace, base_url: str, key: str, take_sample: Callable[[], Awaitable]):
+    """Warm up, settle, sample, load for options.seconds, settle, sample: (measured load, start, end)."""
     warmup, measured = Load(), Load()
-    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as probe:
-        await drive(base_url, key, options.concurrency, options.warmup_seconds, warmup)
-        await asyncio.sleep(options.settle_seconds)
-        start = await sample(probe, dev.pid, data_dir)
-        await drive(base_url, key, options.concurrency, options.seconds, measured)
-        await asyncio.sleep(options.settle_seconds)
-        end = await sample(probe, dev.pid, data_dir)
-    sockets_flat = end.open_sockets <= max(start.open_sockets * (1 + FLAT_GROWTH_MAX), start.open_sockets + FLAT_SOCKETS_SLACK)
+    await drive(base_url, key, options.concurrency, options.warmup_seconds, warmup)
+    await asyncio.sleep(options.settle_seconds)
+    start = await take_sample()
+    await drive(base_url, key, options.concurrency, options.seconds, measured)
+    await asyncio.sleep(options.settle_seconds)
+    end = await take_sample()
+    return measured, start, end
+
+
+def load_figures(options: argparse.Namespace, measured: Load) -> dict:
     return {
         "bench": "soak",
         "seconds": options.seconds,
@@ -198,15 +251,79 @@ async def soak(options: argparse.Namespace, dev: subprocess.Popen, demo: dict, d
         "failure_kinds": measured.failure_kinds,
         "completion_tokens": measured.completion_tokens,
         "requests_per_s": round(measured.requests / options.seconds, 1),
+    }
+
+
+async def soak(options: argparse.Namespace, dev: subprocess.Popen, demo: dict, data_dir: Path) -> dict:
+    base_url = demo["base_url"].removesuffix("/v1")
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as probe:
+        measured, start, end = await cycle(options, base_url, demo["api_key"], lambda: sample(probe, dev.pid, data_dir))
+    return {
+        **load_figures(options, measured),
         "start": start.__dict__,
         "end": end.__dict__,
         "dev_rss_growth": growth(start.dev_rss_mb, end.dev_rss_mb),
         "postgres_rss_growth": growth(start.postgres_rss_mb, end.postgres_rss_mb),
         "dev_rss_flat": abs(growth(start.dev_rss_mb, end.dev_rss_mb)) <= FLAT_GROWTH_MAX,
         "postgres_rss_flat": abs(growth(start.postgres_rss_mb, end.postgres_rss_mb)) <= FLAT_GROWTH_MAX,
-        "sockets_flat": sockets_flat,
+        "sockets_flat": sockets_flat(start.open_sockets, end.open_sockets),
         "no_open_reservations": end.reservations_open == 0,
     }
+
+
+async def soak_deployment(options: argparse.Namespace, deployment: Deployment) -> dict:
+    async with httpx.AsyncClient(base_url=deployment.gateway_url, timeout=REQUEST_TIMEOUT_S) as probe:
+        measured, start, end = await cycle(
+            options, deployment.gateway_url, deployment.api_key, lambda: sample_deployment(probe, deployment)
+        )
+    rss_growth = {name: growth(start.rss_mb[name], end.rss_mb[name]) for name in start.rss_mb}
+    verdicts = {
+        "rss_flat": {name: abs(change) <= FLAT_GROWTH_MAX for name, change in rss_growth.items()},
+        "sockets_flat": {name: sockets_flat(start.open_sockets[name], end.open_sockets[name]) for name in start.open_sockets},
+        "no_open_reservations": end.reservations_open == 0,
+        "no_streams_in_flight": end.worker_running == 0 and end.worker_waiting == 0,
+    }
+    flat = all(verdicts["rss_flat"].values()) and all(verdicts["sockets_flat"].values()) and (
+        verdicts["no_open_reservations"] and verdicts["no_streams_in_flight"]
+    )
+    return {
+        **load_figures(options, measured),
+        "deployment": "distributed",
+        "start": start.__dict__,
+        "end": end.__dict__,
+        "rss_growth": rss_growth,
+        **verdicts,
+        "flat": flat and measured.completion_tokens > 0,
+    }
+
+
+def run_dev(options: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tollgate-soak-") as directory:
+        data_dir, log_path = Path(directory) / ".tollgate", Path(directory) / "dev.log"
+        dev = start_dev(data_dir, free_port(), free_port(), log_path)
+        try:
+            demo = wait_for_demo(dev, data_dir, log_path)
+            return asyncio.run(soak(options, dev, demo, data_dir))
+        finally:
+            if dev.poll() is None:
+                os.killpg(dev.pid, signal.SIGINT)
+                try:
+                    dev.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(dev.pid, signal.SIGKILL)
+
+
+def exit_on_sigterm(signal_number: int, frame) -> None:
+    raise SystemExit(128 + signal_number)  # unwinds through the finally blocks that stop the deployment
+
+
+def run_distributed(options: argparse.Namespace) -> dict:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    with (
+        tempfile.TemporaryDirectory(prefix="tollgate-soak-distributed-") as directory,
+        distributed_deployment(Path(directory)) as deployment,
+    ):
+        return asyncio.run(soak_deployment(options, deployment))
 
 
 def main() -> None:
@@ -215,20 +332,12 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=20.0)
     parser.add_argument("--settle-seconds", type=float, default=3.0, help="quiet time before each sample")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--deployment", choices=("dev", "distributed"), default="dev",
+        help="dev: `tollgate dev`, one process; distributed: gateway, worker, processor, projector as processes",
+    )
     options = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tollgate-soak-") as directory:
-        data_dir, log_path = Path(directory) / ".tollgate", Path(directory) / "dev.log"
-        dev = start_dev(data_dir, free_port(), free_port(), log_path)
-        try:
-            demo = wait_for_demo(dev, data_dir, log_path)
-            result = asyncio.run(soak(options, dev, demo, data_dir))
-        finally:
-            if dev.poll() is None:
-                os.killpg(dev.pid, signal.SIGINT)
-                try:
-                    dev.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    os.killpg(dev.pid, signal.SIGKILL)
+    result = run_dev(options) if options.deployment == "dev" else run_distributed(options)
     print(json.dumps(result), flush=True)
 
 
