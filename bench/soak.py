@@ -25,11 +25,15 @@ inference worker and one gateway, with a tenant, key and grant made through the 
 component's memory is its own. The same cycle; each sample holds, per component (gateway, worker,
 processor, projector):
 
-    rss_mb            resident memory of the component's process tree (and of the embedded Postgres)
+    rss_mb            resident memory of the component's process tree
     open_sockets      sockets the component's processes hold, at rest
-and reservations_open (the gateway's open holds) and the worker's in-flight streams (its /health
-`running` and `waiting`), at rest. The verdicts: rss_flat and sockets_flat per component (the rules above),
-no_open_reservations, no_streams_in_flight, and `flat`, all of them together. About 3.5 minutes with the
+
+and the gateway's open holds (reservations_open) and the worker's in-flight streams (its /health `running`
+and `waiting`), at rest. The verdicts: rss_flat and sockets_flat per component (the rules above),
+no_open_reservations, no_streams_in_flight, and `flat`: all of them, and some tokens served. Postgres is
+context, not in `flat`: postgres_pss_mb (PSS, not RSS: summing RSS over the backends counts the shared
+buffers once per backend that touched them) grows while the ledger's tables grow into shared_buffers, which
+is the database caching the data the soak wrote, not a component leaking. About 3 minutes with the
 broker's and the worker's start.
 """
 
@@ -84,7 +88,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class DeploymentSample:
-    rss_mb: dict[str, float]  # component (and "postgres") -> resident memory of its process tree
+    rss_mb: dict[str, float]  # component -> resident memory of its process tree
+    postgres_pss_mb: float  # proportional set size of the postmaster and its backends, summed
     open_sockets: dict[str, int]  # component -> sockets its processes hold
     reservations_open: int  # the gateway's open admission holds
     worker_running: int  # sequences the worker's engine is generating
@@ -134,6 +139,18 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def tree_pss_mb(pid: int) -> float:
+    """As tree_rss_mb, but each shared page counted once over the tree (backends share Postgres' buffers)."""
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except psutil.NoSuchProcess:
+            continue
+    return total / 2**20
+
+
 def open_sockets(pid: int) -> int:
     count = 0
     for entry in Path(f"/proc/{pid}/fd").iterdir():
@@ -173,7 +190,8 @@ async def sample_deployment(gateway: httpx.AsyncClient, deployment: Deployment) 
     health = (await gateway.get(f"{deployment.worker_url}/health")).json()
     rss_mb = {name: round(tree_rss_mb(pid), 1) for name, pid in deployment.pids.items()}
     return DeploymentSample(
-        rss_mb={**rss_mb, "postgres": round(tree_rss_mb(deployment.postgres_pid), 1)},
+        rss_mb=rss_mb,
+        postgres_pss_mb=round(tree_pss_mb(deployment.postgres_pid), 1),
         open_sockets={name: tree_open_sockets(pid) for name, pid in deployment.pids.items()},
         reservations_open=await reservations_open(gateway),
         worker_running=health["running"],
@@ -286,6 +304,7 @@ async def soak_deployment(options: argparse.Namespace, deployment: Deployment) -
     flat = all(verdicts["rss_flat"].values()) and all(verdicts["sockets_flat"].values()) and (
         verdicts["no_open_reservations"] and verdicts["no_streams_in_flight"]
     )
+    postgres_growth = growth(start.postgres_pss_mb, end.postgres_pss_mb)
     return {
         **load_figures(options, measured),
         "deployment": "distributed",
@@ -294,6 +313,8 @@ async def soak_deployment(options: argparse.Namespace, deployment: Deployment) -
         "rss_growth": rss_growth,
         **verdicts,
         "flat": flat and measured.completion_tokens > 0,
+        "postgres_pss_growth": postgres_growth,
+        "postgres_flat": abs(postgres_growth) <= FLAT_GROWTH_MAX,  # context, not in `flat`: see the docstring
     }
 
 
@@ -318,6 +339,7 @@ def exit_on_sigterm(signal_number: int, frame) -> None:
 
 
 def run_distributed(options: argparse.Namespace) -> dict:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C unwinds, also when started with SIGINT ignored
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     with (
         tempfile.TemporaryDirectory(prefix="tollgate-soak-distributed-") as directory,
