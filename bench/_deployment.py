@@ -29,8 +29,8 @@ import httpx
 
 from bench._kafka_bench_util import ChildProcess, LocalBroker, local_broker
 from gateway.admission.settings import AdmissionSettings
+from storage.database import start_embedded_postgres, upgrade_database
 from streams.batch_processor import READY_LOG_LINE as PROCESSOR_READY_LOG_LINE
-from streams.database import start_embedded_postgres, upgrade_database
 from streams.replay import live_balances
 from streams.settings import StreamSettings
 from streams.topics import ensure_topics, ledger_topic_specs

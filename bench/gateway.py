@@ -134,7 +134,7 @@ def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: s
     from gateway.listener import listening_socket
     from gateway.logs import configure_logging
     from gateway.settings import GatewaySettings
-    from streams.database import DatabaseSettings, build_async_engine, build_session_factory
+    from storage.database import DatabaseSettings, build_async_engine, build_session_factory
 
     configure_logging("WARNING")
     settings = GatewaySettings(worker_urls=[worker_url], admin_token="bench-admin-token-0123456789abcdef",
@@ -267,7 +267,7 @@ def prepare_tenant(data_dir: str) -> tuple[str, str]:
     import psycopg
 
     from gateway.api_keys import generate_api_key
-    from streams.database import start_embedded_postgres, upgrade_database
+    from storage.database import start_embedded_postgres, upgrade_database
 
     url = start_embedded_postgres(Path(data_dir) / "pg", delete_on_exit=True)
     upgrade_database(url)

@@ -45,7 +45,7 @@ from gateway.admission.strict import StrictAdmission
 from gateway.ledger_view import LedgerView, LedgerViewFeed, wall_clock_ms
 from ledger.events import CreditGranted, UsageRecorded
 from ledger.tenant import TenantLedger
-from streams.database import DatabaseSettings, build_async_engine, start_embedded_postgres, upgrade_database
+from storage.database import DatabaseSettings, build_async_engine, start_embedded_postgres, upgrade_database
 from streams.embedded_log import PostgresLog
 from streams.processor import BalanceRecord
 from streams.settings import StreamSettings

@@ -19,7 +19,7 @@ import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streams.schema import ApiKey, Tenant
+from storage.tenants import ApiKey, Tenant
 
 KEY_SCHEME = "tg"
 PREFIX_BYTES = 6  # 12 hex characters

@@ -1,6 +1,7 @@
 """Idempotency-Key on non-streaming requests: the first request with a key runs and its response is
-stored in Postgres (table `idempotent_responses`, migration 0003); a repeat with the same key and body
-gets the stored response back (header `Idempotent-Replayed: true`) and runs nothing, so it is billed once.
+stored in Postgres (table `idempotent_responses`, `storage.idempotency`); a repeat with the same key and
+body gets the stored response back (header `Idempotent-Replayed: true`) and runs nothing, so it is
+billed once.
 
     begin()    claims the key (a row with no response yet) or says what is there: the stored response,
                another request still running with it (409), or the key used for another body (400)
@@ -16,39 +17,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    Table,
-    Text,
-    and_,
-    delete,
-    select,
-    update,
-)
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.errors import ApiError
-
-metadata = MetaData()
-idempotent_responses = Table(
-    "idempotent_responses",
-    metadata,
-    Column("tenant_id", Text, primary_key=True),
-    Column("idempotency_key", Text, primary_key=True),
-    Column("request_sha256", LargeBinary, nullable=False),
-    Column("request_id", Text, nullable=False),
-    Column("status_code", Integer),
-    Column("response_body", LargeBinary),
-    Column("created_at_ms", BigInteger, nullable=False),
-    Column("completed_at_ms", BigInteger),
-    Index("ix_idempotent_responses_created_at_ms", "created_at_ms"),
-)
+from storage.idempotency import IdempotentResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +45,7 @@ class IdempotencyStore:
         self, tenant_id: str, key: str, digest: bytes, request_id: str, now_ms: int
     ) -> StoredResponse | None:
         """None: the key is ours now, run the request. A StoredResponse: answer it instead."""
-        table = idempotent_responses
+        table = IdempotentResponse.__table__
         async with self._session_factory() as session, session.begin():
             claimed = await session.scalar(
                 insert(table)
@@ -117,7 +91,7 @@ class IdempotencyStore:
             return None
 
     async def complete(self, tenant_id: str, key: str, request_id: str, status_code: int, body: bytes, now_ms: int) -> None:
-        table = idempotent_responses
+        table = IdempotentResponse.__table__
         async with self._session_factory() as session, session.begin():
             await session.execute(
                 update(table)
@@ -127,11 +101,11 @@ class IdempotencyStore:
 
     async def abandon(self, tenant_id: str, key: str, request_id: str) -> None:
         async with self._session_factory() as session, session.begin():
-            await session.execute(delete(idempotent_responses).where(_claim_of(tenant_id, key, request_id)))
+            await session.execute(delete(IdempotentResponse).where(_claim_of(tenant_id, key, request_id)))
 
 
 def _claim_of(tenant_id: str, key: str, request_id: str):
-    table = idempotent_responses
+    table = IdempotentResponse.__table__
     return and_(
         table.c.tenant_id == tenant_id,
         table.c.idempotency_key == key,

@@ -1,4 +1,4 @@
-"""Alembic environment. The URL is the one the caller set (streams.database.alembic_config), else the
+"""Alembic environment. The URL is the one the caller set (storage.database.alembic_config), else the
 one from settings: DATABASE_URL, or the embedded PostgreSQL started in TOLLGATE_EMBEDDED_DATA_DIR."""
 
 from logging.config import fileConfig
@@ -7,7 +7,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from migrations.models import TARGET_METADATA
-from streams.database import ISOLATION_LEVEL, DatabaseSettings, resolve_database_url, sqlalchemy_url
+from storage.database import ISOLATION_LEVEL, DatabaseSettings, resolve_database_url, sqlalchemy_url
 
 config = context.config
 if config.config_file_name is not None:

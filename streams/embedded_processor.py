@@ -19,10 +19,11 @@ from collections.abc import Callable
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
+from storage.embedded import ProcessorStateItem
+from storage.projections import ProjectorOffset
 from streams.embedded_log import PostgresLog
 from streams.processor import LedgerProcessor, ProcessorOutput
 from streams.replay import DictState
-from streams.schema import ProjectorOffset, processor_state
 from streams.spool import OutgoingRecord
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class EmbeddedProcessor:
         topic = self.log.topics.events
         async with self.log.engine.connect() as connection:
             rows = await connection.execute(
-                select(processor_state.c.key, processor_state.c.value).where(processor_state.c.processor_name == PROCESSOR_NAME)
+                select(ProcessorStateItem.key, ProcessorStateItem.value).where(
+                    ProcessorStateItem.processor_name == PROCESSOR_NAME
+                )
             )
             self.state.data = {bytes(key): bytes(value) for key, value in rows}
             offsets = await connection.execute(
@@ -111,7 +114,7 @@ class EmbeddedProcessor:
                 if outgoing:
                     await self.log.append_in(connection, outgoing)
                 if output.state_writes:
-                    statement = insert(processor_state).values(
+                    statement = insert(ProcessorStateItem).values(
                         [{"processor_name": PROCESSOR_NAME, "key": k, "value": v} for k, v in output.state_writes]
                     )
                     await connection.execute(

@@ -38,18 +38,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import delete, select
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ledger.codec import decode_event
 from ledger.entries import decode_entry
 from ledger.events import CreditExpired, Event, InvalidEvent
-from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.log import KafkaLog
 from streams.processor import BalanceRecord, DeadLetter
 from streams.records import LogPosition, LogRecord
-from streams.schema import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs

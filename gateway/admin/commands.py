@@ -24,7 +24,7 @@ from gateway.admin.errors import AdminError
 from gateway.admin.models import GrantCreate, TenantCreate
 from gateway.api_keys import ApiKeyRevoked, GeneratedKey, generate_api_key
 from ledger.events import TENANT_CREDIT_MAX, CreditGranted, GrantVoided
-from streams.schema import ApiKey, Grant, Tenant
+from storage.tenants import ApiKey, Grant, Tenant
 
 
 async def create_tenant(

@@ -13,7 +13,7 @@ from gateway.admin.models import BalanceView, BlockView, EntriesPage
 from ledger.codec import decode_input_event
 from ledger.events import InvalidEvent
 from ledger.tenant import TenantLedger
-from streams.schema import LedgerEntry, LedgerEvent
+from storage.projections import LedgerEntry, LedgerEvent
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from gateway.admin.publisher import EventPublisher
 from gateway.admin.settings import AdminSettings, resolve_admin_token
 from gateway.api_keys import encode_revocation
 from ledger.events import Event
-from streams.schema import Grant, Tenant
+from storage.tenants import Grant, Tenant
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.admission import tables  # noqa: F401  (declares the tables these statements use)
 from gateway.ledger_view import TenantBalance
 
 NO_BALANCE_OFFSET = -1  # an account row for a tenant no view has a balance for yet

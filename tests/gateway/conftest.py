@@ -20,7 +20,7 @@ from gateway.settings import GatewaySettings
 from inference.settings import EngineSettings, WorkerSettings
 from inference.worker import create_app as create_worker_app
 from ledger.events import UsageRecorded
-from streams.database import DatabaseSettings, build_async_engine, build_session_factory
+from storage.database import DatabaseSettings, build_async_engine, build_session_factory
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics
 from tests.fixtures.stack import stack  # noqa: F401  (the e2e stack fixture, module-scoped)

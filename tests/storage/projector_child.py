@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from streams.database import DatabaseSettings, build_async_engine, build_session_factory
+from storage.database import DatabaseSettings, build_async_engine, build_session_factory
 from streams.projector import Projector, ProjectorSettings
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics

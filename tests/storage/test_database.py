@@ -2,7 +2,7 @@
 
 import pytest
 
-from streams.database import (
+from storage.database import (
     DatabaseSettings,
     DatabaseUnavailable,
     libpq_url,

@@ -8,7 +8,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
 from migrations.models import TARGET_METADATA, managed_table_names
-from streams.database import alembic_config, downgrade_database, sqlalchemy_url, upgrade_database
+from storage.database import alembic_config, downgrade_database, sqlalchemy_url, upgrade_database
 
 pytestmark = pytest.mark.postgres
 

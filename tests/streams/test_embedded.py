@@ -10,12 +10,12 @@ from sqlalchemy import func, select
 
 from ledger.events import CreditGranted, UsageRecorded
 from ledger.tenant import Book
-from streams.database import build_async_engine, build_session_factory
+from storage.database import build_async_engine, build_session_factory
+from storage.projections import Balance, LedgerEntry
 from streams.embedded_log import PostgresLog
 from streams.embedded_processor import EmbeddedProcessor
 from streams.embedded_projector import EmbeddedProjector
 from streams.processor import BalanceRecord
-from streams.schema import Balance, LedgerEntry
 from tests.streams.helpers import after_first_grants, stream_settings
 
 NOW = 1_800_000_000_000

@@ -8,7 +8,7 @@ import pytest
 
 from ledger.codec import decode_event
 from ledger.events import UsageRecorded
-from streams.database import build_async_engine
+from storage.database import build_async_engine
 from streams.embedded_log import PostgresLog
 from streams.log import KafkaLog
 from streams.records import partition_for_key

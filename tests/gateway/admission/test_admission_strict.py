@@ -9,7 +9,7 @@ import pytest
 from gateway.admission.base import CreditExhausted
 from gateway.admission.settings import AdmissionSettings
 from gateway.admission.strict import StrictAdmission
-from streams.database import build_async_engine
+from storage.database import build_async_engine
 from tests.gateway.admission.helpers import (
     ManualClock,
     admission_request,

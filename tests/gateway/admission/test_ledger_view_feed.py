@@ -11,7 +11,7 @@ from gateway.admission.factory import AdmissionRuntime
 from gateway.admission.fast import FastAdmission
 from gateway.admission.settings import AdmissionSettings
 from ledger.events import CreditGranted, UsageRecorded
-from streams.database import build_async_engine
+from storage.database import build_async_engine
 from streams.embedded_log import PostgresLog
 from streams.log import KafkaLog
 from streams.processor import LedgerProcessor

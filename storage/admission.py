@@ -1,4 +1,5 @@
-"""Strict mode's tables (migration 0004): the tenant's owner row and the open holds.
+"""Strict admission's tables (gateway.admission.strict_store, migration 0004): the tenant's owner row
+and the open holds.
 
     admission_accounts  one row per tenant: the newest ledger balance any gateway's view has brought
                         (by applied_offset, then as_of), with its expiring blocks. Reservations lock it.
@@ -12,7 +13,7 @@ from sqlalchemy import BigInteger, CheckConstraint, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from streams.schema import Base
+from storage.base import Base
 
 
 class AdmissionAccount(Base):

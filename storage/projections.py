@@ -1,0 +1,74 @@
+"""The projections of the ledger, written by the projector from the log with its offsets in the same
+transaction: ledger_events (archive of every event, unique on event id), ledger_entries (append-only),
+balances (latest per tenant), projector_offsets."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, CheckConstraint, Identity, Index, Integer, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from storage.base import Base
+
+
+class LedgerEvent(Base):
+    """Archive of every ledger event (inputs and derived), exactly once per event id."""
+
+    __tablename__ = "ledger_events"
+
+    event_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(Text)
+    occurred_at_ms: Mapped[int] = mapped_column(BigInteger)  # the event's own time (event.timestamp)
+    payload: Mapped[dict] = mapped_column(JSONB)  # the event as encode_event wrote it
+    source_topic: Mapped[str] = mapped_column(Text)
+    source_partition: Mapped[int] = mapped_column(Integer)
+    source_offset: Mapped[int] = mapped_column(BigInteger)
+    recorded_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index(None, "tenant_id", "occurred_at_ms"),)
+
+
+class LedgerEntry(Base):
+    """Finance entries (allocations, forfeits, corrections), append-only, in the order recorded."""
+
+    __tablename__ = "ledger_entries"
+
+    sequence: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    entry_id: Mapped[str] = mapped_column(Text, unique=True)
+    tenant_id: Mapped[str] = mapped_column(Text)
+    entry_type: Mapped[str] = mapped_column(Text)
+    occurred_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    amount: Mapped[int | None] = mapped_column(BigInteger)
+    payload: Mapped[dict] = mapped_column(JSONB)  # the entry as encode_entry wrote it
+    source_topic: Mapped[str] = mapped_column(Text)
+    source_partition: Mapped[int] = mapped_column(Integer)
+    source_offset: Mapped[int] = mapped_column(BigInteger)
+    recorded_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index(None, "tenant_id", "sequence"),)
+
+
+class Balance(Base):
+    """The latest balance record per tenant from the compacted `ledger.balances` topic."""
+
+    __tablename__ = "balances"
+
+    tenant_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger)
+    overage: Mapped[int] = mapped_column(BigInteger)
+    as_of_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class ProjectorOffset(Base):
+    """The next Kafka offset a projector will read, written in the transaction of the rows it produced."""
+
+    __tablename__ = "projector_offsets"
+
+    projector_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    topic: Mapped[str] = mapped_column(Text, primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("next_offset >= 0", name="next_offset_non_negative"),)

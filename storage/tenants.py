@@ -1,0 +1,71 @@
+"""The command side, written by the admin API: tenants, their API keys, and the credit grants it accepted."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Integer, LargeBinary, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from storage.base import Base
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    tenant_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    tier: Mapped[str] = mapped_column(Text)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("length(name) BETWEEN 1 AND 200", name="name_length"),
+        CheckConstraint("length(tier) BETWEEN 1 AND 64", name="tier_length"),
+    )
+
+
+class ApiKey(Base):
+    """A tenant's API key `tg_<prefix>_<secret>`: the prefix is public, only sha256(secret) is kept."""
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("tenants.tenant_id", ondelete="CASCADE"), index=True
+    )
+    prefix: Mapped[str] = mapped_column(Text, unique=True)
+    secret_sha256: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("octet_length(secret_sha256) = 32", name="secret_sha256_length"),)
+
+
+class Grant(Base):
+    """A credit grant as the admin API accepted it, and its void. The event it emitted is event_id."""
+
+    __tablename__ = "grants"
+
+    grant_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("tenants.tenant_id", ondelete="CASCADE"), index=True
+    )
+    event_id: Mapped[str] = mapped_column(Text, unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    effective_at_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    priority: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str] = mapped_column(Text)
+    request_sha256: Mapped[bytes] = mapped_column(LargeBinary)  # to refuse a key reused for another body
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    published_at_ms: Mapped[int | None] = mapped_column(BigInteger)  # None: CreditGranted not yet acked
+    voided_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    void_event_id: Mapped[str | None] = mapped_column(Text, unique=True)
+    void_published_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint(
+            "expires_at_ms IS NULL OR expires_at_ms > effective_at_ms", name="expiry_after_effective"
+        ),
+        CheckConstraint("(voided_at_ms IS NULL) = (void_event_id IS NULL)", name="void_complete"),
+    )
