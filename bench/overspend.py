@@ -47,7 +47,7 @@ from ledger.events import CreditGranted, UsageRecorded
 from ledger.tenant import TenantLedger
 from storage.database import DatabaseSettings, build_async_engine, start_embedded_postgres, upgrade_database
 from streams.embedded_log import PostgresLog
-from streams.processor import BalanceRecord
+from streams.records import BalanceRecord
 from streams.settings import StreamSettings
 
 TIER = "bench"

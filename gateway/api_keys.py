@@ -15,7 +15,6 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,28 +24,6 @@ KEY_SCHEME = "tg"
 PREFIX_BYTES = 6  # 12 hex characters
 SECRET_BYTES = 32  # 256 bits
 PRESENTED_KEY_LENGTH_MAX = 128  # a real key is 59 characters; anything longer is refused unhashed
-REVOCATION_SCHEMA_VERSION = 1
-
-
-class ApiKeyRevoked(msgspec.Struct, frozen=True, tag="api_key_revoked", tag_field="type", kw_only=True):
-    """On `tenant.keys` (key = key id), published by the admin API: every gateway evicts the key at once."""
-
-    key_id: str
-    tenant_id: str
-    revoked_at: int  # epoch ms
-    schema_version: int = REVOCATION_SCHEMA_VERSION
-
-
-_revocation_decoder = msgspec.json.Decoder(ApiKeyRevoked)
-
-
-def encode_revocation(revocation: ApiKeyRevoked) -> bytes:
-    return msgspec.json.encode(revocation)
-
-
-def decode_revocation(value: bytes) -> ApiKeyRevoked:
-    """Raises msgspec.DecodeError (a ValueError) on anything else."""
-    return _revocation_decoder.decode(value)
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.api_keys import PRESENTED_KEY_LENGTH_MAX, decode_revocation, resolve_api_key
+from gateway.api_keys import PRESENTED_KEY_LENGTH_MAX, resolve_api_key
 from gateway.errors import ApiError
 from gateway.logs import tenant_id_var
 from streams.log import EventLog
-from streams.records import LogRecord
+from streams.records import LogRecord, decode_revocation
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The balance view: each tenant's latest balance, and which admitted requests the balance already includes.
 
 Sources, read through the `streams.log.EventLog` contract (Kafka or the embedded Postgres log alike):
-    ledger.balances  from the beginning (compacted: latest `streams.processor.BalanceRecord` per tenant);
+    ledger.balances  from the beginning (compacted: latest `streams.records.BalanceRecord` per tenant);
                      readiness = caught up with the ends this topic had when the view started
     ledger.events    from the end; only the `UsageRecorded` of requests this process watches are
                      decoded (their key, the tenant id, is checked first), to learn their source offset
@@ -48,7 +48,7 @@ from gateway.admission.settings import AdmissionSettings
 from ledger.codec import decode_event
 from ledger.events import InvalidEvent, UsageRecorded
 from streams.log import EventLog, LogRecord
-from streams.processor import BalanceRecord
+from streams.records import BalanceRecord
 from streams.topics import LedgerTopics
 
 logger = logging.getLogger(__name__)

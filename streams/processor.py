@@ -67,7 +67,7 @@ from ledger.entries import Entry, encode_entry
 from ledger.events import InvalidEvent, UsageRecorded
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.usage_index import InMemoryUsageIndex
-from streams.records import LogRecord, partition_for_key
+from streams.records import BalanceRecord, DeadLetter, LogRecord, partition_for_key
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +82,6 @@ OUTBOX_COMPRESS_BYTES_MIN = 16 * 1024
 class OutputRecord:
     key: bytes
     value: bytes
-
-
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    """What `ledger.dlq` holds for a rejected record: why, where it came from, and its bytes."""
-
-    reason: str
-    source_topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None  # base64 in JSON
-    value: bytes | None
-
-
-class BalanceRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The latest balance of a tenant, on the compacted `ledger.balances` (key = tenant id)."""
-
-    tenant_id: str
-    balance: int
-    overage: int
-    as_of: int  # epoch ms the balance is computed at
-    applied_offset: int  # highest source offset folded in
-    # (expires_at, remaining) of the blocks in `balance` that expire, so admission can stop counting a
-    # block at its expiry, before the forfeit is published (gateway.ledger_view). Empty in older records.
-    expiring: tuple[tuple[int, int], ...] = ()
 
 
 class Outbox(msgspec.Struct, frozen=True, array_like=True):

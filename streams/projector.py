@@ -48,8 +48,7 @@ from ledger.events import CreditExpired, Event, InvalidEvent
 from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
 from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.log import KafkaLog
-from streams.processor import BalanceRecord, DeadLetter
-from streams.records import LogPosition, LogRecord
+from streams.records import BalanceRecord, DeadLetter, LogPosition, LogRecord
 from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs

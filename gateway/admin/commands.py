@@ -22,9 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.admin.errors import AdminError
 from gateway.admin.models import GrantCreate, TenantCreate
-from gateway.api_keys import ApiKeyRevoked, GeneratedKey, generate_api_key
+from gateway.api_keys import GeneratedKey, generate_api_key
 from ledger.events import TENANT_CREDIT_MAX, CreditGranted, GrantVoided
 from storage.tenants import ApiKey, Grant, Tenant
+from streams.records import ApiKeyRevoked
 
 
 async def create_tenant(

@@ -42,9 +42,9 @@ from gateway.admin.models import (
 )
 from gateway.admin.publisher import EventPublisher
 from gateway.admin.settings import AdminSettings, resolve_admin_token
-from gateway.api_keys import encode_revocation
 from ledger.events import Event
 from storage.tenants import Grant, Tenant
+from streams.records import encode_revocation
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,10 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.admin import AdminSettings, build_admin_router
-from gateway.api_keys import ApiKeyRevoked, encode_revocation
 from gateway.auth import KeyRevocationFeed, TenantKeyCache, authenticate
 from gateway.errors import ApiError
 from streams.embedded_log import PostgresLog
-from streams.records import LogRecord
+from streams.records import ApiKeyRevoked, LogRecord, encode_revocation
 from streams.settings import StreamSettings
 
 pytestmark = pytest.mark.postgres

@@ -17,7 +17,7 @@ import msgspec
 
 from ledger.codec import decode_input_event
 from ledger.events import CreditGranted, UsageRecorded
-from streams.processor import BalanceRecord
+from streams.records import BalanceRecord
 from streams.topics import LedgerTopics
 from tests.ledger import oracle
 from tests.simulation.log import SimulatedLog

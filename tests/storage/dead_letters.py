@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from streams.processor import DeadLetter
-from streams.records import LogPosition
+from streams.records import DeadLetter, LogPosition
 from streams.spool import OutgoingRecord
 
 

@@ -15,7 +15,7 @@ from storage.projections import Balance, LedgerEntry
 from streams.embedded_log import PostgresLog
 from streams.embedded_processor import EmbeddedProcessor
 from streams.embedded_projector import EmbeddedProjector
-from streams.processor import BalanceRecord
+from streams.records import BalanceRecord
 from tests.streams.helpers import after_first_grants, stream_settings
 
 NOW = 1_800_000_000_000

@@ -11,8 +11,8 @@ import pytest
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
 from ledger.tenant import Book
-from streams.processor import BalanceRecord, DeadLetter, LedgerProcessor
-from streams.records import LogRecord
+from streams.processor import LedgerProcessor
+from streams.records import BalanceRecord, DeadLetter, LogRecord
 from streams.replay import DictState
 
 TOPIC = "ledger.events"

@@ -14,8 +14,7 @@ from gateway.admission.metrics import AdmissionMetrics
 from gateway.ledger_view import LedgerView
 from ledger.codec import encode_event
 from ledger.events import UsageRecorded
-from streams.processor import BalanceRecord
-from streams.records import LogRecord, partition_for_key
+from streams.records import BalanceRecord, LogRecord, partition_for_key
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics
 
