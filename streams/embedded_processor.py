@@ -11,7 +11,6 @@ stream time is committed with its outputs like any batch's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -93,14 +92,15 @@ class EmbeddedProcessor:
 
     async def run(self, stop: asyncio.Event) -> None:
         last_sweep = 0.0
+        topics = [self.log.topics.events]
         while not stop.is_set():
+            mark = self.log.append_mark(topics)  # before reading: an append after it ends the wait below
             read = await self.step()
             if time.monotonic() - last_sweep >= self.expiry_sweep_interval_ms / 1000:
                 await self.sweep_expiries()
                 last_sweep = time.monotonic()
             if not read:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=0.05)
+                await self.log.wait_for_append(topics, mark, stop)
 
     async def _commit(self, output: ProcessorOutput, partition: int, next_offset: int | None) -> None:
         topics = self.log.topics

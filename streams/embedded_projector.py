@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,7 +38,8 @@ class EmbeddedProjector:
         return len(records)
 
     async def run(self, stop: asyncio.Event) -> None:
+        topics = [self.log.topics.events, self.log.topics.entries, self.log.topics.balances]
         while not stop.is_set():
+            mark = self.log.append_mark(topics)  # before reading: an append after it ends the wait below
             if not await self.step():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=0.1)
+                await self.log.wait_for_append(topics, mark, stop)

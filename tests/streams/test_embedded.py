@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import statistics
+import time
 
 import msgspec
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import func, select
 
 from ledger.events import CreditGranted, UsageRecorded
@@ -15,7 +19,8 @@ from storage.projections import Balance, LedgerEntry
 from streams.embedded_log import PostgresLog
 from streams.embedded_processor import EmbeddedProcessor
 from streams.embedded_projector import EmbeddedProjector
-from streams.records import BalanceRecord
+from streams.records import BalanceRecord, partition_for_key
+from streams.spool import OutgoingRecord
 from tests.streams.helpers import after_first_grants, stream_settings
 
 NOW = 1_800_000_000_000
@@ -39,6 +44,7 @@ async def embedded(database_url, database_settings, topic_prefix, tmp_path):
     event_log = PostgresLog(engine, stream_settings("unused:9092", topic_prefix, tmp_path))
     await event_log.start()
     yield event_log, build_session_factory(engine)
+    await event_log.stop()
     await engine.dispose()
 
 
@@ -148,3 +154,104 @@ async def test_the_sweep_publishes_the_expiry_of_a_quiet_tenant(embedded):
     [expired] = await expiries()
     assert (expired["grant_id"], expired["amount"]) == ("g", 40)
     assert (await latest_balances(event_log))["quiet"].balance == 0
+
+
+# ------------------------------------------------------------------ waking readers: LISTEN/NOTIFY, not polling
+
+APPEND_TO_TAIL_P99_MS_MAX = 50
+LATENCY_APPENDS = 50
+IDLE_WINDOW_S = 1.5
+
+
+def count_statements(engine) -> list[str]:
+    statements: list[str] = []
+    sqlalchemy_event.listen(engine.sync_engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    return statements
+
+
+async def test_an_idle_tail_runs_no_queries_and_an_append_from_another_log_wakes_it(embedded):
+    """The defect: every tail (and the processor and projector) read each partition of its topic every
+    100 ms while idle. Now an idle tail waits for a notification; the writer here is a second PostgresLog
+    (as another process would be), so only NOTIFY can wake the reader."""
+    reader, _ = embedded
+    writer = PostgresLog(reader.engine, reader.settings)  # its own listener and wake-ups, as in another process
+    statements = count_statements(reader.engine)
+    topic = reader.topics.balances
+    tail = reader.tail(topic, from_beginning=False).__aiter__()
+    first = asyncio.create_task(tail.__anext__())
+    await asyncio.sleep(0.3)  # the tail took its position and went to sleep
+    statements.clear()
+    await asyncio.sleep(IDLE_WINDOW_S)
+    assert statements == [], "an idle tail queries nothing"
+    try:
+        await writer.append_many([OutgoingRecord(topic, b"acme", b"woken")])
+        [record] = await asyncio.wait_for(first, timeout=5)  # well below the idle re-check interval
+        assert record.value == b"woken"
+    finally:
+        await tail.aclose()
+        await writer.stop()
+
+
+async def test_an_appended_record_reaches_a_tail_in_another_log_within_50_ms_at_p99(database_url, database_settings,
+                                                                                       topic_prefix, tmp_path):
+    settings = stream_settings("unused:9092", topic_prefix, tmp_path)
+    writer_engine = build_async_engine(database_url, database_settings)
+    reader_engine = build_async_engine(database_url, database_settings)
+    writer, reader = PostgresLog(writer_engine, settings), PostgresLog(reader_engine, settings)
+    await writer.start()
+    topic = writer.topics.balances
+    received: asyncio.Queue = asyncio.Queue()
+
+    async def follow():
+        async for batch in reader.tail(topic, from_beginning=False):
+            for record in batch:
+                received.put_nowait((record.value, time.perf_counter()))
+
+    follower = asyncio.create_task(follow())
+    try:
+        await asyncio.sleep(0.5)  # the tail listens and took its position
+        latencies_ms = []
+        for number in range(LATENCY_APPENDS):
+            value = f"r{number}".encode()
+            started = time.perf_counter()
+            await writer.append_many([OutgoingRecord(topic, f"tenant-{number % 7}".encode(), value)])
+            got, at = await asyncio.wait_for(received.get(), timeout=5)
+            assert got == value
+            latencies_ms.append((at - started) * 1000)
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await reader.stop()
+        await writer.stop()
+        await writer_engine.dispose()
+        await reader_engine.dispose()
+    p99_ms = statistics.quantiles(latencies_ms, n=100)[98]
+    assert p99_ms < APPEND_TO_TAIL_P99_MS_MAX, f"append -> tail p99 {p99_ms:.1f} ms ({sorted(latencies_ms)[-5:]})"
+
+
+async def test_one_query_reads_every_partition_and_a_busy_partition_does_not_starve_the_rest(embedded):
+    event_log, _ = embedded
+    topic = event_log.topics.entries
+    busy = b"busy-tenant"
+    quiet = next(key for n in range(100) if partition_for_key(key := f"quiet-{n}".encode(), event_log.partitions)
+                 != partition_for_key(busy, event_log.partitions))
+    await event_log.append_many([OutgoingRecord(topic, busy, f"b{n}".encode()) for n in range(100)])
+    await event_log.append_many([OutgoingRecord(topic, quiet, b"q0")])
+    statements = count_statements(event_log.engine)
+    positions = dict.fromkeys(range(event_log.partitions), 0)
+    records = await event_log.read_partitions(topic, positions, 12)
+    assert len([s for s in statements if "log_records" in s]) == 1, "one query for every partition"
+    assert len(records) <= 12
+    assert b"q0" in [r.value for r in records], "the quiet partition is read alongside the busy one"
+    busy_values = [r.value for r in records if r.key == busy]
+    assert busy_values == [f"b{n}".encode() for n in range(len(busy_values))], "in offset order"
+
+
+async def test_a_waiter_misses_no_append_made_between_its_read_and_its_wait(embedded):
+    event_log, _ = embedded
+    topics = [event_log.topics.events]
+    mark = event_log.append_mark(topics)
+    await event_log.append_many([OutgoingRecord(topics[0], b"acme", b"x")])  # lands before the wait starts
+    started = time.monotonic()
+    await event_log.wait_for_append(topics, mark)
+    assert time.monotonic() - started < 0.5, "returns at once, not after the idle re-check"

@@ -35,6 +35,7 @@ async def event_log(request, topic_prefix, tmp_path):
         log = PostgresLog(engine, settings)
         await log.start()
         yield log
+        await log.stop()
         await engine.dispose()
 
 
