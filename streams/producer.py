@@ -38,7 +38,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from ledger.codec import encode_event
 from ledger.events import Event
 from streams.settings import StreamSettings
-from streams.spool import OutgoingRecord, Spool
+from streams.spool import OutgoingRecord, Spool, open_process_spool
 from streams.topics import LedgerTopics
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,13 @@ class PublishReceipt:
         return self.spool_seq is not None
 
 
+def open_spool(settings: StreamSettings) -> Spool:
+    """The file spool_path names when set; otherwise this process's own spool in spool_dir."""
+    if settings.spool_path is not None:
+        return Spool(settings.spool_path, settings.spool_size_max_bytes)
+    return open_process_spool(settings.spool_dir, settings.spool_size_max_bytes)
+
+
 def _is_retriable(error: BaseException) -> bool:
     """Broker away, leader moving, timeouts: worth spooling. Anything else is the record's own fault."""
     return isinstance(error, KafkaTimeoutError) or (isinstance(error, KafkaError) and error.retriable)
@@ -108,9 +115,7 @@ class EventProducer:
         """Open the spool and connect. An unreachable broker is not an error: publishing spools."""
         assert not self._started, "EventProducer.start() called twice"
         if self._spool is None:
-            self._spool = await asyncio.to_thread(
-                Spool, self.settings.spool_path, self.settings.spool_size_max_bytes
-            )
+            self._spool = await asyncio.to_thread(open_spool, self.settings)
         self._mode_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()

@@ -37,8 +37,11 @@ class StreamSettings(BaseSettings):
     # How long stop() lets the Kafka client flush before it gives up (spooled events stay on disk).
     producer_close_timeout_ms: int = Field(default=5_000, ge=10)
 
-    # The durable spool for events the broker did not acknowledge (one file per producer process).
-    spool_path: Path = Path("var/tollgate/producer-spool.sqlite3")
+    # The durable spool for events the broker did not acknowledge: each process has its own file in
+    # spool_dir (producer-<pid>.sqlite3) and adopts the files of dead processes there on start;
+    # spool_path, when set, names one file instead (one process at a time).
+    spool_dir: Path = Path("var/tollgate/spool")
+    spool_path: Path | None = None
     spool_size_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     # Resending from the spool: bounded batches, exponential backoff while the broker stays away.
     resend_batch_max: int = Field(default=500, ge=1, le=100_000)

@@ -8,12 +8,21 @@ The spool is bounded by `size_max_bytes` (the sum of key and value lengths it ho
 raises SpoolFull and takes nothing, so the caller knows the record was not accepted (nothing is ever
 dropped silently). One process owns a spool file at a time (an exclusive lock beside it says so).
 
+Each process has a spool of its own by default (`open_process_spool`): `<name>-<pid>.sqlite3` in the spool
+directory, so any number of producers can share one directory. Durability across restarts: on opening, a
+process adopts every other spool file of the directory whose lock it can take (the lock is an flock,
+released by the kernel when its owner dies however it died, so a free lock means a dead owner): it copies
+the orphan's records into its own spool in their order (one transaction), then deletes the orphan. Two
+processes starting together never adopt the same file (only one of them gets its lock). A record copied
+but not yet deleted when a crash strikes is sent twice; event ids make the second one a no-op.
+
 The methods are blocking (one SQLite transaction each); async callers run them in a worker thread.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -35,10 +44,18 @@ CREATE TABLE IF NOT EXISTS spooled_record (
 
 
 _PARAMETERS_PER_STATEMENT_MAX = 900  # below SQLite's bound-parameter limit on every build
+SPOOL_SUFFIX = ".sqlite3"
+_SIDE_FILE_SUFFIXES = ("-wal", "-shm", ".lock")  # SQLite's WAL files and our lock, beside a spool file
+
+log = logging.getLogger(__name__)
 
 
 class SpoolError(RuntimeError):
     """The spool cannot be used (another process holds it, or it is closed)."""
+
+
+class SpoolLocked(SpoolError):
+    """Another live process holds this spool file."""
 
 
 class SpoolFull(SpoolError):
@@ -89,7 +106,10 @@ class Spool:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.close()
-            raise SpoolError(f"spool {path} is in use by another process (one spool file per producer)") from None
+            raise SpoolLocked(
+                f"spool {path} is in use by another process: give each producer its own file "
+                "(unset TOLLGATE_SPOOL_PATH to get one per process in TOLLGATE_SPOOL_DIR)"
+            ) from None
         lock_file.truncate(0)
         lock_file.write(f"{os.getpid()}\n")
         lock_file.flush()
@@ -177,6 +197,53 @@ class Spool:
             self._connection = None
             self._lock_file.close()
 
+    def delete(self) -> None:
+        """Close and remove the spool's files; the lock is released last, so no process opens them meanwhile."""
+        with self._mutex:
+            self._check_open()
+            self._connection.close()
+            self._connection = None
+            for suffix in ("", *_SIDE_FILE_SUFFIXES):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            self._lock_file.close()
+
     def _check_open(self) -> None:
         if self._connection is None:
             raise SpoolError(f"spool {self.path} is closed")
+
+
+def open_process_spool(directory: Path, size_max_bytes: int, *, name: str = "producer") -> Spool:
+    """This process's own spool in `directory`, `<name>-<pid>.sqlite3`, after adopting the records of every
+    spool there whose owner is gone (see the module docstring)."""
+    directory = Path(directory)
+    spool = Spool(directory / f"{name}-{os.getpid()}{SPOOL_SUFFIX}", size_max_bytes)
+    try:
+        for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
+            if path != spool.path:
+                try:
+                    adopt_orphan(spool, path)
+                except SpoolFull as error:
+                    log.warning("left orphaned spool %s in place: %s", path, error)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+def adopt_orphan(spool: Spool, orphan_path: Path) -> int:
+    """Move the records of `orphan_path` into `spool` if no live process owns it; how many were moved.
+    An orphan too big for `spool`'s room stays where it is (SpoolFull), whole."""
+    try:
+        orphan = Spool(orphan_path, size_max_bytes=2**62)  # takes its lock: fails while its owner lives
+    except SpoolLocked:
+        return 0
+    try:
+        records = orphan.oldest(2**62) if orphan.count() else []
+        if records:
+            spool.append([OutgoingRecord(r.topic, r.key, r.value) for r in records])
+            log.warning("adopted %d unsent records from %s (its process is gone)", len(records), orphan_path)
+        orphan.delete()
+    except BaseException:
+        orphan.close()
+        raise
+    return len(records)
