@@ -12,7 +12,7 @@ Modules, in the order data flows:
     sampler       greedy / temperature + top-p, per-request seeded generators
     detokenizer   incremental text with stop sequences held back
     engine        Engine: add_request / abort_request / step (schedule -> execute -> update)
-    async_engine  AsyncEngine: the step loop on a thread, RequestStream per request on asyncio
+    engine_loop   EngineLoop: the step loop on a thread, RequestStream per request on asyncio
     metrics       WorkerMetrics (Prometheus, one registry per worker)
     usage         build_usage_event: UsageRecorded priced in integer credits
     internal_auth the gateway -> worker shared secret (TOLLGATE_INTERNAL_TOKEN), one definition

@@ -2,7 +2,7 @@
 
 `Engine` is synchronous and owns the model, the KV cache and the scheduler. `add_request` and
 `abort_request` may be called from any thread (they take the engine's lock); `step()` is called by one
-thread at a time (the serving loop in `inference.async_engine`, or a test). A cancel is applied at the
+thread at a time (the serving loop in `inference.engine_loop`, or a test). A cancel is applied at the
 start and at the end of the next step, so its slot and cache are free for the step after.
 
 No request can take the engine down with it: `add_request` checks everything (and builds the torch

@@ -30,7 +30,7 @@ it: a client never sees the end of a response whose usage could be lost by a cra
 fails or times out (`usage_emit_timeout_ms`) the last line is `usage_not_recorded` instead of done.
 Publishes still pending at shutdown are waited for (`shutdown_drain_timeout_ms`).
 
-Self-healing. A dead engine loop is rebuilt (inference.async_engine); when health stays failed for
+Self-healing. A dead engine loop is rebuilt (inference.engine_loop); when health stays failed for
 `health_failed_exit_ms` (restarts used up), the process ends so its supervisor starts a fresh one.
 Run it with `python -m inference.worker` (publishes usage through streams.producer.EventProducer).
 """
@@ -57,8 +57,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from inference.async_engine import AsyncEngine, EngineFailed, RequestStream
 from inference.engine import Engine, GenerationRequest, RequestOutput
+from inference.engine_loop import EngineFailed, EngineLoop, RequestStream
 from inference.internal_auth import InternalAuthSettings, InternalTokenMissing, check_token, token_matches
 from inference.metrics import WorkerMetrics
 from inference.request import SEED_MAX, SEED_MIN, FinishReason, InvalidRequest, Overloaded, TokenLogprob
@@ -176,7 +176,7 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings, engine: Engine, emit_usage: EmitUsage) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics(kv_cache_bytes=engine.cache.bytes_total)
-        self.async_engine = AsyncEngine(
+        self.engine_loop = EngineLoop(
             engine,
             self.metrics,
             restarts_max=settings.engine_restarts_max,
@@ -187,7 +187,7 @@ class WorkerRuntime:
     @property
     def engine(self) -> Engine:
         """The engine serving now (a restart replaces it)."""
-        return self.async_engine.engine
+        return self.engine_loop.engine
 
     def submit(self, body: GenerateBody) -> tuple[RequestStream, RequestUsage]:
         price = self.settings.prices[self.settings.model_name]
@@ -223,7 +223,7 @@ class WorkerRuntime:
             frequency_penalty=body.frequency_penalty,
         )
         usage = RequestUsage(self.usage, build_event)
-        return self.async_engine.submit(generation, on_finished=usage.on_finished), usage
+        return self.engine_loop.submit(generation, on_finished=usage.on_finished), usage
 
 
 class CancellingStreamingResponse(StreamingResponse):
@@ -374,11 +374,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = engine or await asyncio.to_thread(Engine.from_checkpoint, settings.checkpoint_dir, settings.engine)
         runtime = WorkerRuntime(settings, loaded, emit_usage)
-        await runtime.async_engine.start()
+        await runtime.engine_loop.start()
         app.state.runtime = runtime
         watchdog = asyncio.create_task(
             watch_health(
-                lambda: runtime.async_engine.healthy,
+                lambda: runtime.engine_loop.healthy,
                 settings.health_failed_exit_ms,
                 settings.health_check_interval_ms,
                 fatal,
@@ -388,7 +388,7 @@ def create_app(
             yield
         finally:
             watchdog.cancel()  # first: stopping the engine makes health fail on purpose
-            await runtime.async_engine.stop()
+            await runtime.engine_loop.stop()
             await runtime.usage.drain(settings.shutdown_drain_timeout_ms)
 
     app = FastAPI(title="Tollgate inference worker", lifespan=lifespan)
@@ -434,7 +434,7 @@ def create_app(
     async def health(runtime: Runtime) -> JSONResponse:
         engine_ = runtime.engine
         waiting, running = engine_.queue_depth()
-        healthy = runtime.async_engine.healthy
+        healthy = runtime.engine_loop.healthy
         return JSONResponse(
             {
                 "status": "ok" if healthy else "failed",
@@ -446,7 +446,7 @@ def create_app(
                 "running": running,
                 "waiting_queue_depth_max": settings.engine.waiting_queue_depth_max,
                 "running_sequences_max": settings.engine.running_sequences_max,
-                "engine_restarts": runtime.async_engine.restarts,
+                "engine_restarts": runtime.engine_loop.restarts,
             },
             status_code=200 if healthy else 503,
         )

@@ -55,7 +55,7 @@ def rebuild_engine(failed: Engine) -> Engine:
 class RequestStream:
     def __init__(self, request_id: str, engine: Engine) -> None:
         self.request_id = request_id
-        self._engine = engine  # the engine it was submitted to (a restart replaces the AsyncEngine's)
+        self._engine = engine  # the engine it was submitted to (a restart replaces the EngineLoop's)
         self._outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()  # at most max_tokens + 1 items
         self._finished = False
         self.submitted_at = time.monotonic()
@@ -103,7 +103,7 @@ class RequestStream:
         return item
 
 
-class AsyncEngine:
+class EngineLoop:
     def __init__(
         self,
         engine: Engine,
