@@ -393,11 +393,15 @@ async def serve(settings: ProcessorSettings) -> None:
             await engine.stop()
 
 
-def run_worker(settings: ProcessorSettings | None = None, *, loglevel: str = "INFO") -> None:
+def run_processor(settings: ProcessorSettings | None = None, *, loglevel: str = "INFO") -> None:
     """Run one stream processor in this process until it is stopped (SIGTERM/SIGINT)."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(settings or ProcessorSettings()))
 
 
+# Old name, kept only for tollgate.cli until it calls run_processor (its owner changes that line).
+run_worker = run_processor
+
+
 if __name__ == "__main__":
-    run_worker()
+    run_processor()

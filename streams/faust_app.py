@@ -198,12 +198,16 @@ def create_app(settings: ProcessorSettings) -> faust.App:
     return app
 
 
-def run_worker(settings: ProcessorSettings | None = None, *, loglevel: str = "INFO") -> None:
+def run_processor(settings: ProcessorSettings | None = None, *, loglevel: str = "INFO") -> None:
     """Run one stream processor in this process until it is stopped (SIGTERM/SIGINT)."""
     app = create_app(settings or ProcessorSettings())
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
 
 
+# Old name, kept only for tollgate.cli until it calls run_processor (its owner changes that line).
+run_worker = run_processor
+
+
 if __name__ == "__main__":
-    run_worker()
+    run_processor()
