@@ -6,7 +6,7 @@ Modules, in the order data flows:
     model         GPT-2 layout (GPT, GPTConfig), KVCache (preallocated slots), PackedBatch, checkpoints
     llama         Llama layout (Llama, LlamaConfig) on the same cache and packed attention
     checkpoint    load_model(directory, device, dtype): picks the layout from config.json
-    request       Request, SamplingParams, FinishReason, InvalidRequest, Overloaded
+    request       Request, SamplingParams, FinishReason, InvalidRequest, WaitingQueueFull
     queue_policy  waiting-queue order: FCFS, or priority by tier with aging (create_waiting_queue)
     scheduler     Scheduler: token budget, chunked prefill, running cap, cache-slot admission
     sampler       greedy / temperature + top-p, per-request seeded generators

@@ -168,7 +168,7 @@ class Engine:
     # ---- called from any thread -------------------------------------------------------------------
 
     def add_request(self, generation: GenerationRequest) -> Request:
-        """Validate and queue; raises InvalidRequest (bad input) or Overloaded (queue full) at once.
+        """Validate and queue; raises InvalidRequest (bad input) or WaitingQueueFull at once.
 
         Every check, and everything that can fail (the generator for `seed`), happens before the
         scheduler sees the request, and nothing that can fail comes after: a refused request leaves
@@ -195,7 +195,7 @@ class Engine:
                 arrival_ms=self._clock_ms(),
                 arrival_index=self._arrivals,
             )
-            self.scheduler.add_request(request)  # raises Overloaded when the waiting queue is full (nothing added)
+            self.scheduler.add_request(request)  # raises WaitingQueueFull (nothing added)
             self._detokenizers[request.request_id] = detokenizer
             if generator is not None:
                 self._generators[request.request_id] = generator

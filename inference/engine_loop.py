@@ -1,8 +1,8 @@
 """The engine served to asyncio: a step loop on its own thread, outputs delivered per request on the event loop.
 
-`submit()` answers at once (InvalidRequest / Overloaded raise before anything is queued), and returns a
-`RequestStream`: iterate it for `RequestOutput`s; `cancel()` (or leaving the stream early and calling
-cancel, as the worker does on client disconnect) aborts the request within one engine step. Every
+`submit()` answers at once (InvalidRequest / WaitingQueueFull raise before anything is queued), and
+returns a `RequestStream`: iterate it for `RequestOutput`s; `cancel()` (or leaving the stream early and
+calling cancel, as the worker does on client disconnect) aborts the request within one engine step. Every
 request ends with exactly one finished output, and `on_finished` is called with it once, on the loop.
 
 Delivery is per output: an output that cannot be delivered (a bug: an unknown request id, a failing

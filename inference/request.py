@@ -22,7 +22,7 @@ class InvalidRequest(ValueError):
     """Bad input from the caller; the message names the field."""
 
 
-class Overloaded(RuntimeError):
+class WaitingQueueFull(RuntimeError):
     """The waiting queue is full; the caller may retry later."""
 
 

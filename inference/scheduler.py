@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from inference.model import KVCache
 from inference.queue_policy import WaitingQueue
-from inference.request import FinishReason, Overloaded, Request, RequestStatus
+from inference.request import FinishReason, Request, RequestStatus, WaitingQueueFull
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Scheduler:
             "request exceeds the cache context; the engine validates this before adding"
         )
         if len(self.waiting) >= self.waiting_queue_depth_max:
-            raise Overloaded(f"waiting queue is full ({self.waiting_queue_depth_max} requests)")
+            raise WaitingQueueFull(f"waiting queue is full ({self.waiting_queue_depth_max} requests)")
         self.requests[request.request_id] = request
         self.waiting.add(request)
 

@@ -61,7 +61,7 @@ from inference.engine import Engine, GenerationRequest, RequestOutput
 from inference.engine_loop import EngineFailed, EngineLoop, RequestStream
 from inference.internal_auth import InternalAuthSettings, InternalTokenMissing, check_token, token_matches
 from inference.metrics import WorkerMetrics
-from inference.request import SEED_MAX, SEED_MIN, FinishReason, InvalidRequest, Overloaded, TokenLogprob
+from inference.request import SEED_MAX, SEED_MIN, FinishReason, InvalidRequest, TokenLogprob, WaitingQueueFull
 from inference.sampler import LOGPROB_MIN
 from inference.settings import WorkerSettings
 from inference.usage import build_usage_event
@@ -410,7 +410,7 @@ def create_app(
             return _error(400, "invalid_request", f"prompt is longer than {settings.prompt_chars_max} characters")
         try:
             request_stream, usage = runtime.submit(body)
-        except Overloaded as error:
+        except WaitingQueueFull as error:
             runtime.metrics.overloaded.inc()
             return JSONResponse(
                 {"error": "overloaded", "message": str(error), "retryable": True},

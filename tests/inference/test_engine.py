@@ -19,7 +19,7 @@ from inference.request import (
     TOP_LOGPROBS_MAX,
     FinishReason,
     InvalidRequest,
-    Overloaded,
+    WaitingQueueFull,
 )
 from tests.inference.conftest import (
     completion_text,
@@ -208,7 +208,7 @@ def test_full_queue_answers_overloaded(make_engine):
     engine = make_engine(running_sequences_max=1, waiting_queue_depth_max=2)
     for index in range(2):
         engine.add_request(greedy(index, "The"))
-    with pytest.raises(Overloaded):
+    with pytest.raises(WaitingQueueFull):
         engine.add_request(greedy(9, "The"))
 
 

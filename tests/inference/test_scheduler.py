@@ -7,7 +7,7 @@ import torch
 
 from inference.model import GPTConfig, KVCache
 from inference.queue_policy import FcfsQueue, PriorityAgingQueue, create_waiting_queue
-from inference.request import FinishReason, Overloaded, Request, SamplingParams
+from inference.request import FinishReason, Request, SamplingParams, WaitingQueueFull
 from inference.scheduler import Scheduler
 
 CONFIG = GPTConfig(vocab_size=64, block_size=256, n_layer=1, n_head=1, n_embd=8)
@@ -95,7 +95,7 @@ def test_full_waiting_queue_refuses_at_once():
     scheduler = make_scheduler(depth_max=2)
     scheduler.add_request(make_request("a", prompt_tokens=1))
     scheduler.add_request(make_request("b", prompt_tokens=1))
-    with pytest.raises(Overloaded, match="waiting queue is full"):
+    with pytest.raises(WaitingQueueFull, match="waiting queue is full"):
         scheduler.add_request(make_request("c", prompt_tokens=1))
     assert set(scheduler.requests) == {"a", "b"}
 
