@@ -64,7 +64,7 @@ class ConflictingEvent(InvalidEvent):
 
 
 @dataclass(slots=True)
-class Block:
+class CreditBlock:
     """A credit block and what has happened to it. `consumed` is over all applied usage."""
 
     grant_id: str
@@ -103,7 +103,7 @@ class Block:
         return self.effective_at <= t < self.end
 
 
-class BlockView(NamedTuple):
+class CreditBlockAt(NamedTuple):
     grant_id: str
     amount: int
     remaining: int
@@ -140,8 +140,8 @@ class Account:
 
     def __init__(self, tenant_id: str) -> None:
         self.tenant_id = tenant_id
-        self.blocks: dict[str, Block] = {}
-        self._ordered: list[tuple[tuple[int, int, int, str], Block]] = []  # by drawing order
+        self.blocks: dict[str, CreditBlock] = {}
+        self._ordered: list[tuple[tuple[int, int, int, str], CreditBlock]] = []  # by drawing order
         self._pending_voids: dict[str, int] = {}  # voids that arrived before their grant
         self._grant_event_ids: dict[str, str] = {}  # grant id -> event id of its CreditGranted
         # Segment j covers [bounds[j-1], bounds[j]); segment 0 is everything before the first boundary.
@@ -153,7 +153,7 @@ class Account:
         self._segment_overage: list[int] = [0]
         # Segments after the frontier hold no usage; allocations are computed up to it.
         self._frontier = 0
-        self._frontier_active: list[Block] = []
+        self._frontier_active: list[CreditBlock] = []
         self._frontier_cursor = 0  # blocks before it in _frontier_active are exhausted
         self.overage_total = 0
         self.granted_total = 0  # every block's amount, voided and expired ones too: <= TENANT_CREDIT_MAX
@@ -227,7 +227,7 @@ class Account:
                 f"amount: {event.amount} would take the tenant's total granted ({self.granted_total}) "
                 f"above TENANT_CREDIT_MAX ({TENANT_CREDIT_MAX})"
             )
-        block = Block(
+        block = CreditBlock(
             grant_id=grant_id,
             amount=event.amount,
             effective_at=event.effective_at,
@@ -325,7 +325,7 @@ class Account:
             self._frontier += 1
         return segment if usage > 0 and right[0] > 0 else NEVER
 
-    def _active_blocks(self, segment: int) -> list[Block]:
+    def _active_blocks(self, segment: int) -> list[CreditBlock]:
         start = self._segment_start(segment)
         return [block for _, block in self._ordered if block.effective_at <= start < block.end]
 
@@ -467,7 +467,7 @@ class Account:
             if block.reported_end_kind is None and block.end <= stream_time:
                 entries.append(self._publish_end(block))
 
-    def _publish_end(self, block: Block) -> Entry:
+    def _publish_end(self, block: CreditBlock) -> Entry:
         kind = block.end_kind
         amount = block.remaining
         block.reported_end_kind = kind
@@ -553,11 +553,13 @@ class Account:
     def overage_at(self, t: int, index: UsageIndex) -> int:
         return self._consumption_through(t, index)[1]
 
-    def blocks_at(self, t: int, index: UsageIndex) -> list[BlockView]:
+    def blocks_at(self, t: int, index: UsageIndex) -> list[CreditBlockAt]:
         """The blocks that count at t, in drawing order, with what remains of each."""
         consumed, _ = self._consumption_through(t, index)
         return [
-            BlockView(b.grant_id, b.amount, b.amount - consumed.get(b.grant_id, 0), b.effective_at, b.expires_at, b.priority)
+            CreditBlockAt(
+                b.grant_id, b.amount, b.amount - consumed.get(b.grant_id, 0), b.effective_at, b.expires_at, b.priority
+            )
             for _, b in self._ordered
             if b.active_at(t)
         ]
@@ -639,7 +641,7 @@ class Account:
     def from_state(cls, state: AccountState) -> Account:
         account = cls(state.tenant_id)
         for s in state.blocks:
-            block = Block(
+            block = CreditBlock(
                 s.grant_id, s.amount, s.effective_at, s.expires_at, s.priority, s.voided_at, s.consumed,
                 s.reported_end_kind, s.reported_end_amount, s.reported_end_entry_id,
             )
@@ -673,7 +675,7 @@ def _allocations(deltas: dict[str, int]) -> tuple[Allocation, ...]:
     return tuple(Allocation(grant_id, amount) for grant_id, amount in sorted(deltas.items()))
 
 
-def _same_terms(block: Block, event: CreditGranted) -> bool:
+def _same_terms(block: CreditBlock, event: CreditGranted) -> bool:
     return (block.amount, block.effective_at, block.expires_at, block.priority) == (
         event.amount,
         event.effective_at,

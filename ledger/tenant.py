@@ -6,7 +6,7 @@ durable index instead.
 
 from __future__ import annotations
 
-from ledger.account import Account, BlockView, Statement, Totals
+from ledger.account import Account, CreditBlockAt, Statement, Totals
 from ledger.entries import Entry
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
 from ledger.usage_index import InMemoryUsageIndex
@@ -35,7 +35,7 @@ class TenantLedger:
     def overage_at(self, t: int) -> int:
         return self.account.overage_at(t, self.index)
 
-    def blocks_at(self, t: int) -> list[BlockView]:
+    def blocks_at(self, t: int) -> list[CreditBlockAt]:
         return self.account.blocks_at(t, self.index)
 
     def totals_at(self, t: int) -> Totals:

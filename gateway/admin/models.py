@@ -122,7 +122,7 @@ class GrantView(BaseModel):
     void_event_id: str | None
 
 
-class BlockView(BaseModel):
+class CreditBlockView(BaseModel):
     grant_id: str
     amount: int
     remaining: int
@@ -136,7 +136,7 @@ class BalanceView(BaseModel):
     at: int
     balance: int
     overage: int
-    blocks: list[BlockView]
+    blocks: list[CreditBlockView]
 
 
 class EntriesPage(BaseModel):

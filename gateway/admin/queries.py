@@ -9,7 +9,7 @@ from fastapi import HTTPException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.admin.models import BalanceView, BlockView, EntriesPage
+from gateway.admin.models import BalanceView, CreditBlockView, EntriesPage
 from ledger.codec import decode_input_event
 from ledger.events import InvalidEvent
 from ledger.tenant import TenantLedger
@@ -49,7 +49,7 @@ async def balance_at(session: AsyncSession, tenant_id: str, at_ms: int, events_m
         except InvalidEvent as error:  # e.g. a grant id reused with other terms: the fold rejects it
             logger.warning("balance of %s: skipping archived event: %s", tenant_id, error.reason)
     blocks = [
-        BlockView(
+        CreditBlockView(
             grant_id=block.grant_id,
             amount=block.amount,
             remaining=block.remaining,
