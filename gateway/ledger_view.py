@@ -22,7 +22,7 @@ entry would count R neither in the balance nor in the holds for a moment, so thi
 
 Expiring credit: a balance is computed at `as_of` (the fold's stream time), and the processor publishes
 a block's forfeit only after its grace period. The record lists its expiring blocks as
-(expires_at, remaining), so `TenantBalance.spendable_at(now)` stops counting a block at its expiry.
+(expires_at, remaining), so `PublishedBalance.spendable_at(now)` stops counting a block at its expiry.
 That is conservative: usage after as_of that drew on the block is also held, and counted twice.
 
 Staleness: every `view_lag_check_interval_ms` the feed reads the end offsets of both topics. The view
@@ -65,7 +65,7 @@ def wall_clock_ms() -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class TenantBalance:
+class PublishedBalance:
     tenant_id: str
     balance: int  # credit left at as_of_ms
     overage: int
@@ -79,7 +79,7 @@ class TenantBalance:
         return self.balance - expired
 
     @classmethod
-    def from_record(cls, record: BalanceRecord) -> TenantBalance:
+    def from_record(cls, record: BalanceRecord) -> PublishedBalance:
         return cls(
             tenant_id=record.tenant_id,
             balance=record.balance,
@@ -91,7 +91,7 @@ class TenantBalance:
 
 
 # tenant_id, request_id, and the balance that includes the request's usage
-FoldedListener = Callable[[str, str, TenantBalance], None]
+FoldedListener = Callable[[str, str, PublishedBalance], None]
 
 
 class LedgerView:
@@ -106,7 +106,7 @@ class LedgerView:
         self.metrics = metrics or default_metrics()
         self.ready = asyncio.Event()
         self.caught_up_at_ms: int | None = None
-        self._balances: dict[str, TenantBalance] = {}
+        self._balances: dict[str, PublishedBalance] = {}
         self._watched: dict[bytes, dict[str, int | None]] = {}  # tenant key -> request id -> usage offset
         self._listeners: list[FoldedListener] = []
         self._balance_positions = dict.fromkeys(range(partitions), 0)  # next offset to read
@@ -115,7 +115,7 @@ class LedgerView:
 
     # ------------------------------------------------------------------------------------ reading
 
-    def balance(self, tenant_id: str) -> TenantBalance | None:
+    def balance(self, tenant_id: str) -> PublishedBalance | None:
         return self._balances.get(tenant_id)
 
     def staleness_ms(self, now_ms: int) -> int | None:
@@ -163,7 +163,7 @@ class LedgerView:
                     self._balances.pop(record.key.decode(), None)
                 continue
             try:
-                balance = TenantBalance.from_record(_balance_decoder.decode(record.value))
+                balance = PublishedBalance.from_record(_balance_decoder.decode(record.value))
             except (msgspec.ValidationError, msgspec.DecodeError) as error:
                 logger.warning("skipping balance %s[%d]@%d: %s", record.topic, record.partition, record.offset, error)
                 continue
@@ -204,7 +204,7 @@ class LedgerView:
 
     # ------------------------------------------------------------------------------------ helpers
 
-    def _apply_balance(self, partition: int, balance: TenantBalance) -> None:
+    def _apply_balance(self, partition: int, balance: PublishedBalance) -> None:
         current = self._balances.get(balance.tenant_id)
         if current is not None and (current.applied_offset, current.as_of_ms) > (balance.applied_offset, balance.as_of_ms):
             return  # a reprocessed older batch (processor recovery): keep the newer balance
@@ -218,7 +218,7 @@ class LedgerView:
         for request_id in folded:
             self._report_folded(key, request_id, balance)
 
-    def _report_folded(self, key: bytes, request_id: str, balance: TenantBalance) -> None:
+    def _report_folded(self, key: bytes, request_id: str, balance: PublishedBalance) -> None:
         self.unwatch(key.decode(), request_id)
         for listener in self._listeners:
             listener(balance.tenant_id, request_id, balance)

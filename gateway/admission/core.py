@@ -16,7 +16,7 @@ from gateway.admission.metrics import REASON_CREDIT, AdmissionMetrics
 from gateway.admission.rate_limit import RateLimiter
 from gateway.admission.settings import AdmissionSettings
 from gateway.admission.view_guard import too_many_holds
-from gateway.ledger_view import LedgerView, TenantBalance, wall_clock_ms
+from gateway.ledger_view import LedgerView, PublishedBalance, wall_clock_ms
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class AdmissionCore:
             self.metrics.reservations_open.labels(mode=self.mode).dec()
             self.metrics.settled.labels(how=how).inc()
 
-    def _folded(self, tenant_id: str, request_id: str, balance: TenantBalance) -> None:
+    def _folded(self, tenant_id: str, request_id: str, balance: PublishedBalance) -> None:
         """The view's balance now includes the request's usage: the hold has done its job."""
         hold = self.holds.drop(request_id)
         if hold is None:
@@ -146,7 +146,7 @@ class AdmissionCore:
         self.metrics.settled.labels(how="folded").inc()
         self._settled(hold, balance)
 
-    def _settled(self, hold: Hold, balance: TenantBalance) -> None:
+    def _settled(self, hold: Hold, balance: PublishedBalance) -> None:
         """Mode hook: the hold was dropped locally because `balance` includes its usage."""
 
     async def _sweep_forever(self) -> None:

@@ -35,7 +35,7 @@ from gateway.admission.metrics import REASON_STORE_UNAVAILABLE, AdmissionMetrics
 from gateway.admission.settings import AdmissionSettings
 from gateway.admission.strict_store import Settlement, StrictStore
 from gateway.admission.view_guard import require_fresh_view, too_many_holds
-from gateway.ledger_view import LedgerView, TenantBalance, wall_clock_ms
+from gateway.ledger_view import LedgerView, PublishedBalance, wall_clock_ms
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class StrictAdmission(AdmissionCore):
 
     # ---------------------------------------------------------------------------------- settling
 
-    def _settled(self, hold: Hold, balance: TenantBalance) -> None:
+    def _settled(self, hold: Hold, balance: PublishedBalance) -> None:
         try:
             self._settlements.put_nowait(Settlement(hold.request_id, balance))
         except asyncio.QueueFull:

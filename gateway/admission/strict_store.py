@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.ledger_view import TenantBalance
+from gateway.ledger_view import PublishedBalance
 
 NO_BALANCE_OFFSET = -1  # an account row for a tenant no view has a balance for yet
 
@@ -82,10 +82,10 @@ class ReserveResult:
 @dataclass(frozen=True, slots=True)
 class Settlement:
     request_id: str
-    balance: TenantBalance  # includes the request's usage
+    balance: PublishedBalance  # includes the request's usage
 
 
-def _account_parameters(tenant_id: str, balance: TenantBalance | None, now_ms: int) -> dict:
+def _account_parameters(tenant_id: str, balance: PublishedBalance | None, now_ms: int) -> dict:
     if balance is None:
         return {"tenant_id": tenant_id, "balance": 0, "applied_offset": NO_BALANCE_OFFSET, "as_of_ms": -1,
                 "expiring": "[]", "now_ms": now_ms}
@@ -94,10 +94,10 @@ def _account_parameters(tenant_id: str, balance: TenantBalance | None, now_ms: i
             "as_of_ms": balance.as_of_ms, "expiring": expiring, "now_ms": now_ms}
 
 
-def _owner_balance(tenant_id: str, account) -> TenantBalance:
-    """An admission_accounts row as a TenantBalance (overage is not kept there)."""
+def _owner_balance(tenant_id: str, account) -> PublishedBalance:
+    """An admission_accounts row as a PublishedBalance (overage is not kept there)."""
     expiring = tuple((int(expires_at_ms), int(remaining)) for expires_at_ms, remaining in account.expiring)
-    return TenantBalance(tenant_id, account.balance, 0, account.as_of_ms, account.applied_offset, expiring)
+    return PublishedBalance(tenant_id, account.balance, 0, account.as_of_ms, account.applied_offset, expiring)
 
 
 class StrictStore:
@@ -110,7 +110,7 @@ class StrictStore:
         tenant_id: str,
         request_id: str,
         amount: int,
-        view_balance: TenantBalance | None,
+        view_balance: PublishedBalance | None,
         now_ms: int,
         expires_at_ms: int,
         holds_max: int,
@@ -132,7 +132,7 @@ class StrictStore:
 
     async def settle(self, settlements: Sequence[Settlement], now_ms: int) -> None:
         """Raise each tenant's row to the newest balance reported, then delete the holds it includes."""
-        newest: dict[str, TenantBalance] = {}
+        newest: dict[str, PublishedBalance] = {}
         for settlement in settlements:
             balance = settlement.balance
             current = newest.get(balance.tenant_id)
