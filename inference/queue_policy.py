@@ -23,9 +23,6 @@ class WaitingQueue(ABC):
     def add(self, request: Request) -> None: ...
 
     @abstractmethod
-    def peek(self) -> Request: ...
-
-    @abstractmethod
     def pop(self) -> Request: ...
 
     @abstractmethod
@@ -45,10 +42,6 @@ class FcfsQueue(WaitingQueue):
 
     def add(self, request: Request) -> None:
         self._requests.append(request)
-
-    def peek(self) -> Request:
-        assert self._requests, "peek() on an empty queue"
-        return self._requests[0]
 
     def pop(self) -> Request:
         assert self._requests, "pop() on an empty queue"
@@ -78,10 +71,6 @@ class PriorityAgingQueue(WaitingQueue):
 
     def add(self, request: Request) -> None:
         heapq.heappush(self._heap, (*self.sort_key(request), request))
-
-    def peek(self) -> Request:
-        assert self._heap, "peek() on an empty queue"
-        return self._heap[0][2]
 
     def pop(self) -> Request:
         assert self._heap, "pop() on an empty queue"

@@ -199,7 +199,7 @@ class Account:
         index.record(event_id, occurred_at, amount)
         entries: list[Entry] = [
             UsageAllocated(
-                entry_id=f"{self.tenant_id}/usage/{event_id}",  # entries.usage_entry_id, inlined: hot path
+                entry_id=f"{self.tenant_id}/usage/{event_id}",  # the one place a usage entry id is formed
                 tenant_id=self.tenant_id,
                 event_id=event_id,
                 occurred_at=occurred_at,

@@ -87,10 +87,6 @@ def decode_entry(data: bytes) -> Entry:
         raise InvalidEvent(f"invalid entry: {error}") from None
 
 
-def usage_entry_id(tenant_id: str, event_id: str) -> str:
-    return f"{tenant_id}/usage/{event_id}"
-
-
 def expired_entry_id(tenant_id: str, grant_id: str) -> str:
     return f"{tenant_id}/expired/{grant_id}"
 

@@ -22,7 +22,6 @@ from alembic import command
 from alembic.config import Config
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -96,18 +95,6 @@ def _connect_args(settings: DatabaseSettings) -> dict[str, object]:
         "connect_timeout": max(1, settings.connect_timeout_ms // 1000),
         "options": f"-c statement_timeout={settings.statement_timeout_ms}",
     }
-
-
-def build_sync_engine(url: str, settings: DatabaseSettings) -> Engine:
-    return create_engine(
-        sqlalchemy_url(url),
-        isolation_level=ISOLATION_LEVEL,
-        pool_size=settings.pool_size_max,
-        max_overflow=settings.pool_overflow_max,
-        pool_timeout=settings.pool_timeout_ms / 1000,
-        pool_pre_ping=True,
-        connect_args=_connect_args(settings),
-    )
 
 
 def build_async_engine(url: str, settings: DatabaseSettings) -> AsyncEngine:

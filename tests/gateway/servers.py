@@ -34,7 +34,6 @@ class ThreadServer:
         self._server: uvicorn.Server | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._error: BaseException | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self) -> None:
         try:
@@ -43,7 +42,6 @@ class ThreadServer:
             self._error = error
 
     async def _serve(self) -> None:
-        self.loop = asyncio.get_running_loop()
         app = await self._build()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
@@ -59,10 +57,6 @@ class ThreadServer:
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"server on {self.url} did not start within {START_TIMEOUT_S}s")
-
-    def run_in_loop(self, coroutine: Awaitable) -> object:
-        assert self.loop is not None, "the server is not running"
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=START_TIMEOUT_S)
 
     def stop(self) -> None:
         if self._server is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inference.engine import Engine, GenerationRequest, RequestOutput
-from inference.model import GPT, GPTConfig, load_checkpoint
+from inference.model import GPT, load_checkpoint
 from inference.settings import EngineSettings
 from inference.tokenizer import DEFAULT_MODEL_DIR, TextTokenizer, load_default_tokenizer
 
@@ -48,11 +48,6 @@ def default_models() -> Callable[[str, torch.dtype], GPT]:
         return loaded[key]
 
     return get
-
-
-def tiny_random_model(vocab_size: int, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32, eos_token_id=None))
 
 
 def engine_settings(**overrides) -> EngineSettings:
