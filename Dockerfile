@@ -9,6 +9,7 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL
 COPY pyproject.toml README.md ./
 COPY ledger ledger
 COPY streams streams
+COPY storage storage
 COPY gateway gateway
 COPY inference inference
 COPY migrations migrations
