@@ -6,11 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test simulate bench lint clean-venv
 
+# pip: -qq shows errors only (no build backend or setuptools chatter, no root-user or new-version notices).
+PIP_INSTALL := $(PY) -m pip install -qq --disable-pip-version-check --root-user-action=ignore --no-warn-script-location
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (the first time takes a few minutes)"
+	@$(PIP_INSTALL) --upgrade pip
+	@$(PIP_INSTALL) -e '.[dev]'
+	@touch $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/tollgate dev

@@ -467,8 +467,9 @@ def main() -> None:
 
     from streams.producer import EventProducer
     from streams.settings import StreamSettings
+    from tollgate.logging_setup import configure_logging
 
-    logging.basicConfig(level=logging.INFO)
+    configure_logging()
     try:
         internal_token = InternalAuthSettings().required_token()
     except InternalTokenMissing as error:
@@ -488,7 +489,7 @@ def main() -> None:
             await producer.stop()
 
     app.router.lifespan_context = with_producer
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", log_config=None)  # our format
 
 
 if __name__ == "__main__":

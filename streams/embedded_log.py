@@ -11,9 +11,10 @@ writes its outputs, its state and its offsets atomically (exactly once, unlike t
 Waking readers: every append transaction sends `NOTIFY tollgate_log_appended, '<topic>'` (delivered
 at commit, so a woken reader finds the records), and each PostgresLog holds one connection that LISTENs
 (psycopg 3's async notifies) and wakes its waiters: a tail, or a loop in `wait_for_append`. Appends in
-this process also wake them directly. An idle log therefore runs no queries at all but a re-check every
-`idle_poll_interval_ms` (a safety net, e.g. while the listening connection is being re-opened), and an
-appended record reaches a tail in about one round trip. A tail reads every partition of its topic in
+this process also wake them directly. An idle log therefore runs no queries (a re-check a minute as a safety
+net; every `idle_poll_interval_ms` while the listening connection is down and being re-opened), end
+offsets are answered from memory while nothing was appended, and an appended record reaches a tail in
+about one round trip. A tail reads every partition of its topic in
 one query (each partition bounded by its share of `batch_max`, so a busy partition cannot starve the rest).
 
 Waiting without losing a wake-up: take `append_mark(topics)` BEFORE reading, read, and pass the mark to
@@ -47,7 +48,8 @@ log_partition_heads = EmbeddedLogHead.__table__
 
 log = logging.getLogger(__name__)
 
-IDLE_POLL_INTERVAL_MS = 5_000  # re-check without a notification (only matters while LISTEN is down)
+IDLE_POLL_INTERVAL_MS = 1_000  # re-check without a notification while the listener is down
+LISTENING_RECHECK_INTERVAL_MS = 60_000  # re-check without a notification while it listens (a safety net)
 LISTEN_RETRY_INTERVAL_MS = 1_000  # between attempts to re-open the listening connection
 READ_BATCH_MAX = 5_000
 NOTIFY_CHANNEL = "tollgate_log_appended"  # payload: the topic appended to
@@ -72,6 +74,9 @@ class PostgresLog:
         self._append_counts: dict[str, int] = defaultdict(int)  # wake-ups per topic (marks compare sums)
         self._listener: asyncio.Task | None = None
         self._listening: asyncio.Event | None = None
+        # (topic, partition) -> (append mark of the topic before the read, end offset): still exact while
+        # the listener runs and the topic's mark has not moved, so an idle view's lag checks query nothing
+        self._known_ends: dict[tuple[str, int], tuple[int, int]] = {}
 
     async def start(self) -> None:
         rows = [
@@ -140,11 +145,16 @@ class PostgresLog:
         """Take before reading; `wait_for_append(topics, mark)` then misses nothing appended after it."""
         return sum(self._append_counts[topic] for topic in topics)
 
-    async def wait_for_append(self, topics: Sequence[str], mark: int, stop: asyncio.Event | None = None) -> None:
-        """Until something is appended to `topics` after `mark`, `stop` is set, or the idle poll interval
-        passes (the caller re-reads in every case)."""
+    async def wait_for_append(
+        self, topics: Sequence[str], mark: int, stop: asyncio.Event | None = None, *, timeout_s: float | None = None
+    ) -> None:
+        """Until something is appended to `topics` after `mark`, `stop` is set, or `timeout_s` passes (by
+        default: the idle poll interval while the listener is down, a minute while it listens, since then a
+        notification comes for every append). The caller re-reads in every case."""
         await self._ensure_listening()
-        deadline = time.monotonic() + self._idle_poll_interval_s
+        if timeout_s is None:
+            timeout_s = LISTENING_RECHECK_INTERVAL_MS / 1000 if self._is_listening() else self._idle_poll_interval_s
+        deadline = time.monotonic() + timeout_s
         while self.append_mark(topics) == mark and not (stop is not None and stop.is_set()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -187,6 +197,8 @@ class PostgresLog:
                         self._wake([notification.payload])
             except (psycopg.Error, OSError) as error:
                 log.warning("embedded log: listening for appends failed (%s); retrying", error)
+            listening.clear()  # cached end offsets are not trusted until it listens again
+            self._wake(self.topic_names)  # waiters re-read, then wait at the idle poll interval meanwhile
             await asyncio.sleep(LISTEN_RETRY_INTERVAL_MS / 1000)
 
     async def read(self, topic: str, partition: int, from_offset: int, max_records: int) -> list[LogRecord]:
@@ -201,6 +213,10 @@ class PostgresLog:
         return [LogRecord(r.topic, r.partition, r.log_offset, r.key, r.value, r.timestamp_ms) for r in rows]
 
     async def end_offset(self, topic: str, partition: int) -> int:
+        mark = self.append_mark([topic])
+        known = self._known_ends.get((topic, partition))
+        if known is not None and known[0] == mark and self._is_listening():
+            return known[1]
         query = select(log_partition_heads.c.next_offset).where(
             log_partition_heads.c.topic == topic, log_partition_heads.c.partition == partition
         )
@@ -208,7 +224,12 @@ class PostgresLog:
             value = (await connection.execute(query)).scalar_one_or_none()
         if value is None:
             raise LookupError(f"embedded log has no partition {partition} of topic {topic}")
+        self._known_ends[topic, partition] = (mark, value)
         return value
+
+    def _is_listening(self) -> bool:
+        listening, listener = self._listening, self._listener
+        return listening is not None and listening.is_set() and listener is not None and not listener.done()
 
     async def read_partitions(self, topic: str, positions: dict[int, int], max_records: int) -> list[LogRecord]:
         """Records of several partitions from their positions, in ONE query; each partition gives at most

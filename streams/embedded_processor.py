@@ -100,7 +100,7 @@ class EmbeddedProcessor:
                 await self.sweep_expiries()
                 last_sweep = time.monotonic()
             if not read:
-                await self.log.wait_for_append(topics, mark, stop)
+                await self.log.wait_for_append(topics, mark, stop, timeout_s=self.expiry_sweep_interval_ms / 1000)
 
     async def _commit(self, output: ProcessorOutput, partition: int, next_offset: int | None) -> None:
         topics = self.log.topics

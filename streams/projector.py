@@ -450,7 +450,9 @@ async def run_projector(
 
 def main() -> None:
     """`python -m streams.projector`: run until SIGINT or SIGTERM. Settings from the environment."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from tollgate.logging_setup import configure_logging
+
+    configure_logging()
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -5,20 +5,27 @@
                                       one component each, for the distributed deployment
     tollgate ledger replay            audit replay of ledger.events (--verify against live balances)
     tollgate tenants create | keys create | credits grant | balance
-                                      the admin API, over HTTP (URL and token from .tollgate/demo.json
-                                      or --url / --admin-token / TOLLGATE_ADMIN_TOKEN)
+                                      the admin API, over HTTP: the gateway URL from --url, TOLLGATE_URL,
+                                      .tollgate/demo.json, else http://127.0.0.1:8000; the admin token
+                                      from --admin-token, TOLLGATE_ADMIN_TOKEN or .tollgate/demo.json
+
+An operating error (gateway, broker or database unreachable, a port or spool in use) is one line on
+stderr naming the cause and the setting to change, and exit status 1 (tollgate.operating_errors).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+
+from tollgate.operating_errors import operating_errors
 
 app = typer.Typer(help="Tollgate: event-sourced billing and metering for AI inference.", no_args_is_help=True)
 ledger_app = typer.Typer(help="Audit the ledger.", no_args_is_help=True)
@@ -32,9 +39,17 @@ app.add_typer(credits_app, name="credits")
 
 DEMO_FILE = Path(".tollgate/demo.json")
 ADMIN_TIMEOUT_S = 30.0
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
+GATEWAY_URL_ENV = "TOLLGATE_URL"
+ADMIN_TOKEN_ENV = "TOLLGATE_ADMIN_TOKEN"
 
-Url = Annotated[str | None, typer.Option(help="Gateway base URL (default: from .tollgate/demo.json).")]
-AdminToken = Annotated[str | None, typer.Option(help="Admin token (default: TOLLGATE_ADMIN_TOKEN or .tollgate/demo.json).")]
+Url = Annotated[
+    str | None,
+    typer.Option(envvar=GATEWAY_URL_ENV, help=f"Gateway base URL (default: .tollgate/demo.json, else {DEFAULT_GATEWAY_URL})."),
+]
+AdminToken = Annotated[
+    str | None, typer.Option(envvar=ADMIN_TOKEN_ENV, help="Admin token (default: from .tollgate/demo.json).")
+]
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -46,12 +61,14 @@ def dev(
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
     worker_port: Annotated[int, typer.Option(help="The inference worker's internal port.")] = 8100,
     data_dir: Annotated[Path, typer.Option(help="Where the embedded database and demo.json live.")] = Path(".tollgate"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every component's and library's log lines.")] = False,
 ) -> None:
     """Run everything in one process on embedded defaults: Postgres (pgserver), the event log, the stream
     processor, the projector, one inference worker and the gateway. Ctrl-C stops it all."""
     from tollgate.dev import DevOptions, run_dev
 
-    run_dev(DevOptions(host=host, port=port, worker_port=worker_port, data_dir=data_dir))
+    with operating_errors("dev"):
+        run_dev(DevOptions(host=host, port=port, worker_port=worker_port, data_dir=data_dir, verbose=verbose))
 
 
 @app.command()
@@ -59,7 +76,8 @@ def gateway() -> None:
     """Run the gateway (settings from TOLLGATE_* environment variables)."""
     from gateway.__main__ import main as gateway_main
 
-    gateway_main()
+    with operating_errors("gateway"):
+        gateway_main()
 
 
 @app.command()
@@ -67,7 +85,8 @@ def worker() -> None:
     """Run one inference worker (TOLLGATE_WORKER_* settings; usage events go to Kafka)."""
     from inference.worker import main as worker_main
 
-    worker_main()
+    with operating_errors("worker"):
+        worker_main()
 
 
 class StreamsEngine(StrEnum):
@@ -88,7 +107,8 @@ def streams(
     else:
         from streams.batch_processor import run_worker
 
-    run_worker()
+    with operating_errors("streams"):
+        run_worker()
 
 
 @app.command()
@@ -96,15 +116,17 @@ def projector() -> None:
     """Run the Postgres projector (Kafka topics into tables, exactly once)."""
     from streams.projector import main as projector_main
 
-    projector_main()
+    with operating_errors("projector"):
+        projector_main()
 
 
 @app.command()
 def migrate() -> None:
     """Wait for the database (DATABASE_URL, or the embedded one) and migrate it to the latest schema."""
-    from streams.database import DatabaseSettings, prepare_database
+    from storage.database import DatabaseSettings, prepare_database
 
-    url = prepare_database(DatabaseSettings())
+    with operating_errors("migrate"):
+        url = prepare_database(DatabaseSettings())
     typer.echo(f"database at head: {url.split('@')[-1]}")
 
 
@@ -115,7 +137,8 @@ def topics() -> None:
     from streams.topics import ensure_topics, ledger_topic_specs
 
     settings = StreamSettings()
-    created = asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, ledger_topic_specs(settings)))
+    with operating_errors("topics"):
+        created = asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, ledger_topic_specs(settings)))
     typer.echo(f"created: {', '.join(created) or 'none (all exist)'}")
 
 
@@ -162,15 +185,34 @@ def ledger_replay(
 # ---------------------------------------------------------------------------------------- admin API
 
 
-def _admin(url: str | None, admin_token: str | None):
+def admin_target(url: str | None, admin_token: str | None) -> tuple[str, str | None]:
+    """(gateway base URL, admin token): the options (which Typer fills from TOLLGATE_URL and
+    TOLLGATE_ADMIN_TOKEN), else .tollgate/demo.json, else the local default URL."""
+    demo = json.loads(DEMO_FILE.read_text()) if DEMO_FILE.exists() else {}
+    base_url = url or demo.get("base_url", DEFAULT_GATEWAY_URL).removesuffix("/v1")
+    return base_url.rstrip("/"), admin_token or demo.get("admin_token")
+
+
+@contextlib.contextmanager
+def _admin(url: str | None, admin_token: str | None) -> Iterator:
+    """An admin API client; a gateway that cannot be reached is one line naming its URL and the setting."""
     import httpx
 
-    demo = json.loads(DEMO_FILE.read_text()) if DEMO_FILE.exists() else {}
-    base_url = url or demo.get("base_url", "http://127.0.0.1:8000/v1").removesuffix("/v1")
-    token = admin_token or os.environ.get("TOLLGATE_ADMIN_TOKEN") or demo.get("admin_token")
+    base_url, token = admin_target(url, admin_token)
     if not token:
-        raise typer.BadParameter("no admin token: pass --admin-token or set TOLLGATE_ADMIN_TOKEN")
-    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=ADMIN_TIMEOUT_S)
+        _fail(f"no admin token: pass --admin-token or set {ADMIN_TOKEN_ENV} (`tollgate dev` writes it to {DEMO_FILE})")
+    client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=ADMIN_TIMEOUT_S)
+    try:
+        with client:
+            yield client
+    except httpx.TransportError as error:
+        _fail(f"cannot reach the gateway at {base_url} ({type(error).__name__}: {error}): start it (tollgate dev), "
+              f"or point the CLI at it with {GATEWAY_URL_ENV} or --url")
+
+
+def _fail(line: str) -> NoReturn:
+    typer.echo(f"tollgate: {line}", err=True)
+    raise typer.Exit(1)
 
 
 def _show(response) -> None:

@@ -10,6 +10,10 @@ openai-client example, and writes .tollgate/demo.json (readable by its owner onl
 token and the key). Ctrl-C (or SIGTERM) stops everything cleanly; a second run finds its data, its demo
 tenant and its admin token again.
 
+The console shows the progress, the banner and warnings, in plain text; `-v` brings back every
+component's and library's lines (tollgate.logging_setup). A port already taken or a data directory
+another run owns is one line naming the option to change (tollgate.operating_errors), not a traceback.
+
 The embedded Postgres is a separate process (pg_ctl starts it in its own session), so a `kill -9` of
 this one would leave it running, and pgserver would keep the dead run's pid in its handle list and never
 stop the server again. Two guards: a watchdog process, in its own session, that stops the postmaster this
@@ -29,6 +33,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +43,9 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+
+from tollgate.logging_setup import configure_logging
+from tollgate.operating_errors import OperatingError, PortInUse
 
 log = logging.getLogger("tollgate.dev")
 
@@ -62,12 +70,30 @@ class DevOptions:
     port: int = 8000
     worker_port: int = 8100
     data_dir: Path = Path(".tollgate")
+    verbose: bool = False
+
+
+class DataDirInUse(OperatingError):
+    """Another live `tollgate dev` owns the data directory."""
 
 
 def run_dev(options: DevOptions) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_format="plain", quiet=not options.verbose)
+    check_port_free(options.host, options.port, "--port")
+    check_port_free("127.0.0.1", options.worker_port, "--worker-port")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(options))
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """Raise PortInUse, naming `option`, when `host:port` cannot be bound (checked before anything starts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PortInUse(f"{host}:{port} is already in use ({error.strerror}): stop what holds it, "
+                            f"or choose another with {option}") from None
 
 
 async def _run(options: DevOptions) -> None:
@@ -75,7 +101,7 @@ async def _run(options: DevOptions) -> None:
     from gateway.settings import GatewaySettings
     from inference.settings import WorkerSettings
     from inference.worker import create_app as create_worker_app
-    from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+    from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
     from streams.embedded_log import PostgresLog
     from streams.embedded_processor import EmbeddedProcessor
     from streams.embedded_projector import EmbeddedProjector
@@ -105,7 +131,7 @@ async def _run(options: DevOptions) -> None:
     engine = build_async_engine(url, database_settings)
     sessions = build_session_factory(engine)
 
-    event_log = PostgresLog(engine, StreamSettings(spool_path=data_dir / "spool.sqlite3"))
+    event_log = PostgresLog(engine, StreamSettings())
     await event_log.start()
     processor = EmbeddedProcessor(event_log)
     await processor.start()
@@ -124,9 +150,10 @@ async def _run(options: DevOptions) -> None:
     gateway_app, admission_runtime = await start_gateway(
         gateway_settings, event_log, engine, sessions, internal_token=internal_token
     )
+    server_log_level = "info" if options.verbose else "warning"
     servers = [
-        _server(worker_app, "127.0.0.1", options.worker_port),
-        _server(gateway_app, options.host, options.port),
+        _server(worker_app, "127.0.0.1", options.worker_port, server_log_level),
+        _server(gateway_app, options.host, options.port, server_log_level),
     ]
     tasks = [
         asyncio.create_task(processor.run(stop), name="ledger-processor"),
@@ -192,7 +219,8 @@ def claim_data_dir(data_dir: Path, pgdata: Path) -> None:
     run would ever stop the server: pgserver stops it only when the exiting process is its last handle)."""
     owner = _read_owner(data_dir)
     if owner is not None and owner["pid"] != os.getpid() and _is_process(owner["pid"], owner.get("created_at")):
-        raise RuntimeError(f"another tollgate dev (pid {owner['pid']}) is running on {data_dir}; stop it first")
+        raise DataDirInUse(f"another tollgate dev (pid {owner['pid']}) is running on {data_dir}: stop it first, "
+                           "or give this one its own --data-dir")
     stop_orphaned_postmaster(pgdata)
     _write_owner(data_dir, {"pid": os.getpid(), "created_at": _created_at(os.getpid())})
 
@@ -310,8 +338,9 @@ def _write_owner(data_dir: Path, owner: dict) -> None:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _server(app, host: str, port: int) -> uvicorn.Server:
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+def _server(app, host: str, port: int, log_level: str) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)  # log_config=None: the one logging setup stays in charge
     server.install_signal_handlers = lambda: None  # this process handles SIGINT/SIGTERM itself
     return server
 
@@ -425,4 +454,5 @@ Ctrl-C stops everything.
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--watch-postgres"]:
+    configure_logging(log_format="plain", quiet=True)  # its console is the dev run's
     _watch_postgres(Path(sys.argv[2]), int(sys.argv[3]))
