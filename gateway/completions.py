@@ -1,7 +1,7 @@
 """Serving one completion: admit -> place on a worker -> stream or collect -> settle the reservation.
 
 The worker's UsageRecorded event is what bills the tenant; the gateway settles its reservation with the
-same price (`inference.usage.usage_amount`) over the tokens it saw: the worker's own counts when its
+same price (`ledger.pricing.usage_amount`) over the tokens it saw: the worker's own counts when its
 done (or error) line arrived, else (the client went away, the worker broke, the budget ran out) the prompt
 and the tokens produced so far. The worker stops generating when the gateway drops its connection, so a
 tenant pays for what was produced and no more; a non-streaming client that leaves is watched for as a
@@ -58,8 +58,9 @@ from gateway.workers import (
     WorkerRequestFailed,
     WorkerStream,
 )
-from inference.usage import build_usage_event, usage_amount
+from inference.usage import build_usage_event
 from ledger.events import UsageRecorded
+from ledger.pricing import usage_amount
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Generation:
             request_id=self.stream.attempt_id,
             tenant_id=self.tenant.tenant_id,
             model=model,
-            price=service.settings.prices[model],
+            price=service.settings.models[model].price,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             occurred_at_ms=self.admitted_at_ms,
@@ -186,7 +187,7 @@ class Generation:
                 await self.stream.close()
             except Exception:
                 logger.exception("closing the worker stream of %s failed", self.request_id)
-            cost = usage_amount(service.settings.prices[model], self.prompt_tokens, self.completion_tokens)
+            cost = usage_amount(service.settings.models[model].price, self.prompt_tokens, self.completion_tokens)
             try:
                 await service.admission.finish(self.reservation, cost)
             except Exception:
@@ -324,7 +325,7 @@ class CompletionService:
     async def _start(
         self, tenant: TenantIdentity, prepared: PreparedRequest, request_id: str, started_ms: float
     ) -> Generation:
-        price = self.settings.prices[prepared.model]
+        price = self.settings.models[prepared.model].price
         admission_request = AdmissionRequest(
             request_id=request_id,
             tenant_id=tenant.tenant_id,
@@ -374,7 +375,7 @@ class CompletionService:
         """A request that failed on its worker before a token: settled at what the worker processed."""
         event = failure.event
         logger.warning("request failed on its worker, not retried: %s", failure)
-        cost = usage_amount(self.settings.prices[prepared.model], event.prompt_tokens, event.completion_tokens)
+        cost = usage_amount(self.settings.models[prepared.model].price, event.prompt_tokens, event.completion_tokens)
         with anyio.CancelScope(shield=True):
             try:
                 await self.admission.finish(reservation, cost)

@@ -18,8 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import ApiError, invalid_param
-from gateway.settings import GatewaySettings, ModelLimits
-from inference.chat import CHAT_STOP, InvalidChat, render_chat
+from gateway.settings import GatewaySettings
+from inference.chat import InvalidChat
+from inference.registry import ModelSpec
 from inference.request import (
     LOGIT_BIAS_ENTRIES_MAX,
     LOGIT_BIAS_MAX,
@@ -29,7 +30,6 @@ from inference.request import (
     TEMPERATURE_MAX,
     TOP_LOGPROBS_MAX,
 )
-from inference.tokenizer import count_tokens
 
 
 class StreamOptions(BaseModel):
@@ -116,7 +116,7 @@ def parse_body(model: type[SamplingFields], raw: bytes) -> SamplingFields:
         raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value") from None
 
 
-def _model_limits(settings: GatewaySettings, model: str) -> ModelLimits:
+def _model_limits(settings: GatewaySettings, model: str) -> ModelSpec:
     limits = settings.models.get(model)
     if limits is None:
         raise ApiError(404, f"The model {model!r} does not exist", param="model", code="model_not_found")
@@ -133,11 +133,12 @@ def _stop_sequences(stop: str | list[str] | None, settings: GatewaySettings) -> 
     return tuple(sequences)
 
 
-def _chat_prompt(body: ChatCompletionBody, settings: GatewaySettings) -> str:
+def _chat_prompt(body: ChatCompletionBody, settings: GatewaySettings, model: ModelSpec) -> str:
+    """The messages in the model's own chat template."""
     if len(body.messages) > settings.messages_max:
         raise invalid_param("messages", f"messages may hold at most {settings.messages_max} messages")
     try:
-        return render_chat(body.messages)
+        return model.template.render(body.messages)
     except InvalidChat as error:
         raise invalid_param("messages", str(error)) from None
 
@@ -211,11 +212,11 @@ def prepare(body: SamplingFields, settings: GatewaySettings) -> PreparedRequest:
     _refuse_unsupported(body)
     limits = _model_limits(settings, body.model)
     chat = isinstance(body, ChatCompletionBody)
-    prompt = _chat_prompt(body, settings) if chat else _text_prompt(body)
+    prompt = _chat_prompt(body, settings, limits) if chat else _text_prompt(body)
     prompt_param = "messages" if chat else "prompt"
     if len(prompt) > settings.prompt_chars_max:
         raise invalid_param(prompt_param, f"the prompt is longer than {settings.prompt_chars_max} characters")
-    prompt_tokens = count_tokens(prompt)
+    prompt_tokens = len(limits.tokenizer().encode(prompt))  # the model's own tokenizer, as its worker counts
     room = limits.context_tokens_max - prompt_tokens
     if room < 1:
         raise invalid_param(
@@ -242,7 +243,7 @@ def prepare(body: SamplingFields, settings: GatewaySettings) -> PreparedRequest:
         prompt=prompt,
         prompt_tokens=prompt_tokens,
         max_tokens=asked if asked is not None else min(room, limits.max_tokens_max),
-        stop=(*stop, CHAT_STOP) if chat else stop,
+        stop=(*stop, limits.template.stop) if chat else stop,
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,

@@ -1,56 +1,33 @@
 """Gateway settings from the environment (prefix TOLLGATE_GATEWAY_). Every limit is named with its unit last.
 
-List- and dict-valued settings are JSON in the environment, e.g.
+The shared facts (environment, admin token, tiers, the model registry) come from
+`tollgate.common_settings.CommonSettings` (TOLLGATE_<NAME>), which this class inherits. The served models,
+their limits, tokenizers and prices are the model registry's (`settings.models`, inference.registry):
+the same entries the workers load and bill with.
+
+List-valued settings are JSON in the environment, e.g.
     TOLLGATE_GATEWAY_WORKER_URLS='["http://127.0.0.1:8100", "http://127.0.0.1:8101"]'
-    TOLLGATE_GATEWAY_MODELS='{"tollgate-tiny": {"context_tokens_max": 512, "max_tokens_max": 512}}'
-Prices are the workers' `inference.settings.ModelPrice` table (the same definition, the same defaults), so
-the gateway's estimate and the worker's bill use one price per model.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from inference.settings import DEFAULT_MODEL_NAME, ModelPrice, WorkerSettings
-
-ADMIN_TOKEN_LENGTH_MIN = 24
+from tollgate.common_settings import CommonSettings
 
 
-def default_prices() -> dict[str, ModelPrice]:
-    """The workers' default price table (not a copy of it)."""
-    return WorkerSettings.model_fields["prices"].default_factory()
-
-
-class ModelLimits(BaseModel):
-    """What one served model accepts."""
-
-    context_tokens_max: int = Field(default=512, ge=2)  # prompt + completion tokens (the worker's slot size)
-    max_tokens_max: int = Field(default=256, ge=1)  # the largest max_tokens a request may ask for
-    owned_by: str = "tollgate"
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelLimits:
-        if self.max_tokens_max >= self.context_tokens_max:
-            raise ValueError("max_tokens_max must leave room for a prompt (be below context_tokens_max)")
-        return self
-
-
-class GatewaySettings(BaseSettings):
+class GatewaySettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_GATEWAY_", env_nested_delimiter="__")
 
-    environment: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     reuse_port: bool = False  # SO_REUSEPORT: several gateway processes on this host share the port (one per core)
-    admin_token: SecretStr | None = None  # for the mounted admin API; generated in development when unset
     event_log: Literal["kafka", "embedded"] = "kafka"  # embedded: the Postgres-backed log (no broker)
 
     worker_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"], min_length=1)
-    models: dict[str, ModelLimits] = Field(default_factory=lambda: {DEFAULT_MODEL_NAME: ModelLimits()})
-    prices: dict[str, ModelPrice] = Field(default_factory=default_prices)
 
     # Request limits (each refusal is a 400 naming the param).
     body_bytes_max: int = Field(default=1024 * 1024, ge=1024)
@@ -87,11 +64,8 @@ class GatewaySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
-        for model in self.models:
-            if model not in self.prices:
-                raise ValueError(f"prices has no entry for the served model {model!r}")
-        if self.environment == "production":
-            token = self.admin_token.get_secret_value() if self.admin_token else ""
-            if len(token) < ADMIN_TOKEN_LENGTH_MIN:
-                raise ValueError(f"production needs TOLLGATE_GATEWAY_ADMIN_TOKEN of {ADMIN_TOKEN_LENGTH_MIN}+ characters")
+        # The production start-up check: the mounted admin API is never served without a usable token.
+        problem = self.admin_token_problem()
+        if problem is not None:
+            raise ValueError(problem)
         return self

@@ -1,8 +1,9 @@
 """Inference: a decoder-only transformer served with continuous batching, and the worker around it.
 
 Modules, in the order data flows:
-    tokenizer     TextTokenizer (tokenizer.json via `tokenizers`), count_tokens(text) for the gateway
-    chat          render_chat(messages) -> prompt string (the template is documented there), CHAT_STOP
+    tokenizer     TextTokenizer (tokenizer.json via `tokenizers`), load_tokenizer(path) (once per file)
+    chat          chat templates (CHAT_TEMPLATES: render + stop), documented there
+    registry      the model registry: ModelSpec (checkpoint, tokenizer, template, limits, Price) per model
     model         GPT-2 layout (GPT, GPTConfig), KVCache (preallocated slots), PackedBatch, checkpoints
     llama         Llama layout (Llama, LlamaConfig) on the same cache and packed attention
     checkpoint    load_model(directory, device, dtype): picks the layout from config.json
@@ -17,6 +18,6 @@ Modules, in the order data flows:
     usage         build_usage_event: UsageRecorded priced in integer credits
     internal_auth the gateway -> worker shared secret (TOLLGATE_INTERNAL_TOKEN), one definition
     worker        create_app(settings, emit_usage, engine=None, *, internal_token) -> FastAPI; `python -m inference.worker`
-    settings      WorkerSettings / EngineSettings (env prefix TOLLGATE_WORKER_)
+    settings      WorkerSettings / EngineSettings (env prefix TOLLGATE_WORKER_; shared facts in tollgate.common_settings)
     train_default `python -m inference.train_default` rebuilds default_model/
 """

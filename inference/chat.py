@@ -1,6 +1,7 @@
-"""The chat template: OpenAI-style messages -> one prompt string for the default model.
+"""Chat templates: OpenAI-style messages -> one prompt string. A model's registry entry names its template
+(`CHAT_TEMPLATES`); the gateway renders with it and adds its `stop` to the request's stop sequences.
 
-Template (one block per message, then an open assistant block for the model to complete):
+`tollgate` (the default model's; one block per message, then an open assistant block for the model to complete):
 
     <|system|>
     You are terse.
@@ -12,11 +13,15 @@ Each block is the role marker `<|role|>` on its own line followed by the content
 is a string or a list of {"type": "text", "text": ...} parts (joined without separator). Roles are
 system, user, assistant and tool. Use `CHAT_STOP` as a stop sequence so a completion ends where the
 model starts a new turn.
+
+`chatml`: `<|im_start|>role\ncontent<|im_end|>\n` per message, then `<|im_start|>assistant\n`; its stop is
+`<|im_end|>`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -32,15 +37,44 @@ def role_marker(role: str) -> str:
 
 
 def render_chat(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The `tollgate` template."""
+    return "".join(role_marker(role) + text + "\n" for role, text in _turns(messages)) + role_marker("assistant")
+
+
+CHATML_STOP = "<|im_end|>"
+
+
+def render_chatml(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The `chatml` template."""
+    turns = "".join(f"<|im_start|>{role}\n{text}{CHATML_STOP}\n" for role, text in _turns(messages))
+    return turns + "<|im_start|>assistant\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """How messages become a prompt, and the stop sequence that ends the assistant's turn."""
+
+    render: Callable[[Sequence[Mapping[str, Any]]], str]
+    stop: str
+
+
+CHAT_TEMPLATES = {
+    "tollgate": ChatTemplate(render=render_chat, stop=CHAT_STOP),
+    "chatml": ChatTemplate(render=render_chatml, stop=CHATML_STOP),
+}
+
+
+def _turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(role, text) per message; InvalidChat naming the field that does not fit."""
     if not messages:
         raise InvalidChat("messages must hold at least one message")
-    blocks = []
+    turns = []
     for index, message in enumerate(messages):
         role = message.get("role")
         if role not in ROLES:
             raise InvalidChat(f"messages[{index}].role must be one of {list(ROLES)}, not {role!r}")
-        blocks.append(role_marker(role) + _content_text(message.get("content"), index) + "\n")
-    return "".join(blocks) + role_marker("assistant")
+        turns.append((role, _content_text(message.get("content"), index)))
+    return turns
 
 
 def _content_text(content: Any, index: int) -> str:

@@ -1,8 +1,9 @@
 """Worker settings from the environment (prefix TOLLGATE_WORKER_). Every limit is named with its unit last.
 
-Dict-valued settings are JSON in the environment, e.g.
-    TOLLGATE_WORKER_PRICES='{"tollgate-tiny": {"prompt_token_credits": 1, "completion_token_credits": 2}}'
-    TOLLGATE_WORKER_TIER_LEVELS='{"enterprise": 0, "pro": 1, "standard": 2, "free": 3}'
+The served model (checkpoint, tokenizer, limits, price) is an entry of the model registry
+(`inference.registry`, TOLLGATE_MODEL_REGISTRY_PATH) named by TOLLGATE_WORKER_MODEL_NAME; the tiers and
+their queue priority are the shared TOLLGATE_TIERS (`tollgate.common_settings`). Nested engine settings
+use `__`, e.g. TOLLGATE_WORKER_ENGINE__RUNNING_SEQUENCES_MAX=64.
 """
 
 from __future__ import annotations
@@ -10,19 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from inference.tokenizer import DEFAULT_MODEL_DIR
+from inference.registry import DEFAULT_MODEL_NAME, ModelSpec
+from tollgate.common_settings import CommonSettings, TierLimits, default_tiers
 
-DEFAULT_MODEL_NAME = "tollgate-tiny"
 
-
-class ModelPrice(BaseModel):
-    """Integer credit units per token processed."""
-
-    prompt_token_credits: int = Field(ge=0)
-    completion_token_credits: int = Field(ge=0)
+def tier_levels_of(tiers: dict[str, TierLimits]) -> dict[str, int]:
+    """Each tier's place in the waiting queue (lower is served first)."""
+    return {name: tier.priority_level for name, tier in tiers.items()}
 
 
 class EngineSettings(BaseModel):
@@ -36,9 +34,6 @@ class EngineSettings(BaseModel):
     context_tokens_max: int = Field(default=512, ge=2)  # prompt + completion tokens per sequence (cache slot size)
     waiting_queue_depth_max: int = Field(default=256, ge=1)  # beyond this, new requests are refused (overloaded)
     queue_policy: Literal["priority", "fcfs"] = "priority"
-    tier_levels: dict[str, int] = Field(
-        default_factory=lambda: {"enterprise": 0, "pro": 1, "standard": 2, "free": 3}
-    )  # lower level is served first
     aging_ms_per_tier_level: int = Field(default=2000, ge=1)  # waiting this long lifts a request one tier level
     stop_sequences_max: int = Field(default=4, ge=0)
     stop_sequence_chars_max: int = Field(default=64, ge=1)
@@ -50,22 +45,28 @@ class EngineSettings(BaseModel):
             raise ValueError("prefill_chunk_tokens_max must not exceed step_tokens_max")
         if self.step_tokens_max < self.running_sequences_max:
             raise ValueError("step_tokens_max must be at least running_sequences_max (one decode token each)")
-        if not self.tier_levels:
-            raise ValueError("tier_levels must name at least one tier")
         return self
 
+    # Each tier's queue level: the shared tiers' priority levels (WorkerSettings hands its tiers in with
+    # `with_tiers`; an EngineSettings built alone has the default tiers'). Not a field: one definition.
+    _tier_levels: dict[str, int] = PrivateAttr(default_factory=lambda: tier_levels_of(default_tiers()))
 
-class WorkerSettings(BaseSettings):
+    @property
+    def tier_levels(self) -> dict[str, int]:
+        return self._tier_levels
+
+    def with_tiers(self, tiers: dict[str, TierLimits]) -> EngineSettings:
+        assert tiers, "at least one tier"
+        engine = self.model_copy()
+        engine._tier_levels = tier_levels_of(tiers)
+        return engine
+
+
+class WorkerSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_WORKER_", env_nested_delimiter="__")
 
-    checkpoint_dir: Path = DEFAULT_MODEL_DIR  # config.json + model.safetensors + tokenizer.json
-    model_name: str = DEFAULT_MODEL_NAME  # the model id this worker serves (requests must name it)
+    model_name: str = DEFAULT_MODEL_NAME  # the model registry entry this worker serves (requests must name it)
     engine: EngineSettings = Field(default_factory=EngineSettings)
-    prices: dict[str, ModelPrice] = Field(
-        default_factory=lambda: {
-            DEFAULT_MODEL_NAME: ModelPrice(prompt_token_credits=1, completion_token_credits=2)
-        }
-    )
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
     retry_after_s: int = Field(default=1, ge=0)  # Retry-After on an overloaded answer
@@ -79,7 +80,17 @@ class WorkerSettings(BaseSettings):
     fatal_exit_grace_ms: int = Field(default=60000, ge=1)  # a graceful stop after that exit is cut short past this
 
     @model_validator(mode="after")
-    def _check_price(self) -> WorkerSettings:
-        if self.model_name not in self.prices:
-            raise ValueError(f"prices has no entry for the served model {self.model_name!r}")
+    def _check_model(self) -> WorkerSettings:
+        if self.model_name not in self.models:
+            raise ValueError(f"the model registry has no model {self.model_name!r} (it has {sorted(self.models)})")
+        self.engine = self.engine.with_tiers(self.tiers)
         return self
+
+    @property
+    def model(self) -> ModelSpec:
+        """The registry entry this worker serves: its checkpoint, tokenizer, limits and price."""
+        return self.models[self.model_name]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.model.checkpoint_dir

@@ -1,7 +1,7 @@
 """Text <-> token ids through a local `tokenizer.json` (the `tokenizers` library); nothing is downloaded.
 
-The gateway counts prompt tokens with `count_tokens(text)`, which uses the default model's tokenizer,
-so its estimate matches what the worker will bill.
+The gateway counts a prompt's tokens with the served model's own tokenizer (`ModelSpec.tokenizer()` in
+`inference.registry`, through `load_tokenizer`), so its estimate matches what that model's worker bills.
 """
 
 from __future__ import annotations
@@ -65,11 +65,19 @@ _BYTE_OF_CHARACTER = _byte_level_characters()
 
 
 @functools.cache
+def load_tokenizer(path: Path) -> TextTokenizer:
+    """The tokenizer in one tokenizer.json file (loaded once per process and file)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file {path}")
+    return TextTokenizer(Tokenizer.from_file(str(path)))
+
+
 def load_default_tokenizer() -> TextTokenizer:
-    """The tokenizer of the committed default model (loaded once per process)."""
-    return TextTokenizer.from_directory(DEFAULT_MODEL_DIR)
+    """The tokenizer of the committed default model."""
+    return load_tokenizer(DEFAULT_MODEL_DIR / TOKENIZER_FILE_NAME)
 
 
 def count_tokens(text: str) -> int:
-    """Prompt tokens of `text` under the default model's tokenizer, as the worker counts them."""
+    """Tokens of `text` under the default model's tokenizer (tests and benchmarks of the default model;
+    the gateway counts with the served model's own tokenizer)."""
     return len(load_default_tokenizer().encode(text))

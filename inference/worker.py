@@ -190,7 +190,7 @@ class WorkerRuntime:
         return self.engine_loop.engine
 
     def submit(self, body: GenerateBody) -> tuple[RequestStream, RequestUsage]:
-        price = self.settings.prices[self.settings.model_name]
+        price = self.settings.model.price
 
         def build_event(output: RequestOutput) -> UsageRecorded:
             return build_usage_event(

@@ -1,35 +1,24 @@
 """Admission settings from the environment (prefix TOLLGATE_ADMISSION_). Every limit has its unit last.
 
-Dict-valued settings are JSON in the environment, e.g.
+The tiers and their rate limits are shared facts (`tollgate.common_settings`, TOLLGATE_TIERS and
+TOLLGATE_TIER_DEFAULT), inherited here, e.g.
     TOLLGATE_ADMISSION_MODE=strict
-    TOLLGATE_ADMISSION_TIERS='{"free": {"requests_per_minute": 20, "tokens_per_minute": 20000}}'
+    TOLLGATE_TIERS='{"free": {"requests_per_minute": 20, "tokens_per_minute": 20000, "priority_level": 1}}'
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from tollgate.common_settings import CommonSettings, TierLimits
+
+__all__ = ["AdmissionSettings", "TierLimits"]
 
 
-class TierLimits(BaseModel):
-    """Per-tenant rate limits of one tier. Tokens are prompt tokens + max_tokens, counted at admission."""
-
-    requests_per_minute: int = Field(ge=1)
-    tokens_per_minute: int = Field(ge=1)
-
-
-def default_tiers() -> dict[str, TierLimits]:
-    return {
-        "free": TierLimits(requests_per_minute=60, tokens_per_minute=40_000),
-        "standard": TierLimits(requests_per_minute=500, tokens_per_minute=400_000),
-        "pro": TierLimits(requests_per_minute=3_000, tokens_per_minute=2_000_000),
-        "enterprise": TierLimits(requests_per_minute=10_000, tokens_per_minute=10_000_000),
-    }
-
-
-class AdmissionSettings(BaseSettings):
+class AdmissionSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_ADMISSION_", env_nested_delimiter="__")
 
     # fast: reserve against this process's balance view (overspend bounded by the race between
@@ -41,9 +30,6 @@ class AdmissionSettings(BaseSettings):
     # overspend is then at most one request's maximum cost per gateway process. Set it to the number of
     # gateway replicas; 1 (a single gateway) keeps the whole balance spendable by that process.
     gateway_processes: int = Field(default=1, ge=1, le=1024)
-
-    tiers: dict[str, TierLimits] = Field(default_factory=default_tiers)
-    tier_default: str = "free"  # the limits of a tenant whose tier is not in `tiers`
 
     # A hold whose request never calls finish() or release() is dropped after this long.
     hold_timeout_ms: int = Field(default=15 * 60_000, ge=1)
@@ -71,12 +57,3 @@ class AdmissionSettings(BaseSettings):
     # Folded holds waiting to be deleted in Postgres (beyond it they are left to expire), and per batch.
     strict_settle_queue_max: int = Field(default=100_000, ge=1)
     strict_settle_batch_max: int = Field(default=500, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> AdmissionSettings:
-        if self.tier_default not in self.tiers:
-            raise ValueError(f"tier_default {self.tier_default!r} is not one of the tiers {sorted(self.tiers)}")
-        return self
-
-    def limits_of(self, tier: str) -> TierLimits:
-        return self.tiers.get(tier) or self.tiers[self.tier_default]

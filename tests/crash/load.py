@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import httpx
 
 from inference.settings import WorkerSettings
-from inference.usage import usage_amount
+from ledger.pricing import usage_amount
 
 MODEL = "tollgate-tiny"
-PRICE = WorkerSettings().prices[MODEL]
+PRICE = WorkerSettings().models[MODEL].price
 REQUEST_TIMEOUT_S = 60
 ENTRIES_PAGE = 500
 

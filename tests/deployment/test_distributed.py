@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from inference.settings import WorkerSettings
-from inference.usage import usage_amount
+from ledger.pricing import usage_amount
 from streams.batch_processor import READY_LOG_LINE as PROCESSOR_READY_LOG_LINE
 from streams.replay import compare, live_balances, replay
 from tests.fixtures.processes import ComponentProcess, free_port, wait_http_ok
@@ -88,7 +88,7 @@ def test_traffic_through_two_gateways_survives_a_processor_stopping(cluster):
     # the balance views must know the grants before the first request is admitted
     wait_until(lambda: all(tenant in asyncio.run(live_balances(settings)) for tenant, _ in tenants), "grants folded")
 
-    price = WorkerSettings().prices[MODEL]
+    price = WorkerSettings().models[MODEL].price
     jobs = [(tenant, key, gateway_urls[n % 2], n) for tenant, key in tenants for n in range(REQUESTS_PER_TENANT)]
 
     def call(job) -> tuple[str, int]:

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.admission.base import CreditExhausted, RateLimited
 from inference.settings import WorkerSettings
-from inference.usage import usage_amount
+from ledger.pricing import usage_amount
 from tests.fixtures.processes import free_port
 from tests.gateway.conftest import (
     RecordingAdmission,
@@ -25,7 +25,7 @@ from tests.gateway.conftest import (
 pytestmark = pytest.mark.postgres
 
 MODEL = "tollgate-tiny"
-PRICE = WorkerSettings().prices[MODEL]
+PRICE = WorkerSettings().models[MODEL].price
 
 
 @pytest.fixture(scope="module")

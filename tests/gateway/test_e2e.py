@@ -12,13 +12,13 @@ import openai
 import pytest
 
 from inference.settings import WorkerSettings
-from inference.usage import usage_amount
+from ledger.pricing import usage_amount
 from tests.fixtures.stack import FREE_REQUESTS_PER_MINUTE
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 MODEL = "tollgate-tiny"
-PRICE = WorkerSettings().prices[MODEL]
+PRICE = WorkerSettings().models[MODEL].price
 
 
 def client_of(stack, key: str) -> openai.OpenAI:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from openai.types import Completion
@@ -12,7 +13,7 @@ from openai.types.completion_choice import Logprobs as CompletionLogprobs
 from gateway.breaker import CircuitBreaker
 from gateway.errors import ApiError
 from gateway.schemas import ChatCompletionBody, CompletionBody, parse_body, prepare
-from gateway.settings import GatewaySettings, ModelLimits
+from gateway.settings import GatewaySettings
 from gateway.wire import (
     DONE_LINE,
     LOGPROB_FLOOR,
@@ -24,7 +25,10 @@ from gateway.wire import (
 )
 from gateway.workers import LogprobEntry, TokenEvent
 from inference.chat import CHAT_STOP
+from inference.registry import ModelSpec
 from inference.tokenizer import count_tokens
+from ledger.pricing import Price
+from tests.fixtures.registry import default_entry, write_registry
 
 
 class ManualClock:
@@ -92,24 +96,29 @@ def test_text_chunks_without_usage_have_no_usage_field():
         writer.usage(1, 1)
 
 
-SETTINGS = GatewaySettings(models={"tollgate-tiny": ModelLimits(context_tokens_max=64, max_tokens_max=32)})
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> GatewaySettings:
+    """The default model with a 64-token context, from a registry file."""
+    directory = tmp_path_factory.mktemp("registry")
+    path = write_registry(directory, [default_entry(context_tokens_max=64, max_tokens_max=32)])
+    return GatewaySettings(model_registry_path=path)
 
 
-def test_prepare_chat_counts_the_rendered_prompt_and_adds_the_turn_stop():
+def test_prepare_chat_counts_the_rendered_prompt_and_adds_the_turn_stop(settings):
     body = parse_body(ChatCompletionBody, b'{"model": "tollgate-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "x"}')
-    prepared = prepare(body, SETTINGS)
+    prepared = prepare(body, settings)
     assert prepared.chat and prepared.stop == ("x", CHAT_STOP)
     assert prepared.prompt_tokens == count_tokens(prepared.prompt)
     assert prepared.max_tokens == min(32, 64 - prepared.prompt_tokens)  # default: what fits
 
 
-def test_prepare_refuses_what_does_not_fit_naming_the_param():
+def test_prepare_refuses_what_does_not_fit_naming_the_param(settings):
     long_prompt = json.dumps({"model": "tollgate-tiny", "prompt": "word " * 40, "max_tokens": 30}).encode()
     with pytest.raises(ApiError) as refused:
-        prepare(parse_body(CompletionBody, long_prompt), SETTINGS)
+        prepare(parse_body(CompletionBody, long_prompt), settings)
     assert refused.value.param == "max_tokens" and refused.value.code == "context_length_exceeded"
     with pytest.raises(ApiError) as batched:
-        prepare(parse_body(CompletionBody, b'{"model": "tollgate-tiny", "prompt": ["a", "b"]}'), SETTINGS)
+        prepare(parse_body(CompletionBody, b'{"model": "tollgate-tiny", "prompt": ["a", "b"]}'), settings)
     assert batched.value.param == "prompt"
     with pytest.raises(ApiError) as n_choices:
         parse_body(CompletionBody, b'{"model": "tollgate-tiny", "prompt": "a", "n": 2}')
@@ -118,7 +127,9 @@ def test_prepare_refuses_what_does_not_fit_naming_the_param():
 
 def test_max_tokens_max_must_leave_room_for_a_prompt():
     with pytest.raises(ValueError, match="max_tokens_max"):
-        ModelLimits(context_tokens_max=16, max_tokens_max=16)
+        ModelSpec(
+            name="m", checkpoint_dir=Path("."), context_tokens_max=16, max_tokens_max=16, price=Price(1, 2)
+        )
 
 
 def test_json_log_lines_carry_the_request_tenant_and_model():
@@ -143,7 +154,7 @@ TEXT = {"model": "tollgate-tiny", "prompt": "hi"}
 
 
 def prepared_of(model, fields: dict):
-    return prepare(parse_body(model, json.dumps(fields).encode()), SETTINGS)
+    return prepare(parse_body(model, json.dumps(fields).encode()), GatewaySettings())
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 
 from inference.settings import WorkerSettings
 from inference.tokenizer import count_tokens
-from inference.usage import usage_amount
+from ledger.pricing import usage_amount
 from tests.gateway.conftest import (
     RecordingAdmission,
     gateway_settings,
@@ -27,7 +27,7 @@ from tests.gateway.servers import FakeStream
 pytestmark = pytest.mark.postgres
 
 MODEL = "tollgate-tiny"
-PRICE = WorkerSettings().prices[MODEL]
+PRICE = WorkerSettings().models[MODEL].price
 PROMPT = "Once upon a time"
 
 

@@ -26,7 +26,7 @@ def test_settings_refuse_a_default_tier_that_does_not_exist():
 
 def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("TOLLGATE_ADMISSION_MODE", "strict")
-    monkeypatch.setenv("TOLLGATE_ADMISSION_TIERS", '{"free": {"requests_per_minute": 5, "tokens_per_minute": 50}}')
+    monkeypatch.setenv("TOLLGATE_TIERS", '{"free": {"requests_per_minute": 5, "tokens_per_minute": 50}}')
     settings = AdmissionSettings()
     assert settings.mode == "strict"
     assert settings.limits_of("anything").requests_per_minute == 5
