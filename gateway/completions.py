@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
 from fastapi.responses import Response
@@ -82,19 +83,38 @@ def worker_error(event: ErrorEvent) -> ApiError:
     """The client's answer for a request that failed on its worker (never retried elsewhere)."""
     if event.error == "request_failed":
         return ApiError(
-            500, "the request failed in the inference engine", error_type="server_error", code="request_failed"
+            500,
+            "the request failed in the inference engine",
+            error_type="server_error",
+            code="request_failed",
         )
     return ApiError(
         502, f"the inference worker failed ({event.error})", error_type="server_error", code="worker_failed"
     )
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationContext:
+    """What a running generation needs from the gateway: handed to it, so it never calls back into the
+    service that started it."""
+
+    settings: GatewaySettings
+    metrics: GatewayMetrics
+    admission: Admission
+    publish_usage: PublishUsage  # the event log's publish: usage the workers could not bill
+
+
 class Generation:
-    """One admitted request running on a worker: what it produced so far, and its settlement."""
+    """One admitted request running on a worker: what it produced so far, and its settlement.
+
+    `relay()` is the one walk over the worker's event batches: it counts the tokens, records the done or
+    error line (billing what the worker could not) and the outcome, and hands each batch's tokens and its
+    last event to the caller, which only renders them (SSE chunks, or one JSON body).
+    """
 
     def __init__(
         self,
-        service: CompletionService,
+        context: GenerationContext,
         tenant: TenantIdentity,
         prepared: PreparedRequest,
         request_id: str,
@@ -104,7 +124,7 @@ class Generation:
         deadline_ms: float,
         admitted_at_ms: int,
     ) -> None:
-        self.service = service
+        self.context = context
         self.tenant = tenant
         self.prepared = prepared
         self.request_id = request_id
@@ -119,14 +139,49 @@ class Generation:
         self.outcome = "disconnected"  # until the stream ends one way or another
         self._settled = False
 
+    async def relay(self) -> AsyncIterator[tuple[list[TokenEvent], DoneEvent | ErrorEvent | None]]:
+        """Each batch of worker events as (its tokens, its last event when that is the done or error line).
+
+        Raises WorkerFailed when the worker broke the stream (after billing the tokens relayed),
+        BudgetExhausted when the request's budget ran out; the outcome is recorded either way."""
+        try:
+            async for batch in self.stream.batches():
+                last = batch[-1]
+                if type(last) is TokenEvent:
+                    self.on_tokens(len(batch))
+                    yield batch, None  # type: ignore[misc]  (every event of the batch is a token)
+                    continue
+                tokens: list[TokenEvent] = batch[:-1]  # type: ignore[assignment]  (all but the last are tokens)
+                if tokens:
+                    self.on_tokens(len(tokens))
+                if type(last) is DoneEvent:
+                    self.done = last
+                    self.outcome = "ok"
+                else:
+                    assert type(last) is ErrorEvent, "a batch ends with a token, done or error event"
+                    self.error = last
+                    self.outcome = "worker_failed"
+                    await self.publish_unrecorded_usage()
+                yield tokens, last
+        except BudgetExhausted:
+            self.outcome = "timeout"
+            raise
+        except WorkerFailed:
+            self.outcome = "worker_failed"
+            await self.publish_unrecorded_usage()
+            raise
+
     def on_tokens(self, count: int) -> None:
+        assert count > 0, "a batch of tokens holds at least one"
         if self.tokens_seen == 0:
-            self.service.metrics.of_model(self.prepared.model).time_to_first_token.observe(
+            self.context.metrics.of_model(self.prepared.model).time_to_first_token.observe(
                 (monotonic_ms() - self.started_ms) / 1000
             )
         self.tokens_seen += count
         if monotonic_ms() > self.deadline_ms:
-            raise BudgetExhausted(f"the request ran past its {self.service.settings.request_timeout_ms} ms budget")
+            raise BudgetExhausted(
+                f"the request ran past its {self.context.settings.request_timeout_ms} ms budget"
+            )
 
     @property
     def prompt_tokens(self) -> int:
@@ -138,10 +193,6 @@ class Generation:
         ended = self.done or self.error
         return ended.completion_tokens if ended else self.tokens_seen
 
-    def on_error(self, event: ErrorEvent) -> None:
-        self.error = event
-        self.outcome = "worker_failed"
-
     async def publish_unrecorded_usage(self) -> None:
         """Bill what the worker did not: after a broken stream (no done or error line) the tokens relayed,
         after a `usage_not_recorded` line its counts; under the attempt id, at the admission time."""
@@ -149,50 +200,57 @@ class Generation:
             return  # the worker billed it
         if self.error is None and self.tokens_seen == 0:
             return  # nothing was relayed: the worker's own record (if any) covers its prompt
-        service = self.service
+        context = self.context
         model = self.prepared.model
         event = build_usage_event(
             request_id=self.stream.attempt_id,
             tenant_id=self.tenant.tenant_id,
             model=model,
-            price=service.settings.models[model].price,
+            price=context.settings.models[model].price,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             occurred_at_ms=self.admitted_at_ms,
         )
-        timeout_s = service.settings.usage_publish_timeout_ms / 1000
-        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s) as scope:
+        timeout_ms = context.settings.usage_publish_timeout_ms
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_ms / 1000) as scope:
             try:
-                await service.publish_usage(event)
+                await context.publish_usage(event)
                 return
             except Exception:
-                logger.exception("publishing the UsageRecorded %s of a broken worker stream failed", event.event_id)
+                logger.exception(
+                    "publishing the UsageRecorded %s of a broken worker stream failed", event.event_id
+                )
         if scope.cancelled_caught:
             logger.error(
                 "publishing the UsageRecorded %s of a broken worker stream took over %d ms",
                 event.event_id,
-                service.settings.usage_publish_timeout_ms,
+                timeout_ms,
             )
-        service.metrics.usage_publish_failures.inc()
+        context.metrics.usage_publish_failures.inc()
 
     async def settle(self) -> None:
         """Close the worker stream (cancelling it there when unfinished) and finish the reservation."""
         if self._settled:
             return
         self._settled = True
-        service = self.service
+        context = self.context
         model = self.prepared.model
         with anyio.CancelScope(shield=True):
             try:
                 await self.stream.close()
             except Exception:
                 logger.exception("closing the worker stream of %s failed", self.request_id)
-            cost = usage_amount(service.settings.models[model].price, self.prompt_tokens, self.completion_tokens)
+            cost = usage_amount(context.settings.models[model].price, self.prompt_tokens, self.completion_tokens)
+            assert cost >= 0, "a request never costs a negative amount"
             try:
-                await service.admission.finish(self.reservation, cost)
+                await context.admission.finish(self.reservation, cost)
             except Exception:
                 logger.exception("admission.finish failed for %s (cost %d)", self.request_id, cost)
-        metrics = service.metrics.of_model(model)
+        self._count(cost)
+
+    def _count(self, cost: int) -> None:
+        """The settled request's metrics and its log line."""
+        metrics = self.context.metrics.of_model(self.prepared.model)
         metrics.prompt_tokens.inc(self.prompt_tokens)
         metrics.completion_tokens.inc(self.completion_tokens)
         metrics.requests(self.outcome).inc()
@@ -232,6 +290,7 @@ class CompletionService:
         self.idempotency = idempotency
         self.publish_usage = publish_usage  # the event log's publish: usage the workers could not bill
         self.wall_clock_ms = wall_clock_ms
+        self.generation_context = GenerationContext(settings, metrics, admission, publish_usage)
 
     async def serve(
         self,
@@ -256,7 +315,12 @@ class CompletionService:
                 self.metrics.idempotent_replays.inc()
                 replayed = {"x-request-id": stored.request_id, "idempotent-replayed": "true"}
                 if prepared.stream:  # the same body (the digest matched), so the stored body is the SSE one
-                    return Response(stored.body, stored.status_code, {**SSE_HEADERS, **replayed}, media_type=SSE_MEDIA_TYPE)
+                    return Response(
+                        stored.body,
+                        stored.status_code,
+                        {**SSE_HEADERS, **replayed},
+                        media_type=SSE_MEDIA_TYPE,
+                    )
                 return Response(stored.body, stored.status_code, replayed, media_type="application/json")
         try:
             generation = await self._start(tenant, prepared, request_id, started_ms)
@@ -292,7 +356,10 @@ class CompletionService:
         self, tenant: TenantIdentity, key: str, path: str, raw_body: bytes, request_id: str
     ) -> StoredResponse | None:
         if not key or len(key) > self.settings.idempotency_key_chars_max:
-            raise invalid_param("Idempotency-Key", f"Idempotency-Key must be 1 to {self.settings.idempotency_key_chars_max} characters")
+            raise invalid_param(
+                "Idempotency-Key",
+                f"Idempotency-Key must be 1 to {self.settings.idempotency_key_chars_max} characters",
+            )
         if self.idempotency is None:
             raise ApiError(400, "Idempotency-Key is not available on this gateway", param="Idempotency-Key")
         with anyio.fail_after(self.settings.idempotency_timeout_ms / 1000):
@@ -303,16 +370,23 @@ class CompletionService:
     async def _store(self, generation: Generation, key: str, body: bytes) -> None:
         """Keep a completed response for the key's repeats (its own request is answered either way)."""
         assert self.idempotency is not None, "a key was claimed without a store"
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.idempotency_timeout_ms / 1000) as scope:
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self.settings.idempotency_timeout_ms / 1000) as scope,
+        ):
             try:
                 await self.idempotency.complete(
                     generation.tenant.tenant_id, key, generation.request_id, 200, body, self.wall_clock_ms()
                 )
                 return
             except Exception:
-                logger.exception("storing the response of %s for its Idempotency-Key failed", generation.request_id)
+                logger.exception(
+                    "storing the response of %s for its Idempotency-Key failed", generation.request_id
+                )
         if scope.cancelled_caught:
-            logger.error("storing the response of %s for its Idempotency-Key timed out", generation.request_id)
+            logger.error(
+                "storing the response of %s for its Idempotency-Key timed out", generation.request_id
+            )
 
     async def _abandon(self, tenant: TenantIdentity, key: str, request_id: str) -> None:
         assert self.idempotency is not None, "a key was claimed without a store"
@@ -366,8 +440,20 @@ class CompletionService:
             with anyio.CancelScope(shield=True):
                 await self.admission.release(reservation)
             raise
-        self.metrics.of_model(prepared.model).worker_queue_time.observe((monotonic_ms() - dispatched_ms) / 1000)
-        return Generation(self, tenant, prepared, request_id, reservation, stream, started_ms, deadline_ms, admitted_at_ms)
+        self.metrics.of_model(prepared.model).worker_queue_time.observe(
+            (monotonic_ms() - dispatched_ms) / 1000
+        )
+        return Generation(
+            self.generation_context,
+            tenant,
+            prepared,
+            request_id,
+            reservation,
+            stream,
+            started_ms,
+            deadline_ms,
+            admitted_at_ms,
+        )
 
     async def _settle_failed_start(
         self, reservation: Reservation, prepared: PreparedRequest, failure: WorkerRequestFailed
@@ -375,7 +461,9 @@ class CompletionService:
         """A request that failed on its worker before a token: settled at what the worker processed."""
         event = failure.event
         logger.warning("request failed on its worker, not retried: %s", failure)
-        cost = usage_amount(self.settings.models[prepared.model].price, event.prompt_tokens, event.completion_tokens)
+        cost = usage_amount(
+            self.settings.models[prepared.model].price, event.prompt_tokens, event.completion_tokens
+        )
         with anyio.CancelScope(shield=True):
             try:
                 await self.admission.finish(reservation, cost)
@@ -401,43 +489,42 @@ class CompletionService:
             yield role
         with_logprobs = generation.prepared.logprobs
         try:
-            async for batch in generation.stream.batches():
+            async for tokens, end in generation.relay():
                 if with_logprobs:  # a chunk per token, even one with no text yet: its logprob is there
-                    parts = [writer.token_with_logprobs(event) for event in batch if type(event) is TokenEvent]
+                    parts = [writer.token_with_logprobs(event) for event in tokens]
                 else:
-                    parts = [writer.token(event.text) for event in batch if type(event) is TokenEvent and event.text]
-                last = batch[-1]
-                tokens = len(batch) - (type(last) is not TokenEvent)
-                if tokens:
-                    generation.on_tokens(tokens)
-                if type(last) is DoneEvent:
-                    generation.done = last
-                    generation.outcome = "ok"
-                    parts.append(writer.finish(finish_reason_of(last.finish_reason)))
-                    if writer.include_usage:
-                        parts.append(writer.usage(last.prompt_tokens, last.completion_tokens))
-                    parts.append(DONE_LINE)
-                elif type(last) is ErrorEvent:
-                    generation.on_error(last)
-                    await generation.publish_unrecorded_usage()
-                    failure = worker_error(last)
-                    parts.append(writer.error(failure.message, "server_error", failure.code or "worker_failed"))
+                    parts = [writer.token(event.text) for event in tokens if event.text]
+                if end is not None:
+                    parts.extend(self._sse_end(writer, end))
                 if parts:
                     chunk = parts[0] if len(parts) == 1 else b"".join(parts)
                     if sent is not None:
                         sent.append(chunk)
                     yield chunk
         except WorkerFailed as error:
-            generation.outcome = "worker_failed"
             logger.warning("worker failed mid-stream: %s", error)
-            await generation.publish_unrecorded_usage()
             yield writer.error("the inference worker failed mid-stream", "server_error", "worker_failed")
         except BudgetExhausted as error:
-            generation.outcome = "timeout"
             yield writer.error(str(error), "server_error", "timeout")
 
+    @staticmethod
+    def _sse_end(writer: ChunkWriter, end: DoneEvent | ErrorEvent) -> list[bytes]:
+        """The chunks that end a stream: finish reason, usage and [DONE]; or the worker's error."""
+        if type(end) is DoneEvent:
+            parts = [writer.finish(finish_reason_of(end.finish_reason))]
+            if writer.include_usage:
+                parts.append(writer.usage(end.prompt_tokens, end.completion_tokens))
+            parts.append(DONE_LINE)
+            return parts
+        failure = worker_error(end)
+        return [writer.error(failure.message, "server_error", failure.code or "worker_failed")]
+
     async def _complete(
-        self, generation: Generation, key: str | None, headers: dict[str, str], receive: Callable[[], Awaitable[dict]]
+        self,
+        generation: Generation,
+        key: str | None,
+        headers: dict[str, str],
+        receive: Callable[[], Awaitable[dict]],
     ) -> Response:
         prepared = generation.prepared
         try:
@@ -484,30 +571,9 @@ class CompletionService:
     async def _collect(generation: Generation) -> list[TokenEvent]:
         """Every token up to the done line. Raises WorkerFailed (after billing what was relayed when the
         stream broke), ApiError for the worker's error line, BudgetExhausted when the budget ran out."""
-        tokens: list[TokenEvent] = []
-        try:
-            async for batch in generation.stream.batches():
-                last = batch[-1]
-                if type(last) is TokenEvent:
-                    tokens.extend(batch)
-                    generation.on_tokens(len(batch))
-                    continue
-                if len(batch) > 1:
-                    tokens.extend(batch[:-1])  # type: ignore[arg-type]  (all but the last are tokens)
-                    generation.on_tokens(len(batch) - 1)
-                if type(last) is DoneEvent:
-                    generation.done = last
-                    generation.outcome = "ok"
-                else:
-                    assert type(last) is ErrorEvent, "a batch ends with a token, done or error event"
-                    generation.on_error(last)
-                    await generation.publish_unrecorded_usage()
-                    raise worker_error(last)
-        except BudgetExhausted:
-            generation.outcome = "timeout"
-            raise
-        except WorkerFailed:
-            generation.outcome = "worker_failed"
-            await generation.publish_unrecorded_usage()
-            raise
-        return tokens
+        collected: list[TokenEvent] = []
+        async for tokens, end in generation.relay():
+            collected.extend(tokens)
+            if type(end) is ErrorEvent:
+                raise worker_error(end)
+        return collected

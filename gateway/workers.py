@@ -49,10 +49,6 @@ from inference.internal_auth import authorization_header
 logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/internal/v1/generate"
-OVERLOADED = "overloaded"  # the worker's queue is full: backpressure, not a failure
-
-
-NOT_RETRIED_ERRORS = frozenset({"request_failed", "engine_failed"})  # error lines of a request that broke its worker
 
 
 class LogprobEntry(msgspec.Struct):
@@ -163,13 +159,38 @@ class BudgetExhausted(Exception):
     """The request's timeout budget ran out while it was generating."""
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """An attempt whose first events arrived: the generation runs on that worker."""
+
+    stream: WorkerStream
+
+
+@dataclass(frozen=True, slots=True)
+class AtCapacity:
+    """The worker's queue is full (503 overloaded): backpressure, not a failure; try another."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The worker could not take the attempt (no answer, a 5xx, broke before its first event): try another."""
+
+    reason: str
+
+
+Attempt = Started | AtCapacity | Failed  # what one try on one worker came to
+AT_CAPACITY = AtCapacity()
+
+
 class WorkerClient:
     """One worker: its URL, its breaker, and its keep-alive connection pool."""
 
     def __init__(self, url: str, settings: GatewaySettings, internal_token: str) -> None:
         self.url = url.rstrip("/")
         self.breaker = CircuitBreaker(settings.breaker_failures_max, settings.breaker_open_ms)
-        self.http = WorkerHttpPool(self.url, http_limits(settings), authorization=authorization_header(internal_token))
+        self.http = WorkerHttpPool(
+            self.url, http_limits(settings), authorization=authorization_header(internal_token)
+        )
 
     async def close(self) -> None:
         await self.http.close()
@@ -193,7 +214,9 @@ class WorkerStream:
     gateway handles and forwards several tokens for the price of one.
     """
 
-    def __init__(self, worker: WorkerClient, exchange: WorkerConnection, line_bytes_max: int, attempt_id: str) -> None:
+    def __init__(
+        self, worker: WorkerClient, exchange: WorkerConnection, line_bytes_max: int, attempt_id: str
+    ) -> None:
         self.worker = worker
         self.attempt_id = attempt_id  # the worker's request id (and its UsageRecorded's event id)
         self.first_batch: list[WorkerEvent] = []
@@ -296,20 +319,22 @@ class WorkerPool:
                 continue
             attempts += 1
             attempt_id = attempt_id_of(call.request_id, attempts)
-            outcome = await self._try(worker, call.encode(attempt_id), attempt_id, (deadline_ms - now_ms()) / 1000)
-            if isinstance(outcome, WorkerStream):
-                worker.breaker.record_success()
-                return outcome
-            if outcome is OVERLOADED:
-                worker.breaker.record_neutral()
-                overloaded.add(worker.url)
-            else:
-                worker.breaker.record_failure()
-                failures.append(f"{worker.url}: {outcome}")
+            budget_s = (deadline_ms - now_ms()) / 1000
+            match await self._try(worker, call.encode(attempt_id), attempt_id, budget_s):
+                case Started(stream):
+                    worker.breaker.record_success()
+                    return stream
+                case AtCapacity():
+                    worker.breaker.record_neutral()
+                    overloaded.add(worker.url)
+                case Failed(reason):
+                    worker.breaker.record_failure()
+                    failures.append(f"{worker.url}: {reason}")
         retry_after = {"Retry-After": str(self.settings.overloaded_retry_after_s), "x-should-retry": "true"}
         if overloaded:
             raise Overloaded(
-                f"every worker tried ({attempts}) is at capacity; retry after {self.settings.overloaded_retry_after_s} s",
+                f"every worker tried ({attempts}) is at capacity; "
+                f"retry after {self.settings.overloaded_retry_after_s} s",
                 headers=retry_after,
             )
         logger.warning("request %s found no worker: %s", call.request_id, "; ".join(failures))
@@ -321,13 +346,13 @@ class WorkerPool:
             headers=retry_after,
         )
 
-    async def _try(self, worker: WorkerClient, body: bytes, attempt_id: str, budget_s: float) -> WorkerStream | str:
-        """A started stream, OVERLOADED, or why this worker failed (a string). Bad input, and a request that
-        failed on the worker, raise: neither is tried again."""
+    async def _try(self, worker: WorkerClient, body: bytes, attempt_id: str, budget_s: float) -> Attempt:
+        """Started, AtCapacity, or Failed with why. Bad input, and a request that failed on the worker,
+        raise: neither is tried again."""
         try:
             exchange = await worker.http.post(GENERATE_PATH, body, budget_s)
         except WorkerHttpError as error:
-            return f"no response ({error})"
+            return Failed(f"no response ({error})")
         if exchange.status != 200:
             return await self._refusal(exchange)
         stream = WorkerStream(worker, exchange, self.settings.worker_event_bytes_max, attempt_id)
@@ -335,13 +360,13 @@ class WorkerPool:
             first = await stream.next_batch()
         except (WorkerFailed, BudgetExhausted) as error:
             exchange.abort()
-            return str(error)
+            return Failed(str(error))
         except BaseException:
             exchange.abort()
             raise
         if not first:
             exchange.abort()
-            return "failed before its first token (an empty batch)"
+            return Failed("failed before its first token (an empty batch)")
         if type(first[0]) is ErrorEvent:
             await stream.close()  # the error line ended the response: the connection stays usable
             if first[0].error == "engine_failed":
@@ -350,9 +375,10 @@ class WorkerPool:
                 worker.breaker.record_neutral()  # one request failed there: says nothing of the worker
             raise WorkerRequestFailed(attempt_id, worker.url, first[0])
         stream.first_batch = first
-        return stream
+        return Started(stream)
 
-    async def _refusal(self, exchange: WorkerConnection) -> str:
+    async def _refusal(self, exchange: WorkerConnection) -> AtCapacity | Failed:
+        """What a non-200 answer means: AtCapacity, or Failed; a 404 or 400 raises (the client's error)."""
         status = exchange.status
         bytes_max = self.settings.worker_event_bytes_max
         parts: list[bytes] = []
@@ -363,11 +389,11 @@ class WorkerPool:
                 size += len(data)
                 if size > bytes_max:
                     exchange.abort()
-                    return f"answered {status} with a body over {bytes_max} bytes"
+                    return Failed(f"answered {status} with a body over {bytes_max} bytes")
             await exchange.finish()
         except WorkerHttpError as error:
             exchange.abort()
-            return f"answered {status} and broke ({error})"
+            return Failed(f"answered {status} and broke ({error})")
         except BaseException:
             exchange.abort()
             raise
@@ -378,9 +404,11 @@ class WorkerPool:
             refusal = {}
         error = refusal.get("error")
         if status == 503 and error == "overloaded":
-            return OVERLOADED
+            return AT_CAPACITY
         if status == 404 and error == "model_not_found":
-            raise ApiError(404, str(refusal.get("message", "model not served")), param="model", code="model_not_found")
+            raise ApiError(
+                404, str(refusal.get("message", "model not served")), param="model", code="model_not_found"
+            )
         if status == 400 and error == "invalid_request":
             raise ApiError(400, str(refusal.get("message", "invalid request")), code="invalid_value")
-        return f"answered {status} {error or raw[:200]!r}"
+        return Failed(f"answered {status} {error or raw[:200]!r}")

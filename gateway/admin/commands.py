@@ -7,25 +7,116 @@ re-emits the same event id, which every consumer treats as a duplicate.
 Claim, then publish under a lock: a grant is first recorded (its own transaction, under the tenant's
 row lock, which also serialises the tenant's credit bound); then `unpublished_grant` locks the grant's
 row (SELECT ... FOR UPDATE) for the publish and its mark. Concurrent retries of one grant wait on
-that lock and find it published: one event, however many retries race.
+that lock and find it published: one event, however many retries race. `grant_credit`, `void_grant`
+and `revoke_and_announce` are those steps end to end (record -> publish -> mark published), each in
+its own transactions; the rest are the steps, each inside the caller's transaction.
+
+A publish the event bus does not accept within `publish_timeout_ms` is a 503 (retry with the same
+request): the record stays, unpublished, and the retry publishes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import secrets
+from collections.abc import Awaitable, Callable
 
+from fastapi import HTTPException, status
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.admin.errors import AdminError
 from gateway.admin.models import GrantCreate, TenantCreate
+from gateway.admin.publisher import EventPublisher
+from gateway.admin.settings import AdminSettings
 from gateway.api_keys import GeneratedKey, generate_api_key
 from ledger.events import TENANT_CREDIT_MAX, CreditGranted, GrantVoided
 from storage.tenants import ApiKey, Grant, Tenant
-from streams.records import ApiKeyRevoked
+from streams.records import ApiKeyRevoked, encode_revocation
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_RETRY_AFTER_S = 1
+Sessions = async_sessionmaker[AsyncSession]
+
+
+async def accepted(sending: Awaitable[object], what: str, timeout_ms: int) -> None:
+    """Await a publish within `timeout_ms`, or answer 503 (retry) saying why."""
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            await sending
+    except Exception as error:
+        logger.warning("publishing %s failed: %r", what, error)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail={"field": None, "message": f"the event bus did not accept the event ({error!r}); retry"},
+            headers={"Retry-After": str(PUBLISH_RETRY_AFTER_S)},
+        ) from error
+
+
+async def grant_credit(
+    sessions: Sessions,
+    publisher: EventPublisher,
+    settings: AdminSettings,
+    clock_ms: Callable[[], int],
+    tenant_id: str,
+    idempotency_key: str,
+    request: GrantCreate,
+) -> tuple[Grant, bool]:
+    """Record the grant, publish its CreditGranted, mark it published; True when the grant is new."""
+    async with sessions() as session, session.begin():
+        grant, created = await record_grant(
+            session, tenant_id, idempotency_key, request, settings.grant_amount_max, clock_ms()
+        )
+    if grant.published_at_ms is None:
+        async with sessions() as session, session.begin():
+            unpublished = await unpublished_grant(session, grant.grant_id)
+            if unpublished is not None:  # else a concurrent retry published it while we waited
+                event = granted_event(unpublished)
+                await accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
+                await mark_grant_published(session, grant.grant_id, clock_ms())
+    return grant, created
+
+
+async def void_grant(
+    sessions: Sessions,
+    publisher: EventPublisher,
+    settings: AdminSettings,
+    clock_ms: Callable[[], int],
+    grant_id: str,
+) -> Grant:
+    """Record the void, publish its GrantVoided, mark it published; voiding again returns the first void."""
+    async with sessions() as session, session.begin():
+        grant = await record_void(session, grant_id, clock_ms())
+    if grant.void_published_at_ms is None:
+        async with sessions() as session, session.begin():
+            unpublished = await unpublished_void(session, grant.grant_id)
+            if unpublished is not None:  # else a concurrent retry published it while we waited
+                event = voided_event(unpublished)
+                await accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
+                await mark_void_published(session, grant.grant_id, clock_ms())
+    return grant
+
+
+async def revoke_and_announce(
+    sessions: Sessions,
+    publisher: EventPublisher,
+    settings: AdminSettings,
+    clock_ms: Callable[[], int],
+    key_id: str,
+) -> ApiKey:
+    """Revoke the key, then announce it on `tenant.keys` (every gateway drops it from its cache).
+    Revoking again announces the first revocation again."""
+    async with sessions() as session, session.begin():
+        api_key = await revoke_key(session, key_id, clock_ms())
+    record = encode_revocation(revoked_record(api_key))
+    sending = publisher.append(publisher.topics.keys, api_key.key_id.encode(), record)
+    await accepted(sending, f"revocation of {api_key.key_id}", settings.publish_timeout_ms)
+    return api_key
 
 
 async def create_tenant(
@@ -145,7 +236,9 @@ async def refuse_above_tenant_credit_max(session: AsyncSession, tenant_id: str, 
     """The fold refuses a grant that takes a tenant's total granted (voided and expired grants too) above
     TENANT_CREDIT_MAX; refuse it here first, naming the amount. The caller holds the tenant's row lock."""
     granted = (
-        await session.execute(select(func.coalesce(func.sum(Grant.amount), 0)).where(Grant.tenant_id == tenant_id))
+        await session.execute(
+            select(func.coalesce(func.sum(Grant.amount), 0)).where(Grant.tenant_id == tenant_id)
+        )
     ).scalar_one()
     if granted + amount > TENANT_CREDIT_MAX:
         raise AdminError(
@@ -164,9 +257,11 @@ async def unpublished_grant(session: AsyncSession, grant_id: str) -> Grant | Non
 
 
 async def unpublished_void(session: AsyncSession, grant_id: str) -> Grant | None:
-    """The voided grant, its row locked until the transaction ends, when its GrantVoided is still to publish."""
+    """The voided grant, its row locked until the transaction ends, when its GrantVoided is still to
+    publish."""
     grant = await session.get(Grant, grant_id, with_for_update=True, populate_existing=True)
-    assert grant is not None and grant.voided_at_ms is not None, f"grant {grant_id} is not voided"
+    assert grant is not None, f"grant {grant_id} vanished"
+    assert grant.voided_at_ms is not None, f"grant {grant_id} is not voided"
     return grant if grant.void_published_at_ms is None else None
 
 
@@ -204,7 +299,8 @@ async def record_void(session: AsyncSession, grant_id: str, now_ms: int) -> Gran
 
 
 def voided_event(grant: Grant) -> GrantVoided:
-    assert grant.voided_at_ms is not None and grant.void_event_id is not None, "grant is not voided"
+    assert grant.voided_at_ms is not None, f"grant {grant.grant_id} is not voided"
+    assert grant.void_event_id is not None, f"voided grant {grant.grant_id} has no void event id"
     return GrantVoided(
         event_id=grant.void_event_id,
         tenant_id=grant.tenant_id,

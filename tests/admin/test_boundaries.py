@@ -32,9 +32,17 @@ VALID_BODIES = {
 VALID_HEADERS = {"Idempotency-Key": "walk-1"}
 
 
+def flat_routes(routes: list) -> list:
+    """Every route, inside included routers too (FastAPI wraps each in an `original_router`)."""
+    flat = []
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        flat.extend(flat_routes(included.routes) if included is not None else [route])
+    return flat
+
+
 def admin_routes(app: FastAPI) -> list[APIRoute]:
-    included = [getattr(route, "original_router", route) for route in app.routes]  # FastAPI's wrappers
-    flat = [inner for route in included for inner in getattr(route, "routes", [route])]
+    flat = flat_routes(app.routes)
     routes = [r for r in flat if isinstance(r, APIRoute) and r.path.startswith("/admin/v1/")]
     assert len(routes) >= 7, [r.path for r in routes]
     return routes
