@@ -4,8 +4,10 @@ client is installed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,53 @@ def _docker_compose_plugin() -> bool:
     if not shutil.which("docker"):
         return False
     return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+
+
+COMPOSE_TOKENS = {"TOLLGATE_ADMIN_TOKEN": "x" * 32, "TOLLGATE_INTERNAL_TOKEN": "y" * 32}
+_REQUIRED = re.compile(r"\$\{(\w+):\?[^}]*\}")
+
+
+def gateway_environment(compose: dict, tokens: dict[str, str]) -> dict[str, str]:
+    """The gateway service's environment as compose sets it, `${VAR:?...}` filled from `tokens` (a
+    variable missing from `tokens` is left out, as compose would refuse it)."""
+    environment = {}
+    for name, value in compose["services"]["gateway"]["environment"].items():
+        required = _REQUIRED.fullmatch(str(value))
+        if required is None:
+            environment[name] = str(value)
+        elif required.group(1) in tokens:
+            environment[name] = tokens[required.group(1)]
+    return environment
+
+
+def run_with(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("TOLLGATE_")}
+    return subprocess.run(
+        [sys.executable, *arguments],
+        env={**inherited, **environment},
+        cwd=COMPOSE_FILE.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_gateway_passes_the_production_check_with_the_compose_environment(compose):
+    environment = gateway_environment(compose, COMPOSE_TOKENS)
+    assert environment["TOLLGATE_ENVIRONMENT"] == "production"
+    checked = run_with(
+        environment, "-c", "from gateway.settings import GatewaySettings; print(GatewaySettings().environment)"
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip() == "production"
+
+
+@pytest.mark.parametrize("token", [None, "x" * 31], ids=["missing", "short"])
+def test_the_gateway_process_refuses_to_start_in_compose_without_a_usable_token(compose, token):
+    tokens = {**COMPOSE_TOKENS}
+    del tokens["TOLLGATE_ADMIN_TOKEN"]
+    if token is not None:
+        tokens["TOLLGATE_ADMIN_TOKEN"] = token
+    started = run_with(gateway_environment(compose, tokens), "-m", "gateway")
+    assert started.returncode != 0
+    assert "TOLLGATE_ADMIN_TOKEN" in started.stderr
