@@ -25,6 +25,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from tollgate.common_settings import default_tiers
 from tollgate.operating_errors import operating_errors
 
 app = typer.Typer(help="Tollgate: event-sourced billing and metering for AI inference.", no_args_is_help=True)
@@ -50,6 +51,8 @@ Url = Annotated[
 AdminToken = Annotated[
     str | None, typer.Option(envvar=ADMIN_TOKEN_ENV, help="Admin token (default: from .tollgate/demo.json).")
 ]
+
+TIER_NAMES = ", ".join(default_tiers())  # the shared tiers (tollgate.common_settings), for help
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -228,7 +231,7 @@ def _show(response) -> None:
 @tenants_app.command("create")
 def tenants_create(
     name: Annotated[str, typer.Option(help="Display name.")],
-    tier: Annotated[str, typer.Option(help="Rate-limit tier: free, pro or enterprise.")] = "free",
+    tier: Annotated[str, typer.Option(help=f"Tenant tier: one of TOLLGATE_TIERS ({TIER_NAMES} by default).")] = "free",
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:

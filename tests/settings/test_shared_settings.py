@@ -125,3 +125,13 @@ def test_compose_sets_the_shared_environment_and_admin_token_for_the_gateway():
 def test_a_default_tier_outside_the_tiers_is_refused():
     with pytest.raises(ValueError, match="tier_default"):
         CommonSettings(tier_default="platinum")
+
+
+def test_the_cli_offers_the_shared_tiers():
+    from typer.testing import CliRunner
+
+    from tollgate.cli import app
+
+    help_text = " ".join(CliRunner().invoke(app, ["tenants", "create", "--help"], terminal_width=400).output.split())
+    for tier in AdminSettings().tenant_tiers:
+        assert tier in help_text, tier
