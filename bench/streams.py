@@ -79,9 +79,9 @@ from bench._kafka_bench_util import (
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, UsageRecorded
 from streams.batch_processor import READY_LOG_LINE, consumer_group
-from streams.processor import BalanceRecord, LedgerProcessor
+from streams.processor import LedgerProcessor
 from streams.processor_settings import ProcessorSettings
-from streams.records import LogRecord
+from streams.records import BalanceRecord, LogRecord
 from streams.replay import DictState
 from streams.topics import LedgerTopics, ensure_topics, ledger_topic_specs
 

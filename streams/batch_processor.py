@@ -19,6 +19,12 @@ State. The changelog `<app id>-batch-state-changelog` is compacted and co-partit
 `ledger.events`. A partition's state is read back from it the first time a batch of that partition
 arrives after an assignment, so a restarted or rebalanced processor recovers exactly the tenants it now
 owns. When partitions are revoked, the batch in flight finishes and its offsets are committed first.
+The state read back lives on disk (`streams.state_store.RocksState`, in `processor_state_dir`), and so
+do the processor's seen-id index and per-millisecond usage index (its `usage_indexes`), with bounded
+caches in front: the processor's memory does not grow with usage. The changelog is streamed into the
+store in chunks, never held whole. The store is a cache of the changelog: a restarted process wipes it
+and reads its partitions back. (The faust engine keeps its state in its faust table, the embedded driver
+in Postgres; neither uses this store.)
 
 Why not the faust agent (streams.faust_app, kept as `tollgate streams --engine faust`)? faust hands every
 record through its stream machinery one at a time (its consumer waits on each delivery as a separate
@@ -35,7 +41,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -45,6 +52,7 @@ from streams.processor import LedgerProcessor, ProcessorOutput
 from streams.processor_settings import ProcessorSettings
 from streams.producer import BrokerUnavailable, EventProducer, PartitionedRecord
 from streams.records import LogRecord
+from streams.state_store import RocksState
 from streams.topics import LedgerTopics, ensure_topics, state_changelog_spec
 
 log = logging.getLogger(__name__)
@@ -64,7 +72,8 @@ def consumer_group(settings: ProcessorSettings) -> str:
 
 
 class PartitionedState:
-    """`StateReader` over the state of the partitions this process owns, droppable per partition."""
+    """`StateReader` over the state of the partitions this process owns, droppable per partition, in RAM:
+    the reference the on-disk `RocksState` is tested against (tests/streams/test_state_store.py)."""
 
     def __init__(self) -> None:
         self._data: dict[bytes, bytes] = {}
@@ -85,6 +94,10 @@ class PartitionedState:
         self._data[key] = value
         keys.add(key)
 
+    def put_all(self, partition: int, records) -> None:
+        for key, value in records:
+            self.put(partition, key, value)
+
     def drop(self, partition: int) -> None:
         for key in self._keys_of.pop(partition, ()):
             del self._data[key]
@@ -102,23 +115,32 @@ class EngineTransport(Protocol):
     async def publish(self, records: list[PartitionedRecord]) -> None:
         """Append the outputs (entries, balances, dead letters); return once every record is acked."""
 
-    async def read_state(self, partition: int) -> list[tuple[bytes, bytes | None]]:
-        """Every (key, value) on the changelog partition up to its end, in order (None: a tombstone)."""
+    def read_state(self, partition: int) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
+        """Every (key, value) on the changelog partition up to its end, in order (None: a tombstone), a
+        chunk at a time (a partition's whole changelog is never held at once)."""
 
 
 class BatchEngine:
     """The batch step without a transport: fold -> persist state and outboxes -> publish. The caller
     commits source offsets only after `fold` returned, and calls `reset` after any failure (a batch that
-    was not acknowledged), then resumes from its committed offsets."""
+    was not acknowledged), then resumes from its committed offsets. The state lives on disk, in `state`
+    (`BatchProcessor`: this process's directory under `processor_state_dir`) or a temporary directory of
+    its own; the engine owns it, and `close` deletes it."""
 
-    def __init__(self, transport: EngineTransport, *, topics: LedgerTopics, changelog_topic: str, partitions: int) -> None:
+    def __init__(
+        self, transport: EngineTransport, *, topics: LedgerTopics, changelog_topic: str, partitions: int,
+        state: RocksState | None = None,
+    ) -> None:
         self.transport = transport
         self.topics = topics
         self.changelog_topic = changelog_topic
         self.partitions = partitions
-        self.state = PartitionedState()
-        self.processor = LedgerProcessor(self.state, source_topic=topics.events)
+        self.state = RocksState() if state is None else state
+        self.processor = LedgerProcessor(self.state, source_topic=topics.events, usage_indexes=self.state.usage_indexes)
         self.loaded: set[int] = set()  # source partitions whose state is in `self.state`
+
+    def close(self) -> None:
+        self.state.close()
 
     async def ensure_loaded(self, partitions) -> None:
         for partition in sorted(set(partitions) - self.loaded):
@@ -130,14 +152,15 @@ class BatchEngine:
         started = time.monotonic()
         self.state.drop(partition)
         self.processor.forget({partition}, self.partitions)
-        records = await self.transport.read_state(partition)
-        for key, value in records:
-            self.state.put(partition, key, value)
+        records = 0
+        async for chunk in self.transport.read_state(partition):
+            self.state.put_all(partition, chunk)
+            records += len(chunk)
         recovered = self.processor.recover(self.partitions, {partition})
         await self.emit(recovered)
         self.loaded.add(partition)
         log.info("partition %d: state read back from %d changelog records, %d outboxes sent again, in %.2f s",
-                 partition, len(records), sum(o.republished_outboxes for _, o in recovered), time.monotonic() - started)
+                 partition, records, sum(o.republished_outboxes for _, o in recovered), time.monotonic() - started)
 
     async def fold(self, batches: dict[int, list[LogRecord]]) -> None:
         """One batch: each partition's records in offset order, from the caller's position."""
@@ -175,8 +198,9 @@ class BatchEngine:
         ]
         if writes:
             await self.transport.write_state(writes)
-            for write in writes:
-                self.state.put(write.partition, write.key, write.value)
+            for partition, output in outputs:
+                if output.state_writes:
+                    self.state.put_all(partition, output.state_writes)
 
     async def _publish(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
         """To the source partition: the derived topics are co-partitioned with `ledger.events` (key = tenant)."""
@@ -221,7 +245,7 @@ class KafkaTransport:
     async def publish(self, records: list[PartitionedRecord]) -> None:
         await self.producer.send_partitioned(records)
 
-    async def read_state(self, partition: int) -> list[tuple[bytes, bytes | None]]:
+    async def read_state(self, partition: int) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
         reader = self.reader
         assert reader is not None, "KafkaTransport.start() first"
         tp = TopicPartition(self.changelog_topic, partition)
@@ -229,13 +253,13 @@ class KafkaTransport:
         end = (await reader.end_offsets([tp]))[tp]
         await reader.seek_to_beginning(tp)
         started = time.monotonic()
-        records: list[tuple[bytes, bytes | None]] = []
         while await reader.position(tp) < end:
             if time.monotonic() - started > self.settings.processor_changelog_read_timeout_ms / 1000:
                 raise BrokerUnavailable(f"changelog {tp.topic}[{partition}] not read back within the timeout")
             batch = await reader.getmany(tp, timeout_ms=CHANGELOG_FETCH_TIMEOUT_MS, max_records=CHANGELOG_FETCH_MAX_RECORDS)
-            records.extend((message.key, message.value) for message in batch.get(tp, ()))
-        return records
+            messages = batch.get(tp)
+            if messages:
+                yield [(message.key, message.value) for message in messages]
 
 
 class _CommitBeforeRevoke(ConsumerRebalanceListener):
@@ -257,7 +281,8 @@ class BatchProcessor:
         self.producer = producer or EventProducer(settings)
         self.transport = KafkaTransport(settings, self.producer, self.changelog_topic)
         self.engine = BatchEngine(
-            self.transport, topics=self.topics, changelog_topic=self.changelog_topic, partitions=settings.topic_partitions
+            self.transport, topics=self.topics, changelog_topic=self.changelog_topic, partitions=settings.topic_partitions,
+            state=RocksState.claimed_under(Path(settings.processor_state_dir)),
         )
         self.state = self.engine.state
         self.processor = self.engine.processor
@@ -292,13 +317,16 @@ class BatchProcessor:
         self._consumer.subscribe([self.topics.events], listener=_CommitBeforeRevoke(self))
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            async with self._lock:
-                await self._commit()
-            await self._consumer.stop()  # leaves the group: its partitions move at once
-            self._consumer = None
-        await self.transport.stop()
-        await self.producer.stop()
+        try:
+            if self._consumer is not None:
+                async with self._lock:
+                    await self._commit()
+                await self._consumer.stop()  # leaves the group: its partitions move at once
+                self._consumer = None
+            await self.transport.stop()
+            await self.producer.stop()
+        finally:
+            self.engine.close()  # the on-disk state goes with the process (the changelog has it all)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fold until `stop` is set; retries a failed batch from the committed offsets, boundedly."""
@@ -395,7 +423,9 @@ async def serve(settings: ProcessorSettings) -> None:
 
 def run_processor(settings: ProcessorSettings | None = None, *, loglevel: str = "INFO") -> None:
     """Run one stream processor in this process until it is stopped (SIGTERM/SIGINT)."""
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tollgate.logging_setup import configure_logging
+
+    configure_logging(loglevel)
     asyncio.run(serve(settings or ProcessorSettings()))
 
 

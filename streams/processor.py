@@ -46,9 +46,13 @@ Dedupe, two ways: a record redelivered after a crash has an offset at or below t
 `applied_offset`; the same event produced twice (a producer resend) has another offset, and its event
 id is in the seen index with the first offset.
 
-The usage index seam: `_OffsetAwareIndex` (below) is the only place the processor touches a tenant's
-seen ids and per-millisecond usage; `_load_tenant` fills it from the stored seen records. An on-disk
-index plugs in there.
+The usage index seam: a tenant's `_OffsetAwareIndex` (below) is the only place the processor touches
+its seen ids and per-millisecond usage. Two implementations: with `usage_indexes=None` the processor
+rebuilds an in-memory one from the stored seen batches when it loads a tenant (the faust engine, whose
+state is its faust table, the embedded driver, whose state is Postgres, the audit replay and the tests);
+with `usage_indexes` (the batch engine: `streams.state_store.RocksState.usage_indexes`) each tenant's
+index is a view of an on-disk index, materialised from the same seen batches as they are written, with
+a bounded cache in front, so nothing that grows with usage stays in RAM.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from ledger.codec import decode_input_event
 from ledger.entries import Entry, encode_entry
 from ledger.events import InvalidEvent, UsageRecorded
 from ledger.snapshot import account_from_bytes, account_to_bytes
-from ledger.usage_index import InMemoryUsageIndex
+from ledger.usage_index import InMemoryUsageIndex, UsageIndex, UsageSummary
 from streams.records import BalanceRecord, DeadLetter, LogRecord, partition_for_key
 
 log = logging.getLogger(__name__)
@@ -135,6 +139,34 @@ class StateReader(Protocol):
     def items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]: ...
 
 
+class TenantUsageIndex(Protocol):
+    """One tenant's usage index as the processor drives it (`_OffsetAwareIndex`, or an on-disk view):
+    `current_offset` is set before each `Account.apply`; an event id first applied at another offset is
+    a duplicate; `index` answers the queries (balances, `tenant_account`)."""
+
+    current_offset: int
+
+    def seen(self, event_id: str) -> bool: ...
+
+    def record(self, event_id: str, occurred_at: int, amount: int) -> None: ...
+
+    def usage_between(self, start: int, end: int) -> UsageSummary: ...
+
+    @property
+    def index(self) -> UsageIndex: ...
+
+
+class UsageIndexes(Protocol):
+    """Where the processor gets its tenants' usage indexes when they do not live in RAM: derived from the
+    seen batches of the state it reads (`streams.state_store.DiskUsageIndexes`)."""
+
+    def open(self, tenant_id: str, applied_offset: int) -> TenantUsageIndex:
+        """The index of a tenant whose account snapshot includes source offsets up to `applied_offset`."""
+
+    def forget(self) -> None:
+        """The processor dropped its cached tenants: every open view is closed."""
+
+
 _json = msgspec.json.Encoder()
 _account_record_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(AccountRecord))
 _seen_batch_codec = (msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[SeenRecord]))
@@ -181,14 +213,14 @@ class _OffsetAwareIndex:
         self.first_offsets[event_id] = self.current_offset
         self.index.record(event_id, occurred_at, amount)
 
-    def usage_between(self, start: int, end: int):
+    def usage_between(self, start: int, end: int) -> UsageSummary:
         return self.index.usage_between(start, end)
 
 
 @dataclass
 class _Tenant:
     account: Account
-    index: _OffsetAwareIndex
+    index: TenantUsageIndex
     applied_offset: int
     stream_time: int
     stored_outbox: Outbox | None = None  # loaded from durable state, not yet sent again by this process
@@ -208,12 +240,16 @@ class LedgerProcessor:
     """Folds ledger events into per-tenant accounts. One instance per process; not thread-safe.
 
     `outbox=False` (the embedded driver: outputs, state and offsets in one transaction) stores no
-    outbox and sends nothing again on load."""
+    outbox and sends nothing again on load. `usage_indexes` (the batch engine's on-disk store): the
+    tenants' usage indexes come from there instead of being rebuilt in RAM from the seen batches."""
 
-    def __init__(self, state: StateReader, *, source_topic: str, outbox: bool = True) -> None:
+    def __init__(
+        self, state: StateReader, *, source_topic: str, outbox: bool = True, usage_indexes: UsageIndexes | None = None
+    ) -> None:
         self._state = state
         self._source_topic = source_topic
         self._outbox = outbox
+        self._usage_indexes = usage_indexes
         self._tenants: dict[str, _Tenant] = {}
         self._recovered_seen: dict[str, list[SeenRecord]] | None = None
 
@@ -227,6 +263,8 @@ class LedgerProcessor:
             for tenant_id in [t for t in self._tenants if partition_for_key(t.encode(), partition_count) in partitions]:
                 del self._tenants[tenant_id]
         self._recovered_seen = None
+        if self._usage_indexes is not None and partitions is None:
+            self._usage_indexes.forget()
 
     def process(self, partition: int, records: Sequence[LogRecord]) -> ProcessorOutput:
         output = ProcessorOutput()
@@ -332,7 +370,7 @@ class LedgerProcessor:
                 recovered.append((partition, output))
         return recovered
 
-    def tenant_account(self, tenant_id: str) -> tuple[Account, InMemoryUsageIndex]:
+    def tenant_account(self, tenant_id: str) -> tuple[Account, UsageIndex]:
         tenant = self._tenant(tenant_id)
         return tenant.account, tenant.index.index
 
@@ -400,6 +438,8 @@ class LedgerProcessor:
             account = account_from_bytes(record.snapshot)
             applied_offset, stream_time = record.applied_offset, record.stream_time
             outbox = stored_outbox(record) if self._outbox else None
+        if self._usage_indexes is not None:
+            return _Tenant(account, self._usage_indexes.open(tenant_id, applied_offset), applied_offset, stream_time, outbox)
         index = _OffsetAwareIndex()
         for seen in self._seen_of(tenant_id):
             # Its effect is in the snapshot when at or below the applied offset (later ones: a crash between

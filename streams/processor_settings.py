@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from pydantic import Field
 
 from streams.settings import StreamSettings
@@ -27,6 +30,11 @@ class ProcessorSettings(StreamSettings):
     processor_changelog_linger_ms: int = Field(default=5, ge=0, le=1_000)
     processor_changelog_batch_size_bytes: int = Field(default=256 * 1024, ge=1024)
     processor_data_dir: str = "var/tollgate/faust"
+    # Batch engine: where each processor process keeps its on-disk state (RocksDB: accounts, seen usage ids
+    # and the usage index; streams.state_store), one directory per process under this one. It is a cache of
+    # the changelog topic (the source of truth): a (re)started process wipes the directories of processes
+    # that are gone and reads its partitions' state back from the changelog.
+    processor_state_dir: str = str(Path(tempfile.gettempdir()) / "tollgate-processor-state")
     # A crashed processor's partitions move to the others after this long without heartbeats.
     processor_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     processor_heartbeat_interval_ms: int = Field(default=1_000, ge=100)

@@ -35,7 +35,7 @@ from ledger.codec import decode_input_event
 from ledger.events import InvalidEvent, UsageRecorded
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.usage_index import InMemoryUsageIndex
-from streams.processor import BalanceRecord
+from streams.records import BalanceRecord
 from streams.settings import StreamSettings
 from streams.topics import LedgerTopics
 
@@ -64,7 +64,7 @@ class DictState:
 
 
 @dataclass(frozen=True)
-class TenantBalance:
+class ReplayedBalance:
     tenant_id: str
     balance: int
     overage: int
@@ -81,12 +81,12 @@ class ReplayResult:
     def tenant_account(self, tenant_id: str) -> tuple[Account, InMemoryUsageIndex]:
         return self.tenants[tenant_id]
 
-    def balances(self, at: int | None = None) -> list[TenantBalance]:
+    def balances(self, at: int | None = None) -> list[ReplayedBalance]:
         out = []
         for tenant_id in sorted(self.as_of):
             account, index = self.tenants[tenant_id]
             t = self.as_of[tenant_id] if at is None else at
-            out.append(TenantBalance(tenant_id, account.balance_at(t, index), account.overage_at(t, index), t))
+            out.append(ReplayedBalance(tenant_id, account.balance_at(t, index), account.overage_at(t, index), t))
         return out
 
     def balance_at(self, tenant_id: str, t: int) -> tuple[int, int]:

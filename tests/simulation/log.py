@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from streams.producer import BrokerUnavailable, PartitionedRecord
 from streams.records import LogRecord
 
+STATE_READ_CHUNK_RECORDS = 3  # small, so that a partition's state is read back over several chunks
+
 
 class SimulatedCrash(Exception):
     """The processor process died (kill -9) at a write boundary: nothing after this point happened."""
@@ -107,8 +109,11 @@ class SimulatedTransport:
     async def publish(self, records: list[PartitionedRecord]) -> None:
         self._append(records)
 
-    async def read_state(self, partition: int) -> list[tuple[bytes, bytes | None]]:
-        return self.log.read_compacted(self.changelog_topic, partition)
+    async def read_state(self, partition: int):
+        """The compacted changelog in chunks of `STATE_READ_CHUNK_RECORDS`, as the broker's fetches come."""
+        records = self.log.read_compacted(self.changelog_topic, partition)
+        for start in range(0, len(records), STATE_READ_CHUNK_RECORDS):
+            yield records[start:start + STATE_READ_CHUNK_RECORDS]
 
     def _append(self, records: list[PartitionedRecord]) -> None:
         for record in records:

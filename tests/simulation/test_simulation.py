@@ -9,8 +9,9 @@ import logging
 import pytest
 
 from streams.batch_processor import BatchEngine
+from streams.state_store import RocksState
 from tests.simulation.model import PropertyViolated
-from tests.simulation.simulator import simulate
+from tests.simulation.simulator import scratch_parent, simulate
 
 SEEDS = 2_000  # `make test` runs these; `make simulate SEEDS=N` runs any number
 CHUNKS = 8
@@ -40,13 +41,14 @@ class PublishFirstEngine(BatchEngine):
     async def load(self, partition):
         self.state.drop(partition)
         self.processor.forget()
-        for key, value in await self.transport.read_state(partition):
-            self.state.put(partition, key, value)
+        async for chunk in self.transport.read_state(partition):
+            self.state.put_all(partition, chunk)
         self.loaded.add(partition)
 
 
 def publish_first(transport, topics, changelog_topic, partitions):
-    return PublishFirstEngine(transport, topics=topics, changelog_topic=changelog_topic, partitions=partitions)
+    return PublishFirstEngine(transport, topics=topics, changelog_topic=changelog_topic, partitions=partitions,
+                              state=RocksState(temporary_parent=scratch_parent()))
 
 
 def test_publishing_before_the_state_is_caught_and_the_failing_seed_replays_exactly():

@@ -4,6 +4,9 @@ crash between writes, a bounded cache)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -288,13 +291,78 @@ def test_the_seen_cache_is_bounded_and_the_disk_still_answers(tmp_path):
     try:
         records = [SeenRecord(f"u{n}", n, 100 + n, 1) for n in range(50)]
         store.put(0, *seen_batch("acme", records))
-        assert len(store.usage_indexes.cache) == 3
+        assert len(store.usage_indexes.cache) == 0  # filled by ids found on disk, not by writes
         view = store.usage_indexes.open("acme", applied_offset=49)
         view.current_offset = 100
         assert all(view.seen(f"u{n}") for n in range(50))
         assert len(store.usage_indexes.cache) == 3
     finally:
         store.close()
+
+
+class CountingDb:
+    """The store's RocksDB, counting point reads."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+        self.gets = 0
+
+    def get(self, key):
+        self.gets += 1
+        return self.db.get(key)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_new_usage_ids_are_known_unseen_without_a_disk_read(tmp_path):
+    store = RocksState(tmp_path / "state")
+    try:
+        store.put(0, *seen_batch("acme", [SeenRecord(f"u{n}", n, 100 + n, 1) for n in range(1_000)]))
+        counting = store.usage_indexes.db = CountingDb(store.usage_indexes.db)
+        view = store.usage_indexes.open("acme", applied_offset=999)
+        view.current_offset = 5_000
+        assert not any(view.seen(f"new-{n}") for n in range(1_000))
+        assert counting.gets <= 5, f"{counting.gets} disk reads for 1,000 new ids (the filter should answer)"
+        assert all(view.seen(f"u{n}") for n in range(0, 1_000, 10)) and counting.gets >= 100
+    finally:
+        store.close()
+
+
+def test_a_saturated_filter_still_answers_exactly_from_the_disk(tmp_path):
+    """A filter of 8 bits says "maybe" for nearly every id: the answers come from the disk, and stay right."""
+    store = RocksState(tmp_path / "state", seen_filter_bytes=1, seen_cache_entries_max=1)
+    try:
+        store.put(0, *seen_batch("acme", [SeenRecord(f"u{n}", n, 100 + n, 1) for n in range(200)]))
+        view = store.usage_indexes.open("acme", applied_offset=199)
+        view.current_offset = 500
+        assert all(view.seen(f"u{n}") for n in range(200))
+        assert not any(view.seen(f"new-{n}") for n in range(200))
+    finally:
+        store.close()
+
+
+def test_a_claimed_directory_wipes_those_of_dead_processes_and_leaves_live_ones(tmp_path):
+    dead = tmp_path / "state-999999"
+    (dead / "leftover").mkdir(parents=True)
+    (tmp_path / "state-999999.lock").touch()  # nobody holds its lock: its process is gone
+    live = tmp_path / "state-999998"
+    live.mkdir()
+    live_lock = os.open(tmp_path / "state-999998.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(live_lock, fcntl.LOCK_EX)  # another open file holding it, as another process would
+    try:
+        store = RocksState.claimed_under(tmp_path)
+        try:
+            assert store.path == tmp_path / f"state-{os.getpid()}"
+            assert not dead.exists() and not (tmp_path / "state-999999.lock").exists()
+            assert live.exists()
+            store.put(0, b"a/acme", b"1")
+            assert store.get(b"a/acme") == b"1"
+        finally:
+            store.close()
+        assert not store.path.exists() and not (tmp_path / f"state-{os.getpid()}.lock").exists()
+    finally:
+        os.close(live_lock)
 
 
 def test_a_tenant_on_disk_folds_as_the_in_memory_tenant(rocks_state):
