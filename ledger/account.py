@@ -35,6 +35,8 @@ from ledger.entries import (
     EndCorrected,
     Entry,
     UsageAllocated,
+    check_allocation_corrected,
+    check_usage_allocated,
     end_correction_entry_id,
     expired_entry_id,
     reallocation_entry_id,
@@ -182,6 +184,7 @@ class Account:
             return []
         occurred_at = event.occurred_at
         amount = event.amount
+        assert amount >= 0, f"usage {event_id} has a negative amount {amount}"  # the event type refuses one
         segment = bisect_right(self._bounds, occurred_at)
         self._segment_usage[segment] += amount
         if occurred_at < self._segment_first_usage_at[segment]:
@@ -197,20 +200,20 @@ class Account:
             deltas, overage = settled if settled is not None else self._recompute_from(segment)
             allocations = _allocations(deltas)
         index.record(event_id, occurred_at, amount)
-        entries: list[Entry] = [
-            UsageAllocated(
-                entry_id=f"{self.tenant_id}/usage/{event_id}",  # the one place a usage entry id is formed
-                tenant_id=self.tenant_id,
-                event_id=event_id,
-                occurred_at=occurred_at,
-                model=event.model,
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                amount=amount,
-                allocations=allocations,
-                overage=overage,
-            )
-        ]
+        allocated = UsageAllocated(
+            entry_id=f"{self.tenant_id}/usage/{event_id}",  # the one place a usage entry id is formed
+            tenant_id=self.tenant_id,
+            event_id=event_id,
+            occurred_at=occurred_at,
+            model=event.model,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            amount=amount,
+            allocations=allocations,
+            overage=overage,
+        )
+        check_usage_allocated(allocated)
+        entries: list[Entry] = [allocated]
         if self.watermark >= 0:
             self._correct_published_ends([a.grant_id for a in allocations], event_id, entries)
         return entries
@@ -270,15 +273,15 @@ class Account:
             self._rebuild_frontier_active()
         entries: list[Entry] = []
         if deltas or overage:
-            entries.append(
-                AllocationCorrected(
-                    entry_id=reallocation_entry_id(self.tenant_id, cause_event_id),
-                    tenant_id=self.tenant_id,
-                    cause_event_id=cause_event_id,
-                    allocations=_allocations(deltas),
-                    overage_delta=overage,
-                )
+            corrected = AllocationCorrected(
+                entry_id=reallocation_entry_id(self.tenant_id, cause_event_id),
+                tenant_id=self.tenant_id,
+                cause_event_id=cause_event_id,
+                allocations=_allocations(deltas),
+                overage_delta=overage,
             )
+            check_allocation_corrected(corrected)
+            entries.append(corrected)
         if self.watermark >= 0:
             touched = set(deltas)
             touched.update(b.grant_id for b in self.blocks.values() if b.reported_end_kind is not None)
@@ -470,6 +473,7 @@ class Account:
     def _publish_end(self, block: CreditBlock) -> Entry:
         kind = block.end_kind
         amount = block.remaining
+        assert amount >= 0, f"{block.grant_id} ends with a negative remainder {amount}"
         block.reported_end_kind = kind
         block.reported_end_amount = amount
         if kind == EXPIRED:
@@ -605,11 +609,12 @@ class Account:
                 by_block[grant_id] = by_block.get(grant_id, 0) + amount
         for block in self.blocks.values():
             assert by_block.get(block.grant_id, 0) == block.consumed, f"{block.grant_id}: allocations != consumed"
-            assert 0 <= block.consumed <= block.amount, f"{block.grant_id}: consumed {block.consumed} of {block.amount}"
+            assert block.consumed >= 0, f"{block.grant_id}: consumed {block.consumed}, a negative amount"
+            assert block.consumed <= block.amount, f"{block.grant_id}: consumed {block.consumed} of {block.amount}"
         assert sum(self._segment_overage) == self.overage_total, "overage total drifted"
-        assert self.granted_total == sum(b.amount for b in self.blocks.values()) <= TENANT_CREDIT_MAX, (
-            f"granted total {self.granted_total} drifted or is above TENANT_CREDIT_MAX"
-        )
+        granted = sum(b.amount for b in self.blocks.values())
+        assert self.granted_total == granted, f"granted total {self.granted_total} drifted from {granted}"
+        assert self.granted_total <= TENANT_CREDIT_MAX, f"granted total {self.granted_total} > TENANT_CREDIT_MAX"
         assert all(u == 0 for u in self._segment_usage[self._frontier + 1 :]), "usage past the frontier"
         assert len(self._segment_usage) == len(self._bounds) + 1, "segments and bounds out of step"
 

@@ -72,6 +72,26 @@ class EndCorrected(msgspec.Struct, frozen=True, tag="end_corrected", tag_field="
 
 Entry = UsageAllocated | AllocationCorrected | CreditExpired | CreditVoided | EndCorrected
 
+
+def check_usage_allocated(entry: UsageAllocated) -> None:
+    """The money of one usage entry adds up: sum(allocations) + overage == amount, the amount never
+    negative. Asserted where usage is allocated (ledger.account) and again where entries are projected
+    (streams.projector); raises AssertionError (a broken fold, never bad input)."""
+    assert entry.amount >= 0, f"usage {entry.event_id} has a negative amount {entry.amount}"
+    allocated = sum(allocation.amount for allocation in entry.allocations)
+    assert allocated + entry.overage == entry.amount, (
+        f"usage {entry.event_id}: allocations {allocated} + overage {entry.overage} != amount {entry.amount}"
+    )
+
+
+def check_allocation_corrected(entry: AllocationCorrected) -> None:
+    """A correction moves usage between blocks and overage, never creates or destroys it: its deltas and
+    its overage delta sum to zero."""
+    moved = sum(allocation.amount for allocation in entry.allocations)
+    assert moved + entry.overage_delta == 0, (
+        f"correction {entry.entry_id}: deltas {moved} + overage delta {entry.overage_delta} != 0"
+    )
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Entry)
 

@@ -43,7 +43,13 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ledger.codec import decode_event
-from ledger.entries import decode_entry
+from ledger.entries import (
+    AllocationCorrected,
+    UsageAllocated,
+    check_allocation_corrected,
+    check_usage_allocated,
+    decode_entry,
+)
 from ledger.events import CreditExpired, Event, InvalidEvent
 from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
 from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
@@ -188,6 +194,10 @@ def _add_record(rows: BatchRows, topics: LedgerTopics, record: LogRecord, now_ms
         return
     assert record.topic == topics.entries, f"record from a topic the projector does not read: {record.topic}"
     entry = decode_entry(record.value)
+    if type(entry) is UsageAllocated:  # checked before the fold wrote it, and again here, after reading
+        check_usage_allocated(entry)
+    elif type(entry) is AllocationCorrected:
+        check_allocation_corrected(entry)
     payload = msgspec.to_builtins(entry)
     rows.entries.setdefault(entry.entry_id, _entry_row(payload, entry.entry_id, record, now_ms))
     if isinstance(entry, CreditExpired):  # a derived event: archived with the others
