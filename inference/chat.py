@@ -1,7 +1,7 @@
 """Chat templates: OpenAI-style messages -> one prompt string. A model's registry entry names its template
 (`CHAT_TEMPLATES`); the gateway renders with it and adds its `stop` to the request's stop sequences.
 
-`tollgate` (the default model's; one block per message, then an open assistant block for the model to complete):
+`tollgate` (the default model's; one block per message, then an open assistant block to complete):
 
     <|system|>
     You are terse.
@@ -38,7 +38,9 @@ def role_marker(role: str) -> str:
 
 def render_chat(messages: Sequence[Mapping[str, Any]]) -> str:
     """The `tollgate` template."""
-    return "".join(role_marker(role) + text + "\n" for role, text in _turns(messages)) + role_marker("assistant")
+    return "".join(role_marker(role) + text + "\n" for role, text in _turns(messages)) + role_marker(
+        "assistant"
+    )
 
 
 CHATML_STOP = "<|im_end|>"
@@ -85,7 +87,11 @@ def _content_text(content: Any, index: int) -> str:
     if isinstance(content, list):
         texts = []
         for part_index, part in enumerate(content):
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, Mapping)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 raise InvalidChat(f"messages[{index}].content[{part_index}] must be a text part")
             texts.append(part["text"])
         return "".join(texts)
