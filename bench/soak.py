@@ -66,7 +66,9 @@ REQUEST_TIMEOUT_S = 60
 FLAT_GROWTH_MAX = 0.10
 FLAT_SOCKETS_SLACK = 2
 MAX_TOKENS = 16
-RESERVATIONS_GAUGE = re.compile(rb"^tollgate_admission_reservations_open\{[^}]*\} ([0-9.e+-]+)$", re.MULTILINE)
+RESERVATIONS_GAUGE = re.compile(
+    rb"^tollgate_admission_reservations_open\{[^}]*\} ([0-9.e+-]+)$", re.MULTILINE
+)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -103,12 +105,25 @@ def free_port() -> int:
 
 
 def start_dev(data_dir: Path, port: int, worker_port: int, log_path: Path) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TOLLGATE_DATABASE_URL")}
+    environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     return subprocess.Popen(
-        [sys.executable, "-m", "tollgate", "dev", "--data-dir", str(data_dir), "--port", str(port),
-         "--worker-port", str(worker_port)],
-        cwd=REPO_ROOT, env={**environment, "PYTHONUNBUFFERED": "1"},
-        stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "tollgate",
+            "dev",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--worker-port",
+            str(worker_port),
+        ],
+        cwd=REPO_ROOT,
+        env={**environment, "PYTHONUNBUFFERED": "1"},
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -201,12 +216,17 @@ async def sample_deployment(gateway: httpx.AsyncClient, deployment: Deployment) 
 
 async def one_request(client: httpx.AsyncClient, key: str, number: int, load: Load) -> None:
     body = {
-        "model": MODEL, "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True},
+        "model": MODEL,
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": f"Soak request {number}: once upon a time"}],
     }
     load.requests += 1
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
             if response.status_code != 200:
                 kind = f"http_{response.status_code}"
                 load.failure_kinds[kind] = load.failure_kinds.get(kind, 0) + 1
@@ -215,7 +235,7 @@ async def one_request(client: httpx.AsyncClient, key: str, number: int, load: Lo
                 return
             async for line in response.aiter_lines():
                 if line.startswith("data: {") and '"usage"' in line:
-                    usage = json.loads(line[len("data: "):]).get("usage")
+                    usage = json.loads(line[len("data: ") :]).get("usage")
                     if usage:
                         load.completion_tokens += usage["completion_tokens"]
     except httpx.HTTPError as error:
@@ -275,7 +295,9 @@ def load_figures(options: argparse.Namespace, measured: Load) -> dict:
 async def soak(options: argparse.Namespace, dev: subprocess.Popen, demo: dict, data_dir: Path) -> dict:
     base_url = demo["base_url"].removesuffix("/v1")
     async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as probe:
-        measured, start, end = await cycle(options, base_url, demo["api_key"], lambda: sample(probe, dev.pid, data_dir))
+        measured, start, end = await cycle(
+            options, base_url, demo["api_key"], lambda: sample(probe, dev.pid, data_dir)
+        )
     return {
         **load_figures(options, measured),
         "start": start.__dict__,
@@ -297,12 +319,17 @@ async def soak_deployment(options: argparse.Namespace, deployment: Deployment) -
     rss_growth = {name: growth(start.rss_mb[name], end.rss_mb[name]) for name in start.rss_mb}
     verdicts = {
         "rss_flat": {name: abs(change) <= FLAT_GROWTH_MAX for name, change in rss_growth.items()},
-        "sockets_flat": {name: sockets_flat(start.open_sockets[name], end.open_sockets[name]) for name in start.open_sockets},
+        "sockets_flat": {
+            name: sockets_flat(start.open_sockets[name], end.open_sockets[name])
+            for name in start.open_sockets
+        },
         "no_open_reservations": end.reservations_open == 0,
         "no_streams_in_flight": end.worker_running == 0 and end.worker_waiting == 0,
     }
-    flat = all(verdicts["rss_flat"].values()) and all(verdicts["sockets_flat"].values()) and (
-        verdicts["no_open_reservations"] and verdicts["no_streams_in_flight"]
+    flat = (
+        all(verdicts["rss_flat"].values())
+        and all(verdicts["sockets_flat"].values())
+        and (verdicts["no_open_reservations"] and verdicts["no_streams_in_flight"])
     )
     postgres_growth = growth(start.postgres_pss_mb, end.postgres_pss_mb)
     return {
@@ -339,7 +366,9 @@ def exit_on_sigterm(signal_number: int, frame) -> None:
 
 
 def run_distributed(options: argparse.Namespace) -> dict:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C unwinds, also when started with SIGINT ignored
+    signal.signal(
+        signal.SIGINT, signal.default_int_handler
+    )  # Ctrl-C unwinds, also when started with SIGINT ignored
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     with (
         tempfile.TemporaryDirectory(prefix="tollgate-soak-distributed-") as directory,
@@ -355,8 +384,12 @@ def main() -> None:
     parser.add_argument("--settle-seconds", type=float, default=3.0, help="quiet time before each sample")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument(
-        "--deployment", choices=("dev", "distributed"), default="dev",
-        help="dev: `tollgate dev`, one process; distributed: gateway, worker, processor, projector as processes",
+        "--deployment",
+        choices=("dev", "distributed"),
+        default="dev",
+        help="dev: `tollgate dev`, one process; distributed: gateway, worker, processor, projector as processes",  # noqa: E501
+        
+        
     )
     options = parser.parse_args()
     result = run_dev(options) if options.deployment == "dev" else run_distributed(options)

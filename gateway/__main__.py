@@ -20,7 +20,7 @@ from gateway.listener import listening_socket
 from gateway.logs import configure_logging
 from gateway.settings import GatewaySettings
 from inference.internal_auth import InternalAuthSettings
-from streams.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
 from streams.settings import StreamSettings
 
 logger = logging.getLogger("gateway")
@@ -45,7 +45,9 @@ async def start_gateway(settings: GatewaySettings, event_log, engine, sessions, 
     from gateway.admission.settings import AdmissionSettings
 
     admission_metrics = AdmissionMetrics(registry=None)  # served by the gateway's own registry
-    admission_runtime = AdmissionRuntime.create(event_log, AdmissionSettings(), engine=engine, metrics=admission_metrics)
+    admission_runtime = AdmissionRuntime.create(
+        event_log, AdmissionSettings(), engine=engine, metrics=admission_metrics
+    )
     await admission_runtime.start()
     app = create_app(
         settings,
@@ -66,7 +68,9 @@ async def serve(settings: GatewaySettings, internal_token: str) -> None:
     sessions = build_session_factory(engine)
     event_log = open_event_log(settings, StreamSettings(), engine)
     await event_log.start()
-    app, admission_runtime = await start_gateway(settings, event_log, engine, sessions, internal_token=internal_token)
+    app, admission_runtime = await start_gateway(
+        settings, event_log, engine, sessions, internal_token=internal_token
+    )
     try:
         listener = listening_socket(settings.host, settings.port, reuse_port=settings.reuse_port)
         config = uvicorn.Config(
@@ -77,7 +81,9 @@ async def serve(settings: GatewaySettings, internal_token: str) -> None:
             log_config=None,  # our JSON logging stays in charge
             lifespan="on",
         )
-        logger.info("gateway listening on %s:%d, workers %s", settings.host, settings.port, settings.worker_urls)
+        logger.info(
+            "gateway listening on %s:%d, workers %s", settings.host, settings.port, settings.worker_urls
+        )
         await uvicorn.Server(config).serve(sockets=[listener])
     finally:
         await admission_runtime.stop()
@@ -87,9 +93,13 @@ async def serve(settings: GatewaySettings, internal_token: str) -> None:
 
 def main() -> None:
     settings = GatewaySettings()
-    configure_logging(settings.log_level)
-    internal_token = InternalAuthSettings().required_token()  # raises, naming TOLLGATE_INTERNAL_TOKEN, without one
-    uvloop.run(serve(settings, internal_token))  # uvicorn's loop="uvloop" applies only to uvicorn.run, not to Server.serve
+    configure_logging()  # TOLLGATE_LOG_LEVEL and TOLLGATE_LOG_FORMAT, as every component
+    internal_token = (
+        InternalAuthSettings().required_token()
+    )  # raises, naming TOLLGATE_INTERNAL_TOKEN, without one
+    uvloop.run(
+        serve(settings, internal_token)
+    )  # uvicorn's loop="uvloop" applies only to uvicorn.run, not to Server.serve
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ class GatewaySettings(CommonSettings):
     # Billing what a worker could not (it died mid-stream, or said it could not record the usage).
     usage_publish_timeout_ms: int = Field(default=5_000, ge=1)  # one UsageRecorded publish to the event log
 
-    log_level: str = "INFO"
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:

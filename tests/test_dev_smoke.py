@@ -28,15 +28,30 @@ POSTGRES_GONE_TIMEOUT_S = 45
 
 
 def start_dev(data_dir: Path, port: int, worker_port: int, log_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TOLLGATE_DATABASE_URL")}
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     return subprocess.Popen(
-        [sys.executable, "-m", "tollgate", "dev", "--data-dir", str(data_dir), "--port", str(port),
-         "--worker-port", str(worker_port)],
-        cwd=REPO_ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "tollgate",
+            "dev",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--worker-port",
+            str(worker_port),
+        ],
+        cwd=REPO_ROOT,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
     )
 
 
-def wait_for_demo(process: subprocess.Popen, demo_file: Path, log_path: Path, since: float, banners: int = 1) -> dict:
+def wait_for_demo(
+    process: subprocess.Popen, demo_file: Path, log_path: Path, since: float, banners: int = 1
+) -> dict:
     """Until the run's banner is printed (the `banners`-th one in the log, which earlier runs append to)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -54,7 +69,10 @@ def stop(process: subprocess.Popen) -> int:
 
 
 def balance(demo: dict) -> int:
-    admin = httpx.Client(base_url=demo["base_url"].removesuffix("/v1"), headers={"Authorization": f"Bearer {demo['admin_token']}"})
+    admin = httpx.Client(
+        base_url=demo["base_url"].removesuffix("/v1"),
+        headers={"Authorization": f"Bearer {demo['admin_token']}"},
+    )
     with admin:
         response = admin.get(f"/admin/v1/tenants/{demo['tenant_id']}/balance")
     response.raise_for_status()
@@ -77,8 +95,11 @@ def test_make_run_serves_a_billed_streaming_completion_and_restarts_on_its_data(
         client = OpenAI(base_url=demo["base_url"], api_key=demo["api_key"])
         pieces, usage = [], None
         stream = client.chat.completions.create(
-            model="tollgate-tiny", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=16,
-            stream=True, stream_options={"include_usage": True},
+            model="tollgate-tiny",
+            messages=[{"role": "user", "content": "Once upon a time"}],
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         for chunk in stream:
             if chunk.choices:
@@ -149,7 +170,9 @@ def test_a_killed_dev_leaves_no_postgres_running_and_the_next_runs_start_fresh_o
         first_postmaster = postmaster_pid(data_dir)
     finally:
         crash(first)
-    assert wait_gone(first_postmaster, POSTGRES_GONE_TIMEOUT_S), "the watchdog stops the killed run's Postgres"
+    assert wait_gone(first_postmaster, POSTGRES_GONE_TIMEOUT_S), (
+        "the watchdog stops the killed run's Postgres"
+    )
 
     second, watchdog = start_dev(data_dir, port, worker_port, log_path), None
     try:
@@ -174,7 +197,9 @@ def test_a_killed_dev_leaves_no_postgres_running_and_the_next_runs_start_fresh_o
         third_postmaster = postmaster_pid(data_dir)
     finally:
         assert stop(third) == 0, log_path.read_text()[-4000:]
-    assert wait_gone(third_postmaster, POSTGRES_GONE_TIMEOUT_S), "a clean stop after crashes stops Postgres too"
+    assert wait_gone(third_postmaster, POSTGRES_GONE_TIMEOUT_S), (
+        "a clean stop after crashes stops Postgres too"
+    )
 
 
 def test_the_internal_token_is_the_configured_one_or_a_fresh_random_one(monkeypatch):

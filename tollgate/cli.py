@@ -106,12 +106,12 @@ def streams(
 ) -> None:
     """Run one ledger stream processor (scale out by running more with the same app id and engine)."""
     if engine is StreamsEngine.faust:
-        from streams.faust_app import run_worker
+        from streams.faust_app import run_processor
     else:
-        from streams.batch_processor import run_worker
+        from streams.batch_processor import run_processor
 
     with operating_errors("streams"):
-        run_worker()
+        run_processor()
 
 
 @app.command()

@@ -33,7 +33,7 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Libraries that narrate their normal work at INFO; quiet mode shows only their warnings.
 CHATTY_LOGGERS = ("alembic", "pgserver", "httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access",
-                  "aiokafka", "faust", "mode", "storage.database", "streams.database")
+                  "aiokafka", "faust", "mode", "storage.database")
 # In quiet mode everything else logs warnings only (no line per request), except these progress lines.
 PROGRESS_LOGGERS = ("tollgate.dev",)
 # Warnings printed on import that say nothing about this system (torch built without NumPy, no XDG dir).
