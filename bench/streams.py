@@ -29,7 +29,8 @@ RSS phase (`--phases ...,rss`, batch engine). Grants for `--rss-tenants` tenants
 them, and its resident set size (VmRSS, /proc) is read when its committed offsets cover each count of
 `--rss-events` (1M and 5M by default): state that grows with traffic in RAM shows as growth between
 the two (`rss_growth`, target within 20%). `rss_fold_events_per_s` is the fold rate between the first
-and the last count (10,000 tenants: most batches touch a different tenant per record).
+and the last count (10,000 tenants: a batch touches thousands of tenants, so the processor fetches up to
+`RSS_PROCESSOR_BATCH_MAX` records a batch in this phase).
 
 `--profile PATH` runs the fold phase's processor under cProfile (stats to PATH when it stops) and
 prints own time by module group, then the top functions, to stderr. Timings under the profiler are
@@ -111,7 +112,11 @@ LAG_P99_MS_TARGET = 500
 PHASES = ("fold", "lag", "rss")
 RSS_TENANTS_DEFAULT = 10_000
 RSS_EVENTS_DEFAULT = (1_000_000, 5_000_000)  # RSS read when the processor has folded each count
-RSS_DEADLINE_S_DEFAULT = 420
+RSS_DEADLINE_S_DEFAULT = 900
+# The RSS phase's processor fetches up to this many records a batch (TOLLGATE_PROCESSOR_BATCH_MAX): with
+# 10,000 tenants a batch of the default 2,000 touches a new tenant per record, and each touched tenant
+# costs an account record and a balance; 20,000 folds about two events per tenant per batch.
+RSS_PROCESSOR_BATCH_MAX = 20_000
 RSS_POLL_INTERVAL_S = 0.5
 RSS_GROWTH_TARGET = 1.20  # RSS after the last count within 20% of the RSS after the first
 RSS_PRODUCE_CHUNK_EVENTS = 50_000  # usage events built at a time: 5M records are never held at once
@@ -524,7 +529,7 @@ async def committed_total(admin: AIOKafkaAdminClient, group: str) -> int:
 
 async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdir: Path) -> dict:
     assert arguments.engine == "batch", "the RSS phase follows the batch engine's committed offsets"
-    settings = phase_settings("rss")
+    settings = phase_settings("rss").model_copy(update={"processor_batch_max": RSS_PROCESSOR_BATCH_MAX})
     topics = LedgerTopics.from_settings(settings)
     per_partition = -(-arguments.rss_tenants // settings.topic_partitions)
     tenants = keys_covering_partitions("bench-rss-tenant", settings.topic_partitions, per_partition)
@@ -581,6 +586,7 @@ async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdi
         "rss_events_folded_at_end": last_folded,  # at the last count, or at the deadline when incomplete
         "rss_mib_at_end": round(last_rss / 2**20, 1) if last_rss is not None else None,
         "rss_fold_events_per_s": round(rate) if rate is not None else None,
+        "rss_processor_batch_max": settings.processor_batch_max,
     }
 
 
