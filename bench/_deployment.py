@@ -43,7 +43,9 @@ SETTLE_TIMEOUT_S = 60
 POLL_INTERVAL_S = 0.2
 HTTP_TIMEOUT_S = 30
 VIEW_LAG_CHECK_INTERVAL_S = AdmissionSettings().view_lag_check_interval_ms / 1000
-BALANCES_LAG = re.compile(r'^tollgate_ledger_view_lag_records\{topic="[^"]*ledger\.balances"\} (\S+)$', re.MULTILINE)
+BALANCES_LAG = re.compile(
+    r'^tollgate_ledger_view_lag_records\{topic="[^"]*ledger\.balances"\} (\S+)$', re.MULTILINE
+)
 COMPONENTS = ("processor", "projector", "worker", "gateway")  # start order; stopped in reverse
 
 
@@ -69,7 +71,12 @@ class Deployment:
 
 
 def _component_processes(
-    directory: Path, broker: LocalBroker, database_url: str, topic_prefix: str, worker_port: int, gateway_port: int,
+    directory: Path,
+    broker: LocalBroker,
+    database_url: str,
+    topic_prefix: str,
+    worker_port: int,
+    gateway_port: int,
     admin_token: str,
 ) -> dict[str, ChildProcess]:
     common = {
@@ -87,19 +94,24 @@ def _component_processes(
 
     return {
         "processor": child(
-            "processor", "streams.batch_processor",
+            "processor",
+            "streams.batch_processor",
             TOLLGATE_PROCESSOR_APP_ID=topic_prefix + "ledger",
             TOLLGATE_PROCESSOR_DATA_DIR=str(directory / "processor-state"),
         ),
-        "projector": child("projector", "streams.projector", TOLLGATE_PROJECTOR_NAME=topic_prefix + "projector"),
+        "projector": child(
+            "projector", "streams.projector", TOLLGATE_PROJECTOR_NAME=topic_prefix + "projector"
+        ),
         "worker": child(
-            "worker", "inference.worker",
+            "worker",
+            "inference.worker",
             TOLLGATE_WORKER_PORT=str(worker_port),
             TOLLGATE_WORKER_ENGINE__DEVICE="cpu",
             TOLLGATE_WORKER_ENGINE__TORCH_THREADS="1",
         ),
         "gateway": child(
-            "gateway", "gateway",
+            "gateway",
+            "gateway",
             TOLLGATE_GATEWAY_PORT=str(gateway_port),
             TOLLGATE_GATEWAY_WORKER_URLS=f'["http://127.0.0.1:{worker_port}"]',
         ),
@@ -117,7 +129,8 @@ def _postmaster_pid(pgdata: Path) -> int:
 
 
 def _stop_postgres(pgdata: Path) -> None:
-    import pgserver  # start_embedded_postgres keeps its handle there; cleanup() stops the server now, not at exit
+    # start_embedded_postgres keeps its handle there; cleanup() stops the server now, not at exit
+    import pgserver
 
     pgserver.get_server(pgdata.resolve(), cleanup_mode="delete").cleanup()
 
@@ -146,7 +159,9 @@ async def _wait_ready(processes: dict[str, ChildProcess], worker_url: str, gatew
 async def _ok(response_awaitable) -> dict:
     response = await response_awaitable
     if response.status_code not in (200, 201):
-        raise RuntimeError(f"{response.request.method} {response.request.url}: {response.status_code} {response.text}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+        )
     return response.json()
 
 
@@ -154,12 +169,17 @@ async def _create_tenant(gateway_url: str, admin_token: str) -> tuple[str, str]:
     """A tenant with a key and GRANT credits; returns (tenant id, API key)."""
     headers = {"Authorization": f"Bearer {admin_token}"}
     async with httpx.AsyncClient(base_url=gateway_url, headers=headers, timeout=HTTP_TIMEOUT_S) as admin:
-        tenant_id = (await _ok(admin.post("/admin/v1/tenants", json={"name": "soak", "tier": TENANT_TIER})))["tenant_id"]
+        tenant_id = (await _ok(admin.post("/admin/v1/tenants", json={"name": "soak", "tier": TENANT_TIER})))[
+            "tenant_id"
+        ]
         key = (await _ok(admin.post(f"/admin/v1/tenants/{tenant_id}/keys")))["key"]
-        await _ok(admin.post(
-            f"/admin/v1/tenants/{tenant_id}/grants", json={"amount": GRANT},
-            headers={"Idempotency-Key": f"soak-grant-{tenant_id}"},
-        ))
+        await _ok(
+            admin.post(
+                f"/admin/v1/tenants/{tenant_id}/grants",
+                json={"amount": GRANT},
+                headers={"Idempotency-Key": f"soak-grant-{tenant_id}"},
+            )
+        )
     return tenant_id, key
 
 
@@ -169,12 +189,16 @@ async def _wait_grant_admitted(settings: StreamSettings, gateway_url: str, tenan
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while (record := (await live_balances(settings)).get(tenant_id)) is None or record.balance != GRANT:
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"the grant was not folded onto ledger.balances within {SETTLE_TIMEOUT_S}s:\n"
-                               f"{processes['processor'].log_tail()}")
+            raise TimeoutError(
+                f"the grant was not folded onto ledger.balances within {SETTLE_TIMEOUT_S}s:\n"
+                f"{processes['processor'].log_tail()}"
+            )
         await asyncio.sleep(POLL_INTERVAL_S)
     await asyncio.sleep(2 * VIEW_LAG_CHECK_INTERVAL_S)
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
-        while (found := BALANCES_LAG.search((await client.get(f"{gateway_url}/metrics")).text)) is None or float(found.group(1)):
+        while (
+            found := BALANCES_LAG.search((await client.get(f"{gateway_url}/metrics")).text)
+        ) is None or float(found.group(1)):
             if time.monotonic() >= deadline:
                 raise TimeoutError("the gateway's admission view did not catch up with ledger.balances")
             await asyncio.sleep(POLL_INTERVAL_S)
@@ -195,7 +219,9 @@ def distributed_deployment(directory: Path) -> Iterator[Deployment]:
             upgrade_database(database_url)
             topic_prefix = f"soak.{uuid.uuid4().hex[:8]}."
             settings = StreamSettings(
-                kafka_bootstrap_servers=broker.bootstrap, topic_prefix=topic_prefix, topic_partitions=PARTITIONS
+                kafka_bootstrap_servers=broker.bootstrap,
+                topic_prefix=topic_prefix,
+                topic_partitions=PARTITIONS,
             )
             asyncio.run(ensure_topics(settings.kafka_bootstrap_servers, ledger_topic_specs(settings)))
             worker_port, gateway_port, admin_token = _free_port(), _free_port(), secrets.token_urlsafe(32)
@@ -210,9 +236,13 @@ def distributed_deployment(directory: Path) -> Iterator[Deployment]:
                 tenant_id, api_key = asyncio.run(_create_tenant(gateway_url, admin_token))
                 asyncio.run(_wait_grant_admitted(settings, gateway_url, tenant_id, processes))
                 yield Deployment(
-                    gateway_url=gateway_url, worker_url=worker_url, api_key=api_key, tenant_id=tenant_id,
+                    gateway_url=gateway_url,
+                    worker_url=worker_url,
+                    api_key=api_key,
+                    tenant_id=tenant_id,
                     processes={name: processes[name] for name in COMPONENTS},
-                    postgres_pid=_postmaster_pid(pgdata), broker_pid=broker.pid,
+                    postgres_pid=_postmaster_pid(pgdata),
+                    broker_pid=broker.pid,
                 )
             finally:
                 _stop_all(processes)

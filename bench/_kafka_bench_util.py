@@ -77,7 +77,9 @@ class ChildProcess:
     """One Python child (`python -m <module>`, or `python -c <code>` that runs it) in its own session,
     with its own environment and log file."""
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path, python_args: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, module: str, env: dict[str, str], log_path: Path, python_args: Sequence[str] | None = None
+    ) -> None:
         self.module = module
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.log_path = log_path
@@ -217,7 +219,11 @@ async def send_all(
 
 
 async def send_all_batched(
-    producer: AIOKafkaProducer, topic: str, partitions: int, records: Iterable[tuple[bytes, bytes]], in_flight_max: int
+    producer: AIOKafkaProducer,
+    topic: str,
+    partitions: int,
+    records: Iterable[tuple[bytes, bytes]],
+    in_flight_max: int,
 ) -> dict[int, int]:
     """As `send_all`, for millions of records: whole record batches per partition (`create_batch`,
     `send_batch`) instead of a future per record, partitions by the default partitioner (one hash per
@@ -254,7 +260,9 @@ async def send_all_batched(
             open_batches[partition] = (batch, count)
             await ship(partition)
             batch, count = producer.create_batch(), 0
-            assert batch.append(key=key, value=value, timestamp=None) is not None, "a record larger than a batch"
+            assert batch.append(key=key, value=value, timestamp=None) is not None, (
+                "a record larger than a batch"
+            )
         open_batches[partition] = (batch, count + 1)
     for partition in list(open_batches):
         await ship(partition)
@@ -309,7 +317,11 @@ async def read_range(
     consumer = new_assigned_consumer(bootstrap, "tollgate-bench-reader")
     await consumer.start()
     try:
-        wanted = {p: (start_offsets.get(p, 0), stop) for p, stop in stop_offsets.items() if stop > start_offsets.get(p, 0)}
+        wanted = {
+            p: (start_offsets.get(p, 0), stop)
+            for p, stop in stop_offsets.items()
+            if stop > start_offsets.get(p, 0)
+        }
         partitions = [TopicPartition(topic, p) for p in wanted]
         if not partitions:
             return []
@@ -321,7 +333,9 @@ async def read_range(
         deadline = time.monotonic() + timeout_s
         while remaining:
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"{topic}: partitions {sorted(remaining)} not read to their end in {timeout_s}s")
+                raise RuntimeError(
+                    f"{topic}: partitions {sorted(remaining)} not read to their end in {timeout_s}s"
+                )
             batches = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=FETCH_MAX_RECORDS)
             for tp, batch in batches.items():
                 stop = wanted[tp.partition][1]

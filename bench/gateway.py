@@ -76,16 +76,35 @@ class CannedTokenWorker:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         if scope["path"] != "/internal/v1/generate":
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
             return
         max_tokens = self._decode(body)["max_tokens"]
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/x-ndjson")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
+        )
         for _ in range(max_tokens):
             await asyncio.sleep(self.token_interval_s)
             await send({"type": "http.response.body", "body": self.token_line, "more_body": True})
-        done = {"type": "done", "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": max_tokens}
-        await send({"type": "http.response.body", "body": json.dumps(done).encode() + b"\n", "more_body": False})
+        done = {
+            "type": "done",
+            "finish_reason": "length",
+            "prompt_tokens": 3,
+            "completion_tokens": max_tokens,
+        }
+        await send(
+            {"type": "http.response.body", "body": json.dumps(done).encode() + b"\n", "more_body": False}
+        )
 
 
 class AdmitAllAdmission:
@@ -123,8 +142,15 @@ class NoPublishing:
 def serve_canned_worker(port: int, token_interval_ms: float) -> None:
     import uvicorn
 
-    uvicorn.run(CannedTokenWorker(token_interval_ms), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        CannedTokenWorker(token_interval_ms),
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
 
 
 def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: str | None) -> None:
@@ -137,16 +163,25 @@ def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: s
     from storage.database import DatabaseSettings, build_async_engine, build_session_factory
 
     configure_logging("WARNING")
-    settings = GatewaySettings(worker_urls=[worker_url], admin_token="bench-admin-token-0123456789abcdef",
-                               worker_connections_max=1024)
+    settings = GatewaySettings(
+        worker_urls=[worker_url],
+        admin_token="bench-admin-token-0123456789abcdef",
+        worker_connections_max=1024,
+    )
 
     async def run() -> None:
         database_settings = DatabaseSettings(database_url=database_url)
         sessions = build_session_factory(build_async_engine(database_url, database_settings))
-        app = create_app(settings, internal_token=BENCH_INTERNAL_TOKEN, log=NoPublishing(),
-                         admission=AdmitAllAdmission(), session_factory=sessions)
-        config = uvicorn.Config(app, loop="none", http="httptools", log_level="warning", access_log=False,
-                                log_config=None)
+        app = create_app(
+            settings,
+            internal_token=BENCH_INTERNAL_TOKEN,
+            log=NoPublishing(),
+            admission=AdmitAllAdmission(),
+            session_factory=sessions,
+        )
+        config = uvicorn.Config(
+            app, loop="none", http="httptools", log_level="warning", access_log=False, log_config=None
+        )
         await uvicorn.Server(config).serve(sockets=[listening_socket("127.0.0.1", port, reuse_port=True)])
 
     import uvloop
@@ -187,7 +222,8 @@ class HttpConnection:
         started = time.perf_counter()
         self.writer.write(
             f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{headers}"
-            f"content-length: {len(body)}\r\n\r\n".encode() + body
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         reader = self.reader
         status_line = await reader.readline()
@@ -275,7 +311,7 @@ def prepare_tenant(data_dir: str) -> tuple[str, str]:
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("INSERT INTO tenants VALUES ('bench', 'bench', 'enterprise', 0)")
         connection.execute(
-            "INSERT INTO api_keys (key_id, tenant_id, prefix, secret_sha256, created_at_ms) VALUES (%s, 'bench', %s, %s, 0)",
+            "INSERT INTO api_keys (key_id, tenant_id, prefix, secret_sha256, created_at_ms) VALUES (%s, 'bench', %s, %s, 0)",  # noqa: E501
             (key.key_id, key.prefix, key.secret_sha256),
         )
     return url, key.presented
@@ -310,8 +346,13 @@ class RoundTotals:
     cpu_s: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds over the rounds
     system_cpu_s: dict[str, float] = field(default_factory=dict)  # the part of it in the kernel
 
-    def add(self, first_token_s: list[float], stream_s: list[float], wall_s: float,
-            cpu_s: dict[str, tuple[float, float]]) -> None:
+    def add(
+        self,
+        first_token_s: list[float],
+        stream_s: list[float],
+        wall_s: float,
+        cpu_s: dict[str, tuple[float, float]],
+    ) -> None:
         self.first_token_s += first_token_s
         self.stream_s += stream_s
         self.wall_s += wall_s
@@ -328,9 +369,15 @@ class RoundTotals:
             "stream_p99_ms": percentile(self.stream_s, 0.99) * 1000,
             "requests_per_s": requests / self.wall_s,
             # CPU per request of each process, and how busy each was (CPU seconds per wall second)
-            **{f"{name}_cpu_ms_per_request": seconds / requests * 1000 for name, seconds in self.cpu_s.items()},
+            **{
+                f"{name}_cpu_ms_per_request": seconds / requests * 1000
+                for name, seconds in self.cpu_s.items()
+            },
             **{f"{name}_cpu_utilisation": seconds / self.wall_s for name, seconds in self.cpu_s.items()},
-            **{f"{name}_system_cpu_share": self.system_cpu_s[name] / max(seconds, 1e-9) for name, seconds in self.cpu_s.items()},
+            **{
+                f"{name}_system_cpu_share": self.system_cpu_s[name] / max(seconds, 1e-9)
+                for name, seconds in self.cpu_s.items()
+            },
         }
 
 
@@ -340,8 +387,16 @@ async def measure(options, worker_port: int, gateway_port: int, key: str, pids: 
     run = uuid.uuid4().hex[:8]
 
     def direct_body(index: int) -> bytes:
-        return encode({"request_id": f"bench-{run}-{index}", "tenant_id": "bench", "tier": "enterprise",
-                       "model": MODEL, "prompt": prompt, "max_tokens": options.tokens})
+        return encode(
+            {
+                "request_id": f"bench-{run}-{index}",
+                "tenant_id": "bench",
+                "tier": "enterprise",
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": options.tokens,
+            }
+        )
 
     gateway_body = encode({"model": MODEL, "prompt": prompt, "max_tokens": options.tokens, "stream": True})
 
@@ -362,7 +417,10 @@ async def measure(options, worker_port: int, gateway_port: int, key: str, pids: 
             )
             cpu_after = {process: cpu_seconds(*process_ids) for process, process_ids in pids.items()}
             cpu_used = {
-                process: (cpu_after[process][0] - cpu_before[process][0], cpu_after[process][1] - cpu_before[process][1])
+                process: (
+                    cpu_after[process][0] - cpu_before[process][0],
+                    cpu_after[process][1] - cpu_before[process][1],
+                )
                 for process in pids
             }
             totals[name].add(first, total, seconds, cpu_used)
@@ -375,10 +433,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-url", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", metavar="PATH", help="write the gateway's cProfile stats here (slows it)")
+    parser.add_argument(
+        "--profile", metavar="PATH", help="write the gateway's cProfile stats here (slows it)"
+    )
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="concurrent streams")
-    parser.add_argument("--gateway-processes", type=int, default=1,
-                        help="gateway processes sharing the port (SO_REUSEPORT), as one per core would be deployed")
+    parser.add_argument(
+        "--gateway-processes",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port (SO_REUSEPORT), as one per core would be deployed",
+    )
     parser.add_argument("--requests", type=int, default=2000, help="requests per round and target")
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/gateway rounds")
     parser.add_argument("--tokens", type=int, default=16, help="canned tokens per completion")
@@ -396,12 +460,35 @@ def main() -> None:
         worker_port, gateway_port = free_port(), free_port()
         me = [sys.executable, "-m", "bench.gateway"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        worker = subprocess.Popen([*me, "--serve", "canned-worker", "--port", str(worker_port),
-                                   "--token-interval-ms", str(options.token_interval_ms)], env=env)
+        worker = subprocess.Popen(
+            [
+                *me,
+                "--serve",
+                "canned-worker",
+                "--port",
+                str(worker_port),
+                "--token-interval-ms",
+                str(options.token_interval_ms),
+            ],
+            env=env,
+        )
         profiling = ["--profile", options.profile] if options.profile else []
         gateways = [
-            subprocess.Popen([*me, "--serve", "gateway", "--port", str(gateway_port), "--worker-url",
-                              f"http://127.0.0.1:{worker_port}", "--database-url", database_url, *profiling], env=env)
+            subprocess.Popen(
+                [
+                    *me,
+                    "--serve",
+                    "gateway",
+                    "--port",
+                    str(gateway_port),
+                    "--worker-url",
+                    f"http://127.0.0.1:{worker_port}",
+                    "--database-url",
+                    database_url,
+                    *profiling,
+                ],
+                env=env,
+            )
             for _ in range(options.gateway_processes)
         ]
         try:
@@ -411,35 +498,46 @@ def main() -> None:
             import uvloop
 
             load_before = os.getloadavg()[0]
-            pids = {"gateway": [gateway.pid for gateway in gateways], "worker": [worker.pid],
-                    "load_generator": [os.getpid()]}
+            pids = {
+                "gateway": [gateway.pid for gateway in gateways],
+                "worker": [worker.pid],
+                "load_generator": [os.getpid()],
+            }
             summary = uvloop.run(measure(options, worker_port, gateway_port, key, pids))
         finally:
             for process in (*gateways, worker):
                 process.terminate()
                 process.wait(timeout=20)
     direct, through = summary["direct"], summary["gateway"]
-    print(json.dumps({
-        "benchmark": "gateway",
-        "worker": "CannedTokenWorker (benchmark-only stand-in, real NDJSON protocol)",
-        "admission": "AdmitAllAdmission (benchmark-only)",
-        "concurrency": options.concurrency,
-        "gateway_processes": options.gateway_processes,
-        "requests": options.requests * options.rounds,
-        "tokens_per_request": options.tokens,
-        "token_interval_ms": options.token_interval_ms,
-        "cpus": os.cpu_count(),
-        "load_average_1m_before": round(load_before, 2),  # other processes competing for the cores
-        "added_latency_p50_ms": round(through["stream_p50_ms"] - direct["stream_p50_ms"], 3),
-        "added_latency_p99_ms": round(through["stream_p99_ms"] - direct["stream_p99_ms"], 3),
-        "added_first_token_p50_ms": round(through["first_token_p50_ms"] - direct["first_token_p50_ms"], 3),
-        "added_first_token_p99_ms": round(through["first_token_p99_ms"] - direct["first_token_p99_ms"], 3),
-        "gateway_requests_per_s": round(through["requests_per_s"], 1),
-        "gateway_cpu_ms_per_request": round(through["gateway_cpu_ms_per_request"], 3),
-        "direct_requests_per_s": round(direct["requests_per_s"], 1),
-        "direct": {k: round(v, 3) for k, v in direct.items()},
-        "gateway": {k: round(v, 3) for k, v in through.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "gateway",
+                "worker": "CannedTokenWorker (benchmark-only stand-in, real NDJSON protocol)",
+                "admission": "AdmitAllAdmission (benchmark-only)",
+                "concurrency": options.concurrency,
+                "gateway_processes": options.gateway_processes,
+                "requests": options.requests * options.rounds,
+                "tokens_per_request": options.tokens,
+                "token_interval_ms": options.token_interval_ms,
+                "cpus": os.cpu_count(),
+                "load_average_1m_before": round(load_before, 2),  # other processes competing for the cores
+                "added_latency_p50_ms": round(through["stream_p50_ms"] - direct["stream_p50_ms"], 3),
+                "added_latency_p99_ms": round(through["stream_p99_ms"] - direct["stream_p99_ms"], 3),
+                "added_first_token_p50_ms": round(
+                    through["first_token_p50_ms"] - direct["first_token_p50_ms"], 3
+                ),
+                "added_first_token_p99_ms": round(
+                    through["first_token_p99_ms"] - direct["first_token_p99_ms"], 3
+                ),
+                "gateway_requests_per_s": round(through["requests_per_s"], 1),
+                "gateway_cpu_ms_per_request": round(through["gateway_cpu_ms_per_request"], 3),
+                "direct_requests_per_s": round(direct["requests_per_s"], 1),
+                "direct": {k: round(v, 3) for k, v in direct.items()},
+                "gateway": {k: round(v, 3) for k, v in through.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

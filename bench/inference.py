@@ -27,7 +27,7 @@ PROMPT_SEEDS = [
     "Permission is hereby granted, free of charge, to any person obtaining a copy of this software",
     "A class definition defines a class object",
     "This program is free software; you can redistribute it and/or modify it",
-    "The \"with\" statement is used to wrap the execution of a block",
+    'The "with" statement is used to wrap the execution of a block',
     "Exceptions",
     "GNU GENERAL PUBLIC LICENSE",
     "An object is hashable if",
@@ -54,7 +54,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_engine(engine: Engine, requests: list[GenerationRequest]) -> tuple[int, float, list[float]]:
-    """Submit all requests now, step to the end: (completion tokens, seconds, time to first token per request)."""
+    """Submit all requests now, step to the end: (completion tokens, seconds, time to first token per
+    request)."""
     started = time.perf_counter()
     for request in requests:
         engine.add_request(request)
@@ -80,7 +81,11 @@ def bench_engine(engine: Engine, requests: list[GenerationRequest], rounds: int)
         concurrent_runs.append(run_engine(engine, requests))
         sequential = [run_engine(engine, [request]) for request in requests]
         sequential_runs.append(
-            (sum(r[0] for r in sequential), sum(r[1] for r in sequential), [t for r in sequential for t in r[2]])
+            (
+                sum(r[0] for r in sequential),
+                sum(r[1] for r in sequential),
+                [t for r in sequential for t in r[2]],
+            )
         )
     concurrent_tokens, concurrent_s, concurrent_ttft = min(concurrent_runs, key=lambda run: run[1])
     sequential_tokens, sequential_s, sequential_ttft = min(sequential_runs, key=lambda run: run[1])
@@ -99,12 +104,18 @@ def bench_engine(engine: Engine, requests: list[GenerationRequest], rounds: int)
     }
 
 
-def bench_transformers(checkpoint_dir: Path, engine: Engine, requests: list[GenerationRequest], max_tokens: int) -> dict:
+def bench_transformers(
+    checkpoint_dir: Path, engine: Engine, requests: list[GenerationRequest], max_tokens: int
+) -> dict:
     try:
         from transformers import GPT2LMHeadModel
     except ImportError as error:  # not installed, or installed without what it needs
         return {"skipped": f"transformers unavailable: {error}"}
-    model = GPT2LMHeadModel.from_pretrained(str(checkpoint_dir)).to(device=engine.device, dtype=engine.dtype).eval()
+    model = (
+        GPT2LMHeadModel.from_pretrained(str(checkpoint_dir))
+        .to(device=engine.device, dtype=engine.dtype)
+        .eval()
+    )
     eos = model.config.eos_token_id
     prompts = [engine.tokenizer.encode(request.prompt) for request in requests]
     common = dict(max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos, eos_token_id=eos)
@@ -122,7 +133,9 @@ def bench_transformers(checkpoint_dir: Path, engine: Engine, requests: list[Gene
         sequential_s = time.perf_counter() - started
         width = max(len(prompt) for prompt in prompts)  # left padding so every row ends at the same column
         input_ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=engine.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=engine.device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=engine.device
+        )
         started = time.perf_counter()
         generated = model.generate(input_ids, attention_mask=attention_mask, **common)
         synchronize(engine.device)
@@ -134,7 +147,9 @@ def bench_transformers(checkpoint_dir: Path, engine: Engine, requests: list[Gene
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
@@ -158,7 +173,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     result = {
         "benchmark": "inference",
-        "device": str(engine.device) if engine.device.type == "cpu" else torch.cuda.get_device_name(engine.device),
+        "device": str(engine.device)
+        if engine.device.type == "cpu"
+        else torch.cuda.get_device_name(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "requests": args.requests,

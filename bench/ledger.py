@@ -43,7 +43,9 @@ def usages(count: int) -> list[UsageRecorded]:
     span_ms = GRANTS * GRANT_SPACING_MS + GRANT_LIFETIME_MS
     step = max(1, span_ms // count)
     return [
-        UsageRecorded(event_id=f"req-{n}", tenant_id=TENANT, amount=1 + n % 97, occurred_at=n * step, model="m")
+        UsageRecorded(
+            event_id=f"req-{n}", tenant_id=TENANT, amount=1 + n % 97, occurred_at=n * step, model="m"
+        )
         for n in range(count)
     ]
 

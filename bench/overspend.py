@@ -67,8 +67,12 @@ class Gateway:
 def admission_settings(mode: str, gateways: int) -> AdmissionSettings:
     unlimited = TierLimits(requests_per_minute=10**9, tokens_per_minute=10**12)
     return AdmissionSettings(
-        mode=mode, tiers={TIER: unlimited}, tier_default=TIER, tenant_holds_max=10**6,
-        view_ready_wait_ms=VIEW_WAIT_S * 1000, gateway_processes=gateways,
+        mode=mode,
+        tiers={TIER: unlimited},
+        tier_default=TIER,
+        tenant_holds_max=10**6,
+        view_ready_wait_ms=VIEW_WAIT_S * 1000,
+        gateway_processes=gateways,
     )
 
 
@@ -104,7 +108,12 @@ async def give_balance(
     With `expires_at_ms`, the whole balance is one block expiring then (as the processor lists it)."""
     expiring = [(expires_at_ms, balance)] if expires_at_ms is not None else []
     record = BalanceRecord(
-        tenant_id=tenant_id, balance=balance, overage=0, as_of=wall_clock_ms(), applied_offset=0, expiring=expiring
+        tenant_id=tenant_id,
+        balance=balance,
+        overage=0,
+        as_of=wall_clock_ms(),
+        applied_offset=0,
+        expiring=expiring,
     )
     log = gateways[0].log
     await log.append(log.topics.balances, tenant_id.encode(), msgspec.json.encode(record))
@@ -115,8 +124,13 @@ async def give_balance(
 
 def request(tenant_id: str, request_id: str, cost: int) -> AdmissionRequest:
     return AdmissionRequest(
-        request_id=request_id, tenant_id=tenant_id, tier=TIER, model="bench",
-        prompt_tokens=PROMPT_TOKENS, max_tokens=MAX_TOKENS, estimated_cost=cost,
+        request_id=request_id,
+        tenant_id=tenant_id,
+        tier=TIER,
+        model="bench",
+        prompt_tokens=PROMPT_TOKENS,
+        max_tokens=MAX_TOKENS,
+        estimated_cost=cost,
     )
 
 
@@ -135,13 +149,22 @@ async def race(gateways: list[Gateway], tenant_id: str, balance: int, requests: 
     spent = sum(await asyncio.gather(*(attempt(n) for n in range(requests))))
     overspend = max(0, spent - balance)
     return {
-        "balance": balance, "admitted": spent // cost, "spent": spent,
-        "overspend": overspend, "overspend_requests": round(overspend / cost, 2),
+        "balance": balance,
+        "admitted": spent // cost,
+        "spent": spent,
+        "overspend": overspend,
+        "overspend_requests": round(overspend / cost, 2),
     }
 
 
 async def expiring_race(
-    gateways: list[Gateway], tenant_id: str, balance: int, requests: int, cost: int, expiry_ms: int, generation_ms: int
+    gateways: list[Gateway],
+    tenant_id: str,
+    balance: int,
+    requests: int,
+    cost: int,
+    expiry_ms: int,
+    generation_ms: int,
 ) -> dict:
     started_ms = wall_clock_ms()
     expires_at_ms = started_ms + expiry_ms
@@ -165,26 +188,42 @@ async def expiring_race(
 
     def overage_when_billed_at(moment: int) -> int:
         ledger = TenantLedger(tenant_id)
-        ledger.apply(CreditGranted(
-            event_id=f"{tenant_id}-grant", tenant_id=tenant_id, grant_id="g", amount=balance,
-            effective_at=started_ms - 1_000, expires_at=expires_at_ms,
-        ))
+        ledger.apply(
+            CreditGranted(
+                event_id=f"{tenant_id}-grant",
+                tenant_id=tenant_id,
+                grant_id="g",
+                amount=balance,
+                effective_at=started_ms - 1_000,
+                expires_at=expires_at_ms,
+            )
+        )
         for number, times in enumerate(admitted):
-            ledger.apply(UsageRecorded(
-                event_id=f"{tenant_id}-usage-{number}", tenant_id=tenant_id, amount=cost,
-                occurred_at=times[moment], model="bench",
-            ))
+            ledger.apply(
+                UsageRecorded(
+                    event_id=f"{tenant_id}-usage-{number}",
+                    tenant_id=tenant_id,
+                    amount=cost,
+                    occurred_at=times[moment],
+                    model="bench",
+                )
+            )
         ledger.advance_to(max(expires_at_ms, *(finished for _, finished in admitted)) + 1)
         return ledger.overage_at(wall_clock_ms() + 10 * generation_ms)
 
     finished_after_expiry = sum(finished >= expires_at_ms for _, finished in admitted)
     return {
-        "balance": balance, "admitted": len(admitted), "finished_after_expiry": finished_after_expiry,
-        "overspend": overage_when_billed_at(0), "overspend_if_billed_at_finish": overage_when_billed_at(1),
+        "balance": balance,
+        "admitted": len(admitted),
+        "finished_after_expiry": finished_after_expiry,
+        "overspend": overage_when_billed_at(0),
+        "overspend_if_billed_at_finish": overage_when_billed_at(1),
     }
 
 
-async def throughput(gateways: list[Gateway], tenant_id: str, requests: int, concurrency: int, cost: int) -> float:
+async def throughput(
+    gateways: list[Gateway], tenant_id: str, requests: int, concurrency: int, cost: int
+) -> float:
     await give_balance(gateways, tenant_id, 10**15)
     numbers = iter(range(requests))
 
@@ -203,14 +242,19 @@ async def run(args: argparse.Namespace) -> dict:
     if not url:
         url = start_embedded_postgres(tempfile.mkdtemp(prefix="tollgate-bench-pg-"), delete_on_exit=True)
     await asyncio.to_thread(upgrade_database, url)
-    database_settings = DatabaseSettings(database_url=url, pool_size_max=args.concurrency + 2, pool_overflow_max=0)
+    database_settings = DatabaseSettings(
+        database_url=url, pool_size_max=args.concurrency + 2, pool_overflow_max=0
+    )
     engines = [build_async_engine(url, database_settings) for _ in range(args.gateways)]
     run_id = uuid.uuid4().hex[:8]
     stream_settings = StreamSettings(topic_prefix=f"bench.{run_id}.", topic_partitions=3)
     balance = args.balance_requests * args.cost
     result: dict = {
-        "bench": "overspend", "gateways": args.gateways, "requests": args.requests,
-        "request_cost_max": args.cost, "balance_requests": args.balance_requests,
+        "bench": "overspend",
+        "gateways": args.gateways,
+        "requests": args.requests,
+        "request_cost_max": args.cost,
+        "balance_requests": args.balance_requests,
     }
     try:
         for mode in ("fast", "strict"):
@@ -222,11 +266,20 @@ async def run(args: argparse.Namespace) -> dict:
                         gateways, f"{run_id}-{mode}-near-empty", args.cost * 3 // 2, args.requests, args.cost
                     )
                 outcome["expiring"] = await expiring_race(
-                    gateways, f"{run_id}-{mode}-expiring", balance, args.expiring_requests, args.cost,
-                    args.expiry_ms, args.generation_ms,
+                    gateways,
+                    f"{run_id}-{mode}-expiring",
+                    balance,
+                    args.expiring_requests,
+                    args.cost,
+                    args.expiry_ms,
+                    args.generation_ms,
                 )
                 outcome["admits_per_s"] = await throughput(
-                    gateways, f"{run_id}-{mode}-throughput", args.throughput_requests, args.concurrency, args.cost
+                    gateways,
+                    f"{run_id}-{mode}-throughput",
+                    args.throughput_requests,
+                    args.concurrency,
+                    args.cost,
                 )
                 result[mode] = outcome
             finally:
@@ -237,7 +290,8 @@ async def run(args: argparse.Namespace) -> dict:
     fast, strict = result["fast"], result["strict"]
     result["strict_overspend_zero"] = strict["overspend"] == 0 and strict["expiring"]["overspend"] == 0
     result["fast_within_one_request_per_gateway"] = all(
-        race["overspend"] <= args.cost * args.gateways for race in (fast, fast["near_empty"], fast["expiring"])
+        race["overspend"] <= args.cost * args.gateways
+        for race in (fast, fast["near_empty"], fast["expiring"])
     )
     return result
 

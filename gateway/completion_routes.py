@@ -64,7 +64,9 @@ class RequestHeaders:
 
 async def read_body(receive, headers: RequestHeaders, bytes_max: int) -> bytes:
     """The request body, refused with a 400 once it is longer than `bytes_max`."""
-    too_large = ApiError(400, f"The request body is larger than {bytes_max} bytes.", param="body", code="body_too_large")
+    too_large = ApiError(
+        400, f"The request body is larger than {bytes_max} bytes.", param="body", code="body_too_large"
+    )
     declared = headers.content_length
     if declared is not None and declared.isdigit() and int(declared) > bytes_max:
         raise too_large
@@ -73,7 +75,9 @@ async def read_body(receive, headers: RequestHeaders, bytes_max: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ApiError(400, "The client went away while sending the body.", param="body", code="client_disconnected")
+            raise ApiError(
+                400, "The client went away while sending the body.", param="body", code="client_disconnected"
+            )
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > bytes_max:
@@ -96,7 +100,12 @@ class CompletionRoutes:
             return
         runtime: GatewayRuntime = scope["app"].state.runtime
         if scope["method"] != "POST":
-            error = ApiError(405, f"{scope['path']} accepts POST only", code="method_not_allowed", headers={"Allow": "POST"})
+            error = ApiError(
+                405,
+                f"{scope['path']} accepts POST only",
+                code="method_not_allowed",
+                headers={"Allow": "POST"},
+            )
             await refusal_response(runtime.metrics, error)(scope, receive, send)
             return
         try:
@@ -113,7 +122,9 @@ class CompletionRoutes:
         tenant = await authenticate(runtime.key_cache, headers.authorization)
         raw = await read_body(receive, headers, runtime.settings.body_bytes_max)
         body = parse_body(body_model, raw)
-        return await runtime.completions.serve(tenant, body, raw, scope["path"], headers.idempotency_key, receive)
+        return await runtime.completions.serve(
+            tenant, body, raw, scope["path"], headers.idempotency_key, receive
+        )
 
 
 # ---- OpenAPI ---------------------------------------------------------------------------------------
@@ -132,7 +143,12 @@ ERROR_STATUSES = {
     "504": "the request ran past its time budget",
 }
 ROUTE_DOCS = {
-    "/v1/chat/completions": ("create_chat_completion", "Create a chat completion", ChatCompletionBody, ChatCompletion),
+    "/v1/chat/completions": (
+        "create_chat_completion",
+        "Create a chat completion",
+        ChatCompletionBody,
+        ChatCompletion,
+    ),
     "/v1/completions": ("create_completion", "Create a completion", CompletionBody, TextCompletion),
 }
 
@@ -168,24 +184,31 @@ def add_completion_routes_to(document: dict) -> dict:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "description": "a repeat with the same key and body returns the stored answer, billed once",
+                        "description": "a repeat with the same key and body returns the stored answer, billed once",  # noqa: E501
                         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                     }
                 ],
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": _schema_ref(schemas, body_model, "validation")}},
+                    "content": {
+                        "application/json": {"schema": _schema_ref(schemas, body_model, "validation")}
+                    },
                 },
                 "responses": {
                     "200": {
                         "description": "the completion: JSON, or server-sent events when `stream` is true",
                         "content": {
-                            "application/json": {"schema": _schema_ref(schemas, answer_model, "serialization")},
+                            "application/json": {
+                                "schema": _schema_ref(schemas, answer_model, "serialization")
+                            },
                             "text/event-stream": {"schema": {"type": "string"}},
                         },
                     },
                     **{
-                        status: {"description": description, "content": {"application/json": {"schema": error}}}
+                        status: {
+                            "description": description,
+                            "content": {"application/json": {"schema": error}},
+                        }
                         for status, description in ERROR_STATUSES.items()
                     },
                 },

@@ -240,7 +240,9 @@ class Generation:
                 await self.stream.close()
             except Exception:
                 logger.exception("closing the worker stream of %s failed", self.request_id)
-            cost = usage_amount(context.settings.models[model].price, self.prompt_tokens, self.completion_tokens)
+            cost = usage_amount(
+                context.settings.models[model].price, self.prompt_tokens, self.completion_tokens
+            )
             assert cost >= 0, "a request never costs a negative amount"
             try:
                 await context.admission.finish(self.reservation, cost)

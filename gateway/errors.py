@@ -67,4 +67,6 @@ async def handle_validation_error(_request: Request, error: RequestValidationErr
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     message = first.get("msg", "invalid request")
-    return error_response(ApiError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value"))
+    return error_response(
+        ApiError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+    )

@@ -63,7 +63,9 @@ class IdempotencyStore:
                 return None
             row = (
                 await session.execute(
-                    select(table).where(table.c.tenant_id == tenant_id, table.c.idempotency_key == key).with_for_update()
+                    select(table)
+                    .where(table.c.tenant_id == tenant_id, table.c.idempotency_key == key)
+                    .with_for_update()
                 )
             ).one()
             if row.request_sha256 != digest:
@@ -90,7 +92,9 @@ class IdempotencyStore:
             )
             return None
 
-    async def complete(self, tenant_id: str, key: str, request_id: str, status_code: int, body: bytes, now_ms: int) -> None:
+    async def complete(
+        self, tenant_id: str, key: str, request_id: str, status_code: int, body: bytes, now_ms: int
+    ) -> None:
         table = IdempotentResponse.__table__
         async with self._session_factory() as session, session.begin():
             await session.execute(

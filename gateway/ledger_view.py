@@ -165,7 +165,9 @@ class LedgerView:
             try:
                 balance = PublishedBalance.from_record(_balance_decoder.decode(record.value))
             except (msgspec.ValidationError, msgspec.DecodeError) as error:
-                logger.warning("skipping balance %s[%d]@%d: %s", record.topic, record.partition, record.offset, error)
+                logger.warning(
+                    "skipping balance %s[%d]@%d: %s", record.topic, record.partition, record.offset, error
+                )
                 continue
             self._apply_balance(record.partition, balance)
         self._advance_caught_up()
@@ -195,7 +197,9 @@ class LedgerView:
             self._targets.popleft()
         self._advance_caught_up()
         unread = sum(max(0, end - self._balance_positions.get(p, 0)) for p, end in balance_ends.items())
-        unfolded = sum(max(0, end - 1 - self._applied_by_partition.get(p, -1)) for p, end in event_ends.items())
+        unfolded = sum(
+            max(0, end - 1 - self._applied_by_partition.get(p, -1)) for p, end in event_ends.items()
+        )
         self.metrics.view_lag_records.labels(topic=self.topics.balances).set(unread)
         self.metrics.view_lag_records.labels(topic=self.topics.events).set(unfolded)
         staleness = self.staleness_ms(at_ms)
@@ -206,15 +210,22 @@ class LedgerView:
 
     def _apply_balance(self, partition: int, balance: PublishedBalance) -> None:
         current = self._balances.get(balance.tenant_id)
-        if current is not None and (current.applied_offset, current.as_of_ms) > (balance.applied_offset, balance.as_of_ms):
+        if current is not None and (current.applied_offset, current.as_of_ms) > (
+            balance.applied_offset,
+            balance.as_of_ms,
+        ):
             return  # a reprocessed older batch (processor recovery): keep the newer balance
         self._balances[balance.tenant_id] = balance
-        self._applied_by_partition[partition] = max(self._applied_by_partition.get(partition, -1), balance.applied_offset)
+        self._applied_by_partition[partition] = max(
+            self._applied_by_partition.get(partition, -1), balance.applied_offset
+        )
         key = balance.tenant_id.encode()
         requests = self._watched.get(key)
         if not requests:
             return
-        folded = [rid for rid, offset in requests.items() if offset is not None and offset <= balance.applied_offset]
+        folded = [
+            rid for rid, offset in requests.items() if offset is not None and offset <= balance.applied_offset
+        ]
         for request_id in folded:
             self._report_folded(key, request_id, balance)
 
@@ -258,7 +269,9 @@ class LedgerViewFeed:
         await self._check_ends()  # the first target: everything on the balances topic now
         self._tasks = [
             asyncio.create_task(self._follow(self.view.topics.events, False, self.view.apply_event_records)),
-            asyncio.create_task(self._follow(self.view.topics.balances, True, self.view.apply_balance_records)),
+            asyncio.create_task(
+                self._follow(self.view.topics.balances, True, self.view.apply_balance_records)
+            ),
             asyncio.create_task(self._check_ends_forever()),
         ]
 
@@ -276,7 +289,9 @@ class LedgerViewFeed:
             await asyncio.wait_for(self.view.ready.wait(), timeout_ms / 1000)
         return self.view.ready.is_set()
 
-    async def _follow(self, topic: str, from_beginning: bool, apply: Callable[[Sequence[LogRecord]], None]) -> None:
+    async def _follow(
+        self, topic: str, from_beginning: bool, apply: Callable[[Sequence[LogRecord]], None]
+    ) -> None:
         batch_max = self.settings.view_batch_records_max
         while True:
             try:

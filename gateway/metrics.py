@@ -21,32 +21,47 @@ class GatewayMetrics:
         self.time_to_first_token = Histogram(
             "tollgate_gateway_time_to_first_token_seconds",
             "From the request's arrival to its first token leaving the gateway",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.worker_queue_time = Histogram(
             "tollgate_gateway_worker_queue_seconds",
             "From dispatch to a worker until its first event (the worker's queue wait and prefill)",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.request_duration = Histogram(
             "tollgate_gateway_request_duration_seconds",
             "From the request's arrival to its last byte",
-            ["model", "stream"], buckets=LATENCY_BUCKETS_S, registry=r,
+            ["model", "stream"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "tollgate_gateway_prompt_tokens", "Prompt tokens processed (tokens in)", ["model"], registry=r
         )
         self.completion_tokens = Counter(
-            "tollgate_gateway_completion_tokens", "Completion tokens produced (tokens out)", ["model"], registry=r
+            "tollgate_gateway_completion_tokens",
+            "Completion tokens produced (tokens out)",
+            ["model"],
+            registry=r,
         )
         self.requests = Counter(
             "tollgate_gateway_requests", "Requests answered, by outcome", ["model", "outcome"], registry=r
         )
         self.rejections = Counter(
-            "tollgate_gateway_rejections", "Requests refused, by reason (the error code)", ["reason"], registry=r
+            "tollgate_gateway_rejections",
+            "Requests refused, by reason (the error code)",
+            ["reason"],
+            registry=r,
         )
         self.stream_disconnects = Counter(
-            "tollgate_gateway_stream_disconnects", "Streams whose client went away before the end", ["model"], registry=r
+            "tollgate_gateway_stream_disconnects",
+            "Streams whose client went away before the end",
+            ["model"],
+            registry=r,
         )
         self.worker_retries = Counter(
             "tollgate_gateway_worker_retries", "Requests that needed more than one worker attempt", registry=r
@@ -78,7 +93,9 @@ class ModelMetrics:
     def __init__(self, metrics: GatewayMetrics, model: str) -> None:
         self.time_to_first_token = metrics.time_to_first_token.labels(model)
         self.worker_queue_time = metrics.worker_queue_time.labels(model)
-        self.request_duration = {stream: metrics.request_duration.labels(model, str(stream).lower()) for stream in (True, False)}
+        self.request_duration = {
+            stream: metrics.request_duration.labels(model, str(stream).lower()) for stream in (True, False)
+        }
         self.prompt_tokens = metrics.prompt_tokens.labels(model)
         self.completion_tokens = metrics.completion_tokens.labels(model)
         self.stream_disconnects = metrics.stream_disconnects.labels(model)

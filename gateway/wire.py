@@ -51,7 +51,8 @@ def chat_logprob(event: TokenEvent) -> dict:
         "logprob": _logprob_of(chosen),
         "bytes": chosen.bytes,
         "top_logprobs": [
-            {"token": other.token, "logprob": _logprob_of(other), "bytes": other.bytes} for other in event.top_logprobs
+            {"token": other.token, "logprob": _logprob_of(other), "bytes": other.bytes}
+            for other in event.top_logprobs
         ],
     }
 
@@ -74,7 +75,12 @@ def legacy_logprobs(events: Sequence[TokenEvent], text_offset: int) -> dict:
         top_logprobs.append({other.token: _logprob_of(other) for other in event.top_logprobs})
         offsets.append(text_offset)
         text_offset += len(event.text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }
 
 
 def chat_completion(
@@ -135,7 +141,9 @@ class ChunkWriter:
     [chat: a role chunk], a chunk per token, a chunk with the finish reason, [the usage chunk], [DONE].
     With logprobs asked, each token chunk carries its token's logprobs (`token_with_logprobs`)."""
 
-    def __init__(self, *, chat: bool, response_id: str, created_s: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, *, chat: bool, response_id: str, created_s: int, model: str, include_usage: bool
+    ) -> None:
         self.chat = chat
         self.include_usage = include_usage
         self._head = {
@@ -167,7 +175,14 @@ class ChunkWriter:
         """Chat streams open with the assistant role (empty content); text streams have no such chunk."""
         assert self.chat, "only chat streams carry a role chunk"
         return self._line(
-            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
         )
 
     def token(self, text: str) -> bytes:
@@ -179,7 +194,13 @@ class ChunkWriter:
         else:
             logprobs = legacy_logprobs((event,), self._text_offset)
             self._text_offset += len(event.text)
-        return self._token_prefix + _encode(event.text) + self._logprobs_infix + _encode(logprobs) + self._logprobs_suffix
+        return (
+            self._token_prefix
+            + _encode(event.text)
+            + self._logprobs_infix
+            + _encode(logprobs)
+            + self._logprobs_suffix
+        )
 
     def finish(self, finish_reason: str) -> bytes:
         if self.chat:

@@ -56,7 +56,9 @@ class WorkerHttpLimits:
 
     def __post_init__(self) -> None:
         assert self.connections_max >= 1, "a pool needs at least one connection"
-        assert min(self.connect_timeout_s, self.read_timeout_s, self.keepalive_expiry_s) > 0, "timeouts are positive"
+        assert min(self.connect_timeout_s, self.read_timeout_s, self.keepalive_expiry_s) > 0, (
+            "timeouts are positive"
+        )
         assert self.response_head_bytes_max >= 256, "a response head needs room"
 
 
@@ -109,7 +111,9 @@ class WorkerConnection(asyncio.Protocol):
         self.closed = True
         if not self.message_complete and self._error is None:
             reason = f": {exc!r}" if exc else ""
-            self._error = WorkerHttpError(f"the worker closed the connection before the response ended{reason}")
+            self._error = WorkerHttpError(
+                f"the worker closed the connection before the response ended{reason}"
+            )
         self._wake()
         self._pool._forget(self)
 
@@ -118,7 +122,9 @@ class WorkerConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > self._pool.limits.response_head_bytes_max:
-            raise WorkerHttpError(f"the response head is over {self._pool.limits.response_head_bytes_max} bytes")
+            raise WorkerHttpError(
+                f"the response head is over {self._pool.limits.response_head_bytes_max} bytes"
+            )
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
@@ -138,7 +144,8 @@ class WorkerConnection(asyncio.Protocol):
 
     def begin(self, request: bytes, budget_s: float) -> None:
         """Send one request; the exchange may take `budget_s` seconds in all."""
-        assert self._transport is not None and not self.closed, "a connected connection"
+        assert self._transport is not None, "the connection is not connected yet"
+        assert not self.closed, "the connection is closed"
         self._reset_exchange()
         self.in_exchange = True
         self._deadline = self._loop.time() + budget_s
@@ -182,11 +189,17 @@ class WorkerConnection(asyncio.Protocol):
         now = self._loop.time()
         self._timer = None
         if now >= self._deadline:
-            self._fail(WorkerTimeout("the request's time budget ran out waiting for the worker", budget_exhausted=True))
+            self._fail(
+                WorkerTimeout(
+                    "the request's time budget ran out waiting for the worker", budget_exhausted=True
+                )
+            )
             return
         read_timeout_s = self._pool.limits.read_timeout_s
         if self._waiter is not None and now - self._waiting_since >= read_timeout_s:
-            self._fail(WorkerTimeout(f"the worker sent nothing for {read_timeout_s} s", budget_exhausted=False))
+            self._fail(
+                WorkerTimeout(f"the worker sent nothing for {read_timeout_s} s", budget_exhausted=False)
+            )
             return
         waiting_since = self._waiting_since if self._waiter is not None else now
         self._timer = self._loop.call_at(min(self._deadline, waiting_since + read_timeout_s), self._on_timer)
@@ -253,7 +266,8 @@ class WorkerHttpPool:
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
         default_port = self.port == HTTP_DEFAULT_PORTS[parts.scheme]
         self._host_header = (self.host if default_port else f"{self.host}:{self.port}").encode()
-        assert b"\r" not in authorization and b"\n" not in authorization, "a header value is one line"
+        assert b"\r" not in authorization, "a header value is one line (no CR)"
+        assert b"\n" not in authorization, "a header value is one line (no LF)"
         self._authorization = authorization
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: list[WorkerConnection] = []  # most recently used last
@@ -279,7 +293,8 @@ class WorkerHttpPool:
     def request_bytes(self, path: str, body: bytes) -> bytes:
         head = (
             b"POST %s HTTP/1.1\r\nhost: %s\r\nauthorization: %s\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n" % ((self._base_path + path).encode(), self._host_header, self._authorization, len(body))
+            b"content-length: %d\r\n\r\n"
+            % ((self._base_path + path).encode(), self._host_header, self._authorization, len(body))
         )
         return head + body
 
@@ -360,7 +375,9 @@ class WorkerHttpPool:
             self._connecting -= 1
             self._wake_one()  # this slot is free again: a waiter may connect in its turn
             if isinstance(error, TimeoutError):
-                raise WorkerTimeout(f"connecting to {self.url} took over {timeout_s:.3f} s", budget_exhausted=False) from None
+                raise WorkerTimeout(
+                    f"connecting to {self.url} took over {timeout_s:.3f} s", budget_exhausted=False
+                ) from None
             if isinstance(error, OSError):
                 raise WorkerHttpError(f"cannot connect to {self.url}: {error!r}") from error
             raise

@@ -17,7 +17,8 @@ Modules, in the order data flows:
     metrics       WorkerMetrics (Prometheus, one registry per worker)
     usage         build_usage_event: UsageRecorded priced in integer credits
     internal_auth the gateway -> worker shared secret (TOLLGATE_INTERNAL_TOKEN), one definition
-    worker        create_app(settings, emit_usage, engine=None, *, internal_token) -> FastAPI; `python -m inference.worker`
+worker        create_app(settings, emit_usage, engine=None, *, internal_token) -> FastAPI; `python -m
+    inference.worker`
     settings      WorkerSettings / EngineSettings (TOLLGATE_WORKER_; shared: tollgate.common_settings)
     train_default `python -m inference.train_default` rebuilds default_model/
 """

@@ -70,7 +70,9 @@ class GenerationRequest:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # 0..TOP_LOGPROBS_MAX, only with logprobs
-    logit_bias: dict[int, float] | None = None  # token id -> additive bias in [-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX]
+    logit_bias: dict[int, float] | None = (
+        None  # token id -> additive bias in [-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX]
+    )
     presence_penalty: float = 0.0  # in [-PENALTY_MAX, PENALTY_MAX]
     frequency_penalty: float = 0.0  # in [-PENALTY_MAX, PENALTY_MAX]
 
@@ -128,10 +130,12 @@ class Engine:
     ) -> None:
         if settings.context_tokens_max > model.config.block_size:
             raise ValueError(
-                f"context_tokens_max {settings.context_tokens_max} exceeds the model's block_size {model.config.block_size}"
+                f"context_tokens_max {settings.context_tokens_max} exceeds the model's block_size {model.config.block_size}"  # noqa: E501
             )
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}"
+            )
         parameter = next(model.parameters())
         self.model = model.eval()
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -178,9 +182,13 @@ class Engine:
             raise InvalidRequest("request_id must be a non-empty string")
         prompt_token_ids = self._prompt_token_ids(generation)
         sampling = self._sampling_params(generation, len(prompt_token_ids))
-        tier_level = self.settings.tier_levels.get(generation.tier) if isinstance(generation.tier, str) else None
+        tier_level = (
+            self.settings.tier_levels.get(generation.tier) if isinstance(generation.tier, str) else None
+        )
         if tier_level is None:
-            raise InvalidRequest(f"tier {generation.tier!r} is not one of {sorted(self.settings.tier_levels)}")
+            raise InvalidRequest(
+                f"tier {generation.tier!r} is not one of {sorted(self.settings.tier_levels)}"
+            )
         generator = None if sampling.greedy else _generator_for(sampling.seed)
         detokenizer = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         with self._lock:
@@ -263,7 +271,9 @@ class Engine:
                 return _Executed({}, {}, None)
             requests = [chunks[i].request for i in rows]
             row_index = torch.tensor(rows, dtype=torch.long, device=self.device)
-            logits = logits.index_select(0, row_index)[:, : self.tokenizer.vocab_size]  # padded vocab never sampled
+            logits = logits.index_select(0, row_index)[
+                :, : self.tokenizer.vocab_size
+            ]  # padded vocab never sampled
             results = sample_next_tokens(
                 logits,
                 [request.sampling for request in requests],
@@ -272,8 +282,12 @@ class Engine:
             )
         except Exception as error:  # noqa: BLE001 - the batch failed: no one request is to blame
             return _Executed({}, {}, f"the engine step failed: {type(error).__name__}: {error}")
-        sampled = {r.request_id: x for r, x in zip(requests, results, strict=True) if isinstance(x, SampledToken)}
-        failed = {r.request_id: x.error for r, x in zip(requests, results, strict=True) if isinstance(x, RowFailure)}
+        sampled = {
+            r.request_id: x for r, x in zip(requests, results, strict=True) if isinstance(x, SampledToken)
+        }
+        failed = {
+            r.request_id: x.error for r, x in zip(requests, results, strict=True) if isinstance(x, RowFailure)
+        }
         return _Executed(sampled, failed, None)
 
     def _update(self, scheduler_output: SchedulerOutput, executed: _Executed) -> list[RequestOutput]:
@@ -283,7 +297,9 @@ class Engine:
             return [self._output(request, sampled=None, text="") for request in failed]
         token_ids = {request_id: token.token_id for request_id, token in executed.sampled.items()}
         advanced = self.scheduler.update_from_output(scheduler_output, token_ids, executed.failed)
-        outputs = [self._advanced_output(request, executed.sampled[request.request_id]) for request in advanced]
+        outputs = [
+            self._advanced_output(request, executed.sampled[request.request_id]) for request in advanced
+        ]
         for chunk in scheduler_output.chunks:
             request = chunk.request
             if request.request_id in executed.failed and request.finish_reason is FinishReason.ERROR:
@@ -325,7 +341,9 @@ class Engine:
         logprob, top_logprobs = None, ()
         if sampled is not None and sampled.logprob is not None:
             logprob = self._token_logprob(sampled.token_id, sampled.logprob)
-            top_logprobs = tuple(self._token_logprob(token_id, value) for token_id, value in sampled.top_logprobs)
+            top_logprobs = tuple(
+                self._token_logprob(token_id, value) for token_id, value in sampled.top_logprobs
+            )
         return RequestOutput(
             request_id=request.request_id,
             token_id=None if sampled is None else sampled.token_id,
@@ -371,7 +389,7 @@ class Engine:
             raise InvalidRequest("max_tokens must be an integer of at least 1")
         if prompt_tokens + generation.max_tokens > context_max:
             raise InvalidRequest(
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({generation.max_tokens}) exceeds the context of {context_max} tokens"
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({generation.max_tokens}) exceeds the context of {context_max} tokens"  # noqa: E501
             )
         temperature = _number_in("temperature", generation.temperature, 0.0, TEMPERATURE_MAX)
         top_p = _number_in("top_p", generation.top_p, 0.0, 1.0)
@@ -389,8 +407,12 @@ class Engine:
             logprobs=self._logprobs(generation),
             top_logprobs=generation.top_logprobs,
             logit_bias=self._logit_bias(generation.logit_bias),
-            presence_penalty=_number_in("presence_penalty", generation.presence_penalty, -PENALTY_MAX, PENALTY_MAX),
-            frequency_penalty=_number_in("frequency_penalty", generation.frequency_penalty, -PENALTY_MAX, PENALTY_MAX),
+            presence_penalty=_number_in(
+                "presence_penalty", generation.presence_penalty, -PENALTY_MAX, PENALTY_MAX
+            ),
+            frequency_penalty=_number_in(
+                "frequency_penalty", generation.frequency_penalty, -PENALTY_MAX, PENALTY_MAX
+            ),
         )
 
     def _stop(self, stop: tuple[str, ...]) -> tuple[str, ...]:
@@ -425,7 +447,10 @@ class Engine:
         if any(not _is_integer(token_id) or not 0 <= token_id < vocab_size for token_id in logit_bias):
             raise InvalidRequest(f"logit_bias token ids must be in 0..{vocab_size - 1}")
         return tuple(
-            sorted((token_id, _number_in("logit_bias", bias, -LOGIT_BIAS_MAX, LOGIT_BIAS_MAX)) for token_id, bias in logit_bias.items())
+            sorted(
+                (token_id, _number_in("logit_bias", bias, -LOGIT_BIAS_MAX, LOGIT_BIAS_MAX))
+                for token_id, bias in logit_bias.items()
+            )
         )
 
 
@@ -443,7 +468,8 @@ def _is_integer(value: object) -> bool:
 
 
 def _number_in(field: str, value: object, low: float, high: float) -> float:
-    """`value` as a float when it is a finite number in [low, high]; otherwise InvalidRequest naming the field."""
+    """`value` as a float when it is a finite number in [low, high]; otherwise InvalidRequest naming the
+    field."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{field} must be a number")
     try:

@@ -1,4 +1,5 @@
-"""The engine served to asyncio: a step loop on its own thread, outputs delivered per request on the event loop.
+"""The engine served to asyncio: a step loop on its own thread, outputs delivered per request on the event
+loop.
 
 `submit()` answers at once (InvalidRequest / WaitingQueueFull raise before anything is queued), and
 returns a `RequestStream`: iterate it for `RequestOutput`s; `cancel()` (or leaving the stream early and
@@ -56,7 +57,9 @@ class RequestStream:
     def __init__(self, request_id: str, engine: Engine) -> None:
         self.request_id = request_id
         self._engine = engine  # the engine it was submitted to (a restart replaces the EngineLoop's)
-        self._outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()  # at most max_tokens + 1 items
+        self._outputs: asyncio.Queue[RequestOutput | BaseException] = (
+            asyncio.Queue()
+        )  # at most max_tokens + 1 items
         self._finished = False
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
@@ -113,7 +116,8 @@ class EngineLoop:
         restart_window_ms: int = 60_000,
         rebuild: Callable[[Engine], Engine] = rebuild_engine,
     ) -> None:
-        assert restarts_max >= 0 and restart_window_ms >= 1, "restart limits must be non-negative"
+        assert restarts_max >= 0, f"restarts_max must be non-negative, got {restarts_max}"
+        assert restart_window_ms >= 1, f"restart_window_ms must be positive, got {restart_window_ms}"
         self.engine = engine
         self.metrics = metrics
         self.restarts_max = restarts_max
@@ -135,7 +139,9 @@ class EngineLoop:
         self._start_thread()
 
     def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._run, args=(self.engine,), name="tollgate-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(self.engine,), name="tollgate-engine", daemon=True
+        )
         self._thread.start()
 
     async def stop(self) -> None:
@@ -265,7 +271,9 @@ class EngineLoop:
         if self.metrics is not None:
             self.metrics.delivery_failures.inc()
 
-    def _recover(self, error: BaseException, final_outputs: list[RequestOutput], replacement: Engine | None) -> None:
+    def _recover(
+        self, error: BaseException, final_outputs: list[RequestOutput], replacement: Engine | None
+    ) -> None:
         """End every request the failed loop held (billed at its counts), then restart or stay down."""
         finals = {output.request_id: output for output in final_outputs}
         streams, self._streams = self._streams, {}

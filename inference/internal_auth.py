@@ -45,7 +45,7 @@ def check_token(token: str) -> None:
     """Raise InternalTokenMissing unless `token` is long enough to be a shared secret."""
     if len(token) < INTERNAL_TOKEN_CHARS_MIN:
         raise InternalTokenMissing(
-            f"{INTERNAL_TOKEN_VARIABLE} has {len(token)} characters; it needs at least {INTERNAL_TOKEN_CHARS_MIN}"
+            f"{INTERNAL_TOKEN_VARIABLE} has {len(token)} characters; it needs at least {INTERNAL_TOKEN_CHARS_MIN}"  # noqa: E501
         )
 
 
@@ -58,4 +58,6 @@ def token_matches(expected: str, presented_header: str | None) -> bool:
     """Whether an Authorization header carries `expected` as its bearer token (constant-time compare)."""
     if presented_header is None:
         return False
-    return hmac.compare_digest(presented_header.encode("utf-8", "surrogateescape"), authorization_header(expected))
+    return hmac.compare_digest(
+        presented_header.encode("utf-8", "surrogateescape"), authorization_header(expected)
+    )

@@ -36,7 +36,9 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must divide by n_head {self.n_head}"
-        assert self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"
+        assert self.n_head % self.n_kv_head == 0, (
+            f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"
+        )
         assert self.head_size % 2 == 0, "rotary embeddings need an even head size"
 
     @property
@@ -78,15 +80,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x if x.dtype == torch.float64 else x.float()  # the mean of squares in at least fp32, as HF does
+        wide = (
+            x if x.dtype == torch.float64 else x.float()
+        )  # the mean of squares in at least fp32, as HF does
         normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for absolute positions (...,) -> (..., hs), halves repeated (the rotate-half convention)."""
+def rotary_cos_sin(
+    positions: torch.Tensor, head_size: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for absolute positions (...,) -> (..., hs), halves repeated (the rotate-half
+    convention)."""
+    
+    
     wide = torch.float64 if dtype == torch.float64 else torch.float32  # angles in at least fp32, as HF does
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, device=positions.device, dtype=wide) / head_size))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_size, 2, device=positions.device, dtype=wide) / head_size)
+    )
     angles = positions.to(wide).unsqueeze(-1) * inv_freq  # (..., hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., hs)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -118,7 +129,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
     def forward_packed(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch, cache: KVCache, layer: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: PackedBatch,
+        cache: KVCache,
+        layer: int,
     ) -> torch.Tensor:
         N, C = x.size()  # (N, C); cos, sin: (N, 1, hs)
         q = apply_rotary(self.q_proj(x).view(N, self.n_head, self.head_size), cos, sin)  # (N, nh, hs)
@@ -198,12 +215,17 @@ class Llama(nn.Module):
 def load_llama_checkpoint(directory: Path, device: torch.device, dtype: torch.dtype) -> Llama:
     """Load a Hugging Face Llama checkpoint directory (config.json + model.safetensors)."""
     config = LlamaConfig.from_hf_dict(json.loads((directory / CONFIG_FILE_NAME).read_text()))
-    state = {name: tensor for name, tensor in load_file(str(directory / WEIGHTS_FILE_NAME)).items()
-             if not name.endswith("rotary_emb.inv_freq")}  # older exports store it; we recompute it
+    state = {
+        name: tensor
+        for name, tensor in load_file(str(directory / WEIGHTS_FILE_NAME)).items()
+        if not name.endswith("rotary_emb.inv_freq")
+    }  # older exports store it; we recompute it
     if config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model = Llama(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match Llama layout: missing={missing} unexpected={unexpected}")
+        raise ValueError(
+            f"checkpoint {directory} does not match Llama layout: missing={missing} unexpected={unexpected}"
+        )
     return model.to(device=device, dtype=dtype).eval()

@@ -16,8 +16,12 @@ THROUGHPUT_WINDOW_S = 10.0  # tokens/s is averaged over this window
 class WorkerMetrics:
     def __init__(self, kv_cache_bytes: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.waiting = Gauge("tollgate_worker_queue_depth", "Requests waiting for admission", registry=self.registry)
-        self.running = Gauge("tollgate_worker_running", "Sequences in the running batch", registry=self.registry)
+        self.waiting = Gauge(
+            "tollgate_worker_queue_depth", "Requests waiting for admission", registry=self.registry
+        )
+        self.running = Gauge(
+            "tollgate_worker_running", "Sequences in the running batch", registry=self.registry
+        )
         self.batch_size = Histogram(
             "tollgate_worker_batch_size",
             "Sequences per engine step",
@@ -45,13 +49,20 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.requests_finished = Counter(
-            "tollgate_worker_requests_finished", "Finished requests", ["finish_reason"], registry=self.registry
+            "tollgate_worker_requests_finished",
+            "Finished requests",
+            ["finish_reason"],
+            registry=self.registry,
         )
         self.overloaded = Counter(
-            "tollgate_worker_overloaded", "Requests refused because the queue was full", registry=self.registry
+            "tollgate_worker_overloaded",
+            "Requests refused because the queue was full",
+            registry=self.registry,
         )
         self.usage_emit_failures = Counter(
-            "tollgate_worker_usage_emit_failures", "UsageRecorded events that could not be published", registry=self.registry
+            "tollgate_worker_usage_emit_failures",
+            "UsageRecorded events that could not be published",
+            registry=self.registry,
         )
         self.usage_emit_seconds = Histogram(
             "tollgate_worker_usage_emit_seconds",
@@ -65,9 +76,13 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.engine_restarts = Counter(
-            "tollgate_worker_engine_restarts", "Times the engine loop died and was rebuilt", registry=self.registry
+            "tollgate_worker_engine_restarts",
+            "Times the engine loop died and was rebuilt",
+            registry=self.registry,
         )
-        self.kv_cache_bytes = Gauge("tollgate_worker_kv_cache_bytes", "Preallocated KV cache", registry=self.registry)
+        self.kv_cache_bytes = Gauge(
+            "tollgate_worker_kv_cache_bytes", "Preallocated KV cache", registry=self.registry
+        )
         self.kv_cache_bytes.set(kv_cache_bytes)
         self._lock = threading.Lock()
         self._recent_tokens: deque[tuple[float, int]] = deque()  # (monotonic s, tokens) of recent steps

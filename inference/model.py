@@ -45,7 +45,8 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must divide by n_head {self.n_head}"
-        assert self.vocab_size > 0 and self.block_size > 0, "vocab_size and block_size must be positive"
+        assert self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"
+        assert self.block_size > 0, f"block_size must be positive, got {self.block_size}"
 
     @property
     def head_size(self) -> int:
@@ -113,7 +114,12 @@ class KVCache:
     """
 
     def __init__(
-        self, config: ModelConfig, slot_count: int, context_tokens_max: int, device: torch.device, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        slot_count: int,
+        context_tokens_max: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         assert slot_count > 0, "slot_count must be positive"
         assert 0 < context_tokens_max <= config.block_size, (
@@ -129,7 +135,9 @@ class KVCache:
     @staticmethod
     def bytes_for(config: ModelConfig, slot_count: int, context_tokens_max: int, dtype: torch.dtype) -> int:
         element_bytes = torch.empty((), dtype=dtype).element_size()
-        per_token = 2 * config.n_layer * config.kv_head_count * config.head_size * element_bytes  # keys + values
+        per_token = (
+            2 * config.n_layer * config.kv_head_count * config.head_size * element_bytes
+        )  # keys + values
         return per_token * slot_count * context_tokens_max
 
     @property
@@ -163,7 +171,9 @@ class DecodeGroup:
     token_rows: torch.Tensor | None  # (D,) packed rows of the decode tokens; None: all N rows, in order
     slot_low: int
     slot_high: int
-    range_rows: torch.Tensor | None  # (D,) slot - slot_low per decode token; None: exactly the range, in order
+    range_rows: (
+        torch.Tensor | None
+    )  # (D,) slot - slot_low per decode token; None: exactly the range, in order
     context_max: int  # keys to read: the longest decode context
     visible: torch.Tensor  # (R, 1, 1, context_max) additive mask (0 / -inf), R = slot_high - slot_low
 
@@ -195,7 +205,12 @@ class PackedBatch:
 
     @classmethod
     def build(
-        cls, slots: list[int], starts: list[int], chunks: list[list[int]], device: torch.device, dtype: torch.dtype
+        cls,
+        slots: list[int],
+        starts: list[int],
+        chunks: list[list[int]],
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> PackedBatch:
         assert len(slots) == len(starts) == len(chunks) > 0, "one slot, start and chunk per sequence"
         assert all(len(chunk) > 0 for chunk in chunks), "every sequence feeds at least one token"
@@ -226,14 +241,18 @@ class PackedBatch:
             token_slots=long_tensor([slot for slot, n in zip(slots, lengths, strict=True) for _ in range(n)]),
             last_token_rows=long_tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)]),
             position_max=max(s + n - 1 for s, n in zip(starts, lengths, strict=True)),
-            decode=_decode_group(decode_indices, slots, starts, offsets, total, device, dtype) if decode_indices else None,
+            decode=_decode_group(decode_indices, slots, starts, offsets, total, device, dtype)
+            if decode_indices
+            else None,
             prefills=prefills,
         )
 
 
 def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where visible, -inf elsewhere. CPU SDPA is several times faster with this than with a bool mask."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, float("-inf")
+    )
 
 
 def _offset_causal_mask(start: int, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -259,14 +278,18 @@ def _decode_group(
     context_max = max(context_lengths)
     key_positions = torch.arange(context_max, device=device)
     lengths = torch.tensor(context_lengths, dtype=torch.long, device=device)
-    visible = _additive_mask(key_positions.unsqueeze(0) < lengths.unsqueeze(1), dtype)[:, None, None, :]  # (R, 1, 1, Tk)
+    visible = _additive_mask(key_positions.unsqueeze(0) < lengths.unsqueeze(1), dtype)[
+        :, None, None, :
+    ]  # (R, 1, 1, Tk)
     token_rows = [offsets[i] for i in indices]
     range_rows = [slot - slot_low for slot in decode_slots]
     return DecodeGroup(
         token_rows=None if token_rows == list(range(total)) else torch.tensor(token_rows, device=device),
         slot_low=slot_low,
         slot_high=slot_high,
-        range_rows=None if range_rows == list(range(slot_high - slot_low)) else torch.tensor(range_rows, device=device),
+        range_rows=None
+        if range_rows == list(range(slot_high - slot_low))
+        else torch.tensor(range_rows, device=device),
         context_max=context_max,
         visible=visible,
     )
@@ -295,7 +318,9 @@ class CausalSelfAttention(nn.Module):
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=1)
         shape = (N, self.n_head, hs)
-        y = packed_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), batch, cache, layer)  # (N, nh, hs)
+        y = packed_attention(
+            q.reshape(shape), k.reshape(shape), v.reshape(shape), batch, cache, layer
+        )  # (N, nh, hs)
         return self.c_proj(y.reshape(N, C))
 
 
@@ -318,7 +343,9 @@ def packed_attention(
     else:
         y = torch.empty_like(q)  # (N, nh, hs)
         if decode is not None:
-            y[decode.token_rows] = _attend_decodes(q[decode.token_rows], decode, layer_keys, layer_values, grouped)
+            y[decode.token_rows] = _attend_decodes(
+                q[decode.token_rows], decode, layer_keys, layer_values, grouped
+            )
     for chunk in batch.prefills:
         y[chunk.rows] = _attend_chunk(q[chunk.rows], chunk, layer_keys, layer_values, grouped)
     return y
@@ -329,7 +356,9 @@ def _attend_decodes(
 ) -> torch.Tensor:
     """One new token per sequence (q: (D, nh, hs)), all sequences in one call over a view of their slots."""
     keys = layer_keys[decode.slot_low : decode.slot_high, :, : decode.context_max]  # (R, nkv, Tk, hs) view
-    values = layer_values[decode.slot_low : decode.slot_high, :, : decode.context_max]  # (R, nkv, Tk, hs) view
+    values = layer_values[
+        decode.slot_low : decode.slot_high, :, : decode.context_max
+    ]  # (R, nkv, Tk, hs) view
     if decode.range_rows is None:
         q_range = q
     else:
@@ -436,7 +465,10 @@ class GPT(nn.Module):
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face GPT-2 names, Conv1D weights transposed, lm_head omitted (tied)."""
+    """The model's weights under Hugging Face GPT-2 names, Conv1D weights transposed, lm_head omitted
+    (tied)."""
+    
+    
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -454,7 +486,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """
     specs = {}
     for name, tensor in tensors.items():
-        assert tensor.device.type == "cpu" and tensor.is_contiguous(), f"{name} must be a contiguous CPU tensor"
+        assert tensor.device.type == "cpu", f"{name} must be a CPU tensor, not {tensor.device.type}"
+        assert tensor.is_contiguous(), f"{name} must be contiguous"
         specs[name] = safetensors.TensorSpec(
             dtype=str(tensor.dtype).removeprefix("torch."),
             shape=list(tensor.shape),
@@ -467,7 +500,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def save_checkpoint(model: GPT, directory: Path, dtype: torch.dtype = torch.float32) -> None:
     """Write config.json and model.safetensors (GPT-2 layout) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.to(device="cpu", dtype=dtype).contiguous() for name, tensor in hf_state_dict(model).items()}
+    state = {
+        name: tensor.to(device="cpu", dtype=dtype).contiguous()
+        for name, tensor in hf_state_dict(model).items()
+    }
     write_safetensors(state, directory / WEIGHTS_FILE_NAME)
     (directory / CONFIG_FILE_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
 
@@ -489,5 +525,7 @@ def load_checkpoint(directory: Path, device: torch.device, dtype: torch.dtype) -
     model = GPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match GPT-2 layout: missing={missing} unexpected={unexpected}")
+        raise ValueError(
+            f"checkpoint {directory} does not match GPT-2 layout: missing={missing} unexpected={unexpected}"
+        )
     return model.to(device=device, dtype=dtype).eval()

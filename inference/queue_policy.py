@@ -67,7 +67,10 @@ class PriorityAgingQueue(WaitingQueue):
         self._heap: list[tuple[int, int, Request]] = []
 
     def sort_key(self, request: Request) -> tuple[int, int]:
-        return (request.tier_level * self._aging_ms_per_tier_level + request.arrival_ms, request.arrival_index)
+        return (
+            request.tier_level * self._aging_ms_per_tier_level + request.arrival_ms,
+            request.arrival_index,
+        )
 
     def add(self, request: Request) -> None:
         heapq.heappush(self._heap, (*self.sort_key(request), request))

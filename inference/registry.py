@@ -56,7 +56,9 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         if self.max_tokens_max >= self.context_tokens_max:
-            raise ValueError(f"{self.name}: max_tokens_max must leave room for a prompt (be below context_tokens_max)")
+            raise ValueError(
+                f"{self.name}: max_tokens_max must leave room for a prompt (be below context_tokens_max)"
+            )
         return self
 
     def tokenizer(self) -> TextTokenizer:

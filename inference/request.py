@@ -45,7 +45,9 @@ class TokenLogprob:
 
     token_id: int
     token: str  # the token's text
-    bytes: tuple[int, ...]  # the bytes the token stands for (a partial UTF-8 character shows here, not in token)
+    bytes: tuple[
+        int, ...
+    ]  # the bytes the token stands for (a partial UTF-8 character shows here, not in token)
     logprob: float
 
 

@@ -70,7 +70,8 @@ def sample_next_tokens(
 ) -> list[SampledToken | RowFailure]:
     """One token (or the failure) per row of logits (S, vocab)."""
     rows = logits.size(0)
-    assert logits.dim() == 2 and rows == len(params) == len(generators) == len(output_token_ids), "one request per row"
+    assert logits.dim() == 2, f"logits are (requests, vocab), got {logits.dim()} dimensions"
+    assert rows == len(params) == len(generators) == len(output_token_ids), "one request per row"
     results: list[SampledToken | RowFailure | None] = [None] * rows
     plain = [row for row in range(rows) if params[row].plain_greedy]
     other = [row for row in range(rows) if not params[row].plain_greedy]
@@ -90,10 +91,14 @@ def sample_next_tokens(
 
 
 def sample_row(
-    logits: torch.Tensor, param: SamplingParams, generator: torch.Generator | None, output_token_ids: list[int]
+    logits: torch.Tensor,
+    param: SamplingParams,
+    generator: torch.Generator | None,
+    output_token_ids: list[int],
 ) -> SampledToken:
     """Choose one token from one row of logits (vocab,), float64 on the CPU; see the module docstring."""
-    assert logits.dim() == 1 and logits.dtype == torch.float64, "one float64 row"
+    assert logits.dim() == 1, "one row"
+    assert logits.dtype == torch.float64, f"a float64 row, got {logits.dtype}"
     adjusted = _adjusted_logits(logits, param, output_token_ids)
     if not bool(torch.isfinite(adjusted).any()):
         raise SamplingError("the model produced no finite logit for this sequence")
@@ -101,7 +106,8 @@ def sample_row(
         token_id = int(adjusted.argmax())
     else:
         assert generator is not None, "a sampled request has a generator"
-        assert math.isfinite(param.temperature) and 0.0 < param.top_p <= 1.0, "validated by the engine"
+        assert math.isfinite(param.temperature), "temperature is finite (validated by the engine)"
+        assert 0.0 < param.top_p <= 1.0, "top_p is in (0, 1] (validated by the engine)"
         token_id = _draw(adjusted, param, generator)
     if not param.logprobs:
         return SampledToken(token_id)
@@ -113,7 +119,9 @@ def sample_row(
     return SampledToken(token_id, logprob=_reported(float(logprobs[token_id])), top_logprobs=top)
 
 
-def _adjusted_logits(logits: torch.Tensor, param: SamplingParams, output_token_ids: list[int]) -> torch.Tensor:
+def _adjusted_logits(
+    logits: torch.Tensor, param: SamplingParams, output_token_ids: list[int]
+) -> torch.Tensor:
     adjusted = torch.nan_to_num(logits, nan=-math.inf, posinf=_FLOAT64_MAX, neginf=-math.inf)
     if param.logit_bias:
         ids = torch.tensor([token_id for token_id, _ in param.logit_bias], dtype=torch.long)
@@ -122,13 +130,19 @@ def _adjusted_logits(logits: torch.Tensor, param: SamplingParams, output_token_i
     if output_token_ids and (param.presence_penalty != 0.0 or param.frequency_penalty != 0.0):
         counts = torch.bincount(torch.tensor(output_token_ids, dtype=torch.long), minlength=adjusted.numel())
         counts = counts[: adjusted.numel()].to(torch.float64)
-        adjusted = adjusted - param.frequency_penalty * counts - param.presence_penalty * (counts > 0).to(torch.float64)
+        adjusted = (
+            adjusted
+            - param.frequency_penalty * counts
+            - param.presence_penalty * (counts > 0).to(torch.float64)
+        )
     return torch.nan_to_num(adjusted, nan=-math.inf, posinf=_FLOAT64_MAX, neginf=-math.inf)
 
 
 def _draw(adjusted: torch.Tensor, param: SamplingParams, generator: torch.Generator) -> int:
     shifted = adjusted - adjusted.max()  # <= 0, the largest exactly 0: no overflow at any temperature
-    probabilities = torch.log_softmax(shifted / param.temperature, dim=-1).exp()  # (vocab,), the max >= 1/vocab
+    probabilities = torch.log_softmax(
+        shifted / param.temperature, dim=-1
+    ).exp()  # (vocab,), the max >= 1/vocab
     if param.top_p < 1.0:
         sorted_probabilities, order = probabilities.sort(descending=True)
         mass_before = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities

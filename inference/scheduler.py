@@ -3,7 +3,8 @@
 State lives in three containers: `requests` (every unfinished request by id), `waiting` (a queue
 policy) and `running` (a list, in admission order). Each `schedule()` hands out a token budget:
 running decodes first (one token each; the budget always covers them), then running prompts still in
-prefill (their next chunk, at most `prefill_chunk_tokens_max`), then waiting requests are admitted while there is budget, a running
+prefill (their next chunk, at most `prefill_chunk_tokens_max`), then waiting requests are admitted while
+there is budget, a running
 place and a free KV cache slot. A long prompt therefore advances chunk by chunk while the others keep
 decoding. `update_from_output` applies the sampled tokens and finishes requests that reached
 max_tokens or the end-of-text token (and, with ERROR, those whose token could not be chosen);
@@ -49,7 +50,9 @@ class Scheduler:
         eos_token_id: int | None,
     ) -> None:
         assert running_sequences_max <= cache.slot_count, "each running sequence needs its own cache slot"
-        assert step_tokens_max >= running_sequences_max, "the budget must cover one decode token per running sequence"
+        assert step_tokens_max >= running_sequences_max, (
+            "the budget must cover one decode token per running sequence"
+        )
         self.requests: dict[str, Request] = {}
         self.waiting = waiting
         self.running: list[Request] = []
@@ -102,7 +105,9 @@ class Scheduler:
 
         total = sum(len(chunk.token_ids) for chunk in chunks)
         assert total == self.step_tokens_max - token_budget, "budget accounting drifted"
-        assert total <= self.step_tokens_max, f"scheduled {total} tokens over the budget {self.step_tokens_max}"
+        assert total <= self.step_tokens_max, (
+            f"scheduled {total} tokens over the budget {self.step_tokens_max}"
+        )
         assert len(self.running) <= self.running_sequences_max, "too many running sequences"
         assert len({chunk.request.slot for chunk in chunks}) == len(chunks), "two chunks share a cache slot"
         return SchedulerOutput(chunks=chunks, total_num_scheduled_tokens=total)
@@ -153,7 +158,9 @@ class Scheduler:
         self._remove(finished_ids)
         return advanced
 
-    def finish_requests(self, request_ids: list[str], reason: FinishReason, error: str | None = None) -> list[Request]:
+    def finish_requests(
+        self, request_ids: list[str], reason: FinishReason, error: str | None = None
+    ) -> list[Request]:
         """Finish unfinished requests (unknown or finished ids are ignored); frees their slots now."""
         assert (reason is FinishReason.ERROR) == (error is not None), "an error, and only an error, says why"
         finishing = [self.requests[rid] for rid in request_ids if rid in self.requests]

@@ -49,7 +49,11 @@ class TextTokenizer:
 
 def _byte_level_characters() -> dict[str, int]:
     """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     characters = {}
     shifted = 0
     for byte in range(256):

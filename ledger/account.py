@@ -224,7 +224,9 @@ class Account:
         if existing is not None:
             if self._grant_event_ids[grant_id] == event.event_id and _same_terms(existing, event):
                 return []
-            raise ConflictingEvent(f"grant_id {grant_id!r} was already granted by another event or other terms")
+            raise ConflictingEvent(
+                f"grant_id {grant_id!r} was already granted by another event or other terms"
+            )
         if self.granted_total + event.amount > TENANT_CREDIT_MAX:
             raise InvalidEvent(
                 f"amount: {event.amount} would take the tenant's total granted ({self.granted_total}) "
@@ -256,7 +258,9 @@ class Account:
         block.voided_at = voided_at
         return self._restructure(event.event_id, voided_at, (voided_at,), index)
 
-    def _restructure(self, cause_event_id: str, changed_at: int, new_bounds: tuple[int, ...], index: UsageIndex) -> list[Entry]:
+    def _restructure(
+        self, cause_event_id: str, changed_at: int, new_bounds: tuple[int, ...], index: UsageIndex
+    ) -> list[Entry]:
         """After a block was added or its end moved: split segments at the new bounds, recompute the
         segments from the change on, and report what moved."""
         dirty_from = NEVER
@@ -312,7 +316,9 @@ class Account:
             left, right = (0, NO_USAGE_FIRST, NO_USAGE_LAST), (usage, first, last)
         else:
             before = index.usage_between(start, bound)
-            after = index.usage_between(bound, NEVER if segment == len(self._bounds) else self._bounds[segment])
+            after = index.usage_between(
+                bound, NEVER if segment == len(self._bounds) else self._bounds[segment]
+            )
             assert before.total + after.total == usage, (
                 f"usage index disagrees with segment total for {self.tenant_id}: "
                 f"{before.total} + {after.total} != {usage}"
@@ -497,7 +503,9 @@ class Account:
         block.reported_end_entry_id = entry_id
         return entry
 
-    def _correct_published_ends(self, touched: Iterable[str], cause_event_id: str, entries: list[Entry]) -> None:
+    def _correct_published_ends(
+        self, touched: Iterable[str], cause_event_id: str, entries: list[Entry]
+    ) -> None:
         """For each touched block whose end was already published, publish what changed about it."""
         for grant_id in touched:
             block = self.blocks[grant_id]
@@ -562,7 +570,12 @@ class Account:
         consumed, _ = self._consumption_through(t, index)
         return [
             CreditBlockAt(
-                b.grant_id, b.amount, b.amount - consumed.get(b.grant_id, 0), b.effective_at, b.expires_at, b.priority
+                b.grant_id,
+                b.amount,
+                b.amount - consumed.get(b.grant_id, 0),
+                b.effective_at,
+                b.expires_at,
+                b.priority,
             )
             for _, b in self._ordered
             if b.active_at(t)
@@ -608,13 +621,19 @@ class Account:
                 assert amount > 0, f"segment {segment} allocates {amount} from {grant_id}"
                 by_block[grant_id] = by_block.get(grant_id, 0) + amount
         for block in self.blocks.values():
-            assert by_block.get(block.grant_id, 0) == block.consumed, f"{block.grant_id}: allocations != consumed"
+            assert by_block.get(block.grant_id, 0) == block.consumed, (
+                f"{block.grant_id}: allocations != consumed"
+            )
             assert block.consumed >= 0, f"{block.grant_id}: consumed {block.consumed}, a negative amount"
-            assert block.consumed <= block.amount, f"{block.grant_id}: consumed {block.consumed} of {block.amount}"
+            assert block.consumed <= block.amount, (
+                f"{block.grant_id}: consumed {block.consumed} of {block.amount}"
+            )
         assert sum(self._segment_overage) == self.overage_total, "overage total drifted"
         granted = sum(b.amount for b in self.blocks.values())
         assert self.granted_total == granted, f"granted total {self.granted_total} drifted from {granted}"
-        assert self.granted_total <= TENANT_CREDIT_MAX, f"granted total {self.granted_total} > TENANT_CREDIT_MAX"
+        assert self.granted_total <= TENANT_CREDIT_MAX, (
+            f"granted total {self.granted_total} > TENANT_CREDIT_MAX"
+        )
         assert all(u == 0 for u in self._segment_usage[self._frontier + 1 :]), "usage past the frontier"
         assert len(self._segment_usage) == len(self._bounds) + 1, "segments and bounds out of step"
 
@@ -625,8 +644,16 @@ class Account:
             tenant_id=self.tenant_id,
             blocks=[
                 BlockState(
-                    b.grant_id, b.amount, b.effective_at, b.expires_at, b.priority, b.voided_at, b.consumed,
-                    b.reported_end_kind, b.reported_end_amount, b.reported_end_entry_id,
+                    b.grant_id,
+                    b.amount,
+                    b.effective_at,
+                    b.expires_at,
+                    b.priority,
+                    b.voided_at,
+                    b.consumed,
+                    b.reported_end_kind,
+                    b.reported_end_amount,
+                    b.reported_end_entry_id,
                     self._grant_event_ids[b.grant_id],
                 )
                 for b in self.blocks.values()
@@ -647,8 +674,16 @@ class Account:
         account = cls(state.tenant_id)
         for s in state.blocks:
             block = CreditBlock(
-                s.grant_id, s.amount, s.effective_at, s.expires_at, s.priority, s.voided_at, s.consumed,
-                s.reported_end_kind, s.reported_end_amount, s.reported_end_entry_id,
+                s.grant_id,
+                s.amount,
+                s.effective_at,
+                s.expires_at,
+                s.priority,
+                s.voided_at,
+                s.consumed,
+                s.reported_end_kind,
+                s.reported_end_amount,
+                s.reported_end_entry_id,
             )
             account.blocks[block.grant_id] = block
             account.granted_total += block.amount

@@ -20,7 +20,9 @@ class CreditCalculator:
         self._ledger = TenantLedger(CALCULATOR_TENANT)
         self._usage_numbers = count(1)
 
-    def create_grant(self, *, grant_id: str, amount: int, timestamp: int, expiration_timestamp: int | None) -> None:
+    def create_grant(
+        self, *, grant_id: str, amount: int, timestamp: int, expiration_timestamp: int | None
+    ) -> None:
         event = CreditGranted(
             event_id=f"grant:{grant_id}",
             tenant_id=CALCULATOR_TENANT,

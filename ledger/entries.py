@@ -42,7 +42,9 @@ class UsageAllocated(msgspec.Struct, frozen=True, tag="usage_allocated", tag_fie
     schema_version: int = SCHEMA_VERSION
 
 
-class AllocationCorrected(msgspec.Struct, frozen=True, tag="allocation_corrected", tag_field="type", kw_only=True):
+class AllocationCorrected(
+    msgspec.Struct, frozen=True, tag="allocation_corrected", tag_field="type", kw_only=True
+):
     entry_id: str
     tenant_id: str
     cause_event_id: str
@@ -91,6 +93,7 @@ def check_allocation_corrected(entry: AllocationCorrected) -> None:
     assert moved + entry.overage_delta == 0, (
         f"correction {entry.entry_id}: deltas {moved} + overage delta {entry.overage_delta} != 0"
     )
+
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Entry)

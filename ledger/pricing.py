@@ -34,7 +34,9 @@ class Price:
                 raise ValueError(f"{name} must not be negative, not {value}")
 
 
-def usage_amount(price: Price, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0) -> int:
+def usage_amount(
+    price: Price, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0
+) -> int:
     """The credit units of the tokens processed (see the module docstring)."""
     assert prompt_tokens >= 0, "prompt token counts are never negative"
     assert completion_tokens >= 0, "completion token counts are never negative"

@@ -105,7 +105,9 @@ def main() -> None:
         kafka_local.kill(broker_dir)
         results["broker_restart_after_kill_s"] = round(_timed(kafka_local.start, broker_dir), 2)
         try:
-            results.update(asyncio.run(_bench_producer(directory, address.bootstrap, arguments.events, arguments.batch)))
+            results.update(
+                asyncio.run(_bench_producer(directory, address.bootstrap, arguments.events, arguments.batch))
+            )
         finally:
             kafka_local.stop(broker_dir)
     results["events"] = arguments.events

@@ -124,8 +124,14 @@ def fetch_jars() -> Path:
     staging = cache_dir() / "libs.partial"
     shutil.rmtree(staging, ignore_errors=True)
     command = [
-        maven, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-        f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+        maven,
+        "-q",
+        "-B",
+        "-f",
+        str(pom),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=MAVEN_TIMEOUT_S)
     if result.returncode != 0:
@@ -202,7 +208,9 @@ def _read_address(directory: Path) -> BrokerAddress | None:
     if not config.exists():
         return None
     values = dict(
-        line.split("=", 1) for line in config.read_text().splitlines() if "=" in line and not line.startswith("#")
+        line.split("=", 1)
+        for line in config.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
     )
     host, port = values["advertised.listeners"].removeprefix("PLAINTEXT://").rsplit(":", 1)
     controller_port = values["controller.quorum.voters"].rsplit(":", 1)[1]
@@ -247,8 +255,15 @@ def _format_storage(libs: Path, directory: Path) -> None:
     if (directory / DATA_DIR / "meta.properties").exists():
         return
     command = _java_command(
-        libs, directory, STORAGE_TOOL_CLASS,
-        "format", "--ignore-formatted", "-t", _cluster_id(), "-c", str(directory / CONFIG_FILE),
+        libs,
+        directory,
+        STORAGE_TOOL_CLASS,
+        "format",
+        "--ignore-formatted",
+        "-t",
+        _cluster_id(),
+        "-c",
+        str(directory / CONFIG_FILE),
     )
     result = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
     if result.returncode != 0:
@@ -263,7 +278,9 @@ def _encode_string(text: bytes) -> bytes:
 
 
 def _metadata_request(correlation_id: int) -> bytes:
-    header = struct.pack(">hhi", METADATA_API_KEY, METADATA_API_VERSION, correlation_id) + _encode_string(CLIENT_ID)
+    header = struct.pack(">hhi", METADATA_API_KEY, METADATA_API_VERSION, correlation_id) + _encode_string(
+        CLIENT_ID
+    )
     body = struct.pack(">i", -1) + struct.pack(">?", False)  # all topics, no auto-creation
     payload = header + body
     return struct.pack(">i", len(payload)) + payload
@@ -291,7 +308,9 @@ def probe_metadata(address: BrokerAddress, timeout_s: float = PROBE_TIMEOUT_S) -
         response = _receive_exactly(connection, size)
     (answered_id, _throttle_ms, broker_count) = struct.unpack_from(">iii", response, 0)
     if answered_id != correlation_id:
-        raise ConnectionError(f"metadata response for correlation id {answered_id}, expected {correlation_id}")
+        raise ConnectionError(
+            f"metadata response for correlation id {answered_id}, expected {correlation_id}"
+        )
     brokers = []
     offset = 12
     for _ in range(broker_count):
@@ -355,12 +374,16 @@ def _log_tail(directory: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _wait_until_serving(process: subprocess.Popen, address: BrokerAddress, directory: Path, timeout_s: float) -> None:
+def _wait_until_serving(
+    process: subprocess.Popen, address: BrokerAddress, directory: Path, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise BrokerError(f"broker exited with {process.returncode} while starting:\n{_log_tail(directory)}")
+            raise BrokerError(
+                f"broker exited with {process.returncode} while starting:\n{_log_tail(directory)}"
+            )
         try:
             brokers = probe_metadata(address)
         except (OSError, struct.error) as error:
@@ -370,7 +393,9 @@ def _wait_until_serving(process: subprocess.Popen, address: BrokerAddress, direc
                 return
             last_error = ConnectionError(f"metadata lists brokers {brokers}, not yet {address.bootstrap}")
         time.sleep(POLL_INTERVAL_S)
-    raise BrokerError(f"broker did not answer metadata within {timeout_s}s ({last_error}):\n{_log_tail(directory)}")
+    raise BrokerError(
+        f"broker did not answer metadata within {timeout_s}s ({last_error}):\n{_log_tail(directory)}"
+    )
 
 
 def start(
@@ -422,9 +447,21 @@ def _ensure_watcher(directory: Path, owner_pid: int) -> None:
         with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
             os.kill(int(watcher_pid_file.read_text().strip()), 0)
             return  # one watcher per directory; it outlives restarts of the broker
-    command = [sys.executable, str(Path(__file__).resolve()), "watch", "--dir", str(directory), "--owner-pid", str(owner_pid)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "watch",
+        "--dir",
+        str(directory),
+        "--owner-pid",
+        str(owner_pid),
+    ]
     watcher = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     watcher_pid_file.write_text(f"{watcher.pid}\n")
 
@@ -494,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     watch_parser = commands.add_parser("watch", help="kill the broker in DIR once --owner-pid exits")
     watch_parser.add_argument("--dir", required=True, type=Path)
     watch_parser.add_argument("--owner-pid", required=True, type=int)
-    status_parser = commands.add_parser("status", help="print the bootstrap address if running; exit 1 if not")
+    status_parser = commands.add_parser(
+        "status", help="print the bootstrap address if running; exit 1 if not"
+    )
     status_parser.add_argument("--dir", required=True, type=Path)
     arguments = parser.parse_args(argv)
 

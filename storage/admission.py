@@ -32,9 +32,13 @@ class AdmissionHold(Base):
 
     request_id: Mapped[str] = mapped_column(Text, primary_key=True)
     tenant_id: Mapped[str] = mapped_column(Text, index=True)
-    amount: Mapped[int] = mapped_column(BigInteger)  # the estimate while running, the actual cost once finished
+    amount: Mapped[int] = mapped_column(
+        BigInteger
+    )  # the estimate while running, the actual cost once finished
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
-    expires_at_ms: Mapped[int] = mapped_column(BigInteger)  # hold_timeout_ms, then settle_timeout_ms once finished
+    expires_at_ms: Mapped[int] = mapped_column(
+        BigInteger
+    )  # hold_timeout_ms, then settle_timeout_ms once finished
     finished_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (CheckConstraint("amount >= 0", name="amount_non_negative"),)

@@ -9,7 +9,10 @@ from storage.base import Base
 
 
 class IdempotentResponse(Base):
-    """A tenant's Idempotency-Key: claimed by `request_id` while it runs (no status yet), then its response."""
+    """A tenant's Idempotency-Key: claimed by `request_id` while it runs (no status yet), then its
+    response."""
+    
+    
 
     __tablename__ = "idempotent_responses"
 

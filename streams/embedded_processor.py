@@ -76,7 +76,9 @@ class EmbeddedProcessor:
         topic = self.log.topics.events
         read = 0
         for partition in range(self.log.partitions):
-            records = await self.log.read(topic, partition, self._next_offsets.get(partition, 0), self.batch_max)
+            records = await self.log.read(
+                topic, partition, self._next_offsets.get(partition, 0), self.batch_max
+            )
             if not records:
                 continue
             output = self.processor.process(partition, records)
@@ -100,7 +102,9 @@ class EmbeddedProcessor:
                 await self.sweep_expiries()
                 last_sweep = time.monotonic()
             if not read:
-                await self.log.wait_for_append(topics, mark, stop, timeout_s=self.expiry_sweep_interval_ms / 1000)
+                await self.log.wait_for_append(
+                    topics, mark, stop, timeout_s=self.expiry_sweep_interval_ms / 1000
+                )
 
     async def _commit(self, output: ProcessorOutput, partition: int, next_offset: int | None) -> None:
         topics = self.log.topics
@@ -115,18 +119,27 @@ class EmbeddedProcessor:
                     await self.log.append_in(connection, outgoing)
                 if output.state_writes:
                     statement = insert(ProcessorStateItem).values(
-                        [{"processor_name": PROCESSOR_NAME, "key": k, "value": v} for k, v in output.state_writes]
-                    )
-                    await connection.execute(
-                        statement.on_conflict_do_update(index_elements=["processor_name", "key"], set_={"value": statement.excluded.value})
-                    )
-                if next_offset is not None:
-                    statement = insert(ProjectorOffset).values(
-                        projector_name=PROCESSOR_NAME, topic=topics.events, partition=partition, next_offset=next_offset
+                        [
+                            {"processor_name": PROCESSOR_NAME, "key": k, "value": v}
+                            for k, v in output.state_writes
+                        ]
                     )
                     await connection.execute(
                         statement.on_conflict_do_update(
-                            index_elements=["projector_name", "topic", "partition"], set_={"next_offset": next_offset}
+                            index_elements=["processor_name", "key"], set_={"value": statement.excluded.value}
+                        )
+                    )
+                if next_offset is not None:
+                    statement = insert(ProjectorOffset).values(
+                        projector_name=PROCESSOR_NAME,
+                        topic=topics.events,
+                        partition=partition,
+                        next_offset=next_offset,
+                    )
+                    await connection.execute(
+                        statement.on_conflict_do_update(
+                            index_elements=["projector_name", "topic", "partition"],
+                            set_={"next_offset": next_offset},
                         )
                     )
         except Exception:

@@ -16,7 +16,11 @@ PROJECTOR_NAME = "postgres-projector"
 
 class EmbeddedProjector:
     def __init__(
-        self, event_log: PostgresLog, session_factory: async_sessionmaker[AsyncSession], *, batch_max: int = 1_000
+        self,
+        event_log: PostgresLog,
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        batch_max: int = 1_000,
     ) -> None:
         self.log = event_log
         self.session_factory = session_factory
@@ -29,7 +33,9 @@ class EmbeddedProjector:
         records = []
         for topic in (topics.events, topics.entries, topics.balances):
             for partition in range(self.log.partitions):
-                records += await self.log.read(topic, partition, offsets.get((topic, partition), 0), self.batch_max)
+                records += await self.log.read(
+                    topic, partition, offsets.get((topic, partition), 0), self.batch_max
+                )
         if not records:
             return 0
         await project_records(

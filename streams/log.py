@@ -45,11 +45,15 @@ class EventLog(Protocol):
 
     async def publish(self, event: Event) -> LogPosition: ...
 
-    async def read(self, topic: str, partition: int, from_offset: int, max_records: int) -> list[LogRecord]: ...
+    async def read(
+        self, topic: str, partition: int, from_offset: int, max_records: int
+    ) -> list[LogRecord]: ...
 
     async def end_offset(self, topic: str, partition: int) -> int: ...
 
-    def tail(self, topic: str, *, from_beginning: bool, batch_max: int = 1_000) -> AsyncIterator[list[LogRecord]]: ...
+    def tail(
+        self, topic: str, *, from_beginning: bool, batch_max: int = 1_000
+    ) -> AsyncIterator[list[LogRecord]]: ...
 
 
 class KafkaLog:
@@ -101,7 +105,9 @@ class KafkaLog:
             reader.seek(tp, from_offset)
             out: list[LogRecord] = []
             while len(out) < max_records:
-                batch = await reader.getmany(tp, timeout_ms=READ_TIMEOUT_MS, max_records=max_records - len(out))
+                batch = await reader.getmany(
+                    tp, timeout_ms=READ_TIMEOUT_MS, max_records=max_records - len(out)
+                )
                 messages = batch.get(tp, [])
                 if not messages:
                     break
@@ -118,7 +124,9 @@ class KafkaLog:
             tp = TopicPartition(topic, partition)
             return (await self._offsets_client.end_offsets([tp]))[tp]
 
-    async def tail(self, topic: str, *, from_beginning: bool, batch_max: int = 1_000) -> AsyncIterator[list[LogRecord]]:
+    async def tail(
+        self, topic: str, *, from_beginning: bool, batch_max: int = 1_000
+    ) -> AsyncIterator[list[LogRecord]]:
         consumer = self._new_consumer()
         await consumer.start()
         try:
@@ -154,7 +162,9 @@ class KafkaLog:
 
 
 def _record(message) -> LogRecord:
-    return LogRecord(message.topic, message.partition, message.offset, message.key, message.value, message.timestamp)
+    return LogRecord(
+        message.topic, message.partition, message.offset, message.key, message.value, message.timestamp
+    )
 
 
 def _position(receipt) -> LogPosition:

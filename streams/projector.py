@@ -284,7 +284,9 @@ async def project_records(
     except Exception as error:
         if not is_record_fault(error):
             raise
-        logger.warning("batch of %d records refused (%s); writing it one record at a time", len(records), error)
+        logger.warning(
+            "batch of %d records refused (%s); writing it one record at a time", len(records), error
+        )
     rows = rows_of_batch(topics, records, now_ms)
     async with session_factory() as session, session.begin():
         for record in records:
@@ -298,14 +300,19 @@ async def project_records(
             except Exception as error:
                 if not is_record_fault(error):
                     raise
-                rows.dead_letters.append(dead_letter(topics, record, f"refused by Postgres: {error.orig or error}"))
+                rows.dead_letters.append(
+                    dead_letter(topics, record, f"refused by Postgres: {error.orig or error}")
+                )
         await write_batch(session, projector_name, BatchRows(next_offsets=rows.next_offsets))
         await _finish_batch(records, rows, dead_letter_log, before_commit)
     return rows
 
 
 async def _finish_batch(
-    records: Sequence[LogRecord], rows: BatchRows, dead_letter_log: DeadLetterLog, before_commit: BeforeCommit | None
+    records: Sequence[LogRecord],
+    rows: BatchRows,
+    dead_letter_log: DeadLetterLog,
+    before_commit: BeforeCommit | None,
 ) -> None:
     """Before the offsets commit: the dead letters are appended (a crash appends them again on the retry)."""
     if rows.dead_letters:

@@ -1,10 +1,10 @@
 """The Kafka topics, declared in code (partitions, retention, cleanup policy), and their idempotent creation.
 
-    ledger.events    source of truth; key = tenant id; kept forever (retention.ms=-1)
-    ledger.entries   finance: allocations, forfeits, corrections; kept forever
-    ledger.balances  latest balance per tenant (cleanup.policy=compact)
-    ledger.dlq       rejected records with the reason; kept dlq_retention_ms (30 days by default)
-    tenant.keys      API key revocations (key = key id; compacted): every gateway evicts the key at once
+ledger.events    source of truth; key = tenant id; kept forever (retention.ms=-1)
+ledger.entries   finance: allocations, forfeits, corrections; kept forever
+ledger.balances  latest balance per tenant (cleanup.policy=compact)
+ledger.dlq       rejected records with the reason; kept dlq_retention_ms (30 days by default)
+tenant.keys      API key revocations (key = key id; compacted): every gateway evicts the key at once
 """
 
 from __future__ import annotations
@@ -80,7 +80,11 @@ def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
     partitions = settings.topic_partitions
     replicas = settings.topic_replication_factor
     min_in_sync = str(min(2, replicas))
-    kept_forever = {"cleanup.policy": "delete", "retention.ms": str(RETAIN_FOREVER_MS), "retention.bytes": "-1"}
+    kept_forever = {
+        "cleanup.policy": "delete",
+        "retention.ms": str(RETAIN_FOREVER_MS),
+        "retention.bytes": "-1",
+    }
     return [
         TopicSpec(names.events, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}),
         TopicSpec(names.entries, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}),
@@ -88,15 +92,28 @@ def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
             names.balances,
             partitions,
             replicas,
-            {"cleanup.policy": "compact", "min.insync.replicas": min_in_sync, "min.cleanable.dirty.ratio": "0.1"},
+            {
+                "cleanup.policy": "compact",
+                "min.insync.replicas": min_in_sync,
+                "min.cleanable.dirty.ratio": "0.1",
+            },
         ),
         TopicSpec(
             names.dlq,
             partitions,
             replicas,
-            {"cleanup.policy": "delete", "retention.ms": str(settings.dlq_retention_ms), "min.insync.replicas": "1"},
+            {
+                "cleanup.policy": "delete",
+                "retention.ms": str(settings.dlq_retention_ms),
+                "min.insync.replicas": "1",
+            },
         ),
-        TopicSpec(names.keys, partitions, replicas, {"cleanup.policy": "compact", "min.insync.replicas": min_in_sync}),
+        TopicSpec(
+            names.keys,
+            partitions,
+            replicas,
+            {"cleanup.policy": "compact", "min.insync.replicas": min_in_sync},
+        ),
     ]
 
 
@@ -138,7 +155,9 @@ async def ensure_topics(
         await admin.close()
 
 
-async def _wait_until_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_ms: int) -> dict[str, int]:
+async def _wait_until_visible(
+    admin: AIOKafkaAdminClient, names: list[str], timeout_ms: int
+) -> dict[str, int]:
     """The broker's metadata lags the controller a little after a create: wait until it lists every name."""
     deadline = time.monotonic() + timeout_ms / 1000
     while True:
@@ -146,7 +165,9 @@ async def _wait_until_visible(admin: AIOKafkaAdminClient, names: list[str], time
         if len(counts) == len(set(names)):
             return counts
         if time.monotonic() >= deadline:
-            raise TopicSetupError(f"topics {sorted(set(names) - set(counts))} not in metadata after {timeout_ms} ms")
+            raise TopicSetupError(
+                f"topics {sorted(set(names) - set(counts))} not in metadata after {timeout_ms} ms"
+            )
         await asyncio.sleep(METADATA_POLL_INTERVAL_MS / 1000)
 
 
@@ -163,12 +184,16 @@ async def describe_topic_configs(bootstrap: str, names: Iterable[str], *, reques
     for response in responses:
         for error_code, error_message, _type, name, entries in response.resources:
             if error_code != 0:
-                raise TopicSetupError(f"describe configs of {name} failed: {for_code(error_code).__name__} {error_message}")
+                raise TopicSetupError(
+                    f"describe configs of {name} failed: {for_code(error_code).__name__} {error_message}"
+                )
             configs[name] = {entry[0]: entry[1] for entry in entries}
     return configs
 
 
-async def describe_partition_counts(bootstrap: str, names: Iterable[str], *, request_timeout_ms: int = 15_000):
+async def describe_partition_counts(
+    bootstrap: str, names: Iterable[str], *, request_timeout_ms: int = 15_000
+):
     """{topic: partition count} for those of `names` that exist."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
     await admin.start()

@@ -23,8 +23,15 @@ CLI_TIMEOUT_S = 60
 def tollgate(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """`tollgate ARGS` as a newcomer runs it: in `cwd`, with no TOLLGATE_* or DATABASE_URL but `env`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_") and k != "DATABASE_URL"}
-    return subprocess.run([sys.executable, "-m", "tollgate", *args], cwd=cwd, env={**clean, **env},
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "tollgate", *args],
+        cwd=cwd,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
 
 
 def test_balance_without_a_gateway_is_one_line_naming_the_url_and_the_setting(tmp_path):
@@ -39,8 +46,15 @@ def test_balance_without_a_gateway_is_one_line_naming_the_url_and_the_setting(tm
 
 def test_the_url_option_wins_over_the_environment(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    result = tollgate("balance", "tn_x", "--url", url, cwd=tmp_path, TOLLGATE_URL="http://127.0.0.1:1",
-                      TOLLGATE_ADMIN_TOKEN="t" * 32)
+    result = tollgate(
+        "balance",
+        "tn_x",
+        "--url",
+        url,
+        cwd=tmp_path,
+        TOLLGATE_URL="http://127.0.0.1:1",
+        TOLLGATE_ADMIN_TOKEN="t" * 32,
+    )
     assert result.returncode == 1 and url in result.stderr
 
 
@@ -55,7 +69,9 @@ def test_the_gateway_url_comes_from_demo_json_else_the_local_default(tmp_path, m
     monkeypatch.chdir(tmp_path)
     assert admin_target(None, None) == (DEFAULT_GATEWAY_URL, None)
     (tmp_path / ".tollgate").mkdir()
-    (tmp_path / ".tollgate" / "demo.json").write_text(json.dumps({"base_url": "http://h:1/v1", "admin_token": "a"}))
+    (tmp_path / ".tollgate" / "demo.json").write_text(
+        json.dumps({"base_url": "http://h:1/v1", "admin_token": "a"})
+    )
     assert admin_target(None, None) == ("http://h:1", "a")
     assert admin_target("http://other:2/", "b") == ("http://other:2", "b")
 
@@ -65,8 +81,16 @@ def test_dev_on_a_taken_port_is_one_line_naming_the_option(tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = tollgate("dev", "--port", str(port), "--worker-port", str(free_port()),
-                          "--data-dir", str(tmp_path / ".tollgate"), cwd=tmp_path)
+        result = tollgate(
+            "dev",
+            "--port",
+            str(port),
+            "--worker-port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path / ".tollgate"),
+            cwd=tmp_path,
+        )
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert line.startswith("tollgate dev:") and f"127.0.0.1:{port}" in line and "--port" in line

@@ -66,7 +66,11 @@ def imported_top_levels(path: Path) -> set[str]:
 def offenders(added: dict[str, list[str]], forbidden: tuple[str, ...]) -> dict[str, list[str]]:
     found = {}
     for name, modules in added.items():
-        bad = [module for module in modules if module in forbidden or module.startswith(tuple(f + "." for f in forbidden))]
+        bad = [
+            module
+            for module in modules
+            if module in forbidden or module.startswith(tuple(f + "." for f in forbidden))
+        ]
         if bad:
             found[name] = bad
     return found
@@ -82,7 +86,10 @@ def test_package_modules_lists_the_modules_of_a_package():
 
 def test_offenders_names_the_module_that_brought_a_forbidden_one_in():
     added = {"a": ["json", "streams.processor"], "b": ["streams.records", "gateway"], "c": ["gatewayish"]}
-    assert offenders(added, ("streams.processor", "gateway")) == {"a": ["streams.processor"], "b": ["gateway"]}
+    assert offenders(added, ("streams.processor", "gateway")) == {
+        "a": ["streams.processor"],
+        "b": ["gateway"],
+    }
 
 
 def test_gateway_does_not_import_the_processor():
@@ -97,7 +104,14 @@ def test_migrations_import_only_storage():
     assert "storage" in added["migrations.models"]
     assert offenders(added, ("gateway", "streams")) == {}
     for path in sorted((ROOT / "migrations").rglob("*.py")):
-        project_imports = imported_top_levels(path) & {"gateway", "streams", "inference", "ledger", "tollgate", "bench"}
+        project_imports = imported_top_levels(path) & {
+            "gateway",
+            "streams",
+            "inference",
+            "ledger",
+            "tollgate",
+            "bench",
+        }
         assert project_imports == set(), f"{path.relative_to(ROOT)} imports {sorted(project_imports)}"
 
 
@@ -111,7 +125,9 @@ def test_ledger_imports_only_the_standard_library_and_msgspec():
     for path in sorted((ROOT / "ledger").glob("*.py")):
         outside = imported_top_levels(path) - allowed
         assert outside == set(), f"{path.relative_to(ROOT)} imports {sorted(outside)}"
-    added = modules_added_by(["msgspec", *package_modules("ledger")])  # msgspec first: what it loads is its own
+    added = modules_added_by(
+        ["msgspec", *package_modules("ledger")]
+    )  # msgspec first: what it loads is its own
     loaded_outside = {
         name: [module for module in modules if module.split(".")[0] not in allowed]
         for name, modules in added.items()

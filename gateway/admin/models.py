@@ -154,5 +154,7 @@ IdempotencyKey = Annotated[
     str, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX, pattern=r"^[\x21-\x7e]+$")
 ]
 # Path ids: a tenant id as the ledger accepts it (it keys Kafka records), other ids as printable text.
-TenantIdText = Annotated[str, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX, pattern=TENANT_ID_PATTERN)]
+TenantIdText = Annotated[
+    str, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX, pattern=TENANT_ID_PATTERN)
+]
 IdentifierText = Annotated[PlainText, Field(min_length=1, max_length=IDENTIFIER_LENGTH_MAX)]

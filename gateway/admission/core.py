@@ -33,10 +33,13 @@ def rate_tokens(request: AdmissionRequest) -> int:
 def check_request(request: AdmissionRequest) -> None:
     """The API layer computed these; a negative one is its bug, not the client's."""
     assert request.estimated_cost >= 0, f"estimated_cost must be non-negative: {request}"
-    assert request.prompt_tokens >= 0 and request.max_tokens >= 0, f"token counts must be non-negative: {request}"
+    assert request.prompt_tokens >= 0, f"prompt_tokens must be non-negative: {request}"
+    assert request.max_tokens >= 0, f"max_tokens must be non-negative: {request}"
 
 
-def credit_exhausted(request: AdmissionRequest, available: int, headers: dict[str, str]) -> CreditBalanceExhausted:
+def credit_exhausted(
+    request: AdmissionRequest, available: int, headers: dict[str, str]
+) -> CreditBalanceExhausted:
     return CreditBalanceExhausted(
         f"You exceeded your current quota: this request may cost up to {request.estimated_cost} credits "
         f"and {max(available, 0)} are available. Add credit to your organization to continue.",
@@ -100,9 +103,14 @@ class AdmissionCore:
 
     def _held(self, request: AdmissionRequest, now_ms: int, headers: dict[str, str]) -> Reservation:
         """Record an admitted request's hold in this process and watch for its usage to be folded."""
-        self.holds.add(Hold(
-            request.request_id, request.tenant_id, request.estimated_cost, now_ms + self.settings.hold_timeout_ms
-        ))
+        self.holds.add(
+            Hold(
+                request.request_id,
+                request.tenant_id,
+                request.estimated_cost,
+                now_ms + self.settings.hold_timeout_ms,
+            )
+        )
         self.view.watch(request.tenant_id, request.request_id)
         self.metrics.reservations_open.labels(mode=self.mode).inc()
         self.metrics.admitted.labels(mode=self.mode).inc()
@@ -118,9 +126,14 @@ class AdmissionCore:
         assert actual_cost >= 0, f"actual cost must be non-negative, got {actual_cost}"
         if actual_cost > reservation.amount:
             logger.warning(
-                "request %s cost %d, more than the %d reserved", reservation.request_id, actual_cost, reservation.amount
+                "request %s cost %d, more than the %d reserved",
+                reservation.request_id,
+                actual_cost,
+                reservation.amount,
             )
-        hold = self.holds.finish(reservation.request_id, actual_cost, now_ms + self.settings.settle_timeout_ms)
+        hold = self.holds.finish(
+            reservation.request_id, actual_cost, now_ms + self.settings.settle_timeout_ms
+        )
         if hold is not None:
             reservation.amount = actual_cost
         return hold

@@ -28,27 +28,33 @@ class AdmissionMetrics:
         self.reservations_open = Gauge(
             "tollgate_admission_reservations_open",
             "Reservations this process holds: admitted and running, or finished and waiting for the fold",
-            ["mode"], registry=registry,
+            ["mode"],
+            registry=registry,
         )
         self.admitted = Counter(
             "tollgate_admission_admitted", "Requests admitted", ["mode"], registry=registry
         )
         self.rejections = Counter(
-            "tollgate_admission_rejections", "Requests refused by admission, by reason", ["reason"], registry=registry
+            "tollgate_admission_rejections",
+            "Requests refused by admission, by reason",
+            ["reason"],
+            registry=registry,
         )
         self.settled = Counter(
             "tollgate_admission_holds_settled",
             "Holds dropped, by how: folded (the balance includes the usage), released, timed_out",
-            ["how"], registry=registry,
+            ["how"],
+            registry=registry,
         )
         self.view_lag_records = Gauge(
             "tollgate_ledger_view_lag_records",
             "Records on the log the balance view has not read yet (consumer lag), by topic",
-            ["topic"], registry=registry,
+            ["topic"],
+            registry=registry,
         )
         self.view_staleness_seconds = Gauge(
             "tollgate_ledger_view_staleness_seconds",
-            "Since when the balance view is known to hold everything the log had (0: caught up at the last check)",
+            "Since when the balance view is known to hold everything the log had (0: caught up at the last check)",  # noqa: E501
             registry=registry,
         )
 

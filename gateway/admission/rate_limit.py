@@ -128,7 +128,7 @@ class RateLimiter:
         if tokens > limits.tokens_per_minute:
             raise RequestTooLarge(
                 f"Request too large: it needs {tokens} tokens (prompt + max_tokens), more than the "
-                f"{limits.tokens_per_minute} tokens per minute of tier {tier!r}. Lower max_tokens or the prompt.",
+                f"{limits.tokens_per_minute} tokens per minute of tier {tier!r}. Lower max_tokens or the prompt.",  # noqa: E501
                 headers={**_headers(buckets), "x-should-retry": "false"},
             )
         wait_requests_ms = buckets.requests.wait_ms(1)

@@ -35,7 +35,8 @@ NO_BALANCE_OFFSET = -1  # an account row for a tenant no view has a balance for 
 _NEWER = "(excluded.applied_offset, excluded.as_of_ms) > (account.applied_offset, account.as_of_ms)"
 _SETTLE = text(f"""
 WITH raised AS (
-    INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, as_of_ms, expiring, updated_at_ms)
+INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, as_of_ms, expiring,
+    updated_at_ms)
     SELECT tenant_id, balance, applied_offset, as_of_ms, expiring, :now_ms
     FROM unnest(CAST(:tenant_ids AS text[]), CAST(:balances AS bigint[]), CAST(:applied_offsets AS bigint[]),
                 CAST(:as_of_ms AS bigint[]), CAST(:expirings AS jsonb[]))
@@ -87,11 +88,23 @@ class Settlement:
 
 def _account_parameters(tenant_id: str, balance: PublishedBalance | None, now_ms: int) -> dict:
     if balance is None:
-        return {"tenant_id": tenant_id, "balance": 0, "applied_offset": NO_BALANCE_OFFSET, "as_of_ms": -1,
-                "expiring": "[]", "now_ms": now_ms}
+        return {
+            "tenant_id": tenant_id,
+            "balance": 0,
+            "applied_offset": NO_BALANCE_OFFSET,
+            "as_of_ms": -1,
+            "expiring": "[]",
+            "now_ms": now_ms,
+        }
     expiring = json.dumps([[expires_at_ms, remaining] for expires_at_ms, remaining in balance.expiring])
-    return {"tenant_id": tenant_id, "balance": balance.balance, "applied_offset": balance.applied_offset,
-            "as_of_ms": balance.as_of_ms, "expiring": expiring, "now_ms": now_ms}
+    return {
+        "tenant_id": tenant_id,
+        "balance": balance.balance,
+        "applied_offset": balance.applied_offset,
+        "as_of_ms": balance.as_of_ms,
+        "expiring": expiring,
+        "now_ms": now_ms,
+    }
 
 
 def _owner_balance(tenant_id: str, account) -> PublishedBalance:
@@ -116,16 +129,25 @@ class StrictStore:
         holds_max: int,
     ) -> ReserveResult:
         parameters = _account_parameters(tenant_id, view_balance, now_ms) | {
-            "request_id": request_id, "amount": amount, "expires_at_ms": expires_at_ms, "holds_max": holds_max,
+            "request_id": request_id,
+            "amount": amount,
+            "expires_at_ms": expires_at_ms,
+            "holds_max": holds_max,
         }
         # One statement in its own transaction: the row lock is held only while the server runs it.
         [row] = await self._execute_alone(_RESERVE, parameters)
         return ReserveResult(reserved=row.reserved, spendable=row.spendable, held=row.held, holds=row.holds)
 
     async def finish(self, request_id: str, amount: int, now_ms: int, expires_at_ms: int) -> None:
-        await self._execute_alone(_FINISH, {
-            "request_id": request_id, "amount": amount, "now_ms": now_ms, "expires_at_ms": expires_at_ms,
-        })
+        await self._execute_alone(
+            _FINISH,
+            {
+                "request_id": request_id,
+                "amount": amount,
+                "now_ms": now_ms,
+                "expires_at_ms": expires_at_ms,
+            },
+        )
 
     async def release(self, request_ids: Sequence[str]) -> None:
         await self._execute_alone(_DELETE_HOLDS, {"request_ids": list(request_ids)})
@@ -136,32 +158,46 @@ class StrictStore:
         for settlement in settlements:
             balance = settlement.balance
             current = newest.get(balance.tenant_id)
-            if current is None or (balance.applied_offset, balance.as_of_ms) > (current.applied_offset, current.as_of_ms):
+            if current is None or (balance.applied_offset, balance.as_of_ms) > (
+                current.applied_offset,
+                current.as_of_ms,
+            ):
                 newest[balance.tenant_id] = balance
         rows = [_account_parameters(tenant_id, balance, now_ms) for tenant_id, balance in newest.items()]
         # One statement (the raise and the delete atomic together), its own transaction: the rows'
         # locks are held only while the server runs it, taken in tenant order.
-        await self._execute_alone(_SETTLE, {
-            "now_ms": now_ms,
-            "tenant_ids": [row["tenant_id"] for row in rows],
-            "balances": [row["balance"] for row in rows],
-            "applied_offsets": [row["applied_offset"] for row in rows],
-            "as_of_ms": [row["as_of_ms"] for row in rows],
-            "expirings": [row["expiring"] for row in rows],
-            "request_ids": [settlement.request_id for settlement in settlements],
-        })
+        await self._execute_alone(
+            _SETTLE,
+            {
+                "now_ms": now_ms,
+                "tenant_ids": [row["tenant_id"] for row in rows],
+                "balances": [row["balance"] for row in rows],
+                "applied_offsets": [row["applied_offset"] for row in rows],
+                "as_of_ms": [row["as_of_ms"] for row in rows],
+                "expirings": [row["expiring"] for row in rows],
+                "request_ids": [settlement.request_id for settlement in settlements],
+            },
+        )
 
     async def snapshot(self, tenant_id: str, now_ms: int) -> tuple[int, int]:
         """(the owner row's balance spendable now, the tenant's open holds), read without locking."""
         async with self.engine.connect() as connection:
-            account = (await connection.execute(
-                text("SELECT balance, applied_offset, as_of_ms, expiring FROM admission_accounts WHERE tenant_id = :t"),
-                {"t": tenant_id},
-            )).one_or_none()
-            held = (await connection.execute(
-                text("SELECT COALESCE(SUM(amount), 0) FROM admission_holds WHERE tenant_id = :t AND expires_at_ms > :now"),
-                {"t": tenant_id, "now": now_ms},
-            )).scalar_one()
+            account = (
+                await connection.execute(
+                    text(
+                        "SELECT balance, applied_offset, as_of_ms, expiring FROM admission_accounts WHERE tenant_id = :t"  # noqa: E501
+                    ),
+                    {"t": tenant_id},
+                )
+            ).one_or_none()
+            held = (
+                await connection.execute(
+                    text(
+                        "SELECT COALESCE(SUM(amount), 0) FROM admission_holds WHERE tenant_id = :t AND expires_at_ms > :now"  # noqa: E501
+                    ),
+                    {"t": tenant_id, "now": now_ms},
+                )
+            ).scalar_one()
         spendable = _owner_balance(tenant_id, account).spendable_at(now_ms) if account is not None else 0
         return spendable, held
 

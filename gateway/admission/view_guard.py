@@ -35,7 +35,9 @@ async def require_fresh_view(view: LedgerView, settings: AdmissionSettings, now_
             await asyncio.wait_for(view.ready.wait(), settings.view_ready_wait_ms / 1000)
     staleness_ms = view.staleness_ms(now_ms)
     if staleness_ms is None:
-        raise BalanceViewNotReady("The gateway is still reading the credit balances; try again shortly.", headers=retry_after)
+        raise BalanceViewNotReady(
+            "The gateway is still reading the credit balances; try again shortly.", headers=retry_after
+        )
     if staleness_ms > settings.view_staleness_max_ms:
         raise BalanceViewStale(
             f"The gateway's credit balances are {staleness_ms} ms behind the ledger "
@@ -46,6 +48,6 @@ async def require_fresh_view(view: LedgerView, settings: AdmissionSettings, now_
 
 def too_many_holds(tenant_id: str, settings: AdmissionSettings) -> TooManyHolds:
     return TooManyHolds(
-        f"Too many requests in flight for this organization on this gateway (limit {settings.tenant_holds_max}).",
+        f"Too many requests in flight for this organization on this gateway (limit {settings.tenant_holds_max}).",  # noqa: E501
         headers={"retry-after": "1"},
     )

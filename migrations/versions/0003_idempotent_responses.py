@@ -31,7 +31,8 @@ def upgrade() -> None:
             "octet_length(request_sha256) = 32", name="ck_idempotent_responses_request_sha256_length"
         ),
         sa.CheckConstraint(
-            "(status_code IS NULL) = (response_body IS NULL)", name="ck_idempotent_responses_response_complete"
+            "(status_code IS NULL) = (response_body IS NULL)",
+            name="ck_idempotent_responses_response_complete",
         ),
     )
     op.create_index("ix_idempotent_responses_created_at_ms", "idempotent_responses", ["created_at_ms"])

@@ -31,7 +31,8 @@ DECLARE
 BEGIN
     -- The owner row, raised to the caller's view of the balance when that is newer. The upsert locks
     -- the row until the transaction ends: reservations of one tenant queue here, from every gateway.
-    INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, as_of_ms, expiring, updated_at_ms)
+INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, as_of_ms, expiring,
+    updated_at_ms)
     VALUES (p_tenant_id, p_balance, p_applied_offset, p_as_of_ms, p_expiring, p_now_ms)
     ON CONFLICT (tenant_id) DO UPDATE SET
         balance = CASE WHEN {NEWER} THEN excluded.balance ELSE account.balance END,

@@ -63,7 +63,9 @@ def requests_with_a_nul(route: APIRoute, ids: dict[str, str]):
     body = VALID_BODIES.get((method, route.path))
     if route.body_field is not None:
         assert body is not None, f"add a valid body for {method} {route.path} to VALID_BODIES"
-        assert set(body) == set(route.body_field.field_info.annotation.model_fields), f"VALID_BODIES of {route.path} is stale"
+        assert set(body) == set(route.body_field.field_info.annotation.model_fields), (
+            f"VALID_BODIES of {route.path} is stale"
+        )
     path_names = [param.name for param in route.dependant.path_params]
     header_names = [param.alias for param in route.dependant.header_params]
     headers = {name.title(): VALID_HEADERS[name.title()] for name in header_names}
@@ -138,7 +140,8 @@ async def test_entries_since_beyond_bigint_is_a_422_naming_since(client, tenant_
 
 
 @pytest.mark.parametrize(
-    "value", [ARABIC_INDIC_33, f"{FULLWIDTH_2024}-01-01T00:00:00Z", f"2024-01-01T00:00:00{ARABIC_INDIC_33[0]}Z"]
+    "value",
+    [ARABIC_INDIC_33, f"{FULLWIDTH_2024}-01-01T00:00:00Z", f"2024-01-01T00:00:00{ARABIC_INDIC_33[0]}Z"],
 )
 async def test_times_in_other_scripts_digits_are_refused(client, tenant_id, publisher, value):
     grant = await client.post(
@@ -174,7 +177,9 @@ async def unbounded_client(session_factory, publisher, clock):
         yield client
 
 
-async def test_a_grant_above_the_tenant_credit_max_is_refused_naming_amount(unbounded_client, tenant_id, publisher):
+async def test_a_grant_above_the_tenant_credit_max_is_refused_naming_amount(
+    unbounded_client, tenant_id, publisher
+):
     async def grant(amount, key):
         return await unbounded_client.post(
             f"/admin/v1/tenants/{tenant_id}/grants", json={"amount": amount}, headers={"Idempotency-Key": key}
@@ -188,7 +193,10 @@ async def test_a_grant_above_the_tenant_credit_max_is_refused_naming_amount(unbo
     assert (first.status_code, second.status_code, retry.status_code) == (201, 201, 201)
     assert over.status_code == 422, over.text
     assert over.json()["detail"]["field"] == "amount"
-    assert [event.grant_id for event in publisher.events] == [first.json()["grant_id"], second.json()["grant_id"]]
+    assert [event.grant_id for event in publisher.events] == [
+        first.json()["grant_id"],
+        second.json()["grant_id"],
+    ]
 
 
 async def test_twenty_concurrent_retries_of_one_grant_publish_one_event(client, tenant_id, publisher):
@@ -197,7 +205,9 @@ async def test_twenty_concurrent_retries_of_one_grant_publish_one_event(client, 
     responses = await asyncio.gather(
         *(
             client.post(
-                f"/admin/v1/tenants/{tenant_id}/grants", json={"amount": 7}, headers={"Idempotency-Key": "race"}
+                f"/admin/v1/tenants/{tenant_id}/grants",
+                json={"amount": 7},
+                headers={"Idempotency-Key": "race"},
             )
             for _ in range(20)
         )

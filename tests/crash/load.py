@@ -37,8 +37,11 @@ class Outcome:
 def stream_once(client: httpx.Client, base_url: str, key: str, max_tokens: int, prompt: str) -> Outcome:
     outcome = Outcome(request_id=None)
     body = {
-        "model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     usage = None
     try:
@@ -102,7 +105,9 @@ class Load:
             sent = 0
             while not self._stop.is_set():
                 base_url = self.base_urls[(number + sent) % len(self.base_urls)]
-                outcome = stream_once(client, base_url, self.key, self.max_tokens, f"Story {number}-{sent}: once")
+                outcome = stream_once(
+                    client, base_url, self.key, self.max_tokens, f"Story {number}-{sent}: once"
+                )
                 sent += 1
                 with self._lock:
                     self.outcomes.append(outcome)
@@ -117,7 +122,9 @@ class Load:
 def all_entries(admin: httpx.Client, tenant_id: str) -> list[dict]:
     entries, since = [], 0
     while True:
-        response = admin.get(f"/admin/v1/tenants/{tenant_id}/entries", params={"since": since, "limit": ENTRIES_PAGE})
+        response = admin.get(
+            f"/admin/v1/tenants/{tenant_id}/entries", params={"since": since, "limit": ENTRIES_PAGE}
+        )
         assert response.status_code == 200, response.text
         page = response.json()
         entries += page["entries"]
@@ -153,8 +160,10 @@ def check_ledger(admin: httpx.Client, tenant_id: str, granted: int, outcomes: li
     for outcome in complete:
         billed = by_request.get(outcome.request_id, [])
         served = [
-            e for e in billed
-            if (e["prompt_tokens"], e["completion_tokens"]) == (outcome.prompt_tokens, outcome.completion_tokens)
+            e
+            for e in billed
+            if (e["prompt_tokens"], e["completion_tokens"])
+            == (outcome.prompt_tokens, outcome.completion_tokens)
         ]
         if not served:
             unbilled.append(outcome.request_id)
@@ -163,22 +172,33 @@ def check_ledger(admin: httpx.Client, tenant_id: str, granted: int, outcomes: li
         expected = usage_amount(PRICE, outcome.prompt_tokens, outcome.completion_tokens)
         if entry["amount"] != expected:
             wrong.append((outcome.request_id, entry, expected))
-    assert not unbilled, f"{len(unbilled)} of {len(complete)} complete responses were never billed: {unbilled[:10]}"
+    assert not unbilled, (
+        f"{len(unbilled)} of {len(complete)} complete responses were never billed: {unbilled[:10]}"
+    )
     assert not wrong, f"complete responses billed with other tokens or amounts: {wrong[:5]}"
     phantom = set(by_request) - sent
     # A response whose head never reached the client (the gateway died first) has no x-request-id here.
     headless = sum(1 for outcome in outcomes if outcome.request_id is None)
-    assert len(phantom) <= headless, f"usage billed for {len(phantom)} requests never seen by a client: {sorted(phantom)[:10]}"
+    assert len(phantom) <= headless, (
+        f"usage billed for {len(phantom)} requests never seen by a client: {sorted(phantom)[:10]}"
+    )
 
     billed = sum(entry["amount"] for entry in usage)
     overage = sum(entry.get("overage", 0) for entry in usage)
     balance = admin.get(f"/admin/v1/tenants/{tenant_id}/balance").json()["balance"]
     assert overage == 0, f"{overage} credits billed as overage with ample credit"
     assert balance == granted - billed, f"balance {balance} != granted {granted} - billed {billed}"
-    return {"complete": len(complete), "requests": len(outcomes), "billed": billed, "usage_entries": len(usage)}
+    return {
+        "complete": len(complete),
+        "requests": len(outcomes),
+        "billed": billed,
+        "usage_entries": len(usage),
+    }
 
 
-def wait_ledger_settled(admin: httpx.Client, tenant_id: str, granted: int, outcomes: list[Outcome], timeout_s: float) -> dict:
+def wait_ledger_settled(
+    admin: httpx.Client, tenant_id: str, granted: int, outcomes: list[Outcome], timeout_s: float
+) -> dict:
     """Until the projection holds every complete response and the balance agrees (the fold and the
     projector catch up after restarts); the last failure when it never does."""
     deadline = time.monotonic() + timeout_s

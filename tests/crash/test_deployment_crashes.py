@@ -83,18 +83,33 @@ def deployment(kafka_broker, database_url, topic_prefix, tmp_path):
     deployment = Deployment(settings, common, tmp_path)
     try:
         for number in (1, 2):
-            deployment.launch(f"processor-{number}", "streams.batch_processor", TOLLGATE_PROCESSOR_APP_ID=topic_prefix + "ledger")
-        deployment.launch("projector", "streams.projector", TOLLGATE_PROJECTOR_NAME=topic_prefix + "projector")
+            deployment.launch(
+                f"processor-{number}",
+                "streams.batch_processor",
+                TOLLGATE_PROCESSOR_APP_ID=topic_prefix + "ledger",
+            )
+        deployment.launch(
+            "projector", "streams.projector", TOLLGATE_PROJECTOR_NAME=topic_prefix + "projector"
+        )
         for number, port in enumerate(worker_ports, start=1):
             name = f"worker-{number}"
-            deployment.launch(name, "inference.worker", TOLLGATE_WORKER_PORT=str(port),
-                              TOLLGATE_WORKER_ENGINE__DEVICE="cpu", TOLLGATE_WORKER_ENGINE__TORCH_THREADS="1")
+            deployment.launch(
+                name,
+                "inference.worker",
+                TOLLGATE_WORKER_PORT=str(port),
+                TOLLGATE_WORKER_ENGINE__DEVICE="cpu",
+                TOLLGATE_WORKER_ENGINE__TORCH_THREADS="1",
+            )
             deployment.urls[name] = f"http://127.0.0.1:{port}"
         worker_urls = "[" + ",".join(f'"http://127.0.0.1:{port}"' for port in worker_ports) + "]"
         for number in (1, 2):
             port = free_port()
-            deployment.launch(f"gateway-{number}", "gateway", TOLLGATE_GATEWAY_PORT=str(port),
-                              TOLLGATE_GATEWAY_WORKER_URLS=worker_urls)
+            deployment.launch(
+                f"gateway-{number}",
+                "gateway",
+                TOLLGATE_GATEWAY_PORT=str(port),
+                TOLLGATE_GATEWAY_WORKER_URLS=worker_urls,
+            )
             deployment.urls[f"gateway-{number}"] = f"http://127.0.0.1:{port}"
         for name in deployment.processes:
             deployment.wait_ready(name)
@@ -111,14 +126,20 @@ def test_kill_9_of_each_component_under_load_bills_every_complete_response_once(
     rng = random.Random(SEED)
     gateway_urls = deployment.gateway_urls()
     admin = httpx.Client(
-        base_url=gateway_urls[0], headers={"Authorization": f"Bearer {deployment.common['TOLLGATE_ADMIN_TOKEN']}"},
+        base_url=gateway_urls[0],
+        headers={"Authorization": f"Bearer {deployment.common['TOLLGATE_ADMIN_TOKEN']}"},
         timeout=30,
     )
     with admin:
-        tenant_id = admin.post("/admin/v1/tenants", json={"name": "crash", "tier": "enterprise"}).json()["tenant_id"]
+        tenant_id = admin.post("/admin/v1/tenants", json={"name": "crash", "tier": "enterprise"}).json()[
+            "tenant_id"
+        ]
         key = admin.post(f"/admin/v1/tenants/{tenant_id}/keys").json()["key"]
-        granted = admin.post(f"/admin/v1/tenants/{tenant_id}/grants", json={"amount": GRANT},
-                             headers={"Idempotency-Key": "crash-grant"})
+        granted = admin.post(
+            f"/admin/v1/tenants/{tenant_id}/grants",
+            json={"amount": GRANT},
+            headers={"Idempotency-Key": "crash-grant"},
+        )
         assert granted.status_code == 201, granted.text
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while tenant_id not in asyncio.run(live_balances(deployment.settings)):
@@ -138,12 +159,16 @@ def test_kill_9_of_each_component_under_load_bills_every_complete_response_once(
                 deployment.wait_ready(victim)
                 served = load.complete_count()
                 time.sleep(LOAD_AFTER_RESTART_S)
-                assert load.complete_count() > served, f"nothing served after {victim} restarted (seed {SEED})"
+                assert load.complete_count() > served, (
+                    f"nothing served after {victim} restarted (seed {SEED})"
+                )
         outcomes = load.outcomes
 
         figures = wait_ledger_settled(admin, tenant_id, GRANT, outcomes, SETTLE_TIMEOUT_S)
         billed = figures["billed"]
         live = asyncio.run(live_balances(deployment.settings))
         assert live[tenant_id].balance == GRANT - billed, "ledger.balances agrees with the projection"
-        assert compare(asyncio.run(replay(deployment.settings)), live) == [], "a replay of ledger.events agrees"
+        assert compare(asyncio.run(replay(deployment.settings)), live) == [], (
+            "a replay of ledger.events agrees"
+        )
         print(f"seed {SEED}: {figures}")

@@ -53,7 +53,9 @@ def test_kill_9_of_tollgate_dev_under_load_bills_every_complete_response_once(tm
             if process.poll() is None:
                 process.kill()
         errors = [o.error for o in load.outcomes if o.error][:5]
-        assert any(o.complete for o in load.outcomes), f"round {round_number} served nothing (seed {SEED}): {errors}"
+        assert any(o.complete for o in load.outcomes), (
+            f"round {round_number} served nothing (seed {SEED}): {errors}"
+        )
 
     started = time.time()
     process = start_dev(data_dir, port, worker_port, log_path)
@@ -61,10 +63,13 @@ def test_kill_9_of_tollgate_dev_under_load_bills_every_complete_response_once(tm
         demo = wait_for_demo(process, data_dir / "demo.json", log_path, started - 1)
         admin = httpx.Client(
             base_url=demo["base_url"].removesuffix("/v1"),
-            headers={"Authorization": f"Bearer {demo['admin_token']}"}, timeout=30,
+            headers={"Authorization": f"Bearer {demo['admin_token']}"},
+            timeout=30,
         )
         with admin:
-            figures = wait_ledger_settled(admin, demo["tenant_id"], demo_granted(admin, demo), outcomes, SETTLE_TIMEOUT_S)
+            figures = wait_ledger_settled(
+                admin, demo["tenant_id"], demo_granted(admin, demo), outcomes, SETTLE_TIMEOUT_S
+            )
         print(f"seed {SEED}: {figures}")
     finally:
         assert stop(process) == 0, log_path.read_text()[-4000:]

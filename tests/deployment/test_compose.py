@@ -56,7 +56,9 @@ def test_workers_accept_only_the_gateways_and_are_not_published(compose):
         assert token.startswith("${TOLLGATE_INTERNAL_TOKEN:?"), f"{name}: the shared secret is required"
     assert "ports" not in services["worker"], "a worker is reachable on the compose network only"
     for name in TOLLGATE_SERVICES - {"gateway", "worker"}:
-        assert "TOLLGATE_INTERNAL_TOKEN" not in services[name]["environment"], f"{name} does not need the secret"
+        assert "TOLLGATE_INTERNAL_TOKEN" not in services[name]["environment"], (
+            f"{name} does not need the secret"
+        )
 
 
 def test_compose_config_validates():
@@ -114,7 +116,9 @@ def test_the_gateway_passes_the_production_check_with_the_compose_environment(co
     environment = gateway_environment(compose, COMPOSE_TOKENS)
     assert environment["TOLLGATE_ENVIRONMENT"] == "production"
     checked = run_with(
-        environment, "-c", "from gateway.settings import GatewaySettings; print(GatewaySettings().environment)"
+        environment,
+        "-c",
+        "from gateway.settings import GatewaySettings; print(GatewaySettings().environment)",
     )
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.strip() == "production"

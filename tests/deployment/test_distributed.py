@@ -52,15 +52,23 @@ def cluster(kafka_broker, database_url, topic_prefix, tmp_path):
 
     try:
         for number in (1, 2):
-            launch(f"processor-{number}", "streams.batch_processor", TOLLGATE_PROCESSOR_APP_ID=topic_prefix + "ledger")
+            launch(
+                f"processor-{number}",
+                "streams.batch_processor",
+                TOLLGATE_PROCESSOR_APP_ID=topic_prefix + "ledger",
+            )
         launch("projector", "streams.projector", TOLLGATE_PROJECTOR_NAME=topic_prefix + "projector")
         worker_port = free_port()
         worker = launch("worker", "inference.worker", TOLLGATE_WORKER_PORT=str(worker_port))
         gateway_urls = []
         for number in (1, 2):
             port = free_port()
-            launch(f"gateway-{number}", "gateway", TOLLGATE_GATEWAY_PORT=str(port),
-                   TOLLGATE_GATEWAY_WORKER_URLS=f'["http://127.0.0.1:{worker_port}"]')
+            launch(
+                f"gateway-{number}",
+                "gateway",
+                TOLLGATE_GATEWAY_PORT=str(port),
+                TOLLGATE_GATEWAY_WORKER_URLS=f'["http://127.0.0.1:{worker_port}"]',
+            )
             gateway_urls.append(f"http://127.0.0.1:{port}")
         wait_http_ok(f"http://127.0.0.1:{worker_port}/health", worker, READY_TIMEOUT_S)
         for number, url in enumerate(gateway_urls, start=1):
@@ -75,21 +83,32 @@ def cluster(kafka_broker, database_url, topic_prefix, tmp_path):
 
 def test_traffic_through_two_gateways_survives_a_processor_stopping(cluster):
     settings, gateway_urls, admin_token, processes = cluster
-    admin = httpx.Client(base_url=gateway_urls[0], headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
+    admin = httpx.Client(
+        base_url=gateway_urls[0], headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
+    )
     tenants = []
     for number in range(TENANTS):
-        tenant = admin.post("/admin/v1/tenants", json={"name": f"tenant-{number}", "tier": "enterprise"}).json()
+        tenant = admin.post(
+            "/admin/v1/tenants", json={"name": f"tenant-{number}", "tier": "enterprise"}
+        ).json()
         key = admin.post(f"/admin/v1/tenants/{tenant['tenant_id']}/keys").json()["key"]
-        granted = admin.post(f"/admin/v1/tenants/{tenant['tenant_id']}/grants", json={"amount": GRANT},
-                             headers={"Idempotency-Key": f"grant-{number}"})
+        granted = admin.post(
+            f"/admin/v1/tenants/{tenant['tenant_id']}/grants",
+            json={"amount": GRANT},
+            headers={"Idempotency-Key": f"grant-{number}"},
+        )
         assert granted.status_code == 201, granted.text
         tenants.append((tenant["tenant_id"], key))
 
     # the balance views must know the grants before the first request is admitted
-    wait_until(lambda: all(tenant in asyncio.run(live_balances(settings)) for tenant, _ in tenants), "grants folded")
+    wait_until(
+        lambda: all(tenant in asyncio.run(live_balances(settings)) for tenant, _ in tenants), "grants folded"
+    )
 
     price = WorkerSettings().models[MODEL].price
-    jobs = [(tenant, key, gateway_urls[n % 2], n) for tenant, key in tenants for n in range(REQUESTS_PER_TENANT)]
+    jobs = [
+        (tenant, key, gateway_urls[n % 2], n) for tenant, key in tenants for n in range(REQUESTS_PER_TENANT)
+    ]
 
     def call(job) -> tuple[str, int]:
         tenant, key, base_url, n = job
@@ -115,7 +134,8 @@ def test_traffic_through_two_gateways_survives_a_processor_stopping(cluster):
 
     def projected() -> bool:  # the admin API answers from the Postgres projection
         return all(
-            admin.get(f"/admin/v1/tenants/{tenant}/balance").json()["balance"] == GRANT - spent[tenant] for tenant in spent
+            admin.get(f"/admin/v1/tenants/{tenant}/balance").json()["balance"] == GRANT - spent[tenant]
+            for tenant in spent
         )
 
     wait_until(projected, "the projection agrees")

@@ -70,8 +70,12 @@ def fuzz_operation(operation, mode: GenerationMode, demo: dict) -> str | None:
     """Run one operation's examples in one generation mode; the first failure, described, or None."""
 
     @settings(
-        max_examples=FUZZ_EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
-        suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
+        max_examples=FUZZ_EXAMPLES_PER_OPERATION,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
     )
     @given(case=operation.as_strategy(generation_mode=mode))
     def examples(case) -> None:
@@ -107,7 +111,9 @@ def summary(error: BaseException) -> str:
 def test_no_server_error_and_every_response_matches_the_document(gateway_schema, dev_stack):
     operations = [result.ok() for result in gateway_schema.get_all_operations()]
     labels = {operation.label for operation in operations}
-    assert {"POST /v1/chat/completions", "POST /v1/completions"} <= labels, "the completion routes are documented"
+    assert {"POST /v1/chat/completions", "POST /v1/completions"} <= labels, (
+        "the completion routes are documented"
+    )
     failures = [
         failure
         for operation in operations

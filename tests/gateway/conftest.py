@@ -43,7 +43,13 @@ class RecordingAdmission:
         if self.refuse_with is not None:
             raise self.refuse_with
         self.admitted.append(request)
-        return Reservation(request.request_id, request.tenant_id, request.estimated_cost, 0, {"x-ratelimit-limit-requests": "100"})
+        return Reservation(
+            request.request_id,
+            request.tenant_id,
+            request.estimated_cost,
+            0,
+            {"x-ratelimit-limit-requests": "100"},
+        )
 
     async def finish(self, reservation: Reservation, actual_cost: int) -> None:
         self.finished.append((reservation.request_id, actual_cost))
@@ -81,7 +87,9 @@ def start_worker(engine: EngineSettings) -> RunningWorker:
         usage.append(event)
 
     async def build():
-        return create_worker_app(WorkerSettings(engine=engine), emit_usage=emit, internal_token=INTERNAL_TOKEN)
+        return create_worker_app(
+            WorkerSettings(engine=engine), emit_usage=emit, internal_token=INTERNAL_TOKEN
+        )
 
     return RunningWorker(ThreadServer(build).start(), usage)
 
@@ -124,7 +132,13 @@ def worker() -> Iterator[RunningWorker]:
 def tiny_queue_worker() -> Iterator[RunningWorker]:
     """One running sequence and one waiting: the third concurrent request finds the queue full."""
     running = start_worker(
-        EngineSettings(device="cpu", running_sequences_max=1, waiting_queue_depth_max=1, step_tokens_max=256, prefill_chunk_tokens_max=256)
+        EngineSettings(
+            device="cpu",
+            running_sequences_max=1,
+            waiting_queue_depth_max=1,
+            step_tokens_max=256,
+            prefill_chunk_tokens_max=256,
+        )
     )
     yield running
     running.server.stop()
@@ -141,11 +155,11 @@ def insert_tenant_with_key(database_url: str, tenant_id: str, tier: str = "pro")
     generated = generate_api_key()
     with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute(
-            "INSERT INTO tenants (tenant_id, name, tier, created_at_ms) VALUES (%s, %s, %s, 0) ON CONFLICT DO NOTHING",
+            "INSERT INTO tenants (tenant_id, name, tier, created_at_ms) VALUES (%s, %s, %s, 0) ON CONFLICT DO NOTHING",  # noqa: E501
             (tenant_id, tenant_id, tier),
         )
         connection.execute(
-            "INSERT INTO api_keys (key_id, tenant_id, prefix, secret_sha256, created_at_ms) VALUES (%s, %s, %s, %s, 0)",
+            "INSERT INTO api_keys (key_id, tenant_id, prefix, secret_sha256, created_at_ms) VALUES (%s, %s, %s, %s, 0)",  # noqa: E501
             (generated.key_id, tenant_id, generated.prefix, generated.secret_sha256),
         )
     return TenantKey(tenant_id, generated.presented, generated.key_id)
@@ -165,7 +179,9 @@ class RecordingLog:
         yield []
 
     async def publish(self, event) -> None:
-        assert isinstance(event, UsageRecorded), f"only usage is published in the gateway tests, not {event!r}"
+        assert isinstance(event, UsageRecorded), (
+            f"only usage is published in the gateway tests, not {event!r}"
+        )
         self.published.append(event)
 
     def usage_of(self, event_id: str, timeout_s: float = 10) -> UsageRecorded:
@@ -191,7 +207,10 @@ class RunningGateway:
 
 
 def start_gateway(
-    database_url: str, settings: GatewaySettings, admission: RecordingAdmission, internal_token: str = INTERNAL_TOKEN
+    database_url: str,
+    settings: GatewaySettings,
+    admission: RecordingAdmission,
+    internal_token: str = INTERNAL_TOKEN,
 ) -> RunningGateway:
     log = RecordingLog()
 

@@ -127,7 +127,13 @@ class FakeWorker:
 
     @staticmethod
     async def _json(send, status: int, payload: dict) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
 
     async def _stream(self, body: dict, stream: FakeStream, receive, send) -> None:
@@ -140,7 +146,13 @@ class FakeWorker:
             left.set()
 
         watcher = asyncio.ensure_future(watch())
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/x-ndjson")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
+        )
         sent = 0
         try:
             for index in range(stream.tokens):
@@ -158,7 +170,13 @@ class FakeWorker:
                 raise FakeWorkerDied(attempt_id)  # uvicorn drops the connection mid-body
             counts = {"prompt_tokens": count_tokens(body["prompt"]), "completion_tokens": sent}
             if stream.ending == "error":
-                last = {"type": "error", "error": stream.error, "message": "scripted", "retryable": False, **counts}
+                last = {
+                    "type": "error",
+                    "error": stream.error,
+                    "message": "scripted",
+                    "retryable": False,
+                    **counts,
+                }
             else:
                 last = {"type": "done", "finish_reason": "length", **counts}
             await send({"type": "http.response.body", "body": _line(last), "more_body": False})

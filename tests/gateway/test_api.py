@@ -47,7 +47,9 @@ def client(gateway, tenant) -> openai.AsyncOpenAI:
 
 @pytest.fixture
 def http(gateway, tenant):
-    return httpx.AsyncClient(base_url=gateway.url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=30)
+    return httpx.AsyncClient(
+        base_url=gateway.url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=30
+    )
 
 
 async def test_chat_completion_bills_the_workers_token_counts(client, gateway, worker):
@@ -61,7 +63,10 @@ async def test_chat_completion_bills_the_workers_token_counts(client, gateway, w
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].finish_reason in ("stop", "length")
     usage = worker.usage_of(request_id)
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
     assert 1 <= usage.completion_tokens <= 12
     assert (request_id, usage.amount) in gateway.admission.finished
     assert usage.amount == usage_amount(PRICE, usage.prompt_tokens, usage.completion_tokens)
@@ -81,19 +86,26 @@ async def test_streaming_chat_with_include_usage(client, worker):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
     assert len({chunk.id for chunk in chunks}) == 1
-    finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    finish = [
+        chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason
+    ]
     assert len(finish) == 1 and finish[0] in ("stop", "length")
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
     assert all(chunk.usage is None for chunk in chunks[:-1])
     usage = worker.usage_of(chunks[0].id.removeprefix("chatcmpl-"))
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
     assert last.usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
 async def test_text_completion_streams_and_ends_with_done(http):
     async with http.stream(
-        "POST", "/v1/completions", json={"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "stream": True}
+        "POST",
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "stream": True},
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -161,7 +173,11 @@ async def test_body_too_large_and_unknown_model(http, gateway):
     ("rejection", "error_type", "retry"),
     [
         (CreditExhausted("credit balance exhausted"), "insufficient_quota", "false"),
-        (RateLimited("requests per minute exceeded", headers={"Retry-After": "2"}), "rate_limit_exceeded", None),
+        (
+            RateLimited("requests per minute exceeded", headers={"Retry-After": "2"}),
+            "rate_limit_exceeded",
+            None,
+        ),
     ],
 )
 async def test_admission_rejections_are_openai_429s(client, gateway, rejection, error_type, retry):
@@ -183,7 +199,14 @@ async def test_client_disconnect_cancels_and_bills_tokens_produced(http, gateway
     async with http.stream(
         "POST",
         "/v1/completions",
-        json={"model": MODEL, "prompt": "The", "max_tokens": max_tokens, "stream": True, "temperature": 1, "seed": 7},
+        json={
+            "model": MODEL,
+            "prompt": "The",
+            "max_tokens": max_tokens,
+            "stream": True,
+            "temperature": 1,
+            "seed": 7,
+        },
     ) as response:
         assert response.status_code == 200, await response.aread()
         request_id = response.headers["x-request-id"]
@@ -209,7 +232,9 @@ async def test_idempotent_repeat_returns_the_stored_response_and_runs_once(http,
     body = {"model": MODEL, "prompt": "Say it once", "max_tokens": 6}
     first = await http.post("/v1/completions", json=body, headers={"Idempotency-Key": "once-1"})
     second = await http.post("/v1/completions", json=body, headers={"Idempotency-Key": "once-1"})
-    other_body = await http.post("/v1/completions", json={**body, "max_tokens": 7}, headers={"Idempotency-Key": "once-1"})
+    other_body = await http.post(
+        "/v1/completions", json={**body, "max_tokens": 7}, headers={"Idempotency-Key": "once-1"}
+    )
     assert (first.status_code, second.status_code) == (200, 200)
     assert second.content == first.content
     assert second.headers["idempotent-replayed"] == "true"
@@ -236,13 +261,17 @@ async def test_a_dead_worker_is_skipped_before_the_first_token(worker, module_da
 
 
 async def test_full_worker_queues_answer_503_at_once(tiny_queue_worker, module_database_url, tenant):
-    running = start_gateway(module_database_url, gateway_settings([tiny_queue_worker.url]), RecordingAdmission())
+    running = start_gateway(
+        module_database_url, gateway_settings([tiny_queue_worker.url]), RecordingAdmission()
+    )
     try:
         async with httpx.AsyncClient(
             base_url=running.url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=60
         ) as http_client:
             body = {"model": MODEL, "prompt": "Long story:", "max_tokens": 250, "temperature": 1, "seed": 3}
-            responses = await asyncio.gather(*(http_client.post("/v1/completions", json=body) for _ in range(6)))
+            responses = await asyncio.gather(
+                *(http_client.post("/v1/completions", json=body) for _ in range(6))
+            )
         statuses = sorted(response.status_code for response in responses)
         assert 200 in statuses and 503 in statuses, statuses
         refused = next(response for response in responses if response.status_code == 503)
@@ -255,8 +284,12 @@ async def test_full_worker_queues_answer_503_at_once(tiny_queue_worker, module_d
 
 async def test_chat_logprobs_through_the_openai_client(client, worker):
     completion = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0,
-        logprobs=True, top_logprobs=3,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
     )
     content = completion.choices[0].logprobs.content
     assert len(content) == completion.usage.completion_tokens
@@ -270,8 +303,14 @@ async def test_chat_logprobs_through_the_openai_client(client, worker):
 
 async def test_streamed_chat_logprobs_come_with_each_token(client):
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Count"}], max_tokens=5, temperature=0,
-        logprobs=True, top_logprobs=2, stream=True, stream_options={"include_usage": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
     with_logprobs = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].logprobs is not None]
@@ -280,7 +319,9 @@ async def test_streamed_chat_logprobs_come_with_each_token(client):
 
 
 async def test_completion_logprobs_in_the_legacy_shape(client):
-    completion = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, temperature=0, logprobs=2)
+    completion = await client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=5, temperature=0, logprobs=2
+    )
     logprobs = completion.choices[0].logprobs
     tokens = completion.usage.completion_tokens
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == tokens
@@ -291,9 +332,16 @@ async def test_completion_logprobs_in_the_legacy_shape(client):
 async def test_logit_bias_steers_the_choice(client):
     forced = 464  # any id of the vocabulary: +100 makes it the greedy choice every step
     completion = await client.completions.create(
-        model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, logprobs=0, logit_bias={str(forced): 100}
+        model=MODEL,
+        prompt="Once upon",
+        max_tokens=4,
+        temperature=0,
+        logprobs=0,
+        logit_bias={str(forced): 100},
     )
-    plain = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, logprobs=0)
+    plain = await client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, logprobs=0
+    )
     assert len(set(completion.choices[0].logprobs.tokens)) == 1
     assert completion.choices[0].logprobs.tokens != plain.choices[0].logprobs.tokens
 
@@ -310,7 +358,9 @@ async def test_logit_bias_steers_the_choice(client):
         ("/v1/completions", {"logit_bias": {"not-a-token": 3}}, "logit_bias"),
     ],
 )
-async def test_unsupported_parameters_are_a_400_naming_them_and_nothing_runs(http, gateway, path, body, param):
+async def test_unsupported_parameters_are_a_400_naming_them_and_nothing_runs(
+    http, gateway, path, body, param
+):
     base = {"model": MODEL, "max_tokens": 3}
     base.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
     admitted = len(gateway.admission.admitted)

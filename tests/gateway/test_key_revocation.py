@@ -111,7 +111,9 @@ async def test_revoke_announces_on_tenant_keys_keyed_by_key_id(admin, event_log)
     ]
     expected = ApiKeyRevoked(key_id=key_id, tenant_id=tenant_id, revoked_at=first.json()["revoked_at"])
     assert again.json() == first.json()
-    assert [(record.key, record.value) for record in records] == [(key_id.encode(), encode_revocation(expected))] * 2
+    assert [(record.key, record.value) for record in records] == [
+        (key_id.encode(), encode_revocation(expected))
+    ] * 2
 
 
 async def test_a_lookup_in_flight_during_a_revocation_is_not_cached(admin, session_factory):

@@ -96,7 +96,9 @@ async def test_a_cancel_from_outside_still_ends_the_stream_and_propagates():
         ended.append(True)
 
     client = Client()
-    serving = asyncio.ensure_future(SseResponse(chunks(), on_end, {})({"type": "http"}, client.receive, client.send))
+    serving = asyncio.ensure_future(
+        SseResponse(chunks(), on_end, {})({"type": "http"}, client.receive, client.send)
+    )
     await asyncio.sleep(0.01)
     serving.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -116,7 +118,9 @@ def receiver(*messages: dict):
 async def test_read_body_joins_parts_and_refuses_what_is_too_long_or_abandoned():
     headers = RequestHeaders([(b"content-length", b"6"), (b"authorization", b"Bearer k")])
     assert headers.authorization == "Bearer k" and headers.idempotency_key is None
-    parts = receiver({"type": "http.request", "body": b"abc", "more_body": True}, {"type": "http.request", "body": b"def"})
+    parts = receiver(
+        {"type": "http.request", "body": b"abc", "more_body": True}, {"type": "http.request", "body": b"def"}
+    )
     assert await read_body(parts, headers, 1024) == b"abcdef"
     with pytest.raises(ApiError) as declared_too_long:
         await read_body(receiver(), RequestHeaders([(b"content-length", b"2000")]), 1024)

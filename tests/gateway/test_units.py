@@ -75,13 +75,23 @@ def data_of(line: bytes) -> dict:
 
 def test_chat_chunks_in_openai_order_with_usage():
     writer = ChunkWriter(chat=True, response_id="chatcmpl-1", created_s=7, model="m", include_usage=True)
-    role, token, finish, usage = writer.role(), writer.token('he said "hi"\n'), writer.finish("length"), writer.usage(3, 2)
+    role, token, finish, usage = (
+        writer.role(),
+        writer.token('he said "hi"\n'),
+        writer.finish("length"),
+        writer.usage(3, 2),
+    )
     assert data_of(role)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     token_chunk = data_of(token)
     assert token_chunk["choices"][0]["delta"] == {"content": 'he said "hi"\n'}
     assert token_chunk["object"] == "chat.completion.chunk" and token_chunk["usage"] is None
     assert token_chunk["id"] == "chatcmpl-1" and token_chunk["created"] == 7
-    assert data_of(finish)["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert data_of(finish)["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
     assert data_of(usage)["choices"] == []
     assert data_of(usage)["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert DONE_LINE == b"data: [DONE]\n\n"
@@ -105,7 +115,10 @@ def settings(tmp_path_factory) -> GatewaySettings:
 
 
 def test_prepare_chat_counts_the_rendered_prompt_and_adds_the_turn_stop(settings):
-    body = parse_body(ChatCompletionBody, b'{"model": "tollgate-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "x"}')
+    body = parse_body(
+        ChatCompletionBody,
+        b'{"model": "tollgate-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "x"}',
+    )
     prepared = prepare(body, settings)
     assert prepared.chat and prepared.stop == ("x", CHAT_STOP)
     assert prepared.prompt_tokens == count_tokens(prepared.prompt)
@@ -146,7 +159,12 @@ def test_json_log_lines_carry_the_request_tenant_and_model():
         for variable, token in zip((request_id_var, tenant_id_var, model_var), tokens, strict=True):
             variable.reset(token)
     assert line["message"] == "finished ok" and line["level"] == "INFO"
-    assert (line["request_id"], line["tenant_id"], line["model"], line["cost"]) == ("req-1", "acme", "tollgate-tiny", 12)
+    assert (line["request_id"], line["tenant_id"], line["model"], line["cost"]) == (
+        "req-1",
+        "acme",
+        "tollgate-tiny",
+        12,
+    )
 
 
 CHAT = {"model": "tollgate-tiny", "messages": [{"role": "user", "content": "hi"}]}
@@ -163,7 +181,11 @@ def prepared_of(model, fields: dict):
         (ChatCompletionBody, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (ChatCompletionBody, {**CHAT, "functions": [{"name": "f"}]}, "functions"),
         (ChatCompletionBody, {**CHAT, "tool_choice": "auto"}, "tool_choice"),
-        (ChatCompletionBody, {**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        (
+            ChatCompletionBody,
+            {**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+        ),
         (ChatCompletionBody, {**CHAT, "function_call": "auto"}, "function_call"),
         (ChatCompletionBody, {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
         (ChatCompletionBody, {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
@@ -195,8 +217,14 @@ def test_what_is_not_served_is_a_400_naming_the_param(model, fields, param):
 @pytest.mark.parametrize(
     ("model", "fields"),
     [
-        (ChatCompletionBody, {**CHAT, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}}),
-        (ChatCompletionBody, {**CHAT, "modalities": ["text"], "user": "u-1", "store": False, "metadata": {"a": "b"}}),
+        (
+            ChatCompletionBody,
+            {**CHAT, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}},
+        ),
+        (
+            ChatCompletionBody,
+            {**CHAT, "modalities": ["text"], "user": "u-1", "store": False, "metadata": {"a": "b"}},
+        ),
         (CompletionBody, {**TEXT, "best_of": 1, "suffix": "", "seed": 2**64 - 1}),
         (CompletionBody, {**TEXT, "seed": -(2**63)}),
     ],
@@ -208,8 +236,14 @@ def test_values_that_ask_for_nothing_unsupported_are_accepted(model, fields):
 def test_served_sampling_parameters_reach_the_prepared_request():
     chat = prepared_of(
         ChatCompletionBody,
-        {**CHAT, "logprobs": True, "top_logprobs": 4, "logit_bias": {"17": -100, "42": 5.5},
-         "presence_penalty": 0.5, "frequency_penalty": -1.5},
+        {
+            **CHAT,
+            "logprobs": True,
+            "top_logprobs": 4,
+            "logit_bias": {"17": -100, "42": 5.5},
+            "presence_penalty": 0.5,
+            "frequency_penalty": -1.5,
+        },
     )
     assert (chat.logprobs, chat.top_logprobs) == (True, 4)
     assert chat.logit_bias == {17: -100.0, 42: 5.5}
@@ -220,14 +254,21 @@ def test_served_sampling_parameters_reach_the_prepared_request():
     assert (plain.logprobs, plain.top_logprobs, plain.presence_penalty) == (False, 0, 0.0)
 
 
-def token_event(text: str, token_id: int, logprob: float, alternatives: list[tuple[str, float]]) -> TokenEvent:
+def token_event(
+    text: str, token_id: int, logprob: float, alternatives: list[tuple[str, float]]
+) -> TokenEvent:
     def entry(token: str, value: float) -> LogprobEntry:
         return LogprobEntry(token_id=token_id, token=token, bytes=list(token.encode()), logprob=value)
 
-    return TokenEvent(text, token_id, entry(text, logprob), [entry(token, value) for token, value in alternatives])
+    return TokenEvent(
+        text, token_id, entry(text, logprob), [entry(token, value) for token, value in alternatives]
+    )
 
 
-EVENTS = [token_event(" Hel", 1, -0.25, [(" Hel", -0.25), (" Hi", -1.5)]), token_event("lo", 2, float("-inf"), [])]
+EVENTS = [
+    token_event(" Hel", 1, -0.25, [(" Hel", -0.25), (" Hi", -1.5)]),
+    token_event("lo", 2, float("-inf"), []),
+]
 
 
 def test_chat_logprobs_in_openai_shape_parse_with_the_openai_types():

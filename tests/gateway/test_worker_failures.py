@@ -43,7 +43,9 @@ def gateway_over(module_database_url, tenant):
 
     def start(*workers, **overrides):
         gateway = start_gateway(
-            module_database_url, gateway_settings([worker.url for worker in workers], **overrides), RecordingAdmission()
+            module_database_url,
+            gateway_settings([worker.url for worker in workers], **overrides),
+            RecordingAdmission(),
         )
         running.append(gateway)
         return gateway
@@ -69,7 +71,9 @@ def fakes():
 
 
 def client_of(gateway, tenant) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=gateway.url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=30)
+    return httpx.AsyncClient(
+        base_url=gateway.url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=30
+    )
 
 
 def wait_settled(admission: RecordingAdmission, request_id: str, timeout_s: float = 10) -> None:
@@ -80,7 +84,9 @@ def wait_settled(admission: RecordingAdmission, request_id: str, timeout_s: floa
 
 
 @pytest.mark.parametrize("stream", [True, False])
-async def test_a_worker_dying_mid_stream_is_billed_by_the_gateway_for_what_was_relayed(fakes, gateway_over, tenant, stream):
+async def test_a_worker_dying_mid_stream_is_billed_by_the_gateway_for_what_was_relayed(
+    fakes, gateway_over, tenant, stream
+):
     [worker] = fakes(1, lambda _body: FakeStream(tokens=3, ending="die"))
     gateway = gateway_over(worker)
     before_ms = time.time_ns() // 1_000_000
@@ -110,7 +116,9 @@ async def test_a_finished_stream_publishes_nothing_from_the_gateway(fakes, gatew
     [worker] = fakes(1, lambda _body: FakeStream(tokens=3))
     gateway = gateway_over(worker)
     async with client_of(gateway, tenant) as http:
-        response = await http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5})
+        response = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5}
+        )
     assert response.status_code == 200 and response.json()["choices"][0]["text"] == " t0 t1 t2"
     assert worker.fake.calls[0].authorization == f"Bearer {worker.fake.internal_token}"
     assert gateway.log.published == [], "the worker bills a stream that ended with its done line"
@@ -122,7 +130,12 @@ async def test_usage_the_worker_could_not_record_is_published_by_the_gateway(fak
     async with client_of(gateway, tenant) as http:
         response = await http.post(
             "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True},
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 5,
+                "stream": True,
+            },
         )
     assert response.status_code == 200
     usage = gateway.log.usage_of(response.headers["x-request-id"])
@@ -130,11 +143,15 @@ async def test_usage_the_worker_could_not_record_is_published_by_the_gateway(fak
 
 
 @pytest.mark.parametrize(("error", "status"), [("request_failed", 500), ("engine_failed", 502)])
-async def test_a_request_that_failed_on_its_worker_is_not_retried_on_another(fakes, gateway_over, tenant, error, status):
+async def test_a_request_that_failed_on_its_worker_is_not_retried_on_another(
+    fakes, gateway_over, tenant, error, status
+):
     workers = fakes(2, lambda _body: FakeStream(tokens=0, ending="error", error=error))
     gateway = gateway_over(*workers)
     async with client_of(gateway, tenant) as http:
-        response = await http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5})
+        response = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5}
+        )
     assert response.status_code == status, response.text
     assert response.json()["error"]["type"] == "server_error"
     assert sum(len(worker.fake.calls) for worker in workers) == 1, "one worker saw it, the other never did"
@@ -152,34 +169,44 @@ async def test_a_retry_after_a_5xx_uses_a_new_attempt_id(fakes, gateway_over, te
     workers = fakes(2, first_fails)
     gateway = gateway_over(*workers)
     async with client_of(gateway, tenant) as http:
-        response = await http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5})
+        response = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5}
+        )
     assert response.status_code == 200, response.text
     request_id = response.headers["x-request-id"]
     assert answered == [request_id, f"{request_id}.2"]
 
 
-async def test_a_gateway_with_the_wrong_internal_token_is_refused_by_the_worker(fakes, module_database_url, tenant):
+async def test_a_gateway_with_the_wrong_internal_token_is_refused_by_the_worker(
+    fakes, module_database_url, tenant
+):
     [worker] = fakes(1, lambda _body: FakeStream())
     gateway = start_gateway(
         module_database_url, gateway_settings([worker.url]), RecordingAdmission(), internal_token="x" * 40
     )
     try:
         async with client_of(gateway, tenant) as http:
-            response = await http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5})
+            response = await http.post(
+                "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5}
+            )
     finally:
         gateway.server.stop()
     assert response.status_code == 503 and response.json()["error"]["code"] == "worker_unavailable"
     assert worker.fake.calls == [] and worker.fake.unauthorized >= 1
 
 
-async def test_a_non_streaming_client_that_leaves_cancels_and_pays_for_what_was_produced(fakes, gateway_over, tenant):
+async def test_a_non_streaming_client_that_leaves_cancels_and_pays_for_what_was_produced(
+    fakes, gateway_over, tenant
+):
     max_tokens = 200
     [worker] = fakes(1, lambda _body: FakeStream(tokens=max_tokens, token_interval_s=0.02))
     gateway = gateway_over(worker)
     async with client_of(gateway, tenant) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post(
-                "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens}, timeout=0.6
+                "/v1/completions",
+                json={"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens},
+                timeout=0.6,
             )
     [admitted] = gateway.admission.admitted
     request_id = admitted.request_id
@@ -192,14 +219,24 @@ async def test_a_non_streaming_client_that_leaves_cancels_and_pays_for_what_was_
     assert 1 <= produced < max_tokens / 2
     [(_, cost)] = [entry for entry in gateway.admission.finished if entry[0] == request_id]
     prompt_tokens = count_tokens(PROMPT)
-    assert usage_amount(PRICE, prompt_tokens, produced - 2) <= cost <= usage_amount(PRICE, prompt_tokens, produced)
+    assert (
+        usage_amount(PRICE, prompt_tokens, produced - 2)
+        <= cost
+        <= usage_amount(PRICE, prompt_tokens, produced)
+    )
     assert cost < admitted.estimated_cost
 
 
 async def test_idempotency_key_on_a_stream_replays_the_stream_and_runs_once(fakes, gateway_over, tenant):
     [worker] = fakes(1, lambda _body: FakeStream(tokens=4, token_interval_s=0.05))
     gateway = gateway_over(worker)
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     headers = {"Idempotency-Key": "stream-once-1"}
     async with client_of(gateway, tenant) as http:
         async with http.stream("POST", "/v1/completions", json=body, headers=headers) as first:
@@ -210,7 +247,9 @@ async def test_idempotency_key_on_a_stream_replays_the_stream_and_runs_once(fake
         first_body = b"".join(parts)
         deadline = time.monotonic() + 5
         second = await http.post("/v1/completions", json=body, headers=headers)
-        while second.status_code == 409 and time.monotonic() < deadline:  # the first stream's end is being stored
+        while (
+            second.status_code == 409 and time.monotonic() < deadline
+        ):  # the first stream's end is being stored
             await asyncio.sleep(0.05)
             second = await http.post("/v1/completions", json=body, headers=headers)
         third = await http.post("/v1/completions", json=body, headers=headers)
@@ -234,11 +273,17 @@ async def test_unknown_routes_and_wrong_methods_answer_in_openai_shape(fakes, ga
         document = (await http.get("/openapi.json")).json()
     assert unknown.status_code == 404
     assert unknown.json()["error"]["message"].startswith("Unknown request URL: GET /v1/foo")
-    assert unknown.json()["error"]["code"] == "unknown_url" and unknown.json()["error"]["type"] == "invalid_request_error"
+    assert (
+        unknown.json()["error"]["code"] == "unknown_url"
+        and unknown.json()["error"]["type"] == "invalid_request_error"
+    )
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET"
     assert set(wrong_method.json()["error"]) == {"message", "type", "param", "code"}
     assert wrong_completion_method.status_code == 405 and wrong_completion_method.headers["allow"] == "POST"
-    for path, body_schema in (("/v1/chat/completions", "ChatCompletionBody"), ("/v1/completions", "CompletionBody")):
+    for path, body_schema in (
+        ("/v1/chat/completions", "ChatCompletionBody"),
+        ("/v1/completions", "CompletionBody"),
+    ):
         operation = document["paths"][path]["post"]
         assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(body_schema)
         assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}

@@ -29,7 +29,11 @@ from inference.internal_auth import authorization_header
 
 INTERNAL_TOKEN = "test-internal-token-0123456789abcdef"
 LIMITS = WorkerHttpLimits(
-    connections_max=4, connect_timeout_s=1.0, read_timeout_s=5.0, keepalive_expiry_s=5.0, response_head_bytes_max=4096
+    connections_max=4,
+    connect_timeout_s=1.0,
+    read_timeout_s=5.0,
+    keepalive_expiry_s=5.0,
+    response_head_bytes_max=4096,
 )
 AUTHORIZATION = authorization_header(INTERNAL_TOKEN)
 TOKEN_LINE = b'{"type":"token","text":" hi","token_id":7}\n'
@@ -60,7 +64,9 @@ async def read_request(reader: asyncio.StreamReader, heads: list[bytes] | None =
         return None
     if heads is not None:
         heads.append(head)
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
     return await reader.readexactly(length)
 
 
@@ -119,7 +125,9 @@ def test_keep_alive_reuses_one_connection_and_reads_the_chunked_body(run):
 
 
 def worker_client(url: str, **overrides) -> WorkerClient:
-    values = dict(worker_urls=[url], worker_connect_timeout_ms=1_000, breaker_failures_max=1, breaker_open_ms=60_000)
+    values = dict(
+        worker_urls=[url], worker_connect_timeout_ms=1_000, breaker_failures_max=1, breaker_open_ms=60_000
+    )
     values.update(overrides)
     return WorkerClient(url, GatewaySettings(**values), INTERNAL_TOKEN)
 
@@ -154,7 +162,9 @@ def test_the_exchange_budget_ends_a_stalled_stream_as_budget_exhausted(run):
     async def scenario() -> None:
         async with ScriptedServer(headers_then_silence) as server:
             worker = worker_client(server.url)
-            stream = WorkerStream(worker, await worker.http.post("/generate", b"{}", budget_s=0.3), 1024, "r1")
+            stream = WorkerStream(
+                worker, await worker.http.post("/generate", b"{}", budget_s=0.3), 1024, "r1"
+            )
             assert await stream.next_batch() == [TokenEvent(" hi", 7)]
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -225,7 +235,9 @@ def test_connection_refused_is_a_worker_http_error(run):
     async def scenario() -> None:
         async with ScriptedServer(ndjson_forever) as server:
             url = server.url
-        pool = WorkerHttpPool(url, LIMITS, authorization=AUTHORIZATION)  # the server is gone: nothing listens there now
+        pool = WorkerHttpPool(
+            url, LIMITS, authorization=AUTHORIZATION
+        )  # the server is gone: nothing listens there now
         with pytest.raises(WorkerHttpError, match="cannot connect"):
             await pool.post("/generate", b"{}", budget_s=5)
         assert pool.open_connections == 0
@@ -236,7 +248,9 @@ def test_connection_refused_is_a_worker_http_error(run):
 def test_a_full_pool_waits_for_a_connection_then_reuses_it(run):
     async def scenario() -> None:
         async with ScriptedServer(ndjson_forever) as server:
-            pool = WorkerHttpPool(server.url, WorkerHttpLimits(1, 0.5, 5.0, 5.0, 4096), authorization=AUTHORIZATION)
+            pool = WorkerHttpPool(
+                server.url, WorkerHttpLimits(1, 0.5, 5.0, 5.0, 4096), authorization=AUTHORIZATION
+            )
             first = await pool.post("/generate", b"{}", budget_s=5)
             second = asyncio.ensure_future(pool.post("/generate", b"{}", budget_s=5))
             await asyncio.sleep(0.05)
@@ -300,7 +314,9 @@ def test_the_pool_retries_a_broken_worker_on_the_next_and_tells_its_breaker(run)
             await read_request(reader)  # then close without answering
 
         async with ScriptedServer(hang_up) as broken, ScriptedServer(ndjson_forever) as healthy:
-            settings = GatewaySettings(worker_urls=[broken.url, healthy.url], breaker_failures_max=1, breaker_open_ms=60_000)
+            settings = GatewaySettings(
+                worker_urls=[broken.url, healthy.url], breaker_failures_max=1, breaker_open_ms=60_000
+            )
             pool = WorkerPool(settings, INTERNAL_TOKEN)
             pool.candidates = lambda: list(pool.workers)  # the broken worker first, every time
             stream = await pool.open(generate_call(), deadline_ms=float("inf"), now_ms=lambda: 0.0)
@@ -354,9 +370,13 @@ def test_a_retry_after_a_5xx_is_a_new_attempt_id(run):
     async def scenario() -> tuple[list[dict], str]:
         bodies: list[dict] = []
         async with ScriptedServer(scripted_worker([ERROR_500, STREAM_OK], bodies)) as server:
-            settings = GatewaySettings(worker_urls=[server.url], breaker_failures_max=5, worker_attempts_max=3)
+            settings = GatewaySettings(
+                worker_urls=[server.url], breaker_failures_max=5, worker_attempts_max=3
+            )
             pool = WorkerPool(settings, INTERNAL_TOKEN)
-            call = GenerateCall("r1", "t1", "pro", "tollgate-tiny", "hi", 2, (), 1.0, 1.0, None, admitted_at_ms=1234)
+            call = GenerateCall(
+                "r1", "t1", "pro", "tollgate-tiny", "hi", 2, (), 1.0, 1.0, None, admitted_at_ms=1234
+            )
             stream = await pool.open(call, deadline_ms=float("inf"), now_ms=lambda: 0.0)
             attempt_id = stream.attempt_id
             await stream.close()
@@ -372,7 +392,14 @@ def test_a_retry_after_a_5xx_is_a_new_attempt_id(run):
 @pytest.mark.parametrize("error", ["request_failed", "engine_failed"])
 def test_a_request_that_failed_on_its_worker_is_not_retried(run, error):
     error_line = msgspec.json.encode(
-        {"type": "error", "error": error, "message": "boom", "retryable": False, "prompt_tokens": 3, "completion_tokens": 0}
+        {
+            "type": "error",
+            "error": error,
+            "message": "boom",
+            "retryable": False,
+            "prompt_tokens": 3,
+            "completion_tokens": 0,
+        }
     )
     answer = NDJSON_HEAD + chunk(error_line + b"\n") + LAST_CHUNK
 
@@ -421,8 +448,8 @@ def test_a_worker_400_is_not_retried(run):
 
 def test_token_lines_with_logprobs_are_read(run):
     line = (
-        b'{"type":"token","text":" hi","token_id":7,"logprob":{"token_id":7,"token":" hi","bytes":[32,104,105],'
-        b'"logprob":-0.5},"top_logprobs":[{"token_id":7,"token":" hi","bytes":[32,104,105],"logprob":-0.5}]}\n'
+        b'{"type":"token","text":" hi","token_id":7,"logprob":{"token_id":7,"token":" hi","bytes":[32,104,105],'  # noqa: E501
+        b'"logprob":-0.5},"top_logprobs":[{"token_id":7,"token":" hi","bytes":[32,104,105],"logprob":-0.5}]}\n'  # noqa: E501
     )
 
     async def scenario() -> list:

@@ -15,7 +15,9 @@ def test_render_chat_follows_the_documented_template():
         {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
     ]
     assert render_chat(messages) == "<|system|>\nYou are terse.\n<|user|>\nHello\n<|assistant|>\n"
-    assert CHAT_STOP in render_chat(messages + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}])
+    assert CHAT_STOP in render_chat(
+        messages + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}]
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Engine behaviour end to end on the default model: batching invariance, limits, stops, cancellation, sampling,
+"""Engine behaviour end to end on the default model: batching invariance, limits, stops, cancellation,
+sampling,
 failure isolation, logprobs, logit_bias and penalties."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tests.inference.conftest import (
 PROMPTS = [
     "The",
     "Permission is hereby granted, free of charge, to any person obtaining a copy",
-    "The \"for\" statement is used to iterate over the elements of a sequence (such as a string, tuple or list)",
+    'The "for" statement is used to iterate over the elements of a sequence (such as a string, tuple or list)',  # noqa: E501
     "GNU GENERAL PUBLIC LICENSE\n",
     "A class definition defines a class object",
     "x",
@@ -74,10 +75,16 @@ def test_batched_greedy_equals_each_prompt_decoded_alone(make_engine, device, dt
     requests = [greedy(i, prompt) for i, prompt in enumerate(PROMPTS)]
     # Staggered arrivals, a small budget and chunk so long prompts prefill in pieces next to decodes.
     arrivals = {0: requests[:3], 2: requests[3:5], 5: requests[5:7], 9: requests[7:]}
-    batched = run_to_completion(make_engine(device, dtype, step_tokens_max=24, prefill_chunk_tokens_max=8), arrivals)
+    batched = run_to_completion(
+        make_engine(device, dtype, step_tokens_max=24, prefill_chunk_tokens_max=8), arrivals
+    )
     for request in requests:
-        alone = run_to_completion(make_engine(device, dtype, step_tokens_max=256, prefill_chunk_tokens_max=256), {0: [request]})
-        assert completion_token_ids(batched[request.request_id]) == completion_token_ids(alone[request.request_id]), request.prompt
+        alone = run_to_completion(
+            make_engine(device, dtype, step_tokens_max=256, prefill_chunk_tokens_max=256), {0: [request]}
+        )
+        assert completion_token_ids(batched[request.request_id]) == completion_token_ids(
+            alone[request.request_id]
+        ), request.prompt
         assert completion_text(batched[request.request_id]) == completion_text(alone[request.request_id])
 
 
@@ -87,7 +94,9 @@ def cpu_engine(default_models, tokenizer) -> Engine:
 
 def test_greedy_matches_the_plain_forward_pass(default_models, tokenizer):
     prompt = PROMPTS[1]
-    outputs = run_to_completion(cpu_engine(default_models, tokenizer), {0: [greedy(0, prompt, max_tokens=12)]})["r0"]
+    outputs = run_to_completion(
+        cpu_engine(default_models, tokenizer), {0: [greedy(0, prompt, max_tokens=12)]}
+    )["r0"]
     model = default_models("cpu", torch.float32)
     token_ids = tokenizer.encode(prompt)
     expected = []
@@ -102,15 +111,35 @@ def test_greedy_matches_the_plain_forward_pass(default_models, tokenizer):
 
 
 def test_default_model_writes_recognisable_text(default_models, tokenizer):
-    outputs = run_to_completion(cpu_engine(default_models, tokenizer), {0: [greedy(0, "Permission is hereby granted, free of", max_tokens=40)]})
+    outputs = run_to_completion(
+        cpu_engine(default_models, tokenizer),
+        {0: [greedy(0, "Permission is hereby granted, free of", max_tokens=40)]},
+    )
     text = completion_text(outputs["r0"])
     words = [word.strip(".,;:()\"'").lower() for word in text.split()]
-    english = {"the", "of", "to", "and", "a", "any", "or", "is", "this", "in", "software", "be", "that", "for"}
+    english = {
+        "the",
+        "of",
+        "to",
+        "and",
+        "a",
+        "any",
+        "or",
+        "is",
+        "this",
+        "in",
+        "software",
+        "be",
+        "that",
+        "for",
+    }
     assert sum(word in english for word in words) >= 3, text
 
 
 def test_max_tokens_ends_with_length(make_engine):
-    outputs = run_to_completion(make_engine(), {0: [GenerationRequest(request_id="r", prompt="The", max_tokens=5)]})["r"]
+    outputs = run_to_completion(
+        make_engine(), {0: [GenerationRequest(request_id="r", prompt="The", max_tokens=5)]}
+    )["r"]
     final = outputs[-1]
     if final.finish_reason is FinishReason.LENGTH:
         assert final.completion_tokens == 5 == len(completion_token_ids(outputs))
@@ -121,7 +150,9 @@ def test_max_tokens_ends_with_length(make_engine):
 
 def test_stop_sequence_ends_the_text_before_it(make_engine):
     prompt = PROMPTS[1]
-    free_text = completion_text(run_to_completion(make_engine(), {0: [greedy(0, prompt, max_tokens=40)]})["r0"])
+    free_text = completion_text(
+        run_to_completion(make_engine(), {0: [greedy(0, prompt, max_tokens=40)]})["r0"]
+    )
     assert len(free_text) > 12, free_text
     stop = free_text[6:10]  # a stop sequence the greedy text is known to contain
     expected_text = free_text[: free_text.find(stop)]
@@ -159,7 +190,9 @@ def test_cancel_while_waiting_reports_nothing_processed(make_engine):
     engine.step()
     engine.abort_request("r1")
     outputs = [output for output in engine.step() if output.request_id == "r1"]
-    assert [(o.finish_reason, o.prompt_tokens, o.completion_tokens) for o in outputs] == [(FinishReason.CANCELLED, 0, 0)]
+    assert [(o.finish_reason, o.prompt_tokens, o.completion_tokens) for o in outputs] == [
+        (FinishReason.CANCELLED, 0, 0)
+    ]
 
 
 def test_cancel_mid_prefill_counts_only_the_prompt_tokens_processed(make_engine, tokenizer):
@@ -170,15 +203,23 @@ def test_cancel_mid_prefill_counts_only_the_prompt_tokens_processed(make_engine,
     engine.step()
     engine.abort_request("r0")
     [output] = engine.step()
-    assert (output.finish_reason, output.prompt_tokens, output.completion_tokens) == (FinishReason.CANCELLED, 16, 0)
+    assert (output.finish_reason, output.prompt_tokens, output.completion_tokens) == (
+        FinishReason.CANCELLED,
+        16,
+        0,
+    )
 
 
 def test_seeded_sampling_replays_and_differs_from_greedy(make_engine):
     def sampled(request_id: str, seed: int) -> GenerationRequest:
-        return GenerationRequest(request_id=request_id, prompt="The", max_tokens=30, temperature=1.0, top_p=0.9, seed=seed)
+        return GenerationRequest(
+            request_id=request_id, prompt="The", max_tokens=30, temperature=1.0, top_p=0.9, seed=seed
+        )
 
     alone = run_to_completion(make_engine(), {0: [sampled("a", seed=11)]})["a"]
-    in_batch = run_to_completion(make_engine(), {0: [greedy(0, PROMPTS[1]), sampled("a", seed=11), sampled("b", seed=12)]})
+    in_batch = run_to_completion(
+        make_engine(), {0: [greedy(0, PROMPTS[1]), sampled("a", seed=11), sampled("b", seed=12)]}
+    )
     assert completion_token_ids(alone) == completion_token_ids(in_batch["a"])
     assert completion_token_ids(in_batch["a"]) != completion_token_ids(in_batch["b"])
 
@@ -226,7 +267,9 @@ def test_higher_tier_is_admitted_first_and_low_tier_still_finishes(make_engine):
 @pytest.mark.cuda
 def test_cuda_half_precision_generates(default_models, tokenizer):
     engine = Engine(default_models("cuda", torch.float16), tokenizer, engine_settings(device="cuda"))
-    outputs = run_to_completion(engine, {0: [greedy(i, prompt, max_tokens=16) for i, prompt in enumerate(PROMPTS)]})
+    outputs = run_to_completion(
+        engine, {0: [greedy(i, prompt, max_tokens=16) for i, prompt in enumerate(PROMPTS)]}
+    )
     assert all(outputs[f"r{i}"][-1].finished for i in range(len(PROMPTS)))
     assert engine.cache.keys.dtype == torch.float16 and engine.cache.keys.is_cuda
 
@@ -238,11 +281,17 @@ def test_a_seed_outside_the_64_bit_range_is_refused_before_scheduling(make_engin
     engine = make_engine()
     for seed in (2**64, SEED_MAX + 1, SEED_MIN - 1, -(2**70)):
         with pytest.raises(InvalidRequest, match="seed"):
-            engine.add_request(GenerationRequest(request_id="s", prompt="The", max_tokens=4, temperature=1.0, seed=seed))
+            engine.add_request(
+                GenerationRequest(request_id="s", prompt="The", max_tokens=4, temperature=1.0, seed=seed)
+            )
         assert engine.scheduler.requests == {} and len(engine.scheduler.waiting) == 0
         assert engine._generators == {} and engine._detokenizers == {}
-    engine.add_request(GenerationRequest(request_id="s", prompt="The", max_tokens=4, temperature=1.0, seed=SEED_MAX))
-    engine.add_request(GenerationRequest(request_id="t", prompt="The", max_tokens=4, temperature=1.0, seed=SEED_MIN))
+    engine.add_request(
+        GenerationRequest(request_id="s", prompt="The", max_tokens=4, temperature=1.0, seed=SEED_MAX)
+    )
+    engine.add_request(
+        GenerationRequest(request_id="t", prompt="The", max_tokens=4, temperature=1.0, seed=SEED_MIN)
+    )
     outputs = run_to_completion(engine, {})
     assert outputs["s"][-1].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
     assert outputs["t"][-1].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
@@ -274,7 +323,9 @@ def test_a_seed_outside_the_64_bit_range_is_refused_before_scheduling(make_engin
         ({"stop": ("ok", 7)}, "stop"),
     ],
 )
-def test_out_of_range_sampling_parameters_are_refused_and_leave_nothing_behind(make_engine, overrides, message):
+def test_out_of_range_sampling_parameters_are_refused_and_leave_nothing_behind(
+    make_engine, overrides, message
+):
     values = {"request_id": "bad", "prompt": "The", "max_tokens": 4} | overrides
     engine = make_engine()
     with pytest.raises(InvalidRequest, match=message):
@@ -284,11 +335,21 @@ def test_out_of_range_sampling_parameters_are_refused_and_leave_nothing_behind(m
 
 @pytest.mark.parametrize(
     ("temperature", "top_p"),
-    [(1e-38, 1.0), (1e-46, 1.0), (5e-324, 1.0), (1.0, 1e-46), (1.0, 1e-38), (TEMPERATURE_MAX, 5e-324), (1e-38, 1e-46)],
+    [
+        (1e-38, 1.0),
+        (1e-46, 1.0),
+        (5e-324, 1.0),
+        (1.0, 1e-46),
+        (1.0, 1e-38),
+        (TEMPERATURE_MAX, 5e-324),
+        (1e-38, 1e-46),
+    ],
 )
 def test_tiny_accepted_temperature_and_top_p_generate_normally(make_engine, temperature, top_p):
     """The values from the issue that killed the engine thread for every tenant."""
-    request = GenerationRequest(request_id="x", prompt="The", max_tokens=8, temperature=temperature, top_p=top_p, seed=3)
+    request = GenerationRequest(
+        request_id="x", prompt="The", max_tokens=8, temperature=temperature, top_p=top_p, seed=3
+    )
     outputs = run_to_completion(make_engine(), {0: [request, greedy(1, "The", max_tokens=8)]})
     assert outputs["x"][-1].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
     # Both collapse to the most likely token: the same text as greedy.
@@ -299,12 +360,16 @@ def other_requests() -> list[GenerationRequest]:
     return [
         greedy(0, PROMPTS[1], max_tokens=12),
         GenerationRequest(request_id="sampled", prompt="The", max_tokens=12, temperature=0.8, seed=5),
-        GenerationRequest(request_id="logprobs", prompt="A class", max_tokens=12, logprobs=True, top_logprobs=2),
+        GenerationRequest(
+            request_id="logprobs", prompt="A class", max_tokens=12, logprobs=True, top_logprobs=2
+        ),
     ]
 
 
 def tokens_of(outputs) -> dict[str, list[int]]:
-    return {request_id: completion_token_ids(outputs[request_id]) for request_id in ("r0", "sampled", "logprobs")}
+    return {
+        request_id: completion_token_ids(outputs[request_id]) for request_id in ("r0", "sampled", "logprobs")
+    }
 
 
 def doomed() -> GenerationRequest:
@@ -314,7 +379,10 @@ def doomed() -> GenerationRequest:
 def assert_serves_afterwards(engine: Engine) -> None:
     after = run_to_completion(engine, {0: [greedy(7, "The", max_tokens=3), doomed()]})
     assert after["r7"][-1].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
-    assert engine.cache.free_slot_count == engine.settings.running_sequences_max and not engine.scheduler.requests
+    assert (
+        engine.cache.free_slot_count == engine.settings.running_sequences_max
+        and not engine.scheduler.requests
+    )
 
 
 def test_a_failure_choosing_one_requests_token_fails_that_request_only(make_engine, monkeypatch):
@@ -370,10 +438,14 @@ def test_a_failed_forward_pass_fails_that_steps_requests_and_the_engine_goes_on(
     engine.add_request(greedy(2, "Exceptions", max_tokens=6))  # waits: only two run
     engine.step()
     real_forward = engine.model.forward_packed
-    monkeypatch.setattr(engine.model, "forward_packed", lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr(
+        engine.model, "forward_packed", lambda *args: (_ for _ in ()).throw(RuntimeError("injected"))
+    )
     outputs = engine.step()
     assert sorted(output.request_id for output in outputs) == ["r0", "r1"]
-    assert all(output.finish_reason is FinishReason.ERROR and "injected" in output.error for output in outputs)
+    assert all(
+        output.finish_reason is FinishReason.ERROR and "injected" in output.error for output in outputs
+    )
     assert [output.completion_tokens for output in outputs] == [1, 1]
     monkeypatch.setattr(engine.model, "forward_packed", real_forward)
     rest = run_to_completion(engine, {})
@@ -385,10 +457,14 @@ def test_a_failed_forward_pass_fails_that_steps_requests_and_the_engine_goes_on(
 
 
 def test_logit_bias_forces_a_token_and_bans_another_under_greedy(make_engine, tokenizer):
-    free = completion_token_ids(run_to_completion(make_engine(), {0: [greedy(0, PROMPTS[1], max_tokens=10)]})["r0"])
+    free = completion_token_ids(
+        run_to_completion(make_engine(), {0: [greedy(0, PROMPTS[1], max_tokens=10)]})["r0"]
+    )
     forced_token = tokenizer.encode(" zebra")[0]
     assert forced_token not in free
-    forced = GenerationRequest(request_id="f", prompt=PROMPTS[1], max_tokens=10, logit_bias={forced_token: 100.0})
+    forced = GenerationRequest(
+        request_id="f", prompt=PROMPTS[1], max_tokens=10, logit_bias={forced_token: 100.0}
+    )
     assert completion_token_ids(run_to_completion(make_engine(), {0: [forced]})["f"]) == [forced_token] * 10
     banned = GenerationRequest(request_id="b", prompt=PROMPTS[1], max_tokens=10, logit_bias={free[0]: -100.0})
     banned_ids = completion_token_ids(run_to_completion(make_engine(), {0: [banned]})["b"])
@@ -409,7 +485,9 @@ def test_a_frequency_penalty_reduces_repetition(make_engine, prompt):
 
 def test_logprobs_describe_the_chosen_token_and_its_alternatives(make_engine, tokenizer):
     plain = run_to_completion(make_engine(), {0: [greedy(0, PROMPTS[3], max_tokens=12)]})["r0"]
-    request = GenerationRequest(request_id="l", prompt=PROMPTS[3], max_tokens=12, logprobs=True, top_logprobs=5)
+    request = GenerationRequest(
+        request_id="l", prompt=PROMPTS[3], max_tokens=12, logprobs=True, top_logprobs=5
+    )
     outputs = run_to_completion(make_engine(), {0: [request]})["l"]
     assert completion_token_ids(outputs) == completion_token_ids(plain)  # asking for logprobs changes nothing
     for output in (o for o in outputs if o.token_id is not None):
@@ -421,15 +499,21 @@ def test_logprobs_describe_the_chosen_token_and_its_alternatives(make_engine, to
         for token in top:
             assert bytes(token.bytes) == tokenizer.token_bytes(token.token_id)
             assert token.token == bytes(token.bytes).decode("utf-8", errors="replace")
-    chosen_bytes = b"".join(bytes(o.logprob.bytes) for o in outputs if o.token_id not in (None, tokenizer.eos_token_id))
-    assert chosen_bytes.decode("utf-8", errors="replace") == completion_text(outputs)  # the bytes spell the text
+    chosen_bytes = b"".join(
+        bytes(o.logprob.bytes) for o in outputs if o.token_id not in (None, tokenizer.eos_token_id)
+    )
+    assert chosen_bytes.decode("utf-8", errors="replace") == completion_text(
+        outputs
+    )  # the bytes spell the text
     without = run_to_completion(make_engine(), {0: [greedy(0, "The", max_tokens=3)]})["r0"]
     assert all(o.logprob is None and o.top_logprobs == () for o in without)
 
 
 def test_logprobs_without_top_logprobs_and_with_sampling(make_engine):
     def sampled(request_id: str, **extra) -> GenerationRequest:
-        return GenerationRequest(request_id=request_id, prompt="The", max_tokens=10, temperature=1.0, seed=9, **extra)
+        return GenerationRequest(
+            request_id=request_id, prompt="The", max_tokens=10, temperature=1.0, seed=9, **extra
+        )
 
     outputs = run_to_completion(make_engine(), {0: [sampled("plain"), sampled("lp", logprobs=True)]})
     assert completion_token_ids(outputs["lp"]) == completion_token_ids(outputs["plain"])

@@ -25,7 +25,9 @@ async def test_stream_cancel_ends_with_one_cancelled_output(default_models, toke
     engine_loop = make_engine_loop(default_models, tokenizer)
     await engine_loop.start()
     finished: list[RequestOutput] = []
-    stream = engine_loop.submit(GenerationRequest(request_id="a", prompt="The", max_tokens=200), finished.append)
+    stream = engine_loop.submit(
+        GenerationRequest(request_id="a", prompt="The", max_tokens=200), finished.append
+    )
     outputs = []
     async for output in stream:
         outputs.append(output)
@@ -42,7 +44,9 @@ async def test_stop_cancels_work_in_flight_and_reports_each_request_once(default
     await engine_loop.start()
     finished: list[RequestOutput] = []
     streams = [
-        engine_loop.submit(GenerationRequest(request_id=f"r{i}", prompt="The", max_tokens=250), finished.append)
+        engine_loop.submit(
+            GenerationRequest(request_id=f"r{i}", prompt="The", max_tokens=250), finished.append
+        )
         for i in range(6)  # more than the 4 running places: some are still waiting at stop
     ]
     await anext(streams[0])
@@ -69,14 +73,18 @@ async def test_a_dying_loop_fails_streams_and_still_reports_each_request(default
     engine_loop = EngineLoop(engine)
     await engine_loop.start()
     finished: list[RequestOutput] = []
-    stream = engine_loop.submit(GenerationRequest(request_id="a", prompt="The", max_tokens=50), finished.append)
+    stream = engine_loop.submit(
+        GenerationRequest(request_id="a", prompt="The", max_tokens=50), finished.append
+    )
     tokens = 0
     with pytest.raises(EngineFailed):
         async for output in stream:
             tokens += output.token_id is not None
     await engine_loop.stop()
     assert not engine_loop.healthy
-    assert [(o.request_id, o.finish_reason, o.completion_tokens) for o in finished] == [("a", FinishReason.CANCELLED, 3)]
+    assert [(o.request_id, o.finish_reason, o.completion_tokens) for o in finished] == [
+        ("a", FinishReason.CANCELLED, 3)
+    ]
     assert tokens == 3
 
 
@@ -95,7 +103,9 @@ async def test_a_dead_loop_is_rebuilt_and_serves_new_requests(default_models, to
     engine_loop = EngineLoop(engine, restarts_max=1)
     await engine_loop.start()
     finished: list[RequestOutput] = []
-    failed_stream = engine_loop.submit(GenerationRequest(request_id="a", prompt="The", max_tokens=50), finished.append)
+    failed_stream = engine_loop.submit(
+        GenerationRequest(request_id="a", prompt="The", max_tokens=50), finished.append
+    )
     outputs, error = await asyncio.wait_for(consume(failed_stream), WAIT_S)
     assert isinstance(error, EngineFailed) and error.output == finished[0]
     assert len(outputs) == 3 and (finished[0].request_id, finished[0].completion_tokens) == ("a", 3)
@@ -120,18 +130,24 @@ async def test_failures_past_restarts_max_within_the_window_leave_it_down(defaul
         rebuilt.append(EngineThatAlwaysBreaks(failed.model, failed.tokenizer, failed.settings))
         return rebuilt[-1]
 
-    engine_loop = EngineLoop(EngineThatAlwaysBreaks(model, tokenizer, engine_settings()), restarts_max=2, rebuild=rebuild)
+    engine_loop = EngineLoop(
+        EngineThatAlwaysBreaks(model, tokenizer, engine_settings()), restarts_max=2, rebuild=rebuild
+    )
     await engine_loop.start()
     finished: list[RequestOutput] = []
     for attempt in range(3):
-        stream = engine_loop.submit(GenerationRequest(request_id=f"r{attempt}", prompt="The", max_tokens=5), finished.append)
+        stream = engine_loop.submit(
+            GenerationRequest(request_id=f"r{attempt}", prompt="The", max_tokens=5), finished.append
+        )
         _, error = await asyncio.wait_for(consume(stream), WAIT_S)
         assert isinstance(error, EngineFailed)
     assert len(rebuilt) == 2 and engine_loop.restarts == 2 and not engine_loop.healthy
     with pytest.raises(EngineFailed):
         engine_loop.submit(GenerationRequest(request_id="r3", prompt="The", max_tokens=5))
     await engine_loop.stop()
-    assert [(o.request_id, o.prompt_tokens, o.completion_tokens) for o in finished] == [(f"r{i}", 0, 0) for i in range(3)]
+    assert [(o.request_id, o.prompt_tokens, o.completion_tokens) for o in finished] == [
+        (f"r{i}", 0, 0) for i in range(3)
+    ]
 
 
 class EngineWithAGhostOutput(Engine):
@@ -143,7 +159,9 @@ class EngineWithAGhostOutput(Engine):
         outputs = super().step()
         self.steps += 1
         if self.steps == 3:
-            ghost = RequestOutput("ghost", token_id=1, text="x", finish_reason=None, prompt_tokens=1, completion_tokens=1)
+            ghost = RequestOutput(
+                "ghost", token_id=1, text="x", finish_reason=None, prompt_tokens=1, completion_tokens=1
+            )
             outputs = [ghost, *outputs]
         return outputs
 
@@ -159,7 +177,9 @@ async def test_one_undeliverable_output_costs_no_other_request_its_outputs(defau
         raise RuntimeError("simulated: a broken on_finished")
 
     streams = [
-        engine_loop.submit(GenerationRequest(request_id="a", prompt="The", max_tokens=6), on_finished_that_breaks),
+        engine_loop.submit(
+            GenerationRequest(request_id="a", prompt="The", max_tokens=6), on_finished_that_breaks
+        ),
         engine_loop.submit(GenerationRequest(request_id="b", prompt="The", max_tokens=6), finished.append),
     ]
     results = await asyncio.wait_for(asyncio.gather(*(consume(stream) for stream in streams)), WAIT_S)
@@ -168,4 +188,6 @@ async def test_one_undeliverable_output_costs_no_other_request_its_outputs(defau
         assert error is None and sum(o.token_id is not None for o in outputs) == 6
         assert outputs[-1].finish_reason is FinishReason.LENGTH
     assert [(o.request_id, o.completion_tokens) for o in finished] == [("b", 6)]
-    assert metrics.registry.get_sample_value("tollgate_worker_delivery_failures_total") == 2  # ghost, a's on_finished
+    assert (
+        metrics.registry.get_sample_value("tollgate_worker_delivery_failures_total") == 2
+    )  # ghost, a's on_finished

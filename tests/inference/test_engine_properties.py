@@ -37,11 +37,15 @@ BEYOND_FLOATS = [math.nan, math.inf, -math.inf, 1e308, -1e308]
 # Accepted values, the bounds and the tiniest numbers included.
 VALID = {
     "temperature": st.one_of(
-        st.sampled_from([0.0, *TINY, TEMPERATURE_GREEDY_BELOW * 0.999, TEMPERATURE_GREEDY_BELOW, TEMPERATURE_MAX]),
+        st.sampled_from(
+            [0.0, *TINY, TEMPERATURE_GREEDY_BELOW * 0.999, TEMPERATURE_GREEDY_BELOW, TEMPERATURE_MAX]
+        ),
         st.floats(0.0, TEMPERATURE_MAX),
     ),
     "top_p": st.one_of(st.sampled_from([*TINY, 0.5, 1.0]), st.floats(0.0, 1.0, exclude_min=True)),
-    "seed": st.one_of(st.none(), st.sampled_from([SEED_MIN, SEED_MAX, 0, -1]), st.integers(SEED_MIN, SEED_MAX)),
+    "seed": st.one_of(
+        st.none(), st.sampled_from([SEED_MIN, SEED_MAX, 0, -1]), st.integers(SEED_MIN, SEED_MAX)
+    ),
     "max_tokens": st.integers(1, 6),
     "stop": st.lists(st.text(min_size=1, max_size=64), max_size=4).map(tuple),
     "tier": st.sampled_from(["standard", "enterprise", "free"]),
@@ -49,13 +53,20 @@ VALID = {
         st.none(),
         st.dictionaries(
             st.one_of(st.sampled_from([0, VOCABULARY - 1]), st.integers(0, VOCABULARY - 1)),
-            st.one_of(st.sampled_from([-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX, 0.0, *TINY]), st.floats(-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX)),
+            st.one_of(
+                st.sampled_from([-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX, 0.0, *TINY]),
+                st.floats(-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX),
+            ),
             max_size=6,
         ),
         st.just({token_id: 1.0 for token_id in range(LOGIT_BIAS_ENTRIES_MAX)}),
     ),
-    "presence_penalty": st.one_of(st.sampled_from([-PENALTY_MAX, PENALTY_MAX, 0.0, *TINY]), st.floats(-PENALTY_MAX, PENALTY_MAX)),
-    "frequency_penalty": st.one_of(st.sampled_from([-PENALTY_MAX, PENALTY_MAX, 0.0, *TINY]), st.floats(-PENALTY_MAX, PENALTY_MAX)),
+    "presence_penalty": st.one_of(
+        st.sampled_from([-PENALTY_MAX, PENALTY_MAX, 0.0, *TINY]), st.floats(-PENALTY_MAX, PENALTY_MAX)
+    ),
+    "frequency_penalty": st.one_of(
+        st.sampled_from([-PENALTY_MAX, PENALTY_MAX, 0.0, *TINY]), st.floats(-PENALTY_MAX, PENALTY_MAX)
+    ),
 }
 # Values just beyond each bound and far beyond it; each must be refused.
 BEYOND = {
@@ -92,7 +103,10 @@ BEYOND = {
 
 @st.composite
 def generation_requests(draw, request_id: str) -> tuple[GenerationRequest, str | None]:
-    """A request valid at the bounds, or (half the time) with one field pushed beyond: (request, that field)."""
+    """A request valid at the bounds, or (half the time) with one field pushed beyond: (request, that
+    field)."""
+    
+    
     beyond = draw(st.one_of(st.none(), st.sampled_from(sorted(BEYOND))))
     values = {field: draw(strategy) for field, strategy in VALID.items()}
     values["logprobs"] = draw(st.booleans())
@@ -122,7 +136,10 @@ _request_numbers = itertools.count()
 )
 @given(data=st.data())
 def test_every_request_is_refused_cleanly_or_finishes_and_the_engine_serves_on(engine, data):
-    batch = [data.draw(generation_requests(f"p{next(_request_numbers)}")) for _ in range(data.draw(st.integers(1, 4)))]
+    batch = [
+        data.draw(generation_requests(f"p{next(_request_numbers)}"))
+        for _ in range(data.draw(st.integers(1, 4)))
+    ]
     accepted: dict[str, GenerationRequest] = {}
     for generation, beyond in batch:
         if beyond is None:
@@ -166,4 +183,6 @@ def check_finished_normally(generation: GenerationRequest, outputs: list[Request
         assert all(LOGPROB_MIN <= value <= 0.0 for value in values)
     for token_id, bias in (generation.logit_bias or {}).items():
         if bias == -LOGIT_BIAS_MAX and generation.temperature < TEMPERATURE_GREEDY_BELOW:
-            assert token_id not in [output.token_id for output in tokens], "a banned token was chosen by argmax"
+            assert token_id not in [output.token_id for output in tokens], (
+                "a banned token was chosen by argmax"
+            )

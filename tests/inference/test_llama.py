@@ -38,7 +38,11 @@ def random_llama_tensors(seed: int) -> dict[str, torch.Tensor]:
     def random(*shape: int, scale: float = 0.3) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * scale
 
-    tensors = {"model.embed_tokens.weight": random(V, C), "model.norm.weight": 1 + random(C), "lm_head.weight": random(V, C)}
+    tensors = {
+        "model.embed_tokens.weight": random(V, C),
+        "model.norm.weight": 1 + random(C),
+        "lm_head.weight": random(V, C),
+    }
     for layer in range(CONFIG["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors |= {
@@ -121,10 +125,14 @@ def test_llama_batched_greedy_equals_alone_and_the_plain_pass(llama_checkpoint, 
     def engine(**overrides) -> Engine:
         return Engine(model, tokenizer, engine_settings(**overrides))
 
-    batched = run_to_completion(engine(step_tokens_max=8, prefill_chunk_tokens_max=4), {0: requests[:2], 3: requests[2:]})
+    batched = run_to_completion(
+        engine(step_tokens_max=8, prefill_chunk_tokens_max=4), {0: requests[:2], 3: requests[2:]}
+    )
     for request in requests:
         alone = run_to_completion(engine(), {0: [request]})
-        assert completion_token_ids(batched[request.request_id]) == completion_token_ids(alone[request.request_id])
+        assert completion_token_ids(batched[request.request_id]) == completion_token_ids(
+            alone[request.request_id]
+        )
         token_ids = tokenizer.encode(request.prompt)
         with torch.inference_mode():
             for _ in range(10):
@@ -135,6 +143,8 @@ def test_llama_batched_greedy_equals_alone_and_the_plain_pass(llama_checkpoint, 
 def test_rope_scaling_is_refused(tmp_path, llama_checkpoint):
     directory, _ = llama_checkpoint
     (tmp_path / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
-    (tmp_path / "config.json").write_text(json.dumps(CONFIG | {"rope_scaling": {"type": "linear", "factor": 2.0}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(CONFIG | {"rope_scaling": {"type": "linear", "factor": 2.0}})
+    )
     with pytest.raises(ValueError, match="rope_scaling"):
         load_model(tmp_path, torch.device("cpu"), torch.float32)

@@ -22,7 +22,12 @@ def random_gpt2_tensors(seed: int) -> dict[str, torch.Tensor]:
     def random(*shape: int, scale: float = 0.2) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * scale
 
-    tensors = {"wte.weight": random(V, C), "wpe.weight": random(P, C), "ln_f.weight": 1 + random(C), "ln_f.bias": random(C)}
+    tensors = {
+        "wte.weight": random(V, C),
+        "wpe.weight": random(P, C),
+        "ln_f.weight": 1 + random(C),
+        "ln_f.bias": random(C),
+    }
     for layer in range(CONFIG["n_layer"]):
         prefix = f"h.{layer}."
         tensors |= {
@@ -59,7 +64,9 @@ def reference_logits(tensors: dict[str, torch.Tensor], token_ids: list[int]) -> 
             scores = (q[:, columns] @ k[:, columns].T) / math.sqrt(hs)
             scores = scores.masked_fill(~causal, float("-inf"))
             heads.append(torch.softmax(scores, dim=-1) @ v[:, columns])
-        attention = torch.cat(heads, dim=1) @ tensors[p + "attn.c_proj.weight"] + tensors[p + "attn.c_proj.bias"]
+        attention = (
+            torch.cat(heads, dim=1) @ tensors[p + "attn.c_proj.weight"] + tensors[p + "attn.c_proj.bias"]
+        )
         x = x + attention
         h = F.layer_norm(x, (C,), tensors[p + "ln_2.weight"], tensors[p + "ln_2.bias"], eps=1e-5)
         h = h @ tensors[p + "mlp.c_fc.weight"] + tensors[p + "mlp.c_fc.bias"]
@@ -104,7 +111,9 @@ def test_packed_pass_with_chunks_and_decodes_matches_full_forward():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd=16)
     model = GPT(config).double().eval()
-    cache = KVCache(config, slot_count=3, context_tokens_max=64, device=torch.device("cpu"), dtype=torch.float64)
+    cache = KVCache(
+        config, slot_count=3, context_tokens_max=64, device=torch.device("cpu"), dtype=torch.float64
+    )
     sequences = {0: [5, 6, 7, 8, 9, 10, 11], 2: [1, 2, 3], 1: [40, 41, 42, 43, 44]}
     # Step 1: slot 0 feeds its first 4 tokens, slot 2 its whole prompt. Step 2: slot 0 feeds 3 more,
     # slot 2 decodes one token, slot 1 feeds its prompt. Positions resume where the cache left off.
@@ -131,7 +140,9 @@ def test_packed_pass_with_chunks_and_decodes_matches_full_forward():
 
 def test_kv_cache_reports_the_bytes_it_holds():
     config = GPTConfig(vocab_size=50, block_size=64, n_layer=3, n_head=2, n_embd=16)
-    cache = KVCache(config, slot_count=5, context_tokens_max=40, device=torch.device("cpu"), dtype=torch.float16)
+    cache = KVCache(
+        config, slot_count=5, context_tokens_max=40, device=torch.device("cpu"), dtype=torch.float16
+    )
     assert cache.bytes_total == KVCache.bytes_for(config, 5, 40, torch.float16) == 2 * 3 * 5 * 40 * 16 * 2
     slots = [cache.allocate() for _ in range(5)]
     assert sorted(slots) == [0, 1, 2, 3, 4] and cache.free_slot_count == 0

@@ -39,14 +39,26 @@ def random_logits(seed: int = 0, scale: float = 4.0) -> torch.Tensor:
     return torch.randn(VOCAB, generator=generator, dtype=torch.float64) * scale
 
 
-def draw(logits: torch.Tensor, seed: int = 0, output_token_ids: list[int] | None = None, **params) -> SampledToken:
+def draw(
+    logits: torch.Tensor, seed: int = 0, output_token_ids: list[int] | None = None, **params
+) -> SampledToken:
     param = SamplingParams(max_tokens=1, **params)
     generator = None if param.greedy else new_generator(seed)
     return sample_row(logits.to(torch.float64), param, generator, output_token_ids or [])
 
 
 # Accepted values the issue found fatal (1e-38, 1e-46), the threshold's neighbours, and the bounds.
-EXTREME_TEMPERATURES = [0.0, 5e-324, 1e-46, 1e-38, TEMPERATURE_GREEDY_BELOW * 0.999, TEMPERATURE_GREEDY_BELOW, 1e-3, 1.0, TEMPERATURE_MAX]
+EXTREME_TEMPERATURES = [
+    0.0,
+    5e-324,
+    1e-46,
+    1e-38,
+    TEMPERATURE_GREEDY_BELOW * 0.999,
+    TEMPERATURE_GREEDY_BELOW,
+    1e-3,
+    1.0,
+    TEMPERATURE_MAX,
+]
 EXTREME_TOP_PS = [5e-324, 1e-46, 1e-38, 1e-6, 0.5, 1.0 - 1e-16, 1.0]
 EXTREME_ROWS = {
     "random": random_logits(),
@@ -102,7 +114,10 @@ def test_a_seeded_draw_replays():
 
 
 def test_a_row_without_a_finite_logit_raises_a_sampling_error():
-    for row in (torch.full((4,), math.nan, dtype=torch.float64), torch.full((4,), -math.inf, dtype=torch.float64)):
+    for row in (
+        torch.full((4,), math.nan, dtype=torch.float64),
+        torch.full((4,), -math.inf, dtype=torch.float64),
+    ):
         with pytest.raises(SamplingError):
             draw(row, temperature=1.0)
         with pytest.raises(SamplingError):
@@ -110,9 +125,15 @@ def test_a_row_without_a_finite_logit_raises_a_sampling_error():
 
 
 def test_a_failing_row_fails_alone_and_plain_greedy_rows_take_the_argmax():
-    logits = torch.stack([random_logits(0), torch.full((VOCAB,), math.nan, dtype=torch.float64), random_logits(1)])
+    logits = torch.stack(
+        [random_logits(0), torch.full((VOCAB,), math.nan, dtype=torch.float64), random_logits(1)]
+    )
     logits = logits.to(torch.float32)
-    params = [SamplingParams(max_tokens=1), SamplingParams(max_tokens=1, temperature=1.0), SamplingParams(max_tokens=1, temperature=0.7)]
+    params = [
+        SamplingParams(max_tokens=1),
+        SamplingParams(max_tokens=1, temperature=1.0),
+        SamplingParams(max_tokens=1, temperature=0.7),
+    ]
     results = sample_next_tokens(logits, params, [None, new_generator(1), new_generator(2)], [[], [], []])
     assert results[0] == SampledToken(int(logits[0].argmax()))
     assert isinstance(results[1], RowFailure) and "no finite logit" in results[1].error
@@ -135,10 +156,18 @@ def test_penalties_follow_openais_formula():
     logits = torch.tensor([3.0, 2.2, 1.0, 0.0], dtype=torch.float64)
     history = [0, 0, 0, 1]  # token 0 three times, token 1 once
     expected = logits - 0.5 * torch.tensor([3.0, 1.0, 0.0, 0.0]) - 0.25 * torch.tensor([1.0, 1.0, 0.0, 0.0])
-    sampled = draw(logits, output_token_ids=history, frequency_penalty=0.5, presence_penalty=0.25, logprobs=True, top_logprobs=4)
+    sampled = draw(
+        logits,
+        output_token_ids=history,
+        frequency_penalty=0.5,
+        presence_penalty=0.25,
+        logprobs=True,
+        top_logprobs=4,
+    )
     expected_logprobs = torch.log_softmax(expected, dim=-1)
     assert sampled.top_logprobs == tuple(
-        (int(i), pytest.approx(float(expected_logprobs[i]))) for i in expected_logprobs.argsort(descending=True)
+        (int(i), pytest.approx(float(expected_logprobs[i])))
+        for i in expected_logprobs.argsort(descending=True)
     )
     assert sampled.token_id == int(expected.argmax()) == 1  # 3 - 1.5 - 0.25 < 2.2 - 0.5 - 0.25
     # A negative penalty encourages repetition; no history, no penalty.
@@ -183,7 +212,9 @@ logit_values = st.one_of(
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(
     logits=st.lists(logit_values, min_size=1, max_size=12),
-    temperature=st.one_of(st.sampled_from([0.0, 5e-324, 1e-46, 1e-38, TEMPERATURE_MAX]), st.floats(0.0, TEMPERATURE_MAX)),
+    temperature=st.one_of(
+        st.sampled_from([0.0, 5e-324, 1e-46, 1e-38, TEMPERATURE_MAX]), st.floats(0.0, TEMPERATURE_MAX)
+    ),
     top_p=st.one_of(st.sampled_from([5e-324, 1e-46, 1e-38, 1.0]), st.floats(0.0, 1.0, exclude_min=True)),
     bias=st.floats(-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX),
     presence_penalty=st.floats(-PENALTY_MAX, PENALTY_MAX),

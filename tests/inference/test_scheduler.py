@@ -13,7 +13,9 @@ from inference.scheduler import Scheduler
 CONFIG = GPTConfig(vocab_size=64, block_size=256, n_layer=1, n_head=1, n_embd=8)
 
 
-def make_request(request_id: str, prompt_tokens: int, tier_level: int = 0, arrival_ms: int = 0, max_tokens: int = 8) -> Request:
+def make_request(
+    request_id: str, prompt_tokens: int, tier_level: int = 0, arrival_ms: int = 0, max_tokens: int = 8
+) -> Request:
     make_request.arrivals += 1
     return Request(
         request_id=request_id,
@@ -121,8 +123,14 @@ def test_a_request_whose_token_failed_finishes_with_error_and_frees_its_slot_the
     sampled = {"ok": 2}
     advanced = scheduler.update_from_output(output, sampled, failed={"failing": "sampling failed: boom"})
     assert [request.request_id for request in advanced] == ["ok"]
-    assert (failing.finish_reason, failing.error, failing.slot) == (FinishReason.ERROR, "sampling failed: boom", None)
-    assert failing.num_computed_tokens == 3 and failing.completion_tokens == 0  # its prompt went through the model
+    assert (failing.finish_reason, failing.error, failing.slot) == (
+        FinishReason.ERROR,
+        "sampling failed: boom",
+        None,
+    )
+    assert (
+        failing.num_computed_tokens == 3 and failing.completion_tokens == 0
+    )  # its prompt went through the model
     assert set(scheduler.requests) == {"ok", "waiting"} and scheduler.cache.free_slot_count == 1
     admitted = scheduler.schedule()
     assert {chunk.request.request_id for chunk in admitted.chunks} == {"ok", "waiting"}
@@ -168,7 +176,10 @@ def test_priority_serves_a_higher_tier_first():
 
 
 def test_aging_lets_a_low_tier_through_a_steady_stream_of_high_tier_arrivals():
-    """A free request (3 levels down, 1000 ms per level) waits behind enterprise arrivals for 3 s, no longer."""
+    """A free request (3 levels down, 1000 ms per level) waits behind enterprise arrivals for 3 s, no
+    longer."""
+    
+    
     queue = PriorityAgingQueue(aging_ms_per_tier_level=1000)
     queue.add(make_request("free", 1, tier_level=3, arrival_ms=0))
     served_before_free = []

@@ -75,15 +75,29 @@ AUTHORIZATION = {"Authorization": authorization_header(INTERNAL_TOKEN).decode()}
 
 @contextmanager
 def serve(
-    default_models, tokenizer, usage=None, worker_overrides: dict | None = None, on_fatal=None, **engine_overrides
+    default_models,
+    tokenizer,
+    usage=None,
+    worker_overrides: dict | None = None,
+    on_fatal=None,
+    **engine_overrides,
 ) -> Iterator[tuple[httpx.Client, RecordingUsage]]:
-    engine_settings = EngineSettings(**({"device": "cpu", "torch_threads": 0, "step_tokens_max": 64, "prefill_chunk_tokens_max": 32} | engine_overrides))
+    engine_settings = EngineSettings(
+        **(
+            {"device": "cpu", "torch_threads": 0, "step_tokens_max": 64, "prefill_chunk_tokens_max": 32}
+            | engine_overrides
+        )
+    )
     settings = WorkerSettings(engine=engine_settings, retry_after_s=2, **(worker_overrides or {}))
     engine = GatedEngine(default_models("cpu", torch.float32), tokenizer, engine_settings)
     usage = usage or RecordingUsage()
     fatal_calls: list[float] = []
     app = create_app(
-        settings, usage, engine=engine, internal_token=INTERNAL_TOKEN, on_fatal=on_fatal or (lambda: fatal_calls.append(time.monotonic()))
+        settings,
+        usage,
+        engine=engine,
+        internal_token=INTERNAL_TOKEN,
+        on_fatal=on_fatal or (lambda: fatal_calls.append(time.monotonic())),
     )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -96,7 +110,9 @@ def serve(
     assert server.started, "worker did not start"
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S, headers=AUTHORIZATION) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S, headers=AUTHORIZATION
+        ) as client:
             client.app_engine = engine
             yield client, usage
     finally:
@@ -113,8 +129,14 @@ def worker(default_models, tokenizer):
 
 
 def body(request_id: str, prompt: str = "The", max_tokens: int = 16, **extra) -> dict:
-    return {"request_id": request_id, "tenant_id": "tenant-1", "tier": "standard", "model": "tollgate-tiny",
-            "prompt": prompt, "max_tokens": max_tokens} | extra
+    return {
+        "request_id": request_id,
+        "tenant_id": "tenant-1",
+        "tier": "standard",
+        "model": "tollgate-tiny",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+    } | extra
 
 
 def generate(client: httpx.Client, payload: dict) -> list[dict]:
@@ -139,12 +161,19 @@ def test_stream_ends_with_done_and_usage_matches_what_was_streamed(worker):
 
 def test_concurrent_requests_each_emit_exactly_one_usage(worker):
     client, usage = worker
-    payloads = [body(f"req-many-{i}", prompt=LONG_PROMPT[: 10 + 7 * i], max_tokens=8 + i, stop=["\n\n"]) for i in range(6)]
+    payloads = [
+        body(f"req-many-{i}", prompt=LONG_PROMPT[: 10 + 7 * i], max_tokens=8 + i, stop=["\n\n"])
+        for i in range(6)
+    ]
     with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
         streams = list(pool.map(lambda payload: generate(client, payload), payloads))
     for payload, events in zip(payloads, streams, strict=True):
         event = usage.wait_for(payload["request_id"])
-        assert event.completion_tokens == sum(e["type"] == "token" for e in events) == events[-1]["completion_tokens"]
+        assert (
+            event.completion_tokens
+            == sum(e["type"] == "token" for e in events)
+            == events[-1]["completion_tokens"]
+        )
         assert event.prompt_tokens == count_tokens(payload["prompt"])
 
 
@@ -210,7 +239,10 @@ def cancelled_count(client: httpx.Client) -> float:
 
 
 def test_full_queue_is_503_overloaded_at_once(default_models, tokenizer):
-    with serve(default_models, tokenizer, running_sequences_max=1, waiting_queue_depth_max=1) as (client, usage):
+    with serve(default_models, tokenizer, running_sequences_max=1, waiting_queue_depth_max=1) as (
+        client,
+        usage,
+    ):
         client.app_engine.gate.clear()  # the engine loop stops before its next schedule: nothing is admitted
         with client.stream("POST", "/internal/v1/generate", json=body("req-queued", max_tokens=3)) as queued:
             assert queued.status_code == 200  # accepted: it fills the one waiting place
@@ -228,7 +260,9 @@ def test_full_queue_is_503_overloaded_at_once(default_models, tokenizer):
 def test_client_disconnect_cancels_the_request(default_models, tokenizer):
     with serve(default_models, tokenizer, running_sequences_max=1) as (client, usage):
         engine = client.app_engine
-        with client.stream("POST", "/internal/v1/generate", json=body("req-long", prompt=LONG_PROMPT, max_tokens=400)) as running:
+        with client.stream(
+            "POST", "/internal/v1/generate", json=body("req-long", prompt=LONG_PROMPT, max_tokens=400)
+        ) as running:
             assert first_token(running)["type"] == "token"
             engine.gate.clear()  # hold the engine so the request cannot run to its end meanwhile
         # The connection is closed; the worker notices at its next write and cancels.
@@ -246,9 +280,13 @@ def test_internal_routes_need_the_internal_token_and_health_and_metrics_do_not(w
     url = str(client.base_url)
     wrong = {"Authorization": authorization_header(INTERNAL_TOKEN[:-1] + "x").decode()}
     for headers in ({}, wrong, {"Authorization": INTERNAL_TOKEN}):  # none, a wrong token, no Bearer prefix
-        response = httpx.post(f"{url}/internal/v1/generate", json=body("req-no-auth", max_tokens=2), headers=headers)
+        response = httpx.post(
+            f"{url}/internal/v1/generate", json=body("req-no-auth", max_tokens=2), headers=headers
+        )
         assert response.status_code == 401 and response.json()["error"] == "unauthorized"
-        assert httpx.post(f"{url}/internal/v1/tokenize", json={"text": "hi"}, headers=headers).status_code == 401
+        assert (
+            httpx.post(f"{url}/internal/v1/tokenize", json={"text": "hi"}, headers=headers).status_code == 401
+        )
     assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/metrics").status_code == 200
     events = generate(client, body("req-auth", max_tokens=2))  # the client sends the right token
     assert events[-1]["type"] == "done"
@@ -302,7 +340,10 @@ def test_done_line_is_sent_only_after_the_usage_is_published(default_models, tok
         reader.join(WAIT_S)
         assert not reader.is_alive()
     event = usage.wait_for("req-blocked")
-    assert lines[-1]["type"] == "done" and lines[-1]["completion_tokens"] == event.completion_tokens == len(lines) - 1
+    assert (
+        lines[-1]["type"] == "done"
+        and lines[-1]["completion_tokens"] == event.completion_tokens == len(lines) - 1
+    )
 
 
 class FailingUsage(RecordingUsage):
@@ -321,13 +362,20 @@ class FailingUsage(RecordingUsage):
 
 
 @pytest.mark.parametrize("hang", [False, True], ids=["fails", "times-out"])
-def test_a_usage_that_is_not_recorded_ends_the_stream_with_usage_not_recorded(default_models, tokenizer, hang):
+def test_a_usage_that_is_not_recorded_ends_the_stream_with_usage_not_recorded(
+    default_models, tokenizer, hang
+):
     usage = FailingUsage(hang)
-    with serve(default_models, tokenizer, usage=usage, worker_overrides={"usage_emit_timeout_ms": 300}) as (client, _):
+    with serve(default_models, tokenizer, usage=usage, worker_overrides={"usage_emit_timeout_ms": 300}) as (
+        client,
+        _,
+    ):
         lines = generate(client, body("req-unbilled", max_tokens=4))
         metrics = client.get("/metrics").text
     tokens, last = lines[:-1], lines[-1]
-    assert all(line["type"] == "token" for line in tokens) and not any(line["type"] == "done" for line in lines)
+    assert all(line["type"] == "token" for line in tokens) and not any(
+        line["type"] == "done" for line in lines
+    )
     assert (last["type"], last["error"], last["retryable"]) == ("error", "usage_not_recorded", False)
     assert last["completion_tokens"] == len(tokens) and last["prompt_tokens"] == count_tokens("The")
     assert usage.calls == 1 and "tollgate_worker_usage_emit_failures_total 1.0" in metrics
@@ -342,14 +390,20 @@ def test_logprobs_are_on_token_lines_only_when_asked(worker):
     assert all("logprob" not in line and "top_logprobs" not in line for line in plain)
     lines = generate(client, body("req-logprobs", max_tokens=4, logprobs=True, top_logprobs=3))
     tokens = [line for line in lines if line["type"] == "token"]
-    assert [line["token_id"] for line in tokens] == [line["token_id"] for line in plain if line["type"] == "token"]
+    assert [line["token_id"] for line in tokens] == [
+        line["token_id"] for line in plain if line["type"] == "token"
+    ]
     for line in tokens:
         chosen, alternatives = line["logprob"], line["top_logprobs"]
         assert chosen["token_id"] == line["token_id"] and chosen["logprob"] <= 0.0
         assert isinstance(chosen["token"], str) and all(0 <= byte < 256 for byte in chosen["bytes"])
-        assert len(alternatives) == 3 and alternatives[0]["token_id"] == line["token_id"]  # greedy: the top one
+        assert (
+            len(alternatives) == 3 and alternatives[0]["token_id"] == line["token_id"]
+        )  # greedy: the top one
         assert alternatives[0]["logprob"] == pytest.approx(chosen["logprob"])
-        assert [a["logprob"] for a in alternatives] == sorted((a["logprob"] for a in alternatives), reverse=True)
+        assert [a["logprob"] for a in alternatives] == sorted(
+            (a["logprob"] for a in alternatives), reverse=True
+        )
 
 
 def test_logit_bias_reaches_the_engine(worker):
@@ -388,7 +442,9 @@ def test_usage_is_billed_at_the_admission_time(worker):
 # ---- failures in the engine ------------------------------------------------------------------------
 
 
-def test_a_request_that_fails_in_the_engine_gets_request_failed_after_its_usage(default_models, tokenizer, monkeypatch):
+def test_a_request_that_fails_in_the_engine_gets_request_failed_after_its_usage(
+    default_models, tokenizer, monkeypatch
+):
     with serve(default_models, tokenizer) as (client, usage):
         model = client.app_engine.model
 
@@ -402,7 +458,10 @@ def test_a_request_that_fails_in_the_engine_gets_request_failed_after_its_usage(
         failed = lines[0]
         assert (failed["type"], failed["error"], failed["retryable"]) == ("error", "request_failed", False)
         event = usage.wait_for("req-fails")
-        assert (failed["prompt_tokens"], failed["completion_tokens"]) == (event.prompt_tokens, event.completion_tokens)
+        assert (failed["prompt_tokens"], failed["completion_tokens"]) == (
+            event.prompt_tokens,
+            event.completion_tokens,
+        )
         assert generate(client, body("req-after-failure", max_tokens=3))[-1]["type"] == "done"
         assert client.get("/health").json()["status"] == "ok"
 
@@ -410,7 +469,9 @@ def test_a_request_that_fails_in_the_engine_gets_request_failed_after_its_usage(
 def test_a_dead_engine_loop_fails_its_requests_bills_them_and_is_rebuilt(default_models, tokenizer):
     with serve(default_models, tokenizer) as (client, usage):
         engine = client.app_engine
-        with client.stream("POST", "/internal/v1/generate", json=body("req-in-flight", max_tokens=200)) as running:
+        with client.stream(
+            "POST", "/internal/v1/generate", json=body("req-in-flight", max_tokens=200)
+        ) as running:
             lines = running.iter_lines()
             assert json.loads(next(lines))["type"] == "token"
 
@@ -422,7 +483,10 @@ def test_a_dead_engine_loop_fails_its_requests_bills_them_and_is_rebuilt(default
         last = rest[-1]
         assert (last["type"], last["error"], last["retryable"]) == ("error", "engine_failed", False)
         event = usage.wait_for("req-in-flight")
-        assert (last["prompt_tokens"], last["completion_tokens"]) == (event.prompt_tokens, event.completion_tokens)
+        assert (last["prompt_tokens"], last["completion_tokens"]) == (
+            event.prompt_tokens,
+            event.completion_tokens,
+        )
         assert event.completion_tokens == 1 + sum(line["type"] == "token" for line in rest) < 200
         after = generate(client, body("req-after-restart", max_tokens=3))
         assert after[-1]["type"] == "done" and usage.wait_for("req-after-restart").completion_tokens == 3
@@ -462,7 +526,13 @@ async def test_watch_health_calls_on_fatal_only_after_an_unbroken_failed_spell()
         return len(reads) * 0.010
 
     await asyncio.wait_for(
-        watch_health(is_healthy, failed_exit_ms=50, interval_ms=1, on_fatal=lambda: fatal.append(len(reads)), clock=clock),
+        watch_health(
+            is_healthy,
+            failed_exit_ms=50,
+            interval_ms=1,
+            on_fatal=lambda: fatal.append(len(reads)),
+            clock=clock,
+        ),
         WAIT_S,
     )
     assert fatal == [4 + 6]  # the second spell began at read 5; read 10 is 50 ms later
@@ -474,6 +544,10 @@ def test_the_worker_process_refuses_to_start_without_a_usable_token(token):
     if token is not None:
         environment["TOLLGATE_INTERNAL_TOKEN"] = token
     finished = subprocess.run(
-        [sys.executable, "-m", "inference.worker"], env=environment, capture_output=True, text=True, timeout=WAIT_S
+        [sys.executable, "-m", "inference.worker"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
     )
     assert finished.returncode != 0 and "TOLLGATE_INTERNAL_TOKEN" in finished.stderr

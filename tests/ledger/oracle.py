@@ -57,15 +57,26 @@ def replay(events, t):
     for event in events:
         if isinstance(event, GrantVoided) and event.grant_id in blocks:
             block = blocks[event.grant_id]
-            block.voided_at = event.voided_at if block.voided_at is None else min(block.voided_at, event.voided_at)
-    usages = sorted((e for e in events if isinstance(e, UsageRecorded)), key=lambda e: (e.occurred_at, e.event_id))
+            block.voided_at = (
+                event.voided_at if block.voided_at is None else min(block.voided_at, event.voided_at)
+            )
+    usages = sorted(
+        (e for e in events if isinstance(e, UsageRecorded)), key=lambda e: (e.occurred_at, e.event_id)
+    )
     overage = 0
     for usage in usages:
         if usage.occurred_at > t:
             break
         need = usage.amount
         active = [b for b in blocks.values() if b.effective_at <= usage.occurred_at < b.end]
-        active.sort(key=lambda b: (b.priority, FOREVER if b.expires_at is None else b.expires_at, b.effective_at, b.grant_id))
+        active.sort(
+            key=lambda b: (
+                b.priority,
+                FOREVER if b.expires_at is None else b.expires_at,
+                b.effective_at,
+                b.grant_id,
+            )
+        )
         for block in active:
             take = min(need, block.amount - block.consumed)
             block.consumed += take

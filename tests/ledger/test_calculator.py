@@ -14,7 +14,12 @@ def balances(calls, times):
 
 
 def g(grant_id, amount, timestamp, expiration_timestamp):
-    return ("create_grant", dict(grant_id=grant_id, amount=amount, timestamp=timestamp, expiration_timestamp=expiration_timestamp))
+    return (
+        "create_grant",
+        dict(
+            grant_id=grant_id, amount=amount, timestamp=timestamp, expiration_timestamp=expiration_timestamp
+        ),
+    )
 
 
 def s(amount, timestamp):

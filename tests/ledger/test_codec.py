@@ -7,10 +7,14 @@ from ledger.entries import Allocation, UsageAllocated, decode_entry, encode_entr
 from ledger.events import CreditExpired, CreditGranted, GrantVoided, InvalidEvent, UsageRecorded, validated
 
 EVENTS = [
-    CreditGranted(event_id="e1", tenant_id="t", grant_id="g", amount=5, effective_at=1, expires_at=9, priority=2),
+    CreditGranted(
+        event_id="e1", tenant_id="t", grant_id="g", amount=5, effective_at=1, expires_at=9, priority=2
+    ),
     CreditGranted(event_id="e2", tenant_id="t", grant_id="g2", amount=5, effective_at=1),
     GrantVoided(event_id="e3", tenant_id="t", grant_id="g", voided_at=4),
-    UsageRecorded(event_id="r1", tenant_id="t", amount=0, occurred_at=3, model="m", prompt_tokens=1, completion_tokens=2),
+    UsageRecorded(
+        event_id="r1", tenant_id="t", amount=0, occurred_at=3, model="m", prompt_tokens=1, completion_tokens=2
+    ),
     CreditExpired(event_id="t/expired/g", tenant_id="t", grant_id="g", expired_at=9, amount=3),
 ]
 
@@ -27,11 +31,26 @@ def test_round_trip(event):
         (b"[]", "invalid"),
         (b'{"type":"credit_granted"}', "event_id"),
         (b'{"type":"mystery","event_id":"x"}', "type"),
-        (b'{"type":"credit_granted","event_id":"e","tenant_id":"t","grant_id":"g","amount":-1,"effective_at":1}', "amount"),
-        (b'{"type":"credit_granted","event_id":"e","tenant_id":"t","grant_id":"g","amount":1,"effective_at":5,"expires_at":5}', "expires_at"),
-        (b'{"type":"credit_granted","event_id":"e","tenant_id":"t","grant_id":"g","amount":1.5,"effective_at":1}', "amount"),
-        (b'{"type":"usage_recorded","event_id":"","tenant_id":"t","amount":1,"occurred_at":1,"model":"m"}', "event_id"),
-        (b'{"type":"usage_recorded","event_id":"r","tenant_id":"t","amount":1,"occurred_at":-3,"model":"m"}', "occurred_at"),
+        (
+            b'{"type":"credit_granted","event_id":"e","tenant_id":"t","grant_id":"g","amount":-1,"effective_at":1}',
+            "amount",
+        ),
+        (
+            b'{"type":"credit_granted","event_id":"e","tenant_id":"t","grant_id":"g","amount":1,"effective_at":5,"expires_at":5}',
+            "expires_at",
+        ),
+        (
+            b'{"type":"credit_granted","event_id":"e","tenant_id":"t","grant_id":"g","amount":1.5,"effective_at":1}',
+            "amount",
+        ),
+        (
+            b'{"type":"usage_recorded","event_id":"","tenant_id":"t","amount":1,"occurred_at":1,"model":"m"}',
+            "event_id",
+        ),
+        (
+            b'{"type":"usage_recorded","event_id":"r","tenant_id":"t","amount":1,"occurred_at":-3,"model":"m"}',
+            "occurred_at",
+        ),
     ],
 )
 def test_bad_records_raise_one_typed_error_that_says_why(raw, reason):
@@ -57,7 +76,15 @@ def test_events_are_immutable():
 
 def test_entry_round_trip():
     entry = UsageAllocated(
-        entry_id="t/usage/r", tenant_id="t", event_id="r", occurred_at=1, model="m", prompt_tokens=1,
-        completion_tokens=2, amount=5, allocations=(Allocation("g", 4),), overage=1,
+        entry_id="t/usage/r",
+        tenant_id="t",
+        event_id="r",
+        occurred_at=1,
+        model="m",
+        prompt_tokens=1,
+        completion_tokens=2,
+        amount=5,
+        allocations=(Allocation("g", 4),),
+        overage=1,
     )
     assert decode_entry(encode_entry(entry)) == entry

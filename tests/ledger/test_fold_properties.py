@@ -106,7 +106,7 @@ def test_fold_matches_replay_oracle_in_any_order(steps):
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
-def test_published_entries_add_up_to_the_final_state(steps):
+def test_published_entries_add_up_to_the_final_state(steps):  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     """Whatever the order, the entries published (allocations, corrections, forfeits) sum to the truth."""
     ledger = TenantLedger(TENANT)
     applied = []

@@ -18,9 +18,7 @@ def test_amount_prices_uncached_prompt_cached_prompt_and_completion_tokens():
     assert usage_amount(PRICE, 0, 0) == 0
 
 
-@pytest.mark.parametrize(
-    ("prompt", "completion", "cached"), [(-1, 0, 0), (0, -1, 0), (1, 0, -1), (1, 0, 2)]
-)
+@pytest.mark.parametrize(("prompt", "completion", "cached"), [(-1, 0, 0), (0, -1, 0), (1, 0, -1), (1, 0, 2)])
 def test_impossible_counts_are_programmer_errors(prompt, completion, cached):
     with pytest.raises(AssertionError):
         usage_amount(PRICE, prompt, completion, cached)
@@ -53,7 +51,10 @@ def test_pricing_is_pure():
 
 
 def test_no_other_module_computes_a_price():
-    """The estimate, the settle and the usage event call ledger.pricing; nothing multiplies credits elsewhere."""
+    """The estimate, the settle and the usage event call ledger.pricing; nothing multiplies credits
+    elsewhere."""
+    
+    
     root = Path(__file__).resolve().parents[2]
     for package in ("gateway", "inference", "streams", "tollgate", "bench"):
         for path in (root / package).rglob("*.py"):

@@ -18,18 +18,32 @@ T = "tenant"
 
 def grant(grant_id, amount, effective_at, expires_at=None, priority=0):
     return CreditGranted(
-        event_id=f"g-{grant_id}", tenant_id=T, grant_id=grant_id, amount=amount,
-        effective_at=effective_at, expires_at=expires_at, priority=priority,
+        event_id=f"g-{grant_id}",
+        tenant_id=T,
+        grant_id=grant_id,
+        amount=amount,
+        effective_at=effective_at,
+        expires_at=expires_at,
+        priority=priority,
     )
 
 
 def usage(event_id, amount, occurred_at):
-    return UsageRecorded(event_id=event_id, tenant_id=T, amount=amount, occurred_at=occurred_at, model="m",
-                         prompt_tokens=3, completion_tokens=4)
+    return UsageRecorded(
+        event_id=event_id,
+        tenant_id=T,
+        amount=amount,
+        occurred_at=occurred_at,
+        model="m",
+        prompt_tokens=3,
+        completion_tokens=4,
+    )
 
 
 def void(grant_id, voided_at, event_id=None):
-    return GrantVoided(event_id=event_id or f"v-{grant_id}-{voided_at}", tenant_id=T, grant_id=grant_id, voided_at=voided_at)
+    return GrantVoided(
+        event_id=event_id or f"v-{grant_id}-{voided_at}", tenant_id=T, grant_id=grant_id, voided_at=voided_at
+    )
 
 
 def ledger_of(*events):
@@ -57,7 +71,9 @@ def test_usage_at_the_effective_instant_draws_from_the_block():
 
 
 def test_soonest_expiry_is_drawn_first_then_effective_at_then_grant_id():
-    ledger = ledger_of(grant("late", 5, 0, 100), grant("soon", 5, 0, 50), grant("never", 5, 0), usage("u", 7, 1))
+    ledger = ledger_of(
+        grant("late", 5, 0, 100), grant("soon", 5, 0, 50), grant("never", 5, 0), usage("u", 7, 1)
+    )
     remaining = {b.grant_id: b.remaining for b in ledger.blocks_at(1)}
     assert remaining == {"soon": 0, "late": 3, "never": 5}
     tie = ledger_of(grant("b", 5, 0, 50), grant("a", 5, 0, 50), usage("u", 6, 1))
@@ -65,7 +81,9 @@ def test_soonest_expiry_is_drawn_first_then_effective_at_then_grant_id():
 
 
 def test_priority_comes_before_expiry():
-    ledger = ledger_of(grant("cheap", 5, 0, 100, priority=0), grant("soon", 5, 0, 10, priority=1), usage("u", 6, 1))
+    ledger = ledger_of(
+        grant("cheap", 5, 0, 100, priority=0), grant("soon", 5, 0, 10, priority=1), usage("u", 6, 1)
+    )
     assert {b.grant_id: b.remaining for b in ledger.blocks_at(1)} == {"cheap": 0, "soon": 4}
 
 

@@ -24,7 +24,9 @@ WORDS = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "hello", "t
 
 def write_word_tokenizer(directory: Path) -> Tokenizer:
     """A tiny whitespace word-level tokenizer: one token per word, nothing like the default BPE."""
-    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(
+        models.WordLevel({word: index for index, word in enumerate(WORDS)}, unk_token="[UNK]")
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -50,11 +52,14 @@ def two_models(tmp_path, monkeypatch) -> Path:
 def test_the_gateway_counts_with_the_served_models_own_tokenizer(two_models):
     settings = GatewaySettings()
     text = "hello there hello world " * 5
-    prepared = prepare(parse_body(CompletionBody, json.dumps({"model": "words", "prompt": text}).encode()), settings)
+    prepared = prepare(
+        parse_body(CompletionBody, json.dumps({"model": "words", "prompt": text}).encode()), settings
+    )
     assert prepared.prompt_tokens == len(text.split()) == 20
     assert prepared.prompt_tokens != count_tokens(text)  # the default model's count differs
     default = prepare(
-        parse_body(CompletionBody, json.dumps({"model": DEFAULT_MODEL_NAME, "prompt": text}).encode()), settings
+        parse_body(CompletionBody, json.dumps({"model": DEFAULT_MODEL_NAME, "prompt": text}).encode()),
+        settings,
     )
     assert default.prompt_tokens == count_tokens(text)
 
@@ -66,7 +71,9 @@ def test_the_gateway_renders_chat_with_the_models_template_and_stop(two_models):
     assert words.prompt == "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
     assert words.stop == (CHATML_STOP,)
     assert words.prompt_tokens == len(words.prompt.split())
-    default = prepare(parse_body(ChatCompletionBody, json.dumps({**body, "model": DEFAULT_MODEL_NAME}).encode()), settings)
+    default = prepare(
+        parse_body(ChatCompletionBody, json.dumps({**body, "model": DEFAULT_MODEL_NAME}).encode()), settings
+    )
     assert default.stop == (CHAT_STOP,) and default.prompt.startswith("<|user|>\n")
 
 
@@ -105,8 +112,14 @@ def test_a_toml_registry_reads_as_json_does(tmp_path):
     [
         ([default_entry(), default_entry()], "names a model twice"),
         ([default_entry(max_tokens_max=512)], "max_tokens_max"),
-        ([default_entry(price={"prompt_token_credits": -1, "completion_token_credits": 1})], "must not be negative"),
-        ([default_entry(price={"prompt_token_credits": 1.5, "completion_token_credits": 1})], "prompt_token_credits"),
+        (
+            [default_entry(price={"prompt_token_credits": -1, "completion_token_credits": 1})],
+            "must not be negative",
+        ),
+        (
+            [default_entry(price={"prompt_token_credits": 1.5, "completion_token_credits": 1})],
+            "prompt_token_credits",
+        ),
     ],
 )
 def test_a_bad_registry_is_refused_naming_why(tmp_path, entries, message):

@@ -119,7 +119,9 @@ def test_compose_sets_the_shared_environment_and_admin_token_for_the_gateway():
     gateway = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["gateway"]["environment"]
     assert gateway["TOLLGATE_ENVIRONMENT"] == "production"
     assert gateway["TOLLGATE_ADMIN_TOKEN"].startswith("${TOLLGATE_ADMIN_TOKEN:?")
-    assert not [name for name in gateway if name.endswith(("_ENVIRONMENT", "_ADMIN_TOKEN")) and name.count("_") > 2]
+    assert not [
+        name for name in gateway if name.endswith(("_ENVIRONMENT", "_ADMIN_TOKEN")) and name.count("_") > 2
+    ]
 
 
 def test_a_default_tier_outside_the_tiers_is_refused():
@@ -132,6 +134,8 @@ def test_the_cli_offers_the_shared_tiers():
 
     from tollgate.cli import app
 
-    help_text = " ".join(CliRunner().invoke(app, ["tenants", "create", "--help"], terminal_width=400).output.split())
+    help_text = " ".join(
+        CliRunner().invoke(app, ["tenants", "create", "--help"], terminal_width=400).output.split()
+    )
     for tier in AdminSettings().tenant_tiers:
         assert tier in help_text, tier

@@ -1,4 +1,5 @@
-"""`python -m tests.simulation --seeds N [--first S]` runs N seeds; `--seed S` replays one, printing its steps.
+"""`python -m tests.simulation --seeds N [--first S]` runs N seeds; `--seed S` replays one, printing its
+steps.
 `make simulate SEEDS=N` / `make simulate SEED=S` call this."""
 
 from __future__ import annotations

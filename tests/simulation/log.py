@@ -51,7 +51,9 @@ class SimulatedLog:
         return len(self.partition_log(topic, partition))
 
     def commit(self, group: str, partition: int, next_offset: int) -> None:
-        assert next_offset >= self.committed.get((group, partition), 0), "a group's committed offset never goes back"
+        assert next_offset >= self.committed.get((group, partition), 0), (
+            "a group's committed offset never goes back"
+        )
         self.committed[(group, partition)] = next_offset
 
     def committed_offset(self, group: str, partition: int) -> int:
@@ -113,7 +115,7 @@ class SimulatedTransport:
         """The compacted changelog in chunks of `STATE_READ_CHUNK_RECORDS`, as the broker's fetches come."""
         records = self.log.read_compacted(self.changelog_topic, partition)
         for start in range(0, len(records), STATE_READ_CHUNK_RECORDS):
-            yield records[start:start + STATE_READ_CHUNK_RECORDS]
+            yield records[start : start + STATE_READ_CHUNK_RECORDS]
 
     def _append(self, records: list[PartitionedRecord]) -> None:
         for record in records:

@@ -85,7 +85,10 @@ class Finance:
                     self.entries[entry_id] = record.value
                     self.entries_of[entry["tenant_id"]].append(entry)
                 else:
-                    check(first == record.value, f"entry id {entry_id} carries two contents:\n  {first!r}\n  {record.value!r}")
+                    check(
+                        first == record.value,
+                        f"entry id {entry_id} carries two contents:\n  {first!r}\n  {record.value!r}",
+                    )
             for record in self._new(self.topics.balances, partition):
                 balance = msgspec.json.decode(record.value, type=BalanceRecord)
                 self.check_balance(balance)
@@ -93,12 +96,19 @@ class Finance:
                 self.unchecked.add(balance.tenant_id)
 
     def check_balance(self, record: BalanceRecord) -> None:
-        """A published balance equals the brute-force fold, at its as_of, of the events it says it includes."""
-        events = self.model.applied_events(record.tenant_id, self.partition_of(record.tenant_id), record.applied_offset)
+        """A published balance equals the brute-force fold, at its as_of, of the events it says it
+        includes."""
+        
+        
+        events = self.model.applied_events(
+            record.tenant_id, self.partition_of(record.tenant_id), record.applied_offset
+        )
         expected = (oracle.balance_at(events, record.as_of), oracle.overage_at(events, ALL_TIME_MS))
-        check((record.balance, record.overage) == expected,
-              f"balance of {record.tenant_id} at {record.as_of} (through offset {record.applied_offset}): "
-              f"published (balance, overage) {(record.balance, record.overage)}, the fold says {expected}")
+        check(
+            (record.balance, record.overage) == expected,
+            f"balance of {record.tenant_id} at {record.as_of} (through offset {record.applied_offset}): "
+            f"published (balance, overage) {(record.balance, record.overage)}, the fold says {expected}",
+        )
         self.balances_checked += 1
 
     def check_balance_now(self, tenant_id: str, swept_ms: int) -> None:
@@ -108,9 +118,11 @@ class Finance:
         if latest is None:
             return
         events = self.model.applied_events(tenant_id, self.partition_of(tenant_id), latest.applied_offset)
-        check(latest.balance == oracle.balance_at(events, swept_ms),
-              f"{tenant_id}: after a sweep at {swept_ms} the latest balance is {latest.balance} (as of {latest.as_of}), "
-              f"the fold at {swept_ms} says {oracle.balance_at(events, swept_ms)}")
+        check(
+            latest.balance == oracle.balance_at(events, swept_ms),
+            f"{tenant_id}: after a sweep at {swept_ms} the latest balance is {latest.balance} (as of {latest.as_of}), "  # noqa: E501
+            f"the fold at {swept_ms} says {oracle.balance_at(events, swept_ms)}",
+        )
 
     def check_integration(self, tenant_id: str) -> None:
         """The tenant's entries, one per id, integrate exactly to the fold of the events its latest balance
@@ -124,7 +136,10 @@ class Finance:
         events = self.model.applied_events(tenant_id, self.partition_of(tenant_id), latest.applied_offset)
         blocks, overage = oracle.replay(events, ALL_TIME_MS)
         consumed: dict[str, int] = defaultdict(int)
-        ended: dict[str, dict[str, int]] = {"credit_expired": defaultdict(int), "credit_voided": defaultdict(int)}
+        ended: dict[str, dict[str, int]] = {
+            "credit_expired": defaultdict(int),
+            "credit_voided": defaultdict(int),
+        }
         kind_of: dict[str, str] = {}
         usage_ids = set()
         integrated_overage = 0
@@ -132,8 +147,10 @@ class Finance:
             kind = entry["type"]
             if kind == "usage_allocated":
                 usage_ids.add(entry["event_id"])
-                check(sum(a for _, a in entry["allocations"]) + entry["overage"] == entry["amount"],
-                      f"{entry['entry_id']}: allocations + overage != amount")
+                check(
+                    sum(a for _, a in entry["allocations"]) + entry["overage"] == entry["amount"],
+                    f"{entry['entry_id']}: allocations + overage != amount",
+                )
                 for grant_id, amount in entry["allocations"]:
                     consumed[grant_id] += amount
                 integrated_overage += entry["overage"]
@@ -147,23 +164,38 @@ class Finance:
                 ended[kind][entry["grant_id"]] += entry["amount"]
             elif kind == "end_corrected":
                 corrected = kind_of.get(entry["corrects"])
-                check(corrected is not None, f"{entry['entry_id']} corrects {entry['corrects']}, which was never published")
+                check(
+                    corrected is not None,
+                    f"{entry['entry_id']} corrects {entry['corrects']}, which was never published",
+                )
                 ended[corrected][entry["grant_id"]] += entry["delta"]
             else:
                 raise PropertyViolated(f"unknown entry type {kind}")
         where = f"tenant {tenant_id} through offset {latest.applied_offset}, stream time {latest.as_of}"
         expected_usage = {e.event_id for e in events if isinstance(e, UsageRecorded)}
-        check(usage_ids == expected_usage, f"{where}: usage entries for {sorted(usage_ids)}, applied {sorted(expected_usage)}")
-        check(integrated_overage == overage, f"{where}: entries integrate to overage {integrated_overage}, the fold says {overage}")
+        check(
+            usage_ids == expected_usage,
+            f"{where}: usage entries for {sorted(usage_ids)}, applied {sorted(expected_usage)}",
+        )
+        check(
+            integrated_overage == overage,
+            f"{where}: entries integrate to overage {integrated_overage}, the fold says {overage}",
+        )
         for block in blocks.values():
             grant_id = block.grant_id
             has_ended = block.end <= latest.as_of
             forfeited = block.amount - block.consumed if has_ended and not block.voided else 0
             voided = block.amount - block.consumed if has_ended and block.voided else 0
-            got = (consumed.get(grant_id, 0), ended["credit_expired"].get(grant_id, 0), ended["credit_voided"].get(grant_id, 0))
-            check(got == (block.consumed, forfeited, voided),
-                  f"{where}: grant {grant_id} integrates to (consumed, forfeited, voided) {got}, "
-                  f"the fold says {(block.consumed, forfeited, voided)}")
+            got = (
+                consumed.get(grant_id, 0),
+                ended["credit_expired"].get(grant_id, 0),
+                ended["credit_voided"].get(grant_id, 0),
+            )
+            check(
+                got == (block.consumed, forfeited, voided),
+                f"{where}: grant {grant_id} integrates to (consumed, forfeited, voided) {got}, "
+                f"the fold says {(block.consumed, forfeited, voided)}",
+            )
             check(sum(got) <= block.amount, f"{where}: grant {grant_id} gave out more than its amount")
         unknown = (set(consumed) | set(ended["credit_expired"]) | set(ended["credit_voided"])) - set(blocks)
         check(not unknown, f"{where}: entries for grants the events never granted: {sorted(unknown)}")

@@ -81,8 +81,13 @@ def scratch_parent() -> Path | None:
 
 
 def real_engine(transport, topics, changelog_topic, partitions) -> BatchEngine:
-    return BatchEngine(transport, topics=topics, changelog_topic=changelog_topic, partitions=partitions,
-                       state=RocksState(temporary_parent=scratch_parent()))
+    return BatchEngine(
+        transport,
+        topics=topics,
+        changelog_topic=changelog_topic,
+        partitions=partitions,
+        state=RocksState(temporary_parent=scratch_parent()),
+    )
 
 
 class Simulation:
@@ -91,11 +96,16 @@ class Simulation:
         self.rng = random.Random(seed)
         rng = self.rng
         self.engine_factory = engine_factory
-        self.topics = LedgerTopics(events="sim.events", entries="sim.entries", balances="sim.balances", dlq="sim.dlq")
+        self.topics = LedgerTopics(
+            events="sim.events", entries="sim.entries", balances="sim.balances", dlq="sim.dlq"
+        )
         self.partitions = rng.randint(1, 3)
         self.log = SimulatedLog(self.partitions)
-        self.faults = FaultPlan(rng, crash_probability=rng.choice([0.0, 0.01, 0.03, 0.08]),
-                                ack_lost_probability=rng.choice([0.0, 0.02, 0.05]))
+        self.faults = FaultPlan(
+            rng,
+            crash_probability=rng.choice([0.0, 0.01, 0.03, 0.08]),
+            ack_lost_probability=rng.choice([0.0, 0.02, 0.05]),
+        )
         self.model = LedgerModel(self.log, self.topics)
         self.finance = Finance(self.log, self.topics, self.model, self.partition_of)
         self.pending = generate_events(rng)
@@ -154,8 +164,11 @@ class Simulation:
             if processor.engine is None:
                 self.restart(processor)
         for _ in range(10_000):
-            behind = [p for p in range(self.partitions)
-                      if self.processors[self.owner[p]].positions[p] < self.log.end_offset(self.topics.events, p)]
+            behind = [
+                p
+                for p in range(self.partitions)
+                if self.processors[self.owner[p]].positions[p] < self.log.end_offset(self.topics.events, p)
+            ]
             if not behind:
                 break
             for processor in self.processors:
@@ -174,9 +187,13 @@ class Simulation:
             end = self.log.end_offset(self.topics.events, self.partition_of(tenant_id))
             if latest is not None:
                 applied = self.model.applied_events(tenant_id, self.partition_of(tenant_id), end - 1)
-                covered = self.model.applied_events(tenant_id, self.partition_of(tenant_id), latest.applied_offset)
+                covered = self.model.applied_events(
+                    tenant_id, self.partition_of(tenant_id), latest.applied_offset
+                )
                 if applied != covered:
-                    raise PropertyViolated(f"{tenant_id}: the latest balance does not cover every event folded")
+                    raise PropertyViolated(
+                        f"{tenant_id}: the latest balance does not cover every event folded"
+                    )
 
     # -------------------------------------------------------------------------------------- actions
 
@@ -184,7 +201,12 @@ class Simulation:
         count = self.rng.randint(1, 4)
         for event in self.pending[:count]:
             self.log.clock_ms += self.rng.randint(0, 8)
-            self.log.append(self.topics.events, self.partition_of(event.tenant_id), event.tenant_id.encode(), encode_event(event))
+            self.log.append(
+                self.topics.events,
+                self.partition_of(event.tenant_id),
+                event.tenant_id.encode(),
+                encode_event(event),
+            )
         del self.pending[:count]
         self.trace.append(f"produce {count} (clock {self.log.clock_ms})")
 
@@ -201,7 +223,9 @@ class Simulation:
             records = self.log.read(self.topics.events, partition, processor.positions[partition], size)
             if records:
                 batches[partition] = records
-        self.trace.append(f"{processor.name} fold {({p: (r[0].offset, r[-1].offset) for p, r in batches.items()})}")
+        self.trace.append(
+            f"{processor.name} fold { ({p: (r[0].offset, r[-1].offset) for p, r in batches.items()}) }"
+        )
         if self.guarded(processor, lambda: self._fold(engine, owned, batches)):
             for partition, records in batches.items():
                 processor.positions[partition] = records[-1].offset + 1
@@ -315,14 +339,38 @@ def generate_events(rng: random.Random) -> list:
         for g in range(rng.randint(1, 3)):
             effective_at = rng.randint(0, 200)
             expires_at = rng.choice([None, effective_at + rng.randint(1, 150)])
-            grants.append(CreditGranted(event_id=f"{tenant}-grant-{g}", tenant_id=tenant, grant_id=f"{tenant}-g{g}",
-                                        amount=rng.randint(1, 20), effective_at=effective_at, expires_at=expires_at,
-                                        priority=rng.randint(0, 1)))
-        voids = [GrantVoided(event_id=f"{tenant}-void-{n}", tenant_id=tenant, grant_id=rng.choice(grants).grant_id,
-                             voided_at=rng.randint(0, TIME_HORIZON_MS)) for n in range(rng.choice([0, 0, 1, 2]))]
-        usage = [UsageRecorded(event_id=f"{tenant}-req-{n}", tenant_id=tenant, amount=rng.randint(0, 8),
-                               occurred_at=rng.randint(0, TIME_HORIZON_MS), model="m", prompt_tokens=1, completion_tokens=1)
-                 for n in range(rng.randint(1, 12))]
+            grants.append(
+                CreditGranted(
+                    event_id=f"{tenant}-grant-{g}",
+                    tenant_id=tenant,
+                    grant_id=f"{tenant}-g{g}",
+                    amount=rng.randint(1, 20),
+                    effective_at=effective_at,
+                    expires_at=expires_at,
+                    priority=rng.randint(0, 1),
+                )
+            )
+        voids = [
+            GrantVoided(
+                event_id=f"{tenant}-void-{n}",
+                tenant_id=tenant,
+                grant_id=rng.choice(grants).grant_id,
+                voided_at=rng.randint(0, TIME_HORIZON_MS),
+            )
+            for n in range(rng.choice([0, 0, 1, 2]))
+        ]
+        usage = [
+            UsageRecorded(
+                event_id=f"{tenant}-req-{n}",
+                tenant_id=tenant,
+                amount=rng.randint(0, 8),
+                occurred_at=rng.randint(0, TIME_HORIZON_MS),
+                model="m",
+                prompt_tokens=1,
+                completion_tokens=1,
+            )
+            for n in range(rng.randint(1, 12))
+        ]
         events += grants[1:] + voids + usage
         firsts.append(grants[0])
     rng.shuffle(events)

@@ -47,8 +47,13 @@ class PublishFirstEngine(BatchEngine):
 
 
 def publish_first(transport, topics, changelog_topic, partitions):
-    return PublishFirstEngine(transport, topics=topics, changelog_topic=changelog_topic, partitions=partitions,
-                              state=RocksState(temporary_parent=scratch_parent()))
+    return PublishFirstEngine(
+        transport,
+        topics=topics,
+        changelog_topic=changelog_topic,
+        partitions=partitions,
+        state=RocksState(temporary_parent=scratch_parent()),
+    )
 
 
 def test_publishing_before_the_state_is_caught_and_the_failing_seed_replays_exactly():

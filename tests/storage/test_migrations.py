@@ -69,7 +69,7 @@ def test_ledger_tables_refuse_update_and_delete(database_url):
     with psycopg.connect(database_url) as connection:
         connection.execute(
             "INSERT INTO ledger_entries (entry_id, tenant_id, entry_type, payload, source_topic,"
-            " source_partition, source_offset, recorded_at_ms) VALUES ('e1', 't1', 'x', '{}', 'topic', 0, 0, 0)"
+            " source_partition, source_offset, recorded_at_ms) VALUES ('e1', 't1', 'x', '{}', 'topic', 0, 0, 0)"  # noqa: E501
         )
         connection.commit()
         for statement in ("UPDATE ledger_entries SET amount = 1", "DELETE FROM ledger_entries"):
@@ -83,7 +83,7 @@ def test_grant_constraints_refuse_bad_rows(database_url):
     with psycopg.connect(database_url) as connection:
         connection.execute("INSERT INTO tenants VALUES ('t1', 'Acme', 'free', 0)")
         insert = (
-            "INSERT INTO grants (grant_id, tenant_id, event_id, amount, effective_at_ms, expires_at_ms, priority,"
+            "INSERT INTO grants (grant_id, tenant_id, event_id, amount, effective_at_ms, expires_at_ms, priority,"  # noqa: E501
             " idempotency_key, request_sha256, created_at_ms) VALUES (%s, 't1', %s, %s, 10, %s, 0, %s, %s, 0)"
         )
         digest = b"\x00" * 32

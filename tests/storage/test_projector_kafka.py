@@ -61,7 +61,13 @@ def ledger_records(topics: LedgerTopics) -> list[tuple[str, bytes, bytes]]:
             records.append((topics.events, tenant_id.encode(), encode_event(event)))
             for entry in ledger.apply(event):
                 records.append((topics.entries, tenant_id.encode(), encode_entry(entry)))
-        balance = {"tenant_id": tenant_id, "balance": ledger.balance_at(200), "overage": 0, "as_of": 200, "applied_offset": 0}
+        balance = {
+            "tenant_id": tenant_id,
+            "balance": ledger.balance_at(200),
+            "overage": 0,
+            "as_of": 200,
+            "applied_offset": 0,
+        }
         records.append((topics.balances, tenant_id.encode(), msgspec.json.encode(balance)))
     return records
 
@@ -105,7 +111,7 @@ def archived_offsets(database_url: str) -> dict[tuple[str, int], list[int]]:
     with psycopg.connect(database_url) as connection:
         for table in ("ledger_entries", "ledger_events"):
             rows = connection.execute(
-                f"SELECT source_topic, source_partition, source_offset FROM {table} WHERE event_type <> 'credit_expired'"
+                f"SELECT source_topic, source_partition, source_offset FROM {table} WHERE event_type <> 'credit_expired'"  # noqa: E501
                 if table == "ledger_events"
                 else f"SELECT source_topic, source_partition, source_offset FROM {table}"
             )

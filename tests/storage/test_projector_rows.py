@@ -83,7 +83,12 @@ async def test_batches_write_each_event_once_and_advance_offsets(session_factory
         }
         assert await stored_offsets(session, "another-projector") == {}
     [letter] = first.letters
-    assert (letter.source_topic, letter.partition, letter.offset, letter.value) == (TOPICS.events, 1, 3, b"{not json")
+    assert (letter.source_topic, letter.partition, letter.offset, letter.value) == (
+        TOPICS.events,
+        1,
+        3,
+        b"{not json",
+    )
     assert letter.reason.startswith("undecodable: ") and first.records[0].topic == TOPICS.dlq
 
 
@@ -115,7 +120,9 @@ async def test_balances_keep_the_latest_record_and_a_tombstone_deletes(session_f
         assert await stored_offsets(session, "p") == {(TOPICS.balances, 0): 7}
 
 
-async def test_a_balance_beyond_bigint_is_dead_lettered_and_the_next_record_projected(session_factory, database_url):
+async def test_a_balance_beyond_bigint_is_dead_lettered_and_the_next_record_projected(
+    session_factory, database_url
+):
     dead_letters = await project(
         session_factory,
         [
@@ -125,7 +132,9 @@ async def test_a_balance_beyond_bigint_is_dead_lettered_and_the_next_record_proj
             LogRecord(TOPICS.balances, 0, 2, b"t1", balance_value("t1", 60, 2)),
         ],
     )
-    next_batch = await project(session_factory, [LogRecord(TOPICS.balances, 0, 3, b"t3", balance_value("t3", 5, 3))])
+    next_batch = await project(
+        session_factory, [LogRecord(TOPICS.balances, 0, 3, b"t3", balance_value("t3", 5, 3))]
+    )
 
     assert rows(database_url, "SELECT tenant_id, balance FROM balances ORDER BY tenant_id") == [
         ("t1", 60),
@@ -133,7 +142,12 @@ async def test_a_balance_beyond_bigint_is_dead_lettered_and_the_next_record_proj
     ]
     assert rows(database_url, "SELECT event_id FROM ledger_events") == [("e1",)]
     [letter] = dead_letters.letters
-    assert (letter.source_topic, letter.partition, letter.offset, letter.key) == (TOPICS.balances, 0, 1, b"t2")
+    assert (letter.source_topic, letter.partition, letter.offset, letter.key) == (
+        TOPICS.balances,
+        0,
+        1,
+        b"t2",
+    )
     assert letter.value == balance_value("t2", 2**63, 1) and "refused by Postgres" in letter.reason
     assert next_batch.records == []
     async with session_factory() as session:

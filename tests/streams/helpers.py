@@ -104,11 +104,17 @@ async def read_topic(
 async def assert_entries_complete_and_consistent(settings, events) -> None:
     """Every usage event has its allocation; an entry id seen twice carries the same entry both times."""
     topics = LedgerTopics.from_settings(settings)
-    entries = await read_topic(settings.kafka_bootstrap_servers, topics.entries, settings.topic_partitions, 1, quiet_s=2)
+    entries = await read_topic(
+        settings.kafka_bootstrap_servers, topics.entries, settings.topic_partitions, 1, quiet_s=2
+    )
     by_id = defaultdict(set)
     for record in entries:
         entry = msgspec.json.decode(record.value)
-        by_id[entry.get("entry_id") or entry["event_id"]].add(record.value)  # credit_expired calls it event_id
-    assert all(len(copies) == 1 for copies in by_id.values()), "a repeated entry id must repeat the same entry"
+        by_id[entry.get("entry_id") or entry["event_id"]].add(
+            record.value
+        )  # credit_expired calls it event_id
+    assert all(len(copies) == 1 for copies in by_id.values()), (
+        "a repeated entry id must repeat the same entry"
+    )
     usage_ids = {entry_id for entry_id in by_id if "/usage/" in entry_id}
     assert usage_ids == {f"{e.tenant_id}/usage/{e.event_id}" for e in events if isinstance(e, UsageRecorded)}

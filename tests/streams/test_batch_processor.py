@@ -69,7 +69,9 @@ async def test_send_partitioned_lands_in_order_on_the_named_partitions(kafka_bro
         # a record above the batch size goes in a batch of its own; one above the broker's limit is refused
         await producer.send_partitioned([PartitionedRecord(topic, 0, b"k", b"%06d" % 300 + b"x" * 10_000)])
         with pytest.raises(PublishRejected):
-            await producer.send_partitioned([PartitionedRecord(topic, 0, b"k", b"x" * BROKER_MESSAGE_MAX_BYTES * 2)])
+            await producer.send_partitioned(
+                [PartitionedRecord(topic, 0, b"k", b"x" * BROKER_MESSAGE_MAX_BYTES * 2)]
+            )
     landed = await read_topic(settings.kafka_bootstrap_servers, topic, 3, expected_count=301, quiet_s=1)
     by_partition = defaultdict(list)
     for record in landed:
@@ -84,7 +86,9 @@ async def test_send_partitioned_raises_when_the_broker_is_away(tmp_path):
             await producer.send_partitioned([PartitionedRecord("ledger.entries", 0, b"k", b"v")])
 
 
-async def test_unacknowledged_batches_are_retried_from_the_committed_offsets(kafka_broker, topic_prefix, tmp_path):
+async def test_unacknowledged_batches_are_retried_from_the_committed_offsets(
+    kafka_broker, topic_prefix, tmp_path
+):
     """Fault injection: one output publish fails before anything is sent; one state write reaches the broker
     but its acknowledgement is lost. Both batches are folded again from the committed offsets."""
     settings = processor_settings(stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path), tmp_path)
@@ -114,9 +118,11 @@ async def test_unacknowledged_batches_are_retried_from_the_committed_offsets(kaf
     stop = asyncio.Event()
     running = asyncio.create_task(engine.run(stop))
     try:
-        async with EventProducer(settings.model_copy(update={"spool_path": tmp_path / "publisher.sqlite3"})) as producer:
+        async with EventProducer(
+            settings.model_copy(update={"spool_path": tmp_path / "publisher.sqlite3"})
+        ) as producer:
             for start in range(0, len(stream), 100):
-                await producer.publish_many(stream[start:start + 100])
+                await producer.publish_many(stream[start : start + 100])
         deadline = time.monotonic() + CONVERGE_TIMEOUT_S
         while not await converged(settings, events):
             assert not running.done(), running.exception()
@@ -146,8 +152,11 @@ async def test_a_killed_processor_partitions_move_to_the_other_one(kafka_broker,
         "TOLLGATE_PROCESSOR_HEARTBEAT_INTERVAL_MS": "500",
     }
     processors = [
-        ComponentProcess("streams.batch_processor", {**env, "TOLLGATE_SPOOL_PATH": str(tmp_path / f"spool-{n}.sqlite3")},
-                         tmp_path / f"processor-{n}.log")
+        ComponentProcess(
+            "streams.batch_processor",
+            {**env, "TOLLGATE_SPOOL_PATH": str(tmp_path / f"spool-{n}.sqlite3")},
+            tmp_path / f"processor-{n}.log",
+        )
         for n in (1, 2)
     ]
     try:
@@ -156,7 +165,9 @@ async def test_a_killed_processor_partitions_move_to_the_other_one(kafka_broker,
             processor.wait_for_log(READY_LOG_LINE, READY_TIMEOUT_S)
         for processor in processors:  # both in the group, each with some partitions
             processor.wait_for_log("assigned [", READY_TIMEOUT_S)
-        async with EventProducer(settings.model_copy(update={"spool_path": tmp_path / "publisher.sqlite3"})) as producer:
+        async with EventProducer(
+            settings.model_copy(update={"spool_path": tmp_path / "publisher.sqlite3"})
+        ) as producer:
             await producer.publish_many(stream[:700])
             await asyncio.sleep(0.5)
             survivor_log_at_kill = processors[0].log_path.stat().st_size
@@ -174,23 +185,35 @@ async def test_a_killed_processor_partitions_move_to_the_other_one(kafka_broker,
 
 async def test_the_sweep_publishes_the_expiry_of_a_quiet_tenant_once(kafka_broker, topic_prefix, tmp_path):
     settings = processor_settings(
-        stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path), tmp_path,
-        processor_expiry_grace_ms=0, processor_expiry_sweep_interval_ms=100,
+        stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path),
+        tmp_path,
+        processor_expiry_grace_ms=0,
+        processor_expiry_sweep_interval_ms=100,
     )
     await create_ledger_topics(settings)
     topics = LedgerTopics.from_settings(settings)
     now = int(time.time() * 1000)
-    grant = CreditGranted(event_id="g", tenant_id="quiet", grant_id="g", amount=40, effective_at=now - 1_000,
-                          expires_at=now + 1_500)
+    grant = CreditGranted(
+        event_id="g",
+        tenant_id="quiet",
+        grant_id="g",
+        amount=40,
+        effective_at=now - 1_000,
+        expires_at=now + 1_500,
+    )
     engine = BatchProcessor(settings)
     await engine.start()
     stop = asyncio.Event()
     running = asyncio.create_task(engine.run(stop))
     try:
-        async with EventProducer(settings.model_copy(update={"spool_path": tmp_path / "publisher.sqlite3"})) as producer:
+        async with EventProducer(
+            settings.model_copy(update={"spool_path": tmp_path / "publisher.sqlite3"})
+        ) as producer:
             await producer.publish(grant)  # and nothing after it: only wall-clock time can expire the block
         deadline = time.monotonic() + CONVERGE_TIMEOUT_S
-        while (await live_balances(settings)).get("quiet") is None or (await live_balances(settings))["quiet"].balance:
+        while (await live_balances(settings)).get("quiet") is None or (await live_balances(settings))[
+            "quiet"
+        ].balance:
             assert not running.done(), running.exception()
             assert time.monotonic() < deadline, "the expiry was not published"
             await asyncio.sleep(0.2)
@@ -199,7 +222,9 @@ async def test_the_sweep_publishes_the_expiry_of_a_quiet_tenant_once(kafka_broke
         stop.set()
         await asyncio.wait_for(running, 30)
         await engine.stop()
-    entries = await read_topic(settings.kafka_bootstrap_servers, topics.entries, settings.topic_partitions, 1, quiet_s=1)
+    entries = await read_topic(
+        settings.kafka_bootstrap_servers, topics.entries, settings.topic_partitions, 1, quiet_s=1
+    )
     expired = [msgspec.json.decode(r.value) for r in entries if b"credit_expired" in r.value]
     assert [(entry["grant_id"], entry["amount"]) for entry in expired] == [("g", 40)]
     assert time.time() * 1000 >= grant.expires_at

@@ -71,8 +71,12 @@ async def test_events_round_trip_keyed_by_tenant(kafka_broker, topic_prefix, tmp
         assert not any(receipt.spooled for receipt in receipts)
         assert producer.spooled_count() == 0
 
-    records = await read_topic(kafka_broker.bootstrap, settings.topic_prefix + "ledger.events", 3, len(events))
-    assert sorted(decode_event(record.value).event_id for record in records) == sorted(e.event_id for e in events)
+    records = await read_topic(
+        kafka_broker.bootstrap, settings.topic_prefix + "ledger.events", 3, len(events)
+    )
+    assert sorted(decode_event(record.value).event_id for record in records) == sorted(
+        e.event_id for e in events
+    )
     partitions_by_tenant = defaultdict(set)
     offsets_by_tenant = defaultdict(list)
     for record in records:
@@ -80,7 +84,9 @@ async def test_events_round_trip_keyed_by_tenant(kafka_broker, topic_prefix, tmp
         assert record.key == event.tenant_id.encode()
         partitions_by_tenant[event.tenant_id].add(record.partition)
         offsets_by_tenant[event.tenant_id].append((record.partition, record.offset, event.event_id))
-    assert all(len(partitions) == 1 for partitions in partitions_by_tenant.values()), "a tenant spans partitions"
+    assert all(len(partitions) == 1 for partitions in partitions_by_tenant.values()), (
+        "a tenant spans partitions"
+    )
     assert len(set().union(*partitions_by_tenant.values())) > 1, "all tenants landed on one partition"
     for tenant in tenants:  # one producer, one partition per tenant: the send order is kept
         in_offset_order = [event_id for _, _, event_id in sorted(offsets_by_tenant[tenant])]

@@ -30,11 +30,29 @@ def some_events(tenants=("acme", "globex"), usage=80, seed=2):
     rng = random.Random(seed)
     events = []
     for tenant in tenants:
-        events += [CreditGranted(event_id=f"{tenant}-g{n}", tenant_id=tenant, grant_id=f"{tenant}-g{n}", amount=rng.randint(100, 900),
-                                 effective_at=NOW + n * 1000, expires_at=NOW + 50_000 + n * 1000) for n in range(3)]
-        events += [UsageRecorded(event_id=f"{tenant}-r{n}", tenant_id=tenant, amount=rng.randint(1, 30),
-                                 occurred_at=NOW + rng.randint(0, 40_000), model="m", prompt_tokens=2, completion_tokens=3)
-                   for n in range(usage)]
+        events += [
+            CreditGranted(
+                event_id=f"{tenant}-g{n}",
+                tenant_id=tenant,
+                grant_id=f"{tenant}-g{n}",
+                amount=rng.randint(100, 900),
+                effective_at=NOW + n * 1000,
+                expires_at=NOW + 50_000 + n * 1000,
+            )
+            for n in range(3)
+        ]
+        events += [
+            UsageRecorded(
+                event_id=f"{tenant}-r{n}",
+                tenant_id=tenant,
+                amount=rng.randint(1, 30),
+                occurred_at=NOW + rng.randint(0, 40_000),
+                model="m",
+                prompt_tokens=2,
+                completion_tokens=3,
+            )
+            for n in range(usage)
+        ]
     return events
 
 
@@ -93,7 +111,9 @@ async def test_out_of_order_duplicates_and_a_restart_fold_exactly_once(embedded)
     while await projector.step():
         pass
     async with session_factory() as session:
-        usage_entries = await session.scalar(select(func.count()).select_from(LedgerEntry).where(LedgerEntry.entry_type == "usage_allocated"))
+        usage_entries = await session.scalar(
+            select(func.count()).select_from(LedgerEntry).where(LedgerEntry.entry_type == "usage_allocated")
+        )
         rows = {b.tenant_id: b.balance for b in (await session.scalars(select(Balance))).all()}
     assert usage_entries == sum(isinstance(e, UsageRecorded) for e in events)
     assert rows == {tenant: record.balance for tenant, record in balances.items()}
@@ -124,13 +144,18 @@ async def test_a_failed_commit_leaves_nothing_behind_and_the_retry_is_exact(embe
     assert record.balance == fold_balance(events, "acme", record.as_of)
     entries = []
     for partition in range(event_log.partitions):
-        entries += [msgspec.json.decode(r.value)["entry_id"] for r in await event_log.read(event_log.topics.entries, partition, 0, 10_000)]
+        entries += [
+            msgspec.json.decode(r.value)["entry_id"]
+            for r in await event_log.read(event_log.topics.entries, partition, 0, 10_000)
+        ]
     assert len(entries) == len(set(entries)), "a failed batch published nothing"
 
 
 async def test_the_sweep_publishes_the_expiry_of_a_quiet_tenant(embedded):
     event_log, _ = embedded
-    grant = CreditGranted(event_id="g", tenant_id="quiet", grant_id="g", amount=40, effective_at=NOW, expires_at=NOW + 1_000)
+    grant = CreditGranted(
+        event_id="g", tenant_id="quiet", grant_id="g", amount=40, effective_at=NOW, expires_at=NOW + 1_000
+    )
     await event_log.publish(grant)
     clock = {"now": NOW + 500}
     processor = EmbeddedProcessor(event_log, expiry_grace_ms=0, clock_ms=lambda: clock["now"])
@@ -156,7 +181,8 @@ async def test_the_sweep_publishes_the_expiry_of_a_quiet_tenant(embedded):
     assert (await latest_balances(event_log))["quiet"].balance == 0
 
 
-# ------------------------------------------------------------------ waking readers: LISTEN/NOTIFY, not polling
+# ------------------------------------------------------------------ waking readers: LISTEN/NOTIFY, not
+# polling
 
 APPEND_TO_TAIL_P99_MS_MAX = 50
 LATENCY_APPENDS = 100
@@ -165,7 +191,9 @@ IDLE_WINDOW_S = 1.5
 
 def count_statements(engine) -> list[str]:
     statements: list[str] = []
-    sqlalchemy_event.listen(engine.sync_engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    sqlalchemy_event.listen(
+        engine.sync_engine, "before_cursor_execute", lambda *args: statements.append(args[2])
+    )
     return statements
 
 
@@ -174,7 +202,9 @@ async def test_an_idle_tail_runs_no_queries_and_an_append_from_another_log_wakes
     100 ms while idle. Now an idle tail waits for a notification; the writer here is a second PostgresLog
     (as another process would be), so only NOTIFY can wake the reader."""
     reader, _ = embedded
-    writer = PostgresLog(reader.engine, reader.settings)  # its own listener and wake-ups, as in another process
+    writer = PostgresLog(
+        reader.engine, reader.settings
+    )  # its own listener and wake-ups, as in another process
     statements = count_statements(reader.engine)
     topic = reader.topics.balances
     tail = reader.tail(topic, from_beginning=False).__aiter__()
@@ -192,8 +222,9 @@ async def test_an_idle_tail_runs_no_queries_and_an_append_from_another_log_wakes
         await writer.stop()
 
 
-async def test_an_appended_record_reaches_a_tail_in_another_log_within_50_ms_at_p99(database_url, database_settings,
-                                                                                       topic_prefix, tmp_path):
+async def test_an_appended_record_reaches_a_tail_in_another_log_within_50_ms_at_p99(
+    database_url, database_settings, topic_prefix, tmp_path
+):
     settings = stream_settings("unused:9092", topic_prefix, tmp_path)
     writer_engine = build_async_engine(database_url, database_settings)
     reader_engine = build_async_engine(database_url, database_settings)
@@ -226,15 +257,21 @@ async def test_an_appended_record_reaches_a_tail_in_another_log_within_50_ms_at_
         await writer_engine.dispose()
         await reader_engine.dispose()
     p99_ms = statistics.quantiles(latencies_ms, n=100, method="inclusive")[98]
-    assert p99_ms < APPEND_TO_TAIL_P99_MS_MAX, f"append -> tail p99 {p99_ms:.1f} ms ({sorted(latencies_ms)[-5:]})"
+    assert p99_ms < APPEND_TO_TAIL_P99_MS_MAX, (
+        f"append -> tail p99 {p99_ms:.1f} ms ({sorted(latencies_ms)[-5:]})"
+    )
 
 
 async def test_one_query_reads_every_partition_and_a_busy_partition_does_not_starve_the_rest(embedded):
     event_log, _ = embedded
     topic = event_log.topics.entries
     busy = b"busy-tenant"
-    quiet = next(key for n in range(100) if partition_for_key(key := f"quiet-{n}".encode(), event_log.partitions)
-                 != partition_for_key(busy, event_log.partitions))
+    quiet = next(
+        key
+        for n in range(100)
+        if partition_for_key(key := f"quiet-{n}".encode(), event_log.partitions)
+        != partition_for_key(busy, event_log.partitions)
+    )
     await event_log.append_many([OutgoingRecord(topic, busy, f"b{n}".encode()) for n in range(100)])
     await event_log.append_many([OutgoingRecord(topic, quiet, b"q0")])
     statements = count_statements(event_log.engine)

@@ -13,7 +13,9 @@ WRAPPER = Path(__file__).resolve().parents[2] / "scripts" / "kafka-local"
 
 
 def test_status_of_a_directory_without_a_broker_fails(tmp_path):
-    result = subprocess.run([str(WRAPPER), "status", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(WRAPPER), "status", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1
     assert "no broker running" in result.stderr
 
@@ -39,7 +41,10 @@ def test_cli_status_reports_the_running_broker(kafka_broker):
     if not isinstance(getattr(kafka_broker, "directory", None), Path):
         pytest.skip("the testcontainers broker is not started by scripts/kafka-local")
     result = subprocess.run(
-        [str(WRAPPER), "status", "--dir", str(kafka_broker.directory)], capture_output=True, text=True, timeout=30
+        [str(WRAPPER), "status", "--dir", str(kafka_broker.directory)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == kafka_broker.bootstrap

@@ -46,17 +46,34 @@ def ledger_events(now: int, usage_per_tenant: int) -> list:
     events = []
     for tenant in TENANTS:
         for n in range(5):
-            events.append(CreditGranted(
-                event_id=f"{tenant}-grant-{n}", tenant_id=tenant, grant_id=f"{tenant}-g{n}",
-                amount=rng.randint(2_000, 6_000), effective_at=now - 60_000 + n * 5_000,
-                expires_at=None if n % 2 else now + 3_600_000, priority=n % 2,
-            ))
-        events.append(GrantVoided(event_id=f"{tenant}-void", tenant_id=tenant, grant_id=f"{tenant}-g1", voided_at=now - 10_000))
+            events.append(
+                CreditGranted(
+                    event_id=f"{tenant}-grant-{n}",
+                    tenant_id=tenant,
+                    grant_id=f"{tenant}-g{n}",
+                    amount=rng.randint(2_000, 6_000),
+                    effective_at=now - 60_000 + n * 5_000,
+                    expires_at=None if n % 2 else now + 3_600_000,
+                    priority=n % 2,
+                )
+            )
+        events.append(
+            GrantVoided(
+                event_id=f"{tenant}-void", tenant_id=tenant, grant_id=f"{tenant}-g1", voided_at=now - 10_000
+            )
+        )
         for n in range(usage_per_tenant):
-            events.append(UsageRecorded(
-                event_id=f"{tenant}-req-{n}", tenant_id=tenant, amount=rng.randint(1, 60),
-                occurred_at=now - 50_000 + rng.randint(0, 49_000), model="tiny", prompt_tokens=4, completion_tokens=6,
-            ))
+            events.append(
+                UsageRecorded(
+                    event_id=f"{tenant}-req-{n}",
+                    tenant_id=tenant,
+                    amount=rng.randint(1, 60),
+                    occurred_at=now - 50_000 + rng.randint(0, 49_000),
+                    model="tiny",
+                    prompt_tokens=4,
+                    completion_tokens=6,
+                )
+            )
     return events
 
 
@@ -84,7 +101,10 @@ async def wait_converged(settings, events, worker: ComponentProcess) -> None:
         await asyncio.sleep(1)
     live = await live_balances(settings)
     differences = {
-        tenant: ((record.balance, record.overage, record.applied_offset), expected_balance(events, tenant, record.as_of))
+        tenant: (
+            (record.balance, record.overage, record.applied_offset),
+            expected_balance(events, tenant, record.as_of),
+        )
         for tenant, record in live.items()
     }
     raise AssertionError(f"balances did not converge: (live, applied offset) vs expected {differences}")
@@ -143,15 +163,27 @@ async def test_kill_restart_duplicates_and_a_malformed_record(engine, kafka_brok
     assert compare(result, await live_balances(settings)) == []
 
     env = {**os.environ, **processor_env(settings, tmp_path)}
-    verified = subprocess.run([sys.executable, "-m", "tollgate", "ledger", "replay", "--verify"], env=env,
-                              capture_output=True, text=True, timeout=120)
+    verified = subprocess.run(
+        [sys.executable, "-m", "tollgate", "ledger", "replay", "--verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "verified" in verified.stdout and "acme" in verified.stdout
 
     live = await live_balances(settings)
     forged = msgspec.structs.replace(live["acme"], balance=live["acme"].balance + 1)
-    async with EventProducer(settings.model_copy(update={"spool_path": tmp_path / "forger.sqlite3"})) as producer:
+    async with EventProducer(
+        settings.model_copy(update={"spool_path": tmp_path / "forger.sqlite3"})
+    ) as producer:
         await producer.send(topics.balances, b"acme", msgspec.json.encode(forged))
-    caught = subprocess.run([sys.executable, "-m", "tollgate", "ledger", "replay", "--verify"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    caught = subprocess.run(
+        [sys.executable, "-m", "tollgate", "ledger", "replay", "--verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert caught.returncode == 1 and "MISMATCH" in caught.stdout and "acme" in caught.stdout

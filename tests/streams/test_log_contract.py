@@ -41,7 +41,9 @@ async def event_log(request, topic_prefix, tmp_path):
 
 async def test_offsets_start_at_zero_and_grow_by_one_per_partition(event_log):
     topic = event_log.topics.entries
-    positions = await event_log.append_many([OutgoingRecord(topic, f"k{n % 4}".encode(), f"v{n}".encode()) for n in range(40)])
+    positions = await event_log.append_many(
+        [OutgoingRecord(topic, f"k{n % 4}".encode(), f"v{n}".encode()) for n in range(40)]
+    )
     by_partition = {}
     for position in positions:
         by_partition.setdefault(position.partition, []).append(position.offset)
@@ -60,7 +62,9 @@ async def test_a_key_always_lands_on_the_same_partition_as_kafkas_partitioner(ev
 
 async def test_read_replays_from_any_offset_in_order(event_log):
     topic = event_log.topics.dlq
-    positions = await event_log.append_many([OutgoingRecord(topic, b"acme", f"v{n}".encode()) for n in range(25)])
+    positions = await event_log.append_many(
+        [OutgoingRecord(topic, b"acme", f"v{n}".encode()) for n in range(25)]
+    )
     partition = positions[0].partition
     records = await event_log.read(topic, partition, 10, 100)
     assert [r.offset for r in records] == list(range(10, 25))
@@ -119,10 +123,14 @@ async def test_tail_from_the_end_sees_only_new_records(event_log):
 
 async def test_records_are_durable_for_a_second_reader(event_log, tmp_path):
     topic = event_log.topics.entries
-    positions = await event_log.append_many([OutgoingRecord(topic, b"acme", f"v{n}".encode()) for n in range(5)])
+    positions = await event_log.append_many(
+        [OutgoingRecord(topic, b"acme", f"v{n}".encode()) for n in range(5)]
+    )
     partition = positions[0].partition
     if isinstance(event_log, KafkaLog):
-        other = KafkaLog(event_log.settings.model_copy(update={"spool_path": tmp_path / "second-spool.sqlite3"}))
+        other = KafkaLog(
+            event_log.settings.model_copy(update={"spool_path": tmp_path / "second-spool.sqlite3"})
+        )
     else:
         other = PostgresLog(event_log.engine, event_log.settings)
     await other.start()

@@ -22,14 +22,29 @@ NOW = 1_800_000_000_000
 def events_for(tenant: str, usage_count: int, seed: int):
     rng = random.Random(seed)
     events = [
-        CreditGranted(event_id=f"{tenant}-g{n}", tenant_id=tenant, grant_id=f"{tenant}-g{n}", amount=rng.randint(50, 500),
-                      effective_at=NOW + rng.randint(0, 5_000), expires_at=rng.choice([None, NOW + rng.randint(6_000, 20_000)]))
+        CreditGranted(
+            event_id=f"{tenant}-g{n}",
+            tenant_id=tenant,
+            grant_id=f"{tenant}-g{n}",
+            amount=rng.randint(50, 500),
+            effective_at=NOW + rng.randint(0, 5_000),
+            expires_at=rng.choice([None, NOW + rng.randint(6_000, 20_000)]),
+        )
         for n in range(4)
     ]
-    events.append(GrantVoided(event_id=f"{tenant}-v", tenant_id=tenant, grant_id=f"{tenant}-g0", voided_at=NOW + 9_000))
+    events.append(
+        GrantVoided(event_id=f"{tenant}-v", tenant_id=tenant, grant_id=f"{tenant}-g0", voided_at=NOW + 9_000)
+    )
     events += [
-        UsageRecorded(event_id=f"{tenant}-r{n}", tenant_id=tenant, amount=rng.randint(1, 40),
-                      occurred_at=NOW + rng.randint(0, 25_000), model="m", prompt_tokens=3, completion_tokens=5)
+        UsageRecorded(
+            event_id=f"{tenant}-r{n}",
+            tenant_id=tenant,
+            amount=rng.randint(1, 40),
+            occurred_at=NOW + rng.randint(0, 25_000),
+            model="m",
+            prompt_tokens=3,
+            completion_tokens=5,
+        )
         for n in range(usage_count)
     ]
     return events
@@ -92,7 +107,9 @@ def test_crash_before_state_write_reprocesses_to_the_same_entries_and_state():
     events = events_for("acme", 40, 9)
     records = as_records(shuffled_with_duplicates(events, 9))
     clean_state = DictState()
-    clean_last, clean_entries = run_all(LedgerProcessor(clean_state, source_topic=TOPIC), clean_state, records, batch=10)
+    clean_last, clean_entries = run_all(
+        LedgerProcessor(clean_state, source_topic=TOPIC), clean_state, records, batch=10
+    )
 
     state = DictState()
     first = LedgerProcessor(state, source_topic=TOPIC)
@@ -136,8 +153,16 @@ def test_records_at_or_below_the_applied_offset_are_skipped():
     ("value", "key", "reason"),
     [
         (b"\x00garbage", b"acme", "undecodable"),
-        (b'{"type":"usage_recorded","event_id":"r","tenant_id":"acme","amount":-5,"occurred_at":1,"model":"m"}', b"acme", "amount"),
-        (encode_event(UsageRecorded(event_id="r", tenant_id="acme", amount=1, occurred_at=1, model="m")), b"other", "does not match"),
+        (
+            b'{"type":"usage_recorded","event_id":"r","tenant_id":"acme","amount":-5,"occurred_at":1,"model":"m"}',
+            b"acme",
+            "amount",
+        ),
+        (
+            encode_event(UsageRecorded(event_id="r", tenant_id="acme", amount=1, occurred_at=1, model="m")),
+            b"other",
+            "does not match",
+        ),
         (None, b"acme", "empty"),
     ],
 )
@@ -160,10 +185,14 @@ def test_a_conflicting_grant_is_a_dead_letter_not_a_crash():
 
 
 def test_expiries_of_quiet_tenants_are_published_by_advance():
-    grant = CreditGranted(event_id="e1", tenant_id="acme", grant_id="g", amount=5, effective_at=NOW, expires_at=NOW + 10)
+    grant = CreditGranted(
+        event_id="e1", tenant_id="acme", grant_id="g", amount=5, effective_at=NOW, expires_at=NOW + 10
+    )
     state = DictState()
     processor = LedgerProcessor(state, source_topic=TOPIC)
-    state.write_all(processor.process(0, [LogRecord(TOPIC, 0, 0, b"acme", encode_event(grant), NOW)]).state_writes)
+    state.write_all(
+        processor.process(0, [LogRecord(TOPIC, 0, 0, b"acme", encode_event(grant), NOW)]).state_writes
+    )
     assert processor.advance(["acme"], NOW + 5).entries == []
     output = processor.advance(processor.known_tenants(), NOW + 10)
     assert [msgspec.json.decode(e.value)["type"] for e in output.entries] == ["credit_expired"]
@@ -171,8 +200,15 @@ def test_expiries_of_quiet_tenants_are_published_by_advance():
 
 
 def usage(tenant, event_id, amount=7):
-    return UsageRecorded(event_id=event_id, tenant_id=tenant, amount=amount, occurred_at=NOW + 1, model="m",
-                         prompt_tokens=3, completion_tokens=4)
+    return UsageRecorded(
+        event_id=event_id,
+        tenant_id=tenant,
+        amount=amount,
+        occurred_at=NOW + 1,
+        model="m",
+        prompt_tokens=3,
+        completion_tokens=4,
+    )
 
 
 def test_usage_for_a_tenant_without_any_grant_is_dead_lettered_not_billed_as_overage():
@@ -182,10 +218,15 @@ def test_usage_for_a_tenant_without_any_grant_is_dead_lettered_not_billed_as_ove
     processor = LedgerProcessor(state, source_topic=TOPIC)
     output = processor.process(0, records)
     letters = [msgspec.json.decode(r.value, type=DeadLetter) for r in output.dead_letters]
-    assert [(letter.offset, letter.reason) for letter in letters] == [(0, "unknown tenant ghost"), (3, "unknown tenant ghost")]
+    assert [(letter.offset, letter.reason) for letter in letters] == [
+        (0, "unknown tenant ghost"),
+        (3, "unknown tenant ghost"),
+    ]
     assert [r.key for r in output.dead_letters] == [b"ghost", b"ghost"]
     assert set(balances(output)) == {"acme"} and balances(output)["acme"].balance == 43
-    assert not any(b"ghost" in key for key, _ in output.state_writes), "nothing of the unknown tenant is stored"
+    assert not any(b"ghost" in key for key, _ in output.state_writes), (
+        "nothing of the unknown tenant is stored"
+    )
     assert output.applied_events == 2
 
     state.write_all(output.state_writes)
@@ -197,7 +238,9 @@ def test_usage_for_a_tenant_without_any_grant_is_dead_lettered_not_billed_as_ove
 
 def test_usage_after_the_tenants_first_grant_is_folded_even_before_the_grant_is_effective():
     grant = CreditGranted(event_id="e1", tenant_id="acme", grant_id="g", amount=50, effective_at=NOW + 1_000)
-    output = LedgerProcessor(DictState(), source_topic=TOPIC).process(0, as_records([grant, usage("acme", "r1")]))
+    output = LedgerProcessor(DictState(), source_topic=TOPIC).process(
+        0, as_records([grant, usage("acme", "r1")])
+    )
     assert not output.dead_letters
     [allocated] = [msgspec.json.decode(e.value) for e in output.entries if b"usage_allocated" in e.value]
     assert allocated["overage"] == 7, "usage before any block is effective is overage, as before"
@@ -214,7 +257,9 @@ def test_a_grant_over_the_tenant_credit_bound_is_a_dead_letter_and_the_rest_of_t
     assert letter.offset == 1 and "TENANT_CREDIT_MAX" in letter.reason
     assert balances(output)["acme"].balance == 50, "the refused grant left nothing behind; the usage folded"
     state.write_all(output.state_writes)
-    restarted = LedgerProcessor(state, source_topic=TOPIC)  # the snapshot written reads back (invariants hold)
+    restarted = LedgerProcessor(
+        state, source_topic=TOPIC
+    )  # the snapshot written reads back (invariants hold)
     assert restarted.tenant_account("acme")[0].granted_total == 60
 
 
@@ -238,7 +283,9 @@ class Finance:
         for record in output.entries:
             entry = msgspec.json.decode(record.value)
             entry_id = entry.get("entry_id") or entry["event_id"]
-            assert self.entries.setdefault(entry_id, record.value) == record.value, f"{entry_id} carries two contents"
+            assert self.entries.setdefault(entry_id, record.value) == record.value, (
+                f"{entry_id} carries two contents"
+            )
         for record in output.balances:
             self.balance = msgspec.json.decode(record.value, type=BalanceRecord)
 
@@ -275,7 +322,10 @@ class Driver:
         self.processor = LedgerProcessor(self.state, source_topic=TOPIC)
 
     def append(self, *events) -> list[LogRecord]:
-        records = [LogRecord(TOPIC, 0, self.offset + n, e.tenant_id.encode(), encode_event(e), 0) for n, e in enumerate(events)]
+        records = [
+            LogRecord(TOPIC, 0, self.offset + n, e.tenant_id.encode(), encode_event(e), 0)
+            for n, e in enumerate(events)
+        ]
         self.offset += len(events)
         return records
 
@@ -302,12 +352,20 @@ class Driver:
 
 
 def grant(grant_id, amount, effective_at, expires_at=None):
-    return CreditGranted(event_id=f"e-{grant_id}", tenant_id="acme", grant_id=grant_id, amount=amount,
-                         effective_at=effective_at, expires_at=expires_at)
+    return CreditGranted(
+        event_id=f"e-{grant_id}",
+        tenant_id="acme",
+        grant_id=grant_id,
+        amount=amount,
+        effective_at=effective_at,
+        expires_at=expires_at,
+    )
 
 
 def usage_at(event_id, amount, occurred_at):
-    return UsageRecorded(event_id=event_id, tenant_id="acme", amount=amount, occurred_at=occurred_at, model="m")
+    return UsageRecorded(
+        event_id=event_id, tenant_id="acme", amount=amount, occurred_at=occurred_at, model="m"
+    )
 
 
 def void(grant_id, voided_at):
@@ -316,7 +374,9 @@ def void(grant_id, voided_at):
 
 @pytest.mark.parametrize("recover_on_start", [True, False], ids=["recover", "lazy"])
 @pytest.mark.parametrize("crash", CRASH_POINTS)
-def test_a_crash_around_the_state_write_never_refolds_a_published_expiry_into_another_amount(crash, recover_on_start):
+def test_a_crash_around_the_state_write_never_refolds_a_published_expiry_into_another_amount(
+    crash, recover_on_start
+):
     """Defect 1: u2 at 150 publishes credit_expired g0 = 7; the batch redelivered after the crash also holds
     a late u3 of 4 at 60. The truth: 7 consumed, 3 forfeited; the first expiry, if published, is corrected."""
     driver = Driver(recover_on_start=recover_on_start)
@@ -330,7 +390,9 @@ def test_a_crash_around_the_state_write_never_refolds_a_published_expiry_into_an
 
 @pytest.mark.parametrize("recover_on_start", [True, False], ids=["recover", "lazy"])
 @pytest.mark.parametrize("crash", CRASH_POINTS)
-def test_a_sweep_that_published_nothing_leaves_no_stream_time_behind_and_a_replayed_void_is_exact(crash, recover_on_start):
+def test_a_sweep_that_published_nothing_leaves_no_stream_time_behind_and_a_replayed_void_is_exact(
+    crash, recover_on_start
+):
     """Defect 2: a sweep at 50 publishes nothing, a void at 40 follows, crash; after the restart usage u1 of
     4 at 30 arrives and the final sweep runs. The truth: 4 consumed, 6 voided, under one content per id."""
     driver = Driver(recover_on_start=recover_on_start)
@@ -346,7 +408,9 @@ def test_a_sweep_that_published_nothing_leaves_no_stream_time_behind_and_a_repla
 
 @pytest.mark.parametrize("recover_on_start", [True, False], ids=["recover", "lazy"])
 @pytest.mark.parametrize("crash", CRASH_POINTS)
-def test_an_expiry_published_by_a_sweep_is_corrected_when_a_late_void_ends_the_grant_earlier(crash, recover_on_start):
+def test_an_expiry_published_by_a_sweep_is_corrected_when_a_late_void_ends_the_grant_earlier(
+    crash, recover_on_start
+):
     """Defect 3: the sweep publishes credit_expired of a grant of 6, the processor crashes, a late void at 50
     arrives. The grant must count once: voided 6, forfeited 0 (the expiry, if it went out, corrected)."""
     driver = Driver(recover_on_start=recover_on_start)
@@ -370,8 +434,12 @@ def test_a_future_grant_without_expiry_publishes_its_balance_when_it_takes_effec
     driver.sweep(150)  # after a crash, the sweep runs again
     assert (driver.finance.balance.balance, driver.finance.balance.as_of) == (10, 150)
     restarted = LedgerProcessor(driver.state, source_topic=TOPIC)
-    assert restarted.tenant_position("acme")[1] == 150, "the sweep's stream time is persisted with the account"
-    swept = restarted.expire_quiet(150, 1)  # sends the stored outbox again (byte for byte), decides nothing anew
+    assert restarted.tenant_position("acme")[1] == 150, (
+        "the sweep's stream time is persisted with the account"
+    )
+    swept = restarted.expire_quiet(
+        150, 1
+    )  # sends the stored outbox again (byte for byte), decides nothing anew
     assert [(o.state_writes, o.entries, o.republished_outboxes) for _, o in swept] == [([], [], 1)]
 
 
@@ -379,7 +447,9 @@ def test_a_stored_outbox_is_carried_into_the_next_account_record_until_it_is_pub
     """A tenant read back with an outbox whose publish never happened, then folded again in a batch whose
     state is written and whose publish is lost too: the second restart still sends the first outbox."""
     driver = Driver(recover_on_start=False)
-    driver.fold(driver.append(grant("g0", 10, 0, 100), usage_at("u1", 3, 50)), crash="after_state_before_publish")
+    driver.fold(
+        driver.append(grant("g0", 10, 0, 100), usage_at("u1", 3, 50)), crash="after_state_before_publish"
+    )
     driver.fold(driver.append(usage_at("u2", 2, 60)), crash="after_state_before_publish")
     driver.fold(driver.append(usage_at("u3", 1, 70)))
     assert set(driver.finance.entries) == {"acme/usage/u1", "acme/usage/u2", "acme/usage/u3"}

@@ -105,7 +105,9 @@ async def test_full_spool_raises_and_takes_nothing(tmp_path):
         assert producer.spooled_count() == accepted
 
 
-async def test_a_record_the_broker_can_never_take_is_rejected_not_spooled(kafka_broker, topic_prefix, tmp_path):
+async def test_a_record_the_broker_can_never_take_is_rejected_not_spooled(
+    kafka_broker, topic_prefix, tmp_path
+):
     settings = stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path)
     await create_ledger_topics(settings)
     async with EventProducer(settings) as producer:

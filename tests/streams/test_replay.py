@@ -19,19 +19,42 @@ LATE_STAMP_MS = 2_000_000_000_000  # broker time of the records `until_time_ms` 
 
 
 def usage(tenant_id: str, n: int, occurred_at: int, amount: int) -> UsageRecorded:
-    return UsageRecorded(event_id=f"u-{tenant_id}-{n}", tenant_id=tenant_id, amount=amount, occurred_at=occurred_at,
-                         model="m", prompt_tokens=1, completion_tokens=1)
+    return UsageRecorded(
+        event_id=f"u-{tenant_id}-{n}",
+        tenant_id=tenant_id,
+        amount=amount,
+        occurred_at=occurred_at,
+        model="m",
+        prompt_tokens=1,
+        completion_tokens=1,
+    )
 
 
 def accepted_events() -> list:
     tenants = ["acme", "globex", "initech", "umbrella"]
     events: list = []
     for tenant in tenants:
-        events.append(CreditGranted(event_id=f"g-{tenant}", tenant_id=tenant, grant_id=f"g-{tenant}", amount=500,
-                                    effective_at=0, expires_at=10_000))
+        events.append(
+            CreditGranted(
+                event_id=f"g-{tenant}",
+                tenant_id=tenant,
+                grant_id=f"g-{tenant}",
+                amount=500,
+                effective_at=0,
+                expires_at=10_000,
+            )
+        )
         events.extend(usage(tenant, n, 100 + 37 * n % 900, 3 + n % 5) for n in range(60))
-        events.append(CreditGranted(event_id=f"late-{tenant}", tenant_id=tenant, grant_id=f"late-{tenant}",
-                                    amount=40, effective_at=450, priority=-1))  # splits a segment with usage
+        events.append(
+            CreditGranted(
+                event_id=f"late-{tenant}",
+                tenant_id=tenant,
+                grant_id=f"late-{tenant}",
+                amount=40,
+                effective_at=450,
+                priority=-1,
+            )
+        )  # splits a segment with usage
     events.append(GrantVoided(event_id="v-acme", tenant_id="acme", grant_id="late-acme", voided_at=700))
     events.append(usage("globex", 5, 100 + 37 * 5 % 900, 3))  # a producer resend: a duplicate
     return events
@@ -39,21 +62,29 @@ def accepted_events() -> list:
 
 async def produce(settings, events: list, rejected: list[tuple[bytes | None, bytes]], late: list) -> int:
     topic = LedgerTopics.from_settings(settings).events
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True
+    )
     await producer.start()
     try:
         for event in events:
-            await producer.send_and_wait(topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=1_000)
+            await producer.send_and_wait(
+                topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=1_000
+            )
         for key, value in rejected:
             await producer.send_and_wait(topic, value, key=key, timestamp_ms=1_000)
         for event in late:
-            await producer.send_and_wait(topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=LATE_STAMP_MS)
+            await producer.send_and_wait(
+                topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=LATE_STAMP_MS
+            )
     finally:
         await producer.stop()
     return len(events) + len(rejected) + len(late)
 
 
-async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(kafka_broker, topic_prefix, tmp_path):
+async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(
+    kafka_broker, topic_prefix, tmp_path
+):
     settings = stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path)
     await create_ledger_topics(settings)
     events = accepted_events()

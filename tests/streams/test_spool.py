@@ -14,7 +14,10 @@ from streams.spool import OutgoingRecord, Spool, SpoolError, SpoolFull
 
 
 def records(count: int, *, value_bytes: int = 10) -> list[OutgoingRecord]:
-    return [OutgoingRecord("ledger.events", f"tenant-{i % 3}".encode(), bytes([i % 256]) * value_bytes) for i in range(count)]
+    return [
+        OutgoingRecord("ledger.events", f"tenant-{i % 3}".encode(), bytes([i % 256]) * value_bytes)
+        for i in range(count)
+    ]
 
 
 def test_records_come_back_in_append_order_and_leave_when_removed(tmp_path):
@@ -89,15 +92,22 @@ from streams.producer import open_spool
 from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord
 spool = open_spool(StreamSettings(spool_dir=Path(sys.argv[1])))
-spool.append([OutgoingRecord("ledger.events", b"acme", f"{sys.argv[2]}-{n}".encode()) for n in range(int(sys.argv[3]))])
+spool.append([OutgoingRecord("ledger.events", b"acme", f"{sys.argv[2]}-{n}".encode()) for n in
+range(int(sys.argv[3]))])
 print(spool.path, flush=True)
 sys.stdin.read()
 """
 
 
 def start_producer(directory: Path, tag: str, count: int) -> tuple[subprocess.Popen, Path]:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(directory), tag, str(count)], cwd=REPO_ROOT,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory), tag, str(count)],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = child.stdout.readline()
     assert line, child.stderr.read()
     return child, Path(line.strip())

@@ -162,14 +162,15 @@ def test_usage_index_out_of_order_records(usage_index):
     assert usage_index.usage_between(15, 45) == UsageSummary(90, 20, 40)
 
 
-records_strategy = st.lists(
-    st.tuples(st.integers(0, 60), st.integers(0, 50)), min_size=0, max_size=40
-)
+records_strategy = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 50)), min_size=0, max_size=40)
 
 
 @settings(max_examples=60, deadline=None)
-@given(records=records_strategy, windows=st.lists(st.tuples(st.integers(-5, 70), st.integers(-5, 70)), max_size=10),
-       per_batch=st.sampled_from([None, 1, 4]))
+@given(
+    records=records_strategy,
+    windows=st.lists(st.tuples(st.integers(-5, 70), st.integers(-5, 70)), max_size=10),
+    per_batch=st.sampled_from([None, 1, 4]),
+)
 def test_disk_usage_index_answers_as_the_in_memory_one(tmp_path_factory, records, windows, per_batch):
     store = RocksState(tmp_path_factory.mktemp("state"))
     try:
@@ -368,13 +369,34 @@ def test_a_claimed_directory_wipes_those_of_dead_processes_and_leaves_live_ones(
 def test_a_tenant_on_disk_folds_as_the_in_memory_tenant(rocks_state):
     """The account asks the index for usage inside a segment when a late grant or void splits it."""
     events = [
-        CreditGranted(event_id="g1", tenant_id="acme", grant_id="g1", amount=100, effective_at=0, expires_at=1_000),
-        *[UsageRecorded(event_id=f"u{n}", tenant_id="acme", amount=3, occurred_at=10 * n, model="m",
-                        prompt_tokens=1, completion_tokens=1) for n in range(1, 40)],
-        CreditGranted(event_id="g2", tenant_id="acme", grant_id="g2", amount=50, effective_at=155, priority=-1),
+        CreditGranted(
+            event_id="g1", tenant_id="acme", grant_id="g1", amount=100, effective_at=0, expires_at=1_000
+        ),
+        *[
+            UsageRecorded(
+                event_id=f"u{n}",
+                tenant_id="acme",
+                amount=3,
+                occurred_at=10 * n,
+                model="m",
+                prompt_tokens=1,
+                completion_tokens=1,
+            )
+            for n in range(1, 40)
+        ],
+        CreditGranted(
+            event_id="g2", tenant_id="acme", grant_id="g2", amount=50, effective_at=155, priority=-1
+        ),
         GrantVoided(event_id="v1", tenant_id="acme", grant_id="g2", voided_at=305),
-        UsageRecorded(event_id="u7", tenant_id="acme", amount=3, occurred_at=70, model="m",
-                      prompt_tokens=1, completion_tokens=1),  # a resend: a duplicate
+        UsageRecorded(
+            event_id="u7",
+            tenant_id="acme",
+            amount=3,
+            occurred_at=70,
+            model="m",
+            prompt_tokens=1,
+            completion_tokens=1,
+        ),  # a resend: a duplicate
     ]
     memory = TenantLedger("acme")
     account = Account("acme")

@@ -57,16 +57,27 @@ def balance_record(
     expiring: tuple[tuple[int, int], ...] = (),
     offset: int | None = None,
 ) -> LogRecord:
-    value = msgspec.json.encode(BalanceRecord(
-        tenant_id=tenant_id, balance=balance, overage=0, as_of=as_of, applied_offset=applied_offset, expiring=expiring,
-    ))
+    value = msgspec.json.encode(
+        BalanceRecord(
+            tenant_id=tenant_id,
+            balance=balance,
+            overage=0,
+            as_of=as_of,
+            applied_offset=applied_offset,
+            expiring=expiring,
+        )
+    )
     offset = next(_balance_offsets) if offset is None else offset
     return LogRecord(TOPICS.balances, partition_of(tenant_id), offset, tenant_id.encode(), value, START_MS)
 
 
 def usage_record(tenant_id: str, request_id: str, amount: int, offset: int) -> LogRecord:
-    event = UsageRecorded(event_id=request_id, tenant_id=tenant_id, amount=amount, occurred_at=START_MS, model="m")
-    return LogRecord(TOPICS.events, partition_of(tenant_id), offset, tenant_id.encode(), encode_event(event), START_MS)
+    event = UsageRecorded(
+        event_id=request_id, tenant_id=tenant_id, amount=amount, occurred_at=START_MS, model="m"
+    )
+    return LogRecord(
+        TOPICS.events, partition_of(tenant_id), offset, tenant_id.encode(), encode_event(event), START_MS
+    )
 
 
 def mark_caught_up(view: LedgerView, at_ms: int) -> None:
@@ -75,10 +86,20 @@ def mark_caught_up(view: LedgerView, at_ms: int) -> None:
 
 
 def admission_request(
-    request_id: str, *, tenant_id: str = "acme", cost: int = 100, tier: str = "enterprise",
-    prompt_tokens: int = 10, max_tokens: int = 20,
+    request_id: str,
+    *,
+    tenant_id: str = "acme",
+    cost: int = 100,
+    tier: str = "enterprise",
+    prompt_tokens: int = 10,
+    max_tokens: int = 20,
 ) -> AdmissionRequest:
     return AdmissionRequest(
-        request_id=request_id, tenant_id=tenant_id, tier=tier, model="m",
-        prompt_tokens=prompt_tokens, max_tokens=max_tokens, estimated_cost=cost,
+        request_id=request_id,
+        tenant_id=tenant_id,
+        tier=tier,
+        model="m",
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        estimated_cost=cost,
     )

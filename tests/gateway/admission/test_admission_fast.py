@@ -50,7 +50,11 @@ async def test_concurrent_requests_for_the_last_credits_admit_exactly_what_the_b
     assert len(outcomes) - len(refusals) == 6  # 6 x 150 = 900 <= 1000 < 7 x 150
     assert admission.available("acme", START_MS) == 100
     refusal = refusals[0]
-    assert (refusal.status_code, refusal.error_type, refusal.code) == (429, "insufficient_quota", "credit_balance_exhausted")
+    assert (refusal.status_code, refusal.error_type, refusal.code) == (
+        429,
+        "insufficient_quota",
+        "credit_balance_exhausted",
+    )
     assert refusal.headers["x-should-retry"] == "false"
     assert "x-ratelimit-remaining-requests" in refusal.headers
     assert sample(admission, "rejections", reason="credit_balance_exhausted") == 194
@@ -159,7 +163,9 @@ async def test_expired_blocks_stop_counting_at_their_expiry():
 
 async def test_a_view_that_is_not_ready_or_stale_refuses_with_503():
     clock = ManualClock()
-    admission = FastAdmission(new_view(), AdmissionSettings(view_ready_wait_ms=0, view_staleness_max_ms=1_000), clock_ms=clock)
+    admission = FastAdmission(
+        new_view(), AdmissionSettings(view_ready_wait_ms=0, view_staleness_max_ms=1_000), clock_ms=clock
+    )
     with pytest.raises(Overloaded) as not_ready:
         await admission.admit(admission_request("r1"))
     assert not_ready.value.status_code == 503 and not_ready.value.headers["retry-after"] == "1"
@@ -211,8 +217,11 @@ async def test_sweeper_task_runs_in_the_background():
 
 
 async def test_gateways_racing_for_one_tenant_overspend_at_most_one_request_each():
-    """Each of N processes holds at most its share of the balance, or one request: total <= balance + N x cost."""
-    gateways = [fast_admission(1_000, gateway_processes=3)[0] for _ in range(3)]  # three processes, one balance
+    """Each of N processes holds at most its share of the balance, or one request: total <= balance + N x
+    cost."""
+    gateways = [
+        fast_admission(1_000, gateway_processes=3)[0] for _ in range(3)
+    ]  # three processes, one balance
 
     async def attempt(n: int):
         await asyncio.sleep(0)

@@ -36,9 +36,17 @@ def test_metrics_are_in_the_default_registry_and_can_join_the_gateways():
     metrics = default_metrics()
     assert default_metrics() is metrics
     metrics.rejections.labels(reason="credit_balance_exhausted").inc()
-    assert REGISTRY.get_sample_value("tollgate_admission_rejections_total", {"reason": "credit_balance_exhausted"}) >= 1
+    assert (
+        REGISTRY.get_sample_value(
+            "tollgate_admission_rejections_total", {"reason": "credit_balance_exhausted"}
+        )
+        >= 1
+    )
     gateway = GatewayMetrics(collectors=metrics.collectors())
     exposition = generate_latest(gateway.registry).decode()
-    for name in ("tollgate_admission_reservations_open", "tollgate_ledger_view_lag_records",
-                 "tollgate_ledger_view_staleness_seconds"):
+    for name in (
+        "tollgate_admission_reservations_open",
+        "tollgate_ledger_view_lag_records",
+        "tollgate_ledger_view_staleness_seconds",
+    ):
         assert name in exposition

@@ -16,7 +16,9 @@ from tests.gateway.admission.helpers import (
 
 def folded_reports(view) -> list[tuple[str, str, int]]:
     reports: list[tuple[str, str, int]] = []
-    view.add_listener(lambda tenant_id, request_id, balance: reports.append((tenant_id, request_id, balance.applied_offset)))
+    view.add_listener(
+        lambda tenant_id, request_id, balance: reports.append((tenant_id, request_id, balance.applied_offset))
+    )
     return reports
 
 
@@ -32,7 +34,9 @@ def test_the_newest_balance_wins_and_an_expiry_at_the_same_offset_replaces_it():
 def test_a_tombstone_forgets_the_tenant():
     view = new_view()
     view.apply_balance_records([balance_record("acme", 500, applied_offset=1)])
-    view.apply_balance_records([LogRecord(TOPICS.balances, partition_of("acme"), 99, b"acme", None, START_MS)])
+    view.apply_balance_records(
+        [LogRecord(TOPICS.balances, partition_of("acme"), 99, b"acme", None, START_MS)]
+    )
     assert view.balance("acme") is None
 
 
@@ -48,7 +52,9 @@ def test_a_resent_usage_keeps_its_first_offset():
     view = new_view()
     reports = folded_reports(view)
     view.watch("acme", "r1")
-    view.apply_event_records([usage_record("acme", "r1", 10, offset=5), usage_record("acme", "r1", 10, offset=8)])
+    view.apply_event_records(
+        [usage_record("acme", "r1", 10, offset=5), usage_record("acme", "r1", 10, offset=8)]
+    )
     view.apply_balance_records([balance_record("acme", 990, applied_offset=5)])
     assert reports == [("acme", "r1", 5)]
 
@@ -58,7 +64,9 @@ def test_only_watched_usage_of_the_right_tenant_is_reported():
     reports = folded_reports(view)
     view.watch("acme", "r1")
     wrong_key = usage_record("globex", "r1", 10, offset=3)
-    wrong_key = LogRecord(wrong_key.topic, wrong_key.partition, wrong_key.offset, b"acme", wrong_key.value, START_MS)
+    wrong_key = LogRecord(
+        wrong_key.topic, wrong_key.partition, wrong_key.offset, b"acme", wrong_key.value, START_MS
+    )
     garbage = LogRecord(TOPICS.events, partition_of("acme"), 4, b"acme", b"{not json", START_MS)
     view.apply_event_records([wrong_key, garbage, usage_record("acme", "other", 10, offset=5)])
     view.apply_balance_records([balance_record("acme", 990, applied_offset=5)])

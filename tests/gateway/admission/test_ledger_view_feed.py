@@ -23,7 +23,12 @@ WAIT_S = 30
 T0 = 1_700_000_000_000
 
 
-@pytest.fixture(params=[pytest.param("kafka", marks=pytest.mark.kafka), pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        pytest.param("kafka", marks=pytest.mark.kafka),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 async def logs(request, topic_prefix, tmp_path):
     """Two clients of one log: the gateway's, and the processor's (another process in production)."""
     if request.param == "kafka":
@@ -35,7 +40,9 @@ async def logs(request, topic_prefix, tmp_path):
         engine = None
     else:
         settings = stream_settings("unused:9092", topic_prefix, tmp_path)
-        engine = build_async_engine(request.getfixturevalue("database_url"), request.getfixturevalue("database_settings"))
+        engine = build_async_engine(
+            request.getfixturevalue("database_url"), request.getfixturevalue("database_settings")
+        )
         pair = (PostgresLog(engine, settings), PostgresLog(engine, settings))
     for log in pair:
         await log.start()
@@ -84,9 +91,16 @@ async def eventually(predicate) -> None:
 async def test_view_reads_balances_at_start_and_settles_a_finished_request_once_folded(logs):
     event_log, processor_log = logs
     step = ProcessorStep(processor_log)
-    await event_log.publish(CreditGranted(
-        event_id="g1", tenant_id="acme", grant_id="g1", amount=1_000, effective_at=T0, expires_at=T0 + 10**12,
-    ))
+    await event_log.publish(
+        CreditGranted(
+            event_id="g1",
+            tenant_id="acme",
+            grant_id="g1",
+            amount=1_000,
+            effective_at=T0,
+            expires_at=T0 + 10**12,
+        )
+    )
     await step.run()
 
     settings = AdmissionSettings(view_lag_check_interval_ms=50, view_ready_wait_ms=WAIT_S * 1000)
@@ -101,14 +115,22 @@ async def test_view_reads_balances_at_start_and_settles_a_finished_request_once_
 
         reservation = await admission.admit(admission_request("req-1", cost=400))
         assert admission.available("acme", admission.clock_ms()) == 600
-        await event_log.publish(UsageRecorded(
-            event_id="req-1", tenant_id="acme", amount=250, occurred_at=T0 + 1, model="m",
-        ))
+        await event_log.publish(
+            UsageRecorded(
+                event_id="req-1",
+                tenant_id="acme",
+                amount=250,
+                occurred_at=T0 + 1,
+                model="m",
+            )
+        )
         await admission.finish(reservation, 250)
         await step.run()
         await eventually(lambda: admission.holds.open_count() == 0)
         assert view.balance("acme").balance == 750
         assert admission.available("acme", admission.clock_ms()) == 750
-        await eventually(lambda: view.metrics.view_lag_records.labels(topic=event_log.topics.events)._value.get() == 0)
+        await eventually(
+            lambda: view.metrics.view_lag_records.labels(topic=event_log.topics.events)._value.get() == 0
+        )
     finally:
         await runtime.stop()
