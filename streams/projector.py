@@ -194,14 +194,24 @@ def _add_record(rows: BatchRows, topics: LedgerTopics, record: LogRecord, now_ms
         return
     assert record.topic == topics.entries, f"record from a topic the projector does not read: {record.topic}"
     entry = decode_entry(record.value)
-    if type(entry) is UsageAllocated:  # checked before the fold wrote it, and again here, after reading
-        check_usage_allocated(entry)
-    elif type(entry) is AllocationCorrected:
-        check_allocation_corrected(entry)
+    _check_money(entry)
     payload = msgspec.to_builtins(entry)
     rows.entries.setdefault(entry.entry_id, _entry_row(payload, entry.entry_id, record, now_ms))
     if isinstance(entry, CreditExpired):  # a derived event: archived with the others
         rows.events.setdefault(entry.event_id, _event_row(entry, record, now_ms))
+
+
+def _check_money(entry) -> None:
+    """The fold asserted these before it wrote the entry; here, after reading, an entry that does not add up
+    is input from a topic (not necessarily ours), so it is refused like an undecodable record: dead-lettered
+    with the reason, and the projector goes on (no single record may stop it)."""
+    try:
+        if type(entry) is UsageAllocated:
+            check_usage_allocated(entry)
+        elif type(entry) is AllocationCorrected:
+            check_allocation_corrected(entry)
+    except AssertionError as broken:
+        raise InvalidEvent(f"the entry's money does not add up: {broken}") from None
 
 
 async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRows) -> None:

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from ledger.codec import encode_event
-from ledger.entries import encode_entry
+from ledger.entries import Allocation, UsageAllocated, encode_entry
 from ledger.events import CreditExpired, CreditGranted, UsageRecorded
 from streams.projector import project_records, stored_offsets
 from streams.records import LogRecord
@@ -166,3 +166,28 @@ async def test_an_event_postgres_cannot_store_is_dead_lettered(session_factory, 
 
     assert rows(database_url, "SELECT event_id FROM ledger_events") == [("r1",)]
     assert [(letter.offset, letter.source_topic) for letter in dead_letters.letters] == [(0, TOPICS.events)]
+
+
+async def test_an_entry_whose_money_does_not_add_up_is_dead_lettered_and_the_next_projected(
+    session_factory, database_url
+):
+    def usage_entry(event_id: str, amount: int, allocated: int, overage: int) -> bytes:
+        entry = UsageAllocated(
+            entry_id=f"t1/usage/{event_id}", tenant_id="t1", event_id=event_id, occurred_at=12, model="m",
+            prompt_tokens=1, completion_tokens=1, amount=amount,
+            allocations=(Allocation("g1", allocated),), overage=overage,
+        )
+        return encode_entry(entry)
+
+    dead_letters = await project(
+        session_factory,
+        [
+            LogRecord(TOPICS.entries, 0, 0, b"t1", usage_entry("forged", amount=5, allocated=500, overage=0)),
+            LogRecord(TOPICS.entries, 0, 1, b"t1", usage_entry("r1", amount=5, allocated=4, overage=1)),
+        ],
+    )
+
+    assert rows(database_url, "SELECT entry_id FROM ledger_entries") == [("t1/usage/r1",)]
+    [letter] = dead_letters.letters
+    assert (letter.offset, letter.source_topic) == (0, TOPICS.entries)
+    assert "does not add up" in letter.reason
