@@ -42,13 +42,13 @@ class DatabaseSettings(BaseSettings):
         description="PostgreSQL URL (postgresql://...); unset: an embedded server in embedded_data_dir",
     )
     embedded_data_dir: Path = Path(".tollgate/pgdata")  # used only when no database_url is set
-    connect_attempts_max: int = Field(default=30, ge=1)
-    connect_retry_interval_ms: int = Field(default=1_000, ge=1)
-    connect_timeout_ms: int = Field(default=5_000, ge=1_000)
-    statement_timeout_ms: int = Field(default=30_000, ge=1)
-    pool_size_max: int = Field(default=10, ge=1)
-    pool_overflow_max: int = Field(default=5, ge=0)
-    pool_timeout_ms: int = Field(default=10_000, ge=1)
+    connect_attempts_max: int = Field(default=30, ge=1)  # tries to reach the database at start-up
+    connect_retry_interval_ms: int = Field(default=1_000, ge=1)  # wait between those tries
+    connect_timeout_ms: int = Field(default=5_000, ge=1_000)  # one connection attempt
+    statement_timeout_ms: int = Field(default=30_000, ge=1)  # any one SQL statement (server side)
+    pool_size_max: int = Field(default=10, ge=1)  # connections kept open per process
+    pool_overflow_max: int = Field(default=5, ge=0)  # extra connections under load, closed when idle
+    pool_timeout_ms: int = Field(default=10_000, ge=1)  # waiting for a free pooled connection
 
 
 class DatabaseUnavailable(RuntimeError):

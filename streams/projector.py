@@ -72,9 +72,9 @@ class ProjectorSettings(BaseSettings):
 
     name: str = Field(default="postgres", min_length=1, max_length=128)  # the key of its stored offsets
     batch_records_max: int = Field(default=500, ge=1, le=5_000)  # x 11 columns < 65535 parameters
-    poll_timeout_ms: int = Field(default=1_000, ge=1)
-    fetch_bytes_max: int = Field(default=8 * 1024 * 1024, ge=1024)
-    request_timeout_ms: int = Field(default=40_000, ge=1_000)
+    poll_timeout_ms: int = Field(default=1_000, ge=1)  # the longest a fetch waits for new records
+    fetch_bytes_max: int = Field(default=8 * 1024 * 1024, ge=1024)  # bytes one fetch may bring
+    request_timeout_ms: int = Field(default=40_000, ge=1_000)  # one broker request
 
 
 class ProjectorError(RuntimeError):

@@ -56,4 +56,4 @@ class AdmissionSettings(CommonSettings):
     strict_transaction_timeout_ms: int = Field(default=5_000, ge=1)
     # Folded holds waiting to be deleted in Postgres (beyond it they are left to expire), and per batch.
     strict_settle_queue_max: int = Field(default=100_000, ge=1)
-    strict_settle_batch_max: int = Field(default=500, ge=1)
+    strict_settle_batch_max: int = Field(default=500, ge=1)  # finished holds deleted per round trip
