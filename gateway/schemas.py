@@ -113,7 +113,9 @@ def parse_body(model: type[SamplingFields], raw: bytes) -> SamplingFields:
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
-        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value") from None
+        raise ApiError(
+            400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value"
+        ) from None
 
 
 def _model_limits(settings: GatewaySettings, model: str) -> ModelSpec:
@@ -129,7 +131,9 @@ def _stop_sequences(stop: str | list[str] | None, settings: GatewaySettings) -> 
         raise invalid_param("stop", f"stop may hold at most {settings.stop_sequences_max} sequences")
     for sequence in sequences:
         if not sequence or len(sequence) > settings.stop_sequence_chars_max:
-            raise invalid_param("stop", f"each stop sequence must be 1 to {settings.stop_sequence_chars_max} characters")
+            raise invalid_param(
+                "stop", f"each stop sequence must be 1 to {settings.stop_sequence_chars_max} characters"
+            )
     return tuple(sequences)
 
 
@@ -168,12 +172,20 @@ def _refuse_unsupported(body: SamplingFields) -> None:
             ("audio", body.audio is not None, "audio output is not supported"),
             ("prediction", body.prediction is not None, "predicted outputs are not supported"),
             ("web_search_options", body.web_search_options is not None, "web search is not supported"),
-            ("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "top_logprobs needs logprobs set to true"),
+            (
+                "top_logprobs",
+                bool(body.top_logprobs) and not body.logprobs,
+                "top_logprobs needs logprobs set to true",
+            ),
         )
     else:
         assert isinstance(body, CompletionBody), "a completion body"
         refused = (
-            ("best_of", body.best_of is not None and body.best_of > 1, "best_of may only be 1 (one choice per request)"),
+            (
+                "best_of",
+                body.best_of is not None and body.best_of > 1,
+                "best_of may only be 1 (one choice per request)",
+            ),
             ("suffix", bool(body.suffix), "suffix (insertion) is not supported"),
             ("echo", body.echo, "echo is not supported"),
         )
@@ -191,9 +203,13 @@ def _logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
     biases: dict[int, float] = {}
     for key, bias in logit_bias.items():
         if not (key.isascii() and key.isdigit()) or len(key) > 12:
-            raise invalid_param("logit_bias", f"logit_bias keys are token ids (decimal integers), not {key[:32]!r}")
+            raise invalid_param(
+                "logit_bias", f"logit_bias keys are token ids (decimal integers), not {key[:32]!r}"
+            )
         if not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
-            raise invalid_param("logit_bias", f"logit_bias values are in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]")
+            raise invalid_param(
+                "logit_bias", f"logit_bias values are in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]"
+            )
         biases[int(key)] = bias
     if len(biases) != len(logit_bias):
         raise invalid_param("logit_bias", "logit_bias names a token id twice")
@@ -221,13 +237,16 @@ def prepare(body: SamplingFields, settings: GatewaySettings) -> PreparedRequest:
     if room < 1:
         raise invalid_param(
             prompt_param,
-            f"the prompt is {prompt_tokens} tokens; {body.model} has a context of {limits.context_tokens_max}",
+            f"the prompt is {prompt_tokens} tokens; "
+            f"{body.model} has a context of {limits.context_tokens_max}",
             code="context_length_exceeded",
         )
     asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     max_tokens_param = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens_max:
-        raise invalid_param(max_tokens_param, f"{max_tokens_param} is at most {limits.max_tokens_max} for {body.model}")
+        raise invalid_param(
+            max_tokens_param, f"{max_tokens_param} is at most {limits.max_tokens_max} for {body.model}"
+        )
     if asked is not None and asked > room:
         raise invalid_param(
             max_tokens_param,

@@ -24,7 +24,8 @@ class GatewaySettings(CommonSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    reuse_port: bool = False  # SO_REUSEPORT: several gateway processes on this host share the port (one per core)
+    # SO_REUSEPORT: several gateway processes on this host share the port (one per core)
+    reuse_port: bool = False
     event_log: Literal["kafka", "embedded"] = "kafka"  # embedded: the Postgres-backed log (no broker)
 
     worker_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"], min_length=1)
@@ -38,13 +39,15 @@ class GatewaySettings(CommonSettings):
     idempotency_key_chars_max: int = Field(default=255, ge=1)
 
     # Talking to workers.
-    worker_connect_timeout_ms: int = Field(default=3_000, ge=1)  # connecting, or waiting for a free connection
+    worker_connect_timeout_ms: int = Field(default=3000, ge=1)  # connecting, or waiting for a free connection
     worker_read_timeout_ms: int = Field(default=30_000, ge=1)  # the longest wait for one worker event
     request_timeout_ms: int = Field(default=120_000, ge=1)  # a request's whole budget, retries included
     worker_attempts_max: int = Field(default=3, ge=1)  # tries before the first token, across workers
     worker_connections_max: int = Field(default=512, ge=1)  # open connections per worker, idle ones included
-    worker_keepalive_expiry_ms: int = Field(default=3_000, ge=1)  # below the worker's keep-alive (uvicorn: 5 s)
-    worker_event_bytes_max: int = Field(default=64 * 1024, ge=256)  # one NDJSON line (or refusal body) from a worker
+    # below the worker's keep-alive (uvicorn: 5 s)
+    worker_keepalive_expiry_ms: int = Field(default=3_000, ge=1)
+    # one NDJSON line (or refusal body) from a worker
+    worker_event_bytes_max: int = Field(default=64 * 1024, ge=256)
     worker_response_head_bytes_max: int = Field(default=16 * 1024, ge=256)  # a worker response's headers
     breaker_failures_max: int = Field(default=5, ge=1)  # consecutive failures that open a worker's breaker
     breaker_open_ms: int = Field(default=5_000, ge=1)  # how long an open breaker refuses before one trial
@@ -59,7 +62,6 @@ class GatewaySettings(CommonSettings):
 
     # Billing what a worker could not (it died mid-stream, or said it could not record the usage).
     usage_publish_timeout_ms: int = Field(default=5_000, ge=1)  # one UsageRecorded publish to the event log
-
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:

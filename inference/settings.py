@@ -27,14 +27,19 @@ class EngineSettings(BaseModel):
     """What the engine and its scheduler need; the worker settings carry one of these."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
-    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"  # auto: fp16 on cuda, fp32 on cpu
+    # auto: fp16 on cuda, fp32 on cpu
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
     running_sequences_max: int = Field(default=32, ge=1)  # also the number of KV cache slots
     step_tokens_max: int = Field(default=512, ge=1)  # token budget of one engine step
-    prefill_chunk_tokens_max: int = Field(default=256, ge=1)  # longest prompt chunk one sequence feeds per step
-    context_tokens_max: int = Field(default=512, ge=2)  # prompt + completion tokens per sequence (cache slot size)
-    waiting_queue_depth_max: int = Field(default=256, ge=1)  # beyond this, new requests are refused (overloaded)
+    # longest prompt chunk one sequence feeds per step
+    prefill_chunk_tokens_max: int = Field(default=256, ge=1)
+    # prompt + completion tokens per sequence (cache slot size)
+    context_tokens_max: int = Field(default=512, ge=2)
+    # beyond this, new requests are refused (overloaded)
+    waiting_queue_depth_max: int = Field(default=256, ge=1)
     queue_policy: Literal["priority", "fcfs"] = "priority"
-    aging_ms_per_tier_level: int = Field(default=2000, ge=1)  # waiting this long lifts a request one tier level
+    # waiting this long lifts a request one tier level
+    aging_ms_per_tier_level: int = Field(default=2000, ge=1)
     stop_sequences_max: int = Field(default=4, ge=0)
     stop_sequence_chars_max: int = Field(default=64, ge=1)
     torch_threads: int = Field(default=2, ge=0)  # 0: leave torch's default
@@ -65,24 +70,29 @@ class EngineSettings(BaseModel):
 class WorkerSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_WORKER_", env_nested_delimiter="__")
 
-    model_name: str = DEFAULT_MODEL_NAME  # the model registry entry this worker serves (requests must name it)
+    # the model registry entry this worker serves (requests must name it)
+    model_name: str = DEFAULT_MODEL_NAME
     engine: EngineSettings = Field(default_factory=EngineSettings)
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
     retry_after_s: int = Field(default=1, ge=0)  # Retry-After on an overloaded answer
     prompt_chars_max: int = Field(default=65536, ge=1)  # request body limit on the prompt text
-    usage_emit_timeout_ms: int = Field(default=10000, ge=1)  # per UsageRecorded publish (the done line waits for it)
+    # per UsageRecorded publish (the done line waits for it)
+    usage_emit_timeout_ms: int = Field(default=10000, ge=1)
     shutdown_drain_timeout_ms: int = Field(default=10000, ge=1)  # waiting for pending usage emits at shutdown
     engine_restarts_max: int = Field(default=3, ge=0)  # engine loop rebuilds allowed within the window below
     engine_restart_window_ms: int = Field(default=60000, ge=1)  # past restarts_max in this window: stay down
     health_failed_exit_ms: int = Field(default=5000, ge=1)  # health failed this long: the process exits
     health_check_interval_ms: int = Field(default=250, ge=1)  # how often the watchdog reads health
-    fatal_exit_grace_ms: int = Field(default=60000, ge=1)  # a graceful stop after that exit is cut short past this
+    # a graceful stop after that exit is cut short past this
+    fatal_exit_grace_ms: int = Field(default=60000, ge=1)
 
     @model_validator(mode="after")
     def _check_model(self) -> WorkerSettings:
         if self.model_name not in self.models:
-            raise ValueError(f"the model registry has no model {self.model_name!r} (it has {sorted(self.models)})")
+            raise ValueError(
+                f"the model registry has no model {self.model_name!r} (it has {sorted(self.models)})"
+            )
         self.engine = self.engine.with_tiers(self.tiers)
         return self
 

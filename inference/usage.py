@@ -20,7 +20,8 @@ def build_usage_event(
 ) -> UsageRecorded:
     """event_id is the worker request id (the gateway's attempt id), so a replayed emit, or the gateway's own
     event for a stream whose worker died, is a duplicate the ledger ignores. occurred_at is when the request
-    was admitted when the caller knows it (so credit that expires during generation still covers it), else now."""
+    was admitted when the caller knows it (so credit that expires during generation still covers it), else
+    now."""
     amount = usage_amount(price, prompt_tokens, completion_tokens)
     assert amount >= 0, "a usage amount is never negative"
     return UsageRecorded(

@@ -54,13 +54,18 @@ LISTEN_RETRY_INTERVAL_MS = 1_000  # between attempts to re-open the listening co
 READ_BATCH_MAX = 5_000
 NOTIFY_CHANNEL = "tollgate_log_appended"  # payload: the topic appended to
 
+
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
 class PostgresLog:
     def __init__(
-        self, engine: AsyncEngine, settings: StreamSettings, *, idle_poll_interval_ms: int = IDLE_POLL_INTERVAL_MS
+        self,
+        engine: AsyncEngine,
+        settings: StreamSettings,
+        *,
+        idle_poll_interval_ms: int = IDLE_POLL_INTERVAL_MS,
     ) -> None:
         assert idle_poll_interval_ms > 0, "idle_poll_interval_ms must be positive"
         self.engine = engine
@@ -106,7 +111,9 @@ class PostgresLog:
         await self.notify_appended()
         return positions
 
-    async def append_in(self, connection: AsyncConnection, records: Sequence[OutgoingRecord]) -> list[LogPosition]:
+    async def append_in(
+        self, connection: AsyncConnection, records: Sequence[OutgoingRecord]
+    ) -> list[LogPosition]:
         """Append inside the caller's transaction. Call `notify_appended()` after it commits."""
         groups: dict[tuple[str, int], list[int]] = defaultdict(list)
         for number, record in enumerate(records):
@@ -129,8 +136,16 @@ class PostgresLog:
             rows = []
             for step, number in enumerate(numbers):
                 record = records[number]
-                rows.append({"topic": topic, "partition": partition, "log_offset": first + step,
-                             "key": record.key, "value": record.value, "timestamp_ms": now})
+                rows.append(
+                    {
+                        "topic": topic,
+                        "partition": partition,
+                        "log_offset": first + step,
+                        "key": record.key,
+                        "value": record.value,
+                        "timestamp_ms": now,
+                    }
+                )
                 positions[number] = LogPosition(topic, partition, first + step)
             await connection.execute(insert(log_records), rows)
         for topic in sorted({topic for topic, _ in groups}):  # sent by Postgres when the caller commits
@@ -146,14 +161,21 @@ class PostgresLog:
         return sum(self._append_counts[topic] for topic in topics)
 
     async def wait_for_append(
-        self, topics: Sequence[str], mark: int, stop: asyncio.Event | None = None, *, timeout_s: float | None = None
+        self,
+        topics: Sequence[str],
+        mark: int,
+        stop: asyncio.Event | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> None:
         """Until something is appended to `topics` after `mark`, `stop` is set, or `timeout_s` passes (by
         default: the idle poll interval while the listener is down, a minute while it listens, since then a
         notification comes for every append). The caller re-reads in every case."""
         await self._ensure_listening()
         if timeout_s is None:
-            timeout_s = LISTENING_RECHECK_INTERVAL_MS / 1000 if self._is_listening() else self._idle_poll_interval_s
+            timeout_s = (
+                LISTENING_RECHECK_INTERVAL_MS / 1000 if self._is_listening() else self._idle_poll_interval_s
+            )
         deadline = time.monotonic() + timeout_s
         while self.append_mark(topics) == mark and not (stop is not None and stop.is_set()):
             remaining = deadline - time.monotonic()
@@ -204,7 +226,11 @@ class PostgresLog:
     async def read(self, topic: str, partition: int, from_offset: int, max_records: int) -> list[LogRecord]:
         query = (
             select(log_records)
-            .where(log_records.c.topic == topic, log_records.c.partition == partition, log_records.c.log_offset >= from_offset)
+            .where(
+                log_records.c.topic == topic,
+                log_records.c.partition == partition,
+                log_records.c.log_offset >= from_offset,
+            )
             .order_by(log_records.c.log_offset)
             .limit(max_records)
         )
@@ -231,7 +257,9 @@ class PostgresLog:
         listening, listener = self._listening, self._listener
         return listening is not None and listening.is_set() and listener is not None and not listener.done()
 
-    async def read_partitions(self, topic: str, positions: dict[int, int], max_records: int) -> list[LogRecord]:
+    async def read_partitions(
+        self, topic: str, positions: dict[int, int], max_records: int
+    ) -> list[LogRecord]:
         """Records of several partitions from their positions, in ONE query; each partition gives at most
         its share of `max_records` (at least one), so none starves the others."""
         assert max_records > 0, "max_records must be positive"
@@ -240,7 +268,11 @@ class PostgresLog:
         share = max(1, max_records // len(positions))
         parts = [
             select(log_records)
-            .where(log_records.c.topic == topic, log_records.c.partition == partition, log_records.c.log_offset >= offset)
+            .where(
+                log_records.c.topic == topic,
+                log_records.c.partition == partition,
+                log_records.c.log_offset >= offset,
+            )
             .order_by(log_records.c.log_offset)
             .limit(share)
             for partition, offset in sorted(positions.items())
@@ -248,11 +280,15 @@ class PostgresLog:
         query = parts[0] if len(parts) == 1 else union_all(*parts)
         async with self.engine.connect() as connection:
             rows = (await connection.execute(query)).all()
-        records = [LogRecord(r.topic, r.partition, r.log_offset, r.key, r.value, r.timestamp_ms) for r in rows]
+        records = [
+            LogRecord(r.topic, r.partition, r.log_offset, r.key, r.value, r.timestamp_ms) for r in rows
+        ]
         records.sort(key=lambda record: (record.partition, record.offset))
         return records
 
-    async def tail(self, topic: str, *, from_beginning: bool, batch_max: int = 1_000) -> AsyncIterator[list[LogRecord]]:
+    async def tail(
+        self, topic: str, *, from_beginning: bool, batch_max: int = 1_000
+    ) -> AsyncIterator[list[LogRecord]]:
         await self._ensure_listening()  # before the end offsets: nothing appended after them is missed
         positions = {
             partition: 0 if from_beginning else await self.end_offset(topic, partition)

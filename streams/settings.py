@@ -1,4 +1,5 @@
-"""Settings of the Kafka side: broker address, topic layout, producer limits and the spool (env TOLLGATE_*)."""
+"""Settings of the Kafka side: broker address, topic layout, producer limits and the spool
+(env TOLLGATE_*)."""
 
 from __future__ import annotations
 

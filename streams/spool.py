@@ -132,7 +132,8 @@ class Spool:
             try:
                 for record in records:
                     cursor = self._connection.execute(
-                        "INSERT INTO spooled_record (topic, key, value, size_bytes, spooled_at_ms) VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO spooled_record (topic, key, value, size_bytes, spooled_at_ms)"
+                        " VALUES (?, ?, ?, ?, ?)",
                         (record.topic, record.key, record.value, record.size_bytes, now_ms),
                     )
                     sequence_numbers.append(cursor.lastrowid)
@@ -168,10 +169,13 @@ class Spool:
                     chunk = seqs[start : start + _PARAMETERS_PER_STATEMENT_MAX]
                     placeholders = ",".join("?" * len(chunk))
                     count, size = self._connection.execute(
-                        f"SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM spooled_record WHERE seq IN ({placeholders})",
+                        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM spooled_record"
+                        f" WHERE seq IN ({placeholders})",
                         chunk,
                     ).fetchone()
-                    self._connection.execute(f"DELETE FROM spooled_record WHERE seq IN ({placeholders})", chunk)
+                    self._connection.execute(
+                        f"DELETE FROM spooled_record WHERE seq IN ({placeholders})", chunk
+                    )
                     removed_count += count
                     removed_bytes += size
                 self._connection.execute("COMMIT")
@@ -180,7 +184,8 @@ class Spool:
                 raise
             self._count -= removed_count
             self._size_bytes -= removed_bytes
-            assert self._count >= 0 and self._size_bytes >= 0, "spool accounting went negative"
+            assert self._count >= 0, f"spool record count went negative ({self._count})"
+            assert self._size_bytes >= 0, f"spool size went negative ({self._size_bytes} bytes)"
         return removed_count
 
     def count(self) -> int:
@@ -198,7 +203,8 @@ class Spool:
             self._lock_file.close()
 
     def delete(self) -> None:
-        """Close and remove the spool's files; the lock is released last, so no process opens them meanwhile."""
+        """Close and remove the spool's files; the lock is released last, so no process opens them
+        meanwhile."""
         with self._mutex:
             self._check_open()
             self._connection.close()

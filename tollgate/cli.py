@@ -38,7 +38,8 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
 
-DEMO_FILE = Path(".tollgate/demo.json")
+DATA_DIR = Path(".tollgate")
+DEMO_FILE = DATA_DIR / "demo.json"
 ADMIN_TIMEOUT_S = 30.0
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 GATEWAY_URL_ENV = "TOLLGATE_URL"
@@ -46,7 +47,10 @@ ADMIN_TOKEN_ENV = "TOLLGATE_ADMIN_TOKEN"
 
 Url = Annotated[
     str | None,
-    typer.Option(envvar=GATEWAY_URL_ENV, help=f"Gateway base URL (default: .tollgate/demo.json, else {DEFAULT_GATEWAY_URL})."),
+    typer.Option(
+        envvar=GATEWAY_URL_ENV,
+        help=f"Gateway base URL (default: .tollgate/demo.json, else {DEFAULT_GATEWAY_URL}).",
+    ),
 ]
 AdminToken = Annotated[
     str | None, typer.Option(envvar=ADMIN_TOKEN_ENV, help="Admin token (default: from .tollgate/demo.json).")
@@ -63,8 +67,12 @@ def dev(
     host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
     worker_port: Annotated[int, typer.Option(help="The inference worker's internal port.")] = 8100,
-    data_dir: Annotated[Path, typer.Option(help="Where the embedded database and demo.json live.")] = Path(".tollgate"),
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every component's and library's log lines.")] = False,
+    data_dir: Annotated[
+        Path, typer.Option(help="Where the embedded database and demo.json live.")
+    ] = DATA_DIR,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show every component's and library's log lines.")
+    ] = False,
 ) -> None:
     """Run everything in one process on embedded defaults: Postgres (pgserver), the event log, the stream
     processor, the projector, one inference worker and the gateway. Ctrl-C stops it all."""
@@ -101,7 +109,9 @@ class StreamsEngine(StrEnum):
 def streams(
     engine: Annotated[
         StreamsEngine,
-        typer.Option(help="batch: plain aiokafka, a batch at a time (fast); faust: the faust-streaming agent."),
+        typer.Option(
+            help="batch: plain aiokafka, a batch at a time (fast); faust: the faust-streaming agent."
+        ),
     ] = StreamsEngine.batch,
 ) -> None:
     """Run one ledger stream processor (scale out by running more with the same app id and engine)."""
@@ -150,9 +160,15 @@ def topics() -> None:
 
 @ledger_app.command("replay")
 def ledger_replay(
-    until_offset: Annotated[int | None, typer.Option(help="Stop after this offset in every partition.")] = None,
-    until_time: Annotated[int | None, typer.Option(help="Only records stamped at or before this epoch ms.")] = None,
-    verify: Annotated[bool, typer.Option(help="Compare with the live ledger.balances; exit 1 on any mismatch.")] = False,
+    until_offset: Annotated[
+        int | None, typer.Option(help="Stop after this offset in every partition.")
+    ] = None,
+    until_time: Annotated[
+        int | None, typer.Option(help="Only records stamped at or before this epoch ms.")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option(help="Compare with the live ledger.balances; exit 1 on any mismatch.")
+    ] = False,
 ) -> None:
     """Rebuild every tenant from ledger.events with the pure fold and print their balances."""
     from rich.console import Console
@@ -164,13 +180,21 @@ def ledger_replay(
 
     settings = StreamSettings()
     console = Console()
-    with Progress(TextColumn("replaying ledger.events"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("replaying ledger.events"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("replay", total=None)
 
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        result = asyncio.run(replay(settings, until_offset=until_offset, until_time_ms=until_time, on_progress=on_progress))
+        result = asyncio.run(
+            replay(settings, until_offset=until_offset, until_time_ms=until_time, on_progress=on_progress)
+        )
     table = Table("tenant", "balance", "overage", "as of (epoch ms)")
     for balance in result.balances(at=until_time):
         table.add_row(balance.tenant_id, str(balance.balance), str(balance.overage), str(balance.as_of))
@@ -203,14 +227,22 @@ def _admin(url: str | None, admin_token: str | None) -> Iterator:
 
     base_url, token = admin_target(url, admin_token)
     if not token:
-        _fail(f"no admin token: pass --admin-token or set {ADMIN_TOKEN_ENV} (`tollgate dev` writes it to {DEMO_FILE})")
-    client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=ADMIN_TIMEOUT_S)
+        _fail(
+            f"no admin token: pass --admin-token or set {ADMIN_TOKEN_ENV} "
+            f"(`tollgate dev` writes it to {DEMO_FILE})"
+        )
+    client = httpx.Client(
+        base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=ADMIN_TIMEOUT_S
+    )
     try:
         with client:
             yield client
     except httpx.TransportError as error:
-        _fail(f"cannot reach the gateway at {base_url} ({type(error).__name__}: {error}): start it (tollgate dev), "
-              f"or point the CLI at it with {GATEWAY_URL_ENV} or --url")
+        _fail(
+            f"cannot reach the gateway at {base_url} ({type(error).__name__}: {error}): "
+            "start it (tollgate dev), "
+            f"or point the CLI at it with {GATEWAY_URL_ENV} or --url"
+        )
 
 
 def _fail(line: str) -> NoReturn:
@@ -231,7 +263,9 @@ def _show(response) -> None:
 @tenants_app.command("create")
 def tenants_create(
     name: Annotated[str, typer.Option(help="Display name.")],
-    tier: Annotated[str, typer.Option(help=f"Tenant tier: one of TOLLGATE_TIERS ({TIER_NAMES} by default).")] = "free",
+    tier: Annotated[
+        str, typer.Option(help=f"Tenant tier: one of TOLLGATE_TIERS ({TIER_NAMES} by default).")
+    ] = "free",
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:

@@ -90,7 +90,9 @@ class CommonSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_tiers(self) -> CommonSettings:
         if self.tier_default not in self.tiers:
-            raise ValueError(f"tier_default {self.tier_default!r} is not one of the tiers {sorted(self.tiers)}")
+            raise ValueError(
+                f"tier_default {self.tier_default!r} is not one of the tiers {sorted(self.tiers)}"
+            )
         return self
 
     @property
@@ -111,7 +113,9 @@ class CommonSettings(BaseSettings):
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < ADMIN_TOKEN_LENGTH_MIN:
             return f"{SHARED_PREFIX}ADMIN_TOKEN must be at least {ADMIN_TOKEN_LENGTH_MIN} characters"
         if self.admin_token is None and self.environment == "production":
-            return f"{SHARED_PREFIX}ADMIN_TOKEN must be set in production ({ADMIN_TOKEN_LENGTH_MIN}+ characters)"
+            return (
+                f"{SHARED_PREFIX}ADMIN_TOKEN must be set in production ({ADMIN_TOKEN_LENGTH_MIN}+ characters)"
+            )
         return None
 
 

@@ -88,12 +88,15 @@ def run_dev(options: DevOptions) -> None:
 def check_port_free(host: str, port: int, option: str) -> None:
     """Raise PortInUse, naming `option`, when `host:port` cannot be bound (checked before anything starts)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        # as uvicorn binds: TIME_WAIT is no conflict
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise PortInUse(f"{host}:{port} is already in use ({error.strerror}): stop what holds it, "
-                            f"or choose another with {option}") from None
+            raise PortInUse(
+                f"{host}:{port} is already in use ({error.strerror}): stop what holds it, "
+                f"or choose another with {option}"
+            ) from None
 
 
 async def _run(options: DevOptions) -> None:
@@ -139,7 +142,9 @@ async def _run(options: DevOptions) -> None:
 
     internal_token = dev_internal_token()
     worker_settings = WorkerSettings(host="127.0.0.1", port=options.worker_port)
-    worker_app = create_worker_app(worker_settings, emit_usage=event_log.publish, internal_token=internal_token)
+    worker_app = create_worker_app(
+        worker_settings, emit_usage=event_log.publish, internal_token=internal_token
+    )
 
     gateway_settings = GatewaySettings(
         host=options.host,
@@ -218,9 +223,15 @@ def claim_data_dir(data_dir: Path, pgdata: Path) -> None:
     postmaster its dead owners left running, and drop dead pids from pgserver's handle list (or no later
     run would ever stop the server: pgserver stops it only when the exiting process is its last handle)."""
     owner = _read_owner(data_dir)
-    if owner is not None and owner["pid"] != os.getpid() and _is_process(owner["pid"], owner.get("created_at")):
-        raise DataDirInUse(f"another tollgate dev (pid {owner['pid']}) is running on {data_dir}: stop it first, "
-                           "or give this one its own --data-dir")
+    if (
+        owner is not None
+        and owner["pid"] != os.getpid()
+        and _is_process(owner["pid"], owner.get("created_at"))
+    ):
+        raise DataDirInUse(
+            f"another tollgate dev (pid {owner['pid']}) is running on {data_dir}: stop it first, "
+            "or give this one its own --data-dir"
+        )
     stop_orphaned_postmaster(pgdata)
     _write_owner(data_dir, {"pid": os.getpid(), "created_at": _created_at(os.getpid())})
 
@@ -383,7 +394,9 @@ async def _ensure_demo_tenant(base: str, admin_token: str, demo: dict) -> dict:
             known = await admin.get(f"/admin/v1/tenants/{tenant_id}/balance")
             if known.status_code == 200:
                 return {**demo, "base_url": f"{base}/v1", "admin_token": admin_token}
-        tenant = (await _ok(admin.post("/admin/v1/tenants", json={"name": DEMO_TENANT_NAME, "tier": DEMO_TIER})))
+        tenant = await _ok(
+            admin.post("/admin/v1/tenants", json={"name": DEMO_TENANT_NAME, "tier": DEMO_TIER})
+        )
         tenant_id = tenant["tenant_id"]
         key = await _ok(admin.post(f"/admin/v1/tenants/{tenant_id}/keys"))
         await _ok(
@@ -393,14 +406,23 @@ async def _ensure_demo_tenant(base: str, admin_token: str, demo: dict) -> dict:
                 headers={"Idempotency-Key": f"{DEMO_GRANT_IDEMPOTENCY_KEY}-{tenant_id}"},
             )
         )
-    return {"base_url": f"{base}/v1", "api_key": key["key"], "admin_token": admin_token, "tenant_id": tenant_id}
+    return {
+        "base_url": f"{base}/v1",
+        "api_key": key["key"],
+        "admin_token": admin_token,
+        "tenant_id": tenant_id,
+    }
 
 
-async def _wait_demo_credits_visible(base: str, admin_token: str, tenant_id: str, view, tasks: list[asyncio.Task]) -> None:
+async def _wait_demo_credits_visible(
+    base: str, admin_token: str, tenant_id: str, view, tasks: list[asyncio.Task]
+) -> None:
     """Until the demo tenant's balance is folded and both readers agree on it: the gateway's admission view
     (so the first request printed below is admitted) and the admin API's projection (`tollgate balance`)."""
     deadline = time.monotonic() + DEMO_READY_TIMEOUT_S
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {admin_token}"}, timeout=10.0) as admin:
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {admin_token}"}, timeout=10.0
+    ) as admin:
         while True:
             _raise_if_failed(tasks)
             held = view.balance(tenant_id)
@@ -409,7 +431,9 @@ async def _wait_demo_credits_visible(base: str, admin_token: str, tenant_id: str
                 if projected == held.balance:
                     return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the demo tenant's credits were not folded within {DEMO_READY_TIMEOUT_S}s")
+                raise TimeoutError(
+                    f"the demo tenant's credits were not folded within {DEMO_READY_TIMEOUT_S}s"
+                )
             await asyncio.sleep(DEMO_READY_POLL_S)
 
 
@@ -434,7 +458,8 @@ Tollgate is running.
 
 curl {base_url}/chat/completions \\
   -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-  -d '{{"model": "tollgate-tiny", "messages": [{{"role": "user", "content": "Once upon a time"}}], "max_tokens": 32}}'
+  -d '{{"model": "tollgate-tiny", "messages": [{{"role": "user", "content": "Once upon a time"}}],
+       "max_tokens": 32}}'
 
 python - <<'PY'
 from openai import OpenAI

@@ -32,8 +32,19 @@ RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Libraries that narrate their normal work at INFO; quiet mode shows only their warnings.
-CHATTY_LOGGERS = ("alembic", "pgserver", "httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access",
-                  "aiokafka", "faust", "mode", "storage.database")
+CHATTY_LOGGERS = (
+    "alembic",
+    "pgserver",
+    "httpx",
+    "httpcore",
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "aiokafka",
+    "faust",
+    "mode",
+    "storage.database",
+)
 # In quiet mode everything else logs warnings only (no line per request), except these progress lines.
 PROGRESS_LOGGERS = ("tollgate.dev",)
 # Warnings printed on import that say nothing about this system (torch built without NumPy, no XDG dir).
@@ -54,7 +65,8 @@ class LoggingSettings(BaseSettings):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -80,12 +92,18 @@ def configure_logging(
     """Replace the root handlers with one stderr handler in the configured format. Arguments given here
     win over the environment (`tollgate dev` says plain). Returns the settings in effect."""
     settings = settings or LoggingSettings()
-    effective = settings.model_copy(update={k: v for k, v in (("format", log_format), ("level", level)) if v is not None})
+    effective = settings.model_copy(
+        update={k: v for k, v in (("format", log_format), ("level", level)) if v is not None}
+    )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if effective.format == "json" else logging.Formatter(PLAIN_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(logging.getLevelName(effective.level.upper()), logging.WARNING) if quiet else effective.level.upper())
+    root.setLevel(
+        max(logging.getLevelName(effective.level.upper()), logging.WARNING)
+        if quiet
+        else effective.level.upper()
+    )
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
     for name in PROGRESS_LOGGERS:  # what a person running it follows, kept in quiet mode too

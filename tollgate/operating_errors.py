@@ -49,14 +49,20 @@ def _describe_one(error: BaseException) -> str | None:
     if isinstance(error, OperatingError):
         return _first_line(error)
     if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
-        return (f"address already in use ({error}): stop the process that holds the port, or set another "
-                "(TOLLGATE_GATEWAY_PORT, TOLLGATE_WORKER_PORT, or --port for tollgate dev)")
+        return (
+            f"address already in use ({error}): stop the process that holds the port, or set another "
+            "(TOLLGATE_GATEWAY_PORT, TOLLGATE_WORKER_PORT, or --port for tollgate dev)"
+        )
     if isinstance(error, DatabaseUnavailable | OperationalError):
-        return (f"database unreachable ({_first_line(error)}): set DATABASE_URL to a running PostgreSQL, "
-                "or unset it to use the embedded one")
+        return (
+            f"database unreachable ({_first_line(error)}): set DATABASE_URL to a running PostgreSQL, "
+            "or unset it to use the embedded one"
+        )
     if isinstance(error, KafkaConnectionError):
-        return (f"Kafka broker unreachable ({_first_line(error)}): start it, or set "
-                "TOLLGATE_KAFKA_BOOTSTRAP_SERVERS to where it runs")
+        return (
+            f"Kafka broker unreachable ({_first_line(error)}): start it, or set "
+            "TOLLGATE_KAFKA_BOOTSTRAP_SERVERS to where it runs"
+        )
     if isinstance(error, SpoolError | InternalTokenMissing):
         return _first_line(error)
     return None

@@ -47,8 +47,12 @@ def load(reference: str) -> type[BaseModel]:
 
 
 def own_fields(cls: type[BaseModel]) -> list[str]:
-    inherited = {name for base in cls.__mro__[1:] if isinstance(base, type) and issubclass(base, BaseModel)
-                 for name in base.model_fields}
+    inherited = {
+        name
+        for base in cls.__mro__[1:]
+        if isinstance(base, type) and issubclass(base, BaseModel)
+        for name in base.model_fields
+    }
     return [name for name in cls.model_fields if name not in inherited]
 
 
@@ -73,13 +77,23 @@ def default_text(field: FieldInfo) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
     if isinstance(value, dict):
-        value = {key: item.model_dump(mode="json") if isinstance(item, BaseModel) else item for key, item in value.items()}
+        value = {
+            key: item.model_dump(mode="json") if isinstance(item, BaseModel) else item
+            for key, item in value.items()
+        }
     if isinstance(value, dict | list | tuple):
         return f"`{json.dumps(value, separators=(',', ':'))}`"
     return f"`{value}`"
 
 
-BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "length >="), ("max_length", "length <="))
+BOUNDS = (
+    ("ge", ">="),
+    ("gt", ">"),
+    ("le", "<="),
+    ("lt", "<"),
+    ("min_length", "length >="),
+    ("max_length", "length <="),
+)
 
 
 def bound_text(field: FieldInfo) -> str:
@@ -136,7 +150,12 @@ def rows_of(cls: type[BaseModel], names: list[str], prefix: str) -> list[str]:
             rows += rows_of(annotation, list(annotation.model_fields), f"{prefix}{name}__")
             continue
         what = field.description or comments.get(name, "")
-        cells = (f"`{environment_variable(cls, name, field, prefix)}`", default_text(field), bound_text(field), what)
+        cells = (
+            f"`{environment_variable(cls, name, field, prefix)}`",
+            default_text(field),
+            bound_text(field),
+            what,
+        )
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return rows
 
@@ -150,8 +169,13 @@ def render() -> str:
     for heading, reference in SECTIONS:
         cls = load(reference)
         prefix = cls.model_config.get("env_prefix", "")
-        out += ["", f"**{heading}** (`{reference.replace(':', '.')}`)", "",
-                "| Variable | Default | Bound | What it does |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"**{heading}** (`{reference.replace(':', '.')}`)",
+            "",
+            "| Variable | Default | Bound | What it does |",
+            "|---|---|---|---|",
+        ]
         out += rows_of(cls, own_fields(cls), prefix)
     return "\n".join(out)
 
@@ -168,7 +192,9 @@ def main(argv: list[str]) -> int:
     updated = with_table(current)
     if "--check" in argv:
         if updated != current:
-            print("README.md's settings table is stale: run python -m tollgate.settings_table", file=sys.stderr)
+            print(
+                "README.md's settings table is stale: run python -m tollgate.settings_table", file=sys.stderr
+            )
             return 1
         return 0
     README.write_text(updated)
