@@ -16,8 +16,8 @@ Every error of every path is in OpenAI's shape: an unknown URL is a 404 `unknown
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -44,7 +44,7 @@ from gateway.workers import WorkerPool
 from streams.log import EventLog
 
 
-def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
+def create_app(
     settings: GatewaySettings,
     *,
     internal_token: str,
@@ -55,6 +55,37 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     admin_settings: AdminSettings | None = None,
 ) -> FastAPI:
     metrics = GatewayMetrics(collectors)
+    lifespan = _lifespan(
+        settings,
+        internal_token=internal_token,
+        log=log,
+        admission=admission,
+        session_factory=session_factory,
+        metrics=metrics,
+    )
+    app = FastAPI(title="Tollgate gateway", lifespan=lifespan)
+    app.state.session_factory = session_factory
+    app.state.event_log = log
+    _add_error_handlers(app, metrics)
+    app.add_middleware(CompletionRoutes)  # POST /v1/chat/completions and /v1/completions, the hot path
+    app.include_router(openai_router)
+    _include_admin_router(app, settings, admin_settings or AdminSettings())
+    _document_completion_routes(app)
+    _add_health_and_metrics(app, metrics)
+    return app
+
+
+def _lifespan(
+    settings: GatewaySettings,
+    *,
+    internal_token: str,
+    log: EventLog,
+    admission: Admission,
+    session_factory: async_sessionmaker[AsyncSession],
+    metrics: GatewayMetrics,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: builds the worker clients, the key cache and its revocation feed, and the
+    runtime the routes read; stops them on the way out."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,9 +94,8 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
         key_cache = TenantKeyCache(
             session_factory, settings.auth_cache_ttl_ms, settings.auth_cache_entries_max
         )
-        revocations = KeyRevocationFeed(
-            log, key_cache
-        )  # evicts revoked keys at once; the TTL is the fallback
+        # Evicts revoked keys at once; the TTL is the fallback.
+        revocations = KeyRevocationFeed(log, key_cache)
         await revocations.start()
         app.state.runtime = GatewayRuntime(
             settings=settings,
@@ -87,9 +117,30 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
             await revocations.stop()
             await pool.close()
 
-    app = FastAPI(title="Tollgate gateway", lifespan=lifespan)
-    app.state.session_factory = session_factory
-    app.state.event_log = log
+    return lifespan
+
+
+def unknown_route_error(method: str, path: str, error: StarletteHTTPException) -> ApiError | None:
+    """The router's own 404 and 405 in OpenAI's shape; None for any other HTTPException (the admin API's,
+    with their `detail`)."""
+    if error.status_code == 404 and error.detail == "Not Found":
+        return ApiError(
+            404,
+            f"Unknown request URL: {method} {path}. Please check the URL for typos.",
+            code="unknown_url",
+        )
+    if error.status_code == 405 and error.detail == "Method Not Allowed":
+        return ApiError(
+            405,
+            f"Method {method} is not allowed for {path}.",
+            code="method_not_allowed",
+            headers=error.headers,
+        )
+    return None
+
+
+def _add_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
+    """Every error in OpenAI's shape, each refusal counted."""
 
     async def count_and_answer_refusal(_request: Request, error: ApiError | Rejection) -> Response:
         return refusal_response(metrics, error)
@@ -99,23 +150,8 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
         return await handle_validation_error(request, error)
 
     async def answer_unknown_route(request: Request, error: StarletteHTTPException) -> Response:
-        """The router's own 404 and 405 in OpenAI's shape; any other HTTPException (the admin API's, with
-        their `detail`) as FastAPI answers it."""
-        method, path = request.method, request.url.path
-        if error.status_code == 404 and error.detail == "Not Found":
-            api_error = ApiError(
-                404,
-                f"Unknown request URL: {method} {path}. Please check the URL for typos.",
-                code="unknown_url",
-            )
-        elif error.status_code == 405 and error.detail == "Method Not Allowed":
-            api_error = ApiError(
-                405,
-                f"Method {method} is not allowed for {path}.",
-                code="method_not_allowed",
-                headers=error.headers,
-            )
-        else:
+        api_error = unknown_route_error(request.method, request.url.path, error)
+        if api_error is None:
             return await http_exception_handler(request, error)
         return refusal_response(metrics, api_error)
 
@@ -124,8 +160,9 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     app.add_exception_handler(Rejection, count_and_answer_refusal)
     app.add_exception_handler(RequestValidationError, count_and_answer_validation)
 
-    app.add_middleware(CompletionRoutes)  # POST /v1/chat/completions and /v1/completions, the hot path
-    app.include_router(openai_router)
+
+def _include_admin_router(app: FastAPI, settings: GatewaySettings, admin_settings: AdminSettings) -> None:
+    """The admin API, reading the session factory and the event log from the app's state."""
 
     def app_session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
         return request.app.state.session_factory
@@ -135,12 +172,16 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
 
     app.include_router(
         build_admin_router(
-            settings=admin_settings or AdminSettings(),
+            settings=admin_settings,
             session_factory_dependency=app_session_factory,
             publisher_dependency=app_event_log,
             admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
         )
     )
+
+
+def _document_completion_routes(app: FastAPI) -> None:
+    """The OpenAPI document lists the completion routes, which the middleware serves outside the router."""
 
     def openapi_with_completion_routes() -> dict:
         if app.openapi_schema is None:
@@ -150,6 +191,8 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
 
     app.openapi = openapi_with_completion_routes  # type: ignore[method-assign]
 
+
+def _add_health_and_metrics(app: FastAPI, metrics: GatewayMetrics) -> None:
     @app.get("/health", include_in_schema=False)
     async def health() -> dict:
         return {"status": "ok"}
@@ -157,5 +200,3 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app

@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Annotated
 
@@ -380,7 +380,7 @@ def _runtime(request: Request) -> WorkerRuntime:
 Runtime = Annotated[WorkerRuntime, Depends(_runtime)]
 
 
-def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
+def create_app(
     settings: WorkerSettings,
     emit_usage: EmitUsage,
     engine: Engine | None = None,
@@ -391,10 +391,21 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
     """The worker app. `engine` defaults to one loaded from settings.checkpoint_dir; `internal_token` is the
     shared secret the gateway sends; `on_fatal` is called when health stays failed (default: end the
     process)."""
-    
-    
     check_token(internal_token)
     fatal = on_fatal or partial(terminate_process, settings.fatal_exit_grace_ms)
+    app = FastAPI(title="Tollgate inference worker", lifespan=_lifespan(settings, emit_usage, engine, fatal))
+    app.add_middleware(InternalAuthMiddleware, internal_token=internal_token)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    _add_generation_routes(app, settings)
+    _add_health_and_metrics(app, settings)
+    return app
+
+
+def _lifespan(
+    settings: WorkerSettings, emit_usage: EmitUsage, engine: Engine | None, fatal: Callable[[], None]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Loads the engine (unless given one), starts its loop and the health watchdog; on the way out stops
+    the watchdog, then the loop, then drains the pending usage emits."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -419,29 +430,36 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
             await runtime.engine_loop.stop()
             await runtime.usage.drain(settings.shutdown_drain_timeout_ms)
 
-    app = FastAPI(title="Tollgate inference worker", lifespan=lifespan)
-    app.add_middleware(InternalAuthMiddleware, internal_token=internal_token)
+    return lifespan
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'body'}: {problem['msg']}"
-            for problem in error.errors()[:VALIDATION_ERRORS_SHOWN_MAX]
-        ]
-        return _error(400, "invalid_request", "; ".join(problems))
 
+async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = [
+        f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'body'}: {problem['msg']}"
+        for problem in error.errors()[:VALIDATION_ERRORS_SHOWN_MAX]
+    ]
+    return _error(400, "invalid_request", "; ".join(problems))
+
+
+def generate_refusal(body: GenerateBody, settings: WorkerSettings) -> JSONResponse | None:
+    """The answer to a generate request this worker refuses before the engine sees it, else None."""
+    if body.model != settings.model_name:
+        return _error(
+            404,
+            "model_not_found",
+            f"model {body.model!r} is not served here ({settings.model_name!r} is)",
+        )
+    if body.prompt is not None and len(body.prompt) > settings.prompt_chars_max:
+        return _error(400, "invalid_request", f"prompt is longer than {settings.prompt_chars_max} characters")
+    return None
+
+
+def _add_generation_routes(app: FastAPI, settings: WorkerSettings) -> None:
     @app.post("/internal/v1/generate", response_model=None)
     async def generate(body: GenerateBody, runtime: Runtime) -> Response:
-        if body.model != settings.model_name:
-            return _error(
-                404,
-                "model_not_found",
-                f"model {body.model!r} is not served here ({settings.model_name!r} is)",
-            )
-        if body.prompt is not None and len(body.prompt) > settings.prompt_chars_max:
-            return _error(
-                400, "invalid_request", f"prompt is longer than {settings.prompt_chars_max} characters"
-            )
+        refusal = generate_refusal(body, settings)
+        if refusal is not None:
+            return refusal
         try:
             request_stream, usage = runtime.submit(body)
         except WaitingQueueFull as error:
@@ -466,26 +484,29 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
         token_ids = runtime.engine.tokenizer.encode(body.text)
         return {"token_ids": token_ids, "count": len(token_ids)}
 
+
+def health_report(runtime: WorkerRuntime, settings: WorkerSettings) -> dict:
+    engine = runtime.engine
+    waiting, running = engine.queue_depth()
+    return {
+        "status": "ok" if runtime.engine_loop.healthy else "failed",
+        "model": settings.model_name,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "kv_cache_bytes": engine.cache.bytes_total,
+        "waiting": waiting,
+        "running": running,
+        "waiting_queue_depth_max": settings.engine.waiting_queue_depth_max,
+        "running_sequences_max": settings.engine.running_sequences_max,
+        "engine_restarts": runtime.engine_loop.restarts,
+    }
+
+
+def _add_health_and_metrics(app: FastAPI, settings: WorkerSettings) -> None:
     @app.get("/health", response_model=None)
     async def health(runtime: Runtime) -> JSONResponse:
-        engine_ = runtime.engine
-        waiting, running = engine_.queue_depth()
-        healthy = runtime.engine_loop.healthy
-        return JSONResponse(
-            {
-                "status": "ok" if healthy else "failed",
-                "model": settings.model_name,
-                "device": str(engine_.device),
-                "dtype": str(engine_.dtype).removeprefix("torch."),
-                "kv_cache_bytes": engine_.cache.bytes_total,
-                "waiting": waiting,
-                "running": running,
-                "waiting_queue_depth_max": settings.engine.waiting_queue_depth_max,
-                "running_sequences_max": settings.engine.running_sequences_max,
-                "engine_restarts": runtime.engine_loop.restarts,
-            },
-            status_code=200 if healthy else 503,
-        )
+        report = health_report(runtime, settings)
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics(runtime: Runtime) -> Response:
@@ -494,8 +515,6 @@ def create_app(  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
         runtime.metrics.running.set(running)
         runtime.metrics.refresh_throughput()
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def main() -> None:

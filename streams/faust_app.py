@@ -85,9 +85,115 @@ class TableState:
         return self._table.send_changelog(partition, key, value)
 
 
-def create_app(settings: ProcessorSettings) -> faust.App:  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
-    topics = LedgerTopics.from_settings(settings)
-    app = faust.App(
+def records_by_partition(events) -> dict[int, list[LogRecord]]:
+    """faust's events (a batch from `take_events`) as log records, grouped by source partition."""
+    by_partition: dict[int, list[LogRecord]] = defaultdict(list)
+    for event in events:
+        message = event.message
+        by_partition[message.partition].append(
+            LogRecord(
+                message.topic,
+                message.partition,
+                message.offset,
+                message.key,
+                message.value,
+                int(message.timestamp * 1000),
+            )
+        )
+    return by_partition
+
+
+def outgoing_records(topics: LedgerTopics, outputs: list[ProcessorOutput]) -> list[OutgoingRecord]:
+    """The records the outputs publish: entries, balances and dead letters, each to its topic."""
+    return [
+        OutgoingRecord(topic, r.key, r.value)
+        for output in outputs
+        for topic, records in (
+            (topics.entries, output.entries),
+            (topics.balances, output.balances),
+            (topics.dlq, output.dead_letters),
+        )
+        for r in records
+    ]
+
+
+class FaustFold:
+    """What the agent and the expiry sweep do with the processor's outputs: write the state, wait for its
+    acks, then publish (the producer is started at the first publish)."""
+
+    def __init__(
+        self, processor: LedgerProcessor, state: TableState, producer: EventProducer, topics: LedgerTopics
+    ) -> None:
+        self.processor = processor
+        self._state = state
+        self._producer = producer
+        self._topics = topics
+        self._producer_starting = asyncio.Lock()
+        self.producer_running = asyncio.Event()
+
+    async def fold(self, events) -> None:
+        try:
+            outputs = {
+                partition: self.processor.process(partition, records)
+                for partition, records in records_by_partition(events).items()
+            }
+            await self._write_state([(output, partition) for partition, output in outputs.items()])
+            await self._publish(list(outputs.values()))  # one round trip for the whole batch
+        except BaseException:
+            # what is cached may be ahead of the table: read it back, send outboxes again
+            self.processor.forget()
+            raise
+
+    async def sweep(self, now_ms: int, partitions: int, assigned: set[int]) -> None:
+        swept = self.processor.expire_quiet(now_ms, partitions, assigned)
+        try:
+            if swept:
+                await self._write_state([(output, partition) for partition, output in swept])
+                await self._publish([output for _, output in swept])
+        except BaseException:
+            self.processor.forget()
+            raise
+
+    async def stop(self) -> None:
+        if self.producer_running.is_set():
+            await self._producer.stop()
+
+    async def _ensure_producer(self) -> None:
+        async with self._producer_starting:
+            if not self.producer_running.is_set():
+                await self._producer.start()
+                self.producer_running.set()
+
+    async def _publish(self, outputs: list[ProcessorOutput]) -> None:
+        """After the state that holds them (the outboxes) was acked; acked (or durably spooled) before
+        the batch returns and faust may commit its offsets."""
+        outgoing = outgoing_records(self._topics, outputs)
+        if outgoing:
+            await self._ensure_producer()
+            await self._producer.send_many(outgoing)
+
+    async def _write_state(self, outputs: list[tuple[ProcessorOutput, int]]) -> None:
+        """Write, in order, then wait for the broker's acks before anything is published: faust acks the
+        source records when this batch returns and may commit their offsets soon after; its flush before
+        a commit does not cover changelog records still lingering in the producer (a kill -9 then lost
+        folded events)."""
+        writes = [
+            (partition, key, value) for output, partition in outputs for key, value in output.state_writes
+        ]
+        if not writes:
+            return
+        state = self._state
+        before = {key: state.get(key) for _, key, _ in writes}
+        try:
+            await asyncio.gather(*[state.write(partition, key, value) for partition, key, value in writes])
+        except BaseException:
+            state.restore(before)  # not acked: the table must not hold what a restart would not read back
+            raise
+
+
+def _faust_app(settings: ProcessorSettings) -> faust.App:
+    """One faust.App with every option explicit."""
+    return faust.App(
         settings.processor_app_id,
         broker=[f"tollgate://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
         store="memory://",
@@ -109,6 +215,11 @@ def create_app(settings: ProcessorSettings) -> faust.App:  # noqa: C901  TODO(le
         web_enabled=False,
         datadir=settings.processor_data_dir,
     )
+
+
+def create_app(settings: ProcessorSettings) -> faust.App:
+    topics = LedgerTopics.from_settings(settings)
+    app = _faust_app(settings)
     source = app.topic(
         topics.events,
         key_type=bytes,
@@ -123,103 +234,29 @@ def create_app(settings: ProcessorSettings) -> faust.App:  # noqa: C901  TODO(le
     )
     state = TableState(table)
     processor = LedgerProcessor(state, source_topic=topics.events)
-    producer = EventProducer(settings)
+    folding = FaustFold(processor, state, EventProducer(settings), topics)
     app.ledger_processor = processor  # for tests and introspection
 
     @app.on_rebalance_complete.connect
     async def forget_tenants(sender, **kwargs) -> None:
         processor.forget()
 
-    producer_starting = asyncio.Lock()
-    producer_running = asyncio.Event()
-
-    async def ensure_producer() -> None:
-        async with producer_starting:
-            if not producer_running.is_set():
-                await producer.start()
-                producer_running.set()
-
     @app.agent(source, concurrency=1)
     async def fold(stream) -> None:
         async for events in stream.take_events(
             settings.processor_batch_max, within=settings.processor_batch_wait_ms / 1000
         ):
-            by_partition: dict[int, list[LogRecord]] = defaultdict(list)
-            for event in events:
-                message = event.message
-                by_partition[message.partition].append(
-                    LogRecord(
-                        message.topic,
-                        message.partition,
-                        message.offset,
-                        message.key,
-                        message.value,
-                        int(message.timestamp * 1000),
-                    )
-                )
-            try:
-                outputs = {
-                    partition: processor.process(partition, records)
-                    for partition, records in by_partition.items()
-                }
-                await _write_state([(output, partition) for partition, output in outputs.items()])
-                await _publish(list(outputs.values()))  # one round trip for the whole batch
-            except BaseException:
-                # what is cached may be ahead of the table: read it back, send outboxes again
-                processor.forget()
-                raise
+            await folding.fold(events)
 
     @app.timer(interval=settings.processor_expiry_sweep_interval_ms / 1000)
     async def sweep_expiries() -> None:
         now_ms = int(time.time() * 1000) - settings.processor_expiry_grace_ms
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.events}
-        swept = processor.expire_quiet(now_ms, settings.topic_partitions, assigned)
-        try:
-            if swept:
-                await _write_state([(output, partition) for partition, output in swept])
-                await _publish([output for _, output in swept])
-        except BaseException:
-            processor.forget()
-            raise
-
-    async def _publish(outputs: list[ProcessorOutput]) -> None:
-        """After the state that holds them (the outboxes) was acked; acked (or durably spooled) before
-        the batch returns and faust may commit its offsets."""
-        outgoing = [
-            OutgoingRecord(topic, r.key, r.value)
-            for output in outputs
-            for topic, records in (
-                (topics.entries, output.entries),
-                (topics.balances, output.balances),
-                (topics.dlq, output.dead_letters),
-            )
-            for r in records
-        ]
-        if outgoing:
-            await ensure_producer()
-            await producer.send_many(outgoing)
-
-    async def _write_state(outputs: list[tuple[ProcessorOutput, int]]) -> None:
-        """Write, in order, then wait for the broker's acks before anything is published: faust acks the
-        source records when this batch returns and may commit their offsets soon after; its flush before
-        a commit does not cover changelog records still lingering in the producer (a kill -9 then lost
-        folded events)."""
-        writes = [
-            (partition, key, value) for output, partition in outputs for key, value in output.state_writes
-        ]
-        if not writes:
-            return
-        before = {key: state.get(key) for _, key, _ in writes}
-        try:
-            await asyncio.gather(*[state.write(partition, key, value) for partition, key, value in writes])
-        except BaseException:
-            state.restore(before)  # not acked: the table must not hold what a restart would not read back
-            raise
+        await folding.sweep(now_ms, settings.topic_partitions, assigned)
 
     @app.on_before_shutdown.connect
     async def stop_output_producer(sender, **kwargs) -> None:
-        if producer_running.is_set():
-            await producer.stop()
+        await folding.stop()
 
     return app
 
@@ -229,7 +266,6 @@ def run_processor(settings: ProcessorSettings | None = None, *, loglevel: str = 
     app = create_app(settings or ProcessorSettings())
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
-
 
 
 if __name__ == "__main__":

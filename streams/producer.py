@@ -38,7 +38,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from ledger.codec import encode_event
 from ledger.events import Event
 from streams.settings import StreamSettings
-from streams.spool import OutgoingRecord, Spool, open_process_spool
+from streams.spool import OutgoingRecord, Spool, SpooledRecord, open_process_spool
 from streams.topics import LedgerTopics
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,39 @@ def open_spool(settings: StreamSettings) -> Spool:
 def _is_retriable(error: BaseException) -> bool:
     """Broker away, leader moving, timeouts: worth spooling. Anything else is the record's own fault."""
     return isinstance(error, KafkaTimeoutError) or (isinstance(error, KafkaError) and error.retriable)
+
+
+@dataclass
+class DirectOutcome:
+    """What became of records sent straight to the broker: a receipt for each acknowledged one (None for
+    the others), those to spool (index, record, the client's future if it may still deliver it) and the
+    broker's refusals."""
+
+    receipts: list[PublishReceipt | None]
+    to_spool: list[tuple[int, OutgoingRecord, asyncio.Future | None]]
+    rejected: list[str]
+
+
+def sort_direct_outcomes(
+    records: Sequence[OutgoingRecord], futures: Sequence[asyncio.Future | None]
+) -> DirectOutcome:
+    """Sort each record by its send future: acknowledged, refused for good, or to spool (not handed over,
+    not acknowledged in time, or failed retriably: the client gave up on it, the spool resends it)."""
+    outcome = DirectOutcome(receipts=[], to_spool=[], rejected=[])
+    for index, (record, future) in enumerate(zip(records, futures, strict=True)):
+        if future is not None and future.done() and future.exception() is None:
+            metadata = future.result()
+            outcome.receipts.append(PublishReceipt(record.topic, metadata.partition, metadata.offset))
+            continue
+        outcome.receipts.append(None)
+        if future is not None and future.done():
+            error = future.exception()
+            if not _is_retriable(error):
+                outcome.rejected.append(f"{record.topic}: {error!r}")
+                continue
+            future = None  # the client gave up on it: the spool resends it
+        outcome.to_spool.append((index, record, future))
+    return outcome
 
 
 class EventProducer:
@@ -205,9 +238,8 @@ class EventProducer:
                 if batch is not None:
                     ready.append((*destination, batch))
                 batch = open_batches[destination] = kafka.create_batch()
-                batch.append(
-                    key=record.key, value=record.value, timestamp=None
-                )  # an empty batch takes any record
+                # an empty batch takes any record
+                batch.append(key=record.key, value=record.value, timestamp=None)
         ready.extend((*destination, batch) for destination, batch in open_batches.items())
         try:
             futures = [
@@ -235,51 +267,38 @@ class EventProducer:
 
     # ------------------------------------------------------------------------------------ direct path
 
-    async def _send_direct(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt]:  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
+    async def _send_direct(self, records: Sequence[OutgoingRecord]) -> list[PublishReceipt]:
+        futures = await self._hand_over(records)
+        waiting = [future for future in futures if future is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.settings.publish_ack_timeout_ms / 1000)
+        outcome = sort_direct_outcomes(records, futures)
+        receipts = outcome.receipts
+        if outcome.to_spool:
+            sequence_numbers = await self._spool_records(outcome.to_spool)
+            for (index, record, _), seq in zip(outcome.to_spool, sequence_numbers, strict=True):
+                receipts[index] = PublishReceipt(record.topic, spool_seq=seq)
+        if outcome.rejected:
+            raise PublishRejected("the broker refused: " + "; ".join(outcome.rejected))
+        assert all(receipt is not None for receipt in receipts), "a record has neither an ack nor a spool row"
+        return receipts
+
+    async def _hand_over(self, records: Sequence[OutgoingRecord]) -> list[asyncio.Future | None]:
+        """Each record's send future from the Kafka client, in order; None for those it did not take (no
+        client, or it refused one retriably: that one and the rest go to the spool, behind it)."""
         kafka = self._kafka
+        if kafka is None:
+            return [None] * len(records)
         futures: list[asyncio.Future | None] = []
-        rejected: list[str] = []
-        handed_over = kafka is not None
         for record in records:
-            if not handed_over:
-                futures.append(None)
-                continue
             try:
                 futures.append(await kafka.send(record.topic, record.value, key=record.key))
             except KafkaError as error:
                 if not _is_retriable(error):
                     raise PublishRejected(f"{record.topic}: {error!r}") from error
                 log.warning("Kafka client did not take a record (%r); spooling", error)
-                futures.append(None)
-                handed_over = False  # the rest go straight to the spool, behind this one
-        waiting = [future for future in futures if future is not None]
-        if waiting:
-            await asyncio.wait(waiting, timeout=self.settings.publish_ack_timeout_ms / 1000)
-
-        receipts: list[PublishReceipt | None] = []
-        to_spool: list[tuple[int, OutgoingRecord, asyncio.Future | None]] = []
-        for index, (record, future) in enumerate(zip(records, futures, strict=True)):
-            if future is not None and future.done() and future.exception() is None:
-                metadata = future.result()
-                receipts.append(PublishReceipt(record.topic, metadata.partition, metadata.offset))
-                continue
-            if future is not None and future.done():
-                error = future.exception()
-                if not _is_retriable(error):
-                    rejected.append(f"{record.topic}: {error!r}")
-                    receipts.append(None)
-                    continue
-                future = None  # the client gave up on it: the spool resends it
-            receipts.append(None)
-            to_spool.append((index, record, future))
-        if to_spool:
-            sequence_numbers = await self._spool_records(to_spool)
-            for (index, record, _), seq in zip(to_spool, sequence_numbers, strict=True):
-                receipts[index] = PublishReceipt(record.topic, spool_seq=seq)
-        if rejected:
-            raise PublishRejected("the broker refused: " + "; ".join(rejected))
-        assert all(receipt is not None for receipt in receipts), "a record has neither an ack nor a spool row"
-        return receipts
+                break
+        return futures + [None] * (len(records) - len(futures))
 
     async def _spool_records(
         self, entries: list[tuple[int, OutgoingRecord, asyncio.Future | None]]
@@ -348,45 +367,20 @@ class EventProducer:
                     self._drained.set()
                     log.info("spool drained: publishing straight to the broker again")
 
-    async def _resend_oldest(self) -> bool:  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
+    async def _resend_oldest(self) -> bool:
         """Resend one bounded batch, oldest first; True if the broker acknowledged any of it."""
-        if self._kafka is None:
-            self._kafka = await self._connect()
-            if self._kafka is None:
-                return False
-        kafka = self._kafka
-        async with self._mode_lock:  # rows and their in-flight futures are registered together
-            batch = await asyncio.to_thread(self._spool.oldest, self.settings.resend_batch_max)
-            in_flight = {
-                record.seq: self._in_flight[record.seq] for record in batch if record.seq in self._in_flight
-            }
-        futures: dict[int, asyncio.Future] = {}
-        fatal: BaseException | None = None
-        for record in batch:
-            if record.seq in in_flight:
-                futures[record.seq] = in_flight[record.seq]
-                continue
-            try:
-                futures[record.seq] = await kafka.send(record.topic, record.value, key=record.key)
-            except KafkaError as error:
-                fatal = None if _is_retriable(error) else error
-                break  # keep the order: nothing after a record that could not be handed over
-        for seq, future in futures.items():
-            self._in_flight[seq] = future
+        kafka = await self._ensure_client()
+        if kafka is None:
+            return False
+        batch, in_flight = await self._oldest_batch()
+        futures, handover_fatal = await self._hand_over_spooled(kafka, batch, in_flight)
+        self._in_flight.update(futures)
         if futures:
             await asyncio.wait(futures.values(), timeout=self.settings.publish_ack_timeout_ms / 1000)
-        acknowledged = []
-        for seq, future in futures.items():
-            if not future.done():
-                continue  # the client still holds it: wait for it next round, never hand it over again
-            del self._in_flight[seq]
-            error = future.exception()
-            if error is None:
-                acknowledged.append(seq)
-            elif not _is_retriable(error):
-                fatal = error
+        acknowledged, ack_fatal = self._settle_batch(futures)
         if acknowledged:
             await asyncio.to_thread(self._spool.remove, acknowledged)
+        fatal = ack_fatal if ack_fatal is not None else handover_fatal
         if fatal is not None:
             log.error(
                 "Kafka client failed for good (%r): replacing it; its unacknowledged records are resent",
@@ -394,6 +388,57 @@ class EventProducer:
             )
             await self._replace_client()
         return bool(acknowledged)
+
+    async def _ensure_client(self) -> AIOKafkaProducer | None:
+        """The Kafka client, connected now if there is none; None while the broker is unreachable."""
+        if self._kafka is None:
+            self._kafka = await self._connect()
+        return self._kafka
+
+    async def _oldest_batch(self) -> tuple[list[SpooledRecord], dict[int, asyncio.Future]]:
+        """The oldest spooled records (at most resend_batch_max) and the futures of those the client still
+        holds."""
+        async with self._mode_lock:  # rows and their in-flight futures are registered together
+            batch = await asyncio.to_thread(self._spool.oldest, self.settings.resend_batch_max)
+            in_flight = {
+                record.seq: self._in_flight[record.seq] for record in batch if record.seq in self._in_flight
+            }
+        return batch, in_flight
+
+    @staticmethod
+    async def _hand_over_spooled(
+        kafka: AIOKafkaProducer, batch: list[SpooledRecord], in_flight: dict[int, asyncio.Future]
+    ) -> tuple[dict[int, asyncio.Future], BaseException | None]:
+        """Each record's future by spool seq, in order (the client's own where it still holds the record),
+        up to the first the client does not take; and that refusal when it is for good."""
+        futures: dict[int, asyncio.Future] = {}
+        for record in batch:
+            if record.seq in in_flight:
+                futures[record.seq] = in_flight[record.seq]
+                continue
+            try:
+                futures[record.seq] = await kafka.send(record.topic, record.value, key=record.key)
+            except KafkaError as error:
+                # keep the order: nothing after a record that could not be handed over
+                return futures, None if _is_retriable(error) else error
+        return futures, None
+
+    def _settle_batch(self, futures: dict[int, asyncio.Future]) -> tuple[list[int], BaseException | None]:
+        """The acknowledged seqs of a resent batch, and the last failure for good; the finished futures
+        leave the in-flight map (one the client still holds waits for the next round, never handed over
+        again)."""
+        acknowledged = []
+        fatal: BaseException | None = None
+        for seq, future in futures.items():
+            if not future.done():
+                continue
+            del self._in_flight[seq]
+            error = future.exception()
+            if error is None:
+                acknowledged.append(seq)
+            elif not _is_retriable(error):
+                fatal = error
+        return acknowledged, fatal
 
     async def _settle_in_flight(self) -> None:
         acknowledged = [
@@ -450,9 +495,8 @@ class EventProducer:
         closing = asyncio.ensure_future(client.stop())
         done, _ = await asyncio.wait({closing}, timeout=self.settings.producer_close_timeout_ms / 1000)
         if not done:
-            sender = getattr(
-                client, "_sender", None
-            )  # aiokafka 0.14: stop() waits for the flush or the sender
+            # aiokafka 0.14: stop() waits for the flush or the sender
+            sender = getattr(client, "_sender", None)
             if sender is not None:
                 await sender.close()
             with contextlib.suppress(Exception):

@@ -4,6 +4,7 @@ queries and stream-time advances interleaved with arrivals."""
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -104,10 +105,9 @@ def test_fold_matches_replay_oracle_in_any_order(steps):
             check_query(ledger, applied, value)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_published_entries_add_up_to_the_final_state(steps):  # noqa: C901  TODO(lead): split (issue 13's complexity bound)
-    """Whatever the order, the entries published (allocations, corrections, forfeits) sum to the truth."""
+def run_publishing(steps) -> tuple[list, list]:
+    """Play the steps (queries skipped) and advance past every expiry: the events applied and every entry
+    published, in order."""
     ledger = TenantLedger(TENANT)
     applied = []
     entries = []
@@ -120,41 +120,73 @@ def test_published_entries_add_up_to_the_final_state(steps):  # noqa: C901  TODO
         elif action == "snapshot":
             ledger.account = account_from_bytes(account_to_bytes(ledger.account))
     entries += ledger.advance_to(TIME_MAX * 3)
-    ids = [entry.entry_id for entry in entries]
-    assert len(ids) == len(set(ids)), "entry ids repeat"
+    return applied, entries
 
-    consumed = defaultdict(int)
-    overage = 0
-    ended = defaultdict(int)
-    ended_kind = {}
-    usage_total = 0
+
+@dataclass
+class EntryTotals:
+    """The published entries summed: consumed per grant, overage, usage, and each end entry's amount after
+    its corrections (ends: (grant id, kind) -> the end's entry id)."""
+
+    consumed: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    overage: int = 0
+    usage_total: int = 0
+    ended: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    ends: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+def sum_entries(entries: list) -> EntryTotals:
+    totals = EntryTotals()
     for entry in entries:
         if isinstance(entry, UsageAllocated):
-            assert sum(a.amount for a in entry.allocations) + entry.overage == entry.amount
-            usage_total += entry.amount
-            overage += entry.overage
-            for allocation in entry.allocations:
-                consumed[allocation.grant_id] += allocation.amount
+            assert sum(a.amount for a in entry.allocations) + entry.overage == entry.amount, entry.entry_id
+            totals.usage_total += entry.amount
+            totals.overage += entry.overage
+            add_allocations(totals, entry.allocations)
         elif isinstance(entry, AllocationCorrected):
-            overage += entry.overage_delta
-            for allocation in entry.allocations:
-                consumed[allocation.grant_id] += allocation.amount
+            totals.overage += entry.overage_delta
+            add_allocations(totals, entry.allocations)
         elif isinstance(entry, (CreditExpired, CreditVoided)):
-            ended[entry.entry_id] += entry.amount
-            ended_kind[entry.grant_id, type(entry).__name__] = entry.entry_id
+            totals.ended[entry.entry_id] += entry.amount
+            totals.ends[entry.grant_id, type(entry).__name__] = entry.entry_id
         elif isinstance(entry, EndCorrected):
-            ended[entry.corrects] += entry.delta
+            totals.ended[entry.corrects] += entry.delta
+    return totals
+
+
+def add_allocations(totals: EntryTotals, allocations) -> None:
+    for allocation in allocations:
+        totals.consumed[allocation.grant_id] += allocation.amount
+
+
+def check_block_against_entries(block, totals: EntryTotals) -> None:
+    """A grant's consumption, and its end (expiry or void) net of corrections, as the oracle says; the end
+    it superseded corrected to zero."""
+    assert totals.consumed[block.grant_id] == block.consumed, block.grant_id
+    if block.end == oracle.FOREVER:
+        return
+    kind, other_kind = (
+        ("CreditVoided", "CreditExpired") if block.voided else ("CreditExpired", "CreditVoided")
+    )
+    entry_id = totals.ends[block.grant_id, kind]
+    assert totals.ended[entry_id] == block.amount - block.consumed, block.grant_id
+    other = totals.ends.get((block.grant_id, other_kind))
+    if other is not None:
+        assert totals.ended[other] == 0, f"{block.grant_id}: the superseded end was not corrected to zero"
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_published_entries_add_up_to_the_final_state(steps):
+    """Whatever the order, the entries published (allocations, corrections, forfeits) sum to the truth."""
+    applied, entries = run_publishing(steps)
+    ids = [entry.entry_id for entry in entries]
+    assert len(ids) == len(set(ids)), "entry ids repeat"
+    totals = sum_entries(entries)
 
     blocks, true_overage = oracle.replay(applied, TIME_MAX * 3)
-    assert overage == true_overage
+    assert totals.overage == true_overage
     distinct = oracle.distinct_events(applied)
-    assert usage_total == sum(e.amount for e in distinct if isinstance(e, UsageRecorded))
+    assert totals.usage_total == sum(e.amount for e in distinct if isinstance(e, UsageRecorded))
     for block in blocks.values():
-        assert consumed[block.grant_id] == block.consumed, block.grant_id
-        kind = "CreditVoided" if block.voided else "CreditExpired"
-        if block.end != oracle.FOREVER:
-            entry_id = ended_kind[block.grant_id, kind]
-            assert ended[entry_id] == block.amount - block.consumed, block.grant_id
-            other = ended_kind.get((block.grant_id, "CreditExpired" if block.voided else "CreditVoided"))
-            if other is not None:
-                assert ended[other] == 0, f"{block.grant_id}: the superseded end was not corrected to zero"
+        check_block_against_entries(block, totals)
