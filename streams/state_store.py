@@ -128,24 +128,24 @@ class _SeenFilter:
     Python's string hash, which is per process, as the filter is). `may_contain` is False only for an id
     never added: ids are never taken out (a dropped or rolled-back id only costs a disk read later)."""
 
-    __slots__ = ("_bits", "_mask")
+    __slots__ = ("bits", "mask")
 
     def __init__(self, size_bytes: int) -> None:
         assert size_bytes >= 1 and size_bytes & (size_bytes - 1) == 0, f"a power of two bytes, got {size_bytes}"
         assert size_bytes <= 2**29, "bit positions come from 32 bits of the hash"
-        self._bits = bytearray(size_bytes)
-        self._mask = size_bytes * 8 - 1
+        self.bits = bytearray(size_bytes)
+        self.mask = size_bytes * 8 - 1
 
     def add(self, event_id: str) -> None:
         h = hash(event_id)
-        bits, mask = self._bits, self._mask
+        bits, mask = self.bits, self.mask
         low, high = h & mask, (h >> 32) & mask
         bits[low >> 3] |= 1 << (low & 7)
         bits[high >> 3] |= 1 << (high & 7)
 
     def may_contain(self, event_id: str) -> bool:
         h = hash(event_id)
-        bits, mask = self._bits, self._mask
+        bits, mask = self.bits, self.mask
         low, high = h & mask, (h >> 32) & mask
         return bool(bits[low >> 3] >> (low & 7) & 1 and bits[high >> 3] >> (high & 7) & 1)
 
@@ -357,9 +357,10 @@ class DiskUsageIndexes:
         if new is None:
             return
         records = _decode_seen_batch(new)
-        put, add_to_filter = batch.put, self.filter.add
+        put = batch.put
         pack_offset, pack_amount = _offset_bytes.pack, _amount_bytes.pack
         seen_prefix, usage_prefix = _SEEN_ID + prefix, _USAGE_AT + prefix
+        add_to_filter = self.filter.add
         for record in records:
             event_id = record.event_id
             encoded_id = event_id.encode()
