@@ -22,21 +22,22 @@ from tollgate.common_settings import CommonSettings
 class GatewaySettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_GATEWAY_", env_nested_delimiter="__")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
+    host: str = "127.0.0.1"  # the address the gateway listens on
+    port: int = Field(default=8000, ge=1, le=65535)  # the gateway port (OpenAI routes, admin API, /metrics)
     # SO_REUSEPORT: several gateway processes on this host share the port (one per core)
     reuse_port: bool = False
     event_log: Literal["kafka", "embedded"] = "kafka"  # embedded: the Postgres-backed log (no broker)
 
+    # the inference workers (JSON list of base URLs)
     worker_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"], min_length=1)
 
     # Request limits (each refusal is a 400 naming the param).
     body_bytes_max: int = Field(default=1024 * 1024, ge=1024)
-    messages_max: int = Field(default=256, ge=1)
+    messages_max: int = Field(default=256, ge=1)  # chat messages one request may hold
     prompt_chars_max: int = Field(default=65536, ge=1)  # the rendered prompt (the worker refuses more)
     stop_sequences_max: int = Field(default=3, ge=0)  # the worker takes 4; chat adds its own turn stop
-    stop_sequence_chars_max: int = Field(default=64, ge=1)
-    idempotency_key_chars_max: int = Field(default=255, ge=1)
+    stop_sequence_chars_max: int = Field(default=64, ge=1)  # characters of one stop sequence
+    idempotency_key_chars_max: int = Field(default=255, ge=1)  # characters of an Idempotency-Key header
 
     # Talking to workers.
     worker_connect_timeout_ms: int = Field(default=3000, ge=1)  # connecting, or waiting for a free connection
@@ -55,7 +56,7 @@ class GatewaySettings(CommonSettings):
 
     # Auth.
     auth_cache_ttl_ms: int = Field(default=5_000, ge=0)  # a revoked key keeps working at most this long
-    auth_cache_entries_max: int = Field(default=100_000, ge=1)
+    auth_cache_entries_max: int = Field(default=100_000, ge=1)  # API keys the authentication cache holds
 
     # Idempotency.
     idempotency_timeout_ms: int = Field(default=5_000, ge=1)  # each store round trip

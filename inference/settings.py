@@ -37,11 +37,12 @@ class EngineSettings(BaseModel):
     context_tokens_max: int = Field(default=512, ge=2)
     # beyond this, new requests are refused (overloaded)
     waiting_queue_depth_max: int = Field(default=256, ge=1)
+    # waiting-queue order: priority (by tier, with aging) or fcfs
     queue_policy: Literal["priority", "fcfs"] = "priority"
     # waiting this long lifts a request one tier level
     aging_ms_per_tier_level: int = Field(default=2000, ge=1)
-    stop_sequences_max: int = Field(default=4, ge=0)
-    stop_sequence_chars_max: int = Field(default=64, ge=1)
+    stop_sequences_max: int = Field(default=4, ge=0)  # stop sequences one request may give
+    stop_sequence_chars_max: int = Field(default=64, ge=1)  # characters of one stop sequence
     torch_threads: int = Field(default=2, ge=0)  # 0: leave torch's default
 
     @model_validator(mode="after")
@@ -73,8 +74,8 @@ class WorkerSettings(CommonSettings):
     # the model registry entry this worker serves (requests must name it)
     model_name: str = DEFAULT_MODEL_NAME
     engine: EngineSettings = Field(default_factory=EngineSettings)
-    host: str = "127.0.0.1"
-    port: int = Field(default=8100, ge=1, le=65535)
+    host: str = "127.0.0.1"  # the address the worker listens on (the gateways call it)
+    port: int = Field(default=8100, ge=1, le=65535)  # the worker port
     retry_after_s: int = Field(default=1, ge=0)  # Retry-After on an overloaded answer
     prompt_chars_max: int = Field(default=65536, ge=1)  # request body limit on the prompt text
     # per UsageRecorded publish (the done line waits for it)

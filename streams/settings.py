@@ -22,16 +22,21 @@ class StreamSettings(BaseSettings):
     topic_prefix: str = ""
     # One partition owns a tenant; every ledger topic has the same count so they stay co-partitioned.
     topic_partitions: int = Field(default=6, ge=1, le=1024)
+    # replicas of each topic (tollgate topics creates them so)
     topic_replication_factor: int = Field(default=1, ge=1, le=16)
     # Dead letters are kept for inspection, not forever.
     dlq_retention_ms: int = Field(default=30 * DAY_MS, gt=0)
 
     # Producer: acks=all and idempotence are fixed in code; these are its limits.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)
+    # bytes a producer batch may fill before it is sent
     producer_batch_size_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    producer_request_timeout_ms: int = Field(default=10_000, ge=100)
+    producer_request_timeout_ms: int = Field(default=10_000, ge=100)  # one produce request to the broker
+    # wait before the client's own retry of a produce request
     producer_retry_backoff_ms: int = Field(default=100, ge=1)
+    # topic metadata refreshed at least this often
     producer_metadata_max_age_ms: int = Field(default=60_000, ge=1000)
+    # idle broker connections closed after this long
     producer_connections_max_idle_ms: int = Field(default=540_000, ge=1000)
     # How long publish() waits for the broker's ack before the event goes to the spool.
     publish_ack_timeout_ms: int = Field(default=5_000, ge=10)
@@ -42,12 +47,15 @@ class StreamSettings(BaseSettings):
     # spool_dir (producer-<pid>.sqlite3) and adopts the files of dead processes there on start;
     # spool_path, when set, names one file instead (one process at a time).
     spool_dir: Path = Path("var/tollgate/spool")
+    # one named spool file instead of a per-process one in spool_dir (one owner at a time)
     spool_path: Path | None = None
+    # key and value bytes the spool holds; a full spool refuses the event (the publish fails, nothing dropped)
     spool_size_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     # Resending from the spool: bounded batches, exponential backoff while the broker stays away.
     resend_batch_max: int = Field(default=500, ge=1, le=100_000)
+    # first wait before resending spooled events, doubled per failure
     resend_backoff_initial_ms: int = Field(default=200, ge=1)
-    resend_backoff_max_ms: int = Field(default=5_000, ge=1)
+    resend_backoff_max_ms: int = Field(default=5_000, ge=1)  # longest wait between resends of spooled events
 
     # Admin requests (topic creation, config reads).
     admin_request_timeout_ms: int = Field(default=15_000, ge=100)

@@ -58,8 +58,8 @@ class LoggingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_LOG_", extra="ignore")
 
-    level: str = "INFO"
-    format: LogFormat = "json"
+    level: str = "INFO"  # log level of every component (DEBUG, INFO, WARNING, ...)
+    format: LogFormat = "json"  # json (one object per line) or plain; tollgate dev uses plain
 
 
 class JsonFormatter(logging.Formatter):
