@@ -269,13 +269,17 @@ class RocksState:
         self.put_all(partition, ((key, value),))
 
     def put_all(self, partition: int, records: Iterable[tuple[bytes, bytes | None]]) -> None:
-        """Several changelog records of one partition in one RocksDB write."""
+        """Several changelog records of one partition in one RocksDB write. A key may come more than once
+        (a changelog read back: a seen batch rewritten after a crash); each replaces the one before."""
         batch = WriteBatch(raw_mode=True)
         owned = _OWNED + _partition_bytes.pack(partition)
+        seen_in_batch: dict[bytes, bytes | None] = {}  # seen batches written into `batch`, not yet on disk
         for key, value in records:
             tenant_id = _seen_batch_tenant(key)
             if tenant_id is not None:
-                self.usage_indexes.replace_batch(batch, partition, tenant_id, self.get(key), value)
+                old = seen_in_batch[key] if key in seen_in_batch else self.get(key)
+                self.usage_indexes.replace_batch(batch, partition, tenant_id, old, value)
+                seen_in_batch[key] = value
             if value is None:
                 batch.delete(_STATE + key)
                 batch.delete(owned + key)

@@ -287,6 +287,19 @@ def test_drop_forgets_the_index_of_that_partition_only(rocks_state):
     assert dict(rocks_state.items_with_prefix(b"s/globex/")) == {}
 
 
+def test_a_seen_batch_rewritten_within_one_chunk_keeps_only_its_last_records(rocks_state):
+    """A changelog read back in chunks: a crash wrote a tenant's batch at offset 9 with two records, the
+    refold rewrote it with one; both land in the same `put_all`. Simulation seed 620 found this."""
+    rocks_state.put_all(0, [
+        seen_batch("acme", [SeenRecord("u2", 9, 238, 4), SeenRecord("u4", 12, 117, 5)]),
+        seen_batch("acme", [SeenRecord("u2", 9, 238, 4)]),
+    ])
+    view = rocks_state.usage_indexes.open("acme", applied_offset=12)
+    view.current_offset = 20
+    assert view.seen("u2") and not view.seen("u4")
+    assert view.usage_between(0, 1_000) == UsageSummary(4, 238, 238)
+
+
 def test_the_seen_cache_is_bounded_and_the_disk_still_answers(tmp_path):
     store = RocksState(tmp_path / "state", seen_cache_entries_max=3)
     try:
