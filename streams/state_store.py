@@ -39,7 +39,7 @@ its memtables (`STATE_WRITE_BUFFER_BYTES` x `STATE_WRITE_BUFFERS_MAX`). Nothing 
 No write-ahead log and no fsync: the store is a cache of the changelog topic, read back on every
 assignment, so a crash loses nothing the changelog does not hold. Where it lives: `RocksState()` in a
 temporary directory of its own (tests, the simulation); `RocksState.claimed_under(base)` (the batch
-engine, `processor_state_dir`) in `<base>/state-<pid>`, held by an flock on `<base>/state-<pid>.lock`
+engine, `processor_state_dir`) in `<base>/state-<pid>-<n>`, held by an flock on its `.lock` file beside it
 for the life of the process. Claiming first deletes every directory under `base` whose lock is free
 (its process is gone: a kill -9 leaves its directory behind), so a restarted process starts empty and
 rebuilds its store from the changelog.
@@ -48,6 +48,7 @@ rebuilds its store from the changelog.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import shutil
 import struct
@@ -72,7 +73,7 @@ SEEN_CACHE_ENTRIES_MAX = 100_000  # usage ids (with their first offset) kept in 
 # about 6%; it never says "unseen" for an id that was written, so more ids only cost disk reads.
 SEEN_FILTER_BYTES = 16 * 1024 * 1024
 STATE_DIRECTORY_PREFIX = "tollgate-state-"  # RocksState(): a temporary directory of its own
-STATE_DIRECTORY_LOCKED_PREFIX = "state-"  # RocksState.claimed_under(base): base/state-<pid>
+STATE_DIRECTORY_LOCKED_PREFIX = "state-"  # RocksState.claimed_under(base): base/state-<pid>-<n>
 STATE_LOCK_SUFFIX = ".lock"
 
 _STATE = b"k"
@@ -185,12 +186,13 @@ class _SeenCache:
 
 
 class StateDirectory:
-    """`<base>/state-<pid>`, this process's, locked (flock on `<base>/state-<pid>.lock`) while it lives."""
+    """`<base>/state-<pid>-<n>` (the n-th of this process), locked (flock on `<base>/state-<pid>-<n>.lock`)
+    while it is in use."""
 
     def __init__(self, base: Path) -> None:
         base.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(base)
-        name = f"{STATE_DIRECTORY_LOCKED_PREFIX}{os.getpid()}"
+        name = f"{STATE_DIRECTORY_LOCKED_PREFIX}{os.getpid()}-{next(_claims)}"
         self.path = base / name
         self._lock_path = base / f"{name}{STATE_LOCK_SUFFIX}"
         self._lock_fd: int | None = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -205,6 +207,9 @@ class StateDirectory:
         self._lock_path.unlink(missing_ok=True)
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+_claims = itertools.count()
 
 
 def _remove_abandoned(base: Path) -> None:

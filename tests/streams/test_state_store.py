@@ -366,15 +366,18 @@ def test_a_claimed_directory_wipes_those_of_dead_processes_and_leaves_live_ones(
     fcntl.flock(live_lock, fcntl.LOCK_EX)  # another open file holding it, as another process would
     try:
         store = RocksState.claimed_under(tmp_path)
+        second = RocksState.claimed_under(tmp_path)  # another engine of this process beside it
         try:
-            assert store.path == tmp_path / f"state-{os.getpid()}"
+            assert store.path.parent == tmp_path and store.path.name.startswith(f"state-{os.getpid()}-")
+            assert second.path != store.path and store.path.exists()
             assert not dead.exists() and not (tmp_path / "state-999999.lock").exists()
             assert live.exists()
             store.put(0, b"a/acme", b"1")
-            assert store.get(b"a/acme") == b"1"
+            assert store.get(b"a/acme") == b"1" and second.get(b"a/acme") is None
         finally:
             store.close()
-        assert not store.path.exists() and not (tmp_path / f"state-{os.getpid()}.lock").exists()
+            second.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state-999998", "state-999998.lock"]
     finally:
         os.close(live_lock)
 
