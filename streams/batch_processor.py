@@ -41,7 +41,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -94,7 +94,7 @@ class PartitionedState:
         self._data[key] = value
         keys.add(key)
 
-    def put_all(self, partition: int, records) -> None:
+    def put_all(self, partition: int, records: Iterable[tuple[bytes, bytes | None]]) -> None:
         for key, value in records:
             self.put(partition, key, value)
 
