@@ -86,7 +86,9 @@ async def produce(bootstrap: str, topic: str, partitions: int, tenant_count: int
         await send_all(producer, topic, grant_records(tenants), PRODUCE_IN_FLIGHT_MAX)
         started = time.perf_counter()
         start_ms = int(time.time() * 1000) - events // tenant_count - 1
-        await send_all_batched(producer, topic, partitions, rss_usage_records(tenants, events, start_ms), PRODUCE_IN_FLIGHT_MAX)
+        await send_all_batched(
+            producer, topic, partitions, rss_usage_records(tenants, events, start_ms), PRODUCE_IN_FLIGHT_MAX
+        )
         return events / (time.perf_counter() - started)
     finally:
         await producer.stop()
@@ -97,8 +99,13 @@ def run_replay(env: dict[str, str], log_path: Path) -> tuple[float, int, int, by
     peak_tree = peak_single = 0
     with open(log_path, "wb") as log:
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "tollgate", "ledger", "replay"], cwd=REPO_ROOT,
-                                 env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tollgate", "ledger", "replay"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             while child.poll() is None:
                 if time.perf_counter() - started > REPLAY_TIMEOUT_S:
@@ -113,7 +120,9 @@ def run_replay(env: dict[str, str], log_path: Path) -> tuple[float, int, int, by
         wall_s = time.perf_counter() - started
     output = log_path.read_bytes()
     if child.returncode != 0:
-        raise RuntimeError(f"the replay exited {child.returncode}:\n{output[-3000:].decode(errors='replace')}")
+        raise RuntimeError(
+            f"the replay exited {child.returncode}:\n{output[-3000:].decode(errors='replace')}"
+        )
     return wall_s, peak_tree, peak_single, output
 
 
@@ -122,7 +131,9 @@ async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
     topics = LedgerTopics.from_settings(settings)
     with local_broker() as broker:
         await ensure_topics(broker.bootstrap, ledger_topic_specs(settings))
-        produce_rate = await produce(broker.bootstrap, topics.events, settings.topic_partitions, arguments.tenants, arguments.events)
+        produce_rate = await produce(
+            broker.bootstrap, topics.events, settings.topic_partitions, arguments.tenants, arguments.events
+        )
         env = {
             "TOLLGATE_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
             "TOLLGATE_TOPIC_PREFIX": TOPIC_PREFIX,
@@ -131,10 +142,14 @@ async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
         }
         wall_s, peak_tree, peak_single, output = run_replay(env, workdir / "replay.log")
     summary = SUMMARY_LINE.search(output)
-    assert summary is not None, f"no summary line in the replay's output:\n{output[-2000:].decode(errors='replace')}"
+    assert summary is not None, (
+        f"no summary line in the replay's output:\n{output[-2000:].decode(errors='replace')}"
+    )
     records, rejected = int(summary[1]), int(summary[2])
     produced = arguments.events + arguments.tenants
-    assert records == produced and rejected == 0, f"replayed {records} records ({rejected} rejected) of {produced}"
+    assert records == produced and rejected == 0, (
+        f"replayed {records} records ({rejected} rejected) of {produced}"
+    )
     rate = records / wall_s
     return {
         "bench": "replay",

@@ -104,7 +104,10 @@ LAG_DRAIN_DEADLINE_S_DEFAULT = 15
 METADATA_TIMEOUT_S = 15
 READ_TIMEOUT_S = 30
 WAIT_POLL_INTERVAL_S = 0.05
-ENGINE_MODULES = {"batch": "streams.batch_processor", "faust": "streams.faust_app"}  # tollgate streams --engine
+ENGINE_MODULES = {
+    "batch": "streams.batch_processor",
+    "faust": "streams.faust_app",
+}  # tollgate streams --engine
 
 FOLD_EVENTS_PER_S_TARGET = 20_000
 LAG_P99_MS_TARGET = 500
@@ -142,18 +145,31 @@ _entry_head_decoder = msgspec.json.Decoder(_EntryHead)
 
 def grant_records(tenants: list[str]) -> list[tuple[bytes, bytes]]:
     return [
-        (tenant.encode(), encode_event(CreditGranted(
-            event_id=f"bench-grant-{tenant}", tenant_id=tenant, grant_id=f"bench-grant-{tenant}",
-            amount=GRANT_AMOUNT, effective_at=GRANT_EFFECTIVE_AT_MS,
-        )))
+        (
+            tenant.encode(),
+            encode_event(
+                CreditGranted(
+                    event_id=f"bench-grant-{tenant}",
+                    tenant_id=tenant,
+                    grant_id=f"bench-grant-{tenant}",
+                    amount=GRANT_AMOUNT,
+                    effective_at=GRANT_EFFECTIVE_AT_MS,
+                )
+            ),
+        )
         for tenant in tenants
     ]
 
 
 def usage_record(tenant: str, event_id: str, occurred_at: int, amount: int) -> tuple[bytes, bytes]:
     event = UsageRecorded(
-        event_id=event_id, tenant_id=tenant, amount=amount, occurred_at=occurred_at,
-        model=MODEL, prompt_tokens=amount, completion_tokens=amount,
+        event_id=event_id,
+        tenant_id=tenant,
+        amount=amount,
+        occurred_at=occurred_at,
+        model=MODEL,
+        prompt_tokens=amount,
+        completion_tokens=amount,
     )
     return tenant.encode(), encode_event(event)
 
@@ -186,7 +202,9 @@ class BalanceWatch:
 
     def covered_at_ms(self, targets: dict[int, int]) -> int:
         """Broker time of the balance record that completed the coverage of `targets`."""
-        return max(next(ts for ts, offset in self.progress[p] if offset >= target) for p, target in targets.items())
+        return max(
+            next(ts for ts, offset in self.progress[p] if offset >= target) for p, target in targets.items()
+        )
 
     def last_at_ms(self) -> int:
         return max(history[-1][0] for history in self.progress.values() if history)
@@ -212,18 +230,27 @@ class BalanceWatch:
 
     def _observe(self, partition: int, timestamp_ms: int, balance: BalanceRecord) -> None:
         expected = partition_of(balance.tenant_id.encode(), self.partitions)
-        assert partition == expected, f"balance of {balance.tenant_id} on partition {partition}, source on {expected}"
+        assert partition == expected, (
+            f"balance of {balance.tenant_id} on partition {partition}, source on {expected}"
+        )
         self.records_read += 1
         history = self.progress[partition]
         if not history or balance.applied_offset > history[-1][1]:
             history.append((timestamp_ms, balance.applied_offset))
 
     async def wait_first_record(self, worker: ChildProcess, timeout_s: float) -> None:
-        await self.wait_covering({partition: 0 for partition in range(self.partitions)}, worker, timeout_s, any_partition=True)
+        await self.wait_covering(
+            {partition: 0 for partition in range(self.partitions)}, worker, timeout_s, any_partition=True
+        )
 
     async def wait_covering(
-        self, targets: dict[int, int], worker: ChildProcess, timeout_s: float, *,
-        any_partition: bool = False, raise_on_timeout: bool = True,
+        self,
+        targets: dict[int, int],
+        worker: ChildProcess,
+        timeout_s: float,
+        *,
+        any_partition: bool = False,
+        raise_on_timeout: bool = True,
     ) -> bool:
         """Wait until the balances cover `targets` (or any balance arrived); False on timeout when allowed."""
         deadline = time.monotonic() + timeout_s
@@ -291,7 +318,9 @@ async def offer_paced(bootstrap: str, topic: str, tenants: list[str], rate_per_s
             now_ms = int(time.time() * 1000)
             for n in range(tick * per_tick, (tick + 1) * per_tick):
                 event_id = f"bench-lag-{n}"
-                key, value = usage_record(tenants[n % len(tenants)], event_id, now_ms, 1 + n % USAGE_AMOUNT_MAX)
+                key, value = usage_record(
+                    tenants[n % len(tenants)], event_id, now_ms, 1 + n % USAGE_AMOUNT_MAX
+                )
                 futures.append(await producer.send(topic, value, key=key, timestamp_ms=now_ms))
                 sent_at_ms[event_id] = now_ms
         elapsed_s = loop.time() - started
@@ -325,21 +354,29 @@ def fold_only_rate(records: list[tuple[bytes, bytes]], partitions: int, batch_ma
     by_partition: dict[int, list[LogRecord]] = defaultdict(list)
     for key, value in records:
         partition = partition_of(key, partitions)
-        by_partition[partition].append(LogRecord(topic, partition, len(by_partition[partition]), key, value, 0))
+        by_partition[partition].append(
+            LogRecord(topic, partition, len(by_partition[partition]), key, value, 0)
+        )
     state = DictState()
     processor = LedgerProcessor(state, source_topic=topic)
     started = time.perf_counter()
     for partition, source in by_partition.items():
         for start in range(0, len(source), batch_max):
-            output = processor.process(partition, source[start:start + batch_max])
+            output = processor.process(partition, source[start : start + batch_max])
             state.write_all(output.state_writes)
     return len(records) / (time.perf_counter() - started)
 
 
 PROFILE_GROUPS = (  # (group, path fragment), first match wins
     ("fold: ledger + streams.processor", ("/ledger/", "/streams/processor.py")),
-    ("glue: engine + producer + spool", ("/streams/faust_app.py", "/streams/batch_processor.py", "/streams/producer.py", "/streams/spool.py")),
-    ("faust + mode (stream, consumer, table, changelog)", ("/faust/", "/mode/", "/venusian/", "/yarl/", "/croniter/")),
+    (
+        "glue: engine + producer + spool",
+        ("/streams/faust_app.py", "/streams/batch_processor.py", "/streams/producer.py", "/streams/spool.py"),
+    ),
+    (
+        "faust + mode (stream, consumer, table, changelog)",
+        ("/faust/", "/mode/", "/venusian/", "/yarl/", "/croniter/"),
+    ),
     ("aiokafka client (protocol, accumulator, sender, fetcher)", ("/aiokafka/",)),
     ("msgspec / json", ("msgspec",)),
     ("asyncio event loop", ("/asyncio/", "selectors.py")),
@@ -355,7 +392,9 @@ def profile_groups(stats: pstats.Stats) -> dict[str, float]:
         elif "poll" in function and "epoll" in function:
             groups["epoll wait (idle)"] += own_s
         else:
-            name = next((group for group, parts in PROFILE_GROUPS if any(part in path for part in parts)), "other")
+            name = next(
+                (group for group, parts in PROFILE_GROUPS if any(part in path for part in parts)), "other"
+            )
             groups[name] += own_s
     return dict(sorted(groups.items(), key=lambda item: -item[1]))
 
@@ -392,7 +431,11 @@ def processor_env(settings: ProcessorSettings, bootstrap: str, workdir: Path) ->
 
 @contextlib.asynccontextmanager
 async def processor_running(
-    broker: LocalBroker, settings: ProcessorSettings, workdir: Path, module: str, python_args: list[str] | None
+    broker: LocalBroker,
+    settings: ProcessorSettings,
+    workdir: Path,
+    module: str,
+    python_args: list[str] | None,
 ) -> AsyncIterator[tuple[ChildProcess, BalanceWatch]]:
     """The processor as a child process, with a watch on its balances; both stopped at the end."""
     topics = LedgerTopics.from_settings(settings)
@@ -412,7 +455,8 @@ async def processor_running(
 
 
 def phase_settings(phase: str) -> ProcessorSettings:
-    """The processor's settings as it will read them (env TOLLGATE_*), with the phase's own topics and group."""
+    """The processor's settings as it will read them (env TOLLGATE_*), with the phase's own topics and
+    group."""
     return ProcessorSettings(topic_prefix=f"bench.{phase}.", processor_app_id=f"tollgate-bench-{phase}")
 
 
@@ -421,25 +465,33 @@ async def measure_fold(broker: LocalBroker, arguments: argparse.Namespace, workd
     topics = LedgerTopics.from_settings(settings)
     tenants = keys_covering_partitions("bench-tenant", settings.topic_partitions, TENANTS_PER_PARTITION)
     await ensure_topics(broker.bootstrap, ledger_topic_specs(settings))
-    last_offsets, produce_rate = await produce_throughput_events(broker.bootstrap, topics.events, tenants, arguments.events)
+    last_offsets, produce_rate = await produce_throughput_events(
+        broker.bootstrap, topics.events, tenants, arguments.events
+    )
     module = ENGINE_MODULES[arguments.engine]
     python_args = profiled_module_args(module, arguments.profile.resolve()) if arguments.profile else None
     started = time.perf_counter()
     async with processor_running(broker, settings, workdir, module, python_args) as (worker, watch):
         await watch.wait_first_record(worker, WORKER_READY_TIMEOUT_S)
         cpu = CpuMeter({"processor": worker.pid, "broker": broker.pid})
-        caught_up = await watch.wait_covering(last_offsets, worker, arguments.fold_deadline_s, raise_on_timeout=False)
+        caught_up = await watch.wait_covering(
+            last_offsets, worker, arguments.fold_deadline_s, raise_on_timeout=False
+        )
         cpu_s = cpu.used()
         start_to_end_s = time.perf_counter() - started
     folded = sum(min(watch.applied(p), last) + 1 for p, last in last_offsets.items())
     span_ms = (watch.covered_at_ms(last_offsets) if caught_up else watch.last_at_ms()) - watch.first_at_ms()
     fold_rate = folded / (span_ms / 1000)
     read_cpu_started = time.process_time()
-    source = await read_range(broker.bootstrap, topics.events, {}, {p: last + 1 for p, last in last_offsets.items()}, READ_TIMEOUT_S)
+    source = await read_range(
+        broker.bootstrap, topics.events, {}, {p: last + 1 for p, last in last_offsets.items()}, READ_TIMEOUT_S
+    )
     read_cpu_us_per_event = (time.process_time() - read_cpu_started) * 1e6 / len(source)
     fold_alone = fold_only_rate(
         grant_records(tenants) + throughput_records(tenants, arguments.events, int(time.time() * 1000)),
-        settings.topic_partitions, settings.processor_batch_max, topics.events,
+        settings.topic_partitions,
+        settings.processor_batch_max,
+        topics.events,
     )
     return {
         "partitions": settings.topic_partitions,
@@ -472,14 +524,19 @@ async def measure_lag(broker: LocalBroker, arguments: argparse.Namespace, workdi
         grant_offsets = await send_all(producer, topics.events, grant_records(tenants), PRODUCE_IN_FLIGHT_MAX)
     finally:
         await producer.stop()
-    async with processor_running(broker, settings, workdir, ENGINE_MODULES[arguments.engine], None) as (worker, watch):
+    async with processor_running(broker, settings, workdir, ENGINE_MODULES[arguments.engine], None) as (
+        worker,
+        watch,
+    ):
         await watch.wait_covering(grant_offsets, worker, WORKER_READY_TIMEOUT_S)  # started and caught up
         cpu = CpuMeter({"processor": worker.pid, "broker": broker.pid})
         sent_at_ms, last_offsets, offered_rate = await offer_paced(
             broker.bootstrap, topics.events, tenants, arguments.rate, arguments.duration_s
         )
         cpu_s = cpu.used()
-        drained = await watch.wait_covering(last_offsets, worker, arguments.drain_deadline_s, raise_on_timeout=False)
+        drained = await watch.wait_covering(
+            last_offsets, worker, arguments.drain_deadline_s, raise_on_timeout=False
+        )
     entries_end = await end_offsets(broker.bootstrap, topics.entries, METADATA_TIMEOUT_S)
     entries = await read_range(broker.bootstrap, topics.entries, {}, entries_end, READ_TIMEOUT_S)
     lags = sorted(lags_ms(entries, sent_at_ms))
@@ -504,7 +561,9 @@ async def measure_lag(broker: LocalBroker, arguments: argparse.Namespace, workdi
 
 def rss_bytes(pid: int) -> tuple[int, int]:
     """(resident set size, its peak) of a live process, in bytes (Linux /proc)."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
@@ -512,7 +571,12 @@ def rss_usage_records(tenants: list[str], count: int, start_ms: int):
     """`count` usage events in time order, round-robin over the tenants, built a chunk at a time."""
     for chunk_start in range(0, count, RSS_PRODUCE_CHUNK_EVENTS):
         yield from (
-            usage_record(tenants[n % len(tenants)], f"bench-rss-{n}", start_ms + n // len(tenants), 1 + n % USAGE_AMOUNT_MAX)
+            usage_record(
+                tenants[n % len(tenants)],
+                f"bench-rss-{n}",
+                start_ms + n // len(tenants),
+                1 + n % USAGE_AMOUNT_MAX,
+            )
             for n in range(chunk_start, min(count, chunk_start + RSS_PRODUCE_CHUNK_EVENTS))
         )
 
@@ -541,8 +605,13 @@ async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdi
         await send_all(producer, topics.events, grant_records(tenants), PRODUCE_IN_FLIGHT_MAX)
         started = time.perf_counter()
         start_ms = int(time.time() * 1000) - counts[-1] // len(tenants) - 1
-        await send_all_batched(producer, topics.events, settings.topic_partitions,
-                               rss_usage_records(tenants, counts[-1], start_ms), PRODUCE_IN_FLIGHT_MAX)
+        await send_all_batched(
+            producer,
+            topics.events,
+            settings.topic_partitions,
+            rss_usage_records(tenants, counts[-1], start_ms),
+            PRODUCE_IN_FLIGHT_MAX,
+        )
         produce_rate = counts[-1] / (time.perf_counter() - started)
     finally:
         await producer.stop()
@@ -564,7 +633,15 @@ async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdi
             folded = await committed_total(admin, consumer_group(settings)) - len(tenants)
             while pending and folded >= pending[0]:
                 rss, peak = rss_bytes(worker.pid)
-                readings.append({"events": pending.pop(0), "folded": folded, "at_s": time.monotonic(), "rss": rss, "peak": peak})
+                readings.append(
+                    {
+                        "events": pending.pop(0),
+                        "folded": folded,
+                        "at_s": time.monotonic(),
+                        "rss": rss,
+                        "peak": peak,
+                    }
+                )
             await asyncio.sleep(RSS_POLL_INTERVAL_S)
         last_folded = await committed_total(admin, consumer_group(settings)) - len(tenants)
         last_rss = rss_bytes(worker.pid)[0] if worker.alive() else None
@@ -574,7 +651,11 @@ async def measure_rss(broker: LocalBroker, arguments: argparse.Namespace, workdi
     first, last = (readings[0], readings[-1]) if readings else (None, None)
     complete = len(readings) == len(counts)
     growth = last["rss"] / first["rss"] if complete else None
-    rate = (last["folded"] - first["folded"]) / (last["at_s"] - first["at_s"]) if complete and len(counts) > 1 else None
+    rate = (
+        (last["folded"] - first["folded"]) / (last["at_s"] - first["at_s"])
+        if complete and len(counts) > 1
+        else None
+    )
     return {
         "rss_tenants": len(tenants),
         "rss_produce_events_per_s": round(produce_rate),
@@ -623,11 +704,14 @@ async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
     if lag:
         lag_p99 = lag["lag_ms_p99"]
         targets["lag_p99_under_500_ms_at_5000_per_s"] = (
-            lag_p99 is not None and lag_p99 < LAG_P99_MS_TARGET
+            lag_p99 is not None
+            and lag_p99 < LAG_P99_MS_TARGET
             and lag["lag_offered_rate_achieved_per_s"] >= OFFERED_RATE_PER_S_DEFAULT
         )
     if rss:
-        targets["rss_growth_within_20_percent"] = rss["rss_growth"] is not None and rss["rss_growth"] <= RSS_GROWTH_TARGET
+        targets["rss_growth_within_20_percent"] = (
+            rss["rss_growth"] is not None and rss["rss_growth"] <= RSS_GROWTH_TARGET
+        )
     return {
         "bench": "streams",
         "engine": arguments.engine,
@@ -642,28 +726,68 @@ async def run(arguments: argparse.Namespace, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.streams", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", choices=sorted(ENGINE_MODULES), default="batch",
-                        help="the processor engine (tollgate streams --engine): batch (default) or faust")
-    parser.add_argument("--events", type=int, default=THROUGHPUT_USAGE_EVENTS_DEFAULT, help="usage events pre-produced")
-    parser.add_argument("--rate", type=int, default=OFFERED_RATE_PER_S_DEFAULT, help="offered usage events per second")
-    parser.add_argument("--duration-s", type=float, default=OFFERED_DURATION_S_DEFAULT, help="how long the rate is offered")
-    parser.add_argument("--fold-deadline-s", type=float, default=FOLD_DEADLINE_S_DEFAULT,
-                        help="stop the fold phase after this long and report the rate so far")
-    parser.add_argument("--drain-deadline-s", type=float, default=LAG_DRAIN_DEADLINE_S_DEFAULT,
-                        help="how long the lag phase waits for the offered events to be folded")
-    parser.add_argument("--phases", type=lambda text: tuple(text.split(",")), default=PHASES,
-                        help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)")
-    parser.add_argument("--rss-tenants", type=int, default=RSS_TENANTS_DEFAULT, help="tenants in the RSS phase")
-    parser.add_argument("--rss-events", type=lambda text: [int(n) for n in text.split(",")], default=list(RSS_EVENTS_DEFAULT),
-                        help="comma-separated usage event counts at which the processor's RSS is read")
-    parser.add_argument("--rss-deadline-s", type=float, default=RSS_DEADLINE_S_DEFAULT,
-                        help="stop the RSS phase after this long (rss_complete: false)")
-    parser.add_argument("--profile", type=Path, default=None, help="run the processor under cProfile; stats to this file")
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINE_MODULES),
+        default="batch",
+        help="the processor engine (tollgate streams --engine): batch (default) or faust",
+    )
+    parser.add_argument(
+        "--events", type=int, default=THROUGHPUT_USAGE_EVENTS_DEFAULT, help="usage events pre-produced"
+    )
+    parser.add_argument(
+        "--rate", type=int, default=OFFERED_RATE_PER_S_DEFAULT, help="offered usage events per second"
+    )
+    parser.add_argument(
+        "--duration-s", type=float, default=OFFERED_DURATION_S_DEFAULT, help="how long the rate is offered"
+    )
+    parser.add_argument(
+        "--fold-deadline-s",
+        type=float,
+        default=FOLD_DEADLINE_S_DEFAULT,
+        help="stop the fold phase after this long and report the rate so far",
+    )
+    parser.add_argument(
+        "--drain-deadline-s",
+        type=float,
+        default=LAG_DRAIN_DEADLINE_S_DEFAULT,
+        help="how long the lag phase waits for the offered events to be folded",
+    )
+    parser.add_argument(
+        "--phases",
+        type=lambda text: tuple(text.split(",")),
+        default=PHASES,
+        help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)",
+    )
+    parser.add_argument(
+        "--rss-tenants", type=int, default=RSS_TENANTS_DEFAULT, help="tenants in the RSS phase"
+    )
+    parser.add_argument(
+        "--rss-events",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=list(RSS_EVENTS_DEFAULT),
+        help="comma-separated usage event counts at which the processor's RSS is read",
+    )
+    parser.add_argument(
+        "--rss-deadline-s",
+        type=float,
+        default=RSS_DEADLINE_S_DEFAULT,
+        help="stop the RSS phase after this long (rss_complete: false)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="run the processor under cProfile; stats to this file"
+    )
     parser.add_argument("--profile-lines", type=int, default=30, help="functions printed per profile listing")
     arguments = parser.parse_args(argv)
-    assert arguments.events >= 1 and arguments.rate >= 1 and arguments.duration_s > 0, "counts must be positive"
-    assert set(arguments.phases) <= set(PHASES), f"unknown phases {sorted(set(arguments.phases) - set(PHASES))}"
-    assert arguments.rss_tenants >= 1 and all(n >= 1 for n in arguments.rss_events), "RSS counts must be positive"
+    assert arguments.events >= 1 and arguments.rate >= 1 and arguments.duration_s > 0, (
+        "counts must be positive"
+    )
+    assert set(arguments.phases) <= set(PHASES), (
+        f"unknown phases {sorted(set(arguments.phases) - set(PHASES))}"
+    )
+    assert arguments.rss_tenants >= 1 and all(n >= 1 for n in arguments.rss_events), (
+        "RSS counts must be positive"
+    )
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-streams-") as workdir:
         result = asyncio.run(run(arguments, Path(workdir)))
     print(json.dumps(result))

@@ -128,7 +128,12 @@ class BatchEngine:
     its own; the engine owns it, and `close` deletes it."""
 
     def __init__(
-        self, transport: EngineTransport, *, topics: LedgerTopics, changelog_topic: str, partitions: int,
+        self,
+        transport: EngineTransport,
+        *,
+        topics: LedgerTopics,
+        changelog_topic: str,
+        partitions: int,
         state: RocksState | None = None,
     ) -> None:
         self.transport = transport
@@ -136,7 +141,9 @@ class BatchEngine:
         self.changelog_topic = changelog_topic
         self.partitions = partitions
         self.state = RocksState() if state is None else state
-        self.processor = LedgerProcessor(self.state, source_topic=topics.events, usage_indexes=self.state.usage_indexes)
+        self.processor = LedgerProcessor(
+            self.state, source_topic=topics.events, usage_indexes=self.state.usage_indexes
+        )
         self.loaded: set[int] = set()  # source partitions whose state is in `self.state`
 
     def close(self) -> None:
@@ -159,13 +166,22 @@ class BatchEngine:
         recovered = self.processor.recover(self.partitions, {partition})
         await self.emit(recovered)
         self.loaded.add(partition)
-        log.info("partition %d: state read back from %d changelog records, %d outboxes sent again, in %.2f s",
-                 partition, records, sum(o.republished_outboxes for _, o in recovered), time.monotonic() - started)
+        log.info(
+            "partition %d: state read back from %d changelog records, %d outboxes sent again, in %.2f s",
+            partition,
+            records,
+            sum(o.republished_outboxes for _, o in recovered),
+            time.monotonic() - started,
+        )
 
     async def fold(self, batches: dict[int, list[LogRecord]]) -> None:
         """One batch: each partition's records in offset order, from the caller's position."""
         await self.ensure_loaded(p for p, records in batches.items() if records)
-        outputs = [(partition, self.processor.process(partition, records)) for partition, records in batches.items() if records]
+        outputs = [
+            (partition, self.processor.process(partition, records))
+            for partition, records in batches.items()
+            if records
+        ]
         await self.emit(outputs)
 
     async def sweep(self, now_ms: int) -> None:
@@ -185,7 +201,8 @@ class BatchEngine:
         self.processor.forget()
 
     async def emit(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
-        """(source partition, output) pairs: the state (with the outboxes) is acked before the outputs go out."""
+        """(source partition, output) pairs: the state (with the outboxes) is acked before the outputs go
+        out."""
         await self._write_state(outputs)
         await self._publish(outputs)
 
@@ -203,12 +220,17 @@ class BatchEngine:
                     self.state.put_all(partition, output.state_writes)
 
     async def _publish(self, outputs: list[tuple[int, ProcessorOutput]]) -> None:
-        """To the source partition: the derived topics are co-partitioned with `ledger.events` (key = tenant)."""
+        """To the source partition: the derived topics are co-partitioned with `ledger.events` (key =
+        tenant)."""
         topics = self.topics
         outgoing = [
             PartitionedRecord(topic, partition, record.key, record.value)
             for partition, output in outputs
-            for topic, records in ((topics.entries, output.entries), (topics.balances, output.balances), (topics.dlq, output.dead_letters))
+            for topic, records in (
+                (topics.entries, output.entries),
+                (topics.balances, output.balances),
+                (topics.dlq, output.dead_letters),
+            )
             for record in records
         ]
         if outgoing:
@@ -216,7 +238,8 @@ class BatchEngine:
 
 
 class KafkaTransport:
-    """`EngineTransport` over the broker: the processor's idempotent producer and a group-less changelog reader."""
+    """`EngineTransport` over the broker: the processor's idempotent producer and a group-less changelog
+    reader."""
 
     def __init__(self, settings: ProcessorSettings, producer: EventProducer, changelog_topic: str) -> None:
         self.settings = settings
@@ -256,7 +279,9 @@ class KafkaTransport:
         while await reader.position(tp) < end:
             if time.monotonic() - started > self.settings.processor_changelog_read_timeout_ms / 1000:
                 raise BrokerUnavailable(f"changelog {tp.topic}[{partition}] not read back within the timeout")
-            batch = await reader.getmany(tp, timeout_ms=CHANGELOG_FETCH_TIMEOUT_MS, max_records=CHANGELOG_FETCH_MAX_RECORDS)
+            batch = await reader.getmany(
+                tp, timeout_ms=CHANGELOG_FETCH_TIMEOUT_MS, max_records=CHANGELOG_FETCH_MAX_RECORDS
+            )
             messages = batch.get(tp)
             if messages:
                 yield [(message.key, message.value) for message in messages]
@@ -270,7 +295,9 @@ class _CommitBeforeRevoke(ConsumerRebalanceListener):
         await self._engine.release(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        log.info("assigned %s (state is read back before the next batch)", sorted(tp.partition for tp in assigned))
+        log.info(
+            "assigned %s (state is read back before the next batch)", sorted(tp.partition for tp in assigned)
+        )
 
 
 class BatchProcessor:
@@ -281,7 +308,10 @@ class BatchProcessor:
         self.producer = producer or EventProducer(settings)
         self.transport = KafkaTransport(settings, self.producer, self.changelog_topic)
         self.engine = BatchEngine(
-            self.transport, topics=self.topics, changelog_topic=self.changelog_topic, partitions=settings.topic_partitions,
+            self.transport,
+            topics=self.topics,
+            changelog_topic=self.changelog_topic,
+            partitions=settings.topic_partitions,
             state=RocksState.claimed_under(Path(settings.processor_state_dir)),
         )
         self.state = self.engine.state
@@ -336,7 +366,9 @@ class BatchProcessor:
         last_commit = last_sweep = time.monotonic()
         failures = 0
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=settings.processor_batch_wait_ms, max_records=settings.processor_batch_max)
+            batches = await consumer.getmany(
+                timeout_ms=settings.processor_batch_wait_ms, max_records=settings.processor_batch_max
+            )
             try:
                 async with self._lock:
                     await self._fold(batches)
@@ -353,7 +385,11 @@ class BatchProcessor:
                 if failures > settings.processor_batch_retries_max:
                     raise
                 backoff_s = settings.processor_retry_backoff_initial_ms * 2 ** (failures - 1) / 1000
-                log.warning("batch not acknowledged (%s); retrying from the committed offsets in %.1f s", error, backoff_s)
+                log.warning(
+                    "batch not acknowledged (%s); retrying from the committed offsets in %.1f s",
+                    error,
+                    backoff_s,
+                )
                 await asyncio.sleep(backoff_s)
                 async with self._lock:
                     await self._rewind()
@@ -365,13 +401,19 @@ class BatchProcessor:
         # Every assigned partition is read back (and its outboxes sent again) before it is folded or swept,
         # a quiet one included.
         await self.engine.ensure_loaded(tp.partition for tp in assigned if tp.topic == self.topics.events)
-        owned = {tp: messages for tp, messages in batches.items() if tp in assigned and messages}  # else revoked after the fetch
+        owned = {
+            tp: messages for tp, messages in batches.items() if tp in assigned and messages
+        }  # else revoked after the fetch
         if not owned:
             return
-        await self.engine.fold({
-            tp.partition: [LogRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
-            for tp, messages in owned.items()
-        })
+        await self.engine.fold(
+            {
+                tp.partition: [
+                    LogRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages
+                ]
+                for tp, messages in owned.items()
+            }
+        )
         self._committable.update({tp: messages[-1].offset + 1 for tp, messages in owned.items()})
 
     async def _commit(self) -> None:
@@ -381,7 +423,10 @@ class BatchProcessor:
         try:
             await self._consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as error:  # the group moved on: the new owner replays, deduped
-            log.warning("offset commit failed (%r); the partitions' next owner replays from the previous commit", error)
+            log.warning(
+                "offset commit failed (%r); the partitions' next owner replays from the previous commit",
+                error,
+            )
 
     # ------------------------------------------------------------------------------------ ownership
 

@@ -244,7 +244,12 @@ class LedgerProcessor:
     tenants' usage indexes come from there instead of being rebuilt in RAM from the seen batches."""
 
     def __init__(
-        self, state: StateReader, *, source_topic: str, outbox: bool = True, usage_indexes: UsageIndexes | None = None
+        self,
+        state: StateReader,
+        *,
+        source_topic: str,
+        outbox: bool = True,
+        usage_indexes: UsageIndexes | None = None,
     ) -> None:
         self._state = state
         self._source_topic = source_topic
@@ -260,7 +265,9 @@ class LedgerProcessor:
             self._tenants.clear()
         else:
             assert partition_count > 0, "forget(partitions) needs the partition count"
-            for tenant_id in [t for t in self._tenants if partition_for_key(t.encode(), partition_count) in partitions]:
+            for tenant_id in [
+                t for t in self._tenants if partition_for_key(t.encode(), partition_count) in partitions
+            ]:
                 del self._tenants[tenant_id]
         self._recovered_seen = None
         if self._usage_indexes is not None and partitions is None:
@@ -271,7 +278,9 @@ class LedgerProcessor:
         batches: dict[str, _TenantBatch] = {}
         new_seen: dict[str, list[SeenRecord]] = {}
         for record in records:
-            assert record.partition == partition, f"record of partition {record.partition} in batch of {partition}"
+            assert record.partition == partition, (
+                f"record of partition {record.partition} in batch of {partition}"
+            )
             try:
                 event = self._decode(record)
             except InvalidEvent as error:
@@ -336,7 +345,10 @@ class LedgerProcessor:
         return output
 
     def known_tenants(self) -> list[str]:
-        return [key[len(ACCOUNT_KEY_PREFIX):].decode() for key, _ in self._state.items_with_prefix(ACCOUNT_KEY_PREFIX)]
+        return [
+            key[len(ACCOUNT_KEY_PREFIX) :].decode()
+            for key, _ in self._state.items_with_prefix(ACCOUNT_KEY_PREFIX)
+        ]
 
     def _grouped_tenants(self, partitions: int, owned: Container[int] | None) -> dict[int, list[str]]:
         grouped: dict[int, list[str]] = {}
@@ -439,7 +451,13 @@ class LedgerProcessor:
             applied_offset, stream_time = record.applied_offset, record.stream_time
             outbox = stored_outbox(record) if self._outbox else None
         if self._usage_indexes is not None:
-            return _Tenant(account, self._usage_indexes.open(tenant_id, applied_offset), applied_offset, stream_time, outbox)
+            return _Tenant(
+                account,
+                self._usage_indexes.open(tenant_id, applied_offset),
+                applied_offset,
+                stream_time,
+                outbox,
+            )
         index = _OffsetAwareIndex()
         for seen in self._seen_of(tenant_id):
             # Its effect is in the snapshot when at or below the applied offset (later ones: a crash between
@@ -456,7 +474,7 @@ class LedgerProcessor:
             decode_seen = _seen_batch_codec[1].decode
             grouped: dict[str, list[SeenRecord]] = {}
             for key, value in self._state.items_with_prefix(SEEN_KEY_PREFIX):
-                tenant = key[len(SEEN_KEY_PREFIX):].decode().partition("/")[0]
+                tenant = key[len(SEEN_KEY_PREFIX) :].decode().partition("/")[0]
                 grouped.setdefault(tenant, []).extend(decode_seen(value))
             self._recovered_seen = grouped
         return self._recovered_seen.pop(tenant_id, [])
@@ -472,7 +490,9 @@ class LedgerProcessor:
             overage=account.overage_total,
             as_of=as_of,
             applied_offset=tenant.applied_offset,
-            expiring=tuple((b.expires_at, b.remaining) for b in blocks if b.expires_at is not None and b.remaining),
+            expiring=tuple(
+                (b.expires_at, b.remaining) for b in blocks if b.expires_at is not None and b.remaining
+            ),
         )
         return _json.encode(record)
 
@@ -482,7 +502,9 @@ class LedgerProcessor:
             packed = _outbox_codec[0].encode(outbox)
             if len(packed) >= OUTBOX_COMPRESS_BYTES_MIN:
                 packed, compressed = zlib.compress(packed, 1), True
-        record = AccountRecord(tenant.applied_offset, tenant.stream_time, account_to_bytes(tenant.account), packed, compressed)
+        record = AccountRecord(
+            tenant.applied_offset, tenant.stream_time, account_to_bytes(tenant.account), packed, compressed
+        )
         return _account_record_codec[0].encode(record)
 
     def _dead_letter(self, record: LogRecord, reason: str) -> OutputRecord:

@@ -18,10 +18,10 @@ the broker and folding them; each sends back its accounts (snapshots) and their 
 which is all that point-in-time queries of the result need.
 
 The bulk read goes through confluent-kafka (librdkafka), every partition of a process assigned at once,
-`consume` handing over up to `REPLAY_FETCH_MAX_RECORDS` messages per call: reading a record costs about a microsecond of this
-process's CPU there, against several with aiokafka's pure-Python fetcher, and the read is most of a
-replay's cost. Everything else here (end offsets, the live balances) and the rest of the project use
-aiokafka.
+`consume` handing over up to `REPLAY_FETCH_MAX_RECORDS` messages per call: reading a record costs about
+a microsecond of this process's CPU there, against several with aiokafka's pure-Python fetcher, and the
+read is most of a replay's cost. Everything else here (end offsets, the live balances) and the rest of
+the project use aiokafka.
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ class ReplayResult:
         for tenant_id in sorted(self.as_of):
             account, index = self.tenants[tenant_id]
             t = self.as_of[tenant_id] if at is None else at
-            out.append(ReplayedBalance(tenant_id, account.balance_at(t, index), account.overage_at(t, index), t))
+            out.append(
+                ReplayedBalance(tenant_id, account.balance_at(t, index), account.overage_at(t, index), t)
+            )
         return out
 
     def balance_at(self, tenant_id: str, t: int) -> tuple[int, int]:
@@ -126,7 +128,6 @@ class _Fold:
     def fold(self, messages, ends: dict[int, int], until_time_ms: int | None) -> None:
         """Fold consumed messages (confluent-kafka's, of any of the partitions in `ends`) below their
         partition's end offset."""
-        tenants, stream_time = self.tenants, self.stream_time
         for message in messages:
             if message.error() is not None:
                 raise KafkaException(message.error())
@@ -141,30 +142,33 @@ class _Fold:
             except InvalidEvent:
                 self.dead_letters += 1
                 continue
-            tenant_id = event.tenant_id
-            is_usage = type(event) is UsageRecorded
-            pair = tenants.get(tenant_id)
-            if pair is None:
-                if is_usage:  # unknown tenant, as the processor says
-                    self.dead_letters += 1
-                    continue
-                pair = tenants[tenant_id] = (Account(tenant_id), InMemoryUsageIndex())
-            account, index = pair
-            if is_usage and not account.blocks:
+            if not self._apply(event, timestamp):
                 self.dead_letters += 1
-                continue
-            try:
-                if is_usage:
-                    account.apply_usage(event, index)
-                    if event.occurred_at > timestamp:
-                        timestamp = event.occurred_at
-                else:
-                    account.apply(event, index)
-            except InvalidEvent:
-                self.dead_letters += 1
-                continue
-            if timestamp > stream_time.get(tenant_id, -1):
-                stream_time[tenant_id] = timestamp
+
+    def _apply(self, event, timestamp: int) -> bool:
+        """Fold one event into its tenant as the processor would; False when the processor would refuse it
+        (usage for a tenant without a grant, or an event the fold rejects)."""
+        tenant_id = event.tenant_id
+        is_usage = type(event) is UsageRecorded
+        pair = self.tenants.get(tenant_id)
+        if pair is None:
+            if is_usage:  # unknown tenant, as the processor says
+                return False
+            pair = self.tenants[tenant_id] = (Account(tenant_id), InMemoryUsageIndex())
+        account, index = pair
+        if is_usage and not account.blocks:
+            return False
+        try:
+            if is_usage:
+                account.apply_usage(event, index)
+                timestamp = max(timestamp, event.occurred_at)
+            else:
+                account.apply(event, index)
+        except InvalidEvent:
+            return False
+        if timestamp > self.stream_time.get(tenant_id, -1):
+            self.stream_time[tenant_id] = timestamp
+        return True
 
     def finish(self) -> None:
         for tenant_id, t in self.stream_time.items():
@@ -181,7 +185,10 @@ def _decode(key: bytes | None, value: bytes | None):
 
 
 def _fold_partitions(
-    settings: StreamSettings, topic: str, ends: dict[int, int], until_time_ms: int | None,
+    settings: StreamSettings,
+    topic: str,
+    ends: dict[int, int],
+    until_time_ms: int | None,
     on_records: Callable[[int], None] | None = None,
 ) -> _Fold:
     """Read the partitions in `ends` from the beginning up to their end offsets, all at once (one partition
@@ -191,20 +198,25 @@ def _fold_partitions(
     remaining = {p: end for p, end in ends.items() if end > 0}
     if not remaining:
         return result
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "group.id": "tollgate-replay",  # librdkafka wants one; nothing joins it (assign, no subscribe) or commits
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "isolation.level": "read_committed",
-        "max.partition.fetch.bytes": REPLAY_FETCH_PARTITION_MAX_BYTES,
-        "queued.max.messages.kbytes": REPLAY_PREFETCH_KBYTES,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            # librdkafka wants a group id; nothing joins it (assign, no subscribe) or commits
+            "group.id": "tollgate-replay",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "max.partition.fetch.bytes": REPLAY_FETCH_PARTITION_MAX_BYTES,
+            "queued.max.messages.kbytes": REPLAY_PREFETCH_KBYTES,
+        }
+    )
     try:
         consumer.assign([ConfluentPartition(topic, p, OFFSET_BEGINNING) for p in sorted(remaining)])
         last_progress = time.monotonic()
         while remaining:
-            messages = consumer.consume(num_messages=REPLAY_FETCH_MAX_RECORDS, timeout=REPLAY_POLL_TIMEOUT_MS / 1000)
+            messages = consumer.consume(
+                num_messages=REPLAY_FETCH_MAX_RECORDS, timeout=REPLAY_POLL_TIMEOUT_MS / 1000
+            )
             if messages:
                 last_progress = time.monotonic()
                 result.fold(messages, ends, until_time_ms)
@@ -214,7 +226,9 @@ def _fold_partitions(
                 if position.offset >= remaining[position.partition]:  # the next offset is past the end
                     del remaining[position.partition]
             if remaining and time.monotonic() - last_progress > REPLAY_STALL_TIMEOUT_S:
-                raise TimeoutError(f"{topic} partitions {sorted(remaining)} gave nothing for {REPLAY_STALL_TIMEOUT_S} s")
+                raise TimeoutError(
+                    f"{topic} partitions {sorted(remaining)} gave nothing for {REPLAY_STALL_TIMEOUT_S} s"
+                )
     finally:
         consumer.close()
     result.finish()
@@ -232,7 +246,9 @@ def _init_worker(progress) -> None:
     _worker_progress = progress
 
 
-def _replay_in_worker(settings_json: bytes, topic: str, ends: dict[int, int], until_time_ms: int | None, slot: int):
+def _replay_in_worker(
+    settings_json: bytes, topic: str, ends: dict[int, int], until_time_ms: int | None, slot: int
+):
     """A worker process: fold its partitions; send back (records, dead letters, {tenant: (snapshot, usage
     by ms, stream time)})."""
     settings = StreamSettings.model_validate_json(settings_json)
@@ -257,15 +273,21 @@ def _share(ends: dict[int, int], workers: int) -> list[dict[int, int]]:
 
 
 async def _fold_in_workers(
-    settings: StreamSettings, topic: str, ends: dict[int, int], until_time_ms: int | None,
-    on_progress: Callable[[int, int], None] | None, workers: int,
+    settings: StreamSettings,
+    topic: str,
+    ends: dict[int, int],
+    until_time_ms: int | None,
+    on_progress: Callable[[int, int], None] | None,
+    workers: int,
 ) -> _Fold:
     shares = _share(ends, workers)
     context = multiprocessing.get_context("spawn")  # no fork of a running event loop
     progress = context.Array("q", len(shares), lock=False)
     total = sum(ends.values())
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(len(shares), mp_context=context, initializer=_init_worker, initargs=(progress,)) as pool:
+    with ProcessPoolExecutor(
+        len(shares), mp_context=context, initializer=_init_worker, initargs=(progress,)
+    ) as pool:
         settings_json = settings.model_dump_json().encode()
         futures = [
             loop.run_in_executor(pool, _replay_in_worker, settings_json, topic, share, until_time_ms, slot)
@@ -282,7 +304,10 @@ async def _fold_in_workers(
         fold.dead_letters += dead_letters
         for tenant_id, (snapshot, usage_by_time, stream_time) in tenants.items():
             assert tenant_id not in fold.tenants, f"tenant {tenant_id} folded by two workers"
-            fold.tenants[tenant_id] = (account_from_bytes(snapshot), InMemoryUsageIndex.for_queries(usage_by_time))
+            fold.tenants[tenant_id] = (
+                account_from_bytes(snapshot),
+                InMemoryUsageIndex.for_queries(usage_by_time),
+            )
             if stream_time is not None:
                 fold.stream_time[tenant_id] = stream_time
     return fold
@@ -314,7 +339,11 @@ async def replay(
         fold = await _fold_in_workers(settings, topics.events, ends, until_time_ms, on_progress, workers)
     else:
         fold = await asyncio.to_thread(
-            _fold_partitions, settings, topics.events, ends, until_time_ms,
+            _fold_partitions,
+            settings,
+            topics.events,
+            ends,
+            until_time_ms,
             on_progress and (lambda records: on_progress(records, total)),
         )
     return ReplayResult(fold.tenants, fold.records, fold.dead_letters, fold.stream_time)
@@ -338,7 +367,9 @@ async def live_balances(settings: StreamSettings) -> dict[str, BalanceRecord]:
     try:
         remaining = {tp: end for tp, end in (await consumer.end_offsets(partitions)).items() if end > 0}
         while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=REPLAY_POLL_TIMEOUT_MS, max_records=REPLAY_FETCH_MAX_RECORDS)
+            batch = await consumer.getmany(
+                *remaining, timeout_ms=REPLAY_POLL_TIMEOUT_MS, max_records=REPLAY_FETCH_MAX_RECORDS
+            )
             for tp, messages in batch.items():
                 for message in messages:
                     record = msgspec.json.decode(message.value, type=BalanceRecord)
@@ -364,13 +395,18 @@ def compare(result: ReplayResult, live: dict[str, BalanceRecord]) -> list[Mismat
         balance, overage = result.balance_at(tenant_id, record.as_of)
         if (balance, overage) != (record.balance, record.overage):
             mismatches.append(
-                Mismatch(tenant_id, f"live balance {record.balance} overage {record.overage} at {record.as_of}, "
-                                    f"replay {balance} overage {overage}")
+                Mismatch(
+                    tenant_id,
+                    f"live balance {record.balance} overage {record.overage} at {record.as_of}, "
+                    f"replay {balance} overage {overage}",
+                )
             )
     return mismatches
 
 
-async def _assigned_consumer(settings: StreamSettings, topic: str, partitions: list[TopicPartition]) -> AIOKafkaConsumer:
+async def _assigned_consumer(
+    settings: StreamSettings, topic: str, partitions: list[TopicPartition]
+) -> AIOKafkaConsumer:
     """A group-less consumer assigned `partitions` of `topic`, at the beginning."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,

@@ -95,7 +95,7 @@ def _seen_batch_tenant(key: bytes) -> str | None:
     """The tenant of a seen-batch state key (`s/<tenant>/<first offset>`), None for any other key."""
     if not key.startswith(SEEN_KEY_PREFIX):
         return None
-    return key[len(SEEN_KEY_PREFIX):].rpartition(b"/")[0].decode()
+    return key[len(SEEN_KEY_PREFIX) :].rpartition(b"/")[0].decode()
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -132,7 +132,9 @@ class _SeenFilter:
     __slots__ = ("bits", "mask")
 
     def __init__(self, size_bytes: int) -> None:
-        assert size_bytes >= 1 and size_bytes & (size_bytes - 1) == 0, f"a power of two bytes, got {size_bytes}"
+        assert size_bytes >= 1 and size_bytes & (size_bytes - 1) == 0, (
+            f"a power of two bytes, got {size_bytes}"
+        )
         assert size_bytes <= 2**29, "bit positions come from 32 bits of the hash"
         self.bits = bytearray(size_bytes)
         self.mask = size_bytes * 8 - 1
@@ -234,8 +236,12 @@ class RocksState:
     a temporary directory (under `temporary_parent` when given), deleted by `close`."""
 
     def __init__(
-        self, path: Path | None = None, *, temporary_parent: Path | None = None,
-        seen_cache_entries_max: int = SEEN_CACHE_ENTRIES_MAX, seen_filter_bytes: int = SEEN_FILTER_BYTES,
+        self,
+        path: Path | None = None,
+        *,
+        temporary_parent: Path | None = None,
+        seen_cache_entries_max: int = SEEN_CACHE_ENTRIES_MAX,
+        seen_filter_bytes: int = SEEN_FILTER_BYTES,
     ) -> None:
         assert path is None or temporary_parent is None, "a path, or a temporary directory's parent"
         self._owns_directory = path is None
@@ -245,7 +251,9 @@ class RocksState:
             path = Path(tempfile.mkdtemp(prefix=STATE_DIRECTORY_PREFIX, dir=temporary_parent))
         self.path = path
         self._db = _open_rocksdb(self.path)
-        self.usage_indexes = DiskUsageIndexes(self._db, _SeenCache(seen_cache_entries_max), _SeenFilter(seen_filter_bytes))
+        self.usage_indexes = DiskUsageIndexes(
+            self._db, _SeenCache(seen_cache_entries_max), _SeenFilter(seen_filter_bytes)
+        )
 
     @classmethod
     def claimed_under(cls, base: Path, *, seen_cache_entries_max: int = SEEN_CACHE_ENTRIES_MAX) -> RocksState:
@@ -265,7 +273,10 @@ class RocksState:
         return self._db.get(_STATE + key)
 
     def items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        return ((key[1:], value) for key, value in self._items_between(_STATE + prefix, _prefix_end(_STATE + prefix)))
+        return (
+            (key[1:], value)
+            for key, value in self._items_between(_STATE + prefix, _prefix_end(_STATE + prefix))
+        )
 
     # ------------------------------------------------------------------------------- the engine's writes
 
@@ -298,7 +309,7 @@ class RocksState:
         owned = _OWNED + _partition_bytes.pack(partition)
         batch = WriteBatch(raw_mode=True)
         for key, _ in self._items_between(owned, _prefix_end(owned)):
-            batch.delete(_STATE + key[len(owned):])
+            batch.delete(_STATE + key[len(owned) :])
         self._db.write(batch)
         self._db.delete_range(owned, _prefix_end(owned))
         self.usage_indexes.drop(partition)
@@ -374,7 +385,10 @@ class DiskUsageIndexes:
             event_id = record.event_id
             encoded_id = event_id.encode()
             put(seen_prefix + encoded_id, pack_offset(record.offset))
-            put(usage_prefix + (record.occurred_at + _TIME_BIAS).to_bytes(8, "big") + encoded_id, pack_amount(record.amount))
+            put(
+                usage_prefix + (record.occurred_at + _TIME_BIAS).to_bytes(8, "big") + encoded_id,
+                pack_amount(record.amount),
+            )
             add_to_filter(event_id)
         view = self._open.get(tenant_id)
         if view is not None:
@@ -389,7 +403,9 @@ class DiskUsageIndexes:
             self._open.pop(tenant_id, None)
         self.cache.clear()
 
-    def _delete_records(self, batch: WriteBatch, prefix: bytes, records: list[SeenRecord], after_offset: int = -2) -> None:
+    def _delete_records(
+        self, batch: WriteBatch, prefix: bytes, records: list[SeenRecord], after_offset: int = -2
+    ) -> None:
         for record in records:
             if record.offset <= after_offset:
                 continue
@@ -407,9 +423,13 @@ class DiskUsageIndexes:
         tenant_batches_end = _prefix_end(tenant_batches)
         batch = WriteBatch(raw_mode=True)
         for key, value in self.db.items(backwards=True, from_key=first_after):
-            if key < first_after:  # the last batch that starts at or before the snapshot: its records after it
+            if (
+                key < first_after
+            ):  # the last batch that starts at or before the snapshot: its records after it
                 if key >= tenant_batches:
-                    self._delete_records(batch, prefix, _decode_seen_batch(value), after_offset=applied_offset)
+                    self._delete_records(
+                        batch, prefix, _decode_seen_batch(value), after_offset=applied_offset
+                    )
                 break
         for key, value in self.db.items(from_key=first_after):
             if key >= tenant_batches_end:
@@ -430,7 +450,9 @@ class DiskUsageIndex:
         self._indexes = indexes
         self.tenant_id = tenant_id
         self.current_offset = -1
-        self._pending: dict[str, tuple[int, int, int]] = {}  # event id -> (offset, occurred_at, amount), unwritten
+        self._pending: dict[
+            str, tuple[int, int, int]
+        ] = {}  # event id -> (offset, occurred_at, amount), unwritten
 
     @property
     def index(self) -> DiskUsageIndex:
@@ -453,7 +475,7 @@ class DiskUsageIndex:
             for key, value in self._indexes.db.items(from_key=head + _time_key(start)):
                 if key >= high:
                     break
-                at = int.from_bytes(key[len(head):len(head) + 8], "big") - _TIME_BIAS
+                at = int.from_bytes(key[len(head) : len(head) + 8], "big") - _TIME_BIAS
                 total += _amount_bytes.unpack(value)[0]
                 first_at = at if first_at is None else first_at
                 last_at = at
