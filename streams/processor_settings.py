@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from pydantic import Field
 
 from streams.settings import StreamSettings
@@ -33,8 +30,9 @@ class ProcessorSettings(StreamSettings):
     # Batch engine: where each processor process keeps its on-disk state (RocksDB: accounts, seen usage ids
     # and the usage index; streams.state_store), one directory per process under this one. It is a cache of
     # the changelog topic (the source of truth): a (re)started process wipes the directories of processes
-    # that are gone and reads its partitions' state back from the changelog.
-    processor_state_dir: str = str(Path(tempfile.gettempdir()) / "tollgate-processor-state")
+    # that are gone and reads its partitions' state back from the changelog. Under var/tollgate, beside the
+    # faust engine's data dir and the spools, so the default does not depend on the machine.
+    processor_state_dir: str = "var/tollgate/processor-state"
     # A crashed processor's partitions move to the others after this long without heartbeats.
     processor_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     processor_heartbeat_interval_ms: int = Field(default=1_000, ge=100)
