@@ -349,11 +349,20 @@ def _write_owner(data_dir: Path, owner: dict) -> None:
 # ------------------------------------------------------------------------------------------ helpers
 
 
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves SIGINT/SIGTERM to this process. uvicorn (0.29+) installs its own
+    handlers for the whole of `serve()` and re-raises the signal when it returns: with two servers in one
+    process the second's handler replaced the loop's, one server stopped on Ctrl-C, re-raised the signal, and
+    the loop was torn down under the other's lifespan (a CancelledError traceback on Ctrl-C, now and then)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 def _server(app, host: str, port: int, log_level: str) -> uvicorn.Server:
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, lifespan="on")
-    server = uvicorn.Server(config)  # log_config=None: the one logging setup stays in charge
-    server.install_signal_handlers = lambda: None  # this process handles SIGINT/SIGTERM itself
-    return server
+    return _EmbeddedServer(config)  # log_config=None: the one logging setup stays in charge
 
 
 async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
