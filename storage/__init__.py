@@ -8,6 +8,8 @@
                         single-process mode only; with Kafka they stay empty)
     storage.admission   strict admission's owner row per tenant and its open holds
     storage.idempotency the stored responses of requests sent with an Idempotency-Key
+    storage.conversations the Responses and Conversations APIs' stored text; tenants' retention and
+                        safety policies
     storage.database    settings, the embedded server, engines, sessions and start-up migrations
 
 One style: every table is a declarative ORM class. Most of the code (the admin API, the projector,
@@ -23,6 +25,7 @@ importing `storage` registers every table on it. A new table's module is importe
 
 from sqlalchemy import MetaData
 
+import storage.conversations  # noqa: F401  (registers its tables)
 from storage import admission, embedded, idempotency, projections, tenants  # noqa: F401  (register tables)
 from storage.base import Base
 

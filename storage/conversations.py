@@ -1,0 +1,76 @@
+"""The Responses and Conversations APIs' stored text (gateway.conversations), migration 0008.
+
+    conversations       a tenant's conversation: its metadata and when it was last written
+    conversation_items  its items (messages) in order (`position`, an identity: the order they were added)
+    stored_responses    a response created with `store: true`: its body as answered, the history it was
+                        given and its own input, so `previous_response_id` continues from it in one read
+
+Every row carries its `tenant_id` and every read filters on it: one tenant never reads another's. This
+is the only place conversation text is kept; the ledger's events hold token counts and ids only. The
+retention sweep (gateway.conversations.RetentionSweep) deletes these rows for real once a tenant's
+retention has passed since `updated_at_ms` (conversations) or `created_at_ms` (responses).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, ForeignKey, Identity, Index, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from storage.base import Base
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    conversation_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("tenants.tenant_id", ondelete="CASCADE"), index=True
+    )
+    metadata_json: Mapped[str] = mapped_column(Text)  # the client's metadata object, JSON
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)  # the last item added: retention counts from here
+
+
+class ConversationItem(Base):
+    __tablename__ = "conversation_items"
+
+    item_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("conversations.conversation_id", ondelete="CASCADE")
+    )
+    tenant_id: Mapped[str] = mapped_column(Text)
+    position: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
+    item_json: Mapped[str] = mapped_column(Text)  # the item as the API shows it (a message), JSON
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_conversation_items_conversation_id_position", "conversation_id", "position"),)
+
+
+class StoredResponse(Base):
+    __tablename__ = "stored_responses"
+
+    response_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("tenants.tenant_id", ondelete="CASCADE"), index=True
+    )
+    conversation_id: Mapped[str | None] = mapped_column(
+        Text, ForeignKey("conversations.conversation_id", ondelete="SET NULL")
+    )
+    history_json: Mapped[str] = mapped_column(Text)  # the messages before this response's input, JSON
+    input_json: Mapped[str] = mapped_column(Text)  # this response's input messages, JSON
+    response_json: Mapped[str] = mapped_column(Text)  # the response object as answered, JSON
+    created_at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class TenantPolicy(Base):
+    """A tenant's retention and safety policy (the admin API's PUT /tenants/{id}/policy); no row: keep
+    forever, no safety checks."""
+
+    __tablename__ = "tenant_policies"
+
+    tenant_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("tenants.tenant_id", ondelete="CASCADE"), primary_key=True
+    )
+    retention_days: Mapped[int | None] = mapped_column(BigInteger)  # None: stored text is kept until deleted
+    safety_policy_json: Mapped[str] = mapped_column(Text)  # gateway.safety.SafetyPolicy, JSON
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)
