@@ -37,6 +37,8 @@ from gateway.completions import CompletionService
 from gateway.errors import ApiError, handle_validation_error
 from gateway.idempotency import IdempotencyStore
 from gateway.metrics import GatewayMetrics
+from gateway.responses_routes import router as responses_router
+from gateway.responses_routes import start_conversation_service
 from gateway.routes import router as openai_router
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
@@ -69,6 +71,7 @@ def create_app(
     _add_error_handlers(app, metrics)
     app.add_middleware(CompletionRoutes)  # POST /v1/chat/completions and /v1/completions, the hot path
     app.include_router(openai_router)
+    app.include_router(responses_router)  # /v1/responses, /v1/conversations, /v1/moderations
     _include_admin_router(app, settings, admin_settings or AdminSettings())
     _document_completion_routes(app)
     _add_health_and_metrics(app, metrics)
@@ -107,6 +110,9 @@ def _lifespan(
                 settings, pool, admission, metrics, idempotency, publish_usage=log.publish
             ),
         )
+        sweep = start_conversation_service(
+            app, settings, session_factory, metrics, app.state.runtime.completions
+        )
         # What start-up built lives as long as the process: move it out of the collector's way, so a
         # full collection scans only what requests allocate (else it walks ~140k objects: ~70 ms pauses).
         gc.collect()
@@ -114,6 +120,7 @@ def _lifespan(
         try:
             yield
         finally:
+            await sweep.stop()
             await revocations.stop()
             await pool.close()
 

@@ -74,6 +74,30 @@ class GatewayMetrics:
             "UsageRecorded events the gateway had to publish for a broken worker stream and could not",
             registry=r,
         )
+        # The Responses and Conversations APIs, the prompt builder and the safety checks (issue 19).
+        self.safety_decisions = Counter(
+            "tollgate_gateway_safety_decisions",
+            "Safety findings acted on, by stage (input, output, moderation), reason and action",
+            ["stage", "reason", "action"],
+            registry=r,
+        )
+        self.responses = Counter(
+            "tollgate_gateway_responses",
+            "Responses API answers, by status (completed, incomplete, failed) and whether stored",
+            ["status", "stored"],
+            registry=r,
+        )
+        self.prompt_history_dropped = Counter(
+            "tollgate_gateway_prompt_history_dropped",
+            "History messages left out of prompts to fit the context (truncation: auto)",
+            registry=r,
+        )
+        self.retention_deleted = Counter(
+            "tollgate_gateway_retention_deleted",
+            "Conversations and stored responses deleted by the retention sweep",
+            ["kind"],
+            registry=r,
+        )
         for collector in collectors:
             r.register(collector)
         self._of_model: dict[str, ModelMetrics] = {}

@@ -64,6 +64,15 @@ class GatewaySettings(CommonSettings):
     # Billing what a worker could not (it died mid-stream, or said it could not record the usage).
     usage_publish_timeout_ms: int = Field(default=5_000, ge=1)  # one UsageRecorded publish to the event log
 
+    # The Responses and Conversations APIs (gateway.responses, gateway.conversations, gateway.safety).
+
+    # a change of a tenant's retention or safety policy applies within this
+    policy_cache_ttl_ms: int = Field(default=5_000, ge=0)
+    retention_sweep_interval_ms: int = Field(default=60_000, ge=1)  # how often expired stored text is deleted
+    retention_sweep_batch_max: int = Field(default=1_000, ge=1)  # rows of each kind one sweep deletes
+    # streamed output held back for the safety check (a finding up to this long is always caught)
+    safety_output_holdback_chars: int = Field(default=64, ge=0)
+
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
         # The production start-up check: the mounted admin API is never served without a usable token.

@@ -25,7 +25,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.admin import commands, queries
+from gateway.admin import commands, policies, queries
 from gateway.admin.deps import (
     RUNTIME_STATE,
     AdminRuntime,
@@ -220,4 +220,5 @@ def build_admin_router(
 
     mounted = APIRouter(dependencies=[Depends(bind_runtime)])
     mounted.include_router(router)
+    mounted.include_router(policies.router)  # tenants' retention and safety policies (issue 19)
     return mounted
