@@ -3,14 +3,17 @@
 `Engine` is synchronous and owns the model, the KV cache and the scheduler. `add_request` and
 `abort_request` may be called from any thread (they take the engine's lock); `step()` is called by one
 thread at a time (the serving loop in `inference.engine_loop`, or a test). A cancel is applied at the
-start and at the end of the next step, so its slot and cache are free for the step after.
+start and at the end of the next step, so its KV blocks are free for the step after. The KV cache is
+paged (`inference.paged_attention`, `inference.kv_cache_manager`): a request holds the blocks its tokens
+need, starts from the longest cached prefix of its prompt, and is preempted and recomputed when memory
+runs out (`inference.scheduler`).
 
 No request can take the engine down with it: `add_request` checks everything (and builds the torch
 generator) before anything is scheduled, so a refused request leaves nothing behind. In `step()`, a
 failure in one request's own work (choosing its token, detokenizing, building its output) finishes
 that request with FinishReason.ERROR and its error; the batch goes on. A failure of the batched
 forward pass, which no single request can be blamed for, finishes every request of that step with
-ERROR and frees their slots, and the engine serves the next step.
+ERROR and frees their blocks, and the engine serves the next step.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 
 from inference.checkpoint import CausalLM, load_model
 from inference.detokenizer import IncrementalDetokenizer
-from inference.model import KVCache, PackedBatch
+from inference.kv_cache_manager import KVCacheManager
+from inference.paged_attention import PagedBatch, PagedKVCache
 from inference.queue_policy import create_waiting_queue
 from inference.request import (
     LOGIT_BIAS_ENTRIES_MAX,
@@ -85,11 +89,12 @@ class RequestOutput:
     token_id: int | None  # the new token, None when the step only finished the request
     text: str  # newly final text (may be empty even with a token: held back or past a stop)
     finish_reason: FinishReason | None  # set on the request's last output
-    prompt_tokens: int  # prompt tokens processed so far
+    prompt_tokens: int  # prompt tokens processed so far (cached ones included; a recomputed one once)
     completion_tokens: int  # completion tokens produced so far
     logprob: TokenLogprob | None = None  # the new token's, when logprobs were asked
     top_logprobs: tuple[TokenLogprob, ...] = ()  # most likely first, when top_logprobs > 0
     error: str | None = None  # why, when finish_reason is ERROR
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -103,6 +108,8 @@ class StepStats:
     generated_tokens: int
     waiting: int
     running: int
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use after the step (0..1)
+    preempted: int = 0  # requests preempted by the step
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -141,16 +148,24 @@ class Engine:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.tokenizer = tokenizer
         self.settings = settings
-        self.cache = KVCache(
-            model.config, settings.running_sequences_max, settings.context_tokens_max, self.device, self.dtype
+        self.cache = PagedKVCache(
+            model.config,
+            settings.kv_cache_block_count,
+            settings.kv_block_tokens,
+            settings.context_tokens_max,
+            self.device,
+            self.dtype,
         )
         self.scheduler = Scheduler(
             waiting=create_waiting_queue(settings.queue_policy, settings.aging_ms_per_tier_level),
-            cache=self.cache,
+            kv=KVCacheManager(
+                settings.kv_cache_block_count, settings.kv_block_tokens, settings.prefix_caching
+            ),
             running_sequences_max=settings.running_sequences_max,
             step_tokens_max=settings.step_tokens_max,
             prefill_chunk_tokens_max=settings.prefill_chunk_tokens_max,
             waiting_queue_depth_max=settings.waiting_queue_depth_max,
+            context_tokens_max=settings.context_tokens_max,
             eos_token_id=model.config.eos_token_id,
         )
         self._clock_ms = clock_ms or (lambda: time.monotonic_ns() // 1_000_000)
@@ -160,6 +175,7 @@ class Engine:
         self._generators: dict[str, torch.Generator] = {}
         self._arrivals = 0
         self.last_step_stats = StepStats(0, 0, 0, 0, 0)
+        self.computed_tokens_total = 0  # tokens fed through the model since start (cached ones are not)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path, settings: EngineSettings) -> Engine:
@@ -251,17 +267,21 @@ class Engine:
                 generated_tokens=len(executed.sampled),
                 waiting=len(self.scheduler.waiting),
                 running=len(self.scheduler.running),
+                kv_cache_usage=self.scheduler.kv_cache_usage(),
+                preempted=len(scheduler_output.preempted),
             )
+            self.computed_tokens_total += scheduler_output.total_num_scheduled_tokens
         return outputs
 
     @torch.inference_mode()
     def _execute(self, scheduler_output: SchedulerOutput) -> _Executed:
         chunks = scheduler_output.chunks
         try:
-            batch = PackedBatch.build(
-                slots=[chunk.request.slot for chunk in chunks],
+            batch = PagedBatch.build(
+                block_tables=[self.scheduler.kv.block_table(chunk.request.request_id) for chunk in chunks],
                 starts=[chunk.start for chunk in chunks],
                 chunks=[chunk.token_ids for chunk in chunks],
+                block_tokens=self.cache.block_tokens,
                 device=self.device,
                 dtype=self.dtype,
             )
@@ -323,7 +343,7 @@ class Engine:
             message = f"building the output failed: {type(error).__name__}: {error}"
             if request.finish_reason is None:
                 self.scheduler.finish_requests([request.request_id], FinishReason.ERROR, message)
-            else:  # already finished (and its slot freed) by this token
+            else:  # already finished (and its blocks freed) by this token
                 request.finish_reason, request.error = FinishReason.ERROR, message
             return self._output(request, sampled=None, text="")
 
@@ -354,6 +374,7 @@ class Engine:
             logprob=logprob,
             top_logprobs=top_logprobs,
             error=request.error,
+            cached_prompt_tokens=request.cached_prompt_tokens,
         )
 
     def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:

@@ -1,9 +1,9 @@
 """A Llama-layout decoder (RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention).
 
 It loads Hugging Face Llama checkpoints (`model_type: "llama"`: config.json + model.safetensors with
-names like `model.layers.0.self_attn.q_proj.weight`) and serves through the same packed, slot-addressed
-KV cache as the GPT-2 layout (`inference.model.packed_attention`). Rotary scaling variants
-(`rope_scaling`) are refused rather than silently computed wrong.
+names like `model.layers.0.self_attn.q_proj.weight`) and serves through the same packed batches as the
+GPT-2 layout: the paged KV cache (`inference.paged_attention`) or the slot cache (`inference.model`).
+Rotary scaling variants (`rope_scaling`) are refused rather than silently computed wrong.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from inference.model import CONFIG_FILE_NAME, WEIGHTS_FILE_NAME, KVCache, PackedBatch, packed_attention
+from inference.model import CONFIG_FILE_NAME, WEIGHTS_FILE_NAME, KVCache, PackedBatch
 
 
 @dataclass
@@ -92,8 +92,7 @@ def rotary_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for absolute positions (...,) -> (..., hs), halves repeated (the rotate-half
     convention)."""
-    
-    
+
     wide = torch.float64 if dtype == torch.float64 else torch.float32  # angles in at least fp32, as HF does
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_size, 2, device=positions.device, dtype=wide) / head_size)
@@ -141,7 +140,7 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(N, self.n_head, self.head_size), cos, sin)  # (N, nh, hs)
         k = apply_rotary(self.k_proj(x).view(N, self.n_kv_head, self.head_size), cos, sin)  # (N, nkv, hs)
         v = self.v_proj(x).view(N, self.n_kv_head, self.head_size)  # (N, nkv, hs)
-        y = packed_attention(q, k, v, batch, cache, layer)  # (N, nh, hs)
+        y = batch.attend(q, k, v, cache, layer)  # (N, nh, hs)
         return self.o_proj(y.reshape(N, C))
 
 

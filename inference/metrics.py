@@ -84,6 +84,16 @@ class WorkerMetrics:
             "tollgate_worker_kv_cache_bytes", "Preallocated KV cache", registry=self.registry
         )
         self.kv_cache_bytes.set(kv_cache_bytes)
+        self.kv_cache_usage_perc = Gauge(
+            "tollgate_worker_kv_cache_usage_perc",
+            "Fraction of paged KV cache blocks in use, 0..1 (vLLM's kv_cache_usage_perc)",
+            registry=self.registry,
+        )
+        self.preemptions = Counter(
+            "tollgate_worker_preemptions",
+            "Running requests preempted for lack of KV blocks (recomputed later, never billed twice)",
+            registry=self.registry,
+        )
         self._lock = threading.Lock()
         self._recent_tokens: deque[tuple[float, int]] = deque()  # (monotonic s, tokens) of recent steps
         self._window_tokens = 0  # sum of the tokens in _recent_tokens
@@ -91,6 +101,8 @@ class WorkerMetrics:
     def observe_step(self, stats: StepStats) -> None:
         self.waiting.set(stats.waiting)
         self.running.set(stats.running)
+        self.kv_cache_usage_perc.set(stats.kv_cache_usage)
+        self.preemptions.inc(stats.preempted)
         if stats.scheduled_sequences:
             self.batch_size.observe(stats.scheduled_sequences)
             self.batch_tokens.observe(stats.scheduled_tokens)

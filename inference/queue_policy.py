@@ -26,6 +26,14 @@ class WaitingQueue(ABC):
     def pop(self) -> Request: ...
 
     @abstractmethod
+    def requeue(self, request: Request) -> None:
+        """Put back a request that was popped (or preempted) ahead of those that came after it."""
+
+    @abstractmethod
+    def preemption_key(self, request: Request) -> tuple[int, ...]:
+        """The running request with the largest key is preempted first: the lowest priority, most recent."""
+
+    @abstractmethod
     def remove(self, request_ids: set[str]) -> list[Request]:
         """Take out the named requests (those present); returns them."""
 
@@ -46,6 +54,12 @@ class FcfsQueue(WaitingQueue):
     def pop(self) -> Request:
         assert self._requests, "pop() on an empty queue"
         return self._requests.popleft()
+
+    def requeue(self, request: Request) -> None:
+        self._requests.appendleft(request)
+
+    def preemption_key(self, request: Request) -> tuple[int, ...]:
+        return (request.arrival_index,)
 
     def remove(self, request_ids: set[str]) -> list[Request]:
         removed = [r for r in self._requests if r.request_id in request_ids]
@@ -78,6 +92,12 @@ class PriorityAgingQueue(WaitingQueue):
     def pop(self) -> Request:
         assert self._heap, "pop() on an empty queue"
         return heapq.heappop(self._heap)[2]
+
+    def requeue(self, request: Request) -> None:
+        self.add(request)  # its key is static: it goes back to its place
+
+    def preemption_key(self, request: Request) -> tuple[int, ...]:
+        return self.sort_key(request)
 
     def remove(self, request_ids: set[str]) -> list[Request]:
         removed = [entry[2] for entry in self._heap if entry[2].request_id in request_ids]

@@ -88,8 +88,12 @@ class Request:
     arrival_ms: int  # monotonic milliseconds when it was added
     arrival_index: int  # tie-breaker: order of arrival
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
-    slot: int | None = None
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the cache (0 again after preemption)
+    # The most tokens ever computed: a preempted request recomputes its tokens, but they are billed once.
+    num_computed_tokens_max: int = 0
+    # Prompt tokens served from the prefix cache at its first admission (not computed for this request).
+    num_cached_prompt_tokens: int = 0
+    preemptions: int = 0  # times its blocks were taken back to make room (it was recomputed)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None  # why, when finish_reason is ERROR
@@ -104,8 +108,17 @@ class Request:
 
     @property
     def prompt_tokens_processed(self) -> int:
-        """Prompt tokens that went through the model (fewer than the prompt if cancelled mid-prefill)."""
-        return min(self.num_computed_tokens, self.num_prompt_tokens)
+        """Prompt tokens processed, cached ones included (fewer than the prompt if cancelled mid-prefill);
+        a prompt recomputed after preemption counts once."""
+        return min(max(self.num_computed_tokens, self.num_computed_tokens_max), self.num_prompt_tokens)
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """Of `prompt_tokens_processed`, those served from the prefix cache."""
+        return min(self.num_cached_prompt_tokens, self.prompt_tokens_processed)
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def completion_tokens(self) -> int:

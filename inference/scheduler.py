@@ -1,21 +1,31 @@
-"""Continuous batching in the shape of vLLM v1's scheduler.
+"""Continuous batching in the shape of vLLM v1's scheduler, over a paged KV cache.
 
 State lives in three containers: `requests` (every unfinished request by id), `waiting` (a queue
 policy) and `running` (a list, in admission order). Each `schedule()` hands out a token budget:
 running decodes first (one token each; the budget always covers them), then running prompts still in
 prefill (their next chunk, at most `prefill_chunk_tokens_max`), then waiting requests are admitted while
-there is budget, a running
-place and a free KV cache slot. A long prompt therefore advances chunk by chunk while the others keep
-decoding. `update_from_output` applies the sampled tokens and finishes requests that reached
-max_tokens or the end-of-text token (and, with ERROR, those whose token could not be chosen);
-`finish_requests` removes requests (cancel, stop string, a failure) and frees their cache slot at once.
+there is budget, a running place and free KV blocks for their first chunk. A long prompt therefore
+advances chunk by chunk while the others keep decoding.
+
+Memory: each scheduled chunk takes the KV blocks its tokens need (`inference.kv_cache_manager`). A
+request admitted for the first time starts from the longest cached prefix of its prompt (those tokens
+are not computed again, and are reported as cached prompt tokens). When a running request's next step
+finds no free block, the scheduler preempts the running request of lowest priority, most recent first
+(the waiting queue's `preemption_key`): its blocks are freed and it goes back to the waiting queue, to
+be recomputed from its prompt and the tokens it already generated (vLLM v1's recompute preemption). A
+running request is never failed for lack of memory: the pool holds at least one whole context.
+
+`update_from_output` applies the sampled tokens, registers newly full blocks in the prefix cache, and
+finishes requests that reached max_tokens or the end-of-text token (and, with ERROR, those whose token
+could not be chosen); `finish_requests` removes requests (cancel, stop string, a failure) and frees
+their blocks at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inference.model import KVCache
+from inference.kv_cache_manager import KVCacheManager
 from inference.queue_policy import WaitingQueue
 from inference.request import FinishReason, Request, RequestStatus, WaitingQueueFull
 
@@ -36,37 +46,43 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     total_num_scheduled_tokens: int
+    preempted: list[str]  # request ids preempted by this step (back in the waiting queue)
 
 
 class Scheduler:
     def __init__(
         self,
         waiting: WaitingQueue,
-        cache: KVCache,
+        kv: KVCacheManager,
         running_sequences_max: int,
         step_tokens_max: int,
         prefill_chunk_tokens_max: int,
         waiting_queue_depth_max: int,
+        context_tokens_max: int,
         eos_token_id: int | None,
     ) -> None:
-        assert running_sequences_max <= cache.slot_count, "each running sequence needs its own cache slot"
+        assert kv.tokens_total >= context_tokens_max, (
+            "the KV pool must hold one whole context, so a request alone always fits"
+        )
         assert step_tokens_max >= running_sequences_max, (
             "the budget must cover one decode token per running sequence"
         )
         self.requests: dict[str, Request] = {}
         self.waiting = waiting
         self.running: list[Request] = []
-        self.cache = cache
+        self.kv = kv
         self.running_sequences_max = running_sequences_max
         self.step_tokens_max = step_tokens_max
         self.prefill_chunk_tokens_max = prefill_chunk_tokens_max
         self.waiting_queue_depth_max = waiting_queue_depth_max
+        self.context_tokens_max = context_tokens_max
         self.eos_token_id = eos_token_id
+        self.preemptions_total = 0
 
     def add_request(self, request: Request) -> None:
         assert request.request_id not in self.requests, f"request {request.request_id} added twice"
-        assert request.num_prompt_tokens + request.sampling.max_tokens <= self.cache.context_tokens_max, (
-            "request exceeds the cache context; the engine validates this before adding"
+        assert request.num_prompt_tokens + request.sampling.max_tokens <= self.context_tokens_max, (
+            "request exceeds the context; the engine validates this before adding"
         )
         if len(self.waiting) >= self.waiting_queue_depth_max:
             raise WaitingQueueFull(f"waiting queue is full ({self.waiting_queue_depth_max} requests)")
@@ -76,47 +92,84 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def kv_cache_usage(self) -> float:
+        """The fraction of KV blocks in use (vLLM's kv_cache_usage_perc, as 0..1)."""
+        return self.kv.usage()
+
     def schedule(self) -> SchedulerOutput:
-        token_budget = self.step_tokens_max
-        chunks: list[ScheduledChunk] = []
+        budget = _Budget(self.step_tokens_max)
+        chunks: dict[str, ScheduledChunk] = {}
+        preempted: list[str] = []
         # Decodes first: the budget covers one token per running sequence, so no prefill can stall them.
         decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         for request in decoding + prefilling:
-            if token_budget == 0:
+            if budget.left == 0:
                 break
-            chunk = self._next_chunk(request, token_budget)
-            chunks.append(chunk)
-            token_budget -= len(chunk.token_ids)
+            if request.status is RequestStatus.RUNNING:
+                self._schedule_running(request, budget, chunks, preempted)
+        if not preempted:  # as vLLM: no admission in a step that had to preempt
+            self._admit(budget, chunks)
 
-        while (
-            self.waiting
-            and token_budget > 0
-            and len(self.running) < self.running_sequences_max
-            and self.cache.free_slot_count > 0
-        ):
-            request = self.waiting.pop()
-            request.slot = self.cache.allocate()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            chunk = self._next_chunk(request, token_budget)
-            chunks.append(chunk)
-            token_budget -= len(chunk.token_ids)
-
-        total = sum(len(chunk.token_ids) for chunk in chunks)
-        assert total == self.step_tokens_max - token_budget, "budget accounting drifted"
+        scheduled = list(chunks.values())
+        total = sum(len(chunk.token_ids) for chunk in scheduled)
+        assert total == self.step_tokens_max - budget.left, "budget accounting drifted"
         assert total <= self.step_tokens_max, (
             f"scheduled {total} tokens over the budget {self.step_tokens_max}"
         )
         assert len(self.running) <= self.running_sequences_max, "too many running sequences"
-        assert len({chunk.request.slot for chunk in chunks}) == len(chunks), "two chunks share a cache slot"
-        return SchedulerOutput(chunks=chunks, total_num_scheduled_tokens=total)
+        assert all(chunk.request.status is RequestStatus.RUNNING for chunk in scheduled), "scheduled a waiter"
+        return SchedulerOutput(chunks=scheduled, total_num_scheduled_tokens=total, preempted=preempted)
 
-    def _next_chunk(self, request: Request, token_budget: int) -> ScheduledChunk:
-        pending = request.num_tokens - request.num_computed_tokens
-        assert pending > 0, f"running request {request.request_id} has nothing to compute"
-        count = min(pending, token_budget, self.prefill_chunk_tokens_max)
-        start = request.num_computed_tokens
+    def _schedule_running(
+        self, request: Request, budget: _Budget, chunks: dict[str, ScheduledChunk], preempted: list[str]
+    ) -> None:
+        count = self._chunk_tokens(request, request.num_computed_tokens, budget.left)
+        while not self.kv.allocate(request, count):
+            victim = max(self.running, key=self.waiting.preemption_key)
+            budget.left += self._preempt(victim, chunks)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return
+        chunks[request.request_id] = self._chunk(request, request.num_computed_tokens, count)
+        budget.left -= count
+
+    def _admit(self, budget: _Budget, chunks: dict[str, ScheduledChunk]) -> None:
+        while self.waiting and budget.left > 0 and len(self.running) < self.running_sequences_max:
+            request = self.waiting.pop()
+            prefix = self.kv.cached_prefix(request)
+            computed = prefix.block_count * self.kv.block_tokens
+            count = self._chunk_tokens(request, computed, budget.left)
+            if not self.kv.allocate(request, count, prefix):
+                self.waiting.requeue(request)  # not enough free blocks for its first chunk: wait
+                return
+            request.num_computed_tokens = computed
+            if request.preemptions == 0:  # a recomputed prompt was billed in full the first time
+                request.num_cached_prompt_tokens = min(computed, request.num_prompt_tokens)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks[request.request_id] = self._chunk(request, computed, count)
+            budget.left -= count
+
+    def _preempt(self, victim: Request, chunks: dict[str, ScheduledChunk]) -> int:
+        """Free the victim's blocks and requeue it; returns the tokens it had been given this step."""
+        chunk = chunks.pop(victim.request_id, None)
+        self.kv.free(victim.request_id)
+        self.running.remove(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.WAITING
+        victim.preemptions += 1
+        self.preemptions_total += 1
+        self.waiting.requeue(victim)
+        return 0 if chunk is None else len(chunk.token_ids)
+
+    def _chunk_tokens(self, request: Request, start: int, budget_left: int) -> int:
+        pending = request.num_tokens - start
+        assert pending > 0, f"request {request.request_id} has nothing to compute"
+        return min(pending, budget_left, self.prefill_chunk_tokens_max)
+
+    @staticmethod
+    def _chunk(request: Request, start: int, count: int) -> ScheduledChunk:
         return ScheduledChunk(request=request, start=start, token_ids=request.token_slice(start, count))
 
     def update_from_output(
@@ -128,7 +181,7 @@ class Scheduler:
         """Advance the scheduled requests; returns those that received a new token (finished or not).
 
         `failed` (request id -> why) are requests whose chunk went through the model but whose next
-        token could not be chosen: they finish with ERROR and free their slot; the others go on.
+        token could not be chosen: they finish with ERROR and free their blocks; the others go on.
         """
         failed = failed or {}
         advanced = []
@@ -136,8 +189,12 @@ class Scheduler:
         for chunk in output.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:
-                continue  # finished while the step ran (cancelled); its slot is already free
+                continue  # finished while the step ran (cancelled); its blocks are already free
             request.num_computed_tokens += len(chunk.token_ids)
+            request.num_computed_tokens_max = max(
+                request.num_computed_tokens_max, request.num_computed_tokens
+            )
+            self.kv.commit_computed(request)
             if request.request_id in failed:
                 request.finish_reason = FinishReason.ERROR
                 request.error = failed[request.request_id]
@@ -161,7 +218,7 @@ class Scheduler:
     def finish_requests(
         self, request_ids: list[str], reason: FinishReason, error: str | None = None
     ) -> list[Request]:
-        """Finish unfinished requests (unknown or finished ids are ignored); frees their slots now."""
+        """Finish unfinished requests (unknown or finished ids are ignored); frees their blocks now."""
         assert (reason is FinishReason.ERROR) == (error is not None), "an error, and only an error, says why"
         finishing = [self.requests[rid] for rid in request_ids if rid in self.requests]
         for request in finishing:
@@ -175,12 +232,15 @@ class Scheduler:
             return
         ids = set(request_ids)
         self.waiting.remove(ids)
-        for request in self.running:
-            if request.request_id in ids:
-                self.cache.release(request.slot)
-                request.slot = None
+        for request_id in ids:
+            self.kv.free(request_id)
         self.running = [request for request in self.running if request.request_id not in ids]
         for request_id in ids:
             request = self.requests.pop(request_id)
             request.status = RequestStatus.FINISHED
             assert request.finish_reason is not None, f"request {request_id} finished without a reason"
+
+
+@dataclass
+class _Budget:
+    left: int  # tokens still to hand out this step

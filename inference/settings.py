@@ -29,12 +29,16 @@ class EngineSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     # auto: fp16 on cuda, fp32 on cpu
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
-    running_sequences_max: int = Field(default=32, ge=1)  # also the number of KV cache slots
+    running_sequences_max: int = Field(default=128, ge=1)  # sequences in the running batch
     step_tokens_max: int = Field(default=512, ge=1)  # token budget of one engine step
     # longest prompt chunk one sequence feeds per step
     prefill_chunk_tokens_max: int = Field(default=256, ge=1)
-    # prompt + completion tokens per sequence (cache slot size)
+    # prompt + completion tokens per sequence
     context_tokens_max: int = Field(default=512, ge=2)
+    kv_block_tokens: int = Field(default=16, ge=1)  # tokens per paged KV cache block
+    # KV cache size in tokens (rounded down to whole blocks); at least one whole context
+    kv_cache_tokens_max: int = Field(default=16384, ge=2)
+    prefix_caching: bool = True  # reuse the KV blocks of a cached prompt prefix (billed as cached tokens)
     # beyond this, new requests are refused (overloaded)
     waiting_queue_depth_max: int = Field(default=256, ge=1)
     # waiting-queue order: priority (by tier, with aging) or fcfs
@@ -51,7 +55,13 @@ class EngineSettings(BaseModel):
             raise ValueError("prefill_chunk_tokens_max must not exceed step_tokens_max")
         if self.step_tokens_max < self.running_sequences_max:
             raise ValueError("step_tokens_max must be at least running_sequences_max (one decode token each)")
+        if self.kv_cache_block_count * self.kv_block_tokens < self.context_tokens_max:
+            raise ValueError("kv_cache_tokens_max must hold at least one whole context (context_tokens_max)")
         return self
+
+    @property
+    def kv_cache_block_count(self) -> int:
+        return self.kv_cache_tokens_max // self.kv_block_tokens
 
     # Each tier's queue level: the shared tiers' priority levels (WorkerSettings hands its tiers in with
     # `with_tiers`; an EngineSettings built alone has the default tiers'). Not a field: one definition.

@@ -163,19 +163,19 @@ def test_stop_sequence_ends_the_text_before_it(make_engine):
     assert outputs[-1].completion_tokens == len(completion_token_ids(outputs)) < 40
 
 
-def test_cancel_frees_the_slot_within_one_step(make_engine, tokenizer):
+def test_cancel_frees_the_blocks_within_one_step(make_engine, tokenizer):
     engine = make_engine(running_sequences_max=1)
     engine.add_request(greedy(0, "The", max_tokens=200))
     engine.add_request(greedy(1, "A class", max_tokens=3))
     engine.step()
     engine.step()
-    assert engine.queue_depth() == (1, 1) and engine.cache.free_slot_count == 0
+    assert engine.queue_depth() == (1, 1) and engine.scheduler.kv.holds_blocks("r0")
     engine.abort_request("r0")
     outputs = engine.step()
     cancelled = [output for output in outputs if output.request_id == "r0"]
     assert len(cancelled) == 1 and cancelled[0].finish_reason is FinishReason.CANCELLED
     assert cancelled[0].completion_tokens == 2 and cancelled[0].prompt_tokens == len(tokenizer.encode("The"))
-    # The same step admitted the waiting request into the freed slot.
+    # The same step admitted the waiting request into the freed place.
     assert any(output.request_id == "r1" for output in outputs)
     assert engine.queue_depth() == (0, 1)
     engine.abort_request("r0")  # a second cancel of a finished request changes nothing
@@ -379,10 +379,7 @@ def doomed() -> GenerationRequest:
 def assert_serves_afterwards(engine: Engine) -> None:
     after = run_to_completion(engine, {0: [greedy(7, "The", max_tokens=3), doomed()]})
     assert after["r7"][-1].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
-    assert (
-        engine.cache.free_slot_count == engine.settings.running_sequences_max
-        and not engine.scheduler.requests
-    )
+    assert engine.scheduler.kv.usage() == 0.0 and not engine.scheduler.requests
 
 
 def test_a_failure_choosing_one_requests_token_fails_that_request_only(make_engine, monkeypatch):

@@ -53,7 +53,7 @@ async def test_stop_cancels_work_in_flight_and_reports_each_request_once(default
     await engine_loop.stop()
     assert sorted(output.request_id for output in finished) == [f"r{i}" for i in range(6)]
     assert all(output.finish_reason is FinishReason.CANCELLED for output in finished)
-    assert not engine_loop.engine.has_unfinished_requests() and engine_loop.engine.cache.free_slot_count == 4
+    assert not engine_loop.engine.has_unfinished_requests() and engine_loop.engine.scheduler.kv.usage() == 0.0
 
 
 class EngineThatBreaks(Engine):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from inference.model import GPTConfig, KVCache
+from inference.kv_cache_manager import KVCacheManager
 from inference.queue_policy import FcfsQueue, PriorityAgingQueue, create_waiting_queue
 from inference.request import FinishReason, Request, SamplingParams, WaitingQueueFull
 from inference.scheduler import Scheduler
-
-CONFIG = GPTConfig(vocab_size=64, block_size=256, n_layer=1, n_head=1, n_embd=8)
 
 
 def make_request(
@@ -30,15 +27,25 @@ def make_request(
 make_request.arrivals = 0
 
 
-def make_scheduler(running_max=4, step_tokens_max=16, chunk_max=8, depth_max=8, policy="fcfs") -> Scheduler:
-    cache = KVCache(CONFIG, running_max, 128, torch.device("cpu"), torch.float32)
+def make_scheduler(
+    running_max=4,
+    step_tokens_max=16,
+    chunk_max=8,
+    depth_max=8,
+    policy="fcfs",
+    block_count=128,
+    block_tokens=4,
+    prefix_caching=False,
+    context_max=64,
+) -> Scheduler:
     return Scheduler(
         waiting=create_waiting_queue(policy, aging_ms_per_tier_level=1000),
-        cache=cache,
+        kv=KVCacheManager(block_count, block_tokens, prefix_caching),
         running_sequences_max=running_max,
         step_tokens_max=step_tokens_max,
         prefill_chunk_tokens_max=chunk_max,
         waiting_queue_depth_max=depth_max,
+        context_tokens_max=context_max,
         eos_token_id=None,
     )
 
@@ -90,7 +97,7 @@ def test_running_sequences_are_capped_and_the_rest_wait():
     output = scheduler.schedule()
     assert [chunk.request.request_id for chunk in output.chunks] == ["r0", "r1"]
     assert len(scheduler.running) == 2 and len(scheduler.waiting) == 3
-    assert scheduler.cache.free_slot_count == 0
+    assert [scheduler.kv.holds_blocks(f"r{i}") for i in range(3)] == [True, True, False]
 
 
 def test_full_waiting_queue_refuses_at_once():
@@ -102,19 +109,19 @@ def test_full_waiting_queue_refuses_at_once():
     assert set(scheduler.requests) == {"a", "b"}
 
 
-def test_finishing_a_running_request_frees_its_slot_for_a_waiting_one():
+def test_finishing_a_running_request_frees_its_blocks_for_a_waiting_one():
     scheduler = make_scheduler(running_max=1)
     scheduler.add_request(make_request("first", prompt_tokens=2))
     scheduler.add_request(make_request("second", prompt_tokens=2))
     scheduler.schedule()
     finished = scheduler.finish_requests(["first"], FinishReason.CANCELLED)
     assert [request.request_id for request in finished] == ["first"]
-    assert finished[0].slot is None and scheduler.cache.free_slot_count == 1
+    assert not scheduler.kv.holds_blocks("first") and scheduler.kv.usage() == 0.0
     output = scheduler.schedule()
     assert [chunk.request.request_id for chunk in output.chunks] == ["second"]
 
 
-def test_a_request_whose_token_failed_finishes_with_error_and_frees_its_slot_the_others_go_on():
+def test_a_request_whose_token_failed_finishes_with_error_and_frees_its_blocks_the_others_go_on():
     scheduler = make_scheduler(running_max=2, step_tokens_max=16, chunk_max=8)
     for request_id in ("ok", "failing", "waiting"):
         scheduler.add_request(make_request(request_id, prompt_tokens=3))
@@ -123,15 +130,11 @@ def test_a_request_whose_token_failed_finishes_with_error_and_frees_its_slot_the
     sampled = {"ok": 2}
     advanced = scheduler.update_from_output(output, sampled, failed={"failing": "sampling failed: boom"})
     assert [request.request_id for request in advanced] == ["ok"]
-    assert (failing.finish_reason, failing.error, failing.slot) == (
-        FinishReason.ERROR,
-        "sampling failed: boom",
-        None,
-    )
+    assert (failing.finish_reason, failing.error) == (FinishReason.ERROR, "sampling failed: boom")
     assert (
         failing.num_computed_tokens == 3 and failing.completion_tokens == 0
     )  # its prompt went through the model
-    assert set(scheduler.requests) == {"ok", "waiting"} and scheduler.cache.free_slot_count == 1
+    assert set(scheduler.requests) == {"ok", "waiting"} and not scheduler.kv.holds_blocks("failing")
     admitted = scheduler.schedule()
     assert {chunk.request.request_id for chunk in admitted.chunks} == {"ok", "waiting"}
 
@@ -157,7 +160,7 @@ def test_max_tokens_finishes_with_length():
     for _ in range(2):
         output = scheduler.schedule()
         scheduler.update_from_output(output, sample_for_completed(scheduler, output))
-    assert not scheduler.has_unfinished_requests() and scheduler.cache.free_slot_count == 4
+    assert not scheduler.has_unfinished_requests() and scheduler.kv.usage() == 0.0
 
 
 def test_fcfs_keeps_arrival_order_whatever_the_tier():
@@ -178,8 +181,7 @@ def test_priority_serves_a_higher_tier_first():
 def test_aging_lets_a_low_tier_through_a_steady_stream_of_high_tier_arrivals():
     """A free request (3 levels down, 1000 ms per level) waits behind enterprise arrivals for 3 s, no
     longer."""
-    
-    
+
     queue = PriorityAgingQueue(aging_ms_per_tier_level=1000)
     queue.add(make_request("free", 1, tier_level=3, arrival_ms=0))
     served_before_free = []

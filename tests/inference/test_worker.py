@@ -84,7 +84,13 @@ def serve(
 ) -> Iterator[tuple[httpx.Client, RecordingUsage]]:
     engine_settings = EngineSettings(
         **(
-            {"device": "cpu", "torch_threads": 0, "step_tokens_max": 64, "prefill_chunk_tokens_max": 32}
+            {
+                "device": "cpu",
+                "torch_threads": 0,
+                "running_sequences_max": 32,
+                "step_tokens_max": 64,
+                "prefill_chunk_tokens_max": 32,
+            }
             | engine_overrides
         )
     )

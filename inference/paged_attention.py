@@ -1,0 +1,220 @@
+"""The paged KV cache's memory, and attention that reads it through each sequence's block table.
+
+`PagedKVCache` holds keys and values for `block_count` blocks of `block_tokens` tokens each, per layer,
+stored flat as (L, block_count * block_tokens, nkv, hs): token `p` of a sequence whose block table is
+`table` lives at row `table[p // block_tokens] * block_tokens + p % block_tokens`. A step writes its new
+keys and values at their rows in one indexed store, then gathers each sequence's rows (in position
+order) and calls `scaled_dot_product_attention` on them: plain PyTorch, the same code on CPU and CUDA.
+Decodes (one new token each) attend in one batched call over their gathered keys, padded to the longest
+context and masked; prefill chunks attend one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from inference.model import ModelConfig, additive_mask, offset_causal_mask
+
+
+class PagedKVCache:
+    """Preallocated keys and values of `block_count` blocks; memory is fixed and reported by `bytes_total`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        block_count: int,
+        block_tokens: int,
+        context_tokens_max: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        assert block_count > 0 and block_tokens > 0, "a cache needs blocks of at least one token"
+        assert 0 < context_tokens_max <= config.block_size, (
+            f"context_tokens_max {context_tokens_max} must be in 1..block_size {config.block_size}"
+        )
+        shape = (config.n_layer, block_count * block_tokens, config.kv_head_count, config.head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, rows, nkv, hs)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, rows, nkv, hs)
+        self.block_count = block_count
+        self.block_tokens = block_tokens
+        self.context_tokens_max = context_tokens_max
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        element_bytes = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.n_layer * config.kv_head_count * config.head_size * element_bytes  # keys + values
+
+    @property
+    def bytes_total(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class PagedDecodes:
+    """The sequences of a step that feed exactly one token, attended in one call."""
+
+    token_rows: torch.Tensor | None  # (D,) packed rows of the decode tokens; None: all N rows, in order
+    key_rows: torch.Tensor  # (D, Tk) cache rows of each sequence's keys in position order, padded
+    visible: torch.Tensor  # (D, 1, 1, Tk) additive mask (0 / -inf) hiding the padding
+
+
+@dataclass
+class PagedPrefill:
+    """A sequence feeding several tokens at positions start..start+length-1."""
+
+    rows: slice
+    key_rows: torch.Tensor  # (start+length,) cache rows of its keys in position order
+    visible: torch.Tensor | None  # (length, start+length) additive mask; None: start == 0, plain causal
+
+
+@dataclass
+class PagedBatch:
+    """The new tokens of one engine step, for several sequences, packed into one row of N tokens.
+
+    Field for field what the models' `forward_packed` reads from a `PackedBatch`, with block-table
+    addressing in place of slots; built once per step and shared by every layer.
+    """
+
+    token_ids: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (N,) long, absolute position of each token in its sequence
+    write_rows: torch.Tensor  # (N,) long, the cache row each new key/value is stored at
+    last_token_rows: torch.Tensor  # (S,) long, packed index of each sequence's last new token
+    position_max: int  # the furthest cache position written this step
+    decode: PagedDecodes | None
+    prefills: list[PagedPrefill]
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        starts: list[int],
+        chunks: list[list[int]],
+        block_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> PagedBatch:
+        assert len(block_tables) == len(starts) == len(chunks) > 0, "one table, start and chunk per sequence"
+        assert all(len(chunk) > 0 for chunk in chunks), "every sequence feeds at least one token"
+        lengths = [len(chunk) for chunk in chunks]
+        key_rows = [  # every cache row each sequence reads this step, in position order
+            _rows(table, start + length, block_tokens)
+            for table, start, length in zip(block_tables, starts, lengths, strict=True)
+        ]
+        offsets, total = [], 0
+        for length in lengths:
+            offsets.append(total)
+            total += length
+
+        def long_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        prefills = [
+            PagedPrefill(
+                rows=slice(offsets[i], offsets[i] + lengths[i]),
+                key_rows=long_tensor(key_rows[i]),
+                visible=None if starts[i] == 0 else offset_causal_mask(starts[i], lengths[i], device, dtype),
+            )
+            for i in range(len(chunks))
+            if lengths[i] > 1
+        ]
+        decode_indices = [i for i, length in enumerate(lengths) if length == 1]
+        return cls(
+            token_ids=long_tensor([token for chunk in chunks for token in chunk]),
+            positions=long_tensor([s + i for s, n in zip(starts, lengths, strict=True) for i in range(n)]),
+            write_rows=long_tensor(
+                [row for rows, s in zip(key_rows, starts, strict=True) for row in rows[s:]]
+            ),
+            last_token_rows=long_tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)]),
+            position_max=max(s + n - 1 for s, n in zip(starts, lengths, strict=True)),
+            decode=_decodes(decode_indices, key_rows, offsets, total, device, dtype)
+            if decode_indices
+            else None,
+            prefills=prefills,
+        )
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layer: int
+    ) -> torch.Tensor:
+        return paged_attention(q, k, v, self, cache, layer)
+
+
+def _rows(table: list[int], token_count: int, block_tokens: int) -> list[int]:
+    assert len(table) * block_tokens >= token_count, "the block table does not cover the sequence"
+    return [table[p // block_tokens] * block_tokens + p % block_tokens for p in range(token_count)]
+
+
+def _decodes(
+    indices: list[int],
+    key_rows: list[list[int]],
+    offsets: list[int],
+    total: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> PagedDecodes:
+    context_max = max(len(key_rows[i]) for i in indices)
+    padded = [key_rows[i] + [0] * (context_max - len(key_rows[i])) for i in indices]  # row 0: masked out
+    lengths = torch.tensor([len(key_rows[i]) for i in indices], dtype=torch.long, device=device)
+    key_positions = torch.arange(context_max, device=device)
+    visible = additive_mask(key_positions.unsqueeze(0) < lengths.unsqueeze(1), dtype)[:, None, None, :]
+    token_rows = [offsets[i] for i in indices]
+    return PagedDecodes(
+        token_rows=None if token_rows == list(range(total)) else torch.tensor(token_rows, device=device),
+        key_rows=torch.tensor(padded, dtype=torch.long, device=device),
+        visible=visible,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, cache: PagedKVCache, layer: int
+) -> torch.Tensor:
+    """Store the step's keys/values at their rows, then attend. q: (N, nh, hs); k, v: (N, nkv, hs).
+
+    With fewer key/value heads than query heads (grouped-query attention), each group of query heads
+    shares one cached head.
+    """
+    layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (rows, nkv, hs)
+    layer_keys[batch.write_rows] = k.to(layer_keys.dtype)
+    layer_values[batch.write_rows] = v.to(layer_values.dtype)
+    grouped = q.size(1) != k.size(1)
+    decode = batch.decode
+    if decode is not None and decode.token_rows is None:
+        return _attend_decodes(q, decode, layer_keys, layer_values, grouped)  # every token is a decode
+    y = torch.empty_like(q)  # (N, nh, hs)
+    if decode is not None:
+        y[decode.token_rows] = _attend_decodes(
+            q[decode.token_rows], decode, layer_keys, layer_values, grouped
+        )
+    for chunk in batch.prefills:
+        y[chunk.rows] = _attend_chunk(q[chunk.rows], chunk, layer_keys, layer_values, grouped)
+    return y
+
+
+def _attend_decodes(
+    q: torch.Tensor, decode: PagedDecodes, layer_keys: torch.Tensor, layer_values: torch.Tensor, grouped: bool
+) -> torch.Tensor:
+    """One new token per sequence (q: (D, nh, hs)), every sequence in one call over its gathered keys."""
+    keys = layer_keys[decode.key_rows].transpose(1, 2)  # (D, nkv, Tk, hs)
+    values = layer_values[decode.key_rows].transpose(1, 2)  # (D, nkv, Tk, hs)
+    y = F.scaled_dot_product_attention(
+        q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=decode.visible, enable_gqa=grouped
+    ).squeeze(2)  # (D, nh, hs)
+    return y.to(q.dtype)
+
+
+def _attend_chunk(
+    q: torch.Tensor, chunk: PagedPrefill, layer_keys: torch.Tensor, layer_values: torch.Tensor, grouped: bool
+) -> torch.Tensor:
+    """A chunk of T tokens at positions start..start+T-1 attends to its sequence up to itself."""
+    q_chunk = q.transpose(0, 1).unsqueeze(0).to(layer_keys.dtype)  # (1, nh, T, hs)
+    keys = layer_keys[chunk.key_rows].transpose(0, 1).unsqueeze(0)  # (1, nkv, Tk, hs)
+    values = layer_values[chunk.key_rows].transpose(0, 1).unsqueeze(0)  # (1, nkv, Tk, hs)
+    if chunk.visible is None:
+        # Fast path: the chunk is the whole context, so the plain causal kernel applies.
+        y = F.scaled_dot_product_attention(q_chunk, keys, values, is_causal=True, enable_gqa=grouped)
+    else:
+        # is_causal aligns the mask top-left, but our queries sit at the end of the keys.
+        y = F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=chunk.visible, enable_gqa=grouped)
+    return y.squeeze(0).transpose(0, 1).to(q.dtype)  # (T, nh, hs)
