@@ -196,7 +196,7 @@ def check_input(
 ) -> tuple[list[dict], str | None]:
     """The input after the tenant's input check: a 400 when it blocks, the findings redacted when it
     redacts."""
-    if scanner is None:
+    if scanner is None or scanner.policy.input_action == "none":
         return items, instructions
     action = scanner.policy.input_action
     texts = [item_text(item) for item in items] + ([instructions] if instructions else [])
@@ -402,7 +402,8 @@ class ResponsesService:
             include_usage=False,
         )
         generation = await self.completions._start(tenant, prepared, request_id, started_ms)
-        guard = OutputGuard(scanner, self.settings.safety_output_holdback_chars) if scanner else None
+        checks_output = scanner is not None and scanner.policy.output_action != "none"
+        guard = OutputGuard(scanner, self.settings.safety_output_holdback_chars) if checks_output else None
         answer = Answer(
             response_id=f"resp_{request_id}",
             item_id=new_id("msg"),

@@ -10,9 +10,11 @@ find and what to do:
                       (the ISO 13616 mod-97 check): a digit run or code that fails its check is no finding
     input_action      "block": the request is refused (400 `content_policy_violation`) before anything is
                       admitted or generated, so nothing is billed; "redact": each finding is replaced by
-                      `[REDACTED:<reason>]` in what the model is sent (and in what is stored)
+                      `[REDACTED:<reason>]` in what the model is sent (and in what is stored); "none":
+                      the input is not checked
     output_action     "redact": findings in the generated text are replaced as it streams; "stop": the
-                      generation ends at the first finding (the tenant pays for the tokens produced)
+                      generation ends at the first finding (the tenant pays for the tokens produced);
+                      "none": the output is not checked
 
 Output is checked as it streams by `OutputGuard`: it holds back the last `holdback_chars` characters of
 what the model produced (a finding may still grow there) and releases the rest, redacted. A finding no
@@ -57,8 +59,8 @@ class SafetyPolicy(BaseModel):
     blocked_terms: list[str] = Field(default_factory=list, max_length=TERMS_MAX)
     blocked_patterns: list[str] = Field(default_factory=list, max_length=PATTERNS_MAX)
     pii: list[Literal["email", "phone", "card", "iban"]] = Field(default_factory=list)
-    input_action: Literal["block", "redact"] = "block"
-    output_action: Literal["redact", "stop"] = "redact"
+    input_action: Literal["block", "redact", "none"] = "block"
+    output_action: Literal["redact", "stop", "none"] = "redact"
 
     @field_validator("blocked_terms", "blocked_patterns")
     @classmethod
