@@ -230,6 +230,7 @@ class BatchEngine:
                 (topics.entries, output.entries),
                 (topics.balances, output.balances),
                 (topics.dlq, output.dead_letters),
+                (topics.checkpoints, output.checkpoints),
             )
             for record in records
         ]

@@ -73,7 +73,9 @@ class PostgresLog:
         self.topics = LedgerTopics.from_settings(settings)
         self.partitions = settings.topic_partitions
         topics = self.topics
-        self.topic_names = (topics.events, topics.entries, topics.balances, topics.dlq, topics.keys)
+        self.topic_names = (
+            topics.events, topics.entries, topics.balances, topics.dlq, topics.keys, topics.checkpoints
+        )
         self._idle_poll_interval_s = idle_poll_interval_ms / 1000
         self._appended = asyncio.Event()  # replaced on each wake-up: waiting needs no lock
         self._append_counts: dict[str, int] = defaultdict(int)  # wake-ups per topic (marks compare sums)

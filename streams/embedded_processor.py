@@ -112,6 +112,7 @@ class EmbeddedProcessor:
             [OutgoingRecord(topics.entries, r.key, r.value) for r in output.entries]
             + [OutgoingRecord(topics.balances, r.key, r.value) for r in output.balances]
             + [OutgoingRecord(topics.dlq, r.key, r.value) for r in output.dead_letters]
+            + [OutgoingRecord(topics.checkpoints, r.key, r.value) for r in output.checkpoints]
         )
         try:
             async with self.log.engine.begin() as connection:

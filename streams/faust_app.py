@@ -112,6 +112,7 @@ def outgoing_records(topics: LedgerTopics, outputs: list[ProcessorOutput]) -> li
             (topics.entries, output.entries),
             (topics.balances, output.balances),
             (topics.dlq, output.dead_letters),
+            (topics.checkpoints, output.checkpoints),
         )
         for r in records
     ]

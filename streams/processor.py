@@ -38,6 +38,10 @@ applied again); an account record is never applied twice, because it carries the
 it includes. Dead letters of a tenant's records ride in its outbox too; a record that names no tenant
 (undecodable) is dead-lettered again whenever it is redelivered.
 
+The hash chain (`ledger.chain`): a tenant's new entries are linked onto its chain in `_emit`, and a
+signed checkpoint taken when one is due (`streams.audit_checkpoints`, stream time only); both ride in the
+outbox and the chain's head in the same account record, so a republication is the identical chain.
+
 Usage for a tenant without a single grant on this partition is dead-lettered ("unknown tenant"), not
 folded as overage: admission needs credit, so legitimate usage always follows its tenant's first grant
 on the same partition (same key, same partition), and anything else was not admitted by a gateway.
@@ -66,11 +70,13 @@ from typing import Protocol
 import msgspec
 
 from ledger.account import Account
+from ledger.chain import ChainState
 from ledger.codec import decode_input_event
 from ledger.entries import Entry, encode_entry
 from ledger.events import InvalidEvent, UsageRecorded
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.usage_index import InMemoryUsageIndex, UsageIndex, UsageSummary
+from streams.audit_checkpoints import CheckpointPolicy
 from streams.records import BalanceRecord, DeadLetter, LogRecord, partition_for_key
 
 log = logging.getLogger(__name__)
@@ -95,17 +101,20 @@ class Outbox(msgspec.Struct, frozen=True, array_like=True):
     entries: list[bytes]
     dead_letters: list[tuple[bytes, bytes]]  # (key, value)
     balance: bytes | None
+    checkpoints: list[bytes] = []  # signed checkpoint records (ledger.checkpoints), keyed by the tenant id
 
 
 class AccountRecord(msgspec.Struct, frozen=True, array_like=True):
     """An account snapshot with the highest source offset it includes, its stream time (sweeps
-    included) and its outbox (msgpack of `Outbox`, zlib-compressed when `outbox_compressed`)."""
+    included), its outbox (msgpack of `Outbox`, zlib-compressed when `outbox_compressed`) and its hash
+    chain after that outbox (`ledger.chain`; None: no entry yet)."""
 
     applied_offset: int
     stream_time: int
     snapshot: bytes
     outbox: bytes = b""
     outbox_compressed: bool = False
+    chain: ChainState | None = None
 
 
 class SeenRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -122,13 +131,16 @@ class ProcessorOutput:
     entries: list[OutputRecord] = field(default_factory=list)
     balances: list[OutputRecord] = field(default_factory=list)
     dead_letters: list[OutputRecord] = field(default_factory=list)
+    checkpoints: list[OutputRecord] = field(default_factory=list)
     state_writes: list[tuple[bytes, bytes]] = field(default_factory=list)
     applied_events: int = 0
     duplicate_events: int = 0
     republished_outboxes: int = 0  # stored outboxes sent again (a tenant loaded from durable state)
 
     def __bool__(self) -> bool:
-        return bool(self.entries or self.balances or self.dead_letters or self.state_writes)
+        return bool(
+            self.entries or self.balances or self.dead_letters or self.checkpoints or self.state_writes
+        )
 
 
 class StateReader(Protocol):
@@ -224,6 +236,7 @@ class _Tenant:
     applied_offset: int
     stream_time: int
     stored_outbox: Outbox | None = None  # loaded from durable state, not yet sent again by this process
+    chain: ChainState = field(default_factory=ChainState)  # its hash chain, entries of this call included
 
 
 @dataclass
@@ -250,8 +263,11 @@ class LedgerProcessor:
         source_topic: str,
         outbox: bool = True,
         usage_indexes: UsageIndexes | None = None,
+        checkpoints: CheckpointPolicy | None = None,
     ) -> None:
         self._state = state
+        # the chain's checkpoint intervals and signing key (settings TOLLGATE_AUDIT_*)
+        self.checkpoints = checkpoints or CheckpointPolicy.from_settings()
         self._source_topic = source_topic
         self._outbox = outbox
         self._usage_indexes = usage_indexes
@@ -402,23 +418,31 @@ class LedgerProcessor:
         account changed, the account record holding both (the commit point of the tenant's batch)."""
         key = tenant_id.encode()
         carried = batch.carried
+        new_entries, checkpoints = self._link(tenant_id, batch.entries) if batch.entries else ([], [])
         if carried is not None:
             output.republished_outboxes += 1
-            entries = carried.entries + batch.entries if batch.entries else carried.entries
+            entries = carried.entries + new_entries if new_entries else carried.entries
             dead_letters = carried.dead_letters + batch.dead_letters
+            checkpoints = carried.checkpoints + checkpoints if checkpoints else carried.checkpoints
         else:
-            entries, dead_letters = batch.entries, batch.dead_letters
+            entries, dead_letters = new_entries, batch.dead_letters
         if batch.touched:
             tenant = self._tenants[tenant_id]
             balance = self._balance_record(tenant)
-            outbox = Outbox(entries, dead_letters, balance) if self._outbox else None
+            outbox = Outbox(entries, dead_letters, balance, checkpoints) if self._outbox else None
             output.state_writes.append((account_key(tenant_id), self._account_record(tenant, outbox)))
         else:
             balance = carried.balance if carried is not None else None
         output.entries.extend([OutputRecord(key, value) for value in entries])
         output.dead_letters.extend([OutputRecord(k, v) for k, v in dead_letters])
+        output.checkpoints.extend([OutputRecord(key, value) for value in checkpoints])
         if balance is not None:
             output.balances.append(OutputRecord(key, balance))
+
+    def _link(self, tenant_id: str, bodies: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """A tenant's new entries linked onto its hash chain, and the checkpoints they completed."""
+        tenant = self._tenants[tenant_id]
+        return self.checkpoints.link(tenant.chain, tenant_id, max(tenant.stream_time, 0), bodies)
 
     def _decode(self, record: LogRecord):
         if record.value is None:
@@ -444,12 +468,13 @@ class LedgerProcessor:
         stored = self._state.get(account_key(tenant_id))
         outbox = None
         if stored is None:
-            account, applied_offset, stream_time = Account(tenant_id), -1, -1
+            account, applied_offset, stream_time, chain = Account(tenant_id), -1, -1, ChainState()
         else:
             record = decode_account_record(stored)
             account = account_from_bytes(record.snapshot)
             applied_offset, stream_time = record.applied_offset, record.stream_time
             outbox = stored_outbox(record) if self._outbox else None
+            chain = record.chain or ChainState()
         if self._usage_indexes is not None:
             return _Tenant(
                 account,
@@ -457,6 +482,7 @@ class LedgerProcessor:
                 applied_offset,
                 stream_time,
                 outbox,
+                chain,
             )
         index = _OffsetAwareIndex()
         for seen in self._seen_of(tenant_id):
@@ -466,7 +492,7 @@ class LedgerProcessor:
             if seen.offset <= applied_offset and seen.event_id not in index.first_offsets:
                 index.current_offset = seen.offset
                 index.record(seen.event_id, seen.occurred_at, seen.amount)
-        return _Tenant(account, index, applied_offset, stream_time, outbox)
+        return _Tenant(account, index, applied_offset, stream_time, outbox, chain)
 
     def _seen_of(self, tenant_id: str) -> list[SeenRecord]:
         """The stored seen ids of a tenant. One pass over the state groups them all, once per recovery."""
@@ -503,7 +529,12 @@ class LedgerProcessor:
             if len(packed) >= OUTBOX_COMPRESS_BYTES_MIN:
                 packed, compressed = zlib.compress(packed, 1), True
         record = AccountRecord(
-            tenant.applied_offset, tenant.stream_time, account_to_bytes(tenant.account), packed, compressed
+            tenant.applied_offset,
+            tenant.stream_time,
+            account_to_bytes(tenant.account),
+            packed,
+            compressed,
+            tenant.chain if tenant.chain.sequence else None,
         )
         return _account_record_codec[0].encode(record)
 

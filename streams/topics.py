@@ -4,6 +4,7 @@ ledger.events    source of truth; key = tenant id; kept forever (retention.ms=-1
 ledger.entries   finance: allocations, forfeits, corrections; kept forever
 ledger.balances  latest balance per tenant (cleanup.policy=compact)
 ledger.dlq       rejected records with the reason; kept dlq_retention_ms (30 days by default)
+ledger.checkpoints signed checkpoints of each tenant's entry hash chain (ledger.chain); kept forever
 tenant.keys      API key revocations (key = key id; compacted): every gateway evicts the key at once
 """
 
@@ -29,6 +30,7 @@ ENTRIES = "ledger.entries"
 BALANCES = "ledger.balances"
 DLQ = "ledger.dlq"
 KEYS = "tenant.keys"
+CHECKPOINTS = "ledger.checkpoints"
 
 RETAIN_FOREVER_MS = -1
 TOPIC_NAME_LENGTH_MAX = 249  # Kafka's own limit
@@ -62,6 +64,7 @@ class LedgerTopics:
     balances: str
     dlq: str
     keys: str = KEYS
+    checkpoints: str = CHECKPOINTS
 
     @classmethod
     def from_settings(cls, settings: StreamSettings) -> LedgerTopics:
@@ -72,6 +75,7 @@ class LedgerTopics:
             balances=prefix + BALANCES,
             dlq=prefix + DLQ,
             keys=prefix + KEYS,
+            checkpoints=prefix + CHECKPOINTS,
         )
 
 
@@ -88,6 +92,9 @@ def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
     return [
         TopicSpec(names.events, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}),
         TopicSpec(names.entries, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}),
+        TopicSpec(
+            names.checkpoints, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}
+        ),
         TopicSpec(
             names.balances,
             partitions,

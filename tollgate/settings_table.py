@@ -35,6 +35,7 @@ SECTIONS = (
     ("Gateway <-> worker secret", "inference.internal_auth:InternalAuthSettings"),
     ("Event log (Kafka, spool)", "streams.settings:StreamSettings"),
     ("Stream processor", "streams.processor_settings:ProcessorSettings"),
+    ("Audit (hash chain, checkpoints)", "streams.audit_checkpoints:AuditSettings"),
     ("Projector", "streams.projector:ProjectorSettings"),
     ("Database", "storage.database:DatabaseSettings"),
     ("Logging", "tollgate.logging_setup:LoggingSettings"),

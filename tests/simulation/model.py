@@ -1,7 +1,8 @@
 """The simulation's two observers: finance reading the output topics, and the brute-force truth.
 
-`Finance` consumes `ledger.entries` and `ledger.balances` the way the README tells finance to: one record
-per entry id (a repeat must be byte-identical, or the property is broken), the latest balance per tenant.
+`Finance` consumes `ledger.entries`, `ledger.checkpoints` and `ledger.balances` the way the README tells
+finance to: one record per entry id (a repeat must be byte-identical, or the property is broken), the
+latest balance per tenant.
 
 `LedgerModel` says what is true from the source log alone, with the brute-force replay oracle of
 tests/ledger/oracle.py (every question replays the events from scratch; it shares no code with
@@ -20,13 +21,10 @@ from ledger.events import CreditGranted, UsageRecorded
 from streams.records import BalanceRecord
 from streams.topics import LedgerTopics
 from tests.ledger import oracle
+from tests.simulation.chain_check import ChainObserver, PropertyViolated
 from tests.simulation.log import SimulatedLog
 
 ALL_TIME_MS = 2**62  # a time after every event of a simulation
-
-
-class PropertyViolated(AssertionError):
-    pass
 
 
 def check(condition: bool, message: str) -> None:
@@ -61,7 +59,10 @@ class LedgerModel:
 class Finance:
     """A consumer of the output topics that keeps one record per entry id and the latest balance."""
 
-    def __init__(self, log: SimulatedLog, topics: LedgerTopics, model: LedgerModel, partition_of) -> None:
+    def __init__(
+        self, log: SimulatedLog, topics: LedgerTopics, model: LedgerModel, partition_of, chain: ChainObserver
+    ) -> None:
+        self.chain = chain  # the hash chain over the same records, and the checkpoints
         self.log = log
         self.topics = topics
         self.model = model
@@ -81,6 +82,7 @@ class Finance:
                 entry_id = entry.get("entry_id") or entry["event_id"]  # credit_expired names it event_id
                 first = self.entries.get(entry_id)
                 self.unchecked.add(entry["tenant_id"])
+                self.chain.entry(entry["tenant_id"], record.value)
                 if first is None:
                     self.entries[entry_id] = record.value
                     self.entries_of[entry["tenant_id"]].append(entry)
@@ -89,11 +91,14 @@ class Finance:
                         first == record.value,
                         f"entry id {entry_id} carries two contents:\n  {first!r}\n  {record.value!r}",
                     )
+            for record in self._new(self.topics.checkpoints, partition):
+                self.chain.checkpoint(record.key.decode(), record.value)
             for record in self._new(self.topics.balances, partition):
                 balance = msgspec.json.decode(record.value, type=BalanceRecord)
                 self.check_balance(balance)
                 self.latest_balance[balance.tenant_id] = balance
                 self.unchecked.add(balance.tenant_id)
+        self.chain.settle()
 
     def check_balance(self, record: BalanceRecord) -> None:
         """A published balance equals the brute-force fold, at its as_of, of the events it says it
@@ -148,14 +153,14 @@ class Finance:
             if kind == "usage_allocated":
                 usage_ids.add(entry["event_id"])
                 check(
-                    sum(a for _, a in entry["allocations"]) + entry["overage"] == entry["amount"],
+                    sum(a for _, a, *_money in entry["allocations"]) + entry["overage"] == entry["amount"],
                     f"{entry['entry_id']}: allocations + overage != amount",
                 )
-                for grant_id, amount in entry["allocations"]:
+                for grant_id, amount, *_money in entry["allocations"]:
                     consumed[grant_id] += amount
                 integrated_overage += entry["overage"]
             elif kind == "allocation_corrected":
-                for grant_id, delta in entry["allocations"]:
+                for grant_id, delta, *_money in entry["allocations"]:
                     consumed[grant_id] += delta
                 integrated_overage += entry["overage_delta"]
             elif kind in ended:
@@ -169,7 +174,7 @@ class Finance:
                     f"{entry['entry_id']} corrects {entry['corrects']}, which was never published",
                 )
                 ended[corrected][entry["grant_id"]] += entry["delta"]
-            else:
+            elif kind != "grant_recorded":  # a grant's terms as the fold accepted them: no movement
                 raise PropertyViolated(f"unknown entry type {kind}")
         where = f"tenant {tenant_id} through offset {latest.applied_offset}, stream time {latest.as_of}"
         expected_usage = {e.event_id for e in events if isinstance(e, UsageRecorded)}

@@ -25,19 +25,24 @@ clock is the simulated one, and nothing awaits real I/O (coroutines are stepped 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
+from streams.audit_checkpoints import CheckpointPolicy, key_id
 from streams.batch_processor import BatchEngine
 from streams.producer import BrokerUnavailable
 from streams.records import partition_for_key
 from streams.state_store import RocksState
 from streams.topics import LedgerTopics
+from tests.simulation.chain_check import ChainObserver
 from tests.simulation.log import FaultPlan, SimulatedCrash, SimulatedLog, SimulatedTransport
 from tests.simulation.model import Finance, LedgerModel, PropertyViolated
 
@@ -97,7 +102,17 @@ class Simulation:
         rng = self.rng
         self.engine_factory = engine_factory
         self.topics = LedgerTopics(
-            events="sim.events", entries="sim.entries", balances="sim.balances", dlq="sim.dlq"
+            events="sim.events",
+            entries="sim.entries",
+            balances="sim.balances",
+            dlq="sim.dlq",
+            checkpoints="sim.checkpoints",
+        )
+        # small, seeded checkpoint intervals so that checkpoints fall inside batches, at their ends and
+        # across crashes; a key derived from the seed
+        key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"sim-%d" % seed).digest())
+        self.checkpoint_policy = CheckpointPolicy(
+            rng.choice([1, 2, 3, 7, 1_000]), rng.choice([1, 20, 100, 10**9]), key, key_id(key.public_key())
         )
         self.partitions = rng.randint(1, 3)
         self.log = SimulatedLog(self.partitions)
@@ -107,7 +122,9 @@ class Simulation:
             ack_lost_probability=rng.choice([0.0, 0.02, 0.05]),
         )
         self.model = LedgerModel(self.log, self.topics)
-        self.finance = Finance(self.log, self.topics, self.model, self.partition_of)
+        self.finance = Finance(
+            self.log, self.topics, self.model, self.partition_of, ChainObserver(key.public_key())
+        )
         self.pending = generate_events(rng)
         self.tenants = sorted({event.tenant_id for event in self.pending})
         self.processors = [SimulatedProcessor(f"p{n}") for n in range(PROCESSOR_COUNT)]
@@ -182,6 +199,7 @@ class Simulation:
         self.observe()
         for tenant_id in self.tenants:
             self.finance.check_integration(tenant_id)
+            self.finance.chain.check_complete(tenant_id)
             self.finance.check_balance_now(tenant_id, final_sweep_ms)
             latest = self.finance.latest_balance.get(tenant_id)
             end = self.log.end_offset(self.topics.events, self.partition_of(tenant_id))
@@ -303,6 +321,7 @@ class Simulation:
     def start(self, processor: SimulatedProcessor) -> None:
         transport = SimulatedTransport(self.log, CHANGELOG, self.faults)
         processor.engine = self.engine_factory(transport, self.topics, CHANGELOG, self.partitions)
+        processor.engine.processor.checkpoints = self.checkpoint_policy
         processor.positions = {p: self.log.committed_offset(GROUP, p) for p in self.owned(processor)}
         processor.committable = {}
 
