@@ -193,6 +193,12 @@ class Generation:
         ended = self.done or self.error
         return ended.completion_tokens if ended else self.tokens_seen
 
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """What the worker served from its prefix cache; 0 (the full prompt price) when it never said."""
+        ended = self.done or self.error
+        return ended.cached_prompt_tokens if ended else 0
+
     async def publish_unrecorded_usage(self) -> None:
         """Bill what the worker did not: after a broken stream (no done or error line) the tokens relayed,
         after a `usage_not_recorded` line its counts; under the attempt id, at the admission time."""
@@ -209,6 +215,7 @@ class Generation:
             price=context.settings.models[model].price,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
             occurred_at_ms=self.admitted_at_ms,
         )
         timeout_ms = context.settings.usage_publish_timeout_ms
@@ -241,7 +248,10 @@ class Generation:
             except Exception:
                 logger.exception("closing the worker stream of %s failed", self.request_id)
             cost = usage_amount(
-                context.settings.models[model].price, self.prompt_tokens, self.completion_tokens
+                context.settings.models[model].price,
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.cached_prompt_tokens,
             )
             assert cost >= 0, "a request never costs a negative amount"
             try:
@@ -464,7 +474,10 @@ class CompletionService:
         event = failure.event
         logger.warning("request failed on its worker, not retried: %s", failure)
         cost = usage_amount(
-            self.settings.models[prepared.model].price, event.prompt_tokens, event.completion_tokens
+            self.settings.models[prepared.model].price,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cached_prompt_tokens,
         )
         with anyio.CancelScope(shield=True):
             try:
@@ -515,7 +528,7 @@ class CompletionService:
         if type(end) is DoneEvent:
             parts = [writer.finish(finish_reason_of(end.finish_reason))]
             if writer.include_usage:
-                parts.append(writer.usage(end.prompt_tokens, end.completion_tokens))
+                parts.append(writer.usage(end.prompt_tokens, end.completion_tokens, end.cached_prompt_tokens))
             parts.append(DONE_LINE)
             return parts
         failure = worker_error(end)
@@ -563,6 +576,7 @@ class CompletionService:
                 done.prompt_tokens,
                 done.completion_tokens,
                 logprobs,
+                done.cached_prompt_tokens,
             )
         )
         if key is not None:

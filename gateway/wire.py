@@ -30,11 +30,14 @@ def finish_reason_of(worker_reason: str) -> str:
     return "length" if worker_reason == "length" else "stop"
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: the prompt tokens served from the worker's prefix cache."""
+    assert 0 <= cached_prompt_tokens <= prompt_tokens, "cached prompt tokens are a part of the prompt"
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_prompt_tokens},
     }
 
 
@@ -92,6 +95,7 @@ def chat_completion(
     prompt_tokens: int,
     completion_tokens: int,
     logprobs: dict | None = None,
+    cached_prompt_tokens: int = 0,
 ) -> dict:
     return {
         "id": response_id,
@@ -107,7 +111,7 @@ def chat_completion(
                 "finish_reason": finish_reason,
             }
         ],
-        "usage": usage_of(prompt_tokens, completion_tokens),
+        "usage": usage_of(prompt_tokens, completion_tokens, cached_prompt_tokens),
     }
 
 
@@ -120,6 +124,7 @@ def text_completion(
     prompt_tokens: int,
     completion_tokens: int,
     logprobs: dict | None = None,
+    cached_prompt_tokens: int = 0,
 ) -> dict:
     return {
         "id": response_id,
@@ -128,7 +133,7 @@ def text_completion(
         "model": model,
         "system_fingerprint": None,
         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-        "usage": usage_of(prompt_tokens, completion_tokens),
+        "usage": usage_of(prompt_tokens, completion_tokens, cached_prompt_tokens),
     }
 
 
@@ -209,9 +214,11 @@ class ChunkWriter:
             choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
         return self._line([choice])
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0) -> bytes:
         assert self.include_usage, "the usage chunk is sent only when stream_options.include_usage is set"
-        return self._line([], usage_of(prompt_tokens, completion_tokens), with_usage=True)
+        return self._line(
+            [], usage_of(prompt_tokens, completion_tokens, cached_prompt_tokens), with_usage=True
+        )
 
     @staticmethod
     def error(message: str, error_type: str, code: str) -> bytes:

@@ -71,6 +71,7 @@ class DoneEvent(msgspec.Struct, tag_field="type", tag="done"):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the worker's prefix cache
 
 
 class ErrorEvent(msgspec.Struct, tag_field="type", tag="error"):
@@ -79,6 +80,7 @@ class ErrorEvent(msgspec.Struct, tag_field="type", tag="error"):
     retryable: bool = False
     prompt_tokens: int = 0  # what the worker processed before the failure
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 WorkerEvent = TokenEvent | DoneEvent | ErrorEvent

@@ -89,6 +89,7 @@ class RequestStream:
             finish_reason=FinishReason.CANCELLED,
             prompt_tokens=last.prompt_tokens if last is not None else 0,
             completion_tokens=last.completion_tokens if last is not None else 0,
+            cached_prompt_tokens=last.cached_prompt_tokens if last is not None else 0,
         )
 
     def __aiter__(self) -> RequestStream:

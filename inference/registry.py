@@ -26,7 +26,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inference.chat import CHAT_TEMPLATES, ChatTemplate
 from inference.tokenizer import DEFAULT_MODEL_DIR, TOKENIZER_FILE_NAME, TextTokenizer, load_tokenizer
@@ -53,8 +53,19 @@ class ModelSpec(BaseModel):
     owned_by: str = Field(default="tollgate", description="owned_by in /v1/models")
     price: Price = Field(description="integer credit units per prompt, completion and cached prompt token")
 
+    @field_validator("price", mode="before")
+    @classmethod
+    def _cached_price_defaults_to_the_prompt_price(cls, price: object) -> object:
+        """The worker's prefix cache serves prompt tokens for every model: an entry that names no cached
+        price bills them at its prompt price (no discount unless the registry says so), never free."""
+        if isinstance(price, dict) and "cached_prompt_token_credits" not in price:
+            return {**price, "cached_prompt_token_credits": price.get("prompt_token_credits")}
+        return price
+
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.price.cached_prompt_token_credits > self.price.prompt_token_credits:
+            raise ValueError(f"{self.name}: a cached prompt token must not cost more than a prompt token")
         if self.max_tokens_max >= self.context_tokens_max:
             raise ValueError(
                 f"{self.name}: max_tokens_max must leave room for a prompt (be below context_tokens_max)"
@@ -95,7 +106,8 @@ DEFAULT_REGISTRY = ModelRegistry(
             checkpoint_dir=DEFAULT_MODEL_DIR,
             context_tokens_max=512,
             max_tokens_max=256,
-            # Cached prompt tokens cost what other prompt tokens cost until a prefix cache serves them.
+            # The worker's prefix cache serves cached prompt tokens; at one credit unit per prompt token
+            # (the smallest integer price) a discount would make them free, so they cost the same here.
             price=Price(prompt_token_credits=1, completion_token_credits=2, cached_prompt_token_credits=1),
         )
     ]

@@ -16,13 +16,15 @@ def build_usage_event(
     price: Price,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_prompt_tokens: int = 0,
     occurred_at_ms: int | None = None,
 ) -> UsageRecorded:
     """event_id is the worker request id (the gateway's attempt id), so a replayed emit, or the gateway's own
     event for a stream whose worker died, is a duplicate the ledger ignores. occurred_at is when the request
     was admitted when the caller knows it (so credit that expires during generation still covers it), else
-    now."""
-    amount = usage_amount(price, prompt_tokens, completion_tokens)
+    now. cached_prompt_tokens (of prompt_tokens, those the prefix cache served) are billed at the model's
+    cached prompt price."""
+    amount = usage_amount(price, prompt_tokens, completion_tokens, cached_prompt_tokens)
     assert amount >= 0, "a usage amount is never negative"
     return UsageRecorded(
         event_id=request_id,
@@ -32,4 +34,5 @@ def build_usage_event(
         model=model,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        cached_prompt_tokens=cached_prompt_tokens,
     )

@@ -12,9 +12,11 @@ Every route but /health and /metrics needs `Authorization: Bearer <TOLLGATE_INTE
                                                                         when logprobs was asked)
            then exactly one last line, sent only once the request's UsageRecorded is durably accepted:
            {"type": "done", "finish_reason": "stop" | "length" | "cancelled",
-            "prompt_tokens": N, "completion_tokens": M}
+            "prompt_tokens": N, "completion_tokens": M, "cached_prompt_tokens": C}
            or {"type": "error", "error": "request_failed" | "engine_failed" | "usage_not_recorded",
-            "message": ..., "retryable": false, "prompt_tokens": N, "completion_tokens": M}
+            "message": ..., "retryable": false, "prompt_tokens": N, "completion_tokens": M,
+            "cached_prompt_tokens": C}
+           (C: of the N prompt tokens, those served from the prefix cache, billed at the cached price)
         -> 503 {"error": "overloaded", "retryable": true} with Retry-After when the queue is full
         -> 400 {"error": "invalid_request", "message": ...}; 404 {"error": "model_not_found", ...}
        A client disconnect cancels the request.
@@ -24,10 +26,11 @@ Every route but /health and /metrics needs `Authorization: Bearer <TOLLGATE_INTE
 
 Billing. Every request, finished, stopped, failed or cancelled, emits exactly one UsageRecorded through
 the injected `emit_usage` (event id = request id, which is the gateway's attempt id; the prompt and
-completion tokens actually processed; occurred_at = admitted_at_ms when given). The publish starts the
-moment the request ends, whether or not its client is still there, and the stream's last line waits for
-it: a client never sees the end of a response whose usage could be lost by a crash. When the publish
-fails or times out (`usage_emit_timeout_ms`) the last line is `usage_not_recorded` instead of done.
+completion tokens actually processed, and the cached prompt tokens among them; occurred_at =
+admitted_at_ms when given). The publish starts the moment the request ends, whether or not its client is
+still there, and the stream's last line waits for it: a client never sees the end of a response whose
+usage could be lost by a crash. When the publish fails or times out (`usage_emit_timeout_ms`) the last
+line is `usage_not_recorded` instead of done.
 Publishes still pending at shutdown are waited for (`shutdown_drain_timeout_ms`).
 
 Self-healing. A dead engine loop is rebuilt (inference.engine_loop); when health stays failed for
@@ -205,6 +208,7 @@ class WorkerRuntime:
                 price=price,
                 prompt_tokens=output.prompt_tokens,
                 completion_tokens=output.completion_tokens,
+                cached_prompt_tokens=output.cached_prompt_tokens,
                 occurred_at_ms=body.admitted_at_ms,
             )
 
@@ -290,7 +294,11 @@ def _finished_line(output: RequestOutput) -> dict:
 
 async def _last_line(usage: RequestUsage, output: RequestOutput, line: dict) -> dict:
     """`line` once the usage is durably recorded, else usage_not_recorded; with the request's counts."""
-    counts = {"prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens}
+    counts = {
+        "prompt_tokens": output.prompt_tokens,
+        "completion_tokens": output.completion_tokens,
+        "cached_prompt_tokens": output.cached_prompt_tokens,
+    }
     if await usage.recorded():
         return line | counts
     return {

@@ -208,6 +208,7 @@ class Account:
             model=event.model,
             prompt_tokens=event.prompt_tokens,
             completion_tokens=event.completion_tokens,
+            cached_prompt_tokens=event.cached_prompt_tokens,
             amount=amount,
             allocations=allocations,
             overage=overage,

@@ -40,6 +40,7 @@ class UsageAllocated(msgspec.Struct, frozen=True, tag="usage_allocated", tag_fie
     allocations: tuple[Allocation, ...]
     overage: int
     schema_version: int = SCHEMA_VERSION
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from a prefix cache
 
 
 class AllocationCorrected(

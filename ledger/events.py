@@ -94,9 +94,16 @@ class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field
     model: ModelName
     prompt_tokens: TokenCount = 0
     completion_tokens: TokenCount = 0
+    # Of prompt_tokens, those served from a prefix cache (priced at the model's cached rate); absent in
+    # events written before it existed, which read as 0.
+    cached_prompt_tokens: TokenCount = 0
     schema_version: int = SCHEMA_VERSION
 
     kind_order: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        if self.cached_prompt_tokens > self.prompt_tokens:
+            raise InvalidEvent("cached_prompt_tokens: cached prompt tokens are a part of prompt_tokens")
 
     @property
     def timestamp(self) -> int:

@@ -40,6 +40,8 @@ class LedgerEntry(Base):
     entry_type: Mapped[str] = mapped_column(Text)
     occurred_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     amount: Mapped[int | None] = mapped_column(BigInteger)
+    # A usage entry's prompt tokens served from a prefix cache (billed at the cached price); else NULL.
+    cached_prompt_tokens: Mapped[int | None] = mapped_column(BigInteger)
     payload: Mapped[dict] = mapped_column(JSONB)  # the entry as encode_entry wrote it
     source_topic: Mapped[str] = mapped_column(Text)
     source_partition: Mapped[int] = mapped_column(Integer)

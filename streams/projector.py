@@ -150,6 +150,7 @@ def _entry_row(payload: dict, entry_id: str, record: LogRecord, now_ms: int) -> 
         "entry_type": payload["type"],
         "occurred_at_ms": _first_int(payload, ENTRY_TIME_FIELDS),
         "amount": _first_int(payload, ENTRY_AMOUNT_FIELDS),
+        "cached_prompt_tokens": _first_int(payload, ("cached_prompt_tokens",)),  # usage entries only
         "payload": payload,
         "source_topic": record.topic,
         "source_partition": record.partition,

@@ -93,7 +93,12 @@ def test_chat_chunks_in_openai_order_with_usage():
         "finish_reason": "length",
     }
     assert data_of(usage)["choices"] == []
-    assert data_of(usage)["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert data_of(usage)["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert DONE_LINE == b"data: [DONE]\n\n"
 
 

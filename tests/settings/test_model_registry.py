@@ -104,7 +104,7 @@ def test_a_toml_registry_reads_as_json_does(tmp_path):
         "price = { prompt_token_credits = 2, completion_token_credits = 4 }\n"
     )
     (model,) = read_registry(path).models
-    assert (model.name, model.checkpoint_dir, model.price) == ("t", tmp_path / "ckpt", Price(2, 4, 0))
+    assert (model.name, model.checkpoint_dir, model.price) == ("t", tmp_path / "ckpt", Price(2, 4, 2))
 
 
 @pytest.mark.parametrize(
