@@ -110,8 +110,8 @@ def _lifespan(
                 settings, pool, admission, metrics, idempotency, publish_usage=log.publish
             ),
         )
-        sweep = start_conversation_service(
-            app, settings, session_factory, metrics, app.state.runtime.completions
+        conversation_services = start_conversation_service(
+            app, settings, session_factory, metrics, app.state.runtime.completions, internal_token
         )
         # What start-up built lives as long as the process: move it out of the collector's way, so a
         # full collection scans only what requests allocate (else it walks ~140k objects: ~70 ms pauses).
@@ -120,7 +120,7 @@ def _lifespan(
         try:
             yield
         finally:
-            await sweep.stop()
+            await conversation_services.stop()
             await revocations.stop()
             await pool.close()
 

@@ -98,6 +98,18 @@ class GatewayMetrics:
             ["kind"],
             registry=r,
         )
+        self.routed_requests = Counter(
+            "tollgate_gateway_routed_requests",
+            "Requests routed by the model router, by alias, the version that served and its role",
+            ["alias", "model", "role"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "tollgate_gateway_rollbacks",
+            "Canary rollbacks, by alias and trigger",
+            ["alias", "trigger"],
+            registry=r,
+        )
         for collector in collectors:
             r.register(collector)
         self._of_model: dict[str, ModelMetrics] = {}

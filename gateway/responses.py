@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.auth import TenantIdentity
 from gateway.completions import (
     SSE_HEADERS,
-    CompletionService,
     Generation,
     monotonic_ms,
     new_request_id,
@@ -47,6 +46,7 @@ from gateway.errors import ApiError, invalid_param
 from gateway.logs import model_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.prompt_builder import build_prompt
+from gateway.router import ModelRouter, Routed
 from gateway.safety import OutputGuard, Scanner, redact
 from gateway.schemas import PreparedRequest
 from gateway.settings import GatewaySettings
@@ -230,6 +230,7 @@ class Answer:
     response_id: str
     item_id: str
     created_at_s: int
+    model: str  # the version that serves it
     request: ResponseCreateBody
     conversation_id: str | None
     guard: OutputGuard | None
@@ -238,9 +239,12 @@ class Answer:
     incomplete_reason: str | None = None
     sequence_number: int = 0
     usage: dict | None = None
+    first_token_ms: float | None = None  # monotonic: when the first tokens arrived
 
     def feed(self, delta: str) -> str:
         """What of `delta` may be sent now (after the output check)."""
+        if self.first_token_ms is None:
+            self.first_token_ms = monotonic_ms()
         released = self.guard.feed(delta) if self.guard is not None else delta
         self.text += released
         if self.guard is not None and self.guard.stopped is not None:
@@ -281,7 +285,7 @@ class Answer:
             else None,
             "instructions": request.instructions,
             "max_output_tokens": request.max_output_tokens,
-            "model": request.model,
+            "model": self.model,
             "output": [self.output_item("completed" if status == "completed" else "incomplete")]
             if final
             else [],
@@ -329,19 +333,21 @@ class Started:
     answer: Answer
     history: list[dict]
     input_items: list[dict]
+    routed: Routed
+    started_ms: float
 
 
 class ResponsesService:
     def __init__(
         self,
         settings: GatewaySettings,
-        completions: CompletionService,
+        router: ModelRouter,
         store: ConversationStore,
         metrics: GatewayMetrics,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.settings = settings
-        self.completions = completions
+        self.router = router
         self.store = store
         self.metrics = metrics
         self.wall_clock_ms = wall_clock_ms
@@ -361,10 +367,10 @@ class ResponsesService:
             await started.generation.settle()
         answer = started.answer
         answer.usage = usage_object(started.generation)
-        if answer.error is not None:
-            raise answer.error
         response = answer.response(final=True)
         await self._finish(tenant, started, response)
+        if answer.error is not None:
+            raise answer.error
         return Response(_encode(response), 200, headers, media_type="application/json")
 
     async def _start(self, tenant: TenantIdentity, body: ResponseCreateBody) -> Started:
@@ -372,12 +378,13 @@ class ResponsesService:
         request_id = new_request_id()
         request_id_var.set(request_id)
         model_var.set(body.model)
-        spec = self._model(body.model)
         _refuse_unsupported(body)
         policy = await self.store.policy(tenant.tenant_id)
         scanner = Scanner(policy.safety) if policy.safety.checks_anything else None
         items, instructions = check_input(scanner, self.metrics, input_items(body.input), body.instructions)
-        conversation_id, history = await self._history(tenant, body)
+        conversation_id, history, pinned_model = await self._history(tenant, body)
+        routed = await self.router.route(body.model, conversation_id or request_id, pinned_model)
+        spec = self._model(routed.model)
         built = build_prompt(
             spec,
             instructions,
@@ -390,7 +397,7 @@ class ResponsesService:
         self.metrics.prompt_history_dropped.inc(built.history_dropped)
         prepared = PreparedRequest(
             chat=True,
-            model=body.model,
+            model=routed.model,
             prompt=built.prompt,
             prompt_tokens=built.prompt_tokens,
             max_tokens=built.max_tokens,
@@ -401,18 +408,37 @@ class ResponsesService:
             stream=body.stream,
             include_usage=False,
         )
-        generation = await self.completions._start(tenant, prepared, request_id, started_ms)
+        generation = await self._generate(tenant, prepared, request_id, started_ms, routed)
         checks_output = scanner is not None and scanner.policy.output_action != "none"
         guard = OutputGuard(scanner, self.settings.safety_output_holdback_chars) if checks_output else None
         answer = Answer(
             response_id=f"resp_{request_id}",
             item_id=new_id("msg"),
             created_at_s=self.wall_clock_ms() // 1000,
+            model=routed.model,
             request=body,
             conversation_id=conversation_id,
             guard=guard,
         )
-        return Started(generation, answer, history, items)
+        return Started(generation, answer, history, items, routed, started_ms)
+
+    async def _generate(
+        self,
+        tenant: TenantIdentity,
+        prepared: PreparedRequest,
+        request_id: str,
+        started_ms: float,
+        routed: Routed,
+    ) -> Generation:
+        """The generation started on the routed version's workers; a server-side failure to start counts
+        against the version (the canary watch)."""
+        completions = self.router.completions_for(routed.model)
+        try:
+            return await completions._start(tenant, prepared, request_id, started_ms)
+        except ApiError as error:
+            if error.status_code >= 500:
+                await self.router.observe(routed, failed=True, ttft_ms=None)
+            raise
 
     def _model(self, model: str) -> ModelSpec:
         spec = self.settings.models.get(model)
@@ -422,21 +448,23 @@ class ResponsesService:
 
     async def _history(
         self, tenant: TenantIdentity, body: ResponseCreateBody
-    ) -> tuple[str | None, list[dict]]:
-        """(the conversation the response joins, the items before its input)."""
+    ) -> tuple[str | None, list[dict], str | None]:
+        """(the conversation the response joins, the items before its input, the version that served the
+        previous response: a continuation stays on it)."""
         if body.previous_response_id is not None:
             previous = await self.store.get_response(
                 tenant.tenant_id, body.previous_response_id, param="previous_response_id"
             )
-            return None, previous.history + previous.input_items + previous.response["output"]
+            history = previous.history + previous.input_items + previous.response["output"]
+            return None, history, previous.response["model"]
         if body.conversation is None:
-            return None, []
+            return None, [], None
         conversation_id = (
             body.conversation if isinstance(body.conversation, str) else body.conversation.get("id")
         )
         if not isinstance(conversation_id, str) or not conversation_id:
             raise invalid_param("conversation", 'conversation is an id or {"id": ...}')
-        return conversation_id, await self.store.history(tenant.tenant_id, conversation_id)
+        return conversation_id, await self.store.history(tenant.tenant_id, conversation_id), None
 
     async def _run(self, started: Started) -> None:
         """The generation to its end, the answer's text checked on the way (non-streamed)."""
@@ -475,6 +503,8 @@ class ResponsesService:
                 self.metrics, "output", action, [finding.reason for finding in answer.guard.findings]
             )
         self.metrics.responses.labels(answer.status, str(answer.request.store).lower()).inc()
+        ttft_ms = None if answer.first_token_ms is None else answer.first_token_ms - started.started_ms
+        await self.router.observe(started.routed, failed=answer.error is not None, ttft_ms=ttft_ms)
         if not answer.request.store or answer.error is not None:
             return
         with anyio.CancelScope(shield=True):

@@ -6,6 +6,7 @@ read from `app.state` and starts the retention sweep (the app's lifespan calls i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -20,8 +21,10 @@ from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.moderations import moderate
 from gateway.responses import ResponsesService, input_items
+from gateway.router import ModelRouter, RouteStore
 from gateway.settings import GatewaySettings
 from gateway.wire import encode_json
+from gateway.workers import WorkerPool
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -195,17 +198,42 @@ async def create_moderation(body: ModerationBody, request: Request, tenant: Auth
 # ---- wiring --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ConversationServices:
+    """What `start_conversation_service` started, stopped by `stop()`."""
+
+    sweep: RetentionSweep
+    pools: list[WorkerPool]
+
+    async def stop(self) -> None:
+        await self.sweep.stop()
+        for pool in self.pools:
+            await pool.close()
+
+
 def start_conversation_service(
     app: FastAPI,
     settings: GatewaySettings,
     session_factory: async_sessionmaker[AsyncSession],
     metrics: GatewayMetrics,
     completions: CompletionService,
-) -> RetentionSweep:
-    """Put the responses service on `app.state.responses` and start the retention sweep (stop it on the
-    way out)."""
+    internal_token: str,
+) -> ConversationServices:
+    """Put the responses service (with its model router) on `app.state.responses`, and start the retention
+    sweep; a version named in `model_worker_urls` gets a worker pool of its own."""
     store = ConversationStore(session_factory, settings.policy_cache_ttl_ms)
-    app.state.responses = ResponsesService(settings, completions, store, metrics)
+    pools = {
+        model: WorkerPool(settings.model_copy(update={"worker_urls": urls}), internal_token)
+        for model, urls in settings.model_worker_urls.items()
+    }
+    services = {
+        model: CompletionService(
+            settings, pool, completions.admission, metrics, None, completions.publish_usage
+        )
+        for model, pool in pools.items()
+    }
+    router = ModelRouter(settings, RouteStore(session_factory), metrics, completions, services)
+    app.state.responses = ResponsesService(settings, router, store, metrics)
 
     def count(conversations: int, responses: int) -> None:
         metrics.retention_deleted.labels("conversation").inc(conversations)
@@ -215,7 +243,7 @@ def start_conversation_service(
         store, settings.retention_sweep_interval_ms, settings.retention_sweep_batch_max, count
     )
     sweep.start()
-    return sweep
+    return ConversationServices(sweep, list(pools.values()))
 
 
 __all__ = ["router", "start_conversation_service"]

@@ -73,6 +73,19 @@ class GatewaySettings(CommonSettings):
     # streamed output held back for the safety check (a finding up to this long is always caught)
     safety_output_holdback_chars: int = Field(default=64, ge=0)
 
+    # The model router (gateway.router): versions, canary and rollback.
+
+    # a version's own workers (JSON: registry entry -> base URLs); a version not named uses worker_urls
+    model_worker_urls: dict[str, list[str]] = Field(default_factory=dict)
+    route_cache_ttl_ms: int = Field(default=1_000, ge=0)  # a promotion or rollback applies within this
+    rollout_window_ms: int = Field(default=300_000, ge=1)  # the window a canary is compared over
+    # requests each version needs in the window before the automatic rollback judges
+    rollout_window_requests_min: int = Field(default=50, ge=1)
+    # the canary's error rate may exceed the stable version's by this many percentage points
+    rollout_error_rate_margin_percent: int = Field(default=5, ge=0, le=100)
+    # the canary's time-to-first-token p99 may exceed the stable version's by this much
+    rollout_ttft_p99_margin_ms: int = Field(default=500, ge=0)
+
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
         # The production start-up check: the mounted admin API is never served without a usable token.

@@ -4,6 +4,8 @@
     conversation_items  its items (messages) in order (`position`, an identity: the order they were added)
     stored_responses    a response created with `store: true`: its body as answered, the history it was
                         given and its own input, so `previous_response_id` continues from it in one read
+    tenant_policies     a tenant's retention and safety policy
+    model_routes        the model router's control plane: an alias's stable and canary versions (0009)
 
 Every row carries its `tenant_id` and every read filters on it: one tenant never reads another's. This
 is the only place conversation text is kept; the ledger's events hold token counts and ids only. The
@@ -73,4 +75,21 @@ class TenantPolicy(Base):
     )
     retention_days: Mapped[int | None] = mapped_column(BigInteger)  # None: stored text is kept until deleted
     safety_policy_json: Mapped[str] = mapped_column(Text)  # gateway.safety.SafetyPolicy, JSON
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class ModelRoute(Base):
+    """The control plane's route of a model alias (gateway.router): the stable version (a model registry
+    entry) and a canary version taking `canary_percent` of the alias's traffic, sticky per conversation.
+    `state`: stable (no canary), canary (a rollout), rolled_back (the canary was withdrawn: `reason`
+    says why, by hand or by the automatic rollback)."""
+
+    __tablename__ = "model_routes"
+
+    alias: Mapped[str] = mapped_column(Text, primary_key=True)
+    stable_model: Mapped[str] = mapped_column(Text)
+    canary_model: Mapped[str | None] = mapped_column(Text)
+    canary_percent: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
     updated_at_ms: Mapped[int] = mapped_column(BigInteger)

@@ -25,7 +25,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.admin import commands, policies, queries
+from gateway.admin import commands, model_routes, policies, queries
 from gateway.admin.deps import (
     RUNTIME_STATE,
     AdminRuntime,
@@ -221,4 +221,5 @@ def build_admin_router(
     mounted = APIRouter(dependencies=[Depends(bind_runtime)])
     mounted.include_router(router)
     mounted.include_router(policies.router)  # tenants' retention and safety policies (issue 19)
+    mounted.include_router(model_routes.router)  # model aliases: canary, promotion, rollback (issue 19)
     return mounted
