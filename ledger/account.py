@@ -34,11 +34,13 @@ from ledger.entries import (
     CreditVoided,
     EndCorrected,
     Entry,
+    GrantRecorded,
     UsageAllocated,
     check_allocation_corrected,
     check_usage_allocated,
     end_correction_entry_id,
     expired_entry_id,
+    granted_entry_id,
     reallocation_entry_id,
     voided_entry_id,
 )
@@ -48,8 +50,10 @@ from ledger.events import (
     CreditGranted,
     GrantVoided,
     InvalidEvent,
+    PeriodClosed,
     UsageRecorded,
 )
+from ledger.revenue import check_grant_money, moved, recognised
 from ledger.snapshot import AccountState, BlockState
 from ledger.usage_index import UsageIndex, UsageSummary
 
@@ -79,6 +83,12 @@ class CreditBlock:
     reported_end_kind: str | None = None  # EXPIRED or VOIDED once its end was published
     reported_end_amount: int = 0
     reported_end_entry_id: str = ""
+    price: int = 0  # minor units of currency; 0 for a promotional grant (ledger.revenue)
+    reported_end_money: int = 0  # the money of the published end, corrections included
+
+    @property
+    def recognised(self) -> int:
+        return recognised(self.price, self.amount, self.consumed)
 
     @property
     def end(self) -> int:
@@ -146,6 +156,8 @@ class Account:
         self._ordered: list[tuple[tuple[int, int, int, str], CreditBlock]] = []  # by drawing order
         self._pending_voids: dict[str, int] = {}  # voids that arrived before their grant
         self._grant_event_ids: dict[str, str] = {}  # grant id -> event id of its CreditGranted
+        # grant id -> (category, price, currency, reference): to refuse a replayed grant with other terms
+        self._grant_terms: dict[str, tuple[str, int | None, str | None, str]] = {}
         # Segment j covers [bounds[j-1], bounds[j]); segment 0 is everything before the first boundary.
         self._bounds: list[int] = []
         self._segment_usage: list[int] = [0]
@@ -160,10 +172,13 @@ class Account:
         self.overage_total = 0
         self.granted_total = 0  # every block's amount, voided and expired ones too: <= TENANT_CREDIT_MAX
         self.watermark = NO_USAGE_LAST  # stream time up to which ends have been published
+        self.closed_until = 0  # the tenant's books are closed before this (PeriodClosed)
 
     # ----------------------------------------------------------------------------------------- apply
 
-    def apply(self, event: CreditGranted | GrantVoided | UsageRecorded, index: UsageIndex) -> list[Entry]:
+    def apply(
+        self, event: CreditGranted | GrantVoided | UsageRecorded | PeriodClosed, index: UsageIndex
+    ) -> list[Entry]:
         """Fold one event in; returns the entries it publishes. A duplicate returns no entries."""
         assert event.tenant_id == self.tenant_id, f"event for {event.tenant_id} applied to {self.tenant_id}"
         kind = type(event)
@@ -173,6 +188,9 @@ class Account:
             return self._apply_grant(event, index)
         if kind is GrantVoided:
             return self._apply_void(event, index)
+        if kind is PeriodClosed:
+            self.closed_until = max(self.closed_until, event.closed_until)
+            return []
         if kind is CreditExpired:
             raise InvalidEvent("credit_expired is derived by the fold and is not accepted as input")
         raise InvalidEvent(f"unknown event type {kind.__name__}")
@@ -198,8 +216,9 @@ class Account:
         else:
             settled = self._consume_in_earlier_segment(segment, amount)
             deltas, overage = settled if settled is not None else self._recompute_from(segment)
-            allocations = _allocations(deltas)
+            allocations = self._allocations(deltas)
         index.record(event_id, occurred_at, amount)
+        closed_until = self.closed_until
         allocated = UsageAllocated(
             entry_id=f"{self.tenant_id}/usage/{event_id}",  # the one place a usage entry id is formed
             tenant_id=self.tenant_id,
@@ -212,18 +231,27 @@ class Account:
             amount=amount,
             allocations=allocations,
             overage=overage,
+            booked_at=None if occurred_at >= closed_until else closed_until,
         )
         check_usage_allocated(allocated)
         entries: list[Entry] = [allocated]
         if self.watermark >= 0:
-            self._correct_published_ends([a.grant_id for a in allocations], event_id, entries)
+            self._correct_published_ends([a.grant_id for a in allocations], event_id, occurred_at, entries)
         return entries
+
+    def _booked_at(self, own_time: int) -> int | None:
+        """None: booked at its own time; else the close, where it is an adjustment to a closed period."""
+        return None if own_time >= self.closed_until else self.closed_until
 
     def _apply_grant(self, event: CreditGranted, index: UsageIndex) -> list[Entry]:
         grant_id = event.grant_id
         existing = self.blocks.get(grant_id)
         if existing is not None:
-            if self._grant_event_ids[grant_id] == event.event_id and _same_terms(existing, event):
+            if (
+                self._grant_event_ids[grant_id] == event.event_id
+                and _same_terms(existing, event)
+                and self._grant_terms[grant_id] == _money_terms(event)
+            ):
                 return []
             raise ConflictingEvent(
                 f"grant_id {grant_id!r} was already granted by another event or other terms"
@@ -240,12 +268,30 @@ class Account:
             expires_at=event.expires_at,
             priority=event.priority,
             voided_at=self._pending_voids.pop(grant_id, None),
+            price=event.price or 0,
         )
         self.blocks[grant_id] = block
         self.granted_total += block.amount
         self._grant_event_ids[grant_id] = event.event_id
+        self._grant_terms[grant_id] = _money_terms(event)
         insort(self._ordered, (block.order_key, block))
-        return self._restructure(event.event_id, block.effective_at, (block.effective_at, block.end), index)
+        recorded = GrantRecorded(
+            entry_id=granted_entry_id(self.tenant_id, grant_id),
+            tenant_id=self.tenant_id,
+            grant_id=grant_id,
+            event_id=event.event_id,
+            effective_at=event.effective_at,
+            expires_at=event.expires_at,
+            amount=event.amount,
+            category=event.category,
+            price=event.price,
+            currency=event.currency,
+            reference=event.reference,
+            booked_at=self._booked_at(event.effective_at),
+        )
+        return [recorded] + self._restructure(
+            event.event_id, block.effective_at, (block.effective_at, block.end), index
+        )
 
     def _apply_void(self, event: GrantVoided, index: UsageIndex) -> list[Entry]:
         block = self.blocks.get(event.grant_id)
@@ -282,19 +328,30 @@ class Account:
                 entry_id=reallocation_entry_id(self.tenant_id, cause_event_id),
                 tenant_id=self.tenant_id,
                 cause_event_id=cause_event_id,
-                allocations=_allocations(deltas),
+                allocations=self._allocations(deltas),
                 overage_delta=overage,
+                cause_at=changed_at,
+                booked_at=self._booked_at(changed_at),
             )
             check_allocation_corrected(corrected)
             entries.append(corrected)
         if self.watermark >= 0:
             touched = set(deltas)
             touched.update(b.grant_id for b in self.blocks.values() if b.reported_end_kind is not None)
-            self._correct_published_ends(touched, cause_event_id, entries)
+            self._correct_published_ends(touched, cause_event_id, changed_at, entries)
             self._publish_ends_through(self.watermark, entries)
         return entries
 
     # ------------------------------------------------------------------------------------- segments
+
+    def _allocations(self, deltas: dict[str, int]) -> tuple[Allocation, ...]:
+        """Allocation rows for net consumption changes already applied to the blocks, with their money."""
+        rows = []
+        for grant_id, amount in sorted(deltas.items()):
+            block = self.blocks[grant_id]
+            money = moved(block.price, block.amount, block.consumed - amount, block.consumed)
+            rows.append(Allocation(grant_id, amount, money))
+        return tuple(rows)
 
     def _segment_start(self, segment: int) -> int:
         return self._bounds[segment - 1] if segment > 0 else -NEVER
@@ -355,10 +412,15 @@ class Account:
         segment_allocations = self._segment_allocations[self._frontier]
         if amount and cursor < len(active):  # fast path: the first block in line covers it all
             block = active[cursor]
-            if block.amount - block.consumed > amount:
-                block.consumed += amount
+            consumed = block.consumed
+            if block.amount - consumed > amount:
+                block.consumed = consumed + amount
                 grant_id = block.grant_id
                 segment_allocations[grant_id] = segment_allocations.get(grant_id, 0) + amount
+                price = block.price
+                if price:  # ledger.revenue.moved, inline: this is the path every usage takes
+                    money = price * (consumed + amount) // block.amount - price * consumed // block.amount
+                    return (Allocation(grant_id, amount, money),), 0
                 return (Allocation(grant_id, amount),), 0
         taken: tuple[Allocation, ...] = ()
         while amount and cursor < len(active):
@@ -368,10 +430,11 @@ class Account:
                 cursor += 1
                 continue
             take = remaining if remaining < amount else amount
+            money = moved(block.price, block.amount, block.consumed, block.consumed + take)
             block.consumed += take
             grant_id = block.grant_id
             segment_allocations[grant_id] = segment_allocations.get(grant_id, 0) + take
-            taken += (Allocation(grant_id, take),)
+            taken += (Allocation(grant_id, take, money),)
             amount -= take
             if take == remaining:
                 cursor += 1
@@ -481,8 +544,12 @@ class Account:
         kind = block.end_kind
         amount = block.remaining
         assert amount >= 0, f"{block.grant_id} ends with a negative remainder {amount}"
+        money = block.price - block.recognised  # the remainder's share: nothing deferred is left
+        check_grant_money(block.grant_id, block.price, block.recognised, money, 0)
         block.reported_end_kind = kind
         block.reported_end_amount = amount
+        block.reported_end_money = money
+        booked_at = self._booked_at(block.end)
         if kind == EXPIRED:
             entry_id = expired_entry_id(self.tenant_id, block.grant_id)
             entry: Entry = CreditExpired(
@@ -491,6 +558,8 @@ class Account:
                 grant_id=block.grant_id,
                 expired_at=block.end,
                 amount=amount,
+                money=money,
+                booked_at=booked_at,
             )
         else:
             entry_id = voided_entry_id(self.tenant_id, block.grant_id)
@@ -500,12 +569,14 @@ class Account:
                 grant_id=block.grant_id,
                 voided_at=block.end,
                 amount=amount,
+                money=money,
+                booked_at=booked_at,
             )
         block.reported_end_entry_id = entry_id
         return entry
 
     def _correct_published_ends(
-        self, touched: Iterable[str], cause_event_id: str, entries: list[Entry]
+        self, touched: Iterable[str], cause_event_id: str, cause_at: int, entries: list[Entry]
     ) -> None:
         """For each touched block whose end was already published, publish what changed about it."""
         for grant_id in touched:
@@ -514,7 +585,8 @@ class Account:
                 continue
             same_kind = block.reported_end_kind == block.end_kind
             delta = (block.remaining if same_kind else 0) - block.reported_end_amount
-            if delta:
+            money_delta = (block.price - block.recognised if same_kind else 0) - block.reported_end_money
+            if delta or money_delta:
                 entries.append(
                     EndCorrected(
                         entry_id=end_correction_entry_id(self.tenant_id, cause_event_id, grant_id),
@@ -523,9 +595,15 @@ class Account:
                         corrects=block.reported_end_entry_id,
                         cause_event_id=cause_event_id,
                         delta=delta,
+                        money_delta=money_delta,
+                        cause_at=cause_at,
+                        booked_at=self._booked_at(cause_at),
                     )
                 )
                 block.reported_end_amount += delta
+                block.reported_end_money += money_delta
+                if same_kind:
+                    _check_money(block, deferred=0)
             if not same_kind:
                 entries.append(self._publish_end(block))
 
@@ -629,6 +707,12 @@ class Account:
             assert block.consumed <= block.amount, (
                 f"{block.grant_id}: consumed {block.consumed} of {block.amount}"
             )
+            deferred = block.price - block.recognised - block.reported_end_money
+            _check_money(block, deferred)
+            if block.reported_end_kind is None:
+                assert block.reported_end_money == 0, f"{block.grant_id}: end money before its end"
+            else:
+                assert deferred == 0, f"{block.grant_id}: {deferred} deferred after its end was published"
         assert sum(self._segment_overage) == self.overage_total, "overage total drifted"
         granted = sum(b.amount for b in self.blocks.values())
         assert self.granted_total == granted, f"granted total {self.granted_total} drifted from {granted}"
@@ -656,6 +740,8 @@ class Account:
                     b.reported_end_amount,
                     b.reported_end_entry_id,
                     self._grant_event_ids[b.grant_id],
+                    *self._grant_terms[b.grant_id],
+                    b.reported_end_money,
                 )
                 for b in self.blocks.values()
             ],
@@ -668,6 +754,7 @@ class Account:
             segment_overage=list(self._segment_overage),
             overage_total=self.overage_total,
             watermark=self.watermark,
+            closed_until=self.closed_until,
         )
 
     @classmethod
@@ -685,8 +772,11 @@ class Account:
                 s.reported_end_kind,
                 s.reported_end_amount,
                 s.reported_end_entry_id,
+                s.price or 0,
+                s.reported_end_money,
             )
             account.blocks[block.grant_id] = block
+            account._grant_terms[block.grant_id] = (s.category, s.price, s.currency, s.reference)
             account.granted_total += block.amount
             account._grant_event_ids[block.grant_id] = s.grant_event_id
             account._ordered.append((block.order_key, block))
@@ -700,6 +790,7 @@ class Account:
         account._segment_overage = list(state.segment_overage)
         account.overage_total = state.overage_total
         account.watermark = state.watermark
+        account.closed_until = state.closed_until
         account._settle_frontier()
         account.check_invariants()
         return account
@@ -712,8 +803,6 @@ def _segment_usage_of(summary: UsageSummary) -> tuple[int, int, int]:
     return (summary.total, summary.first_at, summary.last_at)
 
 
-def _allocations(deltas: dict[str, int]) -> tuple[Allocation, ...]:
-    return tuple(Allocation(grant_id, amount) for grant_id, amount in sorted(deltas.items()))
 
 
 def _same_terms(block: CreditBlock, event: CreditGranted) -> bool:
@@ -723,3 +812,11 @@ def _same_terms(block: CreditBlock, event: CreditGranted) -> bool:
         event.expires_at,
         event.priority,
     )
+
+
+def _money_terms(event: CreditGranted) -> tuple[str, int | None, str | None, str]:
+    return (event.category, event.price, event.currency, event.reference)
+
+
+def _check_money(block: CreditBlock, deferred: int) -> None:
+    check_grant_money(block.grant_id, block.price, block.recognised, block.reported_end_money, deferred)

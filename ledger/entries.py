@@ -14,6 +14,18 @@ drop repeats by id) and the `tenant_id` it belongs to.
 - CreditVoided: a block's remainder removed by a void.
 - EndCorrected: a late event changed a published CreditExpired or CreditVoided by `delta`; `corrects`
   is the entry id of that original.
+- GrantRecorded: a grant the fold accepted, with its money terms (what statements count as granted).
+
+Money (schema version 2; see ledger.revenue): a paid grant's price is recognised as its credits are
+consumed, with cumulative rounding: once c of its amount credits are consumed, floor(price * c / amount)
+is recognised. Each allocation carries the difference its credits made (`money`, negative when a late
+event took consumption back); a forfeit carries the breakage, a void the voided money, a correction the
+money delta. Summed per grant: recognised + breakage + voided + deferred == price, always.
+
+Booking: every entry has an own time (occurred_at, expired_at, voided_at, or for a correction
+`cause_at`, the time of the event that caused it). `booked_at` is None when the entry is booked at its own
+time; when that time lies in a period the tenant has closed (ledger.events.PeriodClosed), it is the
+close, the start of the first open period, and the entry is an adjustment there.
 """
 
 from __future__ import annotations
@@ -23,9 +35,10 @@ import msgspec
 from ledger.events import SCHEMA_VERSION, CreditExpired, InvalidEvent
 
 
-class Allocation(msgspec.Struct, frozen=True, array_like=True):
+class Allocation(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     grant_id: str
     amount: int
+    money: int = 0  # minor units of the grant's currency; omitted (0) for a promotional grant
 
 
 class UsageAllocated(msgspec.Struct, frozen=True, tag="usage_allocated", tag_field="type", kw_only=True):
@@ -40,6 +53,7 @@ class UsageAllocated(msgspec.Struct, frozen=True, tag="usage_allocated", tag_fie
     allocations: tuple[Allocation, ...]
     overage: int
     schema_version: int = SCHEMA_VERSION
+    booked_at: int | None = None
     cached_prompt_tokens: int = 0  # of prompt_tokens, those served from a prefix cache
 
 
@@ -52,6 +66,8 @@ class AllocationCorrected(
     allocations: tuple[Allocation, ...]  # deltas
     overage_delta: int
     schema_version: int = SCHEMA_VERSION
+    cause_at: int = 0
+    booked_at: int | None = None
 
 
 class CreditVoided(msgspec.Struct, frozen=True, tag="credit_voided", tag_field="type", kw_only=True):
@@ -61,6 +77,8 @@ class CreditVoided(msgspec.Struct, frozen=True, tag="credit_voided", tag_field="
     voided_at: int
     amount: int
     schema_version: int = SCHEMA_VERSION
+    money: int = 0  # the voided credits' share of a paid grant's price
+    booked_at: int | None = None
 
 
 class EndCorrected(msgspec.Struct, frozen=True, tag="end_corrected", tag_field="type", kw_only=True):
@@ -71,9 +89,28 @@ class EndCorrected(msgspec.Struct, frozen=True, tag="end_corrected", tag_field="
     cause_event_id: str
     delta: int
     schema_version: int = SCHEMA_VERSION
+    money_delta: int = 0
+    cause_at: int = 0
+    booked_at: int | None = None
 
 
-Entry = UsageAllocated | AllocationCorrected | CreditExpired | CreditVoided | EndCorrected
+class GrantRecorded(msgspec.Struct, frozen=True, tag="grant_recorded", tag_field="type", kw_only=True):
+    entry_id: str
+    tenant_id: str
+    grant_id: str
+    event_id: str  # the CreditGranted
+    effective_at: int
+    expires_at: int | None
+    amount: int
+    category: str
+    price: int | None
+    currency: str | None
+    reference: str
+    schema_version: int = SCHEMA_VERSION
+    booked_at: int | None = None
+
+
+Entry = UsageAllocated | AllocationCorrected | CreditExpired | CreditVoided | EndCorrected | GrantRecorded
 
 
 def check_usage_allocated(entry: UsageAllocated) -> None:
@@ -81,7 +118,14 @@ def check_usage_allocated(entry: UsageAllocated) -> None:
     negative. Asserted where usage is allocated (ledger.account) and again where entries are projected
     (streams.projector); raises AssertionError (a broken fold, never bad input)."""
     assert entry.amount >= 0, f"usage {entry.event_id} has a negative amount {entry.amount}"
-    allocated = sum(allocation.amount for allocation in entry.allocations)
+    allocated = 0
+    for allocation in entry.allocations:
+        allocated += allocation.amount
+        # Revenue moves with consumption: never against it (floor(price * c / amount) is monotone in c).
+        assert allocation.money * allocation.amount >= 0, (
+            f"usage {entry.event_id}: {allocation.grant_id} moves {allocation.amount} credits "
+            f"but {allocation.money} money"
+        )
     assert allocated + entry.overage == entry.amount, (
         f"usage {entry.event_id}: allocations {allocated} + overage {entry.overage} != amount {entry.amount}"
     )
@@ -90,7 +134,13 @@ def check_usage_allocated(entry: UsageAllocated) -> None:
 def check_allocation_corrected(entry: AllocationCorrected) -> None:
     """A correction moves usage between blocks and overage, never creates or destroys it: its deltas and
     its overage delta sum to zero."""
-    moved = sum(allocation.amount for allocation in entry.allocations)
+    moved = 0
+    for allocation in entry.allocations:
+        moved += allocation.amount
+        assert allocation.money * allocation.amount >= 0, (
+            f"correction {entry.entry_id}: {allocation.grant_id} moves {allocation.amount} credits "
+            f"but {allocation.money} money"
+        )
     assert moved + entry.overage_delta == 0, (
         f"correction {entry.entry_id}: deltas {moved} + overage delta {entry.overage_delta} != 0"
     )
@@ -117,6 +167,10 @@ def expired_entry_id(tenant_id: str, grant_id: str) -> str:
 
 def voided_entry_id(tenant_id: str, grant_id: str) -> str:
     return f"{tenant_id}/voided/{grant_id}"
+
+
+def granted_entry_id(tenant_id: str, grant_id: str) -> str:
+    return f"{tenant_id}/granted/{grant_id}"
 
 
 def reallocation_entry_id(tenant_id: str, cause_event_id: str) -> str:

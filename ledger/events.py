@@ -1,7 +1,7 @@
 """Ledger events: immutable, versioned facts. Integer credit units, integer epoch milliseconds.
 
 Inputs to the fold (published on `ledger.events`, keyed by tenant id):
-    CreditGranted, GrantVoided, UsageRecorded
+    CreditGranted, GrantVoided, UsageRecorded, PeriodClosed
 Facts the fold derives and publishes (on `ledger.entries`):
     CreditExpired and the entries in `ledger.entries`.
 
@@ -11,11 +11,13 @@ Every event validates itself on construction and on decode (see `ledger.codec`);
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
-SCHEMA_VERSION = 1
+# 2: grants carry money (category, price, currency, reference), entries carry the money they move, and
+# PeriodClosed exists. Version 1 records (no money fields) still decode: a v1 grant is promotional.
+SCHEMA_VERSION = 2
 
 IDENTIFIER_LENGTH_MAX = 128
 MODEL_NAME_LENGTH_MAX = 128
@@ -35,6 +37,15 @@ NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_MAX)]
 TimestampMs = Annotated[int, msgspec.Meta(ge=0, le=TIMESTAMP_MAX_MS)]
 TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2**31)]
 Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31)]
+# Money is integer minor units of an ISO 4217 currency (cents for USD); a grant's price is at most this.
+PRICE_MAX = 2**62
+MoneyAmount = Annotated[int, msgspec.Meta(ge=0, le=PRICE_MAX)]
+CurrencyCode = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+REFERENCE_LENGTH_MAX = 256
+Reference = Annotated[str, msgspec.Meta(max_length=REFERENCE_LENGTH_MAX)]
+PAID = "paid"
+PROMOTIONAL = "promotional"
+Category = Literal["paid", "promotional"]
 
 
 class InvalidEvent(ValueError):
@@ -46,7 +57,11 @@ class InvalidEvent(ValueError):
 
 
 class CreditGranted(msgspec.Struct, frozen=True, tag="credit_granted", tag_field="type", kw_only=True):
-    """A block of credit that counts at t iff effective_at <= t < expires_at (None: never expires)."""
+    """A block of credit that counts at t iff effective_at <= t < expires_at (None: never expires).
+
+    A paid grant was bought for `price` minor units of `currency`; a promotional one has no price (its
+    currency, if given, only says what it would be counted in). `reference` is finance's own id for it
+    (an invoice or order). A version 1 grant has none of these: it is promotional."""
 
     event_id: Identifier
     tenant_id: TenantId
@@ -56,12 +71,20 @@ class CreditGranted(msgspec.Struct, frozen=True, tag="credit_granted", tag_field
     expires_at: TimestampMs | None = None
     priority: Priority = 0  # lower is drawn first
     schema_version: int = SCHEMA_VERSION
+    category: Category = PROMOTIONAL
+    price: MoneyAmount | None = None
+    currency: CurrencyCode | None = None
+    reference: Reference = ""
 
     kind_order: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         if self.expires_at is not None and self.expires_at <= self.effective_at:
             raise InvalidEvent("expires_at must be after effective_at")
+        if self.category == PAID and (self.price is None or self.currency is None):
+            raise InvalidEvent("price: a paid grant needs a price and a currency")
+        if self.category == PROMOTIONAL and self.price is not None:
+            raise InvalidEvent("price: a promotional grant has no price")
 
     @property
     def timestamp(self) -> int:
@@ -110,6 +133,23 @@ class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field
         return self.occurred_at
 
 
+class PeriodClosed(msgspec.Struct, frozen=True, tag="period_closed", tag_field="type", kw_only=True):
+    """The tenant's books are closed for everything before `closed_until`: an entry the fold derives
+    later for an earlier time is booked at the close, as an adjustment (ledger.entries `booked_at`),
+    so a closed period's statement never changes. A close never moves back (an earlier one is a no-op)."""
+
+    event_id: Identifier
+    tenant_id: TenantId
+    closed_until: TimestampMs
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 4
+
+    @property
+    def timestamp(self) -> int:
+        return self.closed_until
+
+
 class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field="type", kw_only=True):
     """Derived: a block's remainder forfeited at its expiry. Published by the fold, never an input."""
 
@@ -119,6 +159,8 @@ class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field
     expired_at: TimestampMs
     amount: NonNegativeAmount
     schema_version: int = SCHEMA_VERSION
+    money: int = 0  # breakage: the forfeited credits' share of a paid grant's price
+    booked_at: int | None = None  # set when expired_at fell in a closed period (ledger.entries)
 
     kind_order: ClassVar[int] = 3
 
@@ -131,8 +173,8 @@ class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field
         return self.event_id
 
 
-InputEvent = CreditGranted | GrantVoided | UsageRecorded
-Event = CreditGranted | GrantVoided | UsageRecorded | CreditExpired
+InputEvent = CreditGranted | GrantVoided | UsageRecorded | PeriodClosed
+Event = CreditGranted | GrantVoided | UsageRecorded | PeriodClosed | CreditExpired
 
 
 def validated(event: Event) -> Event:

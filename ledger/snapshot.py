@@ -19,6 +19,12 @@ class BlockState(msgspec.Struct, array_like=True, frozen=True):
     reported_end_amount: int
     reported_end_entry_id: str
     grant_event_id: str
+    # money terms (schema version 2 grants); a version 1 snapshot has none: promotional
+    category: str = "promotional"
+    price: int | None = None
+    currency: str | None = None
+    reference: str = ""
+    reported_end_money: int = 0
 
 
 class AccountState(msgspec.Struct, frozen=True):
@@ -34,6 +40,7 @@ class AccountState(msgspec.Struct, frozen=True):
     overage_total: int
     watermark: int
     version: int = SNAPSHOT_VERSION
+    closed_until: int = 0  # PeriodClosed
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -116,3 +116,26 @@ def totals_at(events, t):
         else:
             forfeited += left
     return granted, consumed, forfeited, voided, remaining, overage
+
+
+def grant_money(events, stream_time):
+    """Per paid grant: (price, recognised, breakage, voided, deferred) once every usage applied so far is
+    consumed and the ends at or before stream_time are published. Written from the definitions: recognised
+    is floor(price * consumed / amount); a published end carries the rest of the price."""
+    events = distinct_events(events)
+    blocks, _ = replay(events, FOREVER)
+    money = {}
+    for event in events:
+        if not isinstance(event, CreditGranted) or event.category != "paid":
+            continue
+        block = blocks[event.grant_id]
+        price = event.price
+        recognised = price * block.consumed // block.amount
+        breakage = voided = 0
+        if block.end <= stream_time:
+            if block.voided:
+                voided = price - recognised
+            else:
+                breakage = price - recognised
+        money[event.grant_id] = (price, recognised, breakage, voided, price - recognised - breakage - voided)
+    return money
