@@ -68,6 +68,8 @@ class SafetyPolicy(BaseModel):
         for value in values:
             if not 1 <= len(value) <= TERM_CHARS_MAX:
                 raise ValueError(f"each term or pattern is 1 to {TERM_CHARS_MAX} characters")
+            if "\x00" in value:
+                raise ValueError("a term or pattern must not contain NUL")
         return values
 
     @field_validator("blocked_patterns")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.admin.deps import Clock, Sessions, Settings, require_admin
 from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute
+from gateway.admin.models import IdentifierText, PlainText
 from gateway.errors import ApiError
 from gateway.router import RouteStore
 
@@ -35,15 +36,15 @@ AliasPath = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/-]+$")
 class RouteBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    stable_model: str = Field(min_length=1, max_length=128)
-    canary_model: str | None = Field(default=None, min_length=1, max_length=128)
+    stable_model: IdentifierText
+    canary_model: IdentifierText | None = None
     canary_percent: int = Field(default=0, ge=0, le=100)
 
 
 class RollbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(default="manual", min_length=1, max_length=500)
+    reason: PlainText = Field(default="manual", min_length=1, max_length=500)
 
 
 class RouteView(BaseModel):

@@ -55,5 +55,9 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/grants/{grant_id}/void",
         "/admin/v1/tenants/{tenant_id}/balance",
         "/admin/v1/tenants/{tenant_id}/entries",
+        "/admin/v1/tenants/{tenant_id}/policy",
+        "/admin/v1/models/{alias}/route",
+        "/admin/v1/models/{alias}/promote",
+        "/admin/v1/models/{alias}/rollback",
     }
     assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"

@@ -22,6 +22,13 @@ FULLWIDTH_2024 = "\uff12\uff10\uff12\uff14"  # "２０２４"
 # A valid body for every route that takes one; the walk puts a NUL into each of its string fields.
 VALID_BODIES = {
     ("POST", "/admin/v1/tenants"): {"name": "Acme", "tier": "pro"},
+    ("PUT", "/admin/v1/tenants/{tenant_id}/policy"): {"retention_days": 30, "safety": {"pii": ["email"]}},
+    ("PUT", "/admin/v1/models/{alias}/route"): {
+        "stable_model": "tollgate-tiny",
+        "canary_model": "tollgate-tiny",
+        "canary_percent": 10,
+    },
+    ("POST", "/admin/v1/models/{alias}/rollback"): {"reason": "manual"},
     ("POST", "/admin/v1/tenants/{tenant_id}/grants"): {
         "amount": 5,
         "effective_at": "1700000000000",
@@ -54,7 +61,12 @@ async def existing_ids(client, tenant_id) -> dict[str, str]:
         f"/admin/v1/tenants/{tenant_id}/grants", json={"amount": 5}, headers={"Idempotency-Key": "ids"}
     )
     assert key.status_code == 201 and grant.status_code == 201
-    return {"tenant_id": tenant_id, "key_id": key.json()["key_id"], "grant_id": grant.json()["grant_id"]}
+    return {
+        "tenant_id": tenant_id,
+        "key_id": key.json()["key_id"],
+        "grant_id": grant.json()["grant_id"],
+        "alias": "tollgate-tiny",
+    }
 
 
 def requests_with_a_nul(route: APIRoute, ids: dict[str, str]):
