@@ -149,7 +149,7 @@ def _part_text(part: Any, param: str) -> str:
 def input_items(value: str | list[dict[str, Any]], param: str = "input") -> list[dict]:
     """The request's input (a string, or message items) as stored message items, each with a new id."""
     if isinstance(value, str):
-        return [message_item("user", value)]
+        return [message_item("user", refuse_nul(value, param))]
     if len(value) > INPUT_ITEMS_MAX:
         raise invalid_param(param, f"{param} may hold at most {INPUT_ITEMS_MAX} items")
     items = []
@@ -169,8 +169,15 @@ def input_items(value: str | list[dict[str, Any]], param: str = "input") -> list
             text = "".join(_part_text(part, f"{where}.content[{i}]") for i, part in enumerate(content))
         else:
             raise invalid_param(f"{where}.content", "content must be a string or a list of text parts")
-        items.append(message_item(role, text))
+        items.append(message_item(role, refuse_nul(text, f"{where}.content")))
     return items
+
+
+def refuse_nul(text: str, param: str) -> str:
+    """`text`, or a 400: Postgres cannot store a NUL character in text."""
+    if "\x00" in text:
+        raise invalid_param(param, f"{param} must not contain NUL characters")
+    return text
 
 
 def chat_message(item: dict) -> dict:
@@ -356,6 +363,9 @@ class ResponsesService:
         self, tenant: TenantIdentity, raw_body: bytes, receive: Callable[[], Awaitable[dict]]
     ) -> Response:
         body = parse_response_body(raw_body)
+        for key, value in (body.metadata or {}).items():
+            refuse_nul(key + value, "metadata")
+        refuse_nul(body.instructions or "", "instructions")
         started = await self._start(tenant, body)
         headers = {"x-request-id": started.generation.request_id, **started.generation.reservation.headers}
         if body.stream:

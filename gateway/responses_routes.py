@@ -20,7 +20,7 @@ from gateway.deps import AuthenticatedTenant
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.moderations import moderate
-from gateway.responses import ResponsesService, input_items
+from gateway.responses import ResponsesService, input_items, refuse_nul
 from gateway.router import ModelRouter, RouteStore
 from gateway.settings import GatewaySettings
 from gateway.wire import encode_json
@@ -55,6 +55,12 @@ class ModerationBody(BaseModel):
 
     input: str | list[str]
     model: str | None = None
+
+
+def _metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    for key, value in (metadata or {}).items():
+        refuse_nul(key + value, "metadata")
+    return metadata or {}
 
 
 def _json(body: dict) -> Response:
@@ -122,7 +128,7 @@ async def create_conversation(
     items = input_items(body.items or [], param="items")
     return _json(
         await _store(request).create_conversation(
-            tenant.tenant_id, body.metadata or {}, items, _now_ms(request)
+            tenant.tenant_id, _metadata(body.metadata), items, _now_ms(request)
         )
     )
 
@@ -136,7 +142,9 @@ async def get_conversation(conversation_id: str, request: Request, tenant: Authe
 async def update_conversation(
     conversation_id: str, body: ConversationUpdateBody, request: Request, tenant: AuthenticatedTenant
 ) -> Response:
-    return _json(await _store(request).update_conversation(tenant.tenant_id, conversation_id, body.metadata))
+    return _json(
+        await _store(request).update_conversation(tenant.tenant_id, conversation_id, _metadata(body.metadata))
+    )
 
 
 @router.delete("/conversations/{conversation_id}", response_model=None)

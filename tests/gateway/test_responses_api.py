@@ -272,3 +272,11 @@ async def test_the_retention_sweep_deletes_expired_text_for_real(
         base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
     ) as admin:
         await admin.put(f"/admin/v1/tenants/{tenant.tenant_id}/policy", json={"retention_days": None})
+
+
+async def test_text_postgres_cannot_hold_is_refused_with_a_400(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(model=MODEL, input="a\x00b", max_output_tokens=3)
+    assert refused.value.code == "invalid_value"
+    with pytest.raises(openai.BadRequestError):
+        await client.conversations.create(metadata={"k": "v\x00"})
