@@ -549,14 +549,16 @@ class Account:
         block.reported_end_kind = kind
         block.reported_end_amount = amount
         block.reported_end_money = money
-        booked_at = self._booked_at(block.end)
+        # A void dated before the grant took effect: the credit was granted and removed at once.
+        ended_at = max(block.end, block.effective_at)
+        booked_at = self._booked_at(ended_at)
         if kind == EXPIRED:
             entry_id = expired_entry_id(self.tenant_id, block.grant_id)
             entry: Entry = CreditExpired(
                 event_id=entry_id,
                 tenant_id=self.tenant_id,
                 grant_id=block.grant_id,
-                expired_at=block.end,
+                expired_at=ended_at,
                 amount=amount,
                 money=money,
                 booked_at=booked_at,
@@ -567,7 +569,7 @@ class Account:
                 entry_id=entry_id,
                 tenant_id=self.tenant_id,
                 grant_id=block.grant_id,
-                voided_at=block.end,
+                voided_at=ended_at,
                 amount=amount,
                 money=money,
                 booked_at=booked_at,
