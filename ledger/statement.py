@@ -237,7 +237,7 @@ def build_statement(
             row.credits,
             _money({_currency(grants, row.grant_id): row.money} if row.money else {}),
         )
-        for row in adjustment_rows
+        for row in sorted(adjustment_rows, key=lambda row: (row.booked_at, row.entry_id))  # stable: row order
     ]
     adjustment_total = _merged(lines, lambda section: section.startswith(ADJUSTMENT), "")
     statement = Statement(

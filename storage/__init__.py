@@ -10,6 +10,7 @@
     storage.idempotency the stored responses of requests sent with an Idempotency-Key
     storage.conversations the Responses and Conversations APIs' stored text; tenants' retention and
                         safety policies
+    storage.finance     every entry's movements (statements sum them) and the grants' money terms
     storage.database    settings, the embedded server, engines, sessions and start-up migrations
 
 One style: every table is a declarative ORM class. Most of the code (the admin API, the projector,
@@ -26,6 +27,7 @@ importing `storage` registers every table on it. A new table's module is importe
 from sqlalchemy import MetaData
 
 import storage.conversations  # noqa: F401  (registers its tables)
+import storage.finance  # noqa: F401  (registers its tables)
 from storage import admission, embedded, idempotency, projections, tenants  # noqa: F401  (register tables)
 from storage.base import Base
 

@@ -15,6 +15,10 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(Text)
     tier: Mapped[str] = mapped_column(Text)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # Overage (usage no credit covered) is priced on statements at this many minor units of
+    # overage_currency per million credits; NULL: reported, not priced (ledger.statement).
+    overage_rate_per_million_credits: Mapped[int | None] = mapped_column(BigInteger)
+    overage_currency: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         CheckConstraint("length(name) BETWEEN 1 AND 200", name="name_length"),
@@ -60,6 +64,11 @@ class Grant(Base):
     voided_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     void_event_id: Mapped[str | None] = mapped_column(Text, unique=True)
     void_published_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # Money terms (ledger.events.CreditGranted); grants recorded before them are promotional.
+    category: Mapped[str] = mapped_column(Text, server_default="promotional")
+    price: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(Text, server_default="")
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),

@@ -45,13 +45,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from ledger.codec import decode_event
 from ledger.entries import (
     AllocationCorrected,
+    GrantRecorded,
     UsageAllocated,
     check_allocation_corrected,
     check_usage_allocated,
     decode_entry,
 )
 from ledger.events import CreditExpired, Event, InvalidEvent
+from ledger.statement import movements
 from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from storage.finance import GrantTermsRow, LedgerMovement, grant_terms_values, movement_values
 from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.log import KafkaLog
 from streams.records import BalanceRecord, DeadLetter, LogPosition, LogRecord
@@ -99,6 +102,8 @@ class BatchRows:
     events: dict[str, dict] = field(default_factory=dict)
     entries: dict[str, dict] = field(default_factory=dict)
     balances: dict[str, dict | None] = field(default_factory=dict)  # None: tombstone, delete the row
+    movements: dict[str, list[dict]] = field(default_factory=dict)  # by entry id (storage.finance)
+    grant_terms: dict[str, dict] = field(default_factory=dict)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     dead_letters: list[OutgoingRecord] = field(default_factory=list)  # for topics.dlq, with the reason
 
@@ -198,6 +203,9 @@ def _add_record(rows: BatchRows, topics: LedgerTopics, record: LogRecord, now_ms
     _check_money(entry)
     payload = msgspec.to_builtins(entry)
     rows.entries.setdefault(entry.entry_id, _entry_row(payload, entry.entry_id, record, now_ms))
+    rows.movements.setdefault(entry.entry_id, movement_values(entry.tenant_id, movements(entry)))
+    if type(entry) is GrantRecorded:
+        rows.grant_terms.setdefault(entry.grant_id, grant_terms_values(entry, payload))
     if isinstance(entry, CreditExpired):  # a derived event: archived with the others
         rows.events.setdefault(entry.event_id, _event_row(entry, record, now_ms))
 
@@ -223,6 +231,11 @@ async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRow
         await session.execute(
             insert(LedgerEntry).values(list(rows.entries.values())).on_conflict_do_nothing()
         )
+    movement_rows = [row for entry_rows in rows.movements.values() for row in entry_rows]
+    if movement_rows:  # executemany: a batch's rows may exceed one statement's parameter limit
+        await session.execute(insert(LedgerMovement).on_conflict_do_nothing(), movement_rows)
+    if rows.grant_terms:
+        await session.execute(insert(GrantTermsRow).on_conflict_do_nothing(), list(rows.grant_terms.values()))
     upserts = [row for row in rows.balances.values() if row is not None]
     if upserts:
         statement = insert(Balance).values(upserts)

@@ -198,6 +198,10 @@ async def record_grant(
     effective_at_ms = request.effective_at if request.effective_at is not None else now_ms
     if request.expires_at is not None and request.expires_at <= effective_at_ms:
         raise AdminError(422, "expires_at", f"must be after effective_at ({effective_at_ms})")
+    if request.category == "paid" and (request.price is None or request.currency is None):
+        raise AdminError(422, "price", "a paid grant needs a price and a currency")
+    if request.category == "promotional" and request.price is not None:
+        raise AdminError(422, "price", "a promotional grant has no price")
     await existing_tenant(session, tenant_id, lock=True)
     grant_id, event_id = grant_identity(tenant_id, idempotency_key)
     fingerprint = request_fingerprint(request)
@@ -214,6 +218,10 @@ async def record_grant(
             effective_at_ms=effective_at_ms,
             expires_at_ms=request.expires_at,
             priority=request.priority,
+            category=request.category,
+            price=request.price,
+            currency=request.currency,
+            reference=request.reference,
             idempotency_key=idempotency_key,
             request_sha256=fingerprint,
             created_at_ms=now_ms,
@@ -274,6 +282,10 @@ def granted_event(grant: Grant) -> CreditGranted:
         effective_at=grant.effective_at_ms,
         expires_at=grant.expires_at_ms,
         priority=grant.priority,
+        category=grant.category,
+        price=grant.price,
+        currency=grant.currency,
+        reference=grant.reference,
     )
 
 

@@ -4,11 +4,17 @@ as epoch milliseconds or ISO 8601 with a timezone, and returned as epoch millise
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
 
-from ledger.events import IDENTIFIER_LENGTH_MAX, TENANT_ID_PATTERN, TIMESTAMP_MAX_MS
+from ledger.events import (
+    IDENTIFIER_LENGTH_MAX,
+    PRICE_MAX,
+    REFERENCE_LENGTH_MAX,
+    TENANT_ID_PATTERN,
+    TIMESTAMP_MAX_MS,
+)
 
 TENANT_NAME_LENGTH_MAX = 200
 PRIORITY_MIN = -(2**31)
@@ -107,6 +113,16 @@ class GrantCreate(BaseModel):
     priority: StrictInt = Field(
         default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="lower is drawn first"
     )
+    category: Literal["paid", "promotional"] = Field(
+        default="promotional", description="paid: bought for `price`; promotional: no price"
+    )
+    price: StrictInt | None = Field(
+        default=None, ge=0, le=PRICE_MAX, description="integer minor units of `currency`; paid grants only"
+    )
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$", description="ISO 4217")
+    reference: str = Field(
+        default="", max_length=REFERENCE_LENGTH_MAX, description="finance's id for it: an invoice or order"
+    )
 
 
 class GrantView(BaseModel):
@@ -117,6 +133,10 @@ class GrantView(BaseModel):
     effective_at: int
     expires_at: int | None
     priority: int
+    category: str
+    price: int | None
+    currency: str | None
+    reference: str
     created_at: int
     voided_at: int | None
     void_event_id: str | None

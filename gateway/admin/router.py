@@ -25,7 +25,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.admin import commands, model_routes, policies, queries
+from gateway.admin import commands, finance, model_routes, policies, queries
 from gateway.admin.deps import (
     RUNTIME_STATE,
     AdminRuntime,
@@ -88,6 +88,10 @@ def grant_view(grant: Grant) -> GrantView:
         effective_at=grant.effective_at_ms,
         expires_at=grant.expires_at_ms,
         priority=grant.priority,
+        category=grant.category,
+        price=grant.price,
+        currency=grant.currency,
+        reference=grant.reference,
         created_at=grant.created_at_ms,
         voided_at=grant.voided_at_ms,
         void_event_id=grant.void_event_id,
@@ -220,6 +224,7 @@ def build_admin_router(
 
     mounted = APIRouter(dependencies=[Depends(bind_runtime)])
     mounted.include_router(router)
+    mounted.include_router(finance.router)  # statements, overage rate, period close (issue 14)
     mounted.include_router(policies.router)  # tenants' retention and safety policies (issue 19)
     mounted.include_router(model_routes.router)  # model aliases: canary, promotion, rollback (issue 19)
     return mounted

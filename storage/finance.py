@@ -1,0 +1,173 @@
+"""Finance's projection: every entry's movements (ledger.statement.movements), one row each, written by
+the projector with the entry; statements sum them in SQL. And the queries statements and exports run."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Index, Integer, Text, and_, func, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ledger.statement import GrantTerms, Movement, OverageRate, Statement, Sum, build_statement
+from storage.base import Base
+from storage.tenants import Tenant
+
+
+class LedgerMovement(Base):
+    """One movement of one entry: what it did to the prepaid balance (credits) and to deferred money, in
+    the section and period it is booked in. Unique on (entry_id, row); entries replayed are no-ops."""
+
+    __tablename__ = "ledger_movements"
+
+    entry_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    row: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(Text)
+    booked_at_ms: Mapped[int] = mapped_column(BigInteger)
+    own_time_ms: Mapped[int] = mapped_column(BigInteger)
+    section: Mapped[str] = mapped_column(Text)
+    adjustment: Mapped[bool] = mapped_column(Boolean)
+    model: Mapped[str] = mapped_column(Text)
+    grant_id: Mapped[str] = mapped_column(Text)
+    credits: Mapped[int] = mapped_column(BigInteger)
+    money: Mapped[int] = mapped_column(BigInteger)
+    overage: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    cause_event_id: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "tenant_id", "booked_at_ms"), Index(None, "booked_at_ms"))
+
+
+class GrantTermsRow(Base):
+    """Each grant's money terms as the fold accepted them (its GrantRecorded entry)."""
+
+    __tablename__ = "grant_terms"
+
+    grant_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(Text, index=True)
+    category: Mapped[str] = mapped_column(Text)
+    price: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(Text)
+    terms: Mapped[dict] = mapped_column(JSONB)  # the GrantRecorded entry as written
+
+
+def movement_values(tenant_id: str, rows) -> list[dict]:
+    """ledger.statement.Movement rows -> ledger_movements values."""
+    return [
+        {
+            "entry_id": m.entry_id,
+            "row": number,
+            "tenant_id": tenant_id,
+            "booked_at_ms": m.booked_at,
+            "own_time_ms": m.own_time,
+            "section": m.section,
+            "adjustment": m.section.startswith("adjustment:"),
+            "model": m.model,
+            "grant_id": m.grant_id,
+            "credits": m.credits,
+            "money": m.money,
+            "overage": m.overage,
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+            "cause_event_id": m.cause_event_id,
+        }
+        for number, m in enumerate(rows)
+    ]
+
+
+def grant_terms_values(entry, payload: dict) -> dict:
+    """A GrantRecorded entry -> grant_terms values."""
+    return {
+        "grant_id": entry.grant_id,
+        "tenant_id": entry.tenant_id,
+        "category": entry.category,
+        "price": entry.price,
+        "currency": entry.currency,
+        "reference": entry.reference,
+        "terms": payload,
+    }
+
+
+async def movement_sums(session: AsyncSession, tenant_id: str, start: int, end: int) -> list[Sum]:
+    """(before start?, section, model, grant_id, credits, money, overage, prompt, completion) summed over the
+    tenant's rows booked before `end`: ledger.statement.sum_movements in SQL."""
+    m = LedgerMovement
+    before = (m.booked_at_ms < start).label("before")
+    query = (
+        select(
+            before,
+            m.section,
+            m.model,
+            m.grant_id,
+            func.sum(m.credits),
+            func.sum(m.money),
+            func.sum(m.overage),
+            func.sum(m.prompt_tokens),
+            func.sum(m.completion_tokens),
+        )
+        .where(and_(m.tenant_id == tenant_id, m.booked_at_ms < end))
+        .group_by(before, m.section, m.model, m.grant_id)
+        .order_by(before.desc(), m.section, m.model, m.grant_id)
+    )
+    return [
+        Sum(row[0], row[1], row[2], row[3], *(int(total) for total in row[4:]))
+        for row in (await session.execute(query)).all()
+    ]
+
+
+async def adjustment_rows(
+    session: AsyncSession, tenant_id: str, start: int, end: int
+) -> list[LedgerMovement]:
+    m = LedgerMovement
+    query = (
+        select(m)
+        .where(and_(m.tenant_id == tenant_id, m.adjustment, m.booked_at_ms >= start, m.booked_at_ms < end))
+        .order_by(m.booked_at_ms, m.entry_id, m.row)
+    )
+    return list((await session.execute(query)).scalars())
+
+
+async def grant_terms_of(session: AsyncSession, tenant_id: str) -> list[GrantTermsRow]:
+    query = select(GrantTermsRow).where(GrantTermsRow.tenant_id == tenant_id)
+    return list((await session.execute(query)).scalars())
+
+
+async def overage_rate_of(session: AsyncSession, tenant_id: str) -> tuple[int, str] | None:
+    query = select(Tenant.overage_rate_per_million_credits, Tenant.overage_currency).where(
+        Tenant.tenant_id == tenant_id
+    )
+    row = (await session.execute(query)).first()
+    if row is None or row[0] is None:
+        return None
+    return int(row[0]), row[1]
+
+
+async def tenant_statement(session: AsyncSession, tenant_id: str, start: int, end: int) -> Statement:
+    """The statement of [start, end): sums in SQL, assembled by ledger.statement.build_statement."""
+    sums = await movement_sums(session, tenant_id, start, end)
+    adjustments = [
+        Movement(
+            r.booked_at_ms,
+            r.section,
+            r.model,
+            r.grant_id,
+            r.credits,
+            r.money,
+            r.overage,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.entry_id,
+            r.cause_event_id,
+            r.own_time_ms,
+        )
+        for r in await adjustment_rows(session, tenant_id, start, end)
+    ]
+    grants = {
+        g.grant_id: GrantTerms(g.category, g.price or 0, g.currency)
+        for g in await grant_terms_of(session, tenant_id)
+    }
+    rate = await overage_rate_of(session, tenant_id)
+    return build_statement(
+        tenant_id, start, end, sums, adjustments, grants, None if rate is None else OverageRate(*rate)
+    )
