@@ -11,6 +11,12 @@ not folded again, and its stored outbox is published again byte for byte when it
 read back (streams.processor says why this order). Processing guarantee: at-least-once delivery of
 byte-identical records, one content per entry id; exactly-once effect.
 
+Pipelined: while batch N's writes wait for the broker (1 and 2), batch N+1 is fetched and folded in
+memory (`BatchEngine.prepare`, a partition at a time, yielding to the event loop between partitions so
+that N's acks are handled meanwhile). N+1's writes start only once N's publish is acknowledged, so the
+order above holds batch by batch and nothing of N+1 is durable before all of N is. A failure of N's
+writes discards N+1's in-memory effects with everything else (`reset`, then the committed offsets).
+
 `BatchEngine` is that step without a transport (fold, persist, publish; read a partition's state back
 and republish its outboxes on assignment): `BatchProcessor` runs it over aiokafka, and the deterministic
 simulation (tests/simulation/) runs the very same code over a simulated log with injected crashes.
@@ -177,12 +183,16 @@ class BatchEngine:
     async def fold(self, batches: dict[int, list[LogRecord]]) -> None:
         """One batch: each partition's records in offset order, from the caller's position."""
         await self.ensure_loaded(p for p, records in batches.items() if records)
-        outputs = [
+        await self.emit(self.prepare(batches))
+
+    def prepare(self, batches: dict[int, list[LogRecord]]) -> list[tuple[int, ProcessorOutput]]:
+        """Fold a batch of loaded partitions in memory: nothing is durable or published until `emit`."""
+        assert self.loaded.issuperset(p for p, records in batches.items() if records), "ensure_loaded first"
+        return [
             (partition, self.processor.process(partition, records))
             for partition, records in batches.items()
             if records
         ]
-        await self.emit(outputs)
 
     async def sweep(self, now_ms: int) -> None:
         """Publish what `now_ms` has passed for the quiet tenants of the loaded partitions."""
@@ -319,7 +329,10 @@ class BatchProcessor:
         self.processor = self.engine.processor
         self._consumer: AIOKafkaConsumer | None = None
         self._committable: dict[TopicPartition, int] = {}  # next offsets acked through state and outputs
-        self._lock = asyncio.Lock()  # one batch at a time; a revoke waits for the batch in flight
+        self._lock = asyncio.Lock()  # one batch folded at a time; a revoke waits for the batch in flight
+        # The emit (state, then outputs) of the last folded batch, with the offsets it makes committable.
+        self._in_flight: tuple[asyncio.Task, dict[TopicPartition, int]] | None = None
+        self._failed: BrokerUnavailable | None = None  # an emit that failed while a revoke waited for it
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -351,6 +364,8 @@ class BatchProcessor:
         try:
             if self._consumer is not None:
                 async with self._lock:
+                    with contextlib.suppress(BrokerUnavailable):
+                        await self._settle()
                     await self._commit()
                 await self._consumer.stop()  # leaves the group: its partitions move at once
                 self._consumer = None
@@ -375,9 +390,12 @@ class BatchProcessor:
                     await self._fold(batches)
                     now = time.monotonic()
                     if now - last_sweep >= settings.processor_expiry_sweep_interval_ms / 1000:
+                        await self._settle()  # a sweep writes state: after the batch in flight
                         await self.engine.sweep(int(time.time() * 1000) - settings.processor_expiry_grace_ms)
                         last_sweep = now
                     if now - last_commit >= settings.processor_commit_interval_ms / 1000:
+                        if self._in_flight is not None and self._in_flight[0].done():
+                            await self._settle()
                         await self._commit()
                         last_commit = now
                 failures = 0
@@ -398,24 +416,41 @@ class BatchProcessor:
     # ------------------------------------------------------------------------------------ one batch
 
     async def _fold(self, batches: dict[TopicPartition, list]) -> None:
+        """Fold a batch while the previous one's emit is in flight, then start this one's emit."""
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         assigned = self._consumer.assignment()
         # Every assigned partition is read back (and its outboxes sent again) before it is folded or swept,
         # a quiet one included.
-        await self.engine.ensure_loaded(tp.partition for tp in assigned if tp.topic == self.topics.events)
+        partitions = {tp.partition for tp in assigned if tp.topic == self.topics.events}
+        if not partitions <= self.engine.loaded:
+            await self._settle()
+            await self.engine.ensure_loaded(partitions)
         owned = {
             tp: messages for tp, messages in batches.items() if tp in assigned and messages
         }  # else revoked after the fetch
         if not owned:
             return
-        await self.engine.fold(
-            {
-                tp.partition: [
-                    LogRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in messages
-                ]
-                for tp, messages in owned.items()
-            }
+        outputs = []
+        for tp, messages in owned.items():
+            partition = tp.partition
+            records = [LogRecord(m.topic, partition, m.offset, m.key, m.value, m.timestamp) for m in messages]
+            outputs += self.engine.prepare({partition: records})
+            await asyncio.sleep(0)  # the previous batch's acks are handled between partitions
+        await self._settle()  # the previous batch is acknowledged before anything of this one is written
+        self._in_flight = (
+            asyncio.create_task(self.engine.emit(outputs)),
+            {tp: messages[-1].offset + 1 for tp, messages in owned.items()},
         )
-        self._committable.update({tp: messages[-1].offset + 1 for tp, messages in owned.items()})
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight; its offsets become committable. Raises what its emit raised."""
+        if self._in_flight is None:
+            return
+        (emitting, offsets), self._in_flight = self._in_flight, None
+        await emitting
+        self._committable.update(offsets)
 
     async def _commit(self) -> None:
         if not self._committable:
@@ -434,6 +469,10 @@ class BatchProcessor:
     async def release(self, revoked) -> None:
         """Partitions are going: finish the batch in flight, commit, and forget their state."""
         async with self._lock:
+            try:
+                await self._settle()
+            except BrokerUnavailable as error:  # the run loop rewinds before its next batch
+                self._failed = error
             await self._commit()
             for tp in revoked:
                 self._committable.pop(tp, None)
@@ -442,6 +481,10 @@ class BatchProcessor:
 
     async def _rewind(self) -> None:
         """After a failed batch: drop every cached state and go back to the committed offsets."""
+        with contextlib.suppress(BrokerUnavailable):
+            await self._settle()  # a batch still in flight (the failure was elsewhere): let it end first
+        self._committable.clear()
+        self._failed = None
         self.engine.reset()
         self._committable.clear()
         for tp in self._consumer.assignment():
