@@ -110,6 +110,12 @@ class GatewayMetrics:
             ["alias", "trigger"],
             registry=r,
         )
+        self.fallbacks = Counter(
+            "tollgate_gateway_fallbacks",
+            "Requests that fell back from a model to the next of their fallback_models, and why",
+            ["model", "fallback", "reason"],
+            registry=r,
+        )
         for collector in collectors:
             r.register(collector)
         self._of_model: dict[str, ModelMetrics] = {}

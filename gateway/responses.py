@@ -33,6 +33,7 @@ import msgspec
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.admission.base import Rejection
 from gateway.auth import TenantIdentity
 from gateway.completions import (
     SSE_HEADERS,
@@ -46,6 +47,7 @@ from gateway.errors import ApiError, invalid_param
 from gateway.logs import model_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.prompt_builder import build_prompt
+from gateway.prompts import Prompt, PromptStore, render_prompt
 from gateway.router import ModelRouter, Routed
 from gateway.safety import OutputGuard, Scanner, redact
 from gateway.schemas import PreparedRequest
@@ -61,6 +63,18 @@ _encode = msgspec.json.Encoder().encode
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 INPUT_ITEMS_MAX = 256  # items of one request's input
+FALLBACK_MODELS_MAX = 4  # models one request may fall back to
+FALLBACK_CODES = ("overloaded", "worker_unavailable")  # a model that cannot take the request now
+
+
+class PromptReference(BaseModel):
+    """OpenAI's `prompt` parameter: a prompt version (gateway.prompts) and its variables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    version: str | None = Field(default=None, min_length=1, max_length=128)
+    variables: dict[str, str] = Field(default_factory=dict)
 
 
 class ResponseCreateBody(BaseModel):
@@ -84,6 +98,10 @@ class ResponseCreateBody(BaseModel):
     tool_choice: Any = None
     text: dict[str, Any] | None = None
     background: bool | None = None
+    prompt: PromptReference | None = None
+    # Not OpenAI's: models to fall back to, in order, when the model is overloaded or has no worker
+    # available (every breaker open); the response names the model that served it.
+    fallback_models: list[str] = Field(default_factory=list, max_length=FALLBACK_MODELS_MAX)
 
 
 def parse_response_body(raw: bytes) -> ResponseCreateBody:
@@ -238,6 +256,7 @@ class Answer:
     item_id: str
     created_at_s: int
     model: str  # the version that serves it
+    prompt: Prompt | None  # the prompt version that built its instructions
     request: ResponseCreateBody
     conversation_id: str | None
     guard: OutputGuard | None
@@ -276,6 +295,12 @@ class Answer:
     def output_item(self, status: str) -> dict:
         return message_item("assistant", self.text, status=status, item_id=self.item_id)
 
+    def prompt_view(self) -> dict | None:
+        if self.prompt is None:
+            return None
+        variables = self.request.prompt.variables if self.request.prompt else {}
+        return {"id": self.prompt.name, "version": self.prompt.version, "variables": variables}
+
     def response(self, final: bool) -> dict:
         request = self.request
         status = self.status if final else "in_progress"
@@ -291,6 +316,7 @@ class Answer:
             if final and self.incomplete_reason
             else None,
             "instructions": request.instructions,
+            "prompt": self.prompt_view(),
             "max_output_tokens": request.max_output_tokens,
             "model": self.model,
             "output": [self.output_item("completed" if status == "completed" else "incomplete")]
@@ -350,11 +376,13 @@ class ResponsesService:
         settings: GatewaySettings,
         router: ModelRouter,
         store: ConversationStore,
+        prompts: PromptStore,
         metrics: GatewayMetrics,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.settings = settings
         self.router = router
+        self.prompts = prompts
         self.store = store
         self.metrics = metrics
         self.wall_clock_ms = wall_clock_ms
@@ -384,16 +412,68 @@ class ResponsesService:
         return Response(_encode(response), 200, headers, media_type="application/json")
 
     async def _start(self, tenant: TenantIdentity, body: ResponseCreateBody) -> Started:
+        """Checks, history and prompt, then a generation on the model (or the first fallback that can
+        take it)."""
         started_ms = monotonic_ms()
-        request_id = new_request_id()
-        request_id_var.set(request_id)
         model_var.set(body.model)
         _refuse_unsupported(body)
         policy = await self.store.policy(tenant.tenant_id)
         scanner = Scanner(policy.safety) if policy.safety.checks_anything else None
-        items, instructions = check_input(scanner, self.metrics, input_items(body.input), body.instructions)
+        prompt, instructions = await self._instructions(body)
+        items, instructions = check_input(scanner, self.metrics, input_items(body.input), instructions)
         conversation_id, history, pinned_model = await self._history(tenant, body)
-        routed = await self.router.route(body.model, conversation_id or request_id, pinned_model)
+        candidates = [body.model, *body.fallback_models]
+        for index, alias in enumerate(candidates):
+            request_id = new_request_id()
+            request_id_var.set(request_id)
+            routed = await self.router.route(
+                alias, conversation_id or request_id, pinned_model if index == 0 else None
+            )
+            try:
+                generation = await self._start_on(
+                    tenant, body, routed, instructions, history, items, request_id, started_ms
+                )
+                break
+            except (ApiError, Rejection) as error:
+                if index + 1 == len(candidates) or error.code not in FALLBACK_CODES:
+                    raise
+                self.metrics.fallbacks.labels(alias, candidates[index + 1], error.code).inc()
+                logger.warning("falling back from %s to %s: %s", alias, candidates[index + 1], error.code)
+        checks_output = scanner is not None and scanner.policy.output_action != "none"
+        guard = OutputGuard(scanner, self.settings.safety_output_holdback_chars) if checks_output else None
+        answer = Answer(
+            response_id=f"resp_{request_id}",
+            item_id=new_id("msg"),
+            created_at_s=self.wall_clock_ms() // 1000,
+            model=routed.model,
+            prompt=prompt,
+            request=body,
+            conversation_id=conversation_id,
+            guard=guard,
+        )
+        return Started(generation, answer, history, items, routed, started_ms)
+
+    async def _instructions(self, body: ResponseCreateBody) -> tuple[Prompt | None, str | None]:
+        """(the prompt version named, the instructions: its text with its variables, then the request's)."""
+        if body.prompt is None:
+            return None, body.instructions
+        prompt = await self.prompts.get(body.prompt.id, body.prompt.version)
+        text = render_prompt(prompt.text, body.prompt.variables)
+        return prompt, text if body.instructions is None else f"{text}\n{body.instructions}"
+
+    async def _start_on(
+        self,
+        tenant: TenantIdentity,
+        body: ResponseCreateBody,
+        routed: Routed,
+        instructions: str | None,
+        history: list[dict],
+        items: list[dict],
+        request_id: str,
+        started_ms: float,
+    ) -> Generation:
+        """The prompt built for the routed version (its template, tokenizer and context) and its
+        generation started."""
         spec = self._model(routed.model)
         built = build_prompt(
             spec,
@@ -418,19 +498,7 @@ class ResponsesService:
             stream=body.stream,
             include_usage=False,
         )
-        generation = await self._generate(tenant, prepared, request_id, started_ms, routed)
-        checks_output = scanner is not None and scanner.policy.output_action != "none"
-        guard = OutputGuard(scanner, self.settings.safety_output_holdback_chars) if checks_output else None
-        answer = Answer(
-            response_id=f"resp_{request_id}",
-            item_id=new_id("msg"),
-            created_at_s=self.wall_clock_ms() // 1000,
-            model=routed.model,
-            request=body,
-            conversation_id=conversation_id,
-            guard=guard,
-        )
-        return Started(generation, answer, history, items, routed, started_ms)
+        return await self._generate(tenant, prepared, request_id, started_ms, routed)
 
     async def _generate(
         self,

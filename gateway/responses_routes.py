@@ -20,6 +20,7 @@ from gateway.deps import AuthenticatedTenant
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.moderations import moderate
+from gateway.prompts import PromptStore
 from gateway.responses import ResponsesService, input_items, refuse_nul
 from gateway.router import ModelRouter, RouteStore
 from gateway.settings import GatewaySettings
@@ -241,7 +242,7 @@ def start_conversation_service(
         for model, pool in pools.items()
     }
     router = ModelRouter(settings, RouteStore(session_factory), metrics, completions, services)
-    app.state.responses = ResponsesService(settings, router, store, metrics)
+    app.state.responses = ResponsesService(settings, router, store, PromptStore(session_factory), metrics)
 
     def count(conversations: int, responses: int) -> None:
         metrics.retention_deleted.labels("conversation").inc(conversations)

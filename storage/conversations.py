@@ -6,6 +6,7 @@
                         given and its own input, so `previous_response_id` continues from it in one read
     tenant_policies     a tenant's retention and safety policy
     model_routes        the model router's control plane: an alias's stable and canary versions (0009)
+    prompt_versions     named system prompts, by version (0009)
 
 Every row carries its `tenant_id` and every read filters on it: one tenant never reads another's. This
 is the only place conversation text is kept; the ledger's events hold token counts and ids only. The
@@ -93,3 +94,15 @@ class ModelRoute(Base):
     state: Mapped[str] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class PromptVersion(Base):
+    """A named system prompt's version (the control plane's prompt versions, migration 0009): immutable
+    once written; a response names the version that built it."""
+
+    __tablename__ = "prompt_versions"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[str] = mapped_column(Text, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)

@@ -1,11 +1,13 @@
 """The admin API's control plane of the model router (gateway.router): an alias's stable and canary
-versions, promotion and rollback.
+versions, promotion and rollback; and the prompt versions (gateway.prompts).
 
     PUT  /admin/v1/models/{alias}/route     {"stable_model": "tiny-v1", "canary_model": "tiny-v2",
                                              "canary_percent": 10}   (start or change a rollout)
     POST /admin/v1/models/{alias}/promote   the canary becomes the stable version
     POST /admin/v1/models/{alias}/rollback  {"reason": "..."}: the canary gets no more traffic
     GET  /admin/v1/models/{alias}/route
+    PUT  /admin/v1/prompts/{name}/versions/{version}   {"text": "You are ..."}  (immutable once written)
+    GET  /admin/v1/prompts/{name}/versions/{version}
 
 Versions are model registry entries (every gateway and worker reads the same registry); a gateway
 follows a change within TOLLGATE_GATEWAY_ROUTE_CACHE_TTL_MS.
@@ -20,6 +22,7 @@ from gateway.admin.deps import Clock, Sessions, Settings, require_admin
 from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute
 from gateway.admin.models import IdentifierText, PlainText
 from gateway.errors import ApiError
+from gateway.prompts import PromptStore
 from gateway.router import RouteStore
 
 router = APIRouter(
@@ -30,6 +33,7 @@ router = APIRouter(
     responses=ERROR_RESPONSES,
 )
 
+PROMPT_CHARS_MAX = 32_768  # characters of one prompt version's text
 AliasPath = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/-]+$")
 
 
@@ -97,3 +101,51 @@ async def rollback(body: RollbackBody, sessions: Sessions, clock: Clock, alias: 
         )
     except ApiError as error:
         raise _admin_error(error) from None
+
+
+# ---- prompt versions (gateway.prompts) --------------------------------------------------------------
+
+PROMPT_NAME_PATTERN = r"^[A-Za-z0-9._:@-]+$"
+
+
+def prompt_name_path():
+    """A fresh Path() per parameter (one FieldInfo shared by two parameters mixes them up)."""
+    return Path(min_length=1, max_length=128, pattern=PROMPT_NAME_PATTERN)
+
+
+class PromptBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=PROMPT_CHARS_MAX, pattern=r"^[^\x00]+$")
+
+
+class PromptView(BaseModel):
+    name: str
+    version: str
+    text: str
+
+
+@router.put("/prompts/{name}/versions/{version}", response_model=PromptView)
+async def put_prompt_version(
+    body: PromptBody,
+    sessions: Sessions,
+    clock: Clock,
+    name: str = prompt_name_path(),
+    version: str = prompt_name_path(),
+) -> PromptView:
+    try:
+        prompt = await PromptStore(sessions).put(name, version, body.text, clock())
+    except ApiError as error:
+        raise AdminError(error.status_code, "version", error.message) from None
+    return PromptView(name=prompt.name, version=prompt.version, text=prompt.text)
+
+
+@router.get("/prompts/{name}/versions/{version}", response_model=PromptView)
+async def get_prompt_version(
+    sessions: Sessions, name: str = prompt_name_path(), version: str = prompt_name_path()
+) -> PromptView:
+    try:
+        prompt = await PromptStore(sessions).get(name, version)
+    except ApiError as error:
+        raise AdminError(error.status_code, "version", error.message) from None
+    return PromptView(name=prompt.name, version=prompt.version, text=prompt.text)

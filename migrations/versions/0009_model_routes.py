@@ -1,4 +1,5 @@
-"""The control plane's model routes (alias -> stable and canary versions), storage.conversations.ModelRoute.
+"""The control plane: model routes (alias -> stable and canary versions) and prompt versions (named system
+prompts), storage.conversations.ModelRoute and PromptVersion.
 
 Revision ID: 0009
 Revises: 0008
@@ -27,7 +28,16 @@ def upgrade() -> None:
         sa.Column("updated_at_ms", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("alias", name="pk_model_routes"),
     )
+    op.create_table(
+        "prompt_versions",
+        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("version", sa.Text(), nullable=False),
+        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("created_at_ms", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name", "version", name="pk_prompt_versions"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("prompt_versions")
     op.drop_table("model_routes")

@@ -29,6 +29,7 @@ VALID_BODIES = {
         "canary_percent": 10,
     },
     ("POST", "/admin/v1/models/{alias}/rollback"): {"reason": "manual"},
+    ("PUT", "/admin/v1/prompts/{name}/versions/{version}"): {"text": "You are terse."},
     ("POST", "/admin/v1/tenants/{tenant_id}/grants"): {
         "amount": 5,
         "effective_at": "1700000000000",
@@ -66,6 +67,8 @@ async def existing_ids(client, tenant_id) -> dict[str, str]:
         "key_id": key.json()["key_id"],
         "grant_id": grant.json()["grant_id"],
         "alias": "tollgate-tiny",
+        "name": "support",
+        "version": "1",
     }
 
 

@@ -267,3 +267,70 @@ async def test_a_failing_canary_is_rolled_back_automatically(client, admin, gate
         assert response.model == "tiny-v1"
     metrics = httpx.get(gateway.url + "/metrics").text
     assert f'tollgate_gateway_rollbacks_total{{alias="{BROKEN_ALIAS}",trigger="automatic"}} 1.0' in metrics
+
+
+@pytest.mark.postgres
+async def test_a_request_falls_back_in_order_and_is_billed_by_the_model_that_served(
+    client, versions, gateway
+):
+    # tiny-v3's workers do not answer: without a fallback the request fails, with one it is served there.
+    with pytest.raises(openai.InternalServerError) as failed:
+        await client.responses.create(model="tiny-v3", input="Hi", max_output_tokens=2, store=False)
+    assert failed.value.code == "worker_unavailable"
+    response = await client.responses.create(
+        model="tiny-v3",
+        input="Hi",
+        max_output_tokens=2,
+        store=False,
+        extra_body={"fallback_models": ["tiny-v3", "tiny-v2", "tiny-v1"]},
+    )
+    assert response.model == "tiny-v2"
+    check_billed_by_the_version_that_served(response, versions, gateway)
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert (
+        'tollgate_gateway_fallbacks_total{fallback="tiny-v2",model="tiny-v3",reason="worker_unavailable"}'
+        in metrics
+    )
+
+
+@pytest.mark.postgres
+async def test_a_prompt_version_builds_the_instructions_and_the_response_names_it(client, admin, versions):
+    def put(version: str, text: str) -> httpx.Response:
+        return admin.put(f"/admin/v1/prompts/support/versions/{version}", json={"text": text})
+
+    assert put("1", "You are {{persona}}.").status_code == 200
+    assert put("2", "You are {{persona}} and kind.").status_code == 200
+    assert put("1", "You are {{persona}}.").status_code == 200  # the same text again: a no-op
+    assert put("1", "Other text").status_code == 409  # a version names one text for ever
+    response = await client.responses.create(
+        model="tiny-v1",
+        input="Hello",
+        max_output_tokens=2,
+        prompt={"id": "support", "version": "1", "variables": {"persona": "terse"}},
+        instructions="Answer in English.",
+    )
+    assert (response.prompt.id, response.prompt.version) == ("support", "1")
+    sent = [
+        {"role": "system", "content": "You are terse.\nAnswer in English."},
+        {"role": "user", "content": "Hello"},
+    ]
+    spec = WorkerSettings(model_name="tiny-v1").model
+    expected = len(spec.tokenizer().encode(spec.template.render(sent)))
+    assert (
+        response.usage.input_tokens == expected == versions["tiny-v1"].usage_of(response.id[5:]).prompt_tokens
+    )
+    newest = await client.responses.create(
+        model="tiny-v1",
+        input="Hello",
+        max_output_tokens=2,
+        prompt={"id": "support", "variables": {"persona": "x"}},
+    )
+    assert newest.prompt.version == "2"
+    assert (await client.responses.retrieve(newest.id)).prompt.version == "2"
+    with pytest.raises(openai.BadRequestError) as missing:
+        await client.responses.create(
+            model="tiny-v1", input="Hello", prompt={"id": "support", "version": "1"}
+        )
+    assert missing.value.param == "prompt.variables"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model="tiny-v1", input="Hello", prompt={"id": "nope"})
