@@ -139,12 +139,13 @@ class _SeenFilter:
         self.bits = bytearray(size_bytes)
         self.mask = size_bytes * 8 - 1
 
-    def add(self, event_id: str) -> None:
-        h = hash(event_id)
+    def add_all(self, event_ids: Iterable[str]) -> None:
         bits, mask = self.bits, self.mask
-        low, high = h & mask, (h >> 32) & mask
-        bits[low >> 3] |= 1 << (low & 7)
-        bits[high >> 3] |= 1 << (high & 7)
+        for event_id in event_ids:  # one call per seen batch, not per id: this runs once per usage event
+            h = hash(event_id)
+            low, high = h & mask, (h >> 32) & mask
+            bits[low >> 3] |= 1 << (low & 7)
+            bits[high >> 3] |= 1 << (high & 7)
 
     def may_contain(self, event_id: str) -> bool:
         h = hash(event_id)
@@ -380,7 +381,6 @@ class DiskUsageIndexes:
         put = batch.put
         pack_offset, pack_amount = _offset_bytes.pack, _amount_bytes.pack
         seen_prefix, usage_prefix = _SEEN_ID + prefix, _USAGE_AT + prefix
-        add_to_filter = self.filter.add
         for record in records:
             event_id = record.event_id
             encoded_id = event_id.encode()
@@ -389,7 +389,7 @@ class DiskUsageIndexes:
                 usage_prefix + (record.occurred_at + _TIME_BIAS).to_bytes(8, "big") + encoded_id,
                 pack_amount(record.amount),
             )
-            add_to_filter(event_id)
+        self.filter.add_all([record.event_id for record in records])
         view = self._open.get(tenant_id)
         if view is not None:
             view.written(records)
