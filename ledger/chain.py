@@ -6,18 +6,25 @@ published records with this module or by hand (README, "Audit").
 An entry as the fold encodes it (`ledger.entries.encode_entry`: one JSON object) is its *body*. The
 record published on `ledger.entries` is the body with one member appended, the chain link:
 
-    record = body[:-1] + b',"chain":{"sequence":<n>,"previous":"<64 hex>","hash":"<64 hex>"}}'
-    hash   = SHA-256( 0x00 || previous (32 bytes) || n (8 bytes, big-endian) || body )
+    record = body[:-1] + b',"chain":{"sequence":<n>,"offset":<o>,"time":<t>,"watermark":<w>,'
+                         b'"previous":"<64 hex>","hash":"<64 hex>"}}'
+    hash   = SHA-256( 0x00 || previous (32 bytes) || n || o || t || w || body )
+             (n, o, t, w: 8 bytes each, big-endian, signed)
 
-`n` counts a tenant's entries from 1; the first entry's previous hash is 32 zero bytes. The body is
+`n` counts a tenant's entries from 1; the first entry's previous hash is 32 zero bytes. `o`, `t` and `w`
+say where the fold stood when it published the entry: the highest source offset of `ledger.events`
+folded into the tenant, the tenant's stream time (its batch's end, or a sweep's time), and the time up
+to which its account had published block ends when that batch began (batch ends that published
+nothing still move it). They make the entries reproducible: `tollgate audit verify` re-folds
+`ledger.events` with exactly those batch ends and sweeps and must get the same bytes. The body is
 recovered from a record by cutting at the last `,"chain":{` (a JSON string never holds an unescaped
 quote, so that text cannot occur inside a value) and closing the object again with `}`. Every field
 of the entry, including fields added later, is covered, since the body is hashed as published.
 
 A checkpoint covers the entries first..last since the tenant's previous checkpoint: the chain head
 (`last`, its hash) and the Merkle tree head of RFC 6962 (2.1) over those entries. An entry's hash IS its
-RFC 6962 leaf hash (the leaf's data: previous || n || body, behind the 0x00 leaf prefix), so the tree's
-leaves are the entry hashes themselves and one SHA-256 per entry serves both:
+RFC 6962 leaf hash (the leaf's data: previous || n || o || t || w || body, behind the 0x00 prefix), so
+the tree's leaves are the entry hashes themselves and one SHA-256 per entry serves both:
 
     node hash  = SHA-256( 0x01 || left || right )
 
@@ -40,7 +47,13 @@ CHAIN_MARKER = b',"chain":{'
 SIGNATURE_MARKER = b',"signature":"'
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
-_SEQUENCE, _PREVIOUS, _HASH, _END = CHAIN_MARKER + b'"sequence":', b',"previous":"', b'","hash":"', b'"}}'
+_SEQUENCE, _OFFSET, _TIME, _WATERMARK = (
+    CHAIN_MARKER + b'"sequence":',
+    b',"offset":',
+    b',"time":',
+    b',"watermark":',
+)
+_PREVIOUS, _HASH, _END = b',"previous":"', b'","hash":"', b'"}}'
 
 
 class BrokenRecord(ValueError):
@@ -50,15 +63,27 @@ class BrokenRecord(ValueError):
 # --------------------------------------------------------------------------------------------- entries
 
 
-def entry_hash(previous: bytes, sequence: int, body: bytes) -> bytes:
-    """The entry's hash, which is also its RFC 6962 leaf hash."""
-    return sha256(_LEAF_PREFIX + previous + sequence.to_bytes(8, "big") + body).digest()
+def _int8(value: int) -> bytes:
+    return value.to_bytes(8, "big", signed=True)
+
+
+def entry_hash(previous: bytes, sequence: int, position: tuple[int, int, int], body: bytes) -> bytes:
+    """The entry's hash, which is also its RFC 6962 leaf hash; `position` is (offset, time, watermark)."""
+    where = b"".join(_int8(value) for value in position)
+    return sha256(_LEAF_PREFIX + previous + _int8(sequence) + where + body).digest()
 
 
 class ChainLink(msgspec.Struct, frozen=True):
     sequence: int
+    offset: int
+    time: int
+    watermark: int
     previous: str
     hash: str
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        return (self.offset, self.time, self.watermark)
 
 
 class _Linked(msgspec.Struct):
@@ -224,20 +249,25 @@ def append_entries(
     out: list[bytes],
     every: int,
     tenant_id: str,
-    stream_time: int,
+    position: tuple[int, int, int],
     key_id: str,
 ) -> list[Checkpoint]:
-    """Link `bodies` onto the chain, appending each published record to `out`; a checkpoint is taken
-    each time `every` entries are pending. Returns those checkpoints (unsigned), in order."""
+    """Link `bodies`, published with the tenant's fold at `position` (source offset, stream time, the
+    account's watermark when the batch began), onto
+    the chain, appending each published record to `out`; a checkpoint is taken each time `every` entries
+    are pending. Returns those checkpoints (unsigned), in order."""
     assert every >= 1, f"a checkpoint every {every} entries"
+    offset, stream_time, watermark = position
     sequence, previous, frontier = chain.sequence, chain.head, chain.frontier
     previous_hex = previous.hex().encode()
+    where = _int8(offset) + _int8(stream_time) + _int8(watermark)
+    where_text = b"%s%d%s%d%s%d" % (_OFFSET, offset, _TIME, stream_time, _WATERMARK, watermark)
     taken = []
     for body in bodies:
         sequence += 1
-        own = sha256(b"".join((_LEAF_PREFIX, previous, sequence.to_bytes(8, "big"), body))).digest()
+        own = sha256(b"".join((_LEAF_PREFIX, previous, _int8(sequence), where, body))).digest()
         own_hex = own.hex().encode()
-        link = (_SEQUENCE, b"%d" % sequence, _PREVIOUS, previous_hex, _HASH, own_hex, _END)
+        link = (_SEQUENCE, b"%d" % sequence, where_text, _PREVIOUS, previous_hex, _HASH, own_hex, _END)
         out.append(b"".join((memoryview(body)[:-1], *link)))
         frontier_push(frontier, sequence - chain.checkpoint_sequence - 1, own)
         previous, previous_hex = own, own_hex

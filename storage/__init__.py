@@ -11,6 +11,7 @@
     storage.conversations the Responses and Conversations APIs' stored text; tenants' retention and
                         safety policies
     storage.finance     every entry's movements (statements sum them) and the grants' money terms
+    storage.audit       checkpoints of the entries' hash chains, admin credentials, the admin audit log
     storage.database    settings, the embedded server, engines, sessions and start-up migrations
 
 One style: every table is a declarative ORM class. Most of the code (the admin API, the projector,
@@ -26,6 +27,7 @@ importing `storage` registers every table on it. A new table's module is importe
 
 from sqlalchemy import MetaData
 
+import storage.audit  # noqa: F401  (registers its tables)
 import storage.conversations  # noqa: F401  (registers its tables)
 import storage.finance  # noqa: F401  (registers its tables)
 from storage import admission, embedded, idempotency, projections, tenants  # noqa: F401  (register tables)

@@ -4,7 +4,7 @@ balances (latest per tenant), projector_offsets."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, CheckConstraint, Identity, Index, Integer, Text
+from sqlalchemy import BigInteger, CheckConstraint, Identity, Index, Integer, LargeBinary, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -47,8 +47,16 @@ class LedgerEntry(Base):
     source_partition: Mapped[int] = mapped_column(Integer)
     source_offset: Mapped[int] = mapped_column(BigInteger)
     recorded_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # The hash chain (ledger.chain, storage.audit): the entry's per-tenant sequence and hash, and its bytes
+    # exactly as published (the hash is over them; JSONB reorders keys). NULL for entries of before it.
+    chain_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    chain_hash: Mapped[str | None] = mapped_column(Text)
+    record: Mapped[bytes | None] = mapped_column(LargeBinary)
 
-    __table_args__ = (Index(None, "tenant_id", "sequence"),)
+    __table_args__ = (
+        Index(None, "tenant_id", "sequence"),
+        Index("ix_ledger_entries_tenant_id_chain_sequence", "tenant_id", "chain_sequence", unique=True),
+    )
 
 
 class Balance(Base):

@@ -103,11 +103,14 @@ class CheckpointPolicy:
         )
 
     def link(
-        self, chain: ChainState, tenant_id: str, stream_time: int, bodies: list[bytes]
+        self, chain: ChainState, tenant_id: str, position: tuple[int, int, int], bodies: list[bytes]
     ) -> tuple[list[bytes], list[bytes]]:
-        """(published entries, signed checkpoint records) for a tenant's new entry bodies of one batch."""
+        """(published entries, signed checkpoint records) for a tenant's new entry bodies of one batch,
+        published with its fold at `position` (applied source offset, stream time, the account's
+        watermark when the batch began)."""
         records: list[bytes] = []
-        taken = append_entries(chain, bodies, records, self.entries_max, tenant_id, stream_time, self.key_id)
+        taken = append_entries(chain, bodies, records, self.entries_max, tenant_id, position, self.key_id)
+        stream_time = position[1]
         if chain.checkpoint_time < 0:
             chain.checkpoint_time = stream_time  # the interval counts from the tenant's first entry
         if chain.pending and stream_time - chain.checkpoint_time >= self.interval_ms:

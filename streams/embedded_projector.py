@@ -31,7 +31,7 @@ class EmbeddedProjector:
         async with self.session_factory() as session:
             offsets = await stored_offsets(session, PROJECTOR_NAME)
         records = []
-        for topic in (topics.events, topics.entries, topics.balances):
+        for topic in (topics.events, topics.entries, topics.balances, topics.checkpoints):
             for partition in range(self.log.partitions):
                 records += await self.log.read(
                     topic, partition, offsets.get((topic, partition), 0), self.batch_max
@@ -44,7 +44,8 @@ class EmbeddedProjector:
         return len(records)
 
     async def run(self, stop: asyncio.Event) -> None:
-        topics = [self.log.topics.events, self.log.topics.entries, self.log.topics.balances]
+        names = self.log.topics
+        topics = [names.events, names.entries, names.balances, names.checkpoints]
         while not stop.is_set():
             mark = self.log.append_mark(topics)  # before reading: an append after it ends the wait below
             if not await self.step():

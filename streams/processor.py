@@ -244,6 +244,7 @@ class _TenantBatch:
     """One tenant's share of one `process` or `advance` call."""
 
     carried: Outbox | None  # its stored outbox, sent again first and kept in the next outbox
+    watermark: int  # its account's watermark when the batch began (on the hash chain's links)
     entries: list[bytes] = field(default_factory=list)
     dead_letters: list[tuple[bytes, bytes]] = field(default_factory=list)
     touched: bool = False  # its account changed: one account record is written
@@ -413,18 +414,26 @@ class LedgerProcessor:
         tenant = self._tenant(tenant_id)
         return tenant.applied_offset, tenant.stream_time
 
+    def resume_at(self, tenant_id: str, stream_time: int) -> list[Entry]:
+        """The audit re-fold (streams.audit_verify): the tenant's next batch began at `stream_time`, which
+        batch ends or sweeps that published nothing had reached (a chain link's watermark); its stream
+        time and account move there. What that publishes (nothing, when the ledger is what it says)."""
+        tenant = self._tenant(tenant_id)
+        tenant.stream_time = max(tenant.stream_time, stream_time)
+        return tenant.account.advance_to(stream_time)
+
     # -------------------------------------------------------------------------------------- helpers
 
     def _batch_of(self, tenant: _Tenant) -> _TenantBatch:
         carried, tenant.stored_outbox = tenant.stored_outbox, None
-        return _TenantBatch(carried)
+        return _TenantBatch(carried, tenant.account.watermark)
 
     def _emit(self, tenant_id: str, batch: _TenantBatch, output: ProcessorOutput) -> None:
         """A tenant's outputs of this call: its carried outbox first, then what is new; and, when its
         account changed, the account record holding both (the commit point of the tenant's batch)."""
         key = tenant_id.encode()
         carried = batch.carried
-        new_entries, checkpoints = self._link(tenant_id, batch.entries) if batch.entries else ([], [])
+        new_entries, checkpoints = self._link(tenant_id, batch) if batch.entries else ([], [])
         if carried is not None:
             output.republished_outboxes += 1
             entries = carried.entries + new_entries if new_entries else carried.entries
@@ -445,10 +454,11 @@ class LedgerProcessor:
         if balance is not None:
             output.balances.append(OutputRecord(key, balance))
 
-    def _link(self, tenant_id: str, bodies: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    def _link(self, tenant_id: str, batch: _TenantBatch) -> tuple[list[bytes], list[bytes]]:
         """A tenant's new entries linked onto its hash chain, and the checkpoints they completed."""
         tenant = self._tenants[tenant_id]
-        return self.checkpoints.link(tenant.chain, tenant_id, max(tenant.stream_time, 0), bodies)
+        position = (tenant.applied_offset, tenant.stream_time, batch.watermark)
+        return self.checkpoints.link(tenant.chain, tenant_id, position, batch.entries)
 
     def _decode(self, record: LogRecord):
         if record.value is None:
@@ -473,8 +483,8 @@ class LedgerProcessor:
 
     def _forget_if_empty(self, tenant_id: str, tenant: _Tenant) -> None:
         """Drop a tenant that has never applied anything from the cache, so that records naming tenants
-        that do not exist (dead-lettered) cannot grow it."""
-        if tenant.applied_offset < 0 and self._tenants.get(tenant_id) is tenant:
+        that do not exist (dead-lettered) cannot grow it. (A tenant the re-fold moved, `resume_at`, stays.)"""
+        if tenant.applied_offset < 0 and tenant.stream_time < 0 and self._tenants.get(tenant_id) is tenant:
             del self._tenants[tenant_id]
 
     def _load_tenant(self, tenant_id: str) -> _Tenant:

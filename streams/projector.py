@@ -3,6 +3,8 @@
     ledger.events   -> ledger_events  (archive of every event, unique on event id)
     ledger.entries  -> ledger_entries (append-only, unique on entry id) and CreditExpired into ledger_events
     ledger.balances -> balances       (latest record per tenant; a tombstone deletes the row)
+    ledger.checkpoints -> ledger_checkpoints (signed checkpoints of the entries' hash chains, unique on
+                      tenant and number); an entry's chain link and published bytes go on its row
 
 Exactly once: each bounded batch is written in ONE transaction together with the next offset of every
 partition it read (`projector_offsets`). Kafka offsets are never committed to the broker (there is no
@@ -53,9 +55,11 @@ from ledger.entries import (
 )
 from ledger.events import CreditExpired, Event, InvalidEvent
 from ledger.statement import movements
+from storage.audit import LedgerCheckpoint
 from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
 from storage.finance import GrantTermsRow, LedgerMovement, grant_terms_values, movement_values
 from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
+from streams.audit_rows import chain_columns, checkpoint_row
 from streams.log import KafkaLog
 from streams.records import BalanceRecord, DeadLetter, LogPosition, LogRecord
 from streams.settings import StreamSettings
@@ -102,6 +106,7 @@ class BatchRows:
     events: dict[str, dict] = field(default_factory=dict)
     entries: dict[str, dict] = field(default_factory=dict)
     balances: dict[str, dict | None] = field(default_factory=dict)  # None: tombstone, delete the row
+    checkpoints: dict[tuple[str, int], dict] = field(default_factory=dict)
     movements: dict[str, list[dict]] = field(default_factory=dict)  # by entry id (storage.finance)
     grant_terms: dict[str, dict] = field(default_factory=dict)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -198,11 +203,17 @@ def _add_record(rows: BatchRows, topics: LedgerTopics, record: LogRecord, now_ms
         event = decode_event(record.value)
         rows.events.setdefault(event.event_id, _event_row(event, record, now_ms))
         return
+    if record.topic == topics.checkpoints:
+        row = checkpoint_row(record, now_ms)
+        rows.checkpoints.setdefault((row["tenant_id"], row["number"]), row)
+        return
     assert record.topic == topics.entries, f"record from a topic the projector does not read: {record.topic}"
     entry = decode_entry(record.value)
     _check_money(entry)
     payload = msgspec.to_builtins(entry)
-    rows.entries.setdefault(entry.entry_id, _entry_row(payload, entry.entry_id, record, now_ms))
+    rows.entries.setdefault(
+        entry.entry_id, {**_entry_row(payload, entry.entry_id, record, now_ms), **chain_columns(record.value)}
+    )
     rows.movements.setdefault(entry.entry_id, movement_values(entry.tenant_id, movements(entry)))
     if type(entry) is GrantRecorded:
         rows.grant_terms.setdefault(entry.grant_id, grant_terms_values(entry, payload))
@@ -230,6 +241,10 @@ async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRow
     if rows.entries:
         await session.execute(
             insert(LedgerEntry).values(list(rows.entries.values())).on_conflict_do_nothing()
+        )
+    if rows.checkpoints:
+        await session.execute(
+            insert(LedgerCheckpoint).values(list(rows.checkpoints.values())).on_conflict_do_nothing()
         )
     movement_rows = [row for entry_rows in rows.movements.values() for row in entry_rows]
     if movement_rows:  # executemany: a batch's rows may exceed one statement's parameter limit
@@ -389,7 +404,7 @@ class Projector:
         )
 
     async def start(self) -> None:
-        names = (self.topics.events, self.topics.entries, self.topics.balances)
+        names = (self.topics.events, self.topics.entries, self.topics.balances, self.topics.checkpoints)
         counts = await describe_partition_counts(
             self.bootstrap_servers, names, request_timeout_ms=self.settings.request_timeout_ms
         )

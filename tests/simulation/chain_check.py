@@ -43,7 +43,8 @@ class ChainObserver:
         )
         previous, own = bytes.fromhex(link.previous), bytes.fromhex(link.hash)
         _check(
-            entry_hash(previous, link.sequence, body) == own, f"{tenant_id} #{link.sequence}: hash mismatch"
+            entry_hash(previous, link.sequence, link.position, body) == own,
+            f"{tenant_id} #{link.sequence}: hash mismatch",
         )
         hashes = self.hashes[tenant_id]
         hashes[link.sequence] = own

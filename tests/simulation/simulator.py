@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
 from streams.audit_checkpoints import CheckpointPolicy, key_id
+from streams.audit_verify import EntryRow, refold
 from streams.batch_processor import BatchEngine
 from streams.producer import BrokerUnavailable
 from streams.records import partition_for_key
@@ -138,6 +139,13 @@ class Simulation:
 
     # ------------------------------------------------------------------------------------------ run
 
+    def check_refold(self, tenant_id: str) -> None:
+        """`tollgate audit verify`'s re-fold: the tenant's records of the source log, cut into the batches
+        and sweeps its entries' links name, give back every published entry byte for byte."""
+        divergence = _refold_divergence(self, tenant_id)
+        if divergence is not None:
+            raise PropertyViolated(f"re-fold diverges: {divergence}")
+
     def run(self) -> None:
         try:
             steps = self.rng.randint(20, STEPS_MAX)
@@ -200,6 +208,7 @@ class Simulation:
         for tenant_id in self.tenants:
             self.finance.check_integration(tenant_id)
             self.finance.chain.check_complete(tenant_id)
+            self.check_refold(tenant_id)
             self.finance.check_balance_now(tenant_id, final_sweep_ms)
             latest = self.finance.latest_balance.get(tenant_id)
             end = self.log.end_offset(self.topics.events, self.partition_of(tenant_id))
@@ -402,6 +411,21 @@ def generate_events(rng: random.Random) -> list:
         position = rng.randrange(len(events))
         events.insert(rng.randint(position, len(events)), events[position])
     return events
+
+
+def _refold_divergence(simulation: Simulation, tenant_id: str):
+    partition = simulation.partition_of(tenant_id)
+    events = [
+        r
+        for r in simulation.log.partition_log(simulation.topics.events, partition)
+        if r.key == tenant_id.encode()
+    ]
+    chain = simulation.finance.chain
+    published = [
+        EntryRow(chain.records[(tenant_id, sequence)])
+        for sequence in sorted(s for t, s in chain.records if t == tenant_id)
+    ]
+    return refold(tenant_id, events, published, simulation.topics.events)
 
 
 def simulate(seed: int, engine_factory: EngineFactory = real_engine) -> Simulation:
