@@ -5,6 +5,7 @@
                                       one component each, for the distributed deployment
     tollgate ledger replay            audit replay of ledger.events (--verify against live balances)
     tollgate tenants create | keys create | credits grant | balance
+    tollgate statements | periods close | tenants overage-rate | export   finance (tollgate.finance_cli)
                                       the admin API, over HTTP: the gateway URL from --url, TOLLGATE_URL,
                                       .tollgate/demo.json, else http://127.0.0.1:8000; the admin token
                                       from --admin-token, TOLLGATE_ADMIN_TOKEN or .tollgate/demo.json
@@ -37,6 +38,8 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
+models_app = typer.Typer(help="Model aliases: canary, promotion, rollback (admin API).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 DATA_DIR = Path(".tollgate")
 DEMO_FILE = DATA_DIR / "demo.json"
@@ -289,13 +292,22 @@ def credits_grant(
     effective_at: Annotated[str | None, typer.Option(help="ISO 8601 or epoch ms; default now.")] = None,
     priority: Annotated[int, typer.Option(help="Lower is drawn first.")] = 0,
     idempotency_key: Annotated[str | None, typer.Option(help="Repeat-safe key; default a new one.")] = None,
+    category: Annotated[
+        str, typer.Option(help="paid (needs --price, --currency) or promotional.")
+    ] = "promotional",
+    price: Annotated[
+        int | None, typer.Option(help="What the credits were bought for, in minor units.")
+    ] = None,
+    currency: Annotated[str | None, typer.Option(help="ISO 4217, e.g. USD.")] = None,
+    reference: Annotated[str, typer.Option(help="An invoice or order id.")] = "",
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:
     """Grant credits to a tenant (emits CreditGranted)."""
     import uuid
 
-    body: dict = {"amount": amount, "priority": priority}
+    body: dict = {"amount": amount, "priority": priority, "category": category, "reference": reference}
+    body.update({"price": price, "currency": currency})
     if expires_at is not None:
         body["expires_at"] = int(expires_at) if expires_at.isdigit() else expires_at
     if effective_at is not None:
@@ -317,6 +329,47 @@ def balance(
         _show(client.get(f"/admin/v1/tenants/{tenant_id}/balance", params={"at": at} if at else None))
 
 
+@models_app.command("route")
+def models_route(
+    alias: str,
+    stable: Annotated[str, typer.Option(help="The stable version (a model registry entry).")],
+    canary: Annotated[str | None, typer.Option(help="The canary version; none: no rollout.")] = None,
+    percent: Annotated[int, typer.Option(help="The canary's share of the alias's traffic, 0-100.")] = 0,
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Set an alias's stable version and start (or change) a canary rollout."""
+    body = {"stable_model": stable, "canary_model": canary, "canary_percent": percent}
+    with _admin(url, admin_token) as client:
+        _show(client.put(f"/admin/v1/models/{alias}/route", json=body))
+
+
+@models_app.command("promote")
+def models_promote(alias: str, url: Url = None, admin_token: AdminToken = None) -> None:
+    """Make an alias's canary its stable version."""
+    with _admin(url, admin_token) as client:
+        _show(client.post(f"/admin/v1/models/{alias}/promote"))
+
+
+@models_app.command("rollback")
+def models_rollback(
+    alias: str,
+    reason: Annotated[str, typer.Option(help="Why, kept with the route.")] = "manual",
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Send no more of an alias's traffic to its canary."""
+    with _admin(url, admin_token) as client:
+        _show(client.post(f"/admin/v1/models/{alias}/rollback", json={"reason": reason}))
+
+
+@models_app.command("show")
+def models_show(alias: str, url: Url = None, admin_token: AdminToken = None) -> None:
+    """An alias's route: stable and canary versions, share, state and why."""
+    with _admin(url, admin_token) as client:
+        _show(client.get(f"/admin/v1/models/{alias}/route"))
+
+
 @app.command()
 def version() -> None:
     """Print the installed version."""
@@ -327,3 +380,7 @@ def version() -> None:
 
 def main() -> None:
     app()
+
+
+# The finance commands (statements, periods close, tenants overage-rate, export) add themselves to `app`.
+import tollgate.finance_cli  # noqa: E402,F401

@@ -334,3 +334,29 @@ async def test_a_prompt_version_builds_the_instructions_and_the_response_names_i
     assert missing.value.param == "prompt.variables"
     with pytest.raises(openai.NotFoundError):
         await client.responses.create(model="tiny-v1", input="Hello", prompt={"id": "nope"})
+
+
+@pytest.mark.postgres
+def test_the_cli_starts_promotes_and_rolls_back_a_rollout(gateway):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tollgate.cli import app
+
+    target = ["--url", gateway.url, "--admin-token", ADMIN_TOKEN]
+
+    def run(*arguments: str) -> dict:
+        result = CliRunner().invoke(app, ["models", *arguments, *target])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    started = run("route", "tiny-cli", "--stable", "tiny-v1", "--canary", "tiny-v2", "--percent", "20")
+    assert (started["state"], started["canary_percent"]) == ("canary", 20)
+    assert run("rollback", "tiny-cli", "--reason", "latency")["reason"] == "manual: latency"
+    run("route", "tiny-cli", "--stable", "tiny-v1", "--canary", "tiny-v2", "--percent", "5")
+    promoted = run("promote", "tiny-cli")
+    assert (promoted["stable_model"], promoted["canary_model"]) == ("tiny-v2", None)
+    assert run("show", "tiny-cli")["state"] == "stable"
+    missing = CliRunner().invoke(app, ["models", "promote", "no-such-alias", *target])
+    assert missing.exit_code == 1
