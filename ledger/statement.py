@@ -355,3 +355,35 @@ _encoder = msgspec.json.Encoder()
 
 def encode_statement(statement: Statement) -> bytes:
     return _encoder.encode(statement)
+
+
+class StatementLine(NamedTuple):
+    """One row of a statement in long form (CSV and exports): credits once per line, money per currency."""
+
+    section: str  # opening, grants, consumption, expiries, voids, overage, adjustments, closing
+    key: str  # the category of grants, the model of consumption, an adjustment's entry id
+    credits: int | None
+    currency: str | None
+    money: int | None
+
+
+def statement_lines(statement: Statement) -> list[StatementLine]:
+    lines: list[StatementLine] = []
+
+    def add(section: str, key: str, credits: int, money: list[Money]) -> None:
+        lines.append(StatementLine(section, key, credits, None, None))
+        lines.extend(StatementLine(section, key, None, m.currency, m.amount) for m in money)
+
+    add("opening", "", statement.opening.credits, statement.opening.deferred)
+    for line in statement.grants:
+        add("grants", line.key, line.credits, line.money)
+    for line in statement.consumption:
+        add("consumption", line.key, line.credits, line.money)
+    add("expiries", "", statement.expiries.credits, statement.expiries.money)
+    add("voids", "", statement.voids.credits, statement.voids.money)
+    overage = statement.overage
+    lines.append(StatementLine("overage", "", overage.credits, overage.currency, overage.priced))
+    for adjustment in statement.adjustments:
+        add("adjustments", adjustment.entry_id, adjustment.credits, adjustment.money)
+    add("closing", "", statement.closing.credits, statement.closing.deferred)
+    return lines

@@ -171,3 +171,43 @@ async def tenant_statement(session: AsyncSession, tenant_id: str, start: int, en
     return build_statement(
         tenant_id, start, end, sums, adjustments, grants, None if rate is None else OverageRate(*rate)
     )
+
+
+# ------------------------------------------------------------------------------------------- exports
+# Bulk reads for `tollgate export`, as COPY ... TO STDOUT (CSV): Postgres writes the rows, pyarrow parses
+# them; no Python object per row. Parameters: the window [%(start)s, %(end)s) of booked time.
+
+ENTRIES_EXPORT_SQL = """
+SELECT e.sequence, e.entry_id, e.tenant_id, e.entry_type, e.occurred_at_ms, m.booked_at_ms, e.amount,
+       m.credits, m.money, m.model, m.adjustment
+FROM ledger_entries AS e JOIN (
+    SELECT entry_id, min(booked_at_ms) AS booked_at_ms, sum(credits) AS credits, sum(money) AS money,
+           min(model) AS model, bool_or(adjustment) AS adjustment
+    FROM ledger_movements WHERE booked_at_ms >= {start} AND booked_at_ms < {end} GROUP BY entry_id
+) AS m USING (entry_id)
+ORDER BY e.sequence
+"""
+
+REVENUE_EXPORT_SQL = """
+SELECT m.tenant_id, m.booked_at_ms / 86400000 AS day, m.model, g.currency, m.adjustment,
+       -sum(m.credits) AS credits, -sum(m.money) AS revenue, sum(m.overage) AS overage,
+       sum(m.prompt_tokens) AS prompt_tokens, sum(m.completion_tokens) AS completion_tokens
+FROM ledger_movements AS m LEFT JOIN grant_terms AS g ON g.grant_id = m.grant_id AND g.category = 'paid'
+WHERE m.section IN ('consumption', 'adjustment:consumption')
+  AND m.booked_at_ms >= {start} AND m.booked_at_ms < {end}
+GROUP BY 1, 2, 3, 4, 5
+ORDER BY 1, 2, 3, 4, 5
+"""
+
+
+def export_sql(template: str, start: int, end: int) -> str:
+    """The COPY statement of an export query for [start, end) (integers, formatted, not interpolated text)."""
+    return (
+        f"COPY ({template.format(start=int(start), end=int(end))}) TO STDOUT WITH (FORMAT csv, HEADER true)"
+    )
+
+
+async def tenants_with_movements(session: AsyncSession, start: int, end: int) -> list[str]:
+    m = LedgerMovement
+    query = select(m.tenant_id).where(m.booked_at_ms < end).distinct().order_by(m.tenant_id)
+    return list((await session.execute(query)).scalars())
