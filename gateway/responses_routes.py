@@ -18,6 +18,7 @@ from gateway.completions import CompletionService
 from gateway.conversations import ITEMS_PAGE_MAX, ConversationStore, RetentionSweep
 from gateway.deps import AuthenticatedTenant
 from gateway.errors import ApiError
+from gateway.eval_gate import EvalGate
 from gateway.metrics import GatewayMetrics
 from gateway.moderations import moderate
 from gateway.prompts import PromptStore
@@ -242,6 +243,9 @@ def start_conversation_service(
         for model, pool in pools.items()
     }
     router = ModelRouter(settings, RouteStore(session_factory), metrics, completions, services)
+    app.state.eval_gate = EvalGate(
+        settings, router, session_factory, app.state.runtime.completions.wall_clock_ms
+    )
     app.state.responses = ResponsesService(settings, router, store, PromptStore(session_factory), metrics)
 
     def count(conversations: int, responses: int) -> None:

@@ -85,6 +85,10 @@ class GatewaySettings(CommonSettings):
     rollout_error_rate_margin_percent: int = Field(default=5, ge=0, le=100)
     # the canary's time-to-first-token p99 may exceed the stable version's by this much
     rollout_ttft_p99_margin_ms: int = Field(default=500, ge=0)
+    # the tenant eval traffic is admitted and billed to (gateway.eval_gate)
+    eval_tenant_id: str = "tollgate-eval"
+    # a canary is promoted only when its eval score is at most this many points below the stable one's
+    eval_margin_percent: int = Field(default=5, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:

@@ -7,6 +7,7 @@
     tenant_policies     a tenant's retention and safety policy
     model_routes        the model router's control plane: an alias's stable and canary versions (0009)
     prompt_versions     named system prompts, by version (0009)
+    model_evals         each version's score on the evaluation set, the promotion gate's evidence (0009)
 
 Every row carries its `tenant_id` and every read filters on it: one tenant never reads another's. This
 is the only place conversation text is kept; the ledger's events hold token counts and ids only. The
@@ -106,3 +107,16 @@ class PromptVersion(Base):
     version: Mapped[str] = mapped_column(Text, primary_key=True)
     text: Mapped[str] = mapped_column(Text)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class ModelEval(Base):
+    """A version's latest score on an evaluation set (gateway.eval_gate), kept with the version: the
+    promotion gate's evidence (migration 0009)."""
+
+    __tablename__ = "model_evals"
+
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    eval_set_sha256: Mapped[str] = mapped_column(Text, primary_key=True)
+    cases: Mapped[int] = mapped_column(BigInteger)
+    passed: Mapped[int] = mapped_column(BigInteger)
+    evaluated_at_ms: Mapped[int] = mapped_column(BigInteger)

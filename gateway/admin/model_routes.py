@@ -3,7 +3,8 @@ versions, promotion and rollback; and the prompt versions (gateway.prompts).
 
     PUT  /admin/v1/models/{alias}/route     {"stable_model": "tiny-v1", "canary_model": "tiny-v2",
                                              "canary_percent": 10}   (start or change a rollout)
-    POST /admin/v1/models/{alias}/promote   the canary becomes the stable version
+    POST /admin/v1/models/{alias}/promote   the canary becomes the stable version, if the eval gate passes
+    GET  /admin/v1/models/{alias}/evals     the stored eval results of its stable and canary versions
     POST /admin/v1/models/{alias}/rollback  {"reason": "..."}: the canary gets no more traffic
     GET  /admin/v1/models/{alias}/route
     PUT  /admin/v1/prompts/{name}/versions/{version}   {"text": "You are ..."}  (immutable once written)
@@ -15,13 +16,14 @@ follows a change within TOLLGATE_GATEWAY_ROUTE_CACHE_TTL_MS.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.admin.deps import Clock, Sessions, Settings, require_admin
 from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute
 from gateway.admin.models import IdentifierText, PlainText
 from gateway.errors import ApiError
+from gateway.eval_gate import EvalGate
 from gateway.prompts import PromptStore
 from gateway.router import RouteStore
 
@@ -34,7 +36,11 @@ router = APIRouter(
 )
 
 PROMPT_CHARS_MAX = 32_768  # characters of one prompt version's text
-AliasPath = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/-]+$")
+
+
+def alias_path():
+    """A fresh Path() per parameter."""
+    return Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/-]+$")
 
 
 class RouteBody(BaseModel):
@@ -66,7 +72,7 @@ def _admin_error(error: ApiError) -> AdminError:
 
 @router.put("/models/{alias}/route", response_model=RouteView)
 async def put_route(
-    body: RouteBody, sessions: Sessions, settings: Settings, clock: Clock, alias: str = AliasPath
+    body: RouteBody, sessions: Sessions, settings: Settings, clock: Clock, alias: str = alias_path()
 ) -> RouteView:
     for field, model in (("stable_model", body.stable_model), ("canary_model", body.canary_model)):
         if model is not None and model not in settings.models:
@@ -78,7 +84,7 @@ async def put_route(
 
 
 @router.get("/models/{alias}/route", response_model=RouteView)
-async def get_route(sessions: Sessions, alias: str = AliasPath) -> RouteView:
+async def get_route(sessions: Sessions, alias: str = alias_path()) -> RouteView:
     route = await RouteStore(sessions).get(alias)
     if route is None:
         raise AdminError(404, "alias", f"no route for {alias!r}")
@@ -86,15 +92,47 @@ async def get_route(sessions: Sessions, alias: str = AliasPath) -> RouteView:
 
 
 @router.post("/models/{alias}/promote", response_model=RouteView)
-async def promote(sessions: Sessions, clock: Clock, alias: str = AliasPath) -> RouteView:
+async def promote(request: Request, sessions: Sessions, clock: Clock, alias: str = alias_path()) -> RouteView:
+    """The canary becomes the stable version, once the eval gate passes (409 `eval_gate_failed` with
+    both scores when it does not)."""
+    store = RouteStore(sessions)
+    route = await store.get(alias)
+    if route is None or route.canary_model is None:
+        raise AdminError(404 if route is None else 409, "alias", f"{alias!r} has no canary to promote")
+    gate: EvalGate | None = getattr(request.app.state, "eval_gate", None)
+    if gate is None:
+        raise AdminError(503, "alias", "the eval gate runs on a gateway (with workers); promote there")
+    allowed, stable, canary = await gate.check(route.stable_model, route.canary_model)
+    if not allowed:
+        raise AdminError(
+            409,
+            "eval_gate",
+            f"{canary.model} scored {canary.score_percent}% on the evaluation set, {stable.model} "
+            f"{stable.score_percent}%: more than {gate.settings.eval_margin_percent} points below",
+        )
     try:
-        return RouteView(**(await RouteStore(sessions).promote(alias, clock())).view())
+        return RouteView(**(await store.promote(alias, clock())).view())
     except ApiError as error:
         raise _admin_error(error) from None
 
 
+@router.get("/models/{alias}/evals")
+async def get_evals(request: Request, sessions: Sessions, alias: str = alias_path()) -> list[dict]:
+    """The stored eval results of the alias's stable and canary versions on the current set."""
+    route = await RouteStore(sessions).get(alias)
+    if route is None:
+        raise AdminError(404, "alias", f"no route for {alias!r}")
+    gate: EvalGate | None = getattr(request.app.state, "eval_gate", None)
+    if gate is None:
+        return []
+    models = [model for model in (route.stable_model, route.canary_model) if model is not None]
+    return [result.view() for result in await gate.stored(models)]
+
+
 @router.post("/models/{alias}/rollback", response_model=RouteView)
-async def rollback(body: RollbackBody, sessions: Sessions, clock: Clock, alias: str = AliasPath) -> RouteView:
+async def rollback(
+    body: RollbackBody, sessions: Sessions, clock: Clock, alias: str = alias_path()
+) -> RouteView:
     try:
         return RouteView(
             **(await RouteStore(sessions).rollback(alias, f"manual: {body.reason}", clock())).view()

@@ -1,5 +1,5 @@
-"""The control plane: model routes (alias -> stable and canary versions) and prompt versions (named system
-prompts), storage.conversations.ModelRoute and PromptVersion.
+"""The control plane: model routes (alias -> stable and canary versions), prompt versions (named system
+prompts) and the versions' evaluation scores: storage.conversations.ModelRoute, PromptVersion, ModelEval.
 
 Revision ID: 0009
 Revises: 0008
@@ -36,8 +36,18 @@ def upgrade() -> None:
         sa.Column("created_at_ms", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("name", "version", name="pk_prompt_versions"),
     )
+    op.create_table(
+        "model_evals",
+        sa.Column("model", sa.Text(), nullable=False),
+        sa.Column("eval_set_sha256", sa.Text(), nullable=False),
+        sa.Column("cases", sa.BigInteger(), nullable=False),
+        sa.Column("passed", sa.BigInteger(), nullable=False),
+        sa.Column("evaluated_at_ms", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("model", "eval_set_sha256", name="pk_model_evals"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("model_evals")
     op.drop_table("prompt_versions")
     op.drop_table("model_routes")

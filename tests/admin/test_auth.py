@@ -59,6 +59,7 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/models/{alias}/route",
         "/admin/v1/models/{alias}/promote",
         "/admin/v1/models/{alias}/rollback",
+        "/admin/v1/models/{alias}/evals",
         "/admin/v1/prompts/{name}/versions/{version}",
     }
     assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"

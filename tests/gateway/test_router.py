@@ -360,3 +360,22 @@ def test_the_cli_starts_promotes_and_rolls_back_a_rollout(gateway):
     assert run("show", "tiny-cli")["state"] == "stable"
     missing = CliRunner().invoke(app, ["models", "promote", "no-such-alias", *target])
     assert missing.exit_code == 1
+
+
+@pytest.mark.postgres
+def test_the_eval_gate_refuses_a_canary_scoring_below_the_stable_version_and_keeps_the_results(admin):
+    set_route(admin, "tiny-gated", "tiny-v1", "tiny-v3", 10)  # tiny-v3's workers do not answer
+    refused = admin.post("/admin/v1/models/tiny-gated/promote")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["detail"]["field"] == "eval_gate"
+    assert "tiny-v3 scored 0% on the evaluation set, tiny-v1 100%" in refused.json()["detail"]["message"]
+    route = admin.get("/admin/v1/models/tiny-gated/route").json()
+    assert (route["stable_model"], route["canary_model"], route["state"]) == ("tiny-v1", "tiny-v3", "canary")
+    results = {result["model"]: result for result in admin.get("/admin/v1/models/tiny-gated/evals").json()}
+    assert (results["tiny-v1"]["score_percent"], results["tiny-v3"]["score_percent"]) == (100, 0)
+    assert results["tiny-v1"]["cases"] == results["tiny-v3"]["cases"] >= 5
+
+    set_route(admin, "tiny-gated", "tiny-v1", "tiny-v2", 10)  # the same checkpoint: the same score
+    promoted = admin.post("/admin/v1/models/tiny-gated/promote")
+    assert promoted.status_code == 200, promoted.text
+    assert promoted.json()["stable_model"] == "tiny-v2"
