@@ -1,8 +1,10 @@
 """The paged KV cache's memory, and attention that reads it through each sequence's block table.
 
 `PagedKVCache` holds keys and values for `block_count` blocks of `block_tokens` tokens each, per layer,
-stored flat as (L, block_count * block_tokens, nkv, hs): token `p` of a sequence whose block table is
-`table` lives at row `table[p // block_tokens] * block_tokens + p % block_tokens`. A step writes its new
+stored head-major as (L, nkv, block_count * block_tokens, hs): token `p` of a sequence whose block table
+is `table` lives at row `table[p // block_tokens] * block_tokens + p % block_tokens`. Head-major, a
+gather (`index_select` over rows) yields keys whose last two dims are contiguous, as the attention
+kernel wants them, with no further copy. A step writes its new
 keys and values at their rows in one indexed store, then gathers each sequence's rows (in position
 order) and calls `scaled_dot_product_attention` on them: plain PyTorch, the same code on CPU and CUDA.
 Decodes (one new token each) attend in one batched call over their gathered keys, padded to the longest
@@ -35,9 +37,9 @@ class PagedKVCache:
         assert 0 < context_tokens_max <= config.block_size, (
             f"context_tokens_max {context_tokens_max} must be in 1..block_size {config.block_size}"
         )
-        shape = (config.n_layer, block_count * block_tokens, config.kv_head_count, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, rows, nkv, hs)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, rows, nkv, hs)
+        shape = (config.n_layer, config.kv_head_count, block_count * block_tokens, config.head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, nkv, rows, hs)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (L, nkv, rows, hs)
         self.block_count = block_count
         self.block_tokens = block_tokens
         self.context_tokens_max = context_tokens_max
@@ -99,10 +101,9 @@ class PagedBatch:
         assert len(block_tables) == len(starts) == len(chunks) > 0, "one table, start and chunk per sequence"
         assert all(len(chunk) > 0 for chunk in chunks), "every sequence feeds at least one token"
         lengths = [len(chunk) for chunk in chunks]
-        key_rows = [  # every cache row each sequence reads this step, in position order
-            _rows(table, start + length, block_tokens)
-            for table, start, length in zip(block_tables, starts, lengths, strict=True)
-        ]
+        contexts = [start + length for start, length in zip(starts, lengths, strict=True)]
+        for table, context in zip(block_tables, contexts, strict=True):
+            assert len(table) * block_tokens >= context, "the block table does not cover the sequence"
         offsets, total = [], 0
         for length in lengths:
             offsets.append(total)
@@ -114,22 +115,32 @@ class PagedBatch:
         prefills = [
             PagedPrefill(
                 rows=slice(offsets[i], offsets[i] + lengths[i]),
-                key_rows=long_tensor(key_rows[i]),
+                key_rows=_key_rows([block_tables[i]], contexts[i], block_tokens, device)[0],
                 visible=None if starts[i] == 0 else offset_causal_mask(starts[i], lengths[i], device, dtype),
             )
             for i in range(len(chunks))
             if lengths[i] > 1
         ]
         decode_indices = [i for i, length in enumerate(lengths) if length == 1]
+        write_rows = [
+            table[p // block_tokens] * block_tokens + p % block_tokens
+            for table, start, context in zip(block_tables, starts, contexts, strict=True)
+            for p in range(start, context)
+        ]
         return cls(
             token_ids=long_tensor([token for chunk in chunks for token in chunk]),
             positions=long_tensor([s + i for s, n in zip(starts, lengths, strict=True) for i in range(n)]),
-            write_rows=long_tensor(
-                [row for rows, s in zip(key_rows, starts, strict=True) for row in rows[s:]]
-            ),
+            write_rows=long_tensor(write_rows),
             last_token_rows=long_tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)]),
-            position_max=max(s + n - 1 for s, n in zip(starts, lengths, strict=True)),
-            decode=_decodes(decode_indices, key_rows, offsets, total, device, dtype)
+            position_max=max(contexts) - 1,
+            decode=_decodes(
+                [block_tables[i] for i in decode_indices],
+                [contexts[i] for i in decode_indices],
+                None if len(decode_indices) == total else [offsets[i] for i in decode_indices],
+                block_tokens,
+                device,
+                dtype,
+            )
             if decode_indices
             else None,
             prefills=prefills,
@@ -141,28 +152,36 @@ class PagedBatch:
         return paged_attention(q, k, v, self, cache, layer)
 
 
-def _rows(table: list[int], token_count: int, block_tokens: int) -> list[int]:
-    assert len(table) * block_tokens >= token_count, "the block table does not cover the sequence"
-    return [table[p // block_tokens] * block_tokens + p % block_tokens for p in range(token_count)]
+def _key_rows(
+    tables: list[list[int]], context_max: int, block_tokens: int, device: torch.device
+) -> torch.Tensor:
+    """(S, context_max): the cache row of each position of each sequence, from its block table (a table
+    shorter than the longest is padded with block 0, whose rows the caller masks out)."""
+    width = -(-context_max // block_tokens)
+    padded = torch.tensor(
+        [table[:width] + [0] * (width - len(table[:width])) for table in tables],
+        dtype=torch.long,
+        device=device,
+    )  # (S, blocks)
+    offsets = torch.arange(block_tokens, dtype=torch.long, device=device)
+    return (padded.unsqueeze(-1) * block_tokens + offsets).reshape(len(tables), -1)[:, :context_max]
 
 
 def _decodes(
-    indices: list[int],
-    key_rows: list[list[int]],
-    offsets: list[int],
-    total: int,
+    tables: list[list[int]],
+    contexts: list[int],
+    token_rows: list[int] | None,
+    block_tokens: int,
     device: torch.device,
     dtype: torch.dtype,
 ) -> PagedDecodes:
-    context_max = max(len(key_rows[i]) for i in indices)
-    padded = [key_rows[i] + [0] * (context_max - len(key_rows[i])) for i in indices]  # row 0: masked out
-    lengths = torch.tensor([len(key_rows[i]) for i in indices], dtype=torch.long, device=device)
+    context_max = max(contexts)
+    lengths = torch.tensor(contexts, dtype=torch.long, device=device)
     key_positions = torch.arange(context_max, device=device)
     visible = additive_mask(key_positions.unsqueeze(0) < lengths.unsqueeze(1), dtype)[:, None, None, :]
-    token_rows = [offsets[i] for i in indices]
     return PagedDecodes(
-        token_rows=None if token_rows == list(range(total)) else torch.tensor(token_rows, device=device),
-        key_rows=torch.tensor(padded, dtype=torch.long, device=device),
+        token_rows=None if token_rows is None else torch.tensor(token_rows, dtype=torch.long, device=device),
+        key_rows=_key_rows(tables, context_max, block_tokens, device),
         visible=visible,
     )
 
@@ -175,9 +194,9 @@ def paged_attention(
     With fewer key/value heads than query heads (grouped-query attention), each group of query heads
     shares one cached head.
     """
-    layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (rows, nkv, hs)
-    layer_keys[batch.write_rows] = k.to(layer_keys.dtype)
-    layer_values[batch.write_rows] = v.to(layer_values.dtype)
+    layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (nkv, rows, hs)
+    layer_keys.index_copy_(1, batch.write_rows, k.transpose(0, 1).to(layer_keys.dtype))
+    layer_values.index_copy_(1, batch.write_rows, v.transpose(0, 1).to(layer_values.dtype))
     grouped = q.size(1) != k.size(1)
     decode = batch.decode
     if decode is not None and decode.token_rows is None:
@@ -196,8 +215,10 @@ def _attend_decodes(
     q: torch.Tensor, decode: PagedDecodes, layer_keys: torch.Tensor, layer_values: torch.Tensor, grouped: bool
 ) -> torch.Tensor:
     """One new token per sequence (q: (D, nh, hs)), every sequence in one call over its gathered keys."""
-    keys = layer_keys[decode.key_rows].transpose(1, 2)  # (D, nkv, Tk, hs)
-    values = layer_values[decode.key_rows].transpose(1, 2)  # (D, nkv, Tk, hs)
+    shape = (layer_keys.size(0), *decode.key_rows.shape, layer_keys.size(2))  # (nkv, D, Tk, hs)
+    rows = decode.key_rows.reshape(-1)
+    keys = layer_keys.index_select(1, rows).view(shape).transpose(0, 1)  # (D, nkv, Tk, hs)
+    values = layer_values.index_select(1, rows).view(shape).transpose(0, 1)  # (D, nkv, Tk, hs)
     y = F.scaled_dot_product_attention(
         q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=decode.visible, enable_gqa=grouped
     ).squeeze(2)  # (D, nh, hs)
@@ -209,8 +230,8 @@ def _attend_chunk(
 ) -> torch.Tensor:
     """A chunk of T tokens at positions start..start+T-1 attends to its sequence up to itself."""
     q_chunk = q.transpose(0, 1).unsqueeze(0).to(layer_keys.dtype)  # (1, nh, T, hs)
-    keys = layer_keys[chunk.key_rows].transpose(0, 1).unsqueeze(0)  # (1, nkv, Tk, hs)
-    values = layer_values[chunk.key_rows].transpose(0, 1).unsqueeze(0)  # (1, nkv, Tk, hs)
+    keys = layer_keys.index_select(1, chunk.key_rows).unsqueeze(0)  # (1, nkv, Tk, hs)
+    values = layer_values.index_select(1, chunk.key_rows).unsqueeze(0)  # (1, nkv, Tk, hs)
     if chunk.visible is None:
         # Fast path: the chunk is the whole context, so the plain causal kernel applies.
         y = F.scaled_dot_product_attention(q_chunk, keys, values, is_causal=True, enable_gqa=grouped)
