@@ -4,7 +4,7 @@ the projector with the entry; statements sum them in SQL. And the queries statem
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Index, Integer, Text, and_, func, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -36,6 +36,24 @@ class LedgerMovement(Base):
     cause_event_id: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (Index(None, "tenant_id", "booked_at_ms"), Index(None, "booked_at_ms"))
+
+
+class LedgerMovementDay(Base):
+    """ledger_movements summed per tenant, UTC day of booking, section, model and grant: what statements
+    read for whole days (the projector adds each movement once, when its row is first inserted)."""
+
+    __tablename__ = "ledger_movement_days"
+
+    tenant_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    day: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # booked_at_ms // DAY_MS
+    section: Mapped[str] = mapped_column(Text, primary_key=True)
+    model: Mapped[str] = mapped_column(Text, primary_key=True)
+    grant_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    credits: Mapped[int] = mapped_column(BigInteger)
+    money: Mapped[int] = mapped_column(BigInteger)
+    overage: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
 
 
 class GrantTermsRow(Base):
@@ -76,6 +94,50 @@ def movement_values(tenant_id: str, rows) -> list[dict]:
     ]
 
 
+DAY_MS = 86_400_000
+SUMMED = ("credits", "money", "overage", "prompt_tokens", "completion_tokens")
+GROUPED = ("section", "model", "grant_id")
+# Rows per INSERT: 15 parameters each stays under the driver's 32,767 parameters per statement.
+MOVEMENT_ROWS_PER_STATEMENT_MAX = 2_000
+
+
+def entry_finance_columns(rows: list[dict]) -> dict:
+    """The finance columns of an entry's ledger_entries row, from its movement rows."""
+    return {
+        "booked_at_ms": rows[0]["booked_at_ms"],
+        "credits": sum(row["credits"] for row in rows),
+        "money": sum(row["money"] for row in rows),
+        "model": rows[0]["model"] or None,
+        "adjustment": rows[0]["adjustment"],
+    }
+
+
+async def write_movements(session: AsyncSession, rows: list[dict]) -> None:
+    """Insert movement rows (a repeat is a no-op) and add the new ones to their days, in one statement per
+    chunk: INSERT ... ON CONFLICT DO NOTHING RETURNING feeds the days' upsert."""
+    m, d = LedgerMovement, LedgerMovementDay
+    for first in range(0, len(rows), MOVEMENT_ROWS_PER_STATEMENT_MAX):
+        chunk = rows[first : first + MOVEMENT_ROWS_PER_STATEMENT_MAX]
+        new = (
+            insert(m)
+            .values(chunk)
+            .on_conflict_do_nothing()
+            .returning(m.tenant_id, m.booked_at_ms, *(m.__table__.c[c] for c in GROUPED + SUMMED))
+            .cte("new")
+        )
+        day = new.c.booked_at_ms // DAY_MS
+        summed = select(
+            new.c.tenant_id, day, *(new.c[c] for c in GROUPED), *(func.sum(new.c[c]) for c in SUMMED)
+        ).group_by(new.c.tenant_id, day, *(new.c[c] for c in GROUPED))
+        upsert = insert(d).from_select(["tenant_id", "day", *GROUPED, *SUMMED], summed)
+        await session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["tenant_id", "day", *GROUPED],
+                set_={c: d.__table__.c[c] + upsert.excluded[c] for c in SUMMED},
+            )
+        )
+
+
 def grant_terms_values(entry, payload: dict) -> dict:
     """A GrantRecorded entry -> grant_terms values."""
     return {
@@ -91,29 +153,43 @@ def grant_terms_values(entry, payload: dict) -> dict:
 
 async def movement_sums(session: AsyncSession, tenant_id: str, start: int, end: int) -> list[Sum]:
     """(before start?, section, model, grant_id, credits, money, overage, prompt, completion) summed over the
-    tenant's rows booked before `end`: ledger.statement.sum_movements in SQL."""
-    m = LedgerMovement
-    before = (m.booked_at_ms < start).label("before")
-    query = (
-        select(
-            before,
-            m.section,
-            m.model,
-            m.grant_id,
-            func.sum(m.credits),
-            func.sum(m.money),
-            func.sum(m.overage),
-            func.sum(m.prompt_tokens),
-            func.sum(m.completion_tokens),
+    tenant's rows booked before `end`: ledger.statement.sum_movements in SQL. Whole UTC days come from
+    ledger_movement_days, the partial days at the edges from ledger_movements."""
+    totals: dict[tuple, list[int]] = {}
+    for before, (low, high) in ((True, (0, start)), (False, (start, end))):
+        for row in await _range_sums(session, tenant_id, low, high):
+            acc = totals.setdefault((before, *row[:3]), [0] * len(SUMMED))
+            for index, value in enumerate(row[3:]):
+                acc[index] += int(value)
+    return [Sum(*key, *values) for key, values in sorted(totals.items())]
+
+
+async def _range_sums(session: AsyncSession, tenant_id: str, low: int, high: int) -> list:
+    if low >= high:
+        return []
+    m, d = LedgerMovement, LedgerMovementDay
+    first_day, end_day = -(-low // DAY_MS), high // DAY_MS  # the whole days inside [low, high)
+    if first_day >= end_day:
+        edges = [(low, high)]
+        rows = []
+    else:
+        edges = [(low, first_day * DAY_MS), (end_day * DAY_MS, high)]
+        days = (
+            select(*(d.__table__.c[c] for c in GROUPED), *(func.sum(d.__table__.c[c]) for c in SUMMED))
+            .where(and_(d.tenant_id == tenant_id, d.day >= first_day, d.day < end_day))
+            .group_by(*(d.__table__.c[c] for c in GROUPED))
         )
-        .where(and_(m.tenant_id == tenant_id, m.booked_at_ms < end))
-        .group_by(before, m.section, m.model, m.grant_id)
-        .order_by(before.desc(), m.section, m.model, m.grant_id)
-    )
-    return [
-        Sum(row[0], row[1], row[2], row[3], *(int(total) for total in row[4:]))
-        for row in (await session.execute(query)).all()
-    ]
+        rows = list((await session.execute(days)).all())
+    for edge_low, edge_high in edges:
+        if edge_low >= edge_high:
+            continue
+        raw = (
+            select(*(m.__table__.c[c] for c in GROUPED), *(func.sum(m.__table__.c[c]) for c in SUMMED))
+            .where(and_(m.tenant_id == tenant_id, m.booked_at_ms >= edge_low, m.booked_at_ms < edge_high))
+            .group_by(*(m.__table__.c[c] for c in GROUPED))
+        )
+        rows += (await session.execute(raw)).all()
+    return rows
 
 
 async def adjustment_rows(
@@ -178,14 +254,10 @@ async def tenant_statement(session: AsyncSession, tenant_id: str, start: int, en
 # them; no Python object per row. Parameters: the window [%(start)s, %(end)s) of booked time.
 
 ENTRIES_EXPORT_SQL = """
-SELECT e.sequence, e.entry_id, e.tenant_id, e.entry_type, e.occurred_at_ms, m.booked_at_ms, e.amount,
-       m.credits, m.money, m.model, m.adjustment
-FROM ledger_entries AS e JOIN (
-    SELECT entry_id, min(booked_at_ms) AS booked_at_ms, sum(credits) AS credits, sum(money) AS money,
-           min(model) AS model, bool_or(adjustment) AS adjustment
-    FROM ledger_movements WHERE booked_at_ms >= {start} AND booked_at_ms < {end} GROUP BY entry_id
-) AS m USING (entry_id)
-ORDER BY e.sequence
+SELECT sequence, entry_id, tenant_id, entry_type, occurred_at_ms, booked_at_ms, amount, credits, money, model,
+       adjustment
+FROM ledger_entries WHERE booked_at_ms >= {start} AND booked_at_ms < {end}
+ORDER BY sequence
 """
 
 REVENUE_EXPORT_SQL = """

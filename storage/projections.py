@@ -4,7 +4,7 @@ balances (latest per tenant), projector_offsets."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, CheckConstraint, Identity, Index, Integer, LargeBinary, Text
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, Identity, Index, Integer, LargeBinary, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -52,9 +52,17 @@ class LedgerEntry(Base):
     chain_sequence: Mapped[int | None] = mapped_column(BigInteger)
     chain_hash: Mapped[str | None] = mapped_column(Text)
     record: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Finance (storage.finance, ledger.statement): when the entry is booked, what it does to the prepaid
+    # balance (credits) and to deferred money, its model, whether it adjusts a closed period. NULL before.
+    booked_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    credits: Mapped[int | None] = mapped_column(BigInteger)
+    money: Mapped[int | None] = mapped_column(BigInteger)
+    model: Mapped[str | None] = mapped_column(Text)
+    adjustment: Mapped[bool | None] = mapped_column(Boolean)
 
     __table_args__ = (
         Index(None, "tenant_id", "sequence"),
+        Index(None, "booked_at_ms"),
         Index("ix_ledger_entries_tenant_id_chain_sequence", "tenant_id", "chain_sequence", unique=True),
     )
 

@@ -57,7 +57,13 @@ from ledger.events import CreditExpired, Event, InvalidEvent
 from ledger.statement import movements
 from storage.audit import LedgerCheckpoint
 from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
-from storage.finance import GrantTermsRow, LedgerMovement, grant_terms_values, movement_values
+from storage.finance import (
+    GrantTermsRow,
+    entry_finance_columns,
+    grant_terms_values,
+    movement_values,
+    write_movements,
+)
 from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.audit_rows import chain_columns, checkpoint_row
 from streams.log import KafkaLog
@@ -214,7 +220,9 @@ def _add_record(rows: BatchRows, topics: LedgerTopics, record: LogRecord, now_ms
     rows.entries.setdefault(
         entry.entry_id, {**_entry_row(payload, entry.entry_id, record, now_ms), **chain_columns(record.value)}
     )
-    rows.movements.setdefault(entry.entry_id, movement_values(entry.tenant_id, movements(entry)))
+    entry_movements = movement_values(entry.tenant_id, movements(entry))
+    rows.movements.setdefault(entry.entry_id, entry_movements)
+    rows.entries[entry.entry_id].update(entry_finance_columns(entry_movements))
     if type(entry) is GrantRecorded:
         rows.grant_terms.setdefault(entry.grant_id, grant_terms_values(entry, payload))
     if isinstance(entry, CreditExpired):  # a derived event: archived with the others
@@ -242,15 +250,13 @@ async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRow
         await session.execute(
             insert(LedgerEntry).values(list(rows.entries.values())).on_conflict_do_nothing()
         )
+    await write_movements(session, [row for entry_rows in rows.movements.values() for row in entry_rows])
+    if rows.grant_terms:
+        await session.execute(insert(GrantTermsRow).on_conflict_do_nothing(), list(rows.grant_terms.values()))
     if rows.checkpoints:
         await session.execute(
             insert(LedgerCheckpoint).values(list(rows.checkpoints.values())).on_conflict_do_nothing()
         )
-    movement_rows = [row for entry_rows in rows.movements.values() for row in entry_rows]
-    if movement_rows:  # executemany: a batch's rows may exceed one statement's parameter limit
-        await session.execute(insert(LedgerMovement).on_conflict_do_nothing(), movement_rows)
-    if rows.grant_terms:
-        await session.execute(insert(GrantTermsRow).on_conflict_do_nothing(), list(rows.grant_terms.values()))
     upserts = [row for row in rows.balances.values() if row is not None]
     if upserts:
         statement = insert(Balance).values(upserts)

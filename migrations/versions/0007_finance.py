@@ -53,6 +53,28 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("grant_id", name=op.f("pk_grant_terms")),
     )
     op.create_index(op.f("ix_grant_terms_tenant_id"), "grant_terms", ["tenant_id"])
+    op.add_column("ledger_entries", sa.Column("booked_at_ms", sa.BigInteger(), nullable=True))
+    op.add_column("ledger_entries", sa.Column("credits", sa.BigInteger(), nullable=True))
+    op.add_column("ledger_entries", sa.Column("money", sa.BigInteger(), nullable=True))
+    op.add_column("ledger_entries", sa.Column("model", sa.Text(), nullable=True))
+    op.add_column("ledger_entries", sa.Column("adjustment", sa.Boolean(), nullable=True))
+    op.create_index(op.f("ix_ledger_entries_booked_at_ms"), "ledger_entries", ["booked_at_ms"])
+    op.create_table(
+        "ledger_movement_days",
+        sa.Column("tenant_id", sa.Text(), nullable=False),
+        sa.Column("day", sa.BigInteger(), nullable=False),
+        sa.Column("section", sa.Text(), nullable=False),
+        sa.Column("model", sa.Text(), nullable=False),
+        sa.Column("grant_id", sa.Text(), nullable=False),
+        sa.Column("credits", sa.BigInteger(), nullable=False),
+        sa.Column("money", sa.BigInteger(), nullable=False),
+        sa.Column("overage", sa.BigInteger(), nullable=False),
+        sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("completion_tokens", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint(
+            "tenant_id", "day", "section", "model", "grant_id", name=op.f("pk_ledger_movement_days")
+        ),
+    )
     op.add_column("tenants", sa.Column("overage_rate_per_million_credits", sa.BigInteger(), nullable=True))
     op.add_column("tenants", sa.Column("overage_currency", sa.Text(), nullable=True))
     op.add_column("grants", sa.Column("category", sa.Text(), server_default="promotional", nullable=False))
@@ -62,6 +84,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("ledger_movement_days")
+    op.drop_index(op.f("ix_ledger_entries_booked_at_ms"), "ledger_entries")
+    for column in ("adjustment", "model", "money", "credits", "booked_at_ms"):
+        op.drop_column("ledger_entries", column)
     for column in ("reference", "currency", "price", "category"):
         op.drop_column("grants", column)
     op.drop_column("tenants", "overage_currency")

@@ -21,13 +21,15 @@ pytestmark = pytest.mark.postgres
 MODELS = ("tiny", "large")
 
 
-def random_history(tenant_id: str, seed: int) -> list:
-    """A fold of random paid and promotional grants, voids, usage in any order, a close and late events."""
+def random_history(tenant_id: str, seed: int, scale: int = 1) -> list:
+    """A fold of random paid and promotional grants, voids, usage in any order, a close and late events;
+    times are multiplied by `scale` (an hour spreads the history over days, so statements read whole days
+    from the daily sums and the edges from the rows)."""
     rng = random.Random(seed)
     events = []
     for number in range(rng.randint(1, 4)):
         paid = rng.random() < 0.7
-        effective_at = rng.randint(0, 500)
+        effective_at = rng.randint(0, 500) * scale
         events.append(
             CreditGranted(
                 event_id=f"ge-{number}",
@@ -35,7 +37,7 @@ def random_history(tenant_id: str, seed: int) -> list:
                 grant_id=f"{tenant_id}-g{number}",
                 amount=rng.randint(10, 300),
                 effective_at=effective_at,
-                expires_at=rng.choice([None, effective_at + rng.randint(1, 600)]),
+                expires_at=rng.choice([None, effective_at + rng.randint(1, 600) * scale]),
                 category="paid" if paid else "promotional",
                 price=rng.randint(0, 99_999) if paid else None,
                 currency=rng.choice(["USD", "EUR"]) if paid else None,
@@ -48,7 +50,7 @@ def random_history(tenant_id: str, seed: int) -> list:
                     event_id=f"v-{number}",
                     tenant_id=tenant_id,
                     grant_id=f"{tenant_id}-g{number}",
-                    voided_at=rng.randint(0, 1_000),
+                    voided_at=rng.randint(0, 1_000) * scale,
                 )
             )
     for number in range(rng.randint(0, 60)):
@@ -57,7 +59,7 @@ def random_history(tenant_id: str, seed: int) -> list:
                 event_id=f"u-{number}",
                 tenant_id=tenant_id,
                 amount=rng.randint(0, 20),
-                occurred_at=rng.randint(0, 1_000),
+                occurred_at=rng.randint(0, 1_000) * scale + rng.randint(0, scale - 1),
                 model=rng.choice(MODELS),
                 prompt_tokens=rng.randint(0, 50),
                 completion_tokens=rng.randint(0, 50),
@@ -65,15 +67,15 @@ def random_history(tenant_id: str, seed: int) -> list:
         )
     rng.shuffle(events)
     events.insert(
-        rng.randint(0, len(events)), PeriodClosed(event_id="c", tenant_id=tenant_id, closed_until=400)
+        rng.randint(0, len(events)), PeriodClosed(event_id="c", tenant_id=tenant_id, closed_until=400 * scale)
     )
     ledger = TenantLedger(tenant_id)
     entries = []
     for event in events:
         entries += ledger.apply(event)
         if rng.random() < 0.2:
-            entries += ledger.advance_to(rng.randint(0, 1_100))
-    return entries + ledger.advance_to(1_200)
+            entries += ledger.advance_to(rng.randint(0, 1_100) * scale)
+    return entries + ledger.advance_to(1_200 * scale)
 
 
 async def archive_entries(session_factory, entries) -> None:
@@ -84,13 +86,17 @@ async def archive_entries(session_factory, entries) -> None:
     await archive_records(session_factory, records)
 
 
+@pytest.mark.parametrize("scale", [1, 3_600_000])
 @pytest.mark.parametrize("seed", range(6))
 async def test_the_api_statement_is_the_pure_statement_of_the_projected_entries(
-    client, tenant_id, session_factory, seed
+    client, tenant_id, session_factory, seed, scale
 ):
-    entries = random_history(tenant_id, seed)
-    await archive_entries(session_factory, entries + random_history("someone-else", seed))
-    for start, end in ((0, 400), (400, 800), (0, 1_300), (250, 900)):
+    entries = random_history(tenant_id, seed, scale)
+    await archive_entries(session_factory, entries + random_history("someone-else", seed, scale))
+    windows = [(0, 400), (400, 800), (0, 1_300), (250, 900), (37, 613)]
+    for start, end in [(start * scale, end * scale) for start, end in windows] + [
+        (scale // 3, 900 * scale + 7)
+    ]:
         response = await client.get(
             f"/admin/v1/tenants/{tenant_id}/statements", params={"from": start, "to": end}
         )
