@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.balancer import BalancedPool
 from gateway.completions import CompletionService
 from gateway.conversations import ITEMS_PAGE_MAX, ConversationStore, RetentionSweep
 from gateway.deps import AuthenticatedTenant
@@ -230,19 +231,25 @@ def start_conversation_service(
     internal_token: str,
 ) -> ConversationServices:
     """Put the responses service (with its model router) on `app.state.responses`, and start the retention
-    sweep; a version named in `model_worker_urls` gets a worker pool of its own."""
+    sweep; a version named in `model_worker_urls` gets a worker pool of its own, the others share one
+    over `worker_urls` (each a BalancedPool: workers picked by queue depth and observed latency)."""
     store = ConversationStore(session_factory, settings.policy_cache_ttl_ms)
     pools = {
-        model: WorkerPool(settings.model_copy(update={"worker_urls": urls}), internal_token)
+        model: BalancedPool(settings.model_copy(update={"worker_urls": urls}), internal_token)
         for model, urls in settings.model_worker_urls.items()
     }
-    services = {
-        model: CompletionService(
+    default_pool = BalancedPool(settings, internal_token)  # the other versions: the gateway's workers
+    for pool in (*pools.values(), default_pool):
+        pool.start()
+
+    def service_on(pool: WorkerPool) -> CompletionService:
+        return CompletionService(
             settings, pool, completions.admission, metrics, None, completions.publish_usage
         )
-        for model, pool in pools.items()
-    }
-    router = ModelRouter(settings, RouteStore(session_factory), metrics, completions, services)
+
+    services = {model: service_on(pool) for model, pool in pools.items()}
+    default_service = service_on(default_pool)
+    router = ModelRouter(settings, RouteStore(session_factory), metrics, default_service, services)
     app.state.eval_gate = EvalGate(
         settings, router, session_factory, app.state.runtime.completions.wall_clock_ms
     )
@@ -256,7 +263,7 @@ def start_conversation_service(
         store, settings.retention_sweep_interval_ms, settings.retention_sweep_batch_max, count
     )
     sweep.start()
-    return ConversationServices(sweep, list(pools.values()))
+    return ConversationServices(sweep, [*pools.values(), default_pool])
 
 
 __all__ = ["router", "start_conversation_service"]

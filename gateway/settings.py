@@ -85,6 +85,8 @@ class GatewaySettings(CommonSettings):
     rollout_error_rate_margin_percent: int = Field(default=5, ge=0, le=100)
     # the canary's time-to-first-token p99 may exceed the stable version's by this much
     rollout_ttft_p99_margin_ms: int = Field(default=500, ge=0)
+    # how often the router's pools read each worker's queue depth from its /health (gateway.balancer)
+    worker_load_poll_interval_ms: int = Field(default=500, ge=10)
     # the tenant eval traffic is admitted and billed to (gateway.eval_gate)
     eval_tenant_id: str = "tollgate-eval"
     # a canary is promoted only when its eval score is at most this many points below the stable one's
