@@ -4,6 +4,7 @@
     tollgate gateway | worker | streams | projector | migrate | topics
                                       one component each, for the distributed deployment
     tollgate ledger replay            audit replay of ledger.events (--verify against live balances)
+    tollgate audit public-key | verify  the entries' hash chain and signed checkpoints (tollgate.audit_cli)
     tollgate tenants create | keys create | credits grant | balance
     tollgate statements | periods close | tenants overage-rate | export   finance (tollgate.finance_cli)
                                       the admin API, over HTTP: the gateway URL from --url, TOLLGATE_URL,
@@ -384,3 +385,6 @@ def main() -> None:
 
 # The finance commands (statements, periods close, tenants overage-rate, export) add themselves to `app`.
 import tollgate.finance_cli  # noqa: E402,F401
+
+# The audit commands (audit public-key, audit verify) add themselves to `app`.
+import tollgate.audit_cli  # noqa: E402,F401

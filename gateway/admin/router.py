@@ -25,7 +25,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.admin import commands, finance, model_routes, policies, queries
+from gateway.admin import audit, commands, finance, model_routes, policies, queries
 from gateway.admin.deps import (
     RUNTIME_STATE,
     AdminRuntime,
@@ -227,4 +227,5 @@ def build_admin_router(
     mounted.include_router(finance.router)  # statements, overage rate, period close (issue 14)
     mounted.include_router(policies.router)  # tenants' retention and safety policies (issue 19)
     mounted.include_router(model_routes.router)  # model aliases: canary, promotion, rollback (issue 19)
+    mounted.include_router(audit.router)  # the checkpoint signing key, inclusion proofs (issue 15)
     return mounted
