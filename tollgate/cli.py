@@ -383,8 +383,7 @@ def main() -> None:
     app()
 
 
-# The finance commands (statements, periods close, tenants overage-rate, export) add themselves to `app`.
-import tollgate.finance_cli  # noqa: E402,F401
-
-# The audit commands (audit public-key, audit verify) add themselves to `app`.
+# The finance commands (statements, periods close, tenants overage-rate, export) and the audit commands
+# (audit public-key, audit verify) add themselves to `app`.
 import tollgate.audit_cli  # noqa: E402,F401
+import tollgate.finance_cli  # noqa: E402,F401
