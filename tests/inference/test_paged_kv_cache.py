@@ -11,6 +11,7 @@ import torch
 
 from inference.block_pool import ROOT_BLOCK_HASH, BlockPool, block_hash
 from inference.engine import Engine, GenerationRequest
+from inference.metrics import WorkerMetrics
 from inference.model import GPTConfig, KVCache, PackedBatch, load_checkpoint, write_safetensors
 from inference.paged_attention import PagedBatch, PagedKVCache
 from inference.request import FinishReason, RequestStatus
@@ -292,3 +293,15 @@ def test_a_preempted_request_that_hits_the_cache_on_recompute_keeps_its_cached_c
         assert final.cached_prompt_tokens == 0 and final.prompt_tokens == len(
             tokenizer.encode(request.prompt)
         )
+
+
+def test_kv_cache_usage_is_reported_by_each_step_and_on_the_metrics(make_engine):
+    engine = make_engine(kv_cache_tokens_max=256, kv_block_tokens=16)  # 16 blocks
+    engine.add_request(GenerationRequest(request_id="u", prompt="The", max_tokens=20))
+    engine.step()
+    assert engine.last_step_stats.kv_cache_usage == 1 / 16  # a short prompt holds one block, not a context
+    metrics = WorkerMetrics(kv_cache_bytes=engine.cache.bytes_total)
+    metrics.observe_step(engine.last_step_stats)
+    assert metrics.registry.get_sample_value("tollgate_worker_kv_cache_usage_perc") == 1 / 16
+    run_to_completion(engine, {})
+    assert engine.last_step_stats.kv_cache_usage == 0.0
