@@ -257,8 +257,7 @@ ENTRIES_EXPORT_SQL = """
 SELECT sequence, entry_id, tenant_id, entry_type, occurred_at_ms, booked_at_ms, amount, credits, money, model,
        adjustment
 FROM ledger_entries WHERE booked_at_ms >= {start} AND booked_at_ms < {end}
-ORDER BY sequence
-"""
+"""  # unordered: the exporter sorts by sequence in pyarrow (a million-row ORDER BY spills to disk here)
 
 REVENUE_EXPORT_SQL = """
 SELECT m.tenant_id, m.booked_at_ms / 86400000 AS day, m.model, g.currency, m.adjustment,

@@ -10,7 +10,6 @@ pyarrow (storage.finance), so rows never become Python objects.
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 
 import psycopg
@@ -61,14 +60,12 @@ FORMATS = ("parquet", "csv")
 
 
 def _copied(url: str, sql: str, columns: dict[str, pa.DataType]) -> pa.Table:
-    buffer = io.BytesIO()
+    chunks = []
     connection = psycopg.connect(libpq_url(url))
     with connection, connection.cursor() as cursor, cursor.copy(sql) as copy:
-        for chunk in copy:
-            buffer.write(chunk)
-    buffer.seek(0)
+        chunks.extend(copy)
     return pacsv.read_csv(
-        buffer,
+        pa.BufferReader(b"".join(chunks)),
         convert_options=pacsv.ConvertOptions(
             column_types=columns, strings_can_be_null=True, true_values=["t"], false_values=["f"]
         ),
@@ -76,7 +73,7 @@ def _copied(url: str, sql: str, columns: dict[str, pa.DataType]) -> pa.Table:
 
 
 def entries_table(url: str, start: int, end: int) -> pa.Table:
-    table = _copied(url, export_sql(ENTRIES_EXPORT_SQL, start, end), ENTRIES_COLUMNS)
+    table = _copied(url, export_sql(ENTRIES_EXPORT_SQL, start, end), ENTRIES_COLUMNS).sort_by("sequence")
     for column, name in TIMESTAMP_COLUMNS.items():
         index = table.schema.get_field_index(column)
         table = table.set_column(index, name, pc.cast(table[column], UTC_MS))

@@ -2,6 +2,9 @@
 
     python -m tollgate.schemas           write schemas/<topic>.schema.json
     python -m tollgate.schemas --check   exit 1 when a committed schema differs from the code's
+    python -m tollgate.schemas validate TOPIC
+                                         validate records, one JSON per line on stdin (what
+                                         kafka-console-consumer prints), against schemas/TOPIC.schema.json
 
 A record on `ledger.entries` is an entry with its hash-chain link appended (`chain`, ledger.chain), and a
 record on `ledger.checkpoints` is a checkpoint with its `signature`: their schemas say so (allOf).
@@ -74,7 +77,36 @@ def drifted() -> list[str]:
     ]
 
 
+def validate_lines(topic: str, lines) -> int:
+    """Validate each non-empty line against the committed schema of `topic`; returns how many passed,
+    raises jsonschema.ValidationError (naming the line) at the first that does not."""
+    import jsonschema  # the finance consumer's tool: imported only here
+
+    validator = jsonschema.Draft202012Validator(json.loads(schema_path(topic).read_text()))
+    count = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            validator.validate(json.loads(line))
+        except jsonschema.ValidationError as error:
+            error.message = f"line {number}: {error.message}"
+            raise
+        count += 1
+    return count
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["validate"] and len(argv) == 2:
+        import jsonschema
+
+        try:
+            count = validate_lines(argv[1], sys.stdin)
+        except jsonschema.ValidationError as error:
+            print(f"invalid {argv[1]} record, {error.message}", file=sys.stderr)
+            return 1
+        print(f"{count} valid {argv[1]} records")
+        return 0
     if "--check" in argv:
         stale = drifted()
         for topic in stale:
