@@ -53,9 +53,11 @@ from gateway.safety import OutputGuard, Scanner, redact
 from gateway.schemas import PreparedRequest
 from gateway.settings import GatewaySettings
 from gateway.sse import SseResponse, run_until_client_leaves
+from gateway.tracing import RequestTrace
 from gateway.workers import BudgetExhausted, ErrorEvent, WorkerFailed
 from inference.registry import ModelSpec
 from inference.request import TEMPERATURE_MAX
+from ledger.pricing import usage_amount
 
 logger = logging.getLogger(__name__)
 
@@ -266,11 +268,14 @@ class Answer:
     sequence_number: int = 0
     usage: dict | None = None
     first_token_ms: float | None = None  # monotonic: when the first tokens arrived
+    on_first_token: Callable[[], None] | None = None
 
     def feed(self, delta: str) -> str:
         """What of `delta` may be sent now (after the output check)."""
         if self.first_token_ms is None:
             self.first_token_ms = monotonic_ms()
+            if self.on_first_token is not None:
+                self.on_first_token()
         released = self.guard.feed(delta) if self.guard is not None else delta
         self.text += released
         if self.guard is not None and self.guard.stopped is not None:
@@ -368,6 +373,7 @@ class Started:
     input_items: list[dict]
     routed: Routed
     started_ms: float
+    trace: RequestTrace
 
 
 class ResponsesService:
@@ -394,15 +400,31 @@ class ResponsesService:
         for key, value in (body.metadata or {}).items():
             refuse_nul(key + value, "metadata")
         refuse_nul(body.instructions or "", "instructions")
-        started = await self._start(tenant, body)
+        request_trace = RequestTrace(tenant.tenant_id, body.model)
+        try:
+            started = await self._start(tenant, body, request_trace)
+        except BaseException as error:
+            code = getattr(error, "code", None) or type(error).__name__
+            if code == "content_policy_violation":
+                request_trace.safety_decision = "block"
+            request_trace.end({}, error=code)
+            raise
         headers = {"x-request-id": started.generation.request_id, **started.generation.reservation.headers}
         if body.stream:
             events = self._events(tenant, started)
-            return AsgiResponse(SseResponse(events, started.generation.settle, {**SSE_HEADERS, **headers}))
+
+            async def end_stream() -> None:  # the client may have left: the spans end either way
+                await started.generation.settle()
+                self._end_trace(started)
+
+            return AsgiResponse(SseResponse(events, end_stream, {**SSE_HEADERS, **headers}))
         try:
             await run_until_client_leaves(self._run(started), receive)
-        finally:
+        except BaseException:
             await started.generation.settle()
+            self._end_trace(started)  # the client left (or worse): the spans end here
+            raise
+        await started.generation.settle()
         answer = started.answer
         answer.usage = usage_object(started.generation)
         response = answer.response(final=True)
@@ -411,7 +433,9 @@ class ResponsesService:
             raise answer.error
         return Response(_encode(response), 200, headers, media_type="application/json")
 
-    async def _start(self, tenant: TenantIdentity, body: ResponseCreateBody) -> Started:
+    async def _start(
+        self, tenant: TenantIdentity, body: ResponseCreateBody, request_trace: RequestTrace
+    ) -> Started:
         """Checks, history and prompt, then a generation on the model (or the first fallback that can
         take it)."""
         started_ms = monotonic_ms()
@@ -420,18 +444,23 @@ class ResponsesService:
         policy = await self.store.policy(tenant.tenant_id)
         scanner = Scanner(policy.safety) if policy.safety.checks_anything else None
         prompt, instructions = await self._instructions(body)
-        items, instructions = check_input(scanner, self.metrics, input_items(body.input), instructions)
-        conversation_id, history, pinned_model = await self._history(tenant, body)
+        with request_trace.step("safety.input"):
+            items, instructions = check_input(scanner, self.metrics, input_items(body.input), instructions)
+        if scanner is not None and scanner.policy.input_action == "redact":
+            request_trace.safety_decision = "redact"
+        with request_trace.step("conversation.history"):
+            conversation_id, history, pinned_model = await self._history(tenant, body)
         candidates = [body.model, *body.fallback_models]
         for index, alias in enumerate(candidates):
             request_id = new_request_id()
             request_id_var.set(request_id)
-            routed = await self.router.route(
-                alias, conversation_id or request_id, pinned_model if index == 0 else None
-            )
+            with request_trace.step("router.route"):
+                routed = await self.router.route(
+                    alias, conversation_id or request_id, pinned_model if index == 0 else None
+                )
             try:
                 generation = await self._start_on(
-                    tenant, body, routed, instructions, history, items, request_id, started_ms
+                    tenant, body, routed, instructions, history, items, request_id, started_ms, request_trace
                 )
                 break
             except (ApiError, Rejection) as error:
@@ -450,8 +479,9 @@ class ResponsesService:
             request=body,
             conversation_id=conversation_id,
             guard=guard,
+            on_first_token=request_trace.first_token,
         )
-        return Started(generation, answer, history, items, routed, started_ms)
+        return Started(generation, answer, history, items, routed, started_ms, request_trace)
 
     async def _instructions(self, body: ResponseCreateBody) -> tuple[Prompt | None, str | None]:
         """(the prompt version named, the instructions: its text with its variables, then the request's)."""
@@ -471,19 +501,22 @@ class ResponsesService:
         items: list[dict],
         request_id: str,
         started_ms: float,
+        request_trace: RequestTrace,
     ) -> Generation:
         """The prompt built for the routed version (its template, tokenizer and context) and its
         generation started."""
         spec = self._model(routed.model)
-        built = build_prompt(
-            spec,
-            instructions,
-            [chat_message(item) for item in history],
-            [chat_message(item) for item in items],
-            body.max_output_tokens,
-            body.truncation,
-            self.settings.prompt_chars_max,
-        )
+        with request_trace.step("prompt.build") as span:
+            built = build_prompt(
+                spec,
+                instructions,
+                [chat_message(item) for item in history],
+                [chat_message(item) for item in items],
+                body.max_output_tokens,
+                body.truncation,
+                self.settings.prompt_chars_max,
+            )
+            span.set_attribute("tollgate.prompt.history_dropped", built.history_dropped)
         self.metrics.prompt_history_dropped.inc(built.history_dropped)
         prepared = PreparedRequest(
             chat=True,
@@ -498,6 +531,7 @@ class ResponsesService:
             stream=body.stream,
             include_usage=False,
         )
+        request_trace.start_generation(routed.model, request_id)
         return await self._generate(tenant, prepared, request_id, started_ms, routed)
 
     async def _generate(
@@ -583,6 +617,7 @@ class ResponsesService:
         self.metrics.responses.labels(answer.status, str(answer.request.store).lower()).inc()
         ttft_ms = None if answer.first_token_ms is None else answer.first_token_ms - started.started_ms
         await self.router.observe(started.routed, failed=answer.error is not None, ttft_ms=ttft_ms)
+        self._end_trace(started)
         if not answer.request.store or answer.error is not None:
             return
         with anyio.CancelScope(shield=True):
@@ -594,6 +629,28 @@ class ResponsesService:
                 answer.conversation_id,
                 self.wall_clock_ms(),
             )
+
+    def _end_trace(self, started: Started) -> None:
+        """The root span's outcome: the GenAI usage and model, the version, prompt, safety and cost."""
+        answer = started.answer
+        generation = started.generation
+        request_trace = started.trace
+        if answer.guard is not None and answer.guard.findings:
+            request_trace.safety_decision = "stop" if answer.stopped else "redact"
+        price = self.settings.models[answer.model].price
+        prompt = answer.prompt
+        attributes = {
+            "gen_ai.response.model": answer.model,
+            "gen_ai.response.id": answer.response_id,
+            "gen_ai.usage.input_tokens": generation.prompt_tokens,
+            "gen_ai.usage.output_tokens": generation.completion_tokens,
+            "gen_ai.response.finish_reasons": [answer.incomplete_reason or answer.status],
+            "tollgate.request_id": generation.request_id,
+            "tollgate.model_version": answer.model,
+            "tollgate.prompt_version": f"{prompt.name}@{prompt.version}" if prompt else "",
+            "tollgate.cost": usage_amount(price, generation.prompt_tokens, generation.completion_tokens),
+        }
+        request_trace.end(attributes, error=answer.error.code if answer.error is not None else None)
 
     # ---- streaming ---------------------------------------------------------------------------------
 

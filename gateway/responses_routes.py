@@ -26,6 +26,8 @@ from gateway.prompts import PromptStore
 from gateway.responses import ResponsesService, input_items, refuse_nul
 from gateway.router import ModelRouter, RouteStore
 from gateway.settings import GatewaySettings
+from gateway.sse import ClientLeft
+from gateway.tracing import configure_tracing
 from gateway.wire import encode_json
 from gateway.workers import WorkerPool
 
@@ -100,7 +102,10 @@ async def create_response(request: Request, tenant: AuthenticatedTenant) -> Resp
     body = await request.body()
     if len(body) > request.app.state.runtime.settings.body_bytes_max:
         raise ApiError(400, "The request body is too large.", param="body", code="body_too_large")
-    return await _responses(request).create(tenant, body, request.receive)
+    try:
+        return await _responses(request).create(tenant, body, request.receive)
+    except ClientLeft:
+        return Response(status_code=499)  # nobody reads it: the generation was cancelled and settled
 
 
 @router.get("/responses/{response_id}", response_model=None)
@@ -233,6 +238,7 @@ def start_conversation_service(
     """Put the responses service (with its model router) on `app.state.responses`, and start the retention
     sweep; a version named in `model_worker_urls` gets a worker pool of its own, the others share one
     over `worker_urls` (each a BalancedPool: workers picked by queue depth and observed latency)."""
+    configure_tracing(settings)
     store = ConversationStore(session_factory, settings.policy_cache_ttl_ms)
     pools = {
         model: BalancedPool(settings.model_copy(update={"worker_urls": urls}), internal_token)

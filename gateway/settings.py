@@ -87,6 +87,8 @@ class GatewaySettings(CommonSettings):
     rollout_ttft_p99_margin_ms: int = Field(default=500, ge=0)
     # how often the router's pools read each worker's queue depth from its /health (gateway.balancer)
     worker_load_poll_interval_ms: int = Field(default=500, ge=10)
+    # OTLP/HTTP endpoint the gateway's traces go to (gateway.tracing); unset: tracing is off
+    otlp_traces_endpoint: str | None = None
     # the tenant eval traffic is admitted and billed to (gateway.eval_gate)
     eval_tenant_id: str = "tollgate-eval"
     # a canary is promoted only when its eval score is at most this many points below the stable one's

@@ -1,0 +1,137 @@
+"""OpenTelemetry traces of the Responses API (gateway.tracing), read with an in-memory exporter: one trace
+per request, the root span with the GenAI conventions and Tollgate's attributes (tenant, model version,
+prompt version, safety decision, cost), a child span per step of the path; never any text."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway.settings import GatewaySettings
+from inference.settings import WorkerSettings
+from ledger.pricing import usage_amount
+from tests.gateway.conftest import (
+    ADMIN_TOKEN,
+    RecordingAdmission,
+    gateway_settings,
+    insert_tenant_with_key,
+    start_gateway,
+)
+
+pytestmark = pytest.mark.postgres
+
+MODEL = "tollgate-tiny"
+SPEC = WorkerSettings().models[MODEL]
+STEPS = {"safety.input", "conversation.history", "router.route", "prompt.build", "worker.generate"}
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture(scope="module")
+def gateway(worker, module_database_url, spans):
+    settings = gateway_settings([worker.url], policy_cache_ttl_ms=0)
+    running = start_gateway(module_database_url, settings, RecordingAdmission())
+    yield running
+    running.server.stop()
+
+
+@pytest.fixture(scope="module")
+def tenant(module_database_url):
+    return insert_tenant_with_key(module_database_url, "tracing-acme")
+
+
+@pytest.fixture
+def client(gateway, tenant) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(api_key=tenant.key, base_url=gateway.url + "/v1", max_retries=0)
+
+
+def trace_of(spans: InMemorySpanExporter, request_id: str) -> list:
+    roots = [
+        span
+        for span in spans.get_finished_spans()
+        if span.name == "responses.create" and span.attributes.get("tollgate.request_id") == request_id
+    ]
+    assert len(roots) == 1, [span.name for span in spans.get_finished_spans()]
+    trace_id = roots[0].context.trace_id
+    return [span for span in spans.get_finished_spans() if span.context.trace_id == trace_id]
+
+
+def check_one_trace(spans_of_request: list, tenant_id: str, usage, response) -> dict:
+    root = next(span for span in spans_of_request if span.name == "responses.create")
+    children = [
+        span for span in spans_of_request if span.parent and span.parent.span_id == root.context.span_id
+    ]
+    assert sorted(span.name for span in children) == sorted(STEPS)  # (FastAPI's own spans are its parents)
+    attributes = dict(root.attributes)
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.request.model"] == MODEL
+    assert attributes["gen_ai.response.model"] == attributes["tollgate.model_version"] == MODEL
+    assert attributes["gen_ai.response.id"] == response.id
+    assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert (
+        attributes["tollgate.cost"]
+        == usage.amount
+        == usage_amount(SPEC.price, usage.prompt_tokens, usage.completion_tokens)
+    )
+    assert attributes["tollgate.tenant_id"] == tenant_id
+    generate = next(span for span in spans_of_request if span.name == "worker.generate")
+    assert [event.name for event in generate.events] == ["first_token"]
+    return attributes
+
+
+async def test_a_response_is_one_trace_with_the_genai_attributes(client, spans, worker, tenant):
+    response = await client.responses.create(model=MODEL, input="secret words", max_output_tokens=4)
+    request_id = response.id.removeprefix("resp_")
+    usage = worker.usage_of(request_id)
+    attributes = check_one_trace(trace_of(spans, request_id), tenant.tenant_id, usage, response)
+    assert attributes["tollgate.safety.decision"] == "none"
+    assert attributes["tollgate.prompt_version"] == ""
+    assert not any("secret words" in str(value) for value in attributes.values())
+
+
+async def test_a_streamed_response_ends_its_trace_with_the_stream(client, spans, worker, tenant):
+    stream = await client.responses.create(model=MODEL, input="Count", max_output_tokens=6, stream=True)
+    events = [event async for event in stream]
+    response = events[-1].response
+    request_id = response.id.removeprefix("resp_")
+    check_one_trace(trace_of(spans, request_id), tenant.tenant_id, worker.usage_of(request_id), response)
+
+
+async def test_a_blocked_request_is_traced_as_blocked_without_a_generation(client, spans, gateway, tenant):
+    import httpx
+
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        admin.put(f"/admin/v1/tenants/{tenant.tenant_id}/policy", json={"safety": {"pii": ["email"]}})
+    blocked_client = openai.AsyncOpenAI(api_key=client.api_key, base_url=gateway.url + "/v1", max_retries=0)
+    spans.clear()
+    try:
+        with pytest.raises(openai.BadRequestError):
+            await blocked_client.responses.create(model=MODEL, input="mail a@b.io", max_output_tokens=4)
+    finally:
+        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+            admin.put(f"/admin/v1/tenants/{tenant.tenant_id}/policy", json={})
+    finished = spans.get_finished_spans()
+    root = next(span for span in finished if span.name == "responses.create")
+    assert root.attributes["tollgate.safety.decision"] == "block"
+    assert root.status.status_code == trace.StatusCode.ERROR
+    assert "worker.generate" not in {span.name for span in finished}
+
+
+def test_tracing_is_off_unless_an_endpoint_is_set():
+    assert GatewaySettings(admin_token=ADMIN_TOKEN).otlp_traces_endpoint is None
