@@ -632,6 +632,8 @@ class ResponsesService:
 
     def _end_trace(self, started: Started) -> None:
         """The root span's outcome: the GenAI usage and model, the version, prompt, safety and cost."""
+        if not started.trace.enabled:
+            return
         answer = started.answer
         generation = started.generation
         request_trace = started.trace

@@ -17,6 +17,8 @@ batches spans to it over OTLP/HTTP. Tests install their own provider (an in-memo
 
 from __future__ import annotations
 
+import contextlib
+
 from opentelemetry import trace
 
 from gateway.settings import GatewaySettings
@@ -46,6 +48,14 @@ class RequestTrace:
     start to its end; `end()` (idempotent) sets the root's outcome attributes and ends what is open."""
 
     def __init__(self, tenant_id: str, request_model: str) -> None:
+        # No provider installed (tracing off): every span is the invalid one, and nothing is built.
+        self.enabled = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        self.generation: trace.Span | None = None
+        self.safety_decision = "none"
+        self._ended = False
+        if not self.enabled:
+            self.root = trace.INVALID_SPAN
+            return
         self.root = tracer.start_span(
             "responses.create",
             kind=trace.SpanKind.SERVER,
@@ -55,15 +65,16 @@ class RequestTrace:
                 "tollgate.tenant_id": tenant_id,
             },
         )
-        self.generation: trace.Span | None = None
-        self.safety_decision = "none"
-        self._ended = False
 
     def step(self, name: str):
         """A child span of the root (a context manager), current while it runs."""
+        if not self.enabled:
+            return contextlib.nullcontext(trace.INVALID_SPAN)
         return tracer.start_as_current_span(name, context=trace.set_span_in_context(self.root))
 
     def start_generation(self, model: str, request_id: str) -> None:
+        if not self.enabled:
+            return
         self.generation = tracer.start_span(
             "worker.generate",
             context=trace.set_span_in_context(self.root),
@@ -75,7 +86,7 @@ class RequestTrace:
             self.generation.add_event("first_token")
 
     def end(self, attributes: dict, error: str | None = None) -> None:
-        if self._ended:
+        if self._ended or not self.enabled:
             return
         self._ended = True
         self.root.set_attributes({**attributes, "tollgate.safety.decision": self.safety_decision})
