@@ -263,9 +263,10 @@ class ConversationStore:
         input_items: list[dict],
         conversation_id: str | None,
         now_ms: int,
+        keep_response: bool = True,
     ) -> None:
-        """Keep a response (store: true), and append its input and output to its conversation, if any,
-        in one transaction."""
+        """Append a response's input and output to its conversation, if any, and keep the response itself
+        when `keep_response` (store: true), in one transaction."""
         async with self._sessions() as session, session.begin():
             if conversation_id is not None:
                 await self._owned(session, tenant_id, conversation_id, lock=True)
@@ -276,6 +277,8 @@ class ConversationStore:
                     .where(Conversation.conversation_id == conversation_id)
                     .values(updated_at_ms=now_ms)
                 )
+            if not keep_response:
+                return
             session.add(
                 StoredResponse(
                     response_id=response["id"],

@@ -618,8 +618,8 @@ class ResponsesService:
         ttft_ms = None if answer.first_token_ms is None else answer.first_token_ms - started.started_ms
         await self.router.observe(started.routed, failed=answer.error is not None, ttft_ms=ttft_ms)
         self._end_trace(started)
-        if not answer.request.store or answer.error is not None:
-            return
+        if answer.error is not None or not (answer.request.store or answer.conversation_id):
+            return  # a conversation keeps its items even when the response itself is not stored
         with anyio.CancelScope(shield=True):
             await self.store.save_response(
                 tenant.tenant_id,
@@ -628,6 +628,7 @@ class ResponsesService:
                 started.input_items,
                 answer.conversation_id,
                 self.wall_clock_ms(),
+                keep_response=answer.request.store,
             )
 
     def _end_trace(self, started: Started) -> None:

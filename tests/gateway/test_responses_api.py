@@ -196,6 +196,17 @@ async def test_a_response_not_stored_cannot_be_continued(client):
         await client.responses.retrieve(response.id)
 
 
+async def test_a_conversation_keeps_the_turns_of_responses_not_stored(client, module_database_url):
+    conversation = await client.conversations.create()
+    response = await client.responses.create(
+        model=MODEL, conversation=conversation.id, input="Remember me", max_output_tokens=3, store=False
+    )
+    items = await client.conversations.items.list(conversation.id, order="asc")
+    assert [item.role for item in items.data] == ["user", "assistant"]
+    assert items.data[1].content[0].text == response.output_text
+    assert count_rows(module_database_url, "stored_responses", "response_id", response.id) == 0
+
+
 async def test_deleting_a_conversation_removes_its_items(client, module_database_url):
     conversation = await client.conversations.create(items=[{"role": "user", "content": "one"}])
     await client.responses.create(model=MODEL, conversation=conversation.id, input="two", max_output_tokens=3)
