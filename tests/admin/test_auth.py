@@ -14,6 +14,9 @@ ROUTES = [
     ("POST", "/admin/v1/grants/gr_x/void", None),
     ("GET", "/admin/v1/tenants/tn_x/balance", None),
     ("GET", "/admin/v1/tenants/tn_x/entries", None),
+    ("GET", "/admin/v1/tenants/tn_x/statements?from=0&to=1", None),  # finance (issue 14)
+    ("PUT", "/admin/v1/tenants/tn_x/overage-rate", {"rate_per_million_credits": None}),
+    ("POST", "/admin/v1/periods/close", {"until": 1}),
 ]
 
 WRONG_CREDENTIALS = [
@@ -56,6 +59,9 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/tenants/{tenant_id}/balance",
         "/admin/v1/tenants/{tenant_id}/entries",
         "/admin/v1/tenants/{tenant_id}/policy",
+        "/admin/v1/tenants/{tenant_id}/statements",  # finance (issue 14)
+        "/admin/v1/tenants/{tenant_id}/overage-rate",
+        "/admin/v1/periods/close",
         "/admin/v1/models/{alias}/route",
         "/admin/v1/models/{alias}/promote",
         "/admin/v1/models/{alias}/rollback",
