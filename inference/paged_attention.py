@@ -43,6 +43,20 @@ class PagedKVCache:
         self.block_count = block_count
         self.block_tokens = block_tokens
         self.context_tokens_max = context_tokens_max
+        self._gather_buffers: dict[str, torch.Tensor] = {}  # reused across steps (see `gather`)
+
+    def gather(self, source: torch.Tensor, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """`source` (nkv, rows, hs) at `rows` (n,) -> (nkv, n, hs), written into a buffer kept per `name`
+        and grown when needed: a fresh multi-megabyte tensor per layer and step would be fresh pages, and
+        their page faults cost many times the copy itself on CPU."""
+        heads, width = source.size(0), source.size(2)
+        size = heads * rows.numel() * width
+        buffer = self._gather_buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != source.dtype:
+            buffer = torch.empty(size, dtype=source.dtype, device=source.device)
+            self._gather_buffers[name] = buffer
+        out = buffer[:size].view(heads, rows.numel(), width)
+        return torch.index_select(source, 1, rows, out=out)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -200,25 +214,24 @@ def paged_attention(
     grouped = q.size(1) != k.size(1)
     decode = batch.decode
     if decode is not None and decode.token_rows is None:
-        return _attend_decodes(q, decode, layer_keys, layer_values, grouped)  # every token is a decode
+        return _attend_decodes(q, decode, cache, layer, grouped)  # every token is a decode
     y = torch.empty_like(q)  # (N, nh, hs)
     if decode is not None:
-        y[decode.token_rows] = _attend_decodes(
-            q[decode.token_rows], decode, layer_keys, layer_values, grouped
-        )
+        y[decode.token_rows] = _attend_decodes(q[decode.token_rows], decode, cache, layer, grouped)
     for chunk in batch.prefills:
-        y[chunk.rows] = _attend_chunk(q[chunk.rows], chunk, layer_keys, layer_values, grouped)
+        y[chunk.rows] = _attend_chunk(q[chunk.rows], chunk, cache, layer, grouped)
     return y
 
 
 def _attend_decodes(
-    q: torch.Tensor, decode: PagedDecodes, layer_keys: torch.Tensor, layer_values: torch.Tensor, grouped: bool
+    q: torch.Tensor, decode: PagedDecodes, cache: PagedKVCache, layer: int, grouped: bool
 ) -> torch.Tensor:
     """One new token per sequence (q: (D, nh, hs)), every sequence in one call over its gathered keys."""
+    layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (nkv, rows, hs)
     shape = (layer_keys.size(0), *decode.key_rows.shape, layer_keys.size(2))  # (nkv, D, Tk, hs)
     rows = decode.key_rows.reshape(-1)
-    keys = layer_keys.index_select(1, rows).view(shape).transpose(0, 1)  # (D, nkv, Tk, hs)
-    values = layer_values.index_select(1, rows).view(shape).transpose(0, 1)  # (D, nkv, Tk, hs)
+    keys = cache.gather(layer_keys, rows, "keys").view(shape).transpose(0, 1)  # (D, nkv, Tk, hs)
+    values = cache.gather(layer_values, rows, "values").view(shape).transpose(0, 1)  # (D, nkv, Tk, hs)
     y = F.scaled_dot_product_attention(
         q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=decode.visible, enable_gqa=grouped
     ).squeeze(2)  # (D, nh, hs)
@@ -226,12 +239,13 @@ def _attend_decodes(
 
 
 def _attend_chunk(
-    q: torch.Tensor, chunk: PagedPrefill, layer_keys: torch.Tensor, layer_values: torch.Tensor, grouped: bool
+    q: torch.Tensor, chunk: PagedPrefill, cache: PagedKVCache, layer: int, grouped: bool
 ) -> torch.Tensor:
     """A chunk of T tokens at positions start..start+T-1 attends to its sequence up to itself."""
+    layer_keys, layer_values = cache.keys[layer], cache.values[layer]  # (nkv, rows, hs)
     q_chunk = q.transpose(0, 1).unsqueeze(0).to(layer_keys.dtype)  # (1, nh, T, hs)
-    keys = layer_keys.index_select(1, chunk.key_rows).unsqueeze(0)  # (1, nkv, Tk, hs)
-    values = layer_values.index_select(1, chunk.key_rows).unsqueeze(0)  # (1, nkv, Tk, hs)
+    keys = cache.gather(layer_keys, chunk.key_rows, "keys").unsqueeze(0)  # (1, nkv, Tk, hs)
+    values = cache.gather(layer_values, chunk.key_rows, "values").unsqueeze(0)  # (1, nkv, Tk, hs)
     if chunk.visible is None:
         # Fast path: the chunk is the whole context, so the plain causal kernel applies.
         y = F.scaled_dot_product_attention(q_chunk, keys, values, is_causal=True, enable_gqa=grouped)
