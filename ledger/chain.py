@@ -43,6 +43,7 @@ from hashlib import sha256
 import msgspec
 
 CHAIN_SCHEMA_VERSION = 1
+ADMIN_CHAIN = "admin-audit"  # the admin audit log's chain (gateway.admin.audit_log): its checkpoints' name
 HASH_BYTES = 32
 GENESIS_HASH = bytes(HASH_BYTES)
 CHAIN_MARKER = b',"chain":{'

@@ -25,10 +25,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ledger.chain import GENESIS_HASH, BrokenRecord, entry_hash, merkle_root, split_record, split_signed
+from ledger.chain import (
+    ADMIN_CHAIN,
+    GENESIS_HASH,
+    BrokenRecord,
+    entry_hash,
+    merkle_root,
+    split_record,
+    split_signed,
+)
 from ledger.entries import decode_entry, encode_entry
 from ledger.events import InvalidEvent
-from storage.audit import LedgerCheckpoint
+from storage.audit import AdminAuditRecord, LedgerCheckpoint
 from storage.projections import LedgerEntry
 from streams.audit_checkpoints import CheckpointPolicy, key_id
 from streams.log import EventLog
@@ -278,6 +286,39 @@ def _fold_group(
     return [record.value for record in entries if record.key == key]
 
 
+def check_admin_log(rows: list[AdminAuditRecord], public_key: Ed25519PublicKey) -> Divergence | None:
+    """The admin audit log (gateway.admin.audit_log): its chain, each row's signed checkpoint, and each
+    row's columns against its hashed body."""
+    hashes, divergence = check_links(ADMIN_CHAIN, [EntryRow(row.record) for row in rows], "admin audit log")
+    if divergence is not None:
+        return divergence
+    for row in rows:
+        body = msgspec.json.decode(split_record(row.record)[0])
+        columns = {
+            "at": row.at_ms,
+            "credential": row.credential_name,
+            "role": row.role,
+            "request_id": row.request_id,
+            "action": row.action,
+            "target": row.target,
+            "details": row.details,
+            "event_ids": row.event_ids,
+        }
+        field = next((name for name, value in columns.items() if body.get(name) != value), None)
+        if field is not None:
+            return Divergence(
+                ADMIN_CHAIN, row.sequence, field, "admin audit log", "(the column differs from the row)"
+            )
+    signed = [(row.checkpoint, None) for row in rows]
+    return check_checkpoints(ADMIN_CHAIN, signed, hashes, public_key, "admin audit log checkpoints")
+
+
+async def admin_log(session: AsyncSession) -> list[AdminAuditRecord]:
+    return list(
+        (await session.execute(select(AdminAuditRecord).order_by(AdminAuditRecord.sequence))).scalars()
+    )
+
+
 # ------------------------------------------------------------------------------------------- loading
 
 
@@ -407,6 +448,7 @@ class AuditReport:
     entries: int = 0
     checkpoints: int = 0
     divergences: list[Divergence] | None = None
+    admin_actions: int = 0
 
     @property
     def ok(self) -> bool:
@@ -437,6 +479,12 @@ async def verify(
             report.entries += len(projected)
             report.checkpoints += len(signed)
             progress(len(projected))
+        if tenants is None:
+            rows = await admin_log(session)
+            divergence = check_admin_log(rows, public_key)
+            if divergence is not None:
+                report.divergences.append(divergence)
+            report.admin_actions = len(rows)
     return report
 
 

@@ -9,6 +9,7 @@ tollgate audit verify [--tenant T]   every link, Merkle root and signature in Po
 from __future__ import annotations
 
 import asyncio
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,10 @@ import typer
 from tollgate.cli import AdminToken, Url, _admin, _show, app
 from tollgate.operating_errors import operating_errors
 
+admin_app = typer.Typer(help="Admin credentials and their roles (admin API).", no_args_is_help=True)
+credentials_app = typer.Typer(help="Named admin credentials: operator or finance.", no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+admin_app.add_typer(credentials_app, name="credentials")
 audit_app = typer.Typer(
     help="Audit: the entries' hash chain and its signed checkpoints.", no_args_is_help=True
 )
@@ -28,6 +33,49 @@ def public_key(url: Url = None, admin_token: AdminToken = None) -> None:
     """Print the Ed25519 key that signs the ledger's checkpoints (hex, PEM and its key id)."""
     with _admin(url, admin_token) as client:
         _show(client.get("/admin/v1/audit/public-key"))
+
+
+class Role(StrEnum):
+    operator = "operator"
+    finance = "finance"
+
+
+@credentials_app.command("create")
+def credentials_create(
+    name: str,
+    role: Annotated[Role, typer.Option(help="operator: every admin action; finance: read-only.")],
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Create a named credential; its secret is printed once (present it as the admin bearer token)."""
+    with _admin(url, admin_token) as client:
+        _show(client.post("/admin/v1/credentials", json={"name": name, "role": role.value}))
+
+
+@credentials_app.command("revoke")
+def credentials_revoke(name: str, url: Url = None, admin_token: AdminToken = None) -> None:
+    """Revoke a named credential: refused from the next request on."""
+    with _admin(url, admin_token) as client:
+        _show(client.post(f"/admin/v1/credentials/{name}/revoke"))
+
+
+@credentials_app.command("list")
+def credentials_list(url: Url = None, admin_token: AdminToken = None) -> None:
+    """The named credentials, their roles, and when they were created and revoked."""
+    with _admin(url, admin_token) as client:
+        _show(client.get("/admin/v1/credentials"))
+
+
+@audit_app.command("log")
+def audit_log(
+    since: Annotated[int, typer.Option(help="Rows after this sequence.")] = 0,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 100,
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """The admin audit log: who did what, when, with which request id and resulting event ids."""
+    with _admin(url, admin_token) as client:
+        _show(client.get("/admin/v1/audit/log", params={"since": since, "limit": limit}))
 
 
 def _load_public_key(text: str | None):
@@ -93,7 +141,10 @@ def audit_verify(
             report = asyncio.run(
                 _verify(set(tenant) if tenant else None, key, lambda n: progress.advance(task, n))
             )
-    summary = f"{report.tenants} tenants, {report.entries} entries, {report.checkpoints} checkpoints"
+    summary = (
+        f"{report.tenants} tenants, {report.entries} entries, {report.checkpoints} checkpoints, "
+        f"{report.admin_actions} admin actions"
+    )
     if report.ok:
         console.print(f"verified {summary}: no divergence")
         return

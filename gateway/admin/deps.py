@@ -7,7 +7,6 @@ take what they need from it through the aliases below.
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.admin.errors import AdminError
 from gateway.admin.models import IdentifierText, TenantIdText
+from gateway.admin.principals import Principal, authenticate
 from gateway.admin.publisher import EventPublisher
 from gateway.admin.settings import AdminSettings
 
 RUNTIME_STATE = "admin_runtime"  # the request.state attribute holding the bound AdminRuntime
+PRINCIPAL_STATE = "admin_principal"  # ... and the one holding who is calling (require_admin)
 
 
 def wall_clock_ms() -> int:
@@ -76,14 +77,27 @@ bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="TOL
 
 
 async def require_admin(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], runtime: Runtime
-) -> None:
-    """A 401 unless the bearer token is the admin token (compared in constant time)."""
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    runtime: Runtime,
+) -> Principal:
+    """A 401 unless the bearer token is the admin token (compared in constant time) or a named credential
+    that is not revoked (gateway.admin.principals); a 403 when its role may not make this request (finance
+    is read-only). The principal is kept on the request for the audit log."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise AdminError(401, "Authorization", "an admin bearer token is required", headers=challenge)
-    if not hmac.compare_digest(credentials.credentials.encode(), runtime.token):
+    principal = await authenticate(credentials.credentials, runtime.token, runtime.sessions)
+    if principal is None:
         raise AdminError(401, "Authorization", "the admin token is wrong", headers=challenge)
+    if not principal.may(request.method):
+        raise AdminError(
+            403,
+            "Authorization",
+            f"credential {principal.name!r} has the {principal.role} role, which is read-only",
+        )
+    setattr(request.state, PRINCIPAL_STATE, principal)
+    return principal
 
 
 # Checked here, at the boundary: a NUL byte or an out-of-range number never reaches Postgres.

@@ -14,6 +14,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 REQUEST_PARTS = ("body", "query", "path", "header", "cookie")
+# The request.state attribute holding the audit log's hook (gateway.admin.audit_log.record_action, bound by
+# build_admin_router): called with every successful response, it records what changed and who changed it.
+AUDIT_HOOK_STATE = "admin_audit"
 
 
 class ErrorDetail(BaseModel):
@@ -72,14 +75,15 @@ def validation_error_response(error: RequestValidationError) -> JSONResponse:
 
 
 class AdminRoute(APIRoute):
-    """Routes whose request validation errors name the offending field in one short message."""
+    """Routes whose request validation errors name the offending field in one short message, and whose
+    successful changes go to the admin audit log (the hook at AUDIT_HOOK_STATE)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
             try:
-                return await handler(request)
+                response = await handler(request)
             except RequestValidationError as error:
                 return validation_error_response(error)
             except StarletteHTTPException as error:  # FastAPI raises Starlette's for an unreadable body
@@ -88,5 +92,9 @@ class AdminRoute(APIRoute):
                 # FastAPI's own refusals (a body it cannot read at all): the same shape as every other error
                 detail = {"field": "body", "message": f"body: {error.detail}"}
                 return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
+            hook = getattr(request.state, AUDIT_HOOK_STATE, None)
+            if hook is not None:
+                await hook(request, response)
+            return response
 
         return handle

@@ -25,7 +25,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.admin import audit, commands, finance, model_routes, policies, queries
+from gateway.admin import audit, audit_log, commands, credentials, finance, model_routes, policies, queries
+from gateway.admin.audit_log import CapturingPublisher, record_action
 from gateway.admin.deps import (
     RUNTIME_STATE,
     AdminRuntime,
@@ -38,7 +39,7 @@ from gateway.admin.deps import (
     require_admin,
     wall_clock_ms,
 )
-from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute, ErrorBody
+from gateway.admin.errors import AUDIT_HOOK_STATE, ERROR_RESPONSES, AdminError, AdminRoute, ErrorBody
 from gateway.admin.models import (
     SEQUENCE_MAX,
     BalanceView,
@@ -220,7 +221,11 @@ def build_admin_router(
         sessions: Annotated[async_sessionmaker[AsyncSession], Depends(session_factory_dependency)],
         publisher: Annotated[EventPublisher, Depends(publisher_dependency)],
     ) -> None:
-        setattr(request.state, RUNTIME_STATE, AdminRuntime(settings, token, clock_ms, sessions, publisher))
+        capturing = CapturingPublisher(publisher)  # the event ids the request publishes, for the audit log
+        setattr(request.state, RUNTIME_STATE, AdminRuntime(settings, token, clock_ms, sessions, capturing))
+        setattr(
+            request.state, AUDIT_HOOK_STATE, lambda req, resp: record_action(req, resp, capturing.event_ids)
+        )
 
     mounted = APIRouter(dependencies=[Depends(bind_runtime)])
     mounted.include_router(router)
@@ -228,4 +233,6 @@ def build_admin_router(
     mounted.include_router(policies.router)  # tenants' retention and safety policies (issue 19)
     mounted.include_router(model_routes.router)  # model aliases: canary, promotion, rollback (issue 19)
     mounted.include_router(audit.router)  # the checkpoint signing key, inclusion proofs (issue 15)
+    mounted.include_router(audit_log.router)  # who did what (issue 15)
+    mounted.include_router(credentials.router)  # named admin credentials, operator and finance (issue 15)
     return mounted

@@ -1,6 +1,6 @@
 """Audit (storage.audit): the entries' hash-chain columns on ledger_entries, the projected checkpoints
 (ledger_checkpoints), named admin credentials (admin_credentials) and the admin audit log
-(admin_audit_log).
+(admin_audit_log); the checkpoints and the audit log are append-only (0001's trigger function).
 
 Revision ID: 0006
 Revises: 0004
@@ -16,6 +16,8 @@ revision: str = "0006"
 down_revision: str | Sequence[str] | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+APPEND_ONLY_TABLES = ("ledger_checkpoints", "admin_audit_log")  # a trigger refuses UPDATE and DELETE
 
 
 def upgrade() -> None:
@@ -77,9 +79,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("sequence", name="pk_admin_audit_log"),
         sa.UniqueConstraint("chain_hash", name="uq_admin_audit_log_chain_hash"),
     )
+    for table in APPEND_ONLY_TABLES:  # the function is 0001's
+        op.execute(
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_change_to_append_only_table()"
+        )
 
 
 def downgrade() -> None:
+    for table in APPEND_ONLY_TABLES:
+        op.execute(f"DROP TRIGGER {table}_append_only ON {table}")
     op.drop_table("admin_audit_log")
     op.drop_table("admin_credentials")
     op.drop_index("ix_ledger_checkpoints_tenant_id_last_sequence", table_name="ledger_checkpoints")

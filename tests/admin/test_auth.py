@@ -67,5 +67,10 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/models/{alias}/rollback",
         "/admin/v1/models/{alias}/evals",
         "/admin/v1/prompts/{name}/versions/{version}",
+        "/admin/v1/audit/public-key",  # the audit routes (issue 15)
+        "/admin/v1/audit/log",
+        "/admin/v1/tenants/{tenant_id}/entries/{entry_id}/proof",
+        "/admin/v1/credentials",
+        "/admin/v1/credentials/{name}/revoke",
     }
     assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"

@@ -30,6 +30,7 @@ VALID_BODIES = {
     },
     ("POST", "/admin/v1/models/{alias}/rollback"): {"reason": "manual"},
     ("PUT", "/admin/v1/prompts/{name}/versions/{version}"): {"text": "You are terse."},
+    ("POST", "/admin/v1/credentials"): {"name": "walker", "role": "finance"},
     ("POST", "/admin/v1/tenants/{tenant_id}/grants"): {
         "amount": 5,
         "effective_at": "1700000000000",
@@ -69,6 +70,7 @@ async def existing_ids(client, tenant_id) -> dict[str, str]:
         "alias": "tollgate-tiny",
         "name": "support",
         "version": "1",
+        "entry_id": f"{tenant_id}/usage/walk",  # holds slashes: the proof route's {entry_id:path}
     }
 
 
@@ -87,7 +89,8 @@ def requests_with_a_nul(route: APIRoute, ids: dict[str, str]):
 
     def url(with_nul: str | None = None) -> str:
         values = {name: ids[name] + (NUL if name == with_nul else "") for name in path_names}
-        return route.path.format(**{name: quote(value, safe="") for name, value in values.items()})
+        path = route.path.replace(":path}", "}")
+        return path.format(**{name: quote(value, safe="") for name, value in values.items()})
 
     for name in path_names:
         yield name, method, url(name), headers, body
