@@ -1,9 +1,10 @@
-"""Audit (storage.audit): the entries' hash-chain columns on ledger_entries, the projected checkpoints
+"""Audit (storage.audit): the entries' hash-chain columns on ledger_entries, the knowledge time of
+events and entries (known_at_ms), the projected checkpoints
 (ledger_checkpoints), named admin credentials (admin_credentials) and the admin audit log
 (admin_audit_log); the checkpoints and the audit log are append-only (0001's trigger function).
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 """
 
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0006"
-down_revision: str | Sequence[str] | None = "0004"
+down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -24,6 +25,8 @@ def upgrade() -> None:
     op.add_column("ledger_entries", sa.Column("chain_sequence", sa.BigInteger(), nullable=True))
     op.add_column("ledger_entries", sa.Column("chain_hash", sa.Text(), nullable=True))
     op.add_column("ledger_entries", sa.Column("record", sa.LargeBinary(), nullable=True))
+    op.add_column("ledger_entries", sa.Column("known_at_ms", sa.BigInteger(), nullable=True))
+    op.add_column("ledger_events", sa.Column("known_at_ms", sa.BigInteger(), nullable=True))
     op.create_index(
         "ix_ledger_entries_tenant_id_chain_sequence",
         "ledger_entries",
@@ -94,6 +97,8 @@ def downgrade() -> None:
     op.drop_index("ix_ledger_checkpoints_tenant_id_last_sequence", table_name="ledger_checkpoints")
     op.drop_table("ledger_checkpoints")
     op.drop_index("ix_ledger_entries_tenant_id_chain_sequence", table_name="ledger_entries")
+    op.drop_column("ledger_events", "known_at_ms")
+    op.drop_column("ledger_entries", "known_at_ms")
     op.drop_column("ledger_entries", "record")
     op.drop_column("ledger_entries", "chain_hash")
     op.drop_column("ledger_entries", "chain_sequence")
