@@ -25,6 +25,9 @@ class LedgerEvent(Base):
     source_partition: Mapped[int] = mapped_column(Integer)
     source_offset: Mapped[int] = mapped_column(BigInteger)
     recorded_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # Knowledge time: when the log accepted the event (its record's timestamp on ledger.events, stamped at
+    # append; README "Audit"); `as_known_at` queries fold only events known by then. NULL for older rows.
+    known_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (Index(None, "tenant_id", "occurred_at_ms"),)
 
@@ -50,6 +53,7 @@ class LedgerEntry(Base):
     # The hash chain (ledger.chain, storage.audit): the entry's per-tenant sequence and hash, and its bytes
     # exactly as published (the hash is over them; JSONB reorders keys). NULL for entries of before it.
     chain_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    known_at_ms: Mapped[int | None] = mapped_column(BigInteger)  # when ledger.entries accepted the entry
     chain_hash: Mapped[str | None] = mapped_column(Text)
     record: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Finance (storage.finance, ledger.statement): when the entry is booked, what it does to the prepaid

@@ -148,6 +148,7 @@ def _event_row(event: Event, record: LogRecord, now_ms: int) -> dict:
         "source_partition": record.partition,
         "source_offset": record.offset,
         "recorded_at_ms": now_ms,
+        "known_at_ms": record.timestamp_ms or None,  # the log's append time: knowledge time (0: unknown)
     }
 
 
@@ -172,6 +173,7 @@ def _entry_row(payload: dict, entry_id: str, record: LogRecord, now_ms: int) -> 
         "source_partition": record.partition,
         "source_offset": record.offset,
         "recorded_at_ms": now_ms,
+        "known_at_ms": record.timestamp_ms or None,
     }
 
 

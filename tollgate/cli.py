@@ -173,8 +173,14 @@ def ledger_replay(
     verify: Annotated[
         bool, typer.Option(help="Compare with the live ledger.balances; exit 1 on any mismatch.")
     ] = False,
+    as_known_at: Annotated[
+        int | None,
+        typer.Option(help="Replay to this knowledge time (epoch ms): the events the log accepted by then."),
+    ] = None,
 ) -> None:
     """Rebuild every tenant from ledger.events with the pure fold and print their balances."""
+    if as_known_at is not None:  # a record's timestamp is when the log accepted it (README "Audit")
+        until_time = as_known_at if until_time is None else min(until_time, as_known_at)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -322,12 +328,16 @@ def credits_grant(
 def balance(
     tenant_id: str,
     at: Annotated[str | None, typer.Option(help="ISO 8601 or epoch ms; default now.")] = None,
+    as_known_at: Annotated[
+        str | None, typer.Option(help="The ledger as it stood then (knowledge time); default now.")
+    ] = None,
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:
-    """A tenant's balance, overage and blocks at a point in time."""
+    """A tenant's balance, overage and blocks at a point in time (T), as known at another (K)."""
+    params = {name: value for name, value in (("at", at), ("as_known_at", as_known_at)) if value}
     with _admin(url, admin_token) as client:
-        _show(client.get(f"/admin/v1/tenants/{tenant_id}/balance", params={"at": at} if at else None))
+        _show(client.get(f"/admin/v1/tenants/{tenant_id}/balance", params=params or None))
 
 
 @models_app.command("route")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
 from fastapi import HTTPException
-from sqlalchemy import select
+from sqlalchemy import func, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.admin.models import BalanceView, CreditBlockView, EntriesPage
@@ -21,15 +22,30 @@ INPUT_EVENT_TYPES = ("credit_granted", "grant_voided", "usage_recorded")
 FOLD_BATCH_SIZE = 1_000
 
 
-async def balance_at(session: AsyncSession, tenant_id: str, at_ms: int, events_max: int) -> BalanceView:
-    """Fold every archived input event of the tenant (in any order: the fold does not care) and ask at T.
+def known_by(column_known: Any, column_recorded: Any, as_known_at_ms: int | None) -> Any:
+    """Rows the ledger knew by K: their knowledge time (the log's append time; for rows projected before
+    it was kept, when the projector wrote them) at or before K. Every row when K is None."""
+    return (
+        true() if as_known_at_ms is None else func.coalesce(column_known, column_recorded) <= as_known_at_ms
+    )
+
+
+async def balance_at(
+    session: AsyncSession, tenant_id: str, at_ms: int, events_max: int, as_known_at_ms: int | None = None
+) -> BalanceView:
+    """Fold every archived input event of the tenant (in any order: the fold does not care) and ask at T;
+    with K (`as_known_at_ms`), only the events the log had accepted by K: the ledger as it stood at K.
 
     Exact for any T, past or present, for the events archived so far.
     """
     ledger = TenantLedger(tenant_id)
     payloads = await session.stream_scalars(
         select(LedgerEvent.payload)
-        .where(LedgerEvent.tenant_id == tenant_id, LedgerEvent.event_type.in_(INPUT_EVENT_TYPES))
+        .where(
+            LedgerEvent.tenant_id == tenant_id,
+            LedgerEvent.event_type.in_(INPUT_EVENT_TYPES),
+            known_by(LedgerEvent.known_at_ms, LedgerEvent.recorded_at_ms, as_known_at_ms),
+        )
         .limit(events_max + 1)
         .execution_options(yield_per=FOLD_BATCH_SIZE)
     )
@@ -77,13 +93,20 @@ def entry_view(sequence: int, entry_id: str, payload: dict) -> dict:
     return view
 
 
-async def entries_page(session: AsyncSession, tenant_id: str, since: int, limit: int) -> EntriesPage:
-    """Entries recorded after sequence `since`, oldest first. A sequence cursor, not a time one, so that a
-    correction recorded late for an early time is never skipped by a reader that polls."""
+async def entries_page(
+    session: AsyncSession, tenant_id: str, since: int, limit: int, as_known_at_ms: int | None = None
+) -> EntriesPage:
+    """Entries recorded after sequence `since`, oldest first (with K, only those published by K). A
+    sequence cursor, not a time one, so that a correction recorded late for an early time is never
+    skipped by a reader that polls."""
     rows = (
         await session.execute(
             select(LedgerEntry.sequence, LedgerEntry.entry_id, LedgerEntry.payload)
-            .where(LedgerEntry.tenant_id == tenant_id, LedgerEntry.sequence > since)
+            .where(
+                LedgerEntry.tenant_id == tenant_id,
+                LedgerEntry.sequence > since,
+                known_by(LedgerEntry.known_at_ms, LedgerEntry.recorded_at_ms, as_known_at_ms),
+            )
             .order_by(LedgerEntry.sequence)
             .limit(limit + 1)
         )

@@ -177,11 +177,14 @@ async def get_balance(
     settings: Settings,
     clock: Clock,
     at: Annotated[TimeMs | None, Query(description="epoch ms or ISO 8601; default now")] = None,
+    as_known_at: Annotated[
+        TimeMs | None, Query(description="the ledger as it stood then (knowledge time); default now")
+    ] = None,
 ) -> BalanceView:
     at_ms = at if at is not None else clock()
     async with sessions() as session, session.begin():
         await commands.existing_tenant(session, tenant_id)
-        return await queries.balance_at(session, tenant_id, at_ms, settings.balance_events_max)
+        return await queries.balance_at(session, tenant_id, at_ms, settings.balance_events_max, as_known_at)
 
 
 @router.get("/tenants/{tenant_id}/entries", response_model=EntriesPage)
@@ -193,13 +196,16 @@ async def get_entries(
         int, Query(ge=0, le=SEQUENCE_MAX, description="the `sequence` of the last entry already read")
     ] = 0,
     limit: Annotated[int | None, Query(ge=1, description="page size; default and maximum configured")] = None,
+    as_known_at: Annotated[
+        TimeMs | None, Query(description="only entries published by then (knowledge time); default: all")
+    ] = None,
 ) -> EntriesPage:
     page_size = limit if limit is not None else settings.entries_page_size_default
     if page_size > settings.entries_page_size_max:
         raise AdminError(422, "limit", f"must be at most {settings.entries_page_size_max}")
     async with sessions() as session, session.begin():
         await commands.existing_tenant(session, tenant_id)
-        return await queries.entries_page(session, tenant_id, since, page_size)
+        return await queries.entries_page(session, tenant_id, since, page_size, as_known_at)
 
 
 def build_admin_router(
