@@ -6,7 +6,9 @@ way the projector's rows look (storage.finance.movement_values). Then:
 
 - statement_ms: GET-statement's work (storage.finance.tenant_statement: SQL sums + assembly), best and
   median of several runs; target <= 500 ms.
-- export_rows_per_s: `tollgate export entries` to Parquet (COPY -> pyarrow -> Parquet); target >= 200k.
+- export_rows_per_s: `tollgate export entries` to Parquet (COPY -> pyarrow -> Parquet), the median of
+  three runs after VACUUM ANALYZE (the first read of freshly COPYed rows also sets their hint bits,
+  rewriting every page: a cost of loading the benchmark, not of exporting); target >= 200k.
 
 Prints one JSON line. BENCH_FINANCE_USAGE overrides the 1M (for a quick run).
 """
@@ -48,6 +50,7 @@ from tollgate.finance_export import export
 
 USAGE_EVENTS = int(os.environ.get("BENCH_FINANCE_USAGE", 1_000_000))
 STATEMENT_RUNS = 7
+EXPORT_RUNS = 3
 STATEMENT_TARGET_MS = 500
 EXPORT_TARGET_ROWS_PER_S = 200_000
 NOV = 1_793_491_200_000  # 2026-11-01T00:00:00Z
@@ -130,7 +133,7 @@ def load(url: str, entries: list) -> None:
     terms = (grant.grant_id, TENANT, grant.category, grant.price, grant.currency, grant.reference)
     _copy(url, "grant_terms", GRANT_COLUMNS, [(*terms, msgspec.json.encode(grant).decode())])
     with psycopg.connect(libpq_url(url), autocommit=True) as connection:
-        connection.execute("ANALYZE")
+        connection.execute("VACUUM ANALYZE")  # settled pages, as rows written minutes before an export are
 
 
 async def statement_times(url: str) -> tuple[list[float], object]:
@@ -160,10 +163,13 @@ def main() -> None:
         consumed = sum(line.credits for line in statement.consumption)
         assert consumed == sum(e.amount for e in entries[1:]), "the statement lost usage"
         out = Path(scratch) / "entries.parquet"
-        started = time.perf_counter()
-        rows = export("entries", url, NOV, DEC, "parquet", out)
-        export_s = time.perf_counter() - started
-        assert rows == len(entries), f"exported {rows} of {len(entries)}"
+        export_times = []
+        for _ in range(EXPORT_RUNS):
+            started = time.perf_counter()
+            rows = export("entries", url, NOV, DEC, "parquet", out)
+            export_times.append(time.perf_counter() - started)
+            assert rows == len(entries), f"exported {rows} of {len(entries)}"
+    export_s = statistics.median(export_times)
     best, median = min(times), statistics.median(times)
     print(
         json.dumps(
@@ -176,8 +182,9 @@ def main() -> None:
                 "statement_target_ms": STATEMENT_TARGET_MS,
                 "statement_met": median <= STATEMENT_TARGET_MS,
                 "export_rows": rows,
-                "export_s": round(export_s, 2),
-                "export_rows_per_s": round(rows / export_s),
+                "export_s": [round(t, 2) for t in export_times],
+                "export_rows_per_s_best": round(rows / min(export_times)),
+                "export_rows_per_s": round(rows / export_s),  # the median run
                 "export_target_rows_per_s": EXPORT_TARGET_ROWS_PER_S,
                 "export_met": rows / export_s >= EXPORT_TARGET_ROWS_PER_S,
                 "load_1m": [round(x, 2) for x in os.getloadavg()],
