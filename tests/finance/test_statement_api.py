@@ -174,3 +174,39 @@ async def test_closing_a_period_publishes_period_closed_for_every_tenant(client,
         e.event_id for e in closes
     }
     assert again.status_code == 200
+
+
+async def test_a_closed_november_answers_the_same_bytes_after_a_late_october_usage(
+    client, tenant_id, session_factory
+):
+    """Through Postgres and the API: close November, project a late October usage, and November's
+    statement is byte-identical while December carries the adjustment naming the late event."""
+    from tests.finance.test_statements import DEC, JAN, NOV, OCT_15
+
+    ledger = TenantLedger(tenant_id)
+    grant = CreditGranted(
+        event_id="g-event", tenant_id=tenant_id, grant_id="g", amount=1_000, effective_at=OCT_15 - 1,
+        category="paid", price=50_000, currency="USD",
+    )  # fmt: skip
+    entries = ledger.apply(grant)
+    entries += ledger.apply(
+        UsageRecorded(event_id="u-nov", tenant_id=tenant_id, amount=100, occurred_at=NOV + 5, model="m")
+    )
+    entries += ledger.apply(PeriodClosed(event_id="close", tenant_id=tenant_id, closed_until=DEC))
+    await archive_entries(session_factory, entries)
+    path = f"/admin/v1/tenants/{tenant_id}/statements"
+    november = (await client.get(path, params={"from": NOV, "to": DEC})).content
+    late = ledger.apply(
+        UsageRecorded(event_id="u-late", tenant_id=tenant_id, amount=10, occurred_at=OCT_15, model="m")
+    )
+    await archive_entries(session_factory, entries + late)
+    assert (await client.get(path, params={"from": NOV, "to": DEC})).content == november
+    december = (await client.get(path, params={"from": DEC, "to": JAN})).json()
+    (adjustment,) = december["adjustments"]
+    assert (adjustment["cause_event_id"], adjustment["own_time"], adjustment["booked_at"]) == (
+        "u-late",
+        OCT_15,
+        DEC,
+    )
+    assert (adjustment["credits"], adjustment["money"]) == (-10, [["USD", -500]])
+    assert (december["opening"]["credits"], december["closing"]["credits"]) == (900, 890)
