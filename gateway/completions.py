@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 from fastapi.responses import Response
@@ -35,6 +36,7 @@ from gateway.errors import ApiError, invalid_param
 from gateway.idempotency import IdempotencyStore, StoredResponse, request_digest
 from gateway.logs import model_var, request_id_var
 from gateway.metrics import GatewayMetrics
+from gateway.safety import OutputGuard
 from gateway.schemas import PreparedRequest, SamplingFields, prepare
 from gateway.settings import GatewaySettings
 from gateway.sse import SSE_MEDIA_TYPE, SseResponse, run_until_client_leaves
@@ -63,10 +65,14 @@ from inference.usage import build_usage_event
 from ledger.events import UsageRecorded
 from ledger.pricing import usage_amount
 
+if TYPE_CHECKING:
+    from gateway.completion_layers import CompletionLayers
+
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 USAGE_NOT_RECORDED = "usage_not_recorded"  # the worker's error line: it could not record the usage itself
+CONTENT_FILTER = "content_filter"  # OpenAI's finish reason for output the tenant's safety policy stopped
 
 PublishUsage = Callable[[UsageRecorded], Awaitable[object]]
 
@@ -137,6 +143,9 @@ class Generation:
         self.done: DoneEvent | None = None
         self.error: ErrorEvent | None = None  # the worker's error line, with its token counts
         self.outcome = "disconnected"  # until the stream ends one way or another
+        self.first_token_ms: float | None = None  # monotonic
+        self.guard: OutputGuard | None = None  # the tenant's output check (gateway.completion_layers)
+        self.on_settled: Callable[[Generation], Awaitable[None]] | None = None  # the router's watch
         self._settled = False
 
     async def relay(self) -> AsyncIterator[tuple[list[TokenEvent], DoneEvent | ErrorEvent | None]]:
@@ -174,8 +183,9 @@ class Generation:
     def on_tokens(self, count: int) -> None:
         assert count > 0, "a batch of tokens holds at least one"
         if self.tokens_seen == 0:
+            self.first_token_ms = monotonic_ms()
             self.context.metrics.of_model(self.prepared.model).time_to_first_token.observe(
-                (monotonic_ms() - self.started_ms) / 1000
+                (self.first_token_ms - self.started_ms) / 1000
             )
         self.tokens_seen += count
         if monotonic_ms() > self.deadline_ms:
@@ -240,6 +250,8 @@ class Generation:
         if self._settled:
             return
         self._settled = True
+        if self.guard is not None and self.guard.stopped is not None:
+            self.outcome = CONTENT_FILTER  # stopped by the output check: billed for the tokens produced
         context = self.context
         model = self.prepared.model
         with anyio.CancelScope(shield=True):
@@ -258,6 +270,11 @@ class Generation:
                 await context.admission.finish(self.reservation, cost)
             except Exception:
                 logger.exception("admission.finish failed for %s (cost %d)", self.request_id, cost)
+            if self.on_settled is not None:
+                try:
+                    await self.on_settled(self)
+                except Exception:
+                    logger.exception("observing the outcome of %s failed", self.request_id)
         self._count(cost)
 
     def _count(self, cost: int) -> None:
@@ -303,6 +320,9 @@ class CompletionService:
         self.publish_usage = publish_usage  # the event log's publish: usage the workers could not bill
         self.wall_clock_ms = wall_clock_ms
         self.generation_context = GenerationContext(settings, metrics, admission, publish_usage)
+        # The tenant's safety checks and the model router, set when the app's services start (None: the
+        # request's model is served as named, unchecked).
+        self.layers: CompletionLayers | None = None
 
     async def serve(
         self,
@@ -317,16 +337,20 @@ class CompletionService:
         `receive` is the request's ASGI receive, its body already read: it says when the client leaves."""
         started_ms = monotonic_ms()
         model_var.set(body.model)
-        prepared = prepare(body, self.settings)
         request_id = new_request_id()
         request_id_var.set(request_id)
+        layers = self.layers
+        if layers is None:
+            prepared = prepare(body, self.settings)
+        else:
+            checked = await layers.check_input(tenant, body)  # a blocked request goes no further
         key = idempotency_key
         if key is not None:
             stored = await self._claim(tenant, key, path, raw_body, request_id)
             if stored is not None:
                 self.metrics.idempotent_replays.inc()
                 replayed = {"x-request-id": stored.request_id, "idempotent-replayed": "true"}
-                if prepared.stream:  # the same body (the digest matched), so the stored body is the SSE one
+                if body.stream:  # the same body (the digest matched), so the stored body is the SSE one
                     return Response(
                         stored.body,
                         stored.status_code,
@@ -335,7 +359,11 @@ class CompletionService:
                     )
                 return Response(stored.body, stored.status_code, replayed, media_type="application/json")
         try:
-            generation = await self._start(tenant, prepared, request_id, started_ms)
+            if layers is None:
+                generation = await self.start(tenant, prepared, request_id, started_ms)
+            else:
+                generation = await layers.start(tenant, checked, raw_body, request_id, started_ms)
+                prepared = generation.prepared  # for the version routed to
         except BaseException:
             if key is not None:
                 await self._abandon(tenant, key, request_id)
@@ -408,7 +436,7 @@ class CompletionService:
             except Exception:
                 logger.exception("freeing Idempotency-Key claim of %s failed", request_id)
 
-    async def _start(
+    async def start(
         self, tenant: TenantIdentity, prepared: PreparedRequest, request_id: str, started_ms: float
     ) -> Generation:
         price = self.settings.models[prepared.model].price
@@ -503,24 +531,56 @@ class CompletionService:
                 sent.append(role)
             yield role
         with_logprobs = generation.prepared.logprobs
+        guard = generation.guard
         try:
             async for tokens, end in generation.relay():
-                if with_logprobs:  # a chunk per token, even one with no text yet: its logprob is there
+                if guard is not None:
+                    parts = self._guarded_chunks(generation, guard, writer, tokens, end)
+                elif with_logprobs:  # a chunk per token, even one with no text yet: its logprob is there
                     parts = [writer.token_with_logprobs(event) for event in tokens]
                 else:
                     parts = [writer.token(event.text) for event in tokens if event.text]
-                if end is not None:
+                if end is not None and guard is None:
                     parts.extend(self._sse_end(writer, end))
                 if parts:
                     chunk = parts[0] if len(parts) == 1 else b"".join(parts)
                     if sent is not None:
                         sent.append(chunk)
                     yield chunk
+                if guard is not None and guard.stopped is not None:
+                    return  # settled next: the worker stops, billing the tokens it produced
         except WorkerFailed as error:
             logger.warning("worker failed mid-stream: %s", error)
             yield writer.error("the inference worker failed mid-stream", "server_error", "worker_failed")
         except BudgetExhausted as error:
             yield writer.error(str(error), "server_error", "timeout")
+
+    def _guarded_chunks(
+        self,
+        generation: Generation,
+        guard: OutputGuard,
+        writer: ChunkWriter,
+        tokens: list[TokenEvent],
+        end: DoneEvent | ErrorEvent | None,
+    ) -> list[bytes]:
+        """The chunks of a batch after the output check: the text it releases (redacted); at a stop, the
+        content_filter finish, the usage so far and [DONE]; at the end, what was held back, then the end."""
+        text = "".join(event.text for event in tokens)
+        released = guard.feed(text) if text else ""
+        parts = [writer.token(released)] if released else []
+        if guard.stopped is not None:
+            parts.append(writer.finish(CONTENT_FILTER))
+            if writer.include_usage:
+                parts.append(writer.usage(generation.prompt_tokens, generation.completion_tokens))
+            parts.append(DONE_LINE)
+            return parts
+        if end is not None:
+            if type(end) is DoneEvent:
+                tail = guard.flush()
+                if tail:
+                    parts.append(writer.token(tail))
+            parts.extend(self._sse_end(writer, end))
+        return parts
 
     @staticmethod
     def _sse_end(writer: ChunkWriter, end: DoneEvent | ErrorEvent) -> list[bytes]:
@@ -542,8 +602,13 @@ class CompletionService:
         receive: Callable[[], Awaitable[dict]],
     ) -> Response:
         prepared = generation.prepared
+        guard = generation.guard
         try:
-            tokens = await run_until_client_leaves(self._collect(generation), receive)
+            if guard is None:
+                tokens = await run_until_client_leaves(self._collect(generation), receive)
+            else:
+                tokens = []  # the output check's text instead (logprobs are refused with it)
+                text = await run_until_client_leaves(self._collect_checked(generation, guard), receive)
         except BaseException as error:
             await generation.settle()
             if key is not None:
@@ -560,8 +625,10 @@ class CompletionService:
             raise
         await generation.settle()
         done = generation.done
-        assert done is not None, "a completed generation has its done event"
-        text = "".join(event.text for event in tokens)
+        stopped = guard is not None and guard.stopped is not None
+        assert done is not None or stopped, "a completed generation has its done event"
+        if guard is None:
+            text = "".join(event.text for event in tokens)
         logprobs = None
         if prepared.logprobs:
             logprobs = chat_logprobs(tokens) if prepared.chat else legacy_logprobs(tokens, 0)
@@ -572,11 +639,11 @@ class CompletionService:
                 int(self.wall_clock_ms() // 1000),
                 prepared.model,
                 text,
-                finish_reason_of(done.finish_reason),
-                done.prompt_tokens,
-                done.completion_tokens,
+                CONTENT_FILTER if done is None else finish_reason_of(done.finish_reason),
+                generation.prompt_tokens,
+                generation.completion_tokens,
                 logprobs,
-                done.cached_prompt_tokens,
+                generation.cached_prompt_tokens,
             )
         )
         if key is not None:
@@ -593,3 +660,17 @@ class CompletionService:
             if type(end) is ErrorEvent:
                 raise worker_error(end)
         return collected
+
+    @staticmethod
+    async def _collect_checked(generation: Generation, guard: OutputGuard) -> str:
+        """The text the output check releases, up to the done line or the first finding when the policy
+        stops (the generation is then cancelled by its settlement). Raises as `_collect` does."""
+        released: list[str] = []
+        async for tokens, end in generation.relay():
+            released.append(guard.feed("".join(event.text for event in tokens)))
+            if guard.stopped is not None:
+                return "".join(released)
+            if type(end) is ErrorEvent:
+                raise worker_error(end)
+        released.append(guard.flush())
+        return "".join(released)

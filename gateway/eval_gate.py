@@ -116,7 +116,7 @@ class EvalGate:
         )
         service = self.router.completions_for(model)
         try:
-            generation = await service._start(self.tenant, prepared, new_request_id(), monotonic_ms())
+            generation = await service.start(self.tenant, prepared, new_request_id(), monotonic_ms())
         except (ApiError, Rejection) as error:
             logger.warning("eval case %s on %s was not served: %s", case.id, model, error)
             return False

@@ -5,7 +5,7 @@ One request: the body -> the new input as message items -> the tenant's input sa
 400 before anything is admitted, so nothing is billed; redact: the findings replaced) -> the history
 (the previous response's history, input and output for `previous_response_id`; the conversation's
 items for `conversation`) -> the prompt builder (gateway.prompt_builder: the chat template, the context
-limit and `truncation`) -> a generation started by the completion service (`CompletionService._start`:
+limit and `truncation`) -> a generation started by the completion service (`CompletionService.start`:
 admission with the model's price, a worker, the reservation) -> the output safety check as it streams
 (redact, or stop: the generation is cancelled and the tenant pays for the tokens produced, which is what
 the worker's UsageRecorded says) -> the response, stored when `store` is true (the default), its input
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.admission.base import Rejection
 from gateway.auth import TenantIdentity
+from gateway.completion_layers import FALLBACK_CODES, FALLBACK_MODELS_MAX, block_error, count_decisions
 from gateway.completions import (
     SSE_HEADERS,
     Generation,
@@ -65,8 +66,6 @@ _encode = msgspec.json.Encoder().encode
 INPUT_ROLES = ("user", "assistant", "system", "developer")
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 INPUT_ITEMS_MAX = 256  # items of one request's input
-FALLBACK_MODELS_MAX = 4  # models one request may fall back to
-FALLBACK_CODES = ("overloaded", "worker_unavailable")  # a model that cannot take the request now
 
 
 class PromptReference(BaseModel):
@@ -207,17 +206,6 @@ def chat_message(item: dict) -> dict:
 # ---- safety ----------------------------------------------------------------------------------------
 
 
-def count_decisions(metrics: GatewayMetrics, stage: str, action: str, reasons: list[str]) -> None:
-    """Each finding acted on, in metrics and the log (the request id comes from the log context; the text
-    never appears)."""
-    for reason in reasons:
-        metrics.safety_decisions.labels(stage, reason, action).inc()
-    if reasons:
-        logger.info(
-            "safety decision", extra={"stage": stage, "action": action, "reasons": sorted(set(reasons))}
-        )
-
-
 def check_input(
     scanner: Scanner | None, metrics: GatewayMetrics, items: list[dict], instructions: str | None
 ) -> tuple[list[dict], str | None]:
@@ -233,12 +221,7 @@ def check_input(
     if not reasons:
         return items, instructions
     if action == "block":
-        raise ApiError(
-            400,
-            f"The input was refused by the safety policy ({', '.join(sorted(set(reasons)))}).",
-            param="input",
-            code="content_policy_violation",
-        )
+        raise block_error(reasons, "input")
     redacted_items = [
         message_item(item["role"], redact(text, found), item_id=item["id"])
         for item, text, found in zip(items, texts, findings, strict=False)
@@ -546,7 +529,7 @@ class ResponsesService:
         against the version (the canary watch)."""
         completions = self.router.completions_for(routed.model)
         try:
-            return await completions._start(tenant, prepared, request_id, started_ms)
+            return await completions.start(tenant, prepared, request_id, started_ms)
         except ApiError as error:
             if error.status_code >= 500:
                 await self.router.observe(routed, failed=True, ttft_ms=None)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.balancer import BalancedPool
+from gateway.completion_layers import CompletionLayers
 from gateway.completions import CompletionService
 from gateway.conversations import ITEMS_PAGE_MAX, ConversationStore, RetentionSweep
 from gateway.deps import AuthenticatedTenant
@@ -260,6 +261,7 @@ def start_conversation_service(
         settings, router, session_factory, app.state.runtime.completions.wall_clock_ms
     )
     app.state.responses = ResponsesService(settings, router, store, PromptStore(session_factory), metrics)
+    completions.layers = CompletionLayers(settings, router, store, metrics)  # the completion routes' layers
 
     def count(conversations: int, responses: int) -> None:
         metrics.retention_deleted.labels("conversation").inc(conversations)
