@@ -76,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 ENTRY_TIME_FIELDS = ("occurred_at", "voided_at", "expired_at")  # whichever the entry type has
 ENTRY_AMOUNT_FIELDS = ("amount", "delta")
+# One SQL statement carries at most this many bind parameters (the wire protocol counts them in 16 bits).
+POSTGRES_BIND_PARAMETERS_MAX = 65_535
 
 
 class ProjectorSettings(BaseSettings):
@@ -84,7 +86,7 @@ class ProjectorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_PROJECTOR_", extra="ignore")
 
     name: str = Field(default="postgres", min_length=1, max_length=128)  # the key of its stored offsets
-    batch_records_max: int = Field(default=500, ge=1, le=5_000)  # x 11 columns < 65535 parameters
+    batch_records_max: int = Field(default=500, ge=1, le=5_000)  # rows are inserted in parameter-sized chunks
     poll_timeout_ms: int = Field(default=1_000, ge=1)  # the longest a fetch waits for new records
     fetch_bytes_max: int = Field(default=8 * 1024 * 1024, ge=1024)  # bytes one fetch may bring
     request_timeout_ms: int = Field(default=40_000, ge=1_000)  # one broker request
@@ -244,21 +246,26 @@ def _check_money(entry) -> None:
         raise InvalidEvent(f"the entry's money does not add up: {broken}") from None
 
 
+async def _insert_new(session: AsyncSession, model, rows: list[dict]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING, in as many statements as keep each one under PostgreSQL's limit
+    on bind parameters (a row of `ledger_entries` has a score of columns: 5,000 of them in one statement
+    would not fit)."""
+    if not rows:
+        return
+    rows_per_statement = max(1, POSTGRES_BIND_PARAMETERS_MAX // len(rows[0]))
+    for start in range(0, len(rows), rows_per_statement):
+        chunk = rows[start : start + rows_per_statement]
+        await session.execute(insert(model).values(chunk).on_conflict_do_nothing())
+
+
 async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRows) -> None:
     """Write a batch's rows and offsets in the caller's transaction."""
-    if rows.events:
-        await session.execute(insert(LedgerEvent).values(list(rows.events.values())).on_conflict_do_nothing())
-    if rows.entries:
-        await session.execute(
-            insert(LedgerEntry).values(list(rows.entries.values())).on_conflict_do_nothing()
-        )
+    await _insert_new(session, LedgerEvent, list(rows.events.values()))
+    await _insert_new(session, LedgerEntry, list(rows.entries.values()))
     await write_movements(session, [row for entry_rows in rows.movements.values() for row in entry_rows])
     if rows.grant_terms:
         await session.execute(insert(GrantTermsRow).on_conflict_do_nothing(), list(rows.grant_terms.values()))
-    if rows.checkpoints:
-        await session.execute(
-            insert(LedgerCheckpoint).values(list(rows.checkpoints.values())).on_conflict_do_nothing()
-        )
+    await _insert_new(session, LedgerCheckpoint, list(rows.checkpoints.values()))
     upserts = [row for row in rows.balances.values() if row is not None]
     if upserts:
         statement = insert(Balance).values(upserts)

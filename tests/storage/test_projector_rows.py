@@ -8,7 +8,7 @@ import pytest
 from ledger.codec import encode_event
 from ledger.entries import Allocation, UsageAllocated, encode_entry
 from ledger.events import CreditExpired, CreditGranted, UsageRecorded
-from streams.projector import project_records, stored_offsets
+from streams.projector import ProjectorSettings, project_records, stored_offsets
 from streams.records import LogRecord
 from streams.topics import LedgerTopics
 from tests.storage.dead_letters import RecordingDeadLetters
@@ -191,3 +191,32 @@ async def test_an_entry_whose_money_does_not_add_up_is_dead_lettered_and_the_nex
     [letter] = dead_letters.letters
     assert (letter.offset, letter.source_topic) == (0, TOPICS.entries)
     assert "does not add up" in letter.reason
+
+
+async def test_the_largest_batch_of_entries_is_written_in_statements_under_the_parameter_limit(
+    session_factory, database_url
+):
+    """`batch_records_max` allows 5,000 records; 5,000 ledger_entries rows of a score of columns each would
+    exceed PostgreSQL's 65,535 bind parameters in one INSERT."""
+    count = ProjectorSettings.model_fields["batch_records_max"].metadata[-1].le
+    records = [
+        LogRecord(
+            TOPICS.entries,
+            0,
+            n,
+            b"t1",
+            encode_entry(
+                UsageAllocated(
+                    entry_id=f"t1/usage/r{n}", tenant_id="t1", event_id=f"r{n}", occurred_at=12 + n,
+                    model="m", prompt_tokens=1, completion_tokens=1, amount=1,
+                    allocations=(Allocation("g1", 1),), overage=0,
+                )
+            ),
+        )
+        for n in range(count)
+    ]
+
+    dead_letters = await project(session_factory, records)
+
+    assert dead_letters.letters == []
+    assert rows(database_url, "SELECT count(*), sum(amount) FROM ledger_entries") == [(count, count)]
