@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 from fastapi.responses import Response
 
 from gateway.admission.base import Admission, AdmissionRequest, Reservation
@@ -146,6 +147,7 @@ class Generation:
         self.first_token_ms: float | None = None  # monotonic
         self.guard: OutputGuard | None = None  # the tenant's output check (gateway.completion_layers)
         self.on_settled: Callable[[Generation], Awaitable[None]] | None = None  # the router's watch
+        self.usage_fields: dict | None = None  # the usage event's prompt_version and trace_id, when set
         self._settled = False
 
     async def relay(self) -> AsyncIterator[tuple[list[TokenEvent], DoneEvent | ErrorEvent | None]]:
@@ -228,6 +230,8 @@ class Generation:
             cached_prompt_tokens=self.cached_prompt_tokens,
             occurred_at_ms=self.admitted_at_ms,
         )
+        if self.usage_fields is not None:
+            event = msgspec.structs.replace(event, **self.usage_fields)
         timeout_ms = context.settings.usage_publish_timeout_ms
         with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_ms / 1000) as scope:
             try:
@@ -437,8 +441,17 @@ class CompletionService:
                 logger.exception("freeing Idempotency-Key claim of %s failed", request_id)
 
     async def start(
-        self, tenant: TenantIdentity, prepared: PreparedRequest, request_id: str, started_ms: float
+        self,
+        tenant: TenantIdentity,
+        prepared: PreparedRequest,
+        request_id: str,
+        started_ms: float,
+        prompt_version: str | None = None,
+        traceparent: str | None = None,
     ) -> Generation:
+        """Admit the request and open its stream on a worker. `prompt_version` (`name@version`) and
+        `traceparent` (W3C trace context, when traced) travel to the worker, which puts them (the trace's
+        id) on the usage event."""
         price = self.settings.models[prepared.model].price
         admission_request = AdmissionRequest(
             request_id=request_id,
@@ -469,6 +482,8 @@ class CompletionService:
             presence_penalty=prepared.presence_penalty,
             frequency_penalty=prepared.frequency_penalty,
             admitted_at_ms=admitted_at_ms,
+            prompt_version=prompt_version,
+            traceparent=traceparent,
         )
         dispatched_ms = monotonic_ms()
         try:
@@ -483,7 +498,7 @@ class CompletionService:
         self.metrics.of_model(prepared.model).worker_queue_time.observe(
             (monotonic_ms() - dispatched_ms) / 1000
         )
-        return Generation(
+        generation = Generation(
             self.generation_context,
             tenant,
             prepared,
@@ -494,6 +509,12 @@ class CompletionService:
             deadline_ms,
             admitted_at_ms,
         )
+        if prompt_version is not None or traceparent is not None:
+            generation.usage_fields = {
+                "prompt_version": prompt_version,
+                "trace_id": traceparent[3:35] if traceparent is not None else None,
+            }
+        return generation
 
     async def _settle_failed_start(
         self, reservation: Reservation, prepared: PreparedRequest, failure: WorkerRequestFailed

@@ -443,7 +443,14 @@ class ResponsesService:
                 )
             try:
                 generation = await self._start_on(
-                    tenant, body, routed, instructions, history, items, request_id, started_ms, request_trace
+                    tenant,
+                    body,
+                    routed,
+                    (prompt, instructions),
+                    history,
+                    items,
+                    (request_id, started_ms),
+                    request_trace,
                 )
                 break
             except (ApiError, Rejection) as error:
@@ -479,20 +486,22 @@ class ResponsesService:
         tenant: TenantIdentity,
         body: ResponseCreateBody,
         routed: Routed,
-        instructions: str | None,
+        instructions: tuple[Prompt | None, str | None],
         history: list[dict],
         items: list[dict],
-        request_id: str,
-        started_ms: float,
+        started: tuple[str, float],
         request_trace: RequestTrace,
     ) -> Generation:
         """The prompt built for the routed version (its template, tokenizer and context) and its
-        generation started."""
+        generation started; `instructions` (the prompt version used, the instructions' text), `started`
+        (the request id, when it started)."""
+        prompt, instructions_text = instructions
+        request_id, started_ms = started
         spec = self._model(routed.model)
         with request_trace.step("prompt.build") as span:
             built = build_prompt(
                 spec,
-                instructions,
+                instructions_text,
                 [chat_message(item) for item in history],
                 [chat_message(item) for item in items],
                 body.max_output_tokens,
@@ -515,21 +524,25 @@ class ResponsesService:
             include_usage=False,
         )
         request_trace.start_generation(routed.model, request_id)
-        return await self._generate(tenant, prepared, request_id, started_ms, routed)
+        prompt_version = f"{prompt.name}@{prompt.version}" if prompt is not None else None
+        return await self._generate(
+            tenant, prepared, (request_id, started_ms), routed, (prompt_version, request_trace.traceparent())
+        )
 
     async def _generate(
         self,
         tenant: TenantIdentity,
         prepared: PreparedRequest,
-        request_id: str,
-        started_ms: float,
+        started: tuple[str, float],
         routed: Routed,
+        worker_fields: tuple[str | None, str | None],
     ) -> Generation:
-        """The generation started on the routed version's workers; a server-side failure to start counts
-        against the version (the canary watch)."""
+        """The generation started on the routed version's workers (`started`: the request id, when it
+        started; `worker_fields`: the prompt version and the trace context it carries); a server-side
+        failure to start counts against the version (the canary watch)."""
         completions = self.router.completions_for(routed.model)
         try:
-            return await completions.start(tenant, prepared, request_id, started_ms)
+            return await completions.start(tenant, prepared, *started, *worker_fields)
         except ApiError as error:
             if error.status_code >= 500:
                 await self.router.observe(routed, failed=True, ttft_ms=None)

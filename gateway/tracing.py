@@ -43,6 +43,14 @@ def configure_tracing(settings: GatewaySettings) -> None:
     trace.set_tracer_provider(provider)
 
 
+def traceparent_of(span: trace.Span) -> str | None:
+    """`span`'s W3C `traceparent` (version 00), or None for a span that is not recording (tracing off)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
 class RequestTrace:
     """One request's spans: the root, a child per step (`step(name)`), and the generation's span from its
     start to its end; `end()` (idempotent) sets the root's outcome attributes and ends what is open."""
@@ -80,6 +88,11 @@ class RequestTrace:
             context=trace.set_span_in_context(self.root),
             attributes={"gen_ai.response.model": model, "tollgate.request_id": request_id},
         )
+
+    def traceparent(self) -> str | None:
+        """The W3C trace context of the generation's span (the worker's spans are its children), or None
+        when the request is not traced."""
+        return traceparent_of(self.generation) if self.generation is not None else None
 
     def first_token(self) -> None:
         if self.generation is not None:

@@ -128,6 +128,8 @@ class GenerateCall:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     admitted_at_ms: int | None = None  # wall-clock ms when admission succeeded: the usage is billed then
+    prompt_version: str | None = None  # the prompt version (`name@version`) the usage event names
+    traceparent: str | None = None  # W3C trace context of the gateway's span, when the request is traced
 
     def encode(self, attempt_id: str) -> bytes:
         body = {
@@ -144,6 +146,10 @@ class GenerateCall:
         }
         if self.admitted_at_ms is not None:
             body["admitted_at_ms"] = self.admitted_at_ms
+        if self.prompt_version is not None:
+            body["prompt_version"] = self.prompt_version
+        if self.traceparent is not None:
+            body["traceparent"] = self.traceparent
         # The rest only when asked, so the common body stays as small as it was.
         if self.logprobs:
             body["logprobs"] = True

@@ -54,6 +54,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Annotated
 
+import msgspec
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -80,6 +81,9 @@ VALIDATION_ERRORS_SHOWN_MAX = 3  # a 400 for a malformed body names at most this
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: when a graceful stop after a fatal health failure takes too long
 
 
+TRACEPARENT_PATTERN = r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"  # W3C trace-context, version 00
+
+
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -102,6 +106,11 @@ class GenerateBody(BaseModel):
     admitted_at_ms: int | None = Field(
         default=None, ge=0, le=TIMESTAMP_MAX_MS
     )  # when the gateway admitted it
+    # The prompt version (`name@version`) the request was built with: its usage event names it.
+    prompt_version: str | None = Field(default=None, min_length=1, max_length=IDENTIFIER_LENGTH_MAX)
+    # W3C trace context of the gateway's span (only when the gateway traces): the worker's spans join its
+    # trace and the usage event carries the trace id.
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
 
 
 class TokenizeBody(BaseModel):
@@ -201,7 +210,7 @@ class WorkerRuntime:
         price = self.settings.model.price
 
         def build_event(output: RequestOutput) -> UsageRecorded:
-            return build_usage_event(
+            event = build_usage_event(
                 request_id=body.request_id,
                 tenant_id=body.tenant_id,
                 model=body.model,
@@ -211,6 +220,10 @@ class WorkerRuntime:
                 cached_prompt_tokens=output.cached_prompt_tokens,
                 occurred_at_ms=body.admitted_at_ms,
             )
+            if body.prompt_version is None and body.traceparent is None:
+                return event
+            trace_id = body.traceparent[3:35] if body.traceparent is not None else None
+            return msgspec.structs.replace(event, prompt_version=body.prompt_version, trace_id=trace_id)
 
         if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
             raise InvalidRequest(f"seed must be in {SEED_MIN}..{SEED_MAX}")

@@ -228,6 +228,7 @@ class Account:
             prompt_tokens=event.prompt_tokens,
             completion_tokens=event.completion_tokens,
             cached_prompt_tokens=event.cached_prompt_tokens,
+            prompt_version=event.prompt_version,
             amount=amount,
             allocations=allocations,
             overage=overage,

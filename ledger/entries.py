@@ -55,6 +55,7 @@ class UsageAllocated(msgspec.Struct, frozen=True, tag="usage_allocated", tag_fie
     schema_version: int = SCHEMA_VERSION
     booked_at: int | None = None
     cached_prompt_tokens: int = 0  # of prompt_tokens, those served from a prefix cache
+    prompt_version: str | None = None  # the usage event's: the prompt version that built the request
 
 
 class AllocationCorrected(

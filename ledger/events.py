@@ -32,6 +32,7 @@ Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=IDENTIFIER_LEN
 TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TenantId = Annotated[str, msgspec.Meta(pattern=TENANT_ID_PATTERN)]
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]
+TraceId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]  # W3C trace-context: 16 bytes, lowercase hex
 PositiveAmount = Annotated[int, msgspec.Meta(gt=0, le=AMOUNT_MAX)]
 NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_MAX)]
 TimestampMs = Annotated[int, msgspec.Meta(ge=0, le=TIMESTAMP_MAX_MS)]
@@ -121,6 +122,12 @@ class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field
     # events written before it existed, which read as 0.
     cached_prompt_tokens: TokenCount = 0
     schema_version: int = SCHEMA_VERSION
+    # The prompt version (a named system prompt's `name@version`) the request was built with; None when
+    # it used none, and in events written before it existed.
+    prompt_version: Identifier | None = None
+    # The W3C trace id (32 hex digits) of the request's trace when it was traced: the fold's entry is found
+    # from the trace by this event's id. None when tracing was off.
+    trace_id: TraceId | None = None
 
     kind_order: ClassVar[int] = 2
 

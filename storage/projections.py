@@ -45,6 +45,8 @@ class LedgerEntry(Base):
     amount: Mapped[int | None] = mapped_column(BigInteger)
     # A usage entry's prompt tokens served from a prefix cache (billed at the cached price); else NULL.
     cached_prompt_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # A usage entry's prompt version (`name@version`, the named system prompt it was built with); else NULL.
+    prompt_version: Mapped[str | None] = mapped_column(Text)
     payload: Mapped[dict] = mapped_column(JSONB)  # the entry as encode_entry wrote it
     source_topic: Mapped[str] = mapped_column(Text)
     source_partition: Mapped[int] = mapped_column(Integer)

@@ -170,6 +170,7 @@ def _entry_row(payload: dict, entry_id: str, record: LogRecord, now_ms: int) -> 
         "occurred_at_ms": _first_int(payload, ENTRY_TIME_FIELDS),
         "amount": _first_int(payload, ENTRY_AMOUNT_FIELDS),
         "cached_prompt_tokens": _first_int(payload, ("cached_prompt_tokens",)),  # usage entries only
+        "prompt_version": payload.get("prompt_version"),  # usage entries built with a prompt version
         "payload": payload,
         "source_topic": record.topic,
         "source_partition": record.partition,
