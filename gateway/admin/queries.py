@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -50,8 +52,8 @@ async def balance_at(
         .execution_options(yield_per=FOLD_BATCH_SIZE)
     )
     folded = 0
-    async for payload in payloads:
-        folded += 1
+    async for chunk in payloads.partitions(FOLD_BATCH_SIZE):
+        folded += len(chunk)
         if folded > events_max:
             raise HTTPException(
                 503,
@@ -60,10 +62,22 @@ async def balance_at(
                     "message": f"the balance needs more than balance_events_max={events_max} events",
                 },
             )
+        # Off the request loop: a thread folds each chunk while the loop serves other requests (a busy
+        # tenant's archive is seconds of CPU; the completion routes share this loop).
+        await asyncio.to_thread(_fold_chunk, ledger, chunk)
+    return await asyncio.to_thread(_balance_view, ledger, at_ms)
+
+
+def _fold_chunk(ledger: TenantLedger, payloads: Sequence[dict]) -> None:
+    for payload in payloads:
         try:
             ledger.apply(decode_input_event(msgspec.json.encode(payload)))
         except InvalidEvent as error:  # e.g. a grant id reused with other terms: the fold rejects it
-            logger.warning("balance of %s: skipping archived event: %s", tenant_id, error.reason)
+            logger.warning("balance of %s: skipping archived event: %s", ledger.tenant_id, error.reason)
+
+
+def _balance_view(ledger: TenantLedger, at_ms: int) -> BalanceView:
+    tenant_id = ledger.tenant_id
     blocks = [
         CreditBlockView(
             grant_id=block.grant_id,
