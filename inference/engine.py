@@ -95,6 +95,7 @@ class RequestOutput:
     top_logprobs: tuple[TokenLogprob, ...] = ()  # most likely first, when top_logprobs > 0
     error: str | None = None  # why, when finish_reason is ERROR
     cached_prompt_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
+    queued_ms: int | None = None  # the request's time in the scheduler's queue (None: never scheduled)
 
     @property
     def finished(self) -> bool:
@@ -257,6 +258,10 @@ class Engine:
         with self._lock:
             outputs = self._apply_aborts()
             scheduler_output = self.scheduler.schedule()
+            now_ms = self._clock_ms()
+            for chunk in scheduler_output.chunks:  # the queue time of the requests scheduled the first time
+                if chunk.request.queued_ms is None:
+                    chunk.request.queued_ms = now_ms - chunk.request.arrival_ms
         executed = self._execute(scheduler_output) if scheduler_output.chunks else _Executed({}, {}, None)
         with self._lock:
             outputs += self._update(scheduler_output, executed)
@@ -375,6 +380,7 @@ class Engine:
             top_logprobs=top_logprobs,
             error=request.error,
             cached_prompt_tokens=request.cached_prompt_tokens,
+            queued_ms=request.queued_ms,
         )
 
     def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:

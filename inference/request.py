@@ -94,6 +94,7 @@ class Request:
     # Prompt tokens served from the prefix cache at its first admission (not computed for this request).
     num_cached_prompt_tokens: int = 0
     preemptions: int = 0  # times its blocks were taken back to make room (it was recomputed)
+    queued_ms: int | None = None  # from arrival to its first step (the scheduler's queue); None until then
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None  # why, when finish_reason is ERROR

@@ -97,6 +97,8 @@ class WorkerSettings(CommonSettings):
     health_check_interval_ms: int = Field(default=250, ge=1)  # how often the watchdog reads health
     # a graceful stop after that exit is cut short past this
     fatal_exit_grace_ms: int = Field(default=60000, ge=1)
+    # OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); None: no spans recorded
+    otlp_traces_endpoint: str | None = None
 
     @model_validator(mode="after")
     def _check_model(self) -> WorkerSettings:

@@ -58,6 +58,9 @@ import msgspec
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,6 +81,8 @@ NDJSON_MEDIA_TYPE = "application/x-ndjson"
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # every other path needs the internal token
 TOKEN_ID_PATTERN = re.compile(r"[0-9]{1,9}")  # a logit_bias key: a token id in ASCII decimal digits
 VALIDATION_ERRORS_SHOWN_MAX = 3  # a 400 for a malformed body names at most this many fields
+_tracer = trace.get_tracer("tollgate.worker")  # a proxy: the installed provider's, or one that does nothing
+_propagator = TraceContextTextMapPropagator()
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: when a graceful stop after a fatal health failure takes too long
 
 
@@ -251,8 +256,14 @@ class WorkerRuntime:
 class CancellingStreamingResponse(StreamingResponse):
     """Cancels the request when the response ends for any reason, including a client disconnect."""
 
-    def __init__(self, request_stream: RequestStream, usage: RequestUsage, logprobs: bool) -> None:
-        super().__init__(ndjson_events(request_stream, usage, logprobs), media_type=NDJSON_MEDIA_TYPE)
+    def __init__(
+        self,
+        request_stream: RequestStream,
+        usage: RequestUsage,
+        logprobs: bool,
+        traced: GenerateBody | None = None,
+    ) -> None:
+        super().__init__(ndjson_events(request_stream, usage, logprobs, traced), media_type=NDJSON_MEDIA_TYPE)
         self._request_stream = request_stream
 
     async def __call__(self, scope, receive, send) -> None:
@@ -263,13 +274,17 @@ class CancellingStreamingResponse(StreamingResponse):
 
 
 async def ndjson_events(
-    request_stream: RequestStream, usage: RequestUsage, logprobs: bool
+    request_stream: RequestStream, usage: RequestUsage, logprobs: bool, traced: GenerateBody | None = None
 ) -> AsyncIterator[bytes]:
+    """`traced`: the request's body when the gateway sent its trace context (the spans are recorded at
+    the end); None (tracing off) costs nothing."""
     try:
         async for output in request_stream:
             if output.token_id is not None:
                 yield _line(_token_line(output, logprobs))
             if output.finished:
+                if traced is not None:
+                    record_spans(traced, request_stream, output)
                 yield _line(await _last_line(usage, output, _finished_line(output)))
     except EngineFailed as error:
         assert error.output is not None, "a stream's EngineFailed carries the request's final counts"
@@ -277,6 +292,47 @@ async def ndjson_events(
         yield _line(await _last_line(usage, error.output, failed))
     finally:
         request_stream.cancel()
+
+
+def record_spans(body: GenerateBody, request_stream: RequestStream, output: RequestOutput) -> None:
+    """The worker's spans of one finished request, children of the gateway's span named by its
+    `traceparent`: `worker.request` over the whole request, then `worker.queue` (the scheduler's waiting
+    queue), `worker.prefill` (first step to first token) and `worker.decode` (first token to the end).
+    Timed from the stream's monotonic clock, placed on the wall clock when recorded."""
+    assert body.traceparent is not None, "a traced request carries its trace context"
+    parent = _propagator.extract({"traceparent": body.traceparent})
+    now_s = time.monotonic()
+    now_ns = time.time_ns()
+
+    def wall_ns(monotonic_s: float) -> int:
+        return now_ns - int((now_s - monotonic_s) * 1e9)
+
+    arrived_s = request_stream.submitted_at
+    scheduled_s = arrived_s + output.queued_ms / 1000 if output.queued_ms is not None else now_s
+    first_token_s = request_stream.first_token_at
+    root = _tracer.start_span(
+        "worker.request",
+        context=parent,
+        kind=SpanKind.SERVER,
+        start_time=wall_ns(arrived_s),
+        attributes={
+            "gen_ai.request.model": body.model,
+            "tollgate.request_id": body.request_id,
+            "gen_ai.usage.input_tokens": output.prompt_tokens,
+            "gen_ai.usage.output_tokens": output.completion_tokens,
+            "tollgate.cached_prompt_tokens": output.cached_prompt_tokens,
+            "tollgate.finish_reason": output.finish_reason.value if output.finish_reason else "",
+        },
+    )
+    inside = set_span_in_context(root)
+    steps = [("worker.queue", arrived_s, scheduled_s)]
+    if output.queued_ms is not None:
+        steps.append(("worker.prefill", scheduled_s, first_token_s if first_token_s is not None else now_s))
+    if first_token_s is not None:
+        steps.append(("worker.decode", first_token_s, now_s))
+    for name, start_s, end_s in steps:
+        _tracer.start_span(name, context=inside, start_time=wall_ns(start_s)).end(end_time=wall_ns(end_s))
+    root.end(end_time=now_ns)
 
 
 def _token_line(output: RequestOutput, logprobs: bool) -> dict:
@@ -494,7 +550,8 @@ def _add_generation_routes(app: FastAPI, settings: WorkerSettings) -> None:
             return _error(400, "invalid_request", str(error))
         except EngineFailed as error:
             return _error(503, "engine_failed", str(error))
-        return CancellingStreamingResponse(request_stream, usage, body.logprobs)
+        traced = body if body.traceparent is not None else None
+        return CancellingStreamingResponse(request_stream, usage, body.logprobs, traced)
 
     @app.post("/internal/v1/tokenize", response_model=None)
     async def tokenize(body: TokenizeBody, runtime: Runtime) -> dict | JSONResponse:
@@ -538,6 +595,20 @@ def _add_health_and_metrics(app: FastAPI, settings: WorkerSettings) -> None:
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def configure_tracing(endpoint: str | None) -> None:
+    """Export the worker's spans over OTLP/HTTP to `endpoint` (None: no provider, spans cost nothing)."""
+    if endpoint is None:
+        return
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "tollgate-worker"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
+
+
 def main() -> None:
     import uvicorn
 
@@ -551,6 +622,7 @@ def main() -> None:
     except InternalTokenMissing as error:
         sys.exit(f"inference worker not started: {error}")
     settings = WorkerSettings()
+    configure_tracing(settings.otlp_traces_endpoint)
     producer = EventProducer(StreamSettings())
     app = create_app(settings, emit_usage=producer.publish, internal_token=internal_token)
     engine_lifespan = app.router.lifespan_context

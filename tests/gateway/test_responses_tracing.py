@@ -133,5 +133,42 @@ async def test_a_blocked_request_is_traced_as_blocked_without_a_generation(clien
     assert "worker.generate" not in {span.name for span in finished}
 
 
+WORKER_STEPS = ["worker.queue", "worker.prefill", "worker.decode"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_trace_goes_through_the_worker_and_the_usage_event_names_it(
+    client, spans, worker, tenant, stream
+):
+    if stream:
+        events = [
+            event
+            async for event in await client.responses.create(
+                model=MODEL, input="Count", max_output_tokens=6, stream=True
+            )
+        ]
+        response = events[-1].response
+    else:
+        response = await client.responses.create(model=MODEL, input="Count", max_output_tokens=6)
+    request_id = response.id.removeprefix("resp_")
+    usage = worker.usage_of(request_id)
+    of_request = trace_of(spans, request_id)
+    root = next(span for span in of_request if span.name == "responses.create")
+    assert usage.trace_id == f"{root.context.trace_id:032x}"  # the usage event (and its entry) from the trace
+    generate = next(span for span in of_request if span.name == "worker.generate")
+    on_worker = next(span for span in of_request if span.name == "worker.request")
+    assert on_worker.parent.span_id == generate.context.span_id  # the gateway's trace context, propagated
+    assert on_worker.attributes["tollgate.request_id"] == request_id
+    assert on_worker.attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens
+    steps = sorted(
+        (span for span in of_request if span.parent and span.parent.span_id == on_worker.context.span_id),
+        key=lambda span: span.start_time,
+    )
+    assert [span.name for span in steps] == WORKER_STEPS
+    for earlier, later in zip(steps, steps[1:], strict=False):
+        assert earlier.end_time <= later.start_time + 1_000  # one after the other (clock rounding aside)
+    assert on_worker.start_time <= steps[0].start_time and steps[-1].end_time <= on_worker.end_time
+
+
 def test_tracing_is_off_unless_an_endpoint_is_set():
     assert GatewaySettings(admin_token=ADMIN_TOKEN).otlp_traces_endpoint is None

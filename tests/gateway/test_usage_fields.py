@@ -55,3 +55,20 @@ def test_the_usage_entry_carries_the_prompt_version():
     assert [entry.prompt_version for entry in entries if type(entry).__name__ == "UsageAllocated"] == [
         "support@3"
     ]
+
+
+def test_an_untraced_request_sends_no_trace_context_and_no_prompt_version():
+    from opentelemetry import trace
+
+    from gateway.tracing import traceparent_of
+    from gateway.workers import GenerateCall
+
+    call = GenerateCall("r", "acme", "standard", "m", "hi", 4, (), 1.0, 1.0, None)
+    assert b"traceparent" not in call.encode("r-1") and b"prompt_version" not in call.encode("r-1")
+    assert traceparent_of(trace.INVALID_SPAN) is None
+    traced = GenerateCall(
+        "r", "acme", "standard", "m", "hi", 4, (), 1.0, 1.0, None, prompt_version="p@1", traceparent="00-x"
+    )
+    assert b'"traceparent":"00-x"' in traced.encode("r-1") and b'"prompt_version":"p@1"' in traced.encode(
+        "r-1"
+    )
