@@ -120,7 +120,7 @@ class GrantCreate(BaseModel):
         default=None, ge=0, le=PRICE_MAX, description="integer minor units of `currency`; paid grants only"
     )
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$", description="ISO 4217")
-    reference: str = Field(
+    reference: PlainText = Field(
         default="", max_length=REFERENCE_LENGTH_MAX, description="finance's id for it: an invoice or order"
     )
 
