@@ -174,6 +174,7 @@ class CompletionLayers:
         raw_body: bytes,
         request_id: str,
         started_ms: float,
+        traceparent: str | None = None,
     ) -> Generation:
         """The generation on the version the alias routes to (or the first fallback that can take it)."""
         body = checked.body
@@ -181,7 +182,7 @@ class CompletionLayers:
         for index, alias in enumerate(candidates):
             routed = await self.router.route(alias, request_id)
             try:
-                generation = await self._start_on(tenant, body, routed, request_id, started_ms)
+                generation = await self._start_on(tenant, body, routed, (request_id, started_ms), traceparent)
             except (ApiError, Rejection) as error:
                 if index + 1 == len(candidates) or error.code not in FALLBACK_CODES:
                     raise
@@ -197,15 +198,22 @@ class CompletionLayers:
         raise AssertionError("the last candidate raised or returned")
 
     async def _start_on(
-        self, tenant: TenantIdentity, body: SamplingFields, routed: Routed, request_id: str, started_ms: float
+        self,
+        tenant: TenantIdentity,
+        body: SamplingFields,
+        routed: Routed,
+        started: tuple[str, float],
+        traceparent: str | None,
     ) -> Generation:
+        """The request prepared for the routed version (its template and tokenizer) and started there;
+        `started`: the request id and when it started."""
         prepared = prepare(
             body if routed.model == body.model else body.model_copy(update={"model": routed.model}),
             self.settings,
         )
         try:
             return await self.router.completions_for(routed.model).start(
-                tenant, prepared, request_id, started_ms
+                tenant, prepared, *started, traceparent=traceparent
             )
         except ApiError as error:
             if error.status_code >= 500:

@@ -38,9 +38,10 @@ from gateway.idempotency import IdempotencyStore, StoredResponse, request_digest
 from gateway.logs import model_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.safety import OutputGuard
-from gateway.schemas import PreparedRequest, SamplingFields, prepare
+from gateway.schemas import ChatCompletionBody, PreparedRequest, SamplingFields, prepare
 from gateway.settings import GatewaySettings
 from gateway.sse import SSE_MEDIA_TYPE, SseResponse, run_until_client_leaves
+from gateway.tracing import RequestTrace, traceparent_of, tracing_enabled
 from gateway.wire import (
     DONE_LINE,
     ChunkWriter,
@@ -148,6 +149,7 @@ class Generation:
         self.guard: OutputGuard | None = None  # the tenant's output check (gateway.completion_layers)
         self.on_settled: Callable[[Generation], Awaitable[None]] | None = None  # the router's watch
         self.usage_fields: dict | None = None  # the usage event's prompt_version and trace_id, when set
+        self.trace: RequestTrace | None = None  # the completion route's trace, ended when settled
         self._settled = False
 
     async def relay(self) -> AsyncIterator[tuple[list[TokenEvent], DoneEvent | ErrorEvent | None]]:
@@ -280,6 +282,23 @@ class Generation:
                 except Exception:
                     logger.exception("observing the outcome of %s failed", self.request_id)
         self._count(cost)
+        if self.trace is not None:
+            self._end_trace(self.trace, cost)
+
+    def _end_trace(self, request_trace: RequestTrace, cost: int) -> None:
+        guard = self.guard
+        if guard is not None and guard.findings:
+            request_trace.safety_decision = "stop" if guard.stopped is not None else "redact"
+        attributes = {
+            "gen_ai.response.model": self.prepared.model,
+            "gen_ai.usage.input_tokens": self.prompt_tokens,
+            "gen_ai.usage.output_tokens": self.completion_tokens,
+            "gen_ai.response.finish_reasons": [self.outcome],
+            "tollgate.request_id": self.request_id,
+            "tollgate.model_version": self.prepared.model,
+            "tollgate.cost": cost,
+        }
+        request_trace.end(attributes, error=None if self.outcome in ("ok", CONTENT_FILTER) else self.outcome)
 
     def _count(self, cost: int) -> None:
         """The settled request's metrics and its log line."""
@@ -343,35 +362,26 @@ class CompletionService:
         model_var.set(body.model)
         request_id = new_request_id()
         request_id_var.set(request_id)
-        layers = self.layers
-        if layers is None:
-            prepared = prepare(body, self.settings)
-        else:
-            checked = await layers.check_input(tenant, body)  # a blocked request goes no further
+        request_trace = self._trace(tenant, body) if tracing_enabled() else None  # off: nothing built
         key = idempotency_key
-        if key is not None:
-            stored = await self._claim(tenant, key, path, raw_body, request_id)
-            if stored is not None:
-                self.metrics.idempotent_replays.inc()
-                replayed = {"x-request-id": stored.request_id, "idempotent-replayed": "true"}
-                if body.stream:  # the same body (the digest matched), so the stored body is the SSE one
-                    return Response(
-                        stored.body,
-                        stored.status_code,
-                        {**SSE_HEADERS, **replayed},
-                        media_type=SSE_MEDIA_TYPE,
-                    )
-                return Response(stored.body, stored.status_code, replayed, media_type="application/json")
         try:
-            if layers is None:
-                generation = await self.start(tenant, prepared, request_id, started_ms)
-            else:
-                generation = await layers.start(tenant, checked, raw_body, request_id, started_ms)
-                prepared = generation.prepared  # for the version routed to
-        except BaseException:
-            if key is not None:
-                await self._abandon(tenant, key, request_id)
+            begun = await self._begin(
+                tenant, body, raw_body, path, key, request_id, started_ms, request_trace
+            )
+        except BaseException as error:
+            if request_trace is not None:
+                code = getattr(error, "code", None) or type(error).__name__
+                if code == "content_policy_violation":
+                    request_trace.safety_decision = "block"
+                request_trace.end({"tollgate.request_id": request_id}, error=code)
             raise
+        if type(begun) is not Generation:
+            if request_trace is not None:
+                request_trace.end({"tollgate.request_id": request_id})
+            return begun  # a stored response, replayed for its Idempotency-Key
+        generation = begun
+        generation.trace = request_trace
+        prepared = generation.prepared  # for the version it was routed to
         headers = {"x-request-id": request_id, **generation.reservation.headers}
         if prepared.stream:
             writer = ChunkWriter(
@@ -395,6 +405,57 @@ class CompletionService:
 
             return SseResponse(self._sse(generation, writer, sent), end_stream, {**SSE_HEADERS, **headers})
         return await self._complete(generation, key, headers, receive)
+
+    async def _begin(
+        self,
+        tenant: TenantIdentity,
+        body: SamplingFields,
+        raw_body: bytes,
+        path: str,
+        key: str | None,
+        request_id: str,
+        started_ms: float,
+        request_trace: RequestTrace | None,
+    ) -> Generation | Response:
+        """The request checked, its Idempotency-Key claimed, its generation started; or the stored
+        response of a repeated key."""
+        layers = self.layers
+        if layers is None:
+            prepared = prepare(body, self.settings)
+        else:
+            checked = await layers.check_input(tenant, body)  # a blocked request goes no further
+        if key is not None:
+            stored = await self._claim(tenant, key, path, raw_body, request_id)
+            if stored is not None:
+                self.metrics.idempotent_replays.inc()
+                replayed = {"x-request-id": stored.request_id, "idempotent-replayed": "true"}
+                if body.stream:  # the same body (the digest matched), so the stored body is the SSE one
+                    return Response(
+                        stored.body,
+                        stored.status_code,
+                        {**SSE_HEADERS, **replayed},
+                        media_type=SSE_MEDIA_TYPE,
+                    )
+                return Response(stored.body, stored.status_code, replayed, media_type="application/json")
+        traceparent = traceparent_of(request_trace.root) if request_trace is not None else None
+        try:
+            if layers is None:
+                return await self.start(tenant, prepared, request_id, started_ms, traceparent=traceparent)
+            return await layers.start(tenant, checked, raw_body, request_id, started_ms, traceparent)
+        except BaseException:
+            if key is not None:
+                await self._abandon(tenant, key, request_id)
+            raise
+
+    @staticmethod
+    def _trace(tenant: TenantIdentity, body: SamplingFields) -> RequestTrace:
+        chat = isinstance(body, ChatCompletionBody)
+        return RequestTrace(
+            tenant.tenant_id,
+            body.model,
+            "chat.completions" if chat else "completions",
+            "chat" if chat else "text_completion",
+        )
 
     async def _claim(
         self, tenant: TenantIdentity, key: str, path: str, raw_body: bytes, request_id: str

@@ -10,6 +10,12 @@ The root span carries the GenAI semantic conventions (`gen_ai.operation.name`, `
 `tollgate.model_version`, `tollgate.prompt_version`, `tollgate.safety.decision` (none, redact, block or
 stop) and `tollgate.cost` (credit units, the usage price of the tokens). Never any text.
 
+The completion routes (/v1/chat/completions, /v1/completions) are traced the same way when tracing is on:
+a root span `chat.completions` or `completions` (operation `chat` or `text_completion`), ended when the
+request is settled. The worker's spans (inference.worker: `worker.request` with `worker.queue`,
+`worker.prefill`, `worker.decode`) join the trace: the gateway sends its span's W3C `traceparent` with the
+generate call, and the worker's usage event carries the trace id (`UsageRecorded.trace_id`).
+
 Off by default: with no `otlp_traces_endpoint` the OpenTelemetry API's tracer does nothing (no provider is
 installed). Set it (e.g. http://collector:4318/v1/traces) and `configure_tracing` installs a provider that
 batches spans to it over OTLP/HTTP. Tests install their own provider (an in-memory exporter).
@@ -43,6 +49,11 @@ def configure_tracing(settings: GatewaySettings) -> None:
     trace.set_tracer_provider(provider)
 
 
+def tracing_enabled() -> bool:
+    """Whether a tracer provider is installed (configure_tracing, or a test's): else no span is built."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def traceparent_of(span: trace.Span) -> str | None:
     """`span`'s W3C `traceparent` (version 00), or None for a span that is not recording (tracing off)."""
     context = span.get_span_context()
@@ -55,9 +66,11 @@ class RequestTrace:
     """One request's spans: the root, a child per step (`step(name)`), and the generation's span from its
     start to its end; `end()` (idempotent) sets the root's outcome attributes and ends what is open."""
 
-    def __init__(self, tenant_id: str, request_model: str) -> None:
+    def __init__(
+        self, tenant_id: str, request_model: str, name: str = "responses.create", operation: str = "chat"
+    ) -> None:
         # No provider installed (tracing off): every span is the invalid one, and nothing is built.
-        self.enabled = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        self.enabled = tracing_enabled()
         self.generation: trace.Span | None = None
         self.safety_decision = "none"
         self._ended = False
@@ -65,10 +78,10 @@ class RequestTrace:
             self.root = trace.INVALID_SPAN
             return
         self.root = tracer.start_span(
-            "responses.create",
+            name,
             kind=trace.SpanKind.SERVER,
             attributes={
-                "gen_ai.operation.name": "chat",
+                "gen_ai.operation.name": operation,
                 "gen_ai.request.model": request_model,
                 "tollgate.tenant_id": tenant_id,
             },

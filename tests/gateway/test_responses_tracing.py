@@ -4,6 +4,8 @@ prompt version, safety decision, cost), a child span per step of the path; never
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 from opentelemetry import trace
@@ -168,6 +170,50 @@ async def test_the_trace_goes_through_the_worker_and_the_usage_event_names_it(
     for earlier, later in zip(steps, steps[1:], strict=False):
         assert earlier.end_time <= later.start_time + 1_000  # one after the other (clock rounding aside)
     assert on_worker.start_time <= steps[0].start_time and steps[-1].end_time <= on_worker.end_time
+
+
+@pytest.mark.parametrize(("chat", "stream"), [(True, False), (True, True), (False, False), (False, True)])
+async def test_a_completion_route_is_one_trace_through_the_worker(
+    client, spans, worker, tenant, chat, stream
+):
+    asked = dict(model=MODEL, max_tokens=4, temperature=0)
+    if chat:
+        create = client.chat.completions.with_raw_response.create
+        asked["messages"] = [{"role": "user", "content": "secret words"}]
+    else:
+        create = client.completions.with_raw_response.create
+        asked["prompt"] = "secret words"
+    raw = await create(**asked, stream=stream)
+    if stream:
+        async for _chunk in raw.parse():
+            pass
+    request_id = raw.headers["x-request-id"]
+    usage = worker.usage_of(request_id)
+    name = "chat.completions" if chat else "completions"
+    for _ in range(100):  # a stream's root span ends when it is settled, just after its last chunk
+        roots = [
+            span
+            for span in spans.get_finished_spans()
+            if span.name == name and span.attributes.get("tollgate.request_id") == request_id
+        ]
+        if roots:
+            break
+        await asyncio.sleep(0.02)
+    (root,) = roots
+    assert usage.trace_id == f"{root.context.trace_id:032x}"
+    attributes = dict(root.attributes)
+    assert attributes["gen_ai.operation.name"] == ("chat" if chat else "text_completion")
+    assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert attributes["tollgate.cost"] == usage.amount
+    assert attributes["tollgate.model_version"] == MODEL
+    assert not any("secret words" in str(value) for value in attributes.values())
+    of_trace = [span for span in spans.get_finished_spans() if span.context.trace_id == root.context.trace_id]
+    on_worker = next(span for span in of_trace if span.name == "worker.request")
+    assert on_worker.parent.span_id == root.context.span_id
+    assert {span.name for span in of_trace} >= {name, "worker.request", *WORKER_STEPS}
 
 
 def test_tracing_is_off_unless_an_endpoint_is_set():
