@@ -28,6 +28,11 @@ CPU per request and utilisation (CPU seconds per wall second) are read from /pro
 (summed), the worker and the load generator over each measured round, split into user and kernel time, so
 what the three processes sharing the cores cost is in the JSON line. `--profile PATH` writes the gateway's
 cProfile stats (it slows the gateway: figures from such a run are not the benchmark's).
+
+Tracing: a second set of gateway processes runs with tracing on (an OpenTelemetry SDK provider whose
+batch processor hands every span to an exporter that drops it: what is measured is building and batching
+the spans, not a collector's network), measured in rounds of its own alternating with the others; the JSON
+line's `tracing_off`/`tracing_on` pair is the gateway's CPU per request and added stream p50 with each.
 """
 
 from __future__ import annotations
@@ -153,7 +158,35 @@ def serve_canned_worker(port: int, token_interval_ms: float) -> None:
     )
 
 
-def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: str | None) -> None:
+class DroppingExporter:
+    """A span exporter that keeps nothing (benchmark only): the cost measured is the gateway's own."""
+
+    def export(self, spans) -> object:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def install_tracing() -> None:
+    """Tracing on, as `configure_tracing` installs it (a batching SDK provider), spans dropped on export."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DroppingExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def serve_gateway(
+    port: int, worker_url: str, database_url: str, profile_path: str | None, tracing: bool = False
+) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -163,6 +196,8 @@ def serve_gateway(port: int, worker_url: str, database_url: str, profile_path: s
     from storage.database import DatabaseSettings, build_async_engine, build_session_factory
 
     configure_logging("WARNING")
+    if tracing:
+        install_tracing()
     settings = GatewaySettings(
         worker_urls=[worker_url],
         admin_token="bench-admin-token-0123456789abcdef",
@@ -381,7 +416,11 @@ class RoundTotals:
         }
 
 
-async def measure(options, worker_port: int, gateway_port: int, key: str, pids: dict[str, list[int]]) -> dict:
+async def measure(
+    options, worker_port: int, gateway_ports: dict[str, int], key: str, pids: dict[str, dict[str, list[int]]]
+) -> dict:
+    """`gateway_ports`: the untraced (`gateway`) and traced (`gateway_traced`) gateways' port; `pids`: per
+    target, the processes whose CPU is read (`gateway` names the target's own gateway processes)."""
     encode = msgspec.json.encode
     prompt = "Benchmark prompt: say something."
     run = uuid.uuid4().hex[:8]
@@ -402,26 +441,30 @@ async def measure(options, worker_port: int, gateway_port: int, key: str, pids: 
 
     direct = ("/internal/v1/generate", direct_body, "")
     through = ("/v1/completions", lambda _index: gateway_body, f"authorization: Bearer {key}\r\n")
+    targets = [("direct", worker_port, direct)] + [
+        (name, port, through) for name, port in gateway_ports.items()
+    ]
     warmup = min(options.requests, options.concurrency * 2)
-    await run_round(worker_port, *direct, 1, 10)  # warm the key cache and the connections gently first
-    await run_round(gateway_port, *through, 1, 10)
-    await run_round(worker_port, *direct, options.concurrency, warmup)
-    await run_round(gateway_port, *through, options.concurrency, warmup)
-    totals = {"direct": RoundTotals(), "gateway": RoundTotals()}
+    for _name, port, target in targets:  # warm the key cache and the connections gently first
+        await run_round(port, *target, 1, 10)
+    for _name, port, target in targets:
+        await run_round(port, *target, options.concurrency, warmup)
+    totals = {name: RoundTotals() for name, _port, _target in targets}
     stream_s = options.tokens * options.token_interval_ms / 1000
     for _ in range(options.rounds):
-        for name, port, target in (("direct", worker_port, direct), ("gateway", gateway_port, through)):
-            cpu_before = {process: cpu_seconds(*process_ids) for process, process_ids in pids.items()}
+        for name, port, target in targets:
+            processes = pids[name]
+            cpu_before = {process: cpu_seconds(*process_ids) for process, process_ids in processes.items()}
             first, total, seconds = await run_round(
                 port, *target, options.concurrency, options.requests, stagger_s=stream_s
             )
-            cpu_after = {process: cpu_seconds(*process_ids) for process, process_ids in pids.items()}
+            cpu_after = {process: cpu_seconds(*process_ids) for process, process_ids in processes.items()}
             cpu_used = {
                 process: (
                     cpu_after[process][0] - cpu_before[process][0],
                     cpu_after[process][1] - cpu_before[process][1],
                 )
-                for process in pids
+                for process in processes
             }
             totals[name].add(first, total, seconds, cpu_used)
     return {name: round_totals.summary() for name, round_totals in totals.items()}
@@ -433,6 +476,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-url", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--tracing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--profile", metavar="PATH", help="write the gateway's cProfile stats here (slows it)"
     )
@@ -452,12 +496,14 @@ def main() -> None:
         serve_canned_worker(options.port, options.token_interval_ms)
         return
     if options.serve == "gateway":
-        serve_gateway(options.port, options.worker_url, options.database_url, options.profile)
+        serve_gateway(
+            options.port, options.worker_url, options.database_url, options.profile, options.tracing
+        )
         return
 
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as data_dir:
         database_url, key = prepare_tenant(data_dir)
-        worker_port, gateway_port = free_port(), free_port()
+        worker_port, gateway_port, traced_port = free_port(), free_port(), free_port()
         me = [sys.executable, "-m", "bench.gateway"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         worker = subprocess.Popen(
@@ -473,42 +519,52 @@ def main() -> None:
             env=env,
         )
         profiling = ["--profile", options.profile] if options.profile else []
-        gateways = [
-            subprocess.Popen(
-                [
-                    *me,
-                    "--serve",
-                    "gateway",
-                    "--port",
-                    str(gateway_port),
-                    "--worker-url",
-                    f"http://127.0.0.1:{worker_port}",
-                    "--database-url",
-                    database_url,
-                    *profiling,
-                ],
-                env=env,
-            )
-            for _ in range(options.gateway_processes)
-        ]
+
+        def start_gateways(port: int, tracing: list[str]) -> list[subprocess.Popen]:
+            return [
+                subprocess.Popen(
+                    [
+                        *me,
+                        "--serve",
+                        "gateway",
+                        "--port",
+                        str(port),
+                        "--worker-url",
+                        f"http://127.0.0.1:{worker_port}",
+                        "--database-url",
+                        database_url,
+                        *profiling,
+                        *tracing,
+                    ],
+                    env=env,
+                )
+                for _ in range(options.gateway_processes)
+            ]
+
+        gateways = start_gateways(gateway_port, [])
+        traced = start_gateways(traced_port, ["--tracing"])
         try:
             wait_ready(worker_port, worker)
-            for gateway in gateways:
-                wait_ready(gateway_port, gateway)
+            for port, processes in ((gateway_port, gateways), (traced_port, traced)):
+                for process in processes:
+                    wait_ready(port, process)
             import uvloop
 
             load_before = os.getloadavg()[0]
+            others = {"worker": [worker.pid], "load_generator": [os.getpid()]}
+            untraced_pids = {"gateway": [gateway.pid for gateway in gateways], **others}
             pids = {
-                "gateway": [gateway.pid for gateway in gateways],
-                "worker": [worker.pid],
-                "load_generator": [os.getpid()],
+                "direct": untraced_pids,
+                "gateway": untraced_pids,
+                "gateway_traced": {"gateway": [process.pid for process in traced], **others},
             }
-            summary = uvloop.run(measure(options, worker_port, gateway_port, key, pids))
+            ports = {"gateway": gateway_port, "gateway_traced": traced_port}
+            summary = uvloop.run(measure(options, worker_port, ports, key, pids))
         finally:
-            for process in (*gateways, worker):
+            for process in (*gateways, *traced, worker):
                 process.terminate()
                 process.wait(timeout=20)
-    direct, through = summary["direct"], summary["gateway"]
+    direct, through, traced_through = summary["direct"], summary["gateway"], summary["gateway_traced"]
     print(
         json.dumps(
             {
@@ -533,8 +589,20 @@ def main() -> None:
                 "gateway_requests_per_s": round(through["requests_per_s"], 1),
                 "gateway_cpu_ms_per_request": round(through["gateway_cpu_ms_per_request"], 3),
                 "direct_requests_per_s": round(direct["requests_per_s"], 1),
+                # the hot path's cost with tracing off and on (the traced gateway's own rounds)
+                "tracing_off": {
+                    "gateway_cpu_ms_per_request": round(through["gateway_cpu_ms_per_request"], 3),
+                    "added_latency_p50_ms": round(through["stream_p50_ms"] - direct["stream_p50_ms"], 3),
+                },
+                "tracing_on": {
+                    "gateway_cpu_ms_per_request": round(traced_through["gateway_cpu_ms_per_request"], 3),
+                    "added_latency_p50_ms": round(
+                        traced_through["stream_p50_ms"] - direct["stream_p50_ms"], 3
+                    ),
+                },
                 "direct": {k: round(v, 3) for k, v in direct.items()},
                 "gateway": {k: round(v, 3) for k, v in through.items()},
+                "gateway_traced": {k: round(v, 3) for k, v in traced_through.items()},
             }
         )
     )
