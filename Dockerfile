@@ -16,6 +16,10 @@ COPY migrations migrations
 COPY tollgate tollgate
 COPY alembic.ini ./
 RUN pip install .
-RUN useradd --create-home tollgate
+# What a process keeps (var/tollgate under the working directory: processor state, spools, faust data) and
+# the checkpoint signing key's volume (docker-compose.yml) belong to the user the processes run as.
+RUN useradd --create-home tollgate \
+    && mkdir -p /app/var/tollgate /var/lib/tollgate/audit \
+    && chown -R tollgate /app/var /var/lib/tollgate
 USER tollgate
 ENTRYPOINT ["tollgate"]

@@ -58,8 +58,10 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_bytes(pem)
-        temporary.chmod(0o600)
+        # created 0600: the private key is never readable by others, not even for a moment
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(pem)
         try:
             os.link(temporary, path)  # fails if another process created it first: theirs is kept
             log.warning("created the checkpoint signing key %s", path)
