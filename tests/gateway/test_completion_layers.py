@@ -65,6 +65,8 @@ def gateway(versions, module_database_url):
         },
         route_cache_ttl_ms=0,
         policy_cache_ttl_ms=0,
+        rollout_window_requests_min=3,
+        rollout_error_rate_margin_percent=20,
     )
     running = start_gateway(module_database_url, settings, RecordingAdmission())
     yield running
@@ -285,3 +287,26 @@ async def test_a_completion_falls_back_in_order_to_a_model_that_can_serve_it(
     )
     assert model == "tiny-v2"
     assert versions["tiny-v2"].usage_of(request_id_of(response_id)).model == "tiny-v2"
+
+
+async def test_a_failing_canary_on_the_completion_routes_is_rolled_back_automatically(
+    gateway, admin, module_database_url
+):
+    set_route(admin, "tiny-layers-broken", "tiny-v1", "tiny-v3", 50)  # tiny-v3's workers do not answer
+    _tenant, client = tenant_client(gateway, admin, module_database_url, "layers-rollback")
+    outcomes = Counter()
+    for _ in range(60):
+        try:
+            _id, model, _text, _finish = await complete(
+                client, True, False, "tiny-layers-broken", "Hi", max_tokens=2
+            )
+            outcomes[model] += 1
+        except openai.InternalServerError:
+            outcomes["failed"] += 1
+        if admin.get("/admin/v1/models/tiny-layers-broken/route").json()["state"] == "rolled_back":
+            break
+    route = admin.get("/admin/v1/models/tiny-layers-broken/route").json()
+    assert route["state"] == "rolled_back", outcomes
+    assert route["reason"].startswith("automatic: canary error rate 100.0% vs stable 0.0%")
+    for _ in range(4):  # every request now goes to the stable version
+        assert (await complete(client, False, True, "tiny-layers-broken", "Hi", max_tokens=2))[1] == "tiny-v1"
