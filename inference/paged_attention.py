@@ -7,8 +7,9 @@ gather (`index_select` over rows) yields keys whose last two dims are contiguous
 kernel wants them, with no further copy. A step writes its new
 keys and values at their rows in one indexed store, then gathers each sequence's rows (in position
 order) and calls `scaled_dot_product_attention` on them: plain PyTorch, the same code on CPU and CUDA.
-Decodes (one new token each) attend in one batched call over their gathered keys, padded to the longest
-context and masked; prefill chunks attend one by one.
+Decodes (one new token each) attend in batched calls over their gathered keys, padded and masked: sorted
+by context length into up to `DECODE_GROUPS_MAX` groups, so short sequences are not padded to the longest
+one (the padding would be gathered and attended for nothing); prefill chunks attend one by one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 from torch.nn import functional as F
 
 from inference.model import ModelConfig, additive_mask, offset_causal_mask
+
+DECODE_GROUPS_MAX = 4  # decode attention calls per layer, sequences grouped by context length
+DECODE_GROUP_SEQUENCES_MIN = 16  # fewer decodes than this per group are attended in one call
 
 
 class PagedKVCache:
@@ -99,7 +103,7 @@ class PagedBatch:
     write_rows: torch.Tensor  # (N,) long, the cache row each new key/value is stored at
     last_token_rows: torch.Tensor  # (S,) long, packed index of each sequence's last new token
     position_max: int  # the furthest cache position written this step
-    decode: PagedDecodes | None
+    decodes: list[PagedDecodes]  # groups of decodes by context length; empty: none this step
     prefills: list[PagedPrefill]
 
     @classmethod
@@ -147,16 +151,17 @@ class PagedBatch:
             write_rows=long_tensor(write_rows),
             last_token_rows=long_tensor([o + n - 1 for o, n in zip(offsets, lengths, strict=True)]),
             position_max=max(contexts) - 1,
-            decode=_decodes(
-                [block_tables[i] for i in decode_indices],
-                [contexts[i] for i in decode_indices],
-                None if len(decode_indices) == total else [offsets[i] for i in decode_indices],
-                block_tokens,
-                device,
-                dtype,
-            )
-            if decode_indices
-            else None,
+            decodes=[
+                _decodes(
+                    [block_tables[i] for i in group],
+                    [contexts[i] for i in group],
+                    None if group == list(range(total)) else [offsets[i] for i in group],
+                    block_tokens,
+                    device,
+                    dtype,
+                )
+                for group in _decode_groups(decode_indices, contexts)
+            ],
             prefills=prefills,
         )
 
@@ -179,6 +184,16 @@ def _key_rows(
     )  # (S, blocks)
     offsets = torch.arange(block_tokens, dtype=torch.long, device=device)
     return (padded.unsqueeze(-1) * block_tokens + offsets).reshape(len(tables), -1)[:, :context_max]
+
+
+def _decode_groups(indices: list[int], contexts: list[int]) -> list[list[int]]:
+    """The decoding sequences in groups of similar context length (one group when there are few)."""
+    count = min(DECODE_GROUPS_MAX, len(indices) // DECODE_GROUP_SEQUENCES_MIN)
+    if count <= 1:
+        return [indices] if indices else []
+    ordered = sorted(indices, key=lambda i: contexts[i])
+    size = -(-len(ordered) // count)
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
 
 def _decodes(
@@ -212,12 +227,12 @@ def paged_attention(
     layer_keys.index_copy_(1, batch.write_rows, k.transpose(0, 1).to(layer_keys.dtype))
     layer_values.index_copy_(1, batch.write_rows, v.transpose(0, 1).to(layer_values.dtype))
     grouped = q.size(1) != k.size(1)
-    decode = batch.decode
-    if decode is not None and decode.token_rows is None:
-        return _attend_decodes(q, decode, cache, layer, grouped)  # every token is a decode
+    decodes = batch.decodes
+    if len(decodes) == 1 and decodes[0].token_rows is None:
+        return _attend_decodes(q, decodes[0], cache, layer, grouped)  # every token is a decode, in order
     y = torch.empty_like(q)  # (N, nh, hs)
-    if decode is not None:
-        y[decode.token_rows] = _attend_decodes(q[decode.token_rows], decode, cache, layer, grouped)
+    for group in decodes:
+        y[group.token_rows] = _attend_decodes(q[group.token_rows], group, cache, layer, grouped)
     for chunk in batch.prefills:
         y[chunk.rows] = _attend_chunk(q[chunk.rows], chunk, cache, layer, grouped)
     return y

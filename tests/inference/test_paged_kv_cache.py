@@ -12,7 +12,7 @@ import torch
 from inference.block_pool import ROOT_BLOCK_HASH, BlockPool, block_hash
 from inference.engine import Engine, GenerationRequest
 from inference.metrics import WorkerMetrics
-from inference.model import GPTConfig, KVCache, PackedBatch, load_checkpoint, write_safetensors
+from inference.model import GPT, GPTConfig, KVCache, PackedBatch, load_checkpoint, write_safetensors
 from inference.paged_attention import PagedBatch, PagedKVCache
 from inference.request import FinishReason, RequestStatus
 from tests.inference.conftest import completion_token_ids, engine_settings, run_to_completion
@@ -305,3 +305,25 @@ def test_kv_cache_usage_is_reported_by_each_step_and_on_the_metrics(make_engine)
     assert metrics.registry.get_sample_value("tollgate_worker_kv_cache_usage_perc") == 1 / 16
     run_to_completion(engine, {})
     assert engine.last_step_stats.kv_cache_usage == 0.0
+
+
+def test_many_decodes_of_mixed_lengths_are_grouped_and_match_the_full_forward():
+    torch.manual_seed(3)
+    config = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(config).double().eval()
+    count, block_tokens = 40, 4
+    sequences = [torch.randint(0, 50, (2 + index,)).tolist() for index in range(count)]  # 2..41 tokens
+    cache = PagedKVCache(config, 512, block_tokens, 64, torch.device("cpu"), torch.float64)
+    tables = [list(range(index * 12, index * 12 + 12)) for index in range(count)]
+
+    def build(starts: list[int], chunks: list[list[int]]) -> PagedBatch:
+        return PagedBatch.build(tables, starts, chunks, block_tokens, torch.device("cpu"), torch.float64)
+
+    with torch.inference_mode():
+        model.forward_packed(build([0] * count, [s[:-1] for s in sequences]), cache)  # every prompt
+        decode = build([len(s) - 1 for s in sequences], [s[-1:] for s in sequences])  # one token each
+        assert len(decode.decodes) > 1  # grouped by context length
+        logits = model.forward_packed(decode, cache)
+        for row, sequence in enumerate(sequences):
+            expected = model(torch.tensor([sequence]))[0, -1]
+            torch.testing.assert_close(logits[row], expected, rtol=1e-10, atol=1e-10)
