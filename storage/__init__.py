@@ -30,6 +30,7 @@ from sqlalchemy import MetaData
 import storage.audit  # noqa: F401  (registers its tables)
 import storage.conversations  # noqa: F401  (registers its tables)
 import storage.finance  # noqa: F401  (registers its tables)
+import storage.snapshots  # noqa: F401  (registers its table and index)
 from storage import admission, embedded, idempotency, projections, tenants  # noqa: F401  (register tables)
 from storage.base import Base
 

@@ -17,6 +17,16 @@ from ledger.codec import decode_input_event
 from ledger.events import InvalidEvent
 from ledger.tenant import TenantLedger
 from storage.projections import LedgerEntry, LedgerEvent
+from storage.snapshots import (
+    AuditSnapshot,
+    Edges,
+    SnapshotStale,
+    decoded_events,
+    events_known_after,
+    folded_on,
+    latest_snapshot,
+    with_edges,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +48,15 @@ async def balance_at(
     """Fold every archived input event of the tenant (in any order: the fold does not care) and ask at T;
     with K (`as_known_at_ms`), only the events the log had accepted by K: the ledger as it stood at K.
 
-    Exact for any T, past or present, for the events archived so far.
+    Exact for any T, past or present, for the events archived so far. From the latest snapshot usable at
+    K plus the events known after it when there is one (storage.snapshots), else from the whole archive.
     """
+    snapshot = await latest_snapshot(session, tenant_id, as_known_at_ms)
+    if snapshot is not None:
+        try:
+            return await _balance_from_snapshot(session, snapshot, at_ms, events_max, as_known_at_ms)
+        except SnapshotStale as stale:
+            logger.warning("balance of %s: snapshot not usable (%s), folding the archive", tenant_id, stale)
     ledger = TenantLedger(tenant_id)
     payloads = await session.stream_scalars(
         select(LedgerEvent.payload)
@@ -66,6 +83,20 @@ async def balance_at(
         # tenant's archive is seconds of CPU; the completion routes share this loop).
         await asyncio.to_thread(_fold_chunk, ledger, chunk)
     return await asyncio.to_thread(_balance_view, ledger, at_ms)
+
+
+async def _balance_from_snapshot(
+    session: AsyncSession, snapshot: AuditSnapshot, at_ms: int, events_max: int, as_known_at_ms: int | None
+) -> BalanceView:
+    rows = await events_known_after(
+        session, snapshot.tenant_id, snapshot.known_through_ms, as_known_at_ms, events_max + 1
+    )
+    if len(rows) > events_max:
+        raise SnapshotStale(f"more than balance_events_max={events_max} events after the snapshot")
+    events = decoded_events(snapshot.tenant_id, [payload for _, _, payload in rows])
+    edges: Edges = {}
+    ledger = await with_edges(session, snapshot, lambda found: folded_on(snapshot, found, events), edges)
+    return await with_edges(session, snapshot, lambda _: _balance_view(ledger, at_ms), edges)
 
 
 def _fold_chunk(ledger: TenantLedger, payloads: Sequence[dict]) -> None:
