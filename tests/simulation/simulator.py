@@ -74,6 +74,9 @@ class SimulatedProcessor:
     engine: BatchEngine | None = None
     positions: dict[int, int] = field(default_factory=dict)
     committable: dict[int, int] = field(default_factory=dict)
+    # As BatchProcessor pipelines: a folded batch's outputs whose emit has not run yet, and the offsets it
+    # makes committable. It runs when the next batch is folded, or before a sweep, a commit or a handover.
+    in_flight: tuple[list, dict[int, int]] | None = None
 
 
 EngineFactory = Callable[[SimulatedTransport, LedgerTopics, str, int], BatchEngine]
@@ -116,6 +119,8 @@ class Simulation:
             rng.choice([1, 2, 3, 7, 1_000]), rng.choice([1, 20, 100, 10**9]), key, key_id(key.public_key())
         )
         self.partitions = rng.randint(1, 3)
+        # BatchProcessor's pipeline (fold the next batch, then emit the previous one), or one batch at a time
+        self.pipelined = rng.random() < 0.75
         self.log = SimulatedLog(self.partitions)
         self.faults = FaultPlan(
             rng,
@@ -202,7 +207,7 @@ class Simulation:
             raise PropertyViolated("the processors did not catch up")
         final_sweep_ms = TIME_HORIZON_MS * 10
         for processor in self.processors:
-            self.commit(processor)
+            self.commit(processor, settle=True)
             self.sweep(processor, now_ms=final_sweep_ms)
         self.observe()
         for tenant_id in self.tenants:
@@ -253,15 +258,33 @@ class Simulation:
         self.trace.append(
             f"{processor.name} fold { ({p: (r[0].offset, r[-1].offset) for p, r in batches.items()}) }"
         )
-        if self.guarded(processor, lambda: self._fold(engine, owned, batches)):
+        if self.guarded(processor, lambda: self._fold(processor, owned, batches)):
             for partition, records in batches.items():
                 processor.positions[partition] = records[-1].offset + 1
-                processor.committable[partition] = records[-1].offset + 1
 
-    async def _fold(self, engine: BatchEngine, owned, batches) -> None:
-        await engine.ensure_loaded(owned)  # as BatchProcessor._fold: every assigned partition first
-        if batches:
+    async def _fold(self, processor: SimulatedProcessor, owned, batches) -> None:
+        engine = processor.engine
+        if not engine.loaded.issuperset(owned):  # as BatchProcessor._fold: every assigned partition first
+            await self._settle(processor)
+            await engine.ensure_loaded(owned)
+        if not batches:
+            return
+        offsets = {partition: records[-1].offset + 1 for partition, records in batches.items()}
+        if not self.pipelined:
             await engine.fold(batches)
+            processor.committable.update(offsets)
+            return
+        outputs = engine.prepare(batches)  # folded in memory while the previous batch's emit is in flight
+        await self._settle(processor)
+        processor.in_flight = (outputs, offsets)
+
+    async def _settle(self, processor: SimulatedProcessor) -> None:
+        if processor.in_flight is None:
+            return
+        (outputs, offsets), processor.in_flight = processor.in_flight, None
+        self.trace.append(f"  {processor.name} emits the batch in flight {offsets}")
+        await processor.engine.emit(outputs)
+        processor.committable.update(offsets)
 
     def sweep(self, processor: SimulatedProcessor, now_ms: int | None = None) -> None:
         engine = processor.engine
@@ -270,14 +293,18 @@ class Simulation:
         now_ms = self.rng.randint(0, TIME_HORIZON_MS + 100) if now_ms is None else now_ms
         self.trace.append(f"{processor.name} sweep at {now_ms}")
         owned = self.owned(processor)
-        self.guarded(processor, lambda: self._sweep(engine, owned, now_ms))
+        self.guarded(processor, lambda: self._sweep(processor, owned, now_ms))
 
-    async def _sweep(self, engine: BatchEngine, owned, now_ms: int) -> None:
-        await engine.ensure_loaded(owned)
-        await engine.sweep(now_ms)
+    async def _sweep(self, processor: SimulatedProcessor, owned, now_ms: int) -> None:
+        await self._settle(processor)  # as BatchProcessor: a sweep writes state after the batch in flight
+        await processor.engine.ensure_loaded(owned)
+        await processor.engine.sweep(now_ms)
 
-    def commit(self, processor: SimulatedProcessor) -> None:
+    def commit(self, processor: SimulatedProcessor, settle: bool | None = None) -> None:
         if processor.engine is None:
+            return
+        settle = self.rng.random() < 0.5 if settle is None else settle  # the batch in flight got its acks
+        if settle and not self.guarded(processor, lambda: self._settle(processor)):
             return
         if self.faults.crash_probability and self.rng.random() < self.faults.crash_probability:
             self.trace.append(f"{processor.name} crashes before committing {processor.committable}")
@@ -305,7 +332,9 @@ class Simulation:
         new = self.processors[new_index]
         if new.engine is None:
             return
-        if old.engine is not None:  # a rebalance: the batch in flight is done; commit, then release
+        if old.engine is not None:  # a rebalance: the batch in flight is done first
+            self.guarded(old, lambda: self._settle(old))
+        if old.engine is not None:  # then its offsets are committed, and the partition released
             if partition in old.committable:
                 self.log.commit(GROUP, partition, old.committable.pop(partition))
             old.engine.release([partition])
@@ -340,6 +369,7 @@ class Simulation:
         processor.engine = None
         processor.positions = {}
         processor.committable = {}
+        processor.in_flight = None
 
     def guarded(self, processor: SimulatedProcessor, make_step) -> bool:
         """Run one engine step; a crash kills the process, a lost ack rewinds it to its committed offsets."""
@@ -353,6 +383,7 @@ class Simulation:
             self.trace.append(f"  {processor.name}: ack lost; reset to the committed offsets")
             processor.engine.reset()
             processor.committable = {}
+            processor.in_flight = None
             processor.positions = {p: self.log.committed_offset(GROUP, p) for p in self.owned(processor)}
         return False
 
