@@ -59,6 +59,23 @@ def wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
+async def _append_time(connection: AsyncConnection, topic: str, partition: int, first: int, now: int) -> int:
+    """The append time of records at `first` on: the clock, but never before the partition's previous record
+    (the caller holds the partition head's row lock, so appends stamp in offset order). It is the events'
+    knowledge time, which as-known-at answers and the audit snapshots need never to go back in a partition,
+    even when another appender read the clock first or the clock steps back."""
+    if first == 0:
+        return now
+    previous = await connection.execute(
+        select(log_records.c.timestamp_ms).where(
+            log_records.c.topic == topic,
+            log_records.c.partition == partition,
+            log_records.c.log_offset == first - 1,
+        )
+    )
+    return max(now, previous.scalar_one_or_none() or 0)
+
+
 class PostgresLog:
     def __init__(
         self,
@@ -135,6 +152,7 @@ class PostgresLog:
             if next_offset is None:
                 raise LookupError(f"embedded log has no partition {partition} of topic {topic}")
             first = next_offset - len(numbers)
+            stamp = await _append_time(connection, topic, partition, first, now)
             rows = []
             for step, number in enumerate(numbers):
                 record = records[number]
@@ -145,7 +163,7 @@ class PostgresLog:
                         "log_offset": first + step,
                         "key": record.key,
                         "value": record.value,
-                        "timestamp_ms": now,
+                        "timestamp_ms": stamp,
                     }
                 )
                 positions[number] = LogPosition(topic, partition, first + step)

@@ -461,7 +461,10 @@ class Projector:
             timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.batch_records_max
         )
         records = [
-            LogRecord(record.topic, record.partition, record.offset, record.key, record.value)
+            # the record's timestamp: ledger.events stamps the broker's append time, the knowledge time
+            LogRecord(
+                record.topic, record.partition, record.offset, record.key, record.value, record.timestamp
+            )
             for batch in fetched.values()
             for record in batch
         ]

@@ -1,6 +1,7 @@
 """The Kafka topics, declared in code (partitions, retention, cleanup policy), and their idempotent creation.
 
-ledger.events    source of truth; key = tenant id; kept forever (retention.ms=-1)
+ledger.events    source of truth; key = tenant id; kept forever (retention.ms=-1); each record stamped
+                 with the broker's append time (message.timestamp.type=LogAppendTime): its knowledge time
 ledger.entries   finance: allocations, forfeits, corrections; kept forever
 ledger.balances  latest balance per tenant (cleanup.policy=compact)
 ledger.dlq       rejected records with the reason; kept dlq_retention_ms (30 days by default)
@@ -33,6 +34,9 @@ KEYS = "tenant.keys"
 CHECKPOINTS = "ledger.checkpoints"
 
 RETAIN_FOREVER_MS = -1
+# The events' record time is when the log accepted them (their knowledge time, `known_at_ms`), not a time a
+# producer chose: as-known-at answers and the audit snapshots need it never to go back within a partition
+APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 TOPIC_NAME_LENGTH_MAX = 249  # Kafka's own limit
 METADATA_POLL_INTERVAL_MS = 50
 
@@ -90,7 +94,12 @@ def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
         "retention.bytes": "-1",
     }
     return [
-        TopicSpec(names.events, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}),
+        TopicSpec(
+            names.events,
+            partitions,
+            replicas,
+            {**kept_forever, **APPEND_TIME, "min.insync.replicas": min_in_sync},
+        ),
         TopicSpec(names.entries, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}),
         TopicSpec(
             names.checkpoints, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}

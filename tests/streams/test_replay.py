@@ -1,7 +1,13 @@
 """The audit replay on a real broker: in one process and shared among worker processes it rebuilds the
-same tenants as the pure fold over the accepted events, and rejects what the processor rejects."""
+same tenants as the pure fold over the accepted events, and rejects what the processor rejects.
+
+`ledger.events` stamps each record with the broker's append time (LogAppendTime), whatever time the
+producer puts on it, so the late records are produced after a pause and the replay's time filter cuts at
+the broker's stamps."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -10,12 +16,13 @@ from ledger.codec import encode_event
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
 from ledger.tenant import Book
 from streams.replay import replay
-from streams.topics import LedgerTopics
+from streams.topics import LedgerTopics, describe_topic_configs
 from tests.streams.helpers import create_ledger_topics, stream_settings
 
 pytestmark = pytest.mark.kafka
 
-LATE_STAMP_MS = 2_000_000_000_000  # broker time of the records `until_time_ms` leaves out
+PRODUCER_STAMP_MS = 1_000  # the time the producer puts on every record: the broker replaces it
+LATE_PAUSE_S = 0.05  # between the last on-time record and the late ones: distinct append milliseconds
 
 
 def usage(tenant_id: str, n: int, occurred_at: int, amount: int) -> UsageRecorded:
@@ -60,26 +67,40 @@ def accepted_events() -> list:
     return events
 
 
-async def produce(settings, events: list, rejected: list[tuple[bytes | None, bytes]], late: list) -> int:
+async def produce(
+    settings, events: list, rejected: list[tuple[bytes | None, bytes]], late: list
+) -> tuple[int, int, int]:
+    """Produce; return (records, the latest append time of the on-time ones, the late ones' first)."""
     topic = LedgerTopics.from_settings(settings).events
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True
     )
     await producer.start()
     try:
-        for event in events:
+        on_time = [
             await producer.send_and_wait(
-                topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=1_000
+                topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=PRODUCER_STAMP_MS
             )
-        for key, value in rejected:
-            await producer.send_and_wait(topic, value, key=key, timestamp_ms=1_000)
-        for event in late:
+            for event in events
+        ]
+        on_time += [
+            await producer.send_and_wait(topic, value, key=key, timestamp_ms=PRODUCER_STAMP_MS)
+            for key, value in rejected
+        ]
+        await asyncio.sleep(LATE_PAUSE_S)
+        late_sent = [
             await producer.send_and_wait(
-                topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=LATE_STAMP_MS
+                topic, encode_event(event), key=event.tenant_id.encode(), timestamp_ms=PRODUCER_STAMP_MS
             )
+            for event in late
+        ]
     finally:
         await producer.stop()
-    return len(events) + len(rejected) + len(late)
+    on_time_end = max(metadata.timestamp for metadata in on_time)
+    late_start = min(metadata.timestamp for metadata in late_sent)
+    assert on_time_end > PRODUCER_STAMP_MS, "the broker's append time replaces the producer's"
+    assert late_start > on_time_end, "the late records were appended after a pause"
+    return len(on_time) + len(late_sent), on_time_end, late_start
 
 
 async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(
@@ -87,6 +108,9 @@ async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(
 ):
     settings = stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path)
     await create_ledger_topics(settings)
+    events_topic = LedgerTopics.from_settings(settings).events
+    configs = await describe_topic_configs(kafka_broker.bootstrap, [events_topic])
+    assert configs[events_topic]["message.timestamp.type"] == "LogAppendTime"
     events = accepted_events()
     rejected = [
         (b"acme", b"{not json"),
@@ -94,7 +118,7 @@ async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(
         (b"nobody", encode_event(usage("nobody", 0, 500, 1))),  # usage for a tenant without a grant
     ]
     late = [usage("acme", 1000, 800, 50)]
-    produced = await produce(settings, events, rejected, late)
+    produced, on_time_end, late_start = await produce(settings, events, rejected, late)
 
     expected = Book()
     for event in events + late:
@@ -108,8 +132,8 @@ async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(
             for t in (0, 99, 450, 451, 700, 701, 801, result.as_of[tenant_id], 20_000):
                 assert result.balance_at(tenant_id, t)[0] == ledger.balance_at(t), (tenant_id, t)
     assert in_one.balances() == in_workers.balances()
-    assert in_one.as_of["acme"] == LATE_STAMP_MS  # the latest record time folded
+    assert in_one.as_of["acme"] == late_start  # the latest record time folded
 
-    before_late = await replay(settings, until_time_ms=1_000, workers=2)
-    assert before_late.as_of["acme"] == 1_000
+    before_late = await replay(settings, until_time_ms=on_time_end, workers=2)
+    assert before_late.as_of["acme"] <= on_time_end < late_start
     assert before_late.balance_at("acme", 801)[0] == in_one.balance_at("acme", 801)[0] + 50
