@@ -42,6 +42,13 @@ class AuditSettings(CommonSettings):
         ge=1,
         description="a tenant's stream time after which its pending entries get a checkpoint (event time)",
     )
+    snapshot_every_events: int = Field(
+        default=2_000,
+        ge=16,
+        le=1_000_000,
+        description="a tenant's input events between two of its point-in-time snapshots (written by the "
+        "projector); an as-known-at answer folds at most about this many events on top of one",
+    )
     signing_key_path: Path = Field(
         default=Path("var/tollgate/audit/checkpoint-signing-key.pem"),
         description="the Ed25519 checkpoint signing key (PKCS#8 PEM), created when missing; "

@@ -9,7 +9,8 @@ import time
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from streams.embedded_log import PostgresLog
-from streams.projector import project_records, stored_offsets
+from streams.projector import project_records, stored_offsets, wall_clock_ms
+from streams.snapshotter import Snapshotter
 
 PROJECTOR_NAME = "postgres-projector"
 
@@ -21,10 +22,12 @@ class EmbeddedProjector:
         session_factory: async_sessionmaker[AsyncSession],
         *,
         batch_max: int = 1_000,
+        snapshot_every_events: int | None = None,  # None: TOLLGATE_AUDIT_SNAPSHOT_EVERY_EVENTS
     ) -> None:
         self.log = event_log
         self.session_factory = session_factory
         self.batch_max = batch_max
+        self.snapshotter = Snapshotter.of(session_factory, snapshot_every_events, wall_clock_ms)
 
     async def step(self) -> int:
         topics = self.log.topics
@@ -38,9 +41,10 @@ class EmbeddedProjector:
                 )
         if not records:
             return 0
-        await project_records(
+        rows = await project_records(
             self.session_factory, PROJECTOR_NAME, topics, records, int(time.time() * 1000), self.log
         )
+        await self.snapshotter.after_batch(rows.events.values())  # the point-in-time snapshots it made due
         return len(records)
 
     async def run(self, stop: asyncio.Event) -> None:

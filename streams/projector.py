@@ -65,10 +65,12 @@ from storage.finance import (
     write_movements,
 )
 from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
+from streams.audit_checkpoints import AuditSettings
 from streams.audit_rows import chain_columns, checkpoint_row
 from streams.log import KafkaLog
 from streams.records import BalanceRecord, DeadLetter, LogPosition, LogRecord
 from streams.settings import StreamSettings
+from streams.snapshotter import Snapshotter
 from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs
 
@@ -397,6 +399,7 @@ class Projector:
         dead_letter_log: DeadLetterLog,
         before_commit: BeforeCommit | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
+        snapshot_every_events: int | None = None,  # None: TOLLGATE_AUDIT_SNAPSHOT_EVERY_EVENTS
     ) -> None:
         self.settings = settings
         self.dead_letter_log = dead_letter_log
@@ -407,6 +410,7 @@ class Projector:
         self.clock_ms = clock_ms
         self.records_projected = 0
         self.records_skipped = 0
+        self.snapshotter = Snapshotter.of(session_factory, snapshot_every_events, clock_ms)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=None,  # offsets live in Postgres, in the rows' transaction
@@ -485,6 +489,7 @@ class Projector:
         )
         self.records_projected += len(records) - rows.skipped
         self.records_skipped += rows.skipped
+        await self.snapshotter.after_batch(rows.events.values())  # the point-in-time snapshots it made due
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until `stop` is set."""
@@ -497,6 +502,7 @@ async def run_projector(
     stream_settings: StreamSettings,
     projector_settings: ProjectorSettings,
     stop: asyncio.Event,
+    audit_settings: AuditSettings | None = None,
 ) -> None:
     """Wait for and migrate the database, create missing topics, then project until `stop` is set."""
     database_url = await asyncio.to_thread(prepare_database, database_settings)
@@ -515,6 +521,7 @@ async def run_projector(
             bootstrap_servers=stream_settings.kafka_bootstrap_servers,
             session_factory=build_session_factory(engine),
             dead_letter_log=dead_letter_log,
+            snapshot_every_events=(audit_settings or AuditSettings()).snapshot_every_events,
         )
         async with projector:
             await projector.run(stop)

@@ -4,14 +4,16 @@ input events, in knowledge order, each built on the previous one.
 A snapshot is cut only between two knowledge times (every event known at its K_s is in it) and never at
 the tenant's latest knowledge time (an event of that millisecond may still be on its way to the
 archive). When the previous snapshot no longer matches the archive (`SnapshotStale`), the tenant's
-snapshots are rebuilt from its first event. Run by the projector after a batch (`Snapshotter`) or by
-`tollgate audit snapshot`.
+snapshots are rebuilt from its first event. Run by the projector after each batch it commits
+(`Snapshotter`, for the tenants whose events the batch archived), at most `SNAPSHOTS_PER_BATCH_MAX`
+snapshots a batch, so one batch's extra work stays bounded (a tenant that is further behind catches up
+over the following batches).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,6 +22,7 @@ from ledger.account import Account
 from ledger.snapshot import account_to_bytes
 from storage.snapshots import (
     EMPTY_SAMPLE,
+    INPUT_EVENT_TYPES,
     AuditSnapshot,
     SnapshotStale,
     decoded_events,
@@ -31,8 +34,11 @@ from storage.snapshots import (
     sample_to_bytes,
     with_edges,
 )
+from streams.audit_checkpoints import AuditSettings
 
 logger = logging.getLogger(__name__)
+
+SNAPSHOTS_PER_BATCH_MAX = 4  # snapshots the projector writes after one batch, over all its tenants
 
 
 def first_snapshot(tenant_id: str) -> AuditSnapshot:
@@ -57,13 +63,17 @@ def cut(rows: list[tuple[int, str, dict]], every_events: int) -> int:
 
 
 async def snapshot_tenant(
-    session_factory: Callable[[], AsyncSession], tenant_id: str, every_events: int, now_ms: int
+    session_factory: Callable[[], AsyncSession],
+    tenant_id: str,
+    every_events: int,
+    now_ms: int,
+    snapshots_max: int | None = None,
 ) -> int:
-    """Writes the tenant's due snapshots; returns how many."""
+    """Writes the tenant's due snapshots (at most `snapshots_max`); returns how many."""
     written = 0
     async with session_factory() as session:
         base = await latest_snapshot(session, tenant_id, None) or first_snapshot(tenant_id)
-        while True:
+        while snapshots_max is None or written < snapshots_max:
             after = None if base.known_through_ms < 0 else base.known_through_ms
             rows = await events_known_after(session, tenant_id, after, None, 2 * every_events)
             taken = cut(rows, every_events)
@@ -92,3 +102,59 @@ async def snapshot_tenant(
             await session.commit()
             base = AuditSnapshot(**fields)  # not the session's: commit expires what it holds
             written += 1
+        return written
+
+
+class Snapshotter:
+    """The projector's snapshot writer: counts each tenant's archived input events and, once a tenant has
+    `every_events` of them since its last look, writes its due snapshots, at most `per_batch_max` a batch."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], AsyncSession],
+        every_events: int,
+        clock_ms: Callable[[], int],
+        per_batch_max: int = SNAPSHOTS_PER_BATCH_MAX,
+    ) -> None:
+        assert every_events >= 1, "every_events must be positive"
+        assert per_batch_max >= 1, "per_batch_max must be positive"
+        self.session_factory = session_factory
+        self.every_events = every_events
+        self.clock_ms = clock_ms
+        self.per_batch_max = per_batch_max
+        self.pending: dict[str, int] = {}  # tenant -> archived input events since its last look
+        self.written = 0
+
+    @classmethod
+    def of(
+        cls,
+        session_factory: Callable[[], AsyncSession],
+        every_events: int | None,
+        clock_ms: Callable[[], int],
+    ) -> Snapshotter:
+        """Every `every_events`, or TOLLGATE_AUDIT_SNAPSHOT_EVERY_EVENTS (AuditSettings) when None."""
+        if every_events is None:
+            every_events = AuditSettings().snapshot_every_events
+        return cls(session_factory, every_events, clock_ms)
+
+    async def after_batch(self, event_rows: Iterable[dict]) -> int:
+        """After a batch's rows committed: note its input events per tenant, write the due snapshots."""
+        for row in event_rows:
+            if row["event_type"] in INPUT_EVENT_TYPES:
+                self.pending[row["tenant_id"]] = self.pending.get(row["tenant_id"], 0) + 1
+        due = sorted(
+            (tenant_id for tenant_id, count in self.pending.items() if count >= self.every_events),
+            key=lambda tenant_id: -self.pending[tenant_id],
+        )
+        budget = self.per_batch_max
+        for tenant_id in due:
+            if budget == 0:
+                break
+            written = await snapshot_tenant(
+                self.session_factory, tenant_id, self.every_events, self.clock_ms(), budget
+            )
+            budget -= written
+            self.written += written
+            if written == 0 or budget > 0:
+                del self.pending[tenant_id]  # caught up (or no cut yet): look again after more events
+        return self.per_batch_max - budget
