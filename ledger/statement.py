@@ -2,8 +2,9 @@
 
 Two steps, so a store can do the middle one in SQL:
 1. `movements(entry)`: what one entry does to the books, as rows (booked_at, section, model, grant_id,
-   credits, money, overage, prompt_tokens, completion_tokens). credits and money are the change to the
-   prepaid balance and to deferred money (negative: out). The one place an entry is classified.
+   credits, money, overage, prompt_tokens, completion_tokens, cached_prompt_tokens). credits and money
+   are the change to the prepaid balance and to deferred money (negative: out). The one place an entry
+   is classified.
 2. Sum the rows by (when: before the period or in it, section, model, grant_id): `Totals`. Entries
    booked as adjustments (booked_at set: their own time is in a closed period) form the ADJUSTMENT
    section and are also listed one by one.
@@ -38,6 +39,7 @@ ADJUSTMENT = "adjustment"
 SECTIONS = (GRANT, CONSUMPTION, EXPIRY, VOID, ADJUSTMENT)
 CORRECTION_MODEL = ""  # consumption moved by a late grant or void has no model of its own
 OVERAGE_RATE_CREDITS = 1_000_000  # an overage rate is money (minor units) per this many credits
+NO_TOKENS = (0, 0, 0)  # prompt, completion and cached prompt tokens of a row that is not usage
 
 
 class Movement(NamedTuple):
@@ -50,6 +52,7 @@ class Movement(NamedTuple):
     overage: int
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int  # of prompt_tokens, those served from a prefix cache
     entry_id: str
     cause_event_id: str
     own_time: int
@@ -61,22 +64,22 @@ def movements(entry: Entry) -> list[Movement]:
     if kind is UsageAllocated:
         rows = _usage_rows(entry)
     elif kind is AllocationCorrected:
-        rows = [(CORRECTION_MODEL, a.grant_id, -a.amount, -a.money, 0, 0, 0) for a in entry.allocations] + (
-            [(CORRECTION_MODEL, "", 0, 0, entry.overage_delta, 0, 0)] if entry.overage_delta else []
-        )
+        rows = [(CORRECTION_MODEL, a.grant_id, -a.amount, -a.money, 0, *NO_TOKENS) for a in entry.allocations]
+        if entry.overage_delta:
+            rows.append((CORRECTION_MODEL, "", 0, 0, entry.overage_delta, *NO_TOKENS))
         return _rows(entry, CONSUMPTION, entry.cause_at, entry.cause_event_id, rows)
     elif kind is GrantRecorded:
-        row = ("", entry.grant_id, entry.amount, entry.price or 0, 0, 0, 0)
+        row = ("", entry.grant_id, entry.amount, entry.price or 0, 0, *NO_TOKENS)
         return _rows(entry, GRANT, entry.effective_at, entry.event_id, [row])
     elif kind is CreditExpired:
-        row = ("", entry.grant_id, -entry.amount, -entry.money, 0, 0, 0)
+        row = ("", entry.grant_id, -entry.amount, -entry.money, 0, *NO_TOKENS)
         return _rows(entry, EXPIRY, entry.expired_at, entry.event_id, [row])
     elif kind is CreditVoided:
-        row = ("", entry.grant_id, -entry.amount, -entry.money, 0, 0, 0)
+        row = ("", entry.grant_id, -entry.amount, -entry.money, 0, *NO_TOKENS)
         return _rows(entry, VOID, entry.voided_at, entry.entry_id, [row])
     elif kind is EndCorrected:
         section = EXPIRY if entry.corrects == expired_entry_id(entry.tenant_id, entry.grant_id) else VOID
-        row = ("", entry.grant_id, -entry.delta, -entry.money_delta, 0, 0, 0)
+        row = ("", entry.grant_id, -entry.delta, -entry.money_delta, 0, *NO_TOKENS)
         return _rows(entry, section, entry.cause_at, entry.cause_event_id, [row])
     else:
         raise AssertionError(f"an entry type statements do not know: {kind.__name__}")
@@ -84,8 +87,17 @@ def movements(entry: Entry) -> list[Movement]:
 
 
 def _usage_rows(entry: UsageAllocated) -> list[tuple]:
-    rows = [(entry.model, a.grant_id, -a.amount, -a.money, 0, 0, 0) for a in entry.allocations]
-    tokens = (entry.model, "", 0, 0, entry.overage, entry.prompt_tokens, entry.completion_tokens)
+    rows = [(entry.model, a.grant_id, -a.amount, -a.money, 0, *NO_TOKENS) for a in entry.allocations]
+    tokens = (
+        entry.model,
+        "",
+        0,
+        0,
+        entry.overage,
+        entry.prompt_tokens,
+        entry.completion_tokens,
+        entry.cached_prompt_tokens,
+    )
     if rows:  # tokens and overage on the first row: one row for the common single-grant usage
         rows[0] = rows[0][:4] + tokens[4:]
         return rows
@@ -119,6 +131,7 @@ class Sum(NamedTuple):
     overage: int
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int
 
 
 def sum_movements(rows, start: int, end: int) -> list[Sum]:
@@ -129,12 +142,13 @@ def sum_movements(rows, start: int, end: int) -> list[Sum]:
         if row.booked_at >= end:
             continue
         key = (row.booked_at < start, row.section, row.model, row.grant_id)
-        acc = totals.setdefault(key, [0, 0, 0, 0, 0])
+        acc = totals.setdefault(key, [0, 0, 0, 0, 0, 0])
         acc[0] += row.credits
         acc[1] += row.money
         acc[2] += row.overage
         acc[3] += row.prompt_tokens
         acc[4] += row.completion_tokens
+        acc[5] += row.cached_prompt_tokens
     return [Sum(*key, *values) for key, values in sorted(totals.items())]
 
 
@@ -159,6 +173,7 @@ class Line(msgspec.Struct, frozen=True):
     money: list[Money]
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those served from a prefix cache
 
 
 class Overage(msgspec.Struct, frozen=True):
@@ -219,12 +234,13 @@ def build_statement(
             continue
         section = s.section
         key = grants[s.grant_id].category if section == GRANT else s.model if section == CONSUMPTION else ""
-        line = lines.setdefault((section, key), [0, {}, 0, 0])
+        line = lines.setdefault((section, key), [0, {}, 0, 0, 0])
         sign = 1 if section == GRANT or section.startswith(ADJUSTMENT) else -1
         line[0] += sign * s.credits
         _add(line[1], currency, sign * s.money)
         line[2] += s.prompt_tokens
         line[3] += s.completion_tokens
+        line[4] += s.cached_prompt_tokens
         if section == CONSUMPTION:
             overage += s.overage
     adjustments = [
@@ -260,7 +276,7 @@ def build_statement(
 
 def _closing(opening_credits: int, opening_money: dict, lines: dict) -> Balance:
     credits, money = opening_credits, dict(opening_money)
-    for (section, _), (line_credits, line_money, _p, _c) in lines.items():
+    for (section, _), (line_credits, line_money, *_tokens) in lines.items():
         sign = 1 if section == GRANT or section.startswith(ADJUSTMENT) else -1
         credits += sign * line_credits
         for currency, amount in line_money.items():
@@ -295,15 +311,15 @@ def _priced_overage(credits: int, rate: OverageRate | None) -> Overage:
 
 def _section(lines: dict, section: str) -> list[Line]:
     return [
-        Line(key, credits, _money(money), prompt, completion)
-        for (s, key), (credits, money, prompt, completion) in sorted(lines.items())
+        Line(key, credits, _money(money), *tokens)
+        for (s, key), (credits, money, *tokens) in sorted(lines.items())
         if s == section
     ]
 
 
 def _merged(lines: dict, wanted, key: str) -> Line:
     credits, money = 0, {}
-    for (section, _), (line_credits, line_money, _p, _c) in lines.items():
+    for (section, _), (line_credits, line_money, *_tokens) in lines.items():
         if wanted(section):
             credits += line_credits
             for currency, amount in line_money.items():
@@ -358,27 +374,32 @@ def encode_statement(statement: Statement) -> bytes:
 
 
 class StatementLine(NamedTuple):
-    """One row of a statement in long form (CSV and exports): credits once per line, money per currency."""
+    """One row of a statement in long form (CSV and exports): credits once per line, money per currency;
+    a consumption line's tokens on its credits row (None elsewhere)."""
 
     section: str  # opening, grants, consumption, expiries, voids, overage, adjustments, closing
     key: str  # the category of grants, the model of consumption, an adjustment's entry id
     credits: int | None
     currency: str | None
     money: int | None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_prompt_tokens: int | None = None  # of prompt_tokens, those served from a prefix cache
 
 
 def statement_lines(statement: Statement) -> list[StatementLine]:
     lines: list[StatementLine] = []
 
-    def add(section: str, key: str, credits: int, money: list[Money]) -> None:
-        lines.append(StatementLine(section, key, credits, None, None))
+    def add(section: str, key: str, credits: int, money: list[Money], tokens: tuple = ()) -> None:
+        lines.append(StatementLine(section, key, credits, None, None, *tokens))
         lines.extend(StatementLine(section, key, None, m.currency, m.amount) for m in money)
 
     add("opening", "", statement.opening.credits, statement.opening.deferred)
     for line in statement.grants:
         add("grants", line.key, line.credits, line.money)
     for line in statement.consumption:
-        add("consumption", line.key, line.credits, line.money)
+        tokens = (line.prompt_tokens, line.completion_tokens, line.cached_prompt_tokens)
+        add("consumption", line.key, line.credits, line.money, tokens)
     add("expiries", "", statement.expiries.credits, statement.expiries.money)
     add("voids", "", statement.voids.credits, statement.voids.money)
     overage = statement.overage

@@ -33,6 +33,8 @@ class LedgerMovement(Base):
     overage: Mapped[int] = mapped_column(BigInteger)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    # Of prompt_tokens, those served from a prefix cache (0 on rows written before migration 0012).
+    cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
     cause_event_id: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (Index(None, "tenant_id", "booked_at_ms"), Index(None, "booked_at_ms"))
@@ -54,6 +56,7 @@ class LedgerMovementDay(Base):
     overage: Mapped[int] = mapped_column(BigInteger)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class GrantTermsRow(Base):
@@ -88,6 +91,7 @@ def movement_values(tenant_id: str, rows) -> list[dict]:
             "overage": m.overage,
             "prompt_tokens": m.prompt_tokens,
             "completion_tokens": m.completion_tokens,
+            "cached_prompt_tokens": m.cached_prompt_tokens,
             "cause_event_id": m.cause_event_id,
         }
         for number, m in enumerate(rows)
@@ -95,9 +99,9 @@ def movement_values(tenant_id: str, rows) -> list[dict]:
 
 
 DAY_MS = 86_400_000
-SUMMED = ("credits", "money", "overage", "prompt_tokens", "completion_tokens")
+SUMMED = ("credits", "money", "overage", "prompt_tokens", "completion_tokens", "cached_prompt_tokens")
 GROUPED = ("section", "model", "grant_id")
-# Rows per INSERT: 15 parameters each stays under the driver's 32,767 parameters per statement.
+# Rows per INSERT: 16 parameters each stays under the driver's 32,767 parameters per statement.
 MOVEMENT_ROWS_PER_STATEMENT_MAX = 2_000
 
 
@@ -152,9 +156,9 @@ def grant_terms_values(entry, payload: dict) -> dict:
 
 
 async def movement_sums(session: AsyncSession, tenant_id: str, start: int, end: int) -> list[Sum]:
-    """(before start?, section, model, grant_id, credits, money, overage, prompt, completion) summed over the
-    tenant's rows booked before `end`: ledger.statement.sum_movements in SQL. Whole UTC days come from
-    ledger_movement_days, the partial days at the edges from ledger_movements."""
+    """(before start?, section, model, grant_id, credits, money, overage, prompt, completion, cached prompt)
+    summed over the tenant's rows booked before `end`: ledger.statement.sum_movements in SQL. Whole UTC
+    days come from ledger_movement_days, the partial days at the edges from ledger_movements."""
     totals: dict[tuple, list[int]] = {}
     for before, (low, high) in ((True, (0, start)), (False, (start, end))):
         for row in await _range_sums(session, tenant_id, low, high):
@@ -233,6 +237,7 @@ async def tenant_statement(session: AsyncSession, tenant_id: str, start: int, en
             r.overage,
             r.prompt_tokens,
             r.completion_tokens,
+            r.cached_prompt_tokens,
             r.entry_id,
             r.cause_event_id,
             r.own_time_ms,
@@ -262,7 +267,8 @@ FROM ledger_entries WHERE booked_at_ms >= {start} AND booked_at_ms < {end}
 REVENUE_EXPORT_SQL = """
 SELECT m.tenant_id, m.booked_at_ms / 86400000 AS day, m.model, g.currency, m.adjustment,
        -sum(m.credits) AS credits, -sum(m.money) AS revenue, sum(m.overage) AS overage,
-       sum(m.prompt_tokens) AS prompt_tokens, sum(m.completion_tokens) AS completion_tokens
+       sum(m.prompt_tokens) AS prompt_tokens, sum(m.completion_tokens) AS completion_tokens,
+       sum(m.cached_prompt_tokens) AS cached_prompt_tokens
 FROM ledger_movements AS m LEFT JOIN grant_terms AS g ON g.grant_id = m.grant_id AND g.category = 'paid'
 WHERE m.section IN ('consumption', 'adjustment:consumption')
   AND m.booked_at_ms >= {start} AND m.booked_at_ms < {end}

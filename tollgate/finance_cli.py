@@ -80,7 +80,7 @@ def statements(
     and adjustments to closed periods, in credits and money."""
     import msgspec
 
-    from ledger.statement import Statement, statement_lines
+    from ledger.statement import Statement, StatementLine, statement_lines
 
     start, end = period_bounds(period)
     with _admin(url, admin_token) as client:
@@ -90,7 +90,7 @@ def statements(
             return
     statement = msgspec.json.decode(response.content, type=Statement)
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(["section", "key", "credits", "currency", "money"])
+    writer.writerow(StatementLine._fields)
     for line in statement_lines(statement):
         writer.writerow(["" if value is None else value for value in line])
 

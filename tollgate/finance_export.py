@@ -53,6 +53,7 @@ REVENUE_COLUMNS = {
     "overage": pa.int64(),
     "prompt_tokens": pa.int64(),
     "completion_tokens": pa.int64(),
+    "cached_prompt_tokens": pa.int64(),  # of prompt_tokens, those served from a prefix cache
 }
 TIMESTAMP_COLUMNS = {"occurred_at_ms": "occurred_at", "booked_at_ms": "booked_at"}
 KINDS = ("entries", "statements", "revenue")
@@ -112,6 +113,9 @@ def statements_table(url: str, start: int, end: int, settings: DatabaseSettings 
             ("credits", pa.int64()),
             ("currency", pa.string()),
             ("money", pa.int64()),
+            ("prompt_tokens", pa.int64()),  # consumption lines' credits rows only
+            ("completion_tokens", pa.int64()),
+            ("cached_prompt_tokens", pa.int64()),
         ]
     )
     return pa.Table.from_pylist([{**row, "period_start": start, "period_end": end} for row in rows], schema)

@@ -13,13 +13,16 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from ledger.events import CreditGranted, UsageRecorded
 from ledger.statement import encode_statement, statement_lines, statement_of_entries
+from ledger.tenant import TenantLedger
 from tests.finance.test_statement_api import archive_entries, random_history
 from tests.finance.test_statements import DEC, NOV
 from tollgate import cli, finance_cli
 
 runner = CliRunner()
 JAN_1970_END = 31 * 86_400_000
+TOKENS = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
 
 
 def mock_admin(monkeypatch, answer) -> list[httpx.Request]:
@@ -52,7 +55,10 @@ def test_statements_for_a_month_ask_for_its_bounds_and_print_the_lines_as_csv(mo
     assert finance_cli.period_bounds("2026-11") == (NOV, DEC)
     assert finance_cli.period_bounds("2026-12")[1] == 1_798_761_600_000
     rows = list(csv.reader(io.StringIO(result.output)))
-    assert rows[0] == ["section", "key", "credits", "currency", "money"]
+    assert rows[0] == [
+        "section", "key", "credits", "currency", "money", "prompt_tokens", "completion_tokens",
+        "cached_prompt_tokens",
+    ]  # fmt: skip
     expected = [
         ["" if value is None else str(value) for value in line] for line in statement_lines(statement)
     ]
@@ -99,3 +105,45 @@ async def test_tollgate_export_writes_parquet_from_database_url(
     assert result.exit_code == 0, result.output
     (rows,) = duckdb.connect().execute(f"SELECT count(*) FROM '{out}'").fetchone()
     assert result.output.strip() == f"{rows} rows -> {out}" and rows > 0
+
+
+@pytest.mark.postgres
+async def test_a_usage_with_cached_tokens_shows_them_in_its_models_consumption_line(
+    client, tenant_id, session_factory, monkeypatch
+):
+    """Through Postgres and the admin API (JSON), then the CLI's CSV of that same answer."""
+    ledger = TenantLedger(tenant_id)
+    entries = ledger.apply(
+        CreditGranted(
+            event_id="g-event", tenant_id=tenant_id, grant_id="g", amount=1_000, effective_at=0,
+            category="paid", price=10_000, currency="USD",
+        )
+    )  # fmt: skip
+    for event_id, model, prompt, completion, cached in (
+        ("u1", "tiny", 120, 30, 80),
+        ("u2", "tiny", 40, 10, 25),
+        ("u3", "large", 10, 5, 0),
+    ):
+        entries += ledger.apply(
+            UsageRecorded(
+                event_id=event_id, tenant_id=tenant_id, amount=10, occurred_at=5, model=model,
+                prompt_tokens=prompt, completion_tokens=completion, cached_prompt_tokens=cached,
+            )
+        )  # fmt: skip
+    await archive_entries(session_factory, entries)
+    response = await client.get(
+        f"/admin/v1/tenants/{tenant_id}/statements", params={"from": 0, "to": JAN_1970_END}
+    )
+    assert response.status_code == 200, response.text
+    consumption = {line["key"]: line for line in response.json()["consumption"]}
+    tokens = {key: tuple(line[name] for name in TOKENS) for key, line in consumption.items()}
+    assert tokens == {"tiny": (160, 40, 105), "large": (10, 5, 0)}
+
+    mock_admin(monkeypatch, lambda request: httpx.Response(200, content=response.content))
+    result = runner.invoke(cli.app, ["statements", tenant_id, "--period", "1970-01", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    lines = {row["key"]: row for row in rows if row["section"] == "consumption" and row["credits"]}
+    tokens = {key: tuple(row[name] for name in TOKENS) for key, row in lines.items()}
+    assert tokens == {"tiny": ("160", "40", "105"), "large": ("10", "5", "0")}
+    assert all(row["cached_prompt_tokens"] == "" for row in rows if row["section"] != "consumption")

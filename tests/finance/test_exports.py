@@ -59,6 +59,20 @@ async def test_parquet_exports_read_back_with_duckdb_give_the_apis_totals(
             for currency, amount in line["money"]:
                 api_revenue[currency] = api_revenue.get(currency, 0) + amount
         assert {c: a for c, a in revenue.items() if a} == {c: a for c, a in api_revenue.items() if a}
+        api_cached = {line["key"]: line["cached_prompt_tokens"] for line in statement["consumption"]}
+        revenue_cached = db.execute(
+            f"SELECT model, sum(cached_prompt_tokens) FROM '{paths['revenue']}' "
+            "WHERE tenant_id = ? AND NOT adjustment GROUP BY model",
+            [tenant],
+        ).fetchall()
+        statement_cached = db.execute(
+            f"SELECT key, cached_prompt_tokens FROM '{paths['statements']}' "
+            "WHERE tenant_id = ? AND section = 'consumption' AND currency IS NULL",
+            [tenant],
+        ).fetchall()
+        nonzero = {model: cached for model, cached in api_cached.items() if cached}
+        assert {model: cached for model, cached in revenue_cached if cached} == nonzero
+        assert {model: cached for model, cached in statement_cached if cached} == nonzero
         (closing,) = db.execute(
             f"SELECT credits FROM '{paths['statements']}' "
             "WHERE tenant_id = ? AND section = 'closing' AND currency IS NULL",

@@ -15,6 +15,7 @@ from ledger.statement import OverageRate, encode_statement, statement_of_entries
 from ledger.tenant import TenantLedger
 from streams.records import LogRecord
 from tests.admin.conftest import TOPICS, archive_records
+from tests.finance.test_statements import tokens_by_model
 
 pytestmark = pytest.mark.postgres
 
@@ -26,6 +27,7 @@ def random_history(tenant_id: str, seed: int, scale: int = 1) -> list:
     times are multiplied by `scale` (an hour spreads the history over days, so statements read whole days
     from the daily sums and the edges from the rows)."""
     rng = random.Random(seed)
+    cached_rng = random.Random(f"cached-{seed}")  # its own draws: the rest of the history as before
     events = []
     for number in range(rng.randint(1, 4)):
         paid = rng.random() < 0.7
@@ -54,6 +56,7 @@ def random_history(tenant_id: str, seed: int, scale: int = 1) -> list:
                 )
             )
     for number in range(rng.randint(0, 60)):
+        prompt_tokens = rng.randint(0, 50)
         events.append(
             UsageRecorded(
                 event_id=f"u-{number}",
@@ -61,8 +64,9 @@ def random_history(tenant_id: str, seed: int, scale: int = 1) -> list:
                 amount=rng.randint(0, 20),
                 occurred_at=rng.randint(0, 1_000) * scale + rng.randint(0, scale - 1),
                 model=rng.choice(MODELS),
-                prompt_tokens=rng.randint(0, 50),
+                prompt_tokens=prompt_tokens,
                 completion_tokens=rng.randint(0, 50),
+                cached_prompt_tokens=cached_rng.choice([0, cached_rng.randint(0, prompt_tokens)]),
             )
         )
     rng.shuffle(events)
@@ -102,6 +106,9 @@ async def test_the_api_statement_is_the_pure_statement_of_the_projected_entries(
         )
         assert response.status_code == 200, response.text
         assert response.content == encode_statement(statement_of_entries(tenant_id, entries, start, end))
+        cached = {line["key"]: line["cached_prompt_tokens"] for line in response.json()["consumption"]}
+        expected = {model: tokens[2] for model, tokens in tokens_by_model(entries, start, end).items()}
+        assert {k: v for k, v in cached.items() if v} == {k: v for k, v in expected.items() if v}
 
 
 async def test_a_paid_grant_is_published_with_its_money_terms_and_the_overage_rate_prices_overage(

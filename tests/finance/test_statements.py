@@ -1,12 +1,14 @@
 """Statements from entries: they tie out in credits and money on random histories, agree with the
-brute-force oracle, and a closed period's statement never changes, a late event being booked in the first
-open period as an adjustment."""
+brute-force oracle, show each model's prompt, completion and cached prompt tokens, and a closed period's
+statement never changes, a late event being booked in the first open period as an adjustment."""
 
 from __future__ import annotations
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ledger.entries import UsageAllocated
 from ledger.events import PeriodClosed, UsageRecorded, event_order_key
 from ledger.statement import OverageRate, encode_statement, statement_of_entries
 from ledger.tenant import TenantLedger
@@ -14,6 +16,52 @@ from tests.ledger import oracle
 from tests.ledger.test_money_properties import TENANT, TIME_MAX, paid_histories
 
 END_OF_TIME = TIME_MAX + 2
+TOKEN_MODELS = ("m", "n")
+
+
+@st.composite
+def token_histories(draw):
+    """paid_histories with each usage's model, prompt, completion and cached prompt tokens drawn (one
+    draw per event id, so a duplicate stays the same event)."""
+    arrivals, advances = draw(paid_histories())
+    drawn: dict[str, dict] = {}
+    for event in arrivals:
+        if type(event) is UsageRecorded and event.event_id not in drawn:
+            prompt = draw(st.integers(0, 50))
+            drawn[event.event_id] = {
+                "model": draw(st.sampled_from(TOKEN_MODELS)),
+                "prompt_tokens": prompt,
+                "completion_tokens": draw(st.integers(0, 50)),
+                "cached_prompt_tokens": draw(st.one_of(st.just(0), st.integers(0, prompt))),
+            }
+    tokened = [
+        msgspec.structs.replace(event, **drawn[event.event_id]) if event.event_id in drawn else event
+        for event in arrivals
+    ]
+    return tokened, advances
+
+
+def tokens_by_model(entries, start: int, end: int) -> dict[str, tuple[int, int, int]]:
+    """(prompt, completion, cached prompt) tokens per model of the usage entries in [start, end) that are
+    not adjustments, straight from the entries."""
+    totals: dict[str, tuple[int, int, int]] = {}
+    for e in entries:
+        if (
+            type(e) is UsageAllocated
+            and e.booked_at in (None, e.occurred_at)
+            and start <= e.occurred_at < end
+        ):
+            p, c, cached = totals.get(e.model, (0, 0, 0))
+            totals[e.model] = (p + e.prompt_tokens, c + e.completion_tokens, cached + e.cached_prompt_tokens)
+    return {model: tokens for model, tokens in totals.items() if any(tokens)}
+
+
+def statement_tokens(statement) -> dict[str, tuple[int, int, int]]:
+    lines = {
+        line.key: (line.prompt_tokens, line.completion_tokens, line.cached_prompt_tokens)
+        for line in statement.consumption
+    }
+    return {model: tokens for model, tokens in lines.items() if any(tokens)}
 
 
 def fold(arrivals, advances):
@@ -28,7 +76,7 @@ def fold(arrivals, advances):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(paid_histories(), st.lists(st.integers(0, END_OF_TIME), min_size=1, max_size=4))
+@given(token_histories(), st.lists(st.integers(0, END_OF_TIME), min_size=1, max_size=4))
 def test_statements_tie_out_and_chain_on_random_histories(history, cuts):
     arrivals, advances = history
     entries = fold(arrivals, advances)
@@ -40,6 +88,7 @@ def test_statements_tie_out_and_chain_on_random_histories(history, cuts):
         if previous is not None:
             assert statement.opening == previous.closing
         assert statement.overage.priced == statement.overage.credits * 5 // 2
+        assert statement_tokens(statement) == tokens_by_model(entries, start, end)
         previous = statement
     whole = statement_of_entries(TENANT, entries, 0, END_OF_TIME)
     assert whole.closing.credits == oracle.balance_at(arrivals, END_OF_TIME - 1)
@@ -51,7 +100,7 @@ def test_statements_tie_out_and_chain_on_random_histories(history, cuts):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(paid_histories(), st.lists(st.integers(0, END_OF_TIME), min_size=1, max_size=3))
+@given(token_histories(), st.lists(st.integers(0, END_OF_TIME), min_size=1, max_size=3))
 def test_in_order_statements_match_the_oracle_balance_at_every_cut(history, cuts):
     arrivals, _ = history
     in_order = sorted(oracle.distinct_events(arrivals), key=event_order_key)
@@ -67,7 +116,7 @@ def test_in_order_statements_match_the_oracle_balance_at_every_cut(history, cuts
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(paid_histories(), st.integers(1, TIME_MAX), st.integers(0, 30))
+@given(token_histories(), st.integers(1, TIME_MAX), st.integers(0, 30))
 def test_a_closed_periods_statement_never_changes(history, closed_until, split):
     """Close at a random point of a random arrival order: every statement of a window before the close is
     byte-identical after the rest arrives, and whatever arrives late is an adjustment at the close."""
