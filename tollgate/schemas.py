@@ -14,6 +14,7 @@ validate records of each.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -44,8 +45,27 @@ def _schema(record_type, title: str, extra: dict | None = None) -> dict:
     return schema
 
 
+def _cleaned_descriptions(node):
+    """The schema with every description as `inspect.cleandoc` gives it: msgspec 0.23 dedents docstrings,
+    0.22 kept their indentation, and the committed schemas must not depend on which one is installed."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _cleaned_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_cleaned_descriptions(value) for value in node]
+    return node
+
+
 def topic_schemas() -> dict[str, dict]:
     """Topic name -> the JSON Schema of its record values."""
+    return {topic: _cleaned_descriptions(schema) for topic, schema in _topic_schemas().items()}
+
+
+def _topic_schemas() -> dict[str, dict]:
     return {
         EVENTS: _schema(Event, "a ledger event (input or derived)"),
         ENTRIES: _schema(
