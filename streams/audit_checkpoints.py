@@ -43,7 +43,7 @@ class AuditSettings(CommonSettings):
         description="a tenant's stream time after which its pending entries get a checkpoint (event time)",
     )
     snapshot_every_events: int = Field(
-        default=2_000,
+        default=500,
         ge=16,
         le=1_000_000,
         description="a tenant's input events between two of its point-in-time snapshots (written by the "
