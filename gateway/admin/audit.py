@@ -20,6 +20,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 from sqlalchemy import select
+from starlette.convertors import Convertor, register_url_convertor
 
 from gateway.admin.deps import Identifier, Sessions, TenantIdPath, require_admin
 from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute
@@ -27,6 +28,23 @@ from ledger.chain import inclusion_proof
 from storage.audit import LedgerCheckpoint
 from storage.projections import LedgerEntry
 from streams.audit_checkpoints import AuditSettings, key_id, load_signing_key, public_key_pem, raw_public_key
+
+
+class _RestOfPath(Convertor):
+    """Everything up to the route's next literal part, slashes and line breaks included. Starlette's `path`
+    stops at a line break, so an entry id holding one fell through to the unknown-URL 404 instead of
+    reaching the route's validation (a 4xx naming `entry_id`)."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("rest", _RestOfPath())
 
 router = APIRouter(
     prefix="/admin/v1",
@@ -79,7 +97,7 @@ async def get_public_key(key: PublicKey) -> PublicKeyView:
     return key
 
 
-@router.get("/tenants/{tenant_id}/entries/{entry_id:path}/proof", response_model=ProofView)
+@router.get("/tenants/{tenant_id}/entries/{entry_id:rest}/proof", response_model=ProofView)
 async def get_proof(
     tenant_id: TenantIdPath, entry_id: Identifier, sessions: Sessions, key: PublicKey
 ) -> ProofView:

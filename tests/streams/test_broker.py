@@ -37,7 +37,9 @@ async def test_ensure_topics_creates_the_declared_topics_once(kafka_broker, topi
     names = LedgerTopics.from_settings(settings)
 
     created = await ensure_topics(kafka_broker.bootstrap, specs)
-    assert sorted(created) == sorted([names.events, names.entries, names.balances, names.dlq, names.keys])
+    assert sorted(created) == sorted(
+        [names.events, names.entries, names.balances, names.dlq, names.keys, names.checkpoints]
+    )
     assert await ensure_topics(kafka_broker.bootstrap, specs) == []
 
     counts = await describe_partition_counts(kafka_broker.bootstrap, created)
