@@ -29,8 +29,10 @@ class StreamSettings(BaseSettings):
 
     # Producer: acks=all and idempotence are fixed in code; these are its limits.
     producer_linger_ms: int = Field(default=5, ge=0, le=1000)
-    # bytes a producer batch may fill before it is sent
-    producer_batch_size_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # bytes a producer batch may fill before it is sent. A stream processor publishes thousands of records a
+    # batch: 256 KiB makes a quarter of the produce requests 64 KiB did (bench.streams, fold rate 27.6k-29.4k
+    # -> 29.5k-32.8k events/s); single events never fill one. Below the broker's 1 MiB record batch limit.
+    producer_batch_size_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
     producer_request_timeout_ms: int = Field(default=10_000, ge=100)  # one produce request to the broker
     # wait before the client's own retry of a produce request
     producer_retry_backoff_ms: int = Field(default=100, ge=1)
