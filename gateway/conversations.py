@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.errors import ApiError
 from gateway.safety import NO_POLICY, SafetyPolicy
+from gateway.ttl_cache import TtlCache
 from storage.conversations import Conversation, ConversationItem, StoredResponse, TenantPolicy
 
 logger = logging.getLogger(__name__)
@@ -81,30 +82,21 @@ def conversation_object(row) -> dict:
 class ConversationStore:
     def __init__(self, session_factory: async_sessionmaker[AsyncSession], policy_cache_ttl_ms: int) -> None:
         self._sessions = session_factory
-        self._policy_cache_ttl_ms = policy_cache_ttl_ms
-        self._policies: dict[str, tuple[float, TenantPolicyView]] = {}
+        self._policies = TtlCache(self._read_policy, policy_cache_ttl_ms, POLICY_CACHE_ENTRIES_MAX)
 
     # ---- policy ---------------------------------------------------------------------------------------
 
     async def policy(self, tenant_id: str) -> TenantPolicyView:
-        """The tenant's policy, cached for `policy_cache_ttl_ms` (a change applies within that)."""
-        now = time.monotonic() * 1000
-        cached = self._policies.get(tenant_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        """The tenant's policy, cached for `policy_cache_ttl_ms` (a change applies within that and one query;
+        gateway.ttl_cache)."""
+        return await self._policies.get(tenant_id)
+
+    async def _read_policy(self, tenant_id: str) -> TenantPolicyView:
         async with self._sessions() as session:
             row = await session.get(TenantPolicy, tenant_id)
-        view = (
-            NO_TENANT_POLICY
-            if row is None
-            else TenantPolicyView(
-                row.retention_days, SafetyPolicy.model_validate_json(row.safety_policy_json)
-            )
-        )
-        if len(self._policies) >= POLICY_CACHE_ENTRIES_MAX:
-            self._policies.clear()  # bounded: refilled from the table on demand
-        self._policies[tenant_id] = (now + self._policy_cache_ttl_ms, view)
-        return view
+        if row is None:
+            return NO_TENANT_POLICY
+        return TenantPolicyView(row.retention_days, SafetyPolicy.model_validate_json(row.safety_policy_json))
 
     # ---- conversations --------------------------------------------------------------------------------
 

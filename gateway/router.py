@@ -42,6 +42,7 @@ from gateway.completions import CompletionService
 from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+from gateway.ttl_cache import TtlCache
 from storage.conversations import ModelRoute
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ STABLE = "stable"
 CANARY = "canary"
 ROLLED_BACK = "rolled_back"
 WINDOW_OBSERVATIONS_MAX = 10_000  # outcomes one alias's window keeps at most
+ROUTES_CACHED_MAX = 10_000  # model aliases whose route the gateway keeps cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,22 +214,16 @@ class ModelRouter:
         self.default_service = default_service
         self.services = services  # a version's own pool of workers, by registry entry
         self.wall_clock_ms = wall_clock_ms
-        self._routes: dict[str, tuple[float, Route | None]] = {}
+        self._routes: TtlCache[str, Route | None] = TtlCache(
+            self.store.get, self.settings.route_cache_ttl_ms, ROUTES_CACHED_MAX
+        )
         self._watches: dict[str, CanaryWatch] = {}
 
     def completions_for(self, model: str) -> CompletionService:
         return self.services.get(model, self.default_service)
 
     async def _route(self, alias: str) -> Route | None:
-        now = time.monotonic() * 1000
-        cached = self._routes.get(alias)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        route = await self.store.get(alias)
-        if len(self._routes) >= WINDOW_OBSERVATIONS_MAX:
-            self._routes.clear()
-        self._routes[alias] = (now + self.settings.route_cache_ttl_ms, route)
-        return route
+        return await self._routes.get(alias)
 
     async def route(self, alias: str, sticky_key: str, pinned_model: str | None = None) -> Routed:
         route = await self._route(alias)
@@ -262,7 +258,7 @@ class ModelRouter:
         if reason is None:
             return
         rolled_back = await self.store.rollback(routed.alias, f"automatic: {reason}", self.wall_clock_ms())
-        self._routes[routed.alias] = (now + self.settings.route_cache_ttl_ms, rolled_back)
+        self._routes.put(routed.alias, rolled_back)
         self._watches.pop(routed.alias, None)
         self.metrics.rollbacks.labels(routed.alias, "automatic").inc()
         logger.warning("rolled back the canary of %s: %s", routed.alias, reason)
