@@ -91,7 +91,13 @@ class PostgresLog:
         self.partitions = settings.topic_partitions
         topics = self.topics
         self.topic_names = (
-            topics.events, topics.entries, topics.balances, topics.dlq, topics.keys, topics.checkpoints
+            topics.events,
+            topics.entries,
+            topics.balances,
+            topics.dlq,
+            topics.keys,
+            topics.checkpoints,
+            topics.alerts,
         )
         self._idle_poll_interval_s = idle_poll_interval_ms / 1000
         self._appended = asyncio.Event()  # replaced on each wake-up: waiting needs no lock

@@ -6,6 +6,7 @@ ledger.entries   finance: allocations, forfeits, corrections; kept forever
 ledger.balances  latest balance per tenant (cleanup.policy=compact)
 ledger.dlq       rejected records with the reason; kept dlq_retention_ms (30 days by default)
 ledger.checkpoints signed checkpoints of each tenant's entry hash chain (ledger.chain); kept forever
+ledger.alerts    balance alerts and top-up decisions the fold derived (ledger.alerts); kept forever
 tenant.keys      API key revocations (key = key id; compacted): every gateway evicts the key at once
 """
 
@@ -32,6 +33,7 @@ BALANCES = "ledger.balances"
 DLQ = "ledger.dlq"
 KEYS = "tenant.keys"
 CHECKPOINTS = "ledger.checkpoints"
+ALERTS = "ledger.alerts"
 
 RETAIN_FOREVER_MS = -1
 # The events' record time is when the log accepted them (their knowledge time, `known_at_ms`), not a time a
@@ -69,6 +71,7 @@ class LedgerTopics:
     dlq: str
     keys: str = KEYS
     checkpoints: str = CHECKPOINTS
+    alerts: str = ALERTS
 
     @classmethod
     def from_settings(cls, settings: StreamSettings) -> LedgerTopics:
@@ -80,6 +83,7 @@ class LedgerTopics:
             dlq=prefix + DLQ,
             keys=prefix + KEYS,
             checkpoints=prefix + CHECKPOINTS,
+            alerts=prefix + ALERTS,
         )
 
 
@@ -104,6 +108,7 @@ def ledger_topic_specs(settings: StreamSettings) -> list[TopicSpec]:
         TopicSpec(
             names.checkpoints, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}
         ),
+        TopicSpec(names.alerts, partitions, replicas, {**kept_forever, "min.insync.replicas": min_in_sync}),
         TopicSpec(
             names.balances,
             partitions,

@@ -38,7 +38,7 @@ async def test_ensure_topics_creates_the_declared_topics_once(kafka_broker, topi
 
     created = await ensure_topics(kafka_broker.bootstrap, specs)
     assert sorted(created) == sorted(
-        [names.events, names.entries, names.balances, names.dlq, names.keys, names.checkpoints]
+        [names.events, names.entries, names.balances, names.dlq, names.keys, names.checkpoints, names.alerts]
     )
     assert await ensure_topics(kafka_broker.bootstrap, specs) == []
 
