@@ -12,6 +12,7 @@
                         safety policies
     storage.finance     every entry's movements (statements sum them) and the grants' money terms
     storage.audit       checkpoints of the entries' hash chains, admin credentials, the admin audit log
+    storage.webhooks    tenants' webhook endpoints, the alerts' deliveries to them and every attempt
     storage.database    settings, the embedded server, engines, sessions and start-up migrations
 
 One style: every table is a declarative ORM class. Most of the code (the admin API, the projector,
@@ -31,6 +32,7 @@ import storage.audit  # noqa: F401  (registers its tables)
 import storage.conversations  # noqa: F401  (registers its tables)
 import storage.finance  # noqa: F401  (registers its tables)
 import storage.snapshots  # noqa: F401  (registers its table and index)
+import storage.webhooks  # noqa: F401  (registers its tables: webhook endpoints and deliveries)
 from storage import admission, embedded, idempotency, projections, tenants  # noqa: F401  (register tables)
 from storage.base import Base
 
