@@ -84,6 +84,8 @@ class WebhookDelivery(Base):
     body: Mapped[str] = mapped_column(Text)  # the JSON body, built once: every attempt sends these bytes
     state: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer)  # attempts made so far
+    alert_partition: Mapped[int] = mapped_column(Integer)  # where the alert is on ledger.alerts: a dead
+    alert_offset: Mapped[int] = mapped_column(BigInteger)  # letter on ledger.dlq names it
     scheduled_at_ms: Mapped[int] = mapped_column(BigInteger)  # the give-up time counts from here
     next_attempt_at_ms: Mapped[int | None] = mapped_column(BigInteger)  # pending only
     leased_until_ms: Mapped[int | None] = mapped_column(BigInteger)  # an attempt is in flight until then
@@ -139,6 +141,8 @@ class Claimed:
     tenant_id: str
     body: str
     attempts: int  # made before this one
+    alert_partition: int
+    alert_offset: int
     scheduled_at_ms: int
     url: str
     secret: str
@@ -235,7 +239,8 @@ _CLAIM = text(
     WHERE d.endpoint_id = wanted.endpoint_id AND d.alert_id = wanted.alert_id
       AND e.endpoint_id = d.endpoint_id
       AND d.state = 'pending' AND coalesce(d.leased_until_ms, 0) <= :now
-    RETURNING d.endpoint_id, d.alert_id, d.tenant_id, d.body, d.attempts, d.scheduled_at_ms,
+    RETURNING d.endpoint_id, d.alert_id, d.tenant_id, d.body, d.attempts, d.alert_partition,
+              d.alert_offset, d.scheduled_at_ms,
               e.url, e.secret, e.enabled
     """
 )

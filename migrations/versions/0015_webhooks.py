@@ -50,6 +50,8 @@ def upgrade() -> None:
         sa.Column("body", sa.Text(), nullable=False),
         sa.Column("state", sa.Text(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("alert_partition", sa.Integer(), nullable=False),
+        sa.Column("alert_offset", sa.BigInteger(), nullable=False),
         sa.Column("scheduled_at_ms", sa.BigInteger(), nullable=False),
         sa.Column("next_attempt_at_ms", sa.BigInteger(), nullable=True),
         sa.Column("leased_until_ms", sa.BigInteger(), nullable=True),
