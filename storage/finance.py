@@ -3,13 +3,14 @@ the projector with the entry; statements sum them in SQL. And the queries statem
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Index, Integer, Text, and_, func, select
+from sqlalchemy import BigInteger, Boolean, Index, Integer, Text, and_, func, select, true
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ledger.statement import GrantTerms, Movement, OverageRate, Statement, Sum, build_statement
 from storage.base import Base
+from storage.projections import LedgerEntry
 from storage.tenants import Tenant
 
 
@@ -155,25 +156,42 @@ def grant_terms_values(entry, payload: dict) -> dict:
     }
 
 
-async def movement_sums(session: AsyncSession, tenant_id: str, start: int, end: int) -> list[Sum]:
+async def movement_sums(
+    session: AsyncSession, tenant_id: str, start: int, end: int, as_known_at_ms: int | None = None
+) -> list[Sum]:
     """(before start?, section, model, grant_id, credits, money, overage, prompt, completion, cached prompt)
     summed over the tenant's rows booked before `end`: ledger.statement.sum_movements in SQL. Whole UTC
-    days come from ledger_movement_days, the partial days at the edges from ledger_movements."""
+    days come from ledger_movement_days, the partial days at the edges from ledger_movements. With K
+    (`as_known_at_ms`), only the movements of entries published by K, all from ledger_movements (the daily
+    sums do not know when their rows were published)."""
     totals: dict[tuple, list[int]] = {}
     for before, (low, high) in ((True, (0, start)), (False, (start, end))):
-        for row in await _range_sums(session, tenant_id, low, high):
+        for row in await _range_sums(session, tenant_id, low, high, as_known_at_ms):
             acc = totals.setdefault((before, *row[:3]), [0] * len(SUMMED))
             for index, value in enumerate(row[3:]):
                 acc[index] += int(value)
     return [Sum(*key, *values) for key, values in sorted(totals.items())]
 
 
-async def _range_sums(session: AsyncSession, tenant_id: str, low: int, high: int) -> list:
+def _known_by(tenant_id: str, as_known_at_ms: int | None):
+    """Movements whose entry ledger.entries had accepted by K (its knowledge time; README "Audit")."""
+    if as_known_at_ms is None:
+        return true()
+    known = select(LedgerEntry.entry_id).where(
+        LedgerEntry.tenant_id == tenant_id,
+        func.coalesce(LedgerEntry.known_at_ms, LedgerEntry.recorded_at_ms) <= as_known_at_ms,
+    )
+    return LedgerMovement.entry_id.in_(known)
+
+
+async def _range_sums(
+    session: AsyncSession, tenant_id: str, low: int, high: int, as_known_at_ms: int | None
+) -> list:
     if low >= high:
         return []
     m, d = LedgerMovement, LedgerMovementDay
     first_day, end_day = -(-low // DAY_MS), high // DAY_MS  # the whole days inside [low, high)
-    if first_day >= end_day:
+    if first_day >= end_day or as_known_at_ms is not None:
         edges = [(low, high)]
         rows = []
     else:
@@ -184,12 +202,15 @@ async def _range_sums(session: AsyncSession, tenant_id: str, low: int, high: int
             .group_by(*(d.__table__.c[c] for c in GROUPED))
         )
         rows = list((await session.execute(days)).all())
+    known = _known_by(tenant_id, as_known_at_ms)
     for edge_low, edge_high in edges:
         if edge_low >= edge_high:
             continue
         raw = (
             select(*(m.__table__.c[c] for c in GROUPED), *(func.sum(m.__table__.c[c]) for c in SUMMED))
-            .where(and_(m.tenant_id == tenant_id, m.booked_at_ms >= edge_low, m.booked_at_ms < edge_high))
+            .where(
+                and_(m.tenant_id == tenant_id, m.booked_at_ms >= edge_low, m.booked_at_ms < edge_high, known)
+            )
             .group_by(*(m.__table__.c[c] for c in GROUPED))
         )
         rows += (await session.execute(raw)).all()
@@ -197,12 +218,13 @@ async def _range_sums(session: AsyncSession, tenant_id: str, low: int, high: int
 
 
 async def adjustment_rows(
-    session: AsyncSession, tenant_id: str, start: int, end: int
+    session: AsyncSession, tenant_id: str, start: int, end: int, as_known_at_ms: int | None = None
 ) -> list[LedgerMovement]:
     m = LedgerMovement
+    in_period = and_(m.tenant_id == tenant_id, m.adjustment, m.booked_at_ms >= start, m.booked_at_ms < end)
     query = (
         select(m)
-        .where(and_(m.tenant_id == tenant_id, m.adjustment, m.booked_at_ms >= start, m.booked_at_ms < end))
+        .where(in_period, _known_by(tenant_id, as_known_at_ms))
         .order_by(m.booked_at_ms, m.entry_id, m.row)
     )
     return list((await session.execute(query)).scalars())
@@ -223,9 +245,12 @@ async def overage_rate_of(session: AsyncSession, tenant_id: str) -> tuple[int, s
     return int(row[0]), row[1]
 
 
-async def tenant_statement(session: AsyncSession, tenant_id: str, start: int, end: int) -> Statement:
-    """The statement of [start, end): sums in SQL, assembled by ledger.statement.build_statement."""
-    sums = await movement_sums(session, tenant_id, start, end)
+async def tenant_statement(
+    session: AsyncSession, tenant_id: str, start: int, end: int, as_known_at_ms: int | None = None
+) -> Statement:
+    """The statement of [start, end): sums in SQL, assembled by ledger.statement.build_statement. With K,
+    the statement as the books stood at K: built from the entries published by then."""
+    sums = await movement_sums(session, tenant_id, start, end, as_known_at_ms)
     adjustments = [
         Movement(
             r.booked_at_ms,
@@ -242,7 +267,7 @@ async def tenant_statement(session: AsyncSession, tenant_id: str, start: int, en
             r.cause_event_id,
             r.own_time_ms,
         )
-        for r in await adjustment_rows(session, tenant_id, start, end)
+        for r in await adjustment_rows(session, tenant_id, start, end, as_known_at_ms)
     ]
     grants = {
         g.grant_id: GrantTerms(g.category, g.price or 0, g.currency)

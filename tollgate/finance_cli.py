@@ -73,18 +73,25 @@ def statements(
     tenant_id: str,
     period: Annotated[str, typer.Option(help="The month, YYYY-MM (UTC).")],
     format: Annotated[StatementFormat, typer.Option("--format", help="json or csv.")] = StatementFormat.json,
+    as_known_at: Annotated[
+        str | None,
+        typer.Option(help="The books as they stood then (knowledge time): ISO 8601 or epoch ms."),
+    ] = None,
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:
     """A tenant's statement for a month: balances, grants, consumption by model, expiries, voids, overage
-    and adjustments to closed periods, in credits and money."""
+    and adjustments to closed periods, in credits and money; with --as-known-at, as known then."""
     import msgspec
 
     from ledger.statement import Statement, StatementLine, statement_lines
 
     start, end = period_bounds(period)
+    params = {"from": start, "to": end}
+    if as_known_at is not None:
+        params["as_known_at"] = time_ms(as_known_at)
     with _admin(url, admin_token) as client:
-        response = client.get(f"/admin/v1/tenants/{tenant_id}/statements", params={"from": start, "to": end})
+        response = client.get(f"/admin/v1/tenants/{tenant_id}/statements", params=params)
         if format == StatementFormat.json or response.status_code >= 400:
             _show(response)
             return

@@ -1,6 +1,6 @@
 """Finance routes of the admin API: a tenant's statement, its overage rate, and closing a period.
 
-    GET  /admin/v1/tenants/{id}/statements?from=&to=   the statement of [from, to) (ledger.statement)
+    GET  /admin/v1/tenants/{id}/statements?from=&to=[&as_known_at=]   the statement of [from, to)
     PUT  /admin/v1/tenants/{id}/overage-rate            money per million credits of overage, or null
     POST /admin/v1/periods/close                        PeriodClosed for every tenant on ledger.events
 
@@ -61,14 +61,19 @@ async def get_statement(
     sessions: Sessions,
     start: Annotated[TimeMs, Query(alias="from", description="period start, inclusive")],
     end: Annotated[TimeMs, Query(alias="to", description="period end, exclusive")],
+    as_known_at: Annotated[
+        TimeMs | None,
+        Query(description="the books as they stood then: only entries published by then; default now"),
+    ] = None,
 ) -> Response:
     """The tenant's statement of [from, to): balances, grants, consumption by model, expiries, voids,
-    overage and adjustments to closed periods, in credits and money; it ties out."""
+    overage and adjustments to closed periods, in credits and money; it ties out. With `as_known_at`,
+    as the books stood at that knowledge time (README "Audit")."""
     if end < start:
         raise AdminError(422, "to", "must not be before from")
     async with sessions() as session, session.begin():
         await existing_tenant(session, tenant_id)
-        statement = await tenant_statement(session, tenant_id, start, end)
+        statement = await tenant_statement(session, tenant_id, start, end, as_known_at)
     return Response(encode_statement(statement), media_type="application/json")
 
 

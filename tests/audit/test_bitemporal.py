@@ -44,9 +44,10 @@ async def test_a_late_usage_changes_the_past_only_from_when_it_was_known(client,
     entries = LedgerProcessor(DictState(), source_topic=TOPICS.events, checkpoints=policy()).process(
         0, records
     )
-    entry_records = [
-        LogRecord(TOPICS.entries, 0, index, record.key, record.value, ms("2026-11-03"))
+    entry_records = [  # each entry published when its event was folded: the grant's then, the usage's late
+        LogRecord(TOPICS.entries, 0, index, record.key, record.value, ms(published))
         for index, record in enumerate(entries.entries)
+        for published in ["2026-11-03" if b"usage_allocated" in record.value else "2026-10-01"]
     ]
     await archive_records(session_factory, records + entry_records)
 
@@ -69,3 +70,19 @@ async def test_a_late_usage_changes_the_past_only_from_when_it_was_known(client,
 
     assert "usage_allocated" not in await entry_types(as_known_at=ms("2026-11-02"))
     assert "usage_allocated" in await entry_types(as_known_at=ms("2026-11-04"))
+
+    async def november_statement(**params) -> dict:
+        query = {"from": ms("2026-11-01"), "to": ms("2026-12-01"), **params}
+        response = await client.get(f"/admin/v1/tenants/{tenant_id}/statements", params=query)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def consumed(statement: dict) -> int:
+        return sum(line["credits"] for line in statement["consumption"])
+
+    before, after = await november_statement(as_known_at=ms("2026-11-02")), await november_statement(
+        as_known_at=ms("2026-11-04")
+    )
+    assert consumed(before) == 0 and before["closing"]["credits"] == 1_000  # the usage was not known yet
+    assert consumed(after) == 300 and after["closing"]["credits"] == 700
+    assert await november_statement() == after  # as known now

@@ -147,3 +147,16 @@ async def test_a_usage_with_cached_tokens_shows_them_in_its_models_consumption_l
     tokens = {key: tuple(row[name] for name in TOKENS) for key, row in lines.items()}
     assert tokens == {"tiny": ("160", "40", "105"), "large": ("10", "5", "0")}
     assert all(row["cached_prompt_tokens"] == "" for row in rows if row["section"] != "consumption")
+
+
+def test_statements_as_known_at_ask_for_the_books_as_they_stood_then(monkeypatch):
+    statement = statement_of_entries("acme", [], NOV, DEC)
+    seen = mock_admin(monkeypatch, lambda request: httpx.Response(200, content=encode_statement(statement)))
+    result = runner.invoke(
+        cli.app, ["statements", "acme", "--period", "2026-11", "--as-known-at", "2026-11-02T00:00:00Z"]
+    )
+    assert result.exit_code == 0, result.output
+    (request,) = seen
+    known = str(NOV + 86_400_000)
+    assert dict(request.url.params) == {"from": str(NOV), "to": str(DEC), "as_known_at": known}
+    assert json.loads(result.output)["period_start"] == NOV

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from typer.testing import CliRunner
 
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded
@@ -18,6 +19,7 @@ from ledger.tenant import Book
 from streams.replay import replay
 from streams.topics import LedgerTopics, describe_topic_configs
 from tests.streams.helpers import create_ledger_topics, stream_settings
+from tollgate import cli
 
 pytestmark = pytest.mark.kafka
 
@@ -104,7 +106,7 @@ async def produce(
 
 
 async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(
-    kafka_broker, topic_prefix, tmp_path
+    kafka_broker, topic_prefix, tmp_path, monkeypatch
 ):
     settings = stream_settings(kafka_broker.bootstrap, topic_prefix, tmp_path)
     await create_ledger_topics(settings)
@@ -137,3 +139,25 @@ async def test_replay_in_one_process_and_in_workers_equals_the_pure_fold(
     before_late = await replay(settings, until_time_ms=on_time_end, workers=2)
     assert before_late.as_of["acme"] <= on_time_end < late_start
     assert before_late.balance_at("acme", 801)[0] == in_one.balance_at("acme", 801)[0] + 50
+
+    # `tollgate ledger replay --as-known-at K` from the command line: the tenants as the log knew them at K
+    monkeypatch.setenv("TOLLGATE_KAFKA_BOOTSTRAP_SERVERS", kafka_broker.bootstrap)
+    monkeypatch.setenv("TOLLGATE_TOPIC_PREFIX", topic_prefix)
+    monkeypatch.setenv("TOLLGATE_TOPIC_PARTITIONS", str(settings.topic_partitions))
+    for known, result in ((on_time_end, before_late), (None, in_one)):
+        args = ["ledger", "replay", *([] if known is None else ["--as-known-at", str(known)])]
+        printed = await asyncio.to_thread(CliRunner().invoke, cli.app, args)
+        assert printed.exit_code == 0, printed.output
+        rows = {cells[0]: cells[1:] for cells in table_rows(printed.output)}
+        for balance in result.balances(at=known):
+            assert rows[balance.tenant_id][:2] == [str(balance.balance), str(balance.overage)], printed.output
+        assert f"{result.records} records" in printed.output
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The cells of a rich table's body rows."""
+    return [
+        [cell.strip() for cell in line.strip().strip("│").split("│")]
+        for line in output.splitlines()
+        if line.strip().startswith("│")
+    ]
