@@ -1,0 +1,137 @@
+"""The admin API's webhook endpoints over a real database: the secret once, never in listings nor the audit
+log; operators create, disable and rotate, finance reads; the delivery log paged."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from sqlalchemy import select
+
+from storage.audit import AdminAuditRecord
+from storage.webhooks import Claimed, Outcome, WebhookDelivery, record_attempt
+from tests.admin.conftest import ADMIN_TOKEN
+
+pytestmark = pytest.mark.postgres
+
+pytest_plugins = ["tests.admin.conftest"]
+
+
+async def finance_token(client) -> str:
+    response = await client.post("/admin/v1/credentials", json={"name": "fin", "role": "finance"})
+    assert response.status_code == 201, response.text
+    return response.json()["secret"]
+
+
+async def create(client, tenant_id: str, **body) -> dict:
+    response = await client.post(
+        f"/admin/v1/tenants/{tenant_id}/webhooks", json={"url": "https://hooks.example/a", **body}
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["cache-control"] == "no-store"
+    return response.json()
+
+
+async def test_create_shows_the_secret_once_and_never_again(client, tenant_id, session_factory):
+    created = await create(client, tenant_id, description="ops", alert_kinds=["depleted", "balance_below"])
+    secret = created["secret"]
+    assert secret.startswith("whsec_") and 24 <= len(base64.b64decode(secret[len("whsec_") :])) <= 64
+    assert created["alert_kinds"] == ["balance_below", "depleted"] and created["enabled"] is True
+
+    listed = (await client.get(f"/admin/v1/tenants/{tenant_id}/webhooks")).json()
+    fetched = (await client.get(f"/admin/v1/webhooks/{created['endpoint_id']}")).json()
+    assert [row["endpoint_id"] for row in listed] == [created["endpoint_id"]]
+    for shown in (listed[0], fetched):
+        assert "secret" not in shown and secret not in json.dumps(shown)
+    async with session_factory() as session:
+        audit_rows = (await session.execute(select(AdminAuditRecord))).scalars().all()
+    assert [row.action for row in audit_rows if "webhooks" in row.action] == [
+        "POST /admin/v1/tenants/{tenant_id}/webhooks"
+    ]
+    assert all(secret not in json.dumps(row.details) for row in audit_rows)
+
+    rotated = (await client.post(f"/admin/v1/webhooks/{created['endpoint_id']}/rotate-secret")).json()
+    assert rotated["secret"].startswith("whsec_") and rotated["secret"] != secret
+    assert rotated["secret_rotated_at"] is not None
+
+
+async def test_bad_urls_and_kinds_are_refused(client, tenant_id):
+    for body in (
+        {"url": "ftp://hooks.example/a"},
+        {"url": "not a url"},
+        {"url": "https://user:pw@hooks.example/"},
+        {"url": "https://hooks.example/a", "alert_kinds": ["nope"]},
+        {"url": "https://hooks.example/a", "alert_kinds": []},
+    ):
+        response = await client.post(f"/admin/v1/tenants/{tenant_id}/webhooks", json=body)
+        assert response.status_code == 422, (body, response.text)
+    response = await client.post("/admin/v1/tenants/nobody/webhooks", json={"url": "https://hooks.example/"})
+    assert response.status_code == 404
+
+
+async def test_finance_reads_but_may_not_create_disable_or_rotate(client, tenant_id):
+    created = await create(client, tenant_id)
+    endpoint = created["endpoint_id"]
+    headers = {"Authorization": f"Bearer {await finance_token(client)}"}
+    assert (await client.get(f"/admin/v1/tenants/{tenant_id}/webhooks", headers=headers)).status_code == 200
+    assert (await client.get(f"/admin/v1/webhooks/{endpoint}/deliveries", headers=headers)).status_code == 200
+    for method, path in (
+        ("POST", f"/admin/v1/tenants/{tenant_id}/webhooks"),
+        ("DELETE", f"/admin/v1/webhooks/{endpoint}"),
+        ("POST", f"/admin/v1/webhooks/{endpoint}/rotate-secret"),
+    ):
+        response = await client.request(method, path, headers=headers, json={"url": "https://x.example/"})
+        assert response.status_code == 403, (method, path)
+    operator = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    disabled = (await client.delete(f"/admin/v1/webhooks/{endpoint}", headers=operator)).json()
+    assert disabled["enabled"] is False and disabled["disabled_at"] is not None
+
+
+async def test_the_delivery_log_pages_every_attempt_with_the_deliverys_state(
+    client, tenant_id, session_factory
+):
+    endpoint = (await create(client, tenant_id))["endpoint_id"]
+    async with session_factory() as session, session.begin():
+        for number in range(3):
+            session.add(
+                WebhookDelivery(
+                    endpoint_id=endpoint,
+                    alert_id=f"{tenant_id}:low:{number + 1}",
+                    tenant_id=tenant_id,
+                    event_type="balance.below",
+                    body="{}",
+                    state="pending",
+                    attempts=0,
+                    alert_partition=0,
+                    alert_offset=number,
+                    scheduled_at_ms=0,
+                    next_attempt_at_ms=0,
+                )
+            )
+    async with session_factory() as session, session.begin():
+        for number in range(3):
+            claimed = Claimed(
+                endpoint, f"{tenant_id}:low:{number + 1}", tenant_id, "{}", 0, 0, number, 0, "", "", True
+            )
+            await record_attempt(session, claimed, Outcome(10, None, "ConnectError", 3, "pending", 500))
+        claimed = Claimed(endpoint, f"{tenant_id}:low:1", tenant_id, "{}", 1, 0, 0, 0, "", "", True)
+        assert await record_attempt(session, claimed, Outcome(600, 204, None, 7, "delivered", None))
+        stale = Claimed(endpoint, f"{tenant_id}:low:1", tenant_id, "{}", 1, 0, 0, 0, "", "", True)
+        assert not await record_attempt(session, stale, Outcome(601, 204, None, 7, "delivered", None))
+
+    first = (await client.get(f"/admin/v1/webhooks/{endpoint}/deliveries", params={"limit": 3})).json()
+    rest = (
+        await client.get(f"/admin/v1/webhooks/{endpoint}/deliveries", params={"since": first["next_since"]})
+    ).json()
+    rows = first["attempts"] + rest["attempts"]
+    assert len(first["attempts"]) == 3 and len(rest["attempts"]) == 1
+    assert [(row["alert_id"][-1], row["attempt"], row["outcome"]) for row in rows] == [
+        ("1", 1, "retrying"),
+        ("2", 1, "retrying"),
+        ("3", 1, "retrying"),
+        ("1", 2, "delivered"),
+    ]
+    assert rows[0]["error"] == "ConnectError" and rows[0]["next_retry_at"] == 500
+    assert rows[0]["delivery_state"] == "delivered" and rows[1]["delivery_state"] == "pending"
+    assert rows[3]["status_code"] == 204 and rows[3]["latency_ms"] == 7
