@@ -37,6 +37,7 @@ SECTIONS = (
     ("Stream processor", "streams.processor_settings:ProcessorSettings"),
     ("Audit (hash chain, checkpoints)", "streams.audit_checkpoints:AuditSettings"),
     ("Projector", "streams.projector:ProjectorSettings"),
+    ("Webhook dispatcher", "streams.webhooks.settings:WebhookSettings"),
     ("Database", "storage.database:DatabaseSettings"),
     ("Logging", "tollgate.logging_setup:LoggingSettings"),
 )
