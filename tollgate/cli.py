@@ -397,3 +397,4 @@ def main() -> None:
 # (audit public-key, audit verify) add themselves to `app`.
 import tollgate.audit_cli  # noqa: E402,F401
 import tollgate.finance_cli  # noqa: E402,F401
+import tollgate.webhooks_cli  # noqa: E402,F401
