@@ -109,6 +109,8 @@ async def _run(options: DevOptions) -> None:
     from streams.embedded_processor import EmbeddedProcessor
     from streams.embedded_projector import EmbeddedProjector
     from streams.settings import StreamSettings
+    from streams.webhooks.dispatcher import WebhookDispatcher
+    from streams.webhooks.settings import WebhookSettings
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,6 +141,7 @@ async def _run(options: DevOptions) -> None:
     processor = EmbeddedProcessor(event_log)
     await processor.start()
     projector = EmbeddedProjector(event_log, sessions)
+    webhook_dispatcher = WebhookDispatcher(event_log, sessions, WebhookSettings())  # alerts -> endpoints
 
     internal_token = dev_internal_token()
     worker_settings = WorkerSettings(host="127.0.0.1", port=options.worker_port)
@@ -163,6 +166,7 @@ async def _run(options: DevOptions) -> None:
     tasks = [
         asyncio.create_task(processor.run(stop), name="ledger-processor"),
         asyncio.create_task(projector.run(stop), name="projector"),
+        asyncio.create_task(webhook_dispatcher.run(stop), name="webhook-dispatcher"),
         *[asyncio.create_task(server.serve(), name="http") for server in servers],
     ]
     base = f"http://{options.host}:{options.port}"
