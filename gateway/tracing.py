@@ -28,6 +28,7 @@ import contextlib
 from opentelemetry import trace
 
 from gateway.settings import GatewaySettings
+from tollgate.tracing_setup import install_otlp_provider, tracing_enabled
 
 TRACER_NAME = "tollgate.gateway"
 SERVICE_NAME = "tollgate-gateway"
@@ -37,21 +38,7 @@ tracer = trace.get_tracer(TRACER_NAME)  # a proxy: follows whichever provider is
 
 def configure_tracing(settings: GatewaySettings) -> None:
     """Install the OTLP/HTTP exporting provider when `otlp_traces_endpoint` is set (once per process)."""
-    if settings.otlp_traces_endpoint is None:
-        return
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_traces_endpoint)))
-    trace.set_tracer_provider(provider)
-
-
-def tracing_enabled() -> bool:
-    """Whether a tracer provider is installed (configure_tracing, or a test's): else no span is built."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    install_otlp_provider(settings.otlp_traces_endpoint, SERVICE_NAME)
 
 
 def traceparent_of(span: trace.Span) -> str | None:

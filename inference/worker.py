@@ -73,6 +73,7 @@ from inference.sampler import LOGPROB_MIN
 from inference.settings import WorkerSettings
 from inference.usage import build_usage_event
 from ledger.events import IDENTIFIER_LENGTH_MAX, TIMESTAMP_MAX_MS, UsageRecorded
+from tollgate.tracing_setup import install_otlp_provider
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,11 @@ class WorkerRuntime:
             )
             if body.prompt_version is None and body.traceparent is None:
                 return event
-            trace_id = body.traceparent[3:35] if body.traceparent is not None else None
-            return msgspec.structs.replace(event, prompt_version=body.prompt_version, trace_id=trace_id)
+            context = body.traceparent  # 00-<trace id>-<parent span id>-<flags>
+            trace_id, span_id = (context[3:35], context[36:52]) if context is not None else (None, None)
+            return msgspec.structs.replace(
+                event, prompt_version=body.prompt_version, trace_id=trace_id, parent_span_id=span_id
+            )
 
         if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
             raise InvalidRequest(f"seed must be in {SEED_MIN}..{SEED_MAX}")
@@ -595,20 +599,6 @@ def _add_health_and_metrics(app: FastAPI, settings: WorkerSettings) -> None:
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def configure_tracing(endpoint: str | None) -> None:
-    """Export the worker's spans over OTLP/HTTP to `endpoint` (None: no provider, spans cost nothing)."""
-    if endpoint is None:
-        return
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    provider = TracerProvider(resource=Resource.create({"service.name": "tollgate-worker"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    trace.set_tracer_provider(provider)
-
-
 def main() -> None:
     import uvicorn
 
@@ -622,7 +612,7 @@ def main() -> None:
     except InternalTokenMissing as error:
         sys.exit(f"inference worker not started: {error}")
     settings = WorkerSettings()
-    configure_tracing(settings.otlp_traces_endpoint)
+    install_otlp_provider(settings.otlp_traces_endpoint, "tollgate-worker")
     producer = EventProducer(StreamSettings())
     app = create_app(settings, emit_usage=producer.publish, internal_token=internal_token)
     engine_lifespan = app.router.lifespan_context

@@ -54,6 +54,7 @@ from ledger.events import (
     UsageRecorded,
 )
 from ledger.revenue import check_grant_money, moved, recognised
+from ledger.scoped import Scopes, allocate_segment
 from ledger.snapshot import AccountState, BlockState
 from ledger.usage_index import UsageIndex, UsageSummary
 
@@ -85,6 +86,7 @@ class CreditBlock:
     reported_end_entry_id: str = ""
     price: int = 0  # minor units of currency; 0 for a promotional grant (ledger.revenue)
     reported_end_money: int = 0  # the money of the published end, corrections included
+    models: tuple[str, ...] = ()  # the models it pays for; empty: any (ledger.scoped)
 
     @property
     def recognised(self) -> int:
@@ -122,6 +124,7 @@ class CreditBlockAt(NamedTuple):
     effective_at: int
     expires_at: int | None
     priority: int
+    models: tuple[str, ...] = ()  # the models it pays for; empty: any
 
 
 class Totals(NamedTuple):
@@ -173,6 +176,7 @@ class Account:
         self.granted_total = 0  # every block's amount, voided and expired ones too: <= TENANT_CREDIT_MAX
         self.watermark = NO_USAGE_LAST  # stream time up to which ends have been published
         self.closed_until = 0  # the tenant's books are closed before this (PeriodClosed)
+        self._scopes: Scopes | None = None  # usage by model, from the tenant's first scoped grant on
 
     # ----------------------------------------------------------------------------------------- apply
 
@@ -209,7 +213,11 @@ class Account:
             self._segment_first_usage_at[segment] = occurred_at
         if occurred_at > self._segment_last_usage_at[segment]:
             self._segment_last_usage_at[segment] = occurred_at
-        if segment >= self._frontier:
+        if self._scopes is not None:  # a tenant with scoped grants: its segments are drawn by model
+            self._scopes.record(segment, event.model, occurred_at, amount)
+            deltas, overage = self._recompute_from(segment)
+            allocations = self._allocations(deltas)
+        elif segment >= self._frontier:
             if segment > self._frontier:
                 self._move_frontier(segment)
             allocations, overage = self._consume_at_frontier(amount)
@@ -270,7 +278,10 @@ class Account:
             priority=event.priority,
             voided_at=self._pending_voids.pop(grant_id, None),
             price=event.price or 0,
+            models=event.models,
         )
+        if block.models and self._scopes is None:
+            self._scopes = Scopes(len(self._segment_usage))
         self.blocks[grant_id] = block
         self.granted_total += block.amount
         self._grant_event_ids[grant_id] = event.event_id
@@ -289,6 +300,7 @@ class Account:
             currency=event.currency,
             reference=event.reference,
             booked_at=self._booked_at(event.effective_at),
+            models=event.models,
         )
         return [recorded] + self._restructure(
             event.event_id, block.effective_at, (block.effective_at, block.end), index
@@ -383,6 +395,9 @@ class Account:
                 f"{before.total} + {after.total} != {usage}"
             )
             left, right = _segment_usage_of(before), _segment_usage_of(after)
+        if self._scopes is not None:
+            end = NEVER if segment == len(self._bounds) else self._bounds[segment]
+            self._scopes.split_segment(segment, start, bound, end)
         self._bounds.insert(position, bound)
         self._segment_usage[segment : segment + 1] = [left[0], right[0]]
         self._segment_first_usage_at[segment : segment + 1] = [left[1], right[1]]
@@ -482,6 +497,8 @@ class Account:
     def _recompute_from(self, first_segment: int) -> tuple[dict[str, int], int]:
         """Redo greedy consumption of every segment from first_segment on. Returns the net change per
         block and in overage."""
+        if self._scopes is not None:
+            return self._recompute_scoped_from(first_segment, self._scopes)
         consumed_before: dict[str, int] = {}
         overage_before = self.overage_total
         for segment in range(first_segment, len(self._segment_allocations)):
@@ -500,6 +517,41 @@ class Account:
                 for allocation in self._consume_at_frontier(usage)[0]:
                     grant_id = allocation.grant_id
                     consumed_before.setdefault(grant_id, self.blocks[grant_id].consumed - allocation.amount)
+        self._settle_frontier()
+        deltas = {}
+        for grant_id, before in consumed_before.items():
+            delta = self.blocks[grant_id].consumed - before
+            if delta:
+                deltas[grant_id] = delta
+        return deltas, self.overage_total - overage_before
+
+    def _recompute_scoped_from(self, first_segment: int, scopes: Scopes) -> tuple[dict[str, int], int]:
+        """`_recompute_from` for a tenant with scoped grants: each segment drawn by model
+        (ledger.scoped.allocate_segment)."""
+        consumed_before: dict[str, int] = {}
+        overage_before = self.overage_total
+        for segment in range(first_segment, len(self._segment_allocations)):
+            for grant_id, amount in self._segment_allocations[segment].items():
+                block = self.blocks[grant_id]
+                consumed_before.setdefault(grant_id, block.consumed)
+                block.consumed -= amount
+            self._segment_allocations[segment] = {}
+            self.overage_total -= self._segment_overage[segment]
+            self._segment_overage[segment] = 0
+        for segment in range(first_segment, len(self._segment_usage)):
+            total = self._segment_usage[segment]
+            if not total:
+                continue
+            active = self._active_blocks(segment)
+            remaining = {block.grant_id: block.amount - block.consumed for block in active}
+            takes, overage = allocate_segment(active, remaining, scopes.segment_model_usage[segment], total)
+            for grant_id, take in takes.items():
+                block = self.blocks[grant_id]
+                consumed_before.setdefault(grant_id, block.consumed)
+                block.consumed += take
+            self._segment_allocations[segment] = takes
+            self._segment_overage[segment] = overage
+            self.overage_total += overage
         self._settle_frontier()
         deltas = {}
         for grant_id, before in consumed_before.items():
@@ -630,6 +682,8 @@ class Account:
         if t < self._segment_first_usage_at[segment]:
             return consumed, overage
         usage = index.usage_between(self._segment_start(segment), t + 1).total
+        if self._scopes is not None:
+            return self._scoped_consumption_through(segment, t, usage, consumed, overage, self._scopes)
         for block in self._active_blocks(segment):
             if not usage:
                 break
@@ -639,6 +693,20 @@ class Account:
                 consumed[block.grant_id] = consumed.get(block.grant_id, 0) + take
                 usage -= take
         return consumed, overage + usage
+
+    def _scoped_consumption_through(
+        self, segment: int, t: int, usage: int, consumed: dict[str, int], overage: int, scopes: Scopes
+    ) -> tuple[dict[str, int], int]:
+        """The end of `_consumption_through` for a tenant with scoped grants: the segment's usage at or
+        before t (`usage`) drawn by model."""
+        active = self._active_blocks(segment)
+        remaining = {block.grant_id: block.amount - consumed.get(block.grant_id, 0) for block in active}
+        start = self._segment_start(segment)
+        model_usage = scopes.usage_between(start, t + 1, scopes.segment_model_usage[segment])
+        takes, segment_overage = allocate_segment(active, remaining, model_usage, usage)
+        for grant_id, take in takes.items():
+            consumed[grant_id] = consumed.get(grant_id, 0) + take
+        return consumed, overage + segment_overage
 
     def balance_at(self, t: int, index: UsageIndex) -> int:
         consumed, _ = self._consumption_through(t, index)
@@ -658,6 +726,7 @@ class Account:
                 b.effective_at,
                 b.expires_at,
                 b.priority,
+                b.models,
             )
             for _, b in self._ordered
             if b.active_at(t)
@@ -724,6 +793,8 @@ class Account:
         )
         assert all(u == 0 for u in self._segment_usage[self._frontier + 1 :]), "usage past the frontier"
         assert len(self._segment_usage) == len(self._bounds) + 1, "segments and bounds out of step"
+        if self._scopes is not None:
+            self._scopes.check(self._segment_usage)
 
     # ------------------------------------------------------------------------------------ snapshots
 
@@ -745,6 +816,7 @@ class Account:
                     self._grant_event_ids[b.grant_id],
                     *self._grant_terms[b.grant_id],
                     b.reported_end_money,
+                    b.models,
                 )
                 for b in self.blocks.values()
             ],
@@ -758,6 +830,7 @@ class Account:
             overage_total=self.overage_total,
             watermark=self.watermark,
             closed_until=self.closed_until,
+            scopes=None if self._scopes is None else self._scopes.to_state(),
         )
 
     @classmethod
@@ -777,6 +850,7 @@ class Account:
                 s.reported_end_entry_id,
                 s.price or 0,
                 s.reported_end_money,
+                tuple(s.models),
             )
             account.blocks[block.grant_id] = block
             account._grant_terms[block.grant_id] = (s.category, s.price, s.currency, s.reference)
@@ -794,6 +868,8 @@ class Account:
         account.overage_total = state.overage_total
         account.watermark = state.watermark
         account.closed_until = state.closed_until
+        if state.scopes is not None:
+            account._scopes = Scopes.from_state(state.scopes)
         account._settle_frontier()
         account.check_invariants()
         return account
@@ -809,11 +885,12 @@ def _segment_usage_of(summary: UsageSummary) -> tuple[int, int, int]:
 
 
 def _same_terms(block: CreditBlock, event: CreditGranted) -> bool:
-    return (block.amount, block.effective_at, block.expires_at, block.priority) == (
+    return (block.amount, block.effective_at, block.expires_at, block.priority, block.models) == (
         event.amount,
         event.effective_at,
         event.expires_at,
         event.priority,
+        event.models,
     )
 
 

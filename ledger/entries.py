@@ -109,6 +109,7 @@ class GrantRecorded(msgspec.Struct, frozen=True, tag="grant_recorded", tag_field
     reference: str
     schema_version: int = SCHEMA_VERSION
     booked_at: int | None = None
+    models: tuple[str, ...] = ()  # the models its credit pays for (ledger.scoped); empty: any model
 
 
 Entry = UsageAllocated | AllocationCorrected | CreditExpired | CreditVoided | EndCorrected | GrantRecorded

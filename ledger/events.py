@@ -33,6 +33,7 @@ TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TenantId = Annotated[str, msgspec.Meta(pattern=TENANT_ID_PATTERN)]
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]
 TraceId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]  # W3C trace-context: 16 bytes, lowercase hex
+SpanId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]  # W3C trace-context: 8 bytes, lowercase hex
 PositiveAmount = Annotated[int, msgspec.Meta(gt=0, le=AMOUNT_MAX)]
 NonNegativeAmount = Annotated[int, msgspec.Meta(ge=0, le=AMOUNT_MAX)]
 TimestampMs = Annotated[int, msgspec.Meta(ge=0, le=TIMESTAMP_MAX_MS)]
@@ -128,6 +129,9 @@ class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field
     # The W3C trace id (32 hex digits) of the request's trace when it was traced: the fold's entry is found
     # from the trace by this event's id. None when tracing was off.
     trace_id: TraceId | None = None
+    # The span (in `trace_id`) the request's generation ran under: the fold's span is its child
+    # (streams.fold_tracing). None when tracing was off.
+    parent_span_id: SpanId | None = None
 
     kind_order: ClassVar[int] = 2
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from ledger.scoped import ScopesState
+
 SNAPSHOT_VERSION = 1
 
 
@@ -25,6 +27,7 @@ class BlockState(msgspec.Struct, array_like=True, frozen=True):
     currency: str | None = None
     reference: str = ""
     reported_end_money: int = 0
+    models: tuple[str, ...] = ()  # a grant scoped to models (ledger.scoped); empty in older snapshots
 
 
 class AccountState(msgspec.Struct, frozen=True):
@@ -41,6 +44,7 @@ class AccountState(msgspec.Struct, frozen=True):
     watermark: int
     version: int = SNAPSHOT_VERSION
     closed_until: int = 0  # PeriodClosed
+    scopes: ScopesState | None = None  # only a tenant with a scoped grant has it (ledger.scoped)
 
 
 _encoder = msgspec.msgpack.Encoder()

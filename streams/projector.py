@@ -67,12 +67,14 @@ from storage.finance import (
 from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
 from streams.audit_checkpoints import AuditSettings
 from streams.audit_rows import chain_columns, checkpoint_row
+from streams.fold_tracing import FoldSpans
 from streams.log import KafkaLog
 from streams.records import BalanceRecord, DeadLetter, LogPosition, LogRecord
 from streams.settings import StreamSettings
 from streams.snapshotter import Snapshotter
 from streams.spool import OutgoingRecord
 from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs
+from tollgate.tracing_setup import install_otlp_provider, tracing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class ProjectorSettings(BaseSettings):
     poll_timeout_ms: int = Field(default=1_000, ge=1)  # the longest a fetch waits for new records
     fetch_bytes_max: int = Field(default=8 * 1024 * 1024, ge=1024)  # bytes one fetch may bring
     request_timeout_ms: int = Field(default=40_000, ge=1_000)  # one broker request
+    # OTLP/HTTP endpoint for the spans of traced usage events' folds (streams.fold_tracing); unset: none
+    otlp_traces_endpoint: str | None = None
 
 
 class ProjectorError(RuntimeError):
@@ -411,6 +415,7 @@ class Projector:
         self.records_projected = 0
         self.records_skipped = 0
         self.snapshotter = Snapshotter.of(session_factory, snapshot_every_events, clock_ms)
+        self.fold_spans: FoldSpans | None = None  # made at the first batch with tracing on
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=None,  # offsets live in Postgres, in the rows' transaction
@@ -490,6 +495,9 @@ class Projector:
         self.records_projected += len(records) - rows.skipped
         self.records_skipped += rows.skipped
         await self.snapshotter.after_batch(rows.events.values())  # the point-in-time snapshots it made due
+        if tracing_enabled():  # per batch: a provider installed after start counts (tollgate dev's gateway)
+            self.fold_spans = self.fold_spans or FoldSpans()
+            self.fold_spans.after_batch(rows.events.values(), rows.entries.values())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Project until `stop` is set."""
@@ -505,6 +513,7 @@ async def run_projector(
     audit_settings: AuditSettings | None = None,
 ) -> None:
     """Wait for and migrate the database, create missing topics, then project until `stop` is set."""
+    install_otlp_provider(projector_settings.otlp_traces_endpoint, "tollgate-projector")
     database_url = await asyncio.to_thread(prepare_database, database_settings)
     await ensure_topics(
         stream_settings.kafka_bootstrap_servers,

@@ -15,7 +15,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.settings import GatewaySettings
 from inference.settings import WorkerSettings
+from ledger.codec import encode_event
+from ledger.events import CreditGranted
 from ledger.pricing import usage_amount
+from streams.fold_tracing import FoldSpans
+from streams.processor import LedgerProcessor
+from streams.projector import rows_of_batch
+from streams.records import LogRecord
+from tests.admin.conftest import TOPICS
+from tests.audit.test_chain import DictState, policy
 from tests.gateway.conftest import (
     ADMIN_TOKEN,
     RecordingAdmission,
@@ -218,3 +226,43 @@ async def test_a_completion_route_is_one_trace_through_the_worker(
 
 def test_tracing_is_off_unless_an_endpoint_is_set():
     assert GatewaySettings(admin_token=ADMIN_TOKEN).otlp_traces_endpoint is None
+
+
+async def test_the_fold_of_the_usage_event_ends_the_trace_whichever_the_projector_reads_first(
+    client, spans, worker, tenant
+):
+    """The worker's usage event, folded by the processor and projected (its entry first, its event in a
+    later batch): the projector's `ledger.fold` span is a child of the generation, in the same trace."""
+    response = await client.responses.create(model=MODEL, input="Count", max_output_tokens=6)
+    request_id = response.id.removeprefix("resp_")
+    usage = worker.usage_of(request_id)
+    generate = next(span for span in trace_of(spans, request_id) if span.name == "worker.generate")
+    assert usage.parent_span_id == f"{generate.context.span_id:016x}"
+
+    grant = CreditGranted(event_id="g", tenant_id=usage.tenant_id, grant_id="g", amount=10**9, effective_at=0)
+    known, published = usage.occurred_at + 5, usage.occurred_at + 12
+    key = usage.tenant_id.encode()
+    events = [
+        LogRecord(TOPICS.events, 0, 0, key, encode_event(grant), 1_000),
+        LogRecord(TOPICS.events, 0, 1, key, encode_event(usage), known),
+    ]
+    folded = LedgerProcessor(DictState(), source_topic=TOPICS.events, checkpoints=policy()).process(0, events)
+    entries = [
+        LogRecord(TOPICS.entries, 0, offset, record.key, record.value, published)
+        for offset, record in enumerate(folded.entries)
+    ]
+    fold_spans = FoldSpans()
+    assert fold_spans.after_batch((), rows_of_batch(TOPICS, entries, 0).entries.values()) == 0, "no event yet"
+    assert fold_spans.after_batch(rows_of_batch(TOPICS, events, 0).events.values(), ()) == 1
+
+    (fold,) = [
+        span
+        for span in spans.get_finished_spans()
+        if span.name == "ledger.fold" and span.attributes["tollgate.request_id"] == request_id
+    ]
+    assert fold.context.trace_id == generate.context.trace_id
+    assert fold.parent.span_id == generate.context.span_id
+    assert (fold.start_time, fold.end_time) == (known * 1_000_000, published * 1_000_000)
+    assert fold.attributes["tollgate.cost"] == usage.amount > 0
+    assert fold.attributes["tollgate.blocks"] == ("g",) and fold.attributes["tollgate.overage"] == 0
+    assert fold.attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens

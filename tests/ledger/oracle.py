@@ -22,6 +22,7 @@ class OracleBlock:
     priority: int
     voided_at: int | None
     consumed: int = 0
+    models: tuple[str, ...] = ()  # a scoped grant pays only for these models
 
     @property
     def end(self) -> float:
@@ -52,7 +53,13 @@ def replay(events, t):
     for event in events:
         if isinstance(event, CreditGranted):
             blocks[event.grant_id] = OracleBlock(
-                event.grant_id, event.amount, event.effective_at, event.expires_at, event.priority, None
+                event.grant_id,
+                event.amount,
+                event.effective_at,
+                event.expires_at,
+                event.priority,
+                None,
+                models=event.models,
             )
     for event in events:
         if isinstance(event, GrantVoided) and event.grant_id in blocks:
@@ -69,8 +76,14 @@ def replay(events, t):
             break
         need = usage.amount
         active = [b for b in blocks.values() if b.effective_at <= usage.occurred_at < b.end]
+        # Scoped blocks naming the usage's model first, the scope with fewest models first, then the rest
+        # of the order; then the unscoped blocks. Blocks scoped to other models do not pay.
+        active = [b for b in active if not b.models or usage.model in b.models]
         active.sort(
             key=lambda b: (
+                0 if b.models else 1,
+                len(b.models),
+                sorted(b.models),
                 b.priority,
                 FOREVER if b.expires_at is None else b.expires_at,
                 b.effective_at,
