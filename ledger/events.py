@@ -21,6 +21,7 @@ SCHEMA_VERSION = 2
 
 IDENTIFIER_LENGTH_MAX = 128
 MODEL_NAME_LENGTH_MAX = 128
+GRANT_MODELS_MAX = 16  # models one grant may name (CreditGranted.models: a grant scoped to models)
 AMOUNT_MAX = 2**62  # far above any real grant; keeps every sum inside a signed 64-bit column
 # A tenant's credit granted over its whole life (voided and expired grants included) is at most this, so
 # its balance, its totals and their sums stay inside a signed 64-bit column (Postgres bigint).
@@ -77,10 +78,16 @@ class CreditGranted(msgspec.Struct, frozen=True, tag="credit_granted", tag_field
     price: MoneyAmount | None = None
     currency: CurrencyCode | None = None
     reference: Reference = ""
+    # The models this grant's credit pays for (ledger.scoped); empty: any model.
+    models: tuple[ModelName, ...] = ()
 
     kind_order: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
+        if len(self.models) > GRANT_MODELS_MAX:
+            raise InvalidEvent(f"models: at most {GRANT_MODELS_MAX} models a grant")
+        if len(set(self.models)) != len(self.models):
+            raise InvalidEvent("models: a model is named twice")
         if self.expires_at is not None and self.expires_at <= self.effective_at:
             raise InvalidEvent("expires_at must be after effective_at")
         if self.category == PAID and (self.price is None or self.currency is None):
