@@ -29,11 +29,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.admin import AdminSettings, build_admin_router
+from gateway.admin import AdminSettings, build_admin_router, resolve_admin_token
 from gateway.admission.base import Admission, Rejection
 from gateway.auth import KeyRevocationFeed, TenantKeyCache
+from gateway.billing_routes import router as billing_router
 from gateway.completion_routes import CompletionRoutes, add_completion_routes_to, refusal_response
 from gateway.completions import CompletionService
+from gateway.console.mount import mount_console
 from gateway.errors import ApiError, handle_validation_error
 from gateway.idempotency import IdempotencyStore
 from gateway.metrics import GatewayMetrics
@@ -72,6 +74,7 @@ def create_app(
     app.add_middleware(CompletionRoutes)  # POST /v1/chat/completions and /v1/completions, the hot path
     app.include_router(openai_router)
     app.include_router(responses_router)  # /v1/responses, /v1/conversations, /v1/moderations
+    app.include_router(billing_router)  # /v1/dashboard/billing/credit_grants: a tenant's own credit
     _include_admin_router(app, settings, admin_settings or AdminSettings())
     _document_completion_routes(app)
     _add_health_and_metrics(app, metrics)
@@ -177,14 +180,17 @@ def _include_admin_router(app: FastAPI, settings: GatewaySettings, admin_setting
     def app_event_log(request: Request) -> EventLog:
         return request.app.state.event_log
 
+    configured = settings.admin_token
+    token = configured.get_secret_value() if configured else resolve_admin_token(admin_settings)
     app.include_router(
         build_admin_router(
             settings=admin_settings,
             session_factory_dependency=app_session_factory,
             publisher_dependency=app_event_log,
-            admin_token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+            admin_token=token,
         )
     )
+    mount_console(app, admin_settings, token, settings.worker_urls)  # /console and /portal (issue 17)
 
 
 def _document_completion_routes(app: FastAPI) -> None:

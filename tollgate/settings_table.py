@@ -31,6 +31,7 @@ SECTIONS = (
     ("Gateway", "gateway.settings:GatewaySettings"),
     ("Admission", "gateway.admission.settings:AdmissionSettings"),
     ("Admin API", "gateway.admin.settings:AdminSettings"),
+    ("Console and tenant portal", "gateway.console.settings:ConsoleSettings"),
     ("Inference worker", "inference.settings:WorkerSettings"),
     ("Gateway <-> worker secret", "inference.internal_auth:InternalAuthSettings"),
     ("Event log (Kafka, spool)", "streams.settings:StreamSettings"),

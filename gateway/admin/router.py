@@ -56,6 +56,7 @@ from gateway.admin.models import (
 from gateway.admin.publisher import EventPublisher
 from gateway.admin.settings import AdminSettings, resolve_admin_token
 from gateway.admin.webhooks import router as webhook_routes
+from gateway.console import portal_links
 from storage.tenants import Grant, Tenant
 
 PREFIX = "/admin/v1"
@@ -242,5 +243,6 @@ def build_admin_router(
     mounted.include_router(audit.router)  # the checkpoint signing key, inclusion proofs (issue 15)
     mounted.include_router(audit_log.router)  # who did what (issue 15)
     mounted.include_router(credentials.router)  # named admin credentials, operator and finance (issue 15)
+    mounted.include_router(portal_links.router)  # signed tenant portal links (issue 17)
     mounted.include_router(webhook_routes)  # tenants' webhook endpoints and delivery logs (issue 16)
     return mounted

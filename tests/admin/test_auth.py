@@ -72,5 +72,6 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/tenants/{tenant_id}/entries/{entry_id}/proof",
         "/admin/v1/credentials",
         "/admin/v1/credentials/{name}/revoke",
+        "/admin/v1/tenants/{tenant_id}/portal-links",  # tenant portal links (issue 17)
     }
     assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"

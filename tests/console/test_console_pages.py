@@ -1,0 +1,145 @@
+"""The console over HTTP (no browser): sign-in, its cookie and headers, CSRF, the finance role, the audit
+of console actions, and the pages' numbers against the ledger's."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import select
+
+from gateway.console.runtime import CONTENT_SECURITY_POLICY
+from gateway.console.settings import ConsoleSettings
+from ledger.events import UsageRecorded
+from storage.audit import AdminAuditRecord
+from tests.console.conftest import ADMIN_TOKEN, console_app, csrf_of, fold_and_project, sign_in
+
+pytestmark = pytest.mark.postgres
+
+
+async def test_sign_in_sets_a_strict_http_only_session_cookie_and_every_page_its_security_headers(browser):
+    page = await browser.get("/console/sign-in")
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "script-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe-inline" not in CONTENT_SECURITY_POLICY
+    assert page.headers["x-frame-options"] == "DENY"
+    assert '<form method="post" action="/console/sign-in"' in page.text, "the token goes in a POST body"
+    assert "<script>" not in page.text and "style=" not in page.text, "no inline script or style"
+
+    assert (await browser.get("/console", follow_redirects=False)).headers["location"] == "/console/sign-in"
+    wrong = await sign_in(browser, "not-the-token-0123456789abcdefghij")
+    assert wrong.status_code == 401 and "not a valid admin credential" in wrong.text
+
+    response = await sign_in(browser)
+    assert response.status_code == 303 and response.headers["location"] == "/console"
+    cookie = response.headers["set-cookie"]
+    assert "tollgate_console=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert "Path=/console" in cookie and "Secure" not in cookie, "development serves plain HTTP"
+    assert ADMIN_TOKEN not in cookie, "the credential is never kept"
+    overview = await browser.get("/console")
+    assert overview.status_code == 200 and "Credits consumed today" in overview.text
+    assert "unreachable" in overview.text, "a worker that does not answer is shown as such"
+
+
+async def test_outside_development_the_cookie_is_secure(session_factory, publisher, clock):
+    import httpx
+
+    app = console_app(session_factory, publisher, clock, ConsoleSettings(environment="production"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://c.test") as client:
+        response = await sign_in(client)
+    assert response.status_code == 303 and "Secure" in response.headers["set-cookie"]
+
+
+async def test_a_form_without_the_sessions_csrf_token_is_refused(operator):
+    refused = await operator.post("/console/tenants", data={"name": "Acme", "tier": "pro"})
+    assert refused.status_code == 403
+    forged = await operator.post("/console/tenants", data={"name": "Acme", "tier": "pro", "csrf": "x" * 43})
+    assert forged.status_code == 403
+    csrf = await csrf_of(operator, "/console/tenants")
+    created = await operator.post("/console/tenants", data={"name": "Acme", "tier": "pro", "csrf": csrf})
+    assert created.status_code == 303 and created.headers["location"].startswith("/console/tenants/tn_")
+
+
+async def test_console_actions_are_in_the_admin_audit_log(operator, session_factory, publisher):
+    csrf = await csrf_of(operator, "/console/tenants")
+    created = await operator.post("/console/tenants", data={"name": "Audited", "tier": "pro", "csrf": csrf})
+    tenant_id = created.headers["location"].split("/")[-1].split("?")[0]
+    granted = await operator.post(
+        f"/console/tenants/{tenant_id}/grants",
+        data={"amount": "5000", "csrf": csrf, "idempotency_key": "console-test-1"},
+    )
+    assert granted.status_code == 303, granted.text
+    async with session_factory() as session:
+        rows = (await session.execute(select(AdminAuditRecord).order_by(AdminAuditRecord.sequence))).scalars()
+        actions = [(r.credential_name, r.action, r.target, r.event_ids) for r in rows]
+    assert actions[0][:3] == ("bootstrap", "console create tenant", f"tenant_id={tenant_id}")
+    assert actions[1][:3] == ("bootstrap", "console grant credit", f"tenant_id={tenant_id}")
+    assert actions[1][3] == [publisher.events[0].event_id], "the published CreditGranted"
+
+
+async def test_a_finance_credential_gets_a_read_only_console(operator, browser, session_factory):
+    import httpx
+
+    async with httpx.AsyncClient(
+        transport=browser._transport,
+        base_url="http://console.test",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as admin:
+        secret = (await admin.post("/admin/v1/credentials", json={"name": "fin", "role": "finance"})).json()[
+            "secret"
+        ]
+        tenant_id = (await admin.post("/admin/v1/tenants", json={"name": "Ro", "tier": "pro"})).json()[
+            "tenant_id"
+        ]
+    operator_csrf = await csrf_of(operator, "/console/tenants")
+    operator.cookies.clear()
+    assert (await sign_in(operator, secret)).status_code == 303
+    page = await operator.get(f"/console/tenants/{tenant_id}")
+    assert page.status_code == 200 and "fin (finance, read-only)" in page.text
+    assert "Grant credit" not in page.text and "Create API key" not in page.text and "Void" not in page.text
+    csrf = await csrf_of(operator, f"/console/tenants/{tenant_id}")
+    assert csrf != operator_csrf
+    refused = await operator.post(f"/console/tenants/{tenant_id}/grants", data={"amount": "5", "csrf": csrf})
+    assert refused.status_code == 403
+
+
+async def test_the_tenant_page_shows_the_ledgers_numbers(operator, session_factory, publisher, clock):
+    csrf = await csrf_of(operator, "/console/tenants")
+    created = await operator.post("/console/tenants", data={"name": "Numbers", "tier": "pro", "csrf": csrf})
+    tenant_id = created.headers["location"].split("/")[-1].split("?")[0]
+    for key, amount in (("a", "1000"), ("b", "3000")):
+        response = await operator.post(
+            f"/console/tenants/{tenant_id}/grants",
+            data={"amount": amount, "csrf": csrf, "idempotency_key": f"k-{key}"},
+        )
+        assert response.status_code == 303, response.text
+    events = list(publisher.events)
+    clock.now_ms += 2 * 3_600_000  # the usage falls after the grants took effect
+    for n in range(30):
+        events.append(
+            UsageRecorded(
+                event_id=f"u{n}",
+                tenant_id=tenant_id,
+                amount=20,
+                occurred_at=clock.now_ms - 3_600_000 + n * 60_000,
+                model="tollgate-tiny",
+                prompt_tokens=10,
+                completion_tokens=5,
+            )
+        )
+    await fold_and_project(session_factory, tenant_id, events, clock.now_ms)
+
+    page = await operator.get(f"/console/tenants/{tenant_id}")
+    assert 'data-balance="settled">3,400<' in page.text, re.findall(
+        r"data-balance.{0,60}", page.text
+    )  # 4,000 - 30 x 20
+    chart = (await operator.get(f"/console/tenants/{tenant_id}/burndown.json?width=40")).json()
+    assert chart["points"] == 40 and all(len(s["values"]) == 40 for s in chart["series"])
+    assert chart["remaining_total"] == 3_400 and sum(s["values"][-1] for s in chart["series"]) == 3_400
+    assert chart["projection"]["runs_out_at"] is not None, "600 credits consumed in the last day"
+    huge = (await operator.get(f"/console/tenants/{tenant_id}/burndown.json?width=100000")).json()
+    assert huge["points"] == ConsoleSettings().chart_points_max, "never more points than the chart can draw"
+    usage = (await operator.get(f"/console/tenants/{tenant_id}/usage.json")).json()
+    assert [s["model"] for s in usage["series"]] == ["tollgate-tiny"] and sum(
+        usage["series"][0]["values"]
+    ) == 600
