@@ -50,6 +50,7 @@ DESCRIPTION_CHARS_MAX = 500
 ENDPOINTS_PER_TENANT_MAX = 20  # enabled ones
 ENDPOINTS_LISTED_MAX = 200  # a listing, disabled ones included
 DELIVERIES_PAGE_MAX = 500
+ALERT_KINDS_LISTED_MAX = 32  # entries of alert_kinds (repeats allowed, kept once)
 
 
 def new_secret() -> str:
@@ -74,7 +75,10 @@ class EndpointCreate(BaseModel):
     url: EndpointUrl
     description: PlainText = Field(default="", max_length=DESCRIPTION_CHARS_MAX)
     alert_kinds: list[AlertKind] | None = Field(
-        default=None, min_length=1, description="the alert kinds to deliver; default every kind"
+        default=None,
+        min_length=1,
+        max_length=ALERT_KINDS_LISTED_MAX,
+        description="the alert kinds to deliver; default every kind",
     )
 
 
