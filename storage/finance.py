@@ -4,7 +4,7 @@ the projector with the entry; statements sum them in SQL. And the queries statem
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Index, Integer, Text, and_, func, select, true
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -72,6 +72,7 @@ class GrantTermsRow(Base):
     currency: Mapped[str | None] = mapped_column(Text)
     reference: Mapped[str] = mapped_column(Text)
     terms: Mapped[dict] = mapped_column(JSONB)  # the GrantRecorded entry as written
+    models: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")  # empty: any (0013)
 
 
 def movement_values(tenant_id: str, rows) -> list[dict]:
@@ -153,6 +154,7 @@ def grant_terms_values(entry, payload: dict) -> dict:
         "currency": entry.currency,
         "reference": entry.reference,
         "terms": payload,
+        "models": list(entry.models),
     }
 
 

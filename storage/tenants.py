@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Integer, LargeBinary, Text, UniqueConstraint
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.base import Base
@@ -69,6 +70,8 @@ class Grant(Base):
     price: Mapped[int | None] = mapped_column(BigInteger)
     currency: Mapped[str | None] = mapped_column(Text)
     reference: Mapped[str] = mapped_column(Text, server_default="")
+    # The models its credit pays for (CreditGranted.models); empty: any model. Migration 0013.
+    models: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),

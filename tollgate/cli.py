@@ -307,6 +307,10 @@ def credits_grant(
     ] = None,
     currency: Annotated[str | None, typer.Option(help="ISO 4217, e.g. USD.")] = None,
     reference: Annotated[str, typer.Option(help="An invoice or order id.")] = "",
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="A model the credit pays for (repeat for several); default any model."),
+    ] = None,
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:
@@ -314,6 +318,8 @@ def credits_grant(
     import uuid
 
     body: dict = {"amount": amount, "priority": priority, "category": category, "reference": reference}
+    if model:
+        body["models"] = model
     body.update({"price": price, "currency": currency})
     if expires_at is not None:
         body["expires_at"] = int(expires_at) if expires_at.isdigit() else expires_at

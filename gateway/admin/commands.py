@@ -181,7 +181,10 @@ def grant_identity(tenant_id: str, idempotency_key: str) -> tuple[str, str]:
 
 
 def request_fingerprint(request: GrantCreate) -> bytes:
-    return hashlib.sha256(json.dumps(request.model_dump(), sort_keys=True).encode()).digest()
+    body = request.model_dump()
+    if not body["models"]:
+        del body["models"]  # an unscoped grant's fingerprint as before models existed (retries still match)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
 
 
 async def record_grant(
@@ -222,6 +225,7 @@ async def record_grant(
             price=request.price,
             currency=request.currency,
             reference=request.reference,
+            models=request.models,
             idempotency_key=idempotency_key,
             request_sha256=fingerprint,
             created_at_ms=now_ms,
@@ -286,6 +290,7 @@ def granted_event(grant: Grant) -> CreditGranted:
         price=grant.price,
         currency=grant.currency,
         reference=grant.reference,
+        models=tuple(grant.models),
     )
 
 

@@ -6,10 +6,21 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+)
 
 from ledger.events import (
+    GRANT_MODELS_MAX,
     IDENTIFIER_LENGTH_MAX,
+    MODEL_NAME_LENGTH_MAX,
     PRICE_MAX,
     REFERENCE_LENGTH_MAX,
     TENANT_ID_PATTERN,
@@ -123,6 +134,19 @@ class GrantCreate(BaseModel):
     reference: PlainText = Field(
         default="", max_length=REFERENCE_LENGTH_MAX, description="finance's id for it: an invoice or order"
     )
+    models: list[Annotated[PlainText, Field(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]] = Field(
+        default=[],
+        max_length=GRANT_MODELS_MAX,
+        description="the models its credit pays for, each at most once; empty: any model. Usage of a "
+        "model draws the grants scoped to it before the unscoped ones",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def models_once_each(cls, models: list[str]) -> list[str]:
+        if len(set(models)) != len(models):
+            raise ValueError("names a model twice")
+        return models
 
 
 class GrantView(BaseModel):
@@ -140,6 +164,7 @@ class GrantView(BaseModel):
     created_at: int
     voided_at: int | None
     void_event_id: str | None
+    models: list[str] = []  # empty: any model
 
 
 class CreditBlockView(BaseModel):

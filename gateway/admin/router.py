@@ -98,6 +98,7 @@ def grant_view(grant: Grant) -> GrantView:
         created_at=grant.created_at_ms,
         voided_at=grant.voided_at_ms,
         void_event_id=grant.void_event_id,
+        models=list(grant.models),
     )
 
 

@@ -1,0 +1,54 @@
+"""Grants scoped to models through the admin API: the event carries the models, the grant shows them, the
+request refuses duplicates and too many, and an unscoped grant's idempotency fingerprint is unchanged."""
+
+import pytest
+
+from gateway.admin.commands import request_fingerprint
+from gateway.admin.models import GrantCreate
+from ledger.events import GRANT_MODELS_MAX, CreditGranted
+from tests.admin.test_grants import grant
+
+pytestmark = pytest.mark.postgres
+
+
+async def test_a_scoped_grant_emits_its_models_and_shows_them(client, tenant_id, publisher, clock):
+    response = await grant(client, tenant_id, {"amount": 300, "models": ["gpt-x", "gpt-x-mini"]})
+
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["models"] == ["gpt-x", "gpt-x-mini"]
+    assert publisher.events == [
+        CreditGranted(
+            event_id=body["event_id"],
+            tenant_id=tenant_id,
+            grant_id=body["grant_id"],
+            amount=300,
+            effective_at=clock.now_ms,
+            models=("gpt-x", "gpt-x-mini"),
+        )
+    ]
+    unscoped = await grant(client, tenant_id, {"amount": 1}, key="unscoped")
+    assert unscoped.json()["models"] == [] and publisher.events[-1].models == ()
+
+
+@pytest.mark.parametrize(
+    "models",
+    [["gpt-x", "gpt-x"], [f"model-{n}" for n in range(GRANT_MODELS_MAX + 1)], [""], ["bad\x00name"]],
+)
+async def test_bad_models_are_refused_naming_the_field(client, tenant_id, publisher, models):
+    response = await grant(client, tenant_id, {"amount": 1, "models": models})
+
+    assert response.status_code == 422
+    assert "models" in response.text
+    assert publisher.events == []
+
+
+def test_an_unscoped_grants_fingerprint_is_the_one_before_models_existed():
+    import hashlib
+    import json
+
+    request = GrantCreate(amount=5)
+    before = {key: value for key, value in request.model_dump().items() if key != "models"}
+    expected = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).digest()
+    assert request_fingerprint(request) == expected
+    assert request_fingerprint(GrantCreate(amount=5, models=["m"])) != request_fingerprint(request)
