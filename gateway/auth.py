@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.admission.budgets import KeyBudget
 from gateway.api_keys import PRESENTED_KEY_LENGTH_MAX, resolve_api_key
 from gateway.errors import ApiError
 from gateway.logs import tenant_id_var
@@ -41,6 +42,8 @@ REVOCATION_FEED_STOP_TIMEOUT_MS = 5_000
 class TenantIdentity:
     tenant_id: str
     tier: str
+    key_id: str | None = None  # the API key the request was made with (its usage events name it)
+    budget: KeyBudget | None = None  # the key's spend limits when it has any (a change shows after the ttl)
 
 
 def unauthorized(message: str) -> ApiError:
@@ -123,7 +126,10 @@ class TenantKeyCache:
         if resolved is None:
             return None, None
         api_key, tenant = resolved
-        return api_key.key_id, TenantIdentity(tenant.tenant_id, tenant.tier)
+        budget = KeyBudget(api_key.key_id, api_key.daily_credits, api_key.monthly_credits)
+        limits = budget if budget.limited else None
+        identity = TenantIdentity(tenant.tenant_id, tenant.tier, api_key.key_id, limits)
+        return api_key.key_id, identity
 
     def evict_key(self, key_id: str) -> int:
         """Forget every cached answer for this key (it was revoked); the number of entries dropped."""

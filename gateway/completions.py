@@ -231,6 +231,7 @@ class Generation:
             completion_tokens=self.completion_tokens,
             cached_prompt_tokens=self.cached_prompt_tokens,
             occurred_at_ms=self.admitted_at_ms,
+            api_key_id=self.tenant.key_id,
         )
         if self.usage_fields is not None:
             event = msgspec.structs.replace(event, **self.usage_fields)
@@ -522,6 +523,7 @@ class CompletionService:
             prompt_tokens=prepared.prompt_tokens,
             max_tokens=prepared.max_tokens,
             estimated_cost=usage_amount(price, prepared.prompt_tokens, prepared.max_tokens),
+            budget=tenant.budget,
         )
         reservation = await self.admission.admit(admission_request)
         admitted_at_ms = self.wall_clock_ms()
@@ -545,6 +547,7 @@ class CompletionService:
             admitted_at_ms=admitted_at_ms,
             prompt_version=prompt_version,
             traceparent=traceparent,
+            api_key_id=tenant.key_id,
         )
         dispatched_ms = monotonic_ms()
         try:

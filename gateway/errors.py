@@ -56,6 +56,7 @@ def rejection_error(rejection: Rejection) -> ApiError:
         rejection.status_code,
         rejection.message,
         error_type=rejection.error_type,
+        param=rejection.param,
         code=rejection.code,
         headers=rejection.headers,
     )

@@ -130,6 +130,7 @@ class GenerateCall:
     admitted_at_ms: int | None = None  # wall-clock ms when admission succeeded: the usage is billed then
     prompt_version: str | None = None  # the prompt version (`name@version`) the usage event names
     traceparent: str | None = None  # W3C trace context of the gateway's span, when the request is traced
+    api_key_id: str | None = None  # the key the request was made with: its usage event names it
 
     def encode(self, attempt_id: str) -> bytes:
         body = {
@@ -150,6 +151,8 @@ class GenerateCall:
             body["prompt_version"] = self.prompt_version
         if self.traceparent is not None:
             body["traceparent"] = self.traceparent
+        if self.api_key_id is not None:
+            body["api_key_id"] = self.api_key_id
         # The rest only when asked, so the common body stays as small as it was.
         if self.logprobs:
             body["logprobs"] = True

@@ -18,12 +18,14 @@ def build_usage_event(
     completion_tokens: int,
     cached_prompt_tokens: int = 0,
     occurred_at_ms: int | None = None,
+    api_key_id: str | None = None,
 ) -> UsageRecorded:
     """event_id is the worker request id (the gateway's attempt id), so a replayed emit, or the gateway's own
     event for a stream whose worker died, is a duplicate the ledger ignores. occurred_at is when the request
     was admitted when the caller knows it (so credit that expires during generation still covers it), else
     now. cached_prompt_tokens (of prompt_tokens, those the prefix cache served) are billed at the model's
-    cached prompt price."""
+    cached prompt price. api_key_id: the key (its id) the request was made with, which per-key budgets
+    count usage by."""
     amount = usage_amount(price, prompt_tokens, completion_tokens, cached_prompt_tokens)
     assert amount >= 0, "a usage amount is never negative"
     return UsageRecorded(
@@ -35,4 +37,5 @@ def build_usage_event(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         cached_prompt_tokens=cached_prompt_tokens,
+        api_key_id=api_key_id,
     )

@@ -117,6 +117,8 @@ class GenerateBody(BaseModel):
     # W3C trace context of the gateway's span (only when the gateway traces): the worker's spans join its
     # trace and the usage event carries the trace id.
     traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
+    # The id of the API key the request was made with: its usage event names it (per-key budgets).
+    api_key_id: str | None = Field(default=None, min_length=1, max_length=IDENTIFIER_LENGTH_MAX)
 
 
 class TokenizeBody(BaseModel):
@@ -225,6 +227,7 @@ class WorkerRuntime:
                 completion_tokens=output.completion_tokens,
                 cached_prompt_tokens=output.cached_prompt_tokens,
                 occurred_at_ms=body.admitted_at_ms,
+                api_key_id=body.api_key_id,
             )
             if body.prompt_version is None and body.traceparent is None:
                 return event

@@ -237,6 +237,7 @@ class Account:
             completion_tokens=event.completion_tokens,
             cached_prompt_tokens=event.cached_prompt_tokens,
             prompt_version=event.prompt_version,
+            api_key_id=event.api_key_id,
             amount=amount,
             allocations=allocations,
             overage=overage,

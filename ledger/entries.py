@@ -56,6 +56,7 @@ class UsageAllocated(msgspec.Struct, frozen=True, tag="usage_allocated", tag_fie
     booked_at: int | None = None
     cached_prompt_tokens: int = 0  # of prompt_tokens, those served from a prefix cache
     prompt_version: str | None = None  # the usage event's: the prompt version that built the request
+    api_key_id: str | None = None  # the usage event's: the API key (id) the request was made with
 
 
 class AllocationCorrected(

@@ -139,6 +139,9 @@ class UsageRecorded(msgspec.Struct, frozen=True, tag="usage_recorded", tag_field
     # The span (in `trace_id`) the request's generation ran under: the fold's span is its child
     # (streams.fold_tracing). None when tracing was off.
     parent_span_id: SpanId | None = None
+    # The API key the request was made with (its key id, never the key): per-key budgets count usage by
+    # it. None for usage without a key (tools, tests) and in events written before it existed.
+    api_key_id: Identifier | None = None
 
     kind_order: ClassVar[int] = 2
 

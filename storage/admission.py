@@ -40,5 +40,7 @@ class AdmissionHold(Base):
         BigInteger
     )  # hold_timeout_ms, then settle_timeout_ms once finished
     finished_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # The API key of the request when the key has a budget (migration 0016): its holds count against it.
+    api_key_id: Mapped[str | None] = mapped_column(Text, index=True)
 
     __table_args__ = (CheckConstraint("amount >= 0", name="amount_non_negative"),)

@@ -4,7 +4,7 @@ balances (latest per tenant), projector_offsets."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, Identity, Index, Integer, LargeBinary, Text
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, Identity, Index, Integer, LargeBinary, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -47,6 +47,8 @@ class LedgerEntry(Base):
     cached_prompt_tokens: Mapped[int | None] = mapped_column(BigInteger)
     # A usage entry's prompt version (`name@version`, the named system prompt it was built with); else NULL.
     prompt_version: Mapped[str | None] = mapped_column(Text)
+    # A usage entry's API key id (per-key budgets sum usage by key and time, migration 0016); else NULL.
+    api_key_id: Mapped[str | None] = mapped_column(Text)
     payload: Mapped[dict] = mapped_column(JSONB)  # the entry as encode_entry wrote it
     source_topic: Mapped[str] = mapped_column(Text)
     source_partition: Mapped[int] = mapped_column(Integer)
@@ -70,6 +72,12 @@ class LedgerEntry(Base):
         Index(None, "tenant_id", "sequence"),
         Index(None, "booked_at_ms"),
         Index("ix_ledger_entries_tenant_id_chain_sequence", "tenant_id", "chain_sequence", unique=True),
+        Index(
+            "ix_ledger_entries_api_key_id_occurred_at_ms",
+            "api_key_id",
+            "occurred_at_ms",
+            postgresql_where=text("api_key_id IS NOT NULL"),
+        ),
     )
 
 

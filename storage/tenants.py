@@ -40,8 +40,18 @@ class ApiKey(Base):
     secret_sha256: Mapped[bytes] = mapped_column(LargeBinary)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # Spend limits in credits per UTC day and per UTC calendar month (migration 0016); NULL: no limit.
+    # Admission enforces them (gateway.admission.budgets) from the usage entries carrying the key's id.
+    daily_credits: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_credits: Mapped[int | None] = mapped_column(BigInteger)
 
-    __table_args__ = (CheckConstraint("octet_length(secret_sha256) = 32", name="secret_sha256_length"),)
+    __table_args__ = (
+        CheckConstraint("octet_length(secret_sha256) = 32", name="secret_sha256_length"),
+        CheckConstraint("daily_credits IS NULL OR daily_credits >= 0", name="daily_credits_non_negative"),
+        CheckConstraint(
+            "monthly_credits IS NULL OR monthly_credits >= 0", name="monthly_credits_non_negative"
+        ),
+    )
 
 
 class Grant(Base):

@@ -177,6 +177,7 @@ def _entry_row(payload: dict, entry_id: str, record: LogRecord, now_ms: int) -> 
         "amount": _first_int(payload, ENTRY_AMOUNT_FIELDS),
         "cached_prompt_tokens": _first_int(payload, ("cached_prompt_tokens",)),  # usage entries only
         "prompt_version": payload.get("prompt_version"),  # usage entries built with a prompt version
+        "api_key_id": payload.get("api_key_id"),  # usage entries of requests made with an API key
         "payload": payload,
         "source_topic": record.topic,
         "source_partition": record.partition,

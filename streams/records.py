@@ -65,6 +65,9 @@ class BalanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # (expires_at, remaining) of the blocks in `balance` that expire, so admission can stop counting a
     # block at its expiry, before the forfeit is published (gateway.ledger_view). Empty in older records.
     expiring: tuple[tuple[int, int], ...] = ()
+    # (grant_id, effective_at, amount, expires_at) of the grants not yet effective at `as_of`, soonest
+    # first: the pending balance (README "Three balances"). Empty in older records.
+    pending: tuple[tuple[str, int, int, int | None], ...] = ()
 
 
 class ApiKeyRevoked(msgspec.Struct, frozen=True, tag="api_key_revoked", tag_field="type", kw_only=True):

@@ -284,11 +284,41 @@ def tenants_create(
         _show(client.post("/admin/v1/tenants", json={"name": name, "tier": tier}))
 
 
+DailyCredits = Annotated[
+    int | None, typer.Option(help="Spend limit in credits per UTC day; default none.")
+]
+MonthlyCredits = Annotated[
+    int | None, typer.Option(help="Spend limit in credits per UTC calendar month; default none.")
+]
+
+
 @keys_app.command("create")
-def keys_create(tenant_id: str, url: Url = None, admin_token: AdminToken = None) -> None:
-    """Issue an API key for a tenant (the secret is shown once)."""
+def keys_create(
+    tenant_id: str,
+    daily_credits: DailyCredits = None,
+    monthly_credits: MonthlyCredits = None,
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Issue an API key for a tenant (the secret is shown once), optionally with budgets."""
+    limits = {"daily_credits": daily_credits, "monthly_credits": monthly_credits}
+    body = {name: value for name, value in limits.items() if value is not None}
     with _admin(url, admin_token) as client:
-        _show(client.post(f"/admin/v1/tenants/{tenant_id}/keys"))
+        _show(client.post(f"/admin/v1/tenants/{tenant_id}/keys", json=body or None))
+
+
+@keys_app.command("budget")
+def keys_budget(
+    key_id: str,
+    daily_credits: DailyCredits = None,
+    monthly_credits: MonthlyCredits = None,
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """Replace a key's budgets (an option left out: no limit in that window)."""
+    body = {"daily_credits": daily_credits, "monthly_credits": monthly_credits}
+    with _admin(url, admin_token) as client:
+        _show(client.put(f"/admin/v1/keys/{key_id}/budget", json=body))
 
 
 @credits_app.command("grant")
@@ -340,7 +370,8 @@ def balance(
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:
-    """A tenant's balance, overage and blocks at a point in time (T), as known at another (K)."""
+    """A tenant's three balances (settled, live: settled minus open holds, pending: grants not yet
+    effective), overage and blocks at a point in time (T), as known at another (K)."""
     params = {name: value for name, value in (("at", at), ("as_known_at", as_known_at)) if value}
     with _admin(url, admin_token) as client:
         _show(client.get(f"/admin/v1/tenants/{tenant_id}/balance", params=params or None))

@@ -140,7 +140,14 @@ async def existing_tenant(session: AsyncSession, tenant_id: str, *, lock: bool =
     return tenant
 
 
-async def issue_key(session: AsyncSession, tenant_id: str, now_ms: int) -> tuple[ApiKey, GeneratedKey]:
+async def issue_key(
+    session: AsyncSession,
+    tenant_id: str,
+    now_ms: int,
+    daily_credits: int | None = None,
+    monthly_credits: int | None = None,
+) -> tuple[ApiKey, GeneratedKey]:
+    """A new key, with its spend limits in credits per UTC day and month when given (None: no limit)."""
     await existing_tenant(session, tenant_id)
     generated = generate_api_key()
     api_key = ApiKey(
@@ -150,10 +157,26 @@ async def issue_key(session: AsyncSession, tenant_id: str, now_ms: int) -> tuple
         secret_sha256=generated.secret_sha256,
         created_at_ms=now_ms,
         revoked_at_ms=None,
+        daily_credits=daily_credits,
+        monthly_credits=monthly_credits,
     )
     session.add(api_key)
     await session.flush()
     return api_key, generated
+
+
+async def set_key_budget(
+    session: AsyncSession, key_id: str, daily_credits: int | None, monthly_credits: int | None
+) -> ApiKey:
+    """Replace the key's spend limits (None: no limit). Gateways see it within their auth cache's ttl;
+    strict admission reads the limits from the key's row at each reservation."""
+    api_key = await session.get(ApiKey, key_id, with_for_update=True)
+    if api_key is None:
+        raise AdminError(404, "key_id", f"no key {key_id!r}")
+    api_key.daily_credits = daily_credits
+    api_key.monthly_credits = monthly_credits
+    await session.flush()
+    return api_key
 
 
 async def revoke_key(session: AsyncSession, key_id: str, now_ms: int) -> ApiKey:

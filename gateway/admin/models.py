@@ -23,6 +23,7 @@ from ledger.events import (
     MODEL_NAME_LENGTH_MAX,
     PRICE_MAX,
     REFERENCE_LENGTH_MAX,
+    TENANT_CREDIT_MAX,
     TENANT_ID_PATTERN,
     TIMESTAMP_MAX_MS,
 )
@@ -101,12 +102,30 @@ class TenantView(BaseModel):
     created_at: int
 
 
+class KeyBudgetFields(BaseModel):
+    """An API key's spend limits in credits per UTC day and UTC calendar month; null: no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    daily_credits: StrictInt | None = Field(default=None, ge=0, le=TENANT_CREDIT_MAX)
+    monthly_credits: StrictInt | None = Field(default=None, ge=0, le=TENANT_CREDIT_MAX)
+
+
 class KeyCreated(BaseModel):
     key_id: str
     key: str = Field(description="the full key; shown only in this response, stored hashed")
     prefix: str
     tenant_id: str
     created_at: int
+    daily_credits: int | None = None
+    monthly_credits: int | None = None
+
+
+class KeyBudgetView(BaseModel):
+    key_id: str
+    tenant_id: str
+    daily_credits: int | None
+    monthly_credits: int | None
 
 
 class KeyRevoked(BaseModel):
@@ -176,10 +195,28 @@ class CreditBlockView(BaseModel):
     priority: int
 
 
+class PendingGrantView(BaseModel):
+    grant_id: str
+    amount: int
+    effective_at: int
+    expires_at: int | None
+
+
 class BalanceView(BaseModel):
+    """The three balances (README "Three balances"), in credits."""
+
     tenant_id: str
     at: int
-    balance: int
+    balance: int = Field(description="the settled balance (same as `settled`; kept for compatibility)")
+    settled: int = Field(description="the fold of the ledger at `at`: credit of the grants in effect, unused")
+    live: int | None = Field(
+        default=None,
+        description="settled minus the open holds of admitted requests: what admission spends against. "
+        "Only for now (no `at`, no `as_known_at`) and where the admission runs (else null)",
+    )
+    held: int | None = Field(default=None, description="the open holds `live` subtracts (null with live)")
+    pending_total: int = Field(description="credit of the grants not yet effective at `at`")
+    pending: list[PendingGrantView] = Field(description="the grants not yet effective at `at`, soonest first")
     overage: int
     blocks: list[CreditBlockView]
 

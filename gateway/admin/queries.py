@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -12,9 +12,10 @@ from fastapi import HTTPException
 from sqlalchemy import func, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.admin.models import BalanceView, CreditBlockView, EntriesPage
+from gateway.admin.models import BalanceView, CreditBlockView, EntriesPage, PendingGrantView
 from ledger.codec import decode_input_event
 from ledger.events import InvalidEvent
+from ledger.pending import pending_grants
 from ledger.tenant import TenantLedger
 from storage.projections import LedgerEntry, LedgerEvent
 from storage.snapshots import (
@@ -43,18 +44,25 @@ def known_by(column_known: Any, column_recorded: Any, as_known_at_ms: int | None
 
 
 async def balance_at(
-    session: AsyncSession, tenant_id: str, at_ms: int, events_max: int, as_known_at_ms: int | None = None
-) -> BalanceView:
+    session: AsyncSession,
+    tenant_id: str,
+    at_ms: int,
+    events_max: int,
+    as_known_at_ms: int | None = None,
+    render: Callable[[TenantLedger, int], Any] | None = None,
+) -> Any:
     """Fold every archived input event of the tenant (in any order: the fold does not care) and ask at T;
     with K (`as_known_at_ms`), only the events the log had accepted by K: the ledger as it stood at K.
 
     Exact for any T, past or present, for the events archived so far. From the latest snapshot usable at
     K plus the events known after it when there is one (storage.snapshots), else from the whole archive.
+    `render(ledger, at_ms)` makes the answer from the folded ledger (default: the BalanceView).
     """
+    render = render or _balance_view
     snapshot = await latest_snapshot(session, tenant_id, as_known_at_ms)
     if snapshot is not None:
         try:
-            return await _balance_from_snapshot(session, snapshot, at_ms, events_max, as_known_at_ms)
+            return await _balance_from_snapshot(session, snapshot, at_ms, events_max, as_known_at_ms, render)
         except SnapshotStale as stale:
             logger.warning("balance of %s: snapshot not usable (%s), folding the archive", tenant_id, stale)
     ledger = TenantLedger(tenant_id)
@@ -82,12 +90,17 @@ async def balance_at(
         # Off the request loop: a thread folds each chunk while the loop serves other requests (a busy
         # tenant's archive is seconds of CPU; the completion routes share this loop).
         await asyncio.to_thread(_fold_chunk, ledger, chunk)
-    return await asyncio.to_thread(_balance_view, ledger, at_ms)
+    return await asyncio.to_thread(render, ledger, at_ms)
 
 
 async def _balance_from_snapshot(
-    session: AsyncSession, snapshot: AuditSnapshot, at_ms: int, events_max: int, as_known_at_ms: int | None
-) -> BalanceView:
+    session: AsyncSession,
+    snapshot: AuditSnapshot,
+    at_ms: int,
+    events_max: int,
+    as_known_at_ms: int | None,
+    render: Callable[[TenantLedger, int], Any],
+) -> Any:
     rows = await events_known_after(
         session, snapshot.tenant_id, snapshot.known_through_ms, as_known_at_ms, events_max + 1
     )
@@ -96,7 +109,7 @@ async def _balance_from_snapshot(
     events = decoded_events(snapshot.tenant_id, [payload for _, _, payload in rows])
     edges: Edges = {}
     ledger = await with_edges(session, snapshot, lambda found: folded_on(snapshot, found, events), edges)
-    return await with_edges(session, snapshot, lambda _: _balance_view(ledger, at_ms), edges)
+    return await with_edges(session, snapshot, lambda _: render(ledger, at_ms), edges)
 
 
 def _fold_chunk(ledger: TenantLedger, payloads: Sequence[dict]) -> None:
@@ -120,13 +133,35 @@ def _balance_view(ledger: TenantLedger, at_ms: int) -> BalanceView:
         )
         for block in ledger.blocks_at(at_ms)
     ]
+    settled = ledger.balance_at(at_ms)
+    pending = [
+        PendingGrantView(
+            grant_id=grant.grant_id,
+            amount=grant.amount,
+            effective_at=grant.effective_at,
+            expires_at=grant.expires_at,
+        )
+        for grant in pending_grants(ledger.account.blocks.values(), at_ms)
+    ]
     return BalanceView(
         tenant_id=tenant_id,
         at=at_ms,
-        balance=ledger.balance_at(at_ms),
+        balance=settled,
+        settled=settled,
+        pending_total=sum(grant.amount for grant in pending),
+        pending=pending,
         overage=ledger.overage_at(at_ms),
         blocks=blocks,
     )
+
+
+async def open_holds(app: Any, tenant_id: str) -> int | None:
+    """The tenant's open holds as the admission of this app counts them (fast mode: this process's;
+    strict mode: every gateway's, from Postgres); None when this app admits no requests."""
+    runtime = getattr(app.state, "runtime", None)
+    admission = getattr(runtime, "admission", None)
+    held = getattr(admission, "held", None)
+    return None if held is None else await held(tenant_id)
 
 
 def entry_view(sequence: int, entry_id: str, payload: dict) -> dict:

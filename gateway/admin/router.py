@@ -22,7 +22,7 @@ recording publisher):
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.admin import audit, audit_log, commands, credentials, finance, model_routes, policies, queries
@@ -47,6 +47,8 @@ from gateway.admin.models import (
     GrantCreate,
     GrantView,
     IdempotencyKey,
+    KeyBudgetFields,
+    KeyBudgetView,
     KeyCreated,
     KeyRevoked,
     TenantCreate,
@@ -113,11 +115,18 @@ async def create_tenant(
 
 @router.post("/tenants/{tenant_id}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
 async def create_key(
-    tenant_id: TenantIdPath, sessions: Sessions, clock: Clock, response: Response
+    tenant_id: TenantIdPath,
+    sessions: Sessions,
+    clock: Clock,
+    response: Response,
+    body: Annotated[KeyBudgetFields, Body()] = KeyBudgetFields(),  # noqa: B008 (immutable, never mutated)
 ) -> KeyCreated:
-    """A new API key. The full key is in this response only (stored hashed): keep it."""
+    """A new API key, with optional spend limits (`daily_credits`, `monthly_credits`: credits per UTC
+    day and calendar month). The full key is in this response only (stored hashed): keep it."""
     async with sessions() as session, session.begin():
-        api_key, generated = await commands.issue_key(session, tenant_id, clock())
+        api_key, generated = await commands.issue_key(
+            session, tenant_id, clock(), body.daily_credits, body.monthly_credits
+        )
     response.headers["Cache-Control"] = "no-store"
     return KeyCreated(
         key_id=api_key.key_id,
@@ -125,6 +134,22 @@ async def create_key(
         prefix=api_key.prefix,
         tenant_id=api_key.tenant_id,
         created_at=api_key.created_at_ms,
+        daily_credits=api_key.daily_credits,
+        monthly_credits=api_key.monthly_credits,
+    )
+
+
+@router.put("/keys/{key_id}/budget", response_model=KeyBudgetView)
+async def set_key_budget(key_id: Identifier, body: KeyBudgetFields, sessions: Sessions) -> KeyBudgetView:
+    """Replace the key's spend limits (a null or absent field: no limit in that window). Gateways apply
+    it within their key cache's ttl (TOLLGATE_AUTH_CACHE_TTL_MS); strict admission at once."""
+    async with sessions() as session, session.begin():
+        api_key = await commands.set_key_budget(session, key_id, body.daily_credits, body.monthly_credits)
+    return KeyBudgetView(
+        key_id=api_key.key_id,
+        tenant_id=api_key.tenant_id,
+        daily_credits=api_key.daily_credits,
+        monthly_credits=api_key.monthly_credits,
     )
 
 
@@ -175,6 +200,7 @@ async def void_grant(
 
 @router.get("/tenants/{tenant_id}/balance", response_model=BalanceView)
 async def get_balance(
+    request: Request,
     tenant_id: TenantIdPath,
     sessions: Sessions,
     settings: Settings,
@@ -184,10 +210,17 @@ async def get_balance(
         TimeMs | None, Query(description="the ledger as it stood then (knowledge time); default now")
     ] = None,
 ) -> BalanceView:
+    """The three balances: settled (the fold at T), live (settled minus open holds, for now only, where
+    this process admits requests) and pending (grants not yet effective at T)."""
     at_ms = at if at is not None else clock()
     async with sessions() as session, session.begin():
         await commands.existing_tenant(session, tenant_id)
-        return await queries.balance_at(session, tenant_id, at_ms, settings.balance_events_max, as_known_at)
+        view = await queries.balance_at(session, tenant_id, at_ms, settings.balance_events_max, as_known_at)
+    if at is None and as_known_at is None:
+        held = await queries.open_holds(request.app, tenant_id)
+        if held is not None:
+            view = view.model_copy(update={"held": held, "live": view.settled - held})
+    return view
 
 
 @router.get("/tenants/{tenant_id}/entries", response_model=EntriesPage)

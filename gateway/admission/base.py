@@ -19,7 +19,10 @@ message, and the headers (Retry-After, x-ratelimit-*, x-should-retry).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gateway.admission.budgets import KeyBudget
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class AdmissionRequest:
     prompt_tokens: int
     max_tokens: int
     estimated_cost: int  # prompt tokens + max_tokens at the model's integer prices
+    budget: KeyBudget | None = None  # the API key's spend limits, when it has any (gateway.admission.budgets)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Rejection(Exception):
     status_code: int = 429
     error_type: str = "rate_limit_exceeded"
     code: str = "rate_limit_exceeded"
+    param: str | None = None  # the limit that refused it, where one is named (a key's budget)
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

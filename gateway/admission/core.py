@@ -10,7 +10,17 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from gateway.admission.base import AdmissionRequest, CreditExhausted, Rejection, Reservation
+from gateway.admission.budgets import (
+    KeyBudget,
+    KeySpend,
+    KeySpendReader,
+    budget_exceeded,
+    budget_headers,
+    exceeded_window,
+)
 from gateway.admission.holds import Hold, LocalHolds
 from gateway.admission.metrics import REASON_CREDIT, AdmissionMetrics
 from gateway.admission.rate_limit import RateLimiter
@@ -23,6 +33,17 @@ logger = logging.getLogger(__name__)
 
 class CreditBalanceExhausted(CreditExhausted):
     reason = REASON_CREDIT
+
+
+def limited_budget(request: AdmissionRequest) -> KeyBudget | None:
+    """The request's key budget when it limits anything; None for a key without one."""
+    budget = request.budget
+    return budget if budget is not None and budget.limited else None
+
+
+def budget_key_id(request: AdmissionRequest) -> str | None:
+    budget = limited_budget(request)
+    return budget.key_id if budget is not None else None
 
 
 def rate_tokens(request: AdmissionRequest) -> int:
@@ -57,6 +78,7 @@ class AdmissionCore:
         *,
         metrics: AdmissionMetrics | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
+        engine: AsyncEngine | None = None,
     ) -> None:
         self.view = view
         self.settings = settings
@@ -64,6 +86,13 @@ class AdmissionCore:
         self.clock_ms = clock_ms
         self.rate_limiter = RateLimiter(settings)
         self.holds = LocalHolds()
+        # Keys' usage in their budget windows (fast mode; strict mode reads it in its reservation).
+        self.key_spend = KeySpendReader(
+            engine,
+            settings.budget_spend_cache_ttl_ms,
+            settings.view_staleness_max_ms,
+            settings.view_unavailable_retry_after_s,
+        )
         self._sweeper: asyncio.Task | None = None
         view.add_listener(self._folded)
 
@@ -97,6 +126,18 @@ class AdmissionCore:
         except Rejection as rejection:
             raise self._refused(rejection) from None
 
+    def _check_key_budget(
+        self, request: AdmissionRequest, budget: KeyBudget, entries: KeySpend, now_ms: int
+    ) -> dict[str, str]:
+        """The key's usage entries plus this process's holds of the key, against its limits: synchronous,
+        so with the hold taken after it (no await between) one step on the event loop. Returns the
+        x-ratelimit-*-credits headers; raises the (counted) 429 naming the budget."""
+        spend = entries.plus(self.holds.key_total(budget.key_id))
+        window = exceeded_window(budget, spend, request.estimated_cost)
+        if window is not None:
+            raise self._refused(budget_exceeded(budget, window, spend, request.estimated_cost, now_ms))
+        return budget_headers(budget, spend, request.estimated_cost, now_ms)
+
     def _refused(self, rejection: Rejection) -> Rejection:
         self.metrics.rejections.labels(reason=getattr(rejection, "reason", rejection.code)).inc()
         return rejection
@@ -109,6 +150,7 @@ class AdmissionCore:
                 request.tenant_id,
                 request.estimated_cost,
                 now_ms + self.settings.hold_timeout_ms,
+                api_key_id=budget_key_id(request),
             )
         )
         self.view.watch(request.tenant_id, request.request_id)

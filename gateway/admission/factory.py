@@ -35,7 +35,8 @@ def build_admission(
         if engine is None:
             raise ValueError("strict admission needs a database engine (TOLLGATE_ADMISSION_MODE=strict)")
         return StrictAdmission(view, settings, engine, metrics=metrics, clock_ms=clock_ms)
-    return FastAdmission(view, settings, metrics=metrics, clock_ms=clock_ms)
+    # The engine (when given) reads keys' usage for their budgets.
+    return FastAdmission(view, settings, metrics=metrics, clock_ms=clock_ms, engine=engine)
 
 
 @dataclass

@@ -20,7 +20,7 @@ for a balance worth 10 requests). Use strict mode when that matters more than la
 from __future__ import annotations
 
 from gateway.admission.base import AdmissionRequest, Rejection, Reservation
-from gateway.admission.core import AdmissionCore, check_request, credit_exhausted
+from gateway.admission.core import AdmissionCore, check_request, credit_exhausted, limited_budget
 from gateway.admission.view_guard import require_fresh_view
 
 
@@ -33,6 +33,12 @@ class FastAdmission(AdmissionCore):
             await require_fresh_view(self.view, self.settings, self.clock_ms())
         except Rejection as rejection:
             raise self._refused(rejection) from None
+        budget = limited_budget(request)
+        if budget is not None:  # the key's usage entries, read (or cached) before the atomic step
+            try:
+                key_entries = await self.key_spend.spent(budget, self.clock_ms())
+            except Rejection as rejection:
+                raise self._refused(rejection) from None
         # From here to the return there is no await: check and hold are one step on the event loop.
         now_ms = self.clock_ms()
         tenant_id = request.tenant_id
@@ -41,8 +47,9 @@ class FastAdmission(AdmissionCore):
         if request.estimated_cost > 0 and not self._fits(tenant_id, request.estimated_cost, now_ms):
             headers = self.rate_limiter.peek_headers(tenant_id, request.tier, now_ms)
             raise self._refused(credit_exhausted(request, available, headers))
+        credits = {} if budget is None else self._check_key_budget(request, budget, key_entries, now_ms)
         headers = self._take_hold_slot_and_rate(request, now_ms)
-        return self._held(request, now_ms, headers)
+        return self._held(request, now_ms, {**headers, **credits})
 
     async def finish(self, reservation: Reservation, actual_cost: int) -> None:
         hold = self._finish_locally(reservation, actual_cost, self.clock_ms())
@@ -51,6 +58,10 @@ class FastAdmission(AdmissionCore):
 
     async def release(self, reservation: Reservation) -> None:
         self._release_locally(reservation)
+
+    async def held(self, tenant_id: str) -> int:
+        """The tenant's open holds in this process (the live balance subtracts them)."""
+        return self.holds.total(tenant_id)
 
     def available(self, tenant_id: str, now_ms: int) -> int:
         """The view's balance spendable now minus this process's holds (may be negative)."""

@@ -22,6 +22,7 @@ class Hold:
     amount: int
     deadline_ms: int
     finished: bool = False
+    api_key_id: str | None = None  # set when the request's key has a budget: the hold counts against it
 
 
 @dataclass(slots=True)
@@ -38,10 +39,15 @@ class LocalHolds:
     def __init__(self) -> None:
         self._tenants: dict[str, _TenantHolds] = {}
         self._tenant_of: dict[str, str] = {}  # request id -> tenant id
+        self._key_totals: dict[str, int] = {}  # api key id -> its holds' total (keys with a budget only)
 
     def total(self, tenant_id: str) -> int:
         tenant = self._tenants.get(tenant_id)
         return tenant.total if tenant is not None else 0
+
+    def key_total(self, api_key_id: str) -> int:
+        """What this process holds for requests made with the key (gateway.admission.budgets)."""
+        return self._key_totals.get(api_key_id, 0)
 
     def count(self, tenant_id: str) -> int:
         tenant = self._tenants.get(tenant_id)
@@ -64,6 +70,8 @@ class LocalHolds:
         tenant.total += hold.amount
         heapq.heappush(tenant.deadlines, (hold.deadline_ms, hold.request_id))
         self._tenant_of[hold.request_id] = hold.tenant_id
+        if hold.api_key_id is not None:
+            self._key_totals[hold.api_key_id] = self._key_totals.get(hold.api_key_id, 0) + hold.amount
 
     def finish(self, request_id: str, actual_amount: int, deadline_ms: int) -> Hold | None:
         """The request ended: hold what it actually cost until it is folded. None: no such hold."""
@@ -73,6 +81,9 @@ class LocalHolds:
             return None
         tenant = self._tenants[hold.tenant_id]
         tenant.total += actual_amount - hold.amount
+        if hold.api_key_id is not None:
+            key_total = self._key_totals.get(hold.api_key_id, 0) + actual_amount - hold.amount
+            self._key_totals[hold.api_key_id] = key_total
         hold.amount = actual_amount
         hold.finished = True
         hold.deadline_ms = deadline_ms
@@ -87,6 +98,11 @@ class LocalHolds:
         hold = tenant.holds.pop(request_id)
         tenant.total -= hold.amount
         assert tenant.total >= 0, f"tenant {tenant_id!r} holds a negative total {tenant.total}"
+        if hold.api_key_id is not None:
+            key_total = self._key_totals.pop(hold.api_key_id, 0) - hold.amount
+            assert key_total >= 0, f"key {hold.api_key_id!r} holds a negative total {key_total}"
+            if key_total:
+                self._key_totals[hold.api_key_id] = key_total
         if not tenant.holds:
             del self._tenants[tenant_id]
         elif len(tenant.deadlines) > HEAP_SLACK_FACTOR * len(tenant.holds) + HEAP_SLACK_MIN:

@@ -57,3 +57,7 @@ class AdmissionSettings(CommonSettings):
     # Folded holds waiting to be deleted in Postgres (beyond it they are left to expire), and per batch.
     strict_settle_queue_max: int = Field(default=100_000, ge=1)
     strict_settle_batch_max: int = Field(default=500, ge=1)  # finished holds deleted per round trip
+
+    # Budgets per API key, fast mode: a key's usage entries in its windows are read from Postgres at most
+    # this often per key (strict mode reads them in every reservation). Its own holds count at once.
+    budget_spend_cache_ttl_ms: int = Field(default=1_000, ge=0)

@@ -29,7 +29,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.admission.base import AdmissionRequest, Overloaded, Rejection, Reservation
-from gateway.admission.core import AdmissionCore, check_request, credit_exhausted, rate_tokens
+from gateway.admission.budgets import budget_exceeded, budget_headers, budget_unavailable
+from gateway.admission.core import (
+    AdmissionCore,
+    budget_key_id,
+    check_request,
+    credit_exhausted,
+    limited_budget,
+    rate_tokens,
+)
 from gateway.admission.holds import Hold
 from gateway.admission.metrics import REASON_STORE_UNAVAILABLE, AdmissionMetrics
 from gateway.admission.settings import AdmissionSettings
@@ -58,7 +66,7 @@ class StrictAdmission(AdmissionCore):
         metrics: AdmissionMetrics | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
-        super().__init__(view, settings, metrics=metrics, clock_ms=clock_ms)
+        super().__init__(view, settings, metrics=metrics, clock_ms=clock_ms, engine=engine)
         self.store = StrictStore(engine)
         self._settlements: asyncio.Queue[Settlement] = asyncio.Queue(maxsize=settings.strict_settle_queue_max)
         self._settler: asyncio.Task | None = None
@@ -101,6 +109,7 @@ class StrictAdmission(AdmissionCore):
                     now_ms=now_ms,
                     expires_at_ms=now_ms + self.settings.hold_timeout_ms,
                     holds_max=self.settings.tenant_holds_max,
+                    api_key_id=budget_key_id(request),
                 )
         except (TimeoutError, SQLAlchemyError, asyncio.CancelledError) as error:
             # The transaction may have committed just before: delete the hold it may have written.
@@ -109,15 +118,30 @@ class StrictAdmission(AdmissionCore):
             if isinstance(error, asyncio.CancelledError):
                 raise
             logger.warning("strict reservation of %s failed: %r", request.request_id, error)
+            budget = limited_budget(request)
+            if budget is not None:  # fail closed, saying which state was missing
+                raise self._refused(budget_unavailable(
+                    budget, "the reservation store (Postgres) did not answer",
+                    self.settings.view_unavailable_retry_after_s,
+                )) from None
             raise self._refused(ReservationStoreUnavailable(
                 "The credit reservation store did not answer in time; try again shortly.",
                 headers={"retry-after": str(self.settings.view_unavailable_retry_after_s)},
             )) from None
+        if result.budget_refused is not None:
+            budget, spend = result.budget, result.spend
+            assert budget is not None and spend is not None, f"a budget refusal without its state: {result}"
+            self.rate_limiter.give_back(tenant_id, rate_tokens(request), self.clock_ms())
+            window = result.budget_refused
+            raise self._refused(budget_exceeded(budget, window, spend, request.estimated_cost, now_ms))
         if not result.reserved:
             headers = self.rate_limiter.give_back(tenant_id, rate_tokens(request), self.clock_ms())
             if result.holds >= self.settings.tenant_holds_max:
                 raise self._refused(too_many_holds(tenant_id, self.settings))
             raise self._refused(credit_exhausted(request, result.available, headers))
+        if result.budget is not None and result.spend is not None and result.budget.limited:
+            credits = budget_headers(result.budget, result.spend, request.estimated_cost, now_ms)
+            headers = {**headers, **credits}
         return self._held(request, now_ms, headers)
 
     async def finish(self, reservation: Reservation, actual_cost: int) -> None:
@@ -142,6 +166,11 @@ class StrictAdmission(AdmissionCore):
                 await self.store.release([reservation.request_id])
         except (TimeoutError, SQLAlchemyError) as error:
             logger.warning("could not release %s, it will expire: %r", reservation.request_id, error)
+
+    async def held(self, tenant_id: str) -> int:
+        """The tenant's open holds of every gateway, from Postgres (the live balance subtracts them)."""
+        _, held = await self.store.snapshot(tenant_id, self.clock_ms())
+        return held
 
     async def available(self, tenant_id: str) -> int:
         """The owner row's balance spendable now minus every gateway's open holds (introspection, tests)."""

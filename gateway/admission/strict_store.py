@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.admission.budgets import KeyBudget, KeySpend, Windows
 from gateway.ledger_view import PublishedBalance
 
 NO_BALANCE_OFFSET = -1  # an account row for a tenant no view has a balance for yet
@@ -60,6 +61,16 @@ SELECT reserved, spendable, held, holds FROM admission_reserve(
 )
 """)
 
+_RESERVE_KEY = text("""
+SELECT reserved, spendable, held, holds,
+       budget_refused, daily_limit, monthly_limit, daily_spent, monthly_spent
+FROM admission_reserve_key(
+    :api_key_id, :day_start_ms, :month_start_ms,
+    :tenant_id, :request_id, :amount, :balance, :applied_offset, :as_of_ms, CAST(:expiring AS JSONB),
+    :now_ms, :expires_at_ms, :holds_max
+)
+""")
+
 _FINISH = text("""
 UPDATE admission_holds SET amount = :amount, finished_at_ms = :now_ms, expires_at_ms = :expires_at_ms
 WHERE request_id = :request_id
@@ -74,6 +85,11 @@ class ReserveResult:
     spendable: int  # the owner row's balance, without blocks expired by now
     held: int  # the tenant's other open holds, across every gateway
     holds: int
+    # A key with a budget (admission_reserve_key): the window refused (None: not refused), the key's
+    # limits as its row has them now, and its spend (usage entries + open holds) before this request.
+    budget_refused: str | None = None
+    budget: KeyBudget | None = None
+    spend: KeySpend | None = None
 
     @property
     def available(self) -> int:
@@ -127,16 +143,38 @@ class StrictStore:
         now_ms: int,
         expires_at_ms: int,
         holds_max: int,
+        api_key_id: str | None = None,
     ) -> ReserveResult:
+        """With `api_key_id` (a key with a budget), admission_reserve_key: the key's row lock, its spend
+        against its limits, then the tenant's reservation, in one statement (migration 0016)."""
         parameters = _account_parameters(tenant_id, view_balance, now_ms) | {
             "request_id": request_id,
             "amount": amount,
             "expires_at_ms": expires_at_ms,
             "holds_max": holds_max,
         }
-        # One statement in its own transaction: the row lock is held only while the server runs it.
-        [row] = await self._execute_alone(_RESERVE, parameters)
-        return ReserveResult(reserved=row.reserved, spendable=row.spendable, held=row.held, holds=row.holds)
+        if api_key_id is None:
+            # One statement in its own transaction: the row lock is held only while the server runs it.
+            [row] = await self._execute_alone(_RESERVE, parameters)
+            return ReserveResult(
+                reserved=row.reserved, spendable=row.spendable, held=row.held, holds=row.holds
+            )
+        windows = Windows.at(now_ms)
+        parameters |= {
+            "api_key_id": api_key_id,
+            "day_start_ms": windows.day_start_ms,
+            "month_start_ms": windows.month_start_ms,
+        }
+        [row] = await self._execute_alone(_RESERVE_KEY, parameters)
+        return ReserveResult(
+            reserved=row.reserved,
+            spendable=row.spendable,
+            held=row.held,
+            holds=row.holds,
+            budget_refused=row.budget_refused,
+            budget=KeyBudget(api_key_id, row.daily_limit, row.monthly_limit),
+            spend=KeySpend(int(row.daily_spent or 0), int(row.monthly_spent or 0)),
+        )
 
     async def finish(self, request_id: str, amount: int, now_ms: int, expires_at_ms: int) -> None:
         await self._execute_alone(

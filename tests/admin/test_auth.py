@@ -54,6 +54,7 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/tenants",
         "/admin/v1/tenants/{tenant_id}/keys",
         "/admin/v1/keys/{key_id}",
+        "/admin/v1/keys/{key_id}/budget",  # budgets per API key (issue 16)
         "/admin/v1/tenants/{tenant_id}/grants",
         "/admin/v1/grants/{grant_id}/void",
         "/admin/v1/tenants/{tenant_id}/balance",

@@ -23,6 +23,8 @@ FULLWIDTH_2024 = "\uff12\uff10\uff12\uff14"  # "２０２４"
 # A valid body for every route that takes one; the walk puts a NUL into each of its string fields.
 VALID_BODIES = {
     ("POST", "/admin/v1/tenants"): {"name": "Acme", "tier": "pro"},
+    ("POST", "/admin/v1/tenants/{tenant_id}/keys"): {"daily_credits": 100, "monthly_credits": 1000},
+    ("PUT", "/admin/v1/keys/{key_id}/budget"): {"daily_credits": 100, "monthly_credits": 1000},
     ("PUT", "/admin/v1/tenants/{tenant_id}/policy"): {"retention_days": 30, "safety": {"pii": ["email"]}},
     ("PUT", "/admin/v1/models/{alias}/route"): {
         "stable_model": "tollgate-tiny",
