@@ -467,6 +467,7 @@ Tollgate is running.
   api_key      {key}
   tenant_id    {demo["tenant_id"]}
   admin_token  {demo["admin_token"]}
+  console      {base_url.removesuffix("/v1")}/console  (sign in with the admin token)
   (saved in {demo_file})
 
 curl {base_url}/chat/completions \\

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POINTS_MIN = 2
+PROJECTION_MIN_MS = 60_000  # the projection reaches ahead as far as the history reaches back, at least this
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +90,9 @@ def project(remaining: int, consumed_in_window: int, window_ms: int, now_ms: int
 
 def chart(axis: Axis, blocks: list[Block], series: dict[str, list[int]], projection: Projection) -> dict:
     """The chart's JSON: uPlot's x in seconds, one series per block (the page stacks them), the expiry and
-    void markers, the now line and the projected line from now to the run-out time (or as far ahead as the
-    history reaches back)."""
-    horizon_ms = axis.now_ms + max(axis.now_ms - axis.t0_ms, 86_400_000)
+    void markers, the now line and the projected line from now to the run-out time or as far ahead as the
+    history reaches back, whichever is nearer (so "now" sits at the middle of the chart at most)."""
+    horizon_ms = axis.now_ms + max(axis.now_ms - axis.t0_ms, PROJECTION_MIN_MS)
     end_ms = horizon_ms if projection.runs_out_at_ms is None else min(projection.runs_out_at_ms, horizon_ms)
     left_at_end = projection.remaining
     if projection.runs_out_at_ms is not None:

@@ -140,7 +140,12 @@ async def history_page(
     found = (
         await session.execute(
             select(
-                e.sequence, e.entry_type, e.occurred_at_ms, func.coalesce(e.credits, 0), e.model, e.entry_id
+                e.sequence,
+                e.entry_type,
+                func.coalesce(e.occurred_at_ms, e.booked_at_ms),  # a grant's entry: when it was booked
+                func.coalesce(e.credits, 0),
+                e.model,
+                e.entry_id,
             )
             .where(and_(*wanted))
             .order_by(e.sequence.desc())

@@ -60,6 +60,7 @@
     for (var s = 2; s <= data.series.length; s++) bands.push({ series: [s, s - 1], fill: color(s - 1, 0.25) });
     return {
       width: el.clientWidth, height: 320, series: series, bands: bands,
+      scales: { y: { range: function (u, min, max) { return [0, Math.max(1, max) * 1.05]; } } },
       axes: [{}, { values: function (u, ticks) { return ticks.map(formatCredits); }, size: 80 }],
       hooks: { draw: [verticalLines(lines)] }, _columns: columns
     };
