@@ -18,11 +18,16 @@ A version's workers are `model_worker_urls[version]` (each version gets its own 
 gateway's `worker_urls`.
 
 Automatic rollback (`CanaryWatch`): every routed request's outcome (failed or not, its time to first
-token) is kept for `rollout_window_ms`; once both versions have at least `rollout_window_requests_min`
-requests in the window, the canary is rolled back when its error rate exceeds the stable version's by
-more than `rollout_error_rate_margin_percent` points, or its time-to-first-token p99 exceeds the stable
-version's by more than `rollout_ttft_p99_margin_ms`. A rollback sets the canary's share to 0 (state
-`rolled_back`, with the reason) in Postgres, so every gateway follows within its cache TTL.
+token) during a rollout is kept for `rollout_window_ms`; once both versions have at least
+`rollout_window_requests_min` requests in the window, the canary is rolled back when its error rate
+exceeds the stable version's by more than `rollout_error_rate_margin_percent` points, or its
+time-to-first-token p99 exceeds the stable version's by more than `rollout_ttft_p99_margin_ms`. The window
+is the deployment's, not one gateway's: each gateway writes its outcomes to `rollout_outcomes` at most
+every `rollout_share_interval_ms` and judges over every gateway's outcomes of the window since the rollout
+began (`RouteStore.share_outcomes`), so N gateways reach a verdict as soon as one would with all the
+traffic; in between, a gateway whose own outcomes (with the window it last read) already call for a
+rollback shares and judges at once. A rollback sets the canary's share to 0 (state `rolled_back`, with
+the reason) in Postgres, so every gateway follows within its cache TTL, and clears the alias's outcomes.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -43,7 +48,7 @@ from gateway.errors import ApiError
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
 from gateway.ttl_cache import TtlCache
-from storage.conversations import ModelRoute
+from storage.conversations import ModelRoute, RolloutOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ class Route:
     canary_percent: int
     state: str
     reason: str | None
+    since_ms: int = 0  # when the route was last set: a rollout's outcomes are those from then on
 
     def view(self) -> dict:
         return {
@@ -82,7 +88,15 @@ class Routed:
 
 
 def _route_of(row: ModelRoute) -> Route:
-    return Route(row.alias, row.stable_model, row.canary_model, row.canary_percent, row.state, row.reason)
+    return Route(
+        row.alias,
+        row.stable_model,
+        row.canary_model,
+        row.canary_percent,
+        row.state,
+        row.reason,
+        row.updated_at_ms,
+    )
 
 
 class RouteStore:
@@ -144,7 +158,39 @@ class RouteStore:
             if row.canary_model is None or row.state == ROLLED_BACK:
                 return _route_of(row)
             row.canary_percent, row.state, row.reason, row.updated_at_ms = 0, ROLLED_BACK, reason, now_ms
+            await session.execute(delete(RolloutOutcome).where(RolloutOutcome.alias == alias))
             return _route_of(row)
+
+    async def share_outcomes(
+        self, route: Route, outcomes: list[Outcome], now_ms: int, window_ms: int
+    ) -> list[Outcome]:
+        """Add this gateway's outcomes of the route's rollout; every gateway's in the window since the
+        rollout began, oldest first (the newest WINDOW_OBSERVATIONS_MAX). Older ones are deleted."""
+        since = max(route.since_ms, now_ms - window_ms)
+        table = RolloutOutcome
+        async with self._sessions() as session, session.begin():
+            if outcomes:
+                await session.execute(
+                    insert(table),
+                    [
+                        {
+                            "alias": route.alias,
+                            "at_ms": o.at_ms,
+                            "role": o.role,
+                            "failed": o.failed,
+                            "ttft_ms": o.ttft_ms,
+                        }
+                        for o in outcomes
+                    ],
+                )
+            await session.execute(delete(table).where(table.alias == route.alias, table.at_ms < since))
+            rows = await session.execute(
+                select(table.at_ms, table.role, table.failed, table.ttft_ms)
+                .where(table.alias == route.alias, table.at_ms >= since)
+                .order_by(table.at_ms.desc())
+                .limit(WINDOW_OBSERVATIONS_MAX)
+            )
+            return [Outcome(*row) for row in reversed(rows.all())]
 
 
 def bucket_of(alias: str, sticky_key: str) -> int:
@@ -217,7 +263,9 @@ class ModelRouter:
         self._routes: TtlCache[str, Route | None] = TtlCache(
             self.store.get, self.settings.route_cache_ttl_ms, ROUTES_CACHED_MAX
         )
-        self._watches: dict[str, CanaryWatch] = {}
+        self._unshared: dict[str, list[Outcome]] = {}  # by alias: outcomes not yet written
+        self._shared_at_ms: dict[str, float] = {}  # by alias: when this gateway last shared (monotonic)
+        self._windows: dict[str, list[Outcome]] = {}  # by alias: every gateway's outcomes, as last shared
 
     def completions_for(self, model: str) -> CompletionService:
         return self.services.get(model, self.default_service)
@@ -247,18 +295,38 @@ class ModelRouter:
         return routed
 
     async def observe(self, routed: Routed, failed: bool, ttft_ms: float | None) -> None:
-        """A routed request's outcome; rolls the canary back when the watch says so."""
+        """A routed request's outcome. Shares this gateway's outcomes and judges the rollout over every
+        gateway's when `rollout_share_interval_ms` has passed, or at once when the outcomes it knows (the
+        last shared window and its own since) already call for a rollback; rolls the canary back if so."""
         route = await self._route(routed.alias)
         if route is None or route.state != CANARY:
             return
-        watch = self._watches.setdefault(routed.alias, CanaryWatch(self.settings))
-        now = time.monotonic() * 1000
-        watch.add(Outcome(now, routed.role, failed, ttft_ms))
-        reason = watch.verdict(now)
+        alias, now = routed.alias, self.wall_clock_ms()
+        unshared = self._unshared.setdefault(alias, [])
+        unshared.append(Outcome(now, routed.role, failed, ttft_ms))
+        shared_at, monotonic_ms = self._shared_at_ms.get(alias), time.monotonic() * 1000
+        due = (
+            shared_at is None
+            or monotonic_ms - shared_at >= self.settings.rollout_share_interval_ms
+            or len(unshared) >= WINDOW_OBSERVATIONS_MAX
+        )
+        if not due and self._verdict([*self._windows.get(alias, ()), *unshared], now) is None:
+            return
+        self._shared_at_ms[alias], self._unshared[alias] = monotonic_ms, []
+        window = await self.store.share_outcomes(route, unshared, now, self.settings.rollout_window_ms)
+        self._windows[alias] = window
+        reason = self._verdict(window, now)
         if reason is None:
             return
-        rolled_back = await self.store.rollback(routed.alias, f"automatic: {reason}", self.wall_clock_ms())
-        self._routes.put(routed.alias, rolled_back)
-        self._watches.pop(routed.alias, None)
-        self.metrics.rollbacks.labels(routed.alias, "automatic").inc()
-        logger.warning("rolled back the canary of %s: %s", routed.alias, reason)
+        rolled_back = await self.store.rollback(alias, f"automatic: {reason}", self.wall_clock_ms())
+        self._routes.put(alias, rolled_back)
+        self._unshared.pop(alias, None)
+        self._windows.pop(alias, None)
+        self.metrics.rollbacks.labels(alias, "automatic").inc()
+        logger.warning("rolled back the canary of %s: %s", alias, reason)
+
+    def _verdict(self, outcomes: list[Outcome], now_ms: int) -> str | None:
+        watch = CanaryWatch(self.settings)
+        for outcome in outcomes:
+            watch.add(outcome)
+        return watch.verdict(now_ms)

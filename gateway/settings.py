@@ -85,6 +85,8 @@ class GatewaySettings(CommonSettings):
     rollout_error_rate_margin_percent: int = Field(default=5, ge=0, le=100)
     # the canary's time-to-first-token p99 may exceed the stable version's by this much
     rollout_ttft_p99_margin_ms: int = Field(default=500, ge=0)
+    # how often a gateway shares its canary outcomes and judges over every gateway's (0: at every request)
+    rollout_share_interval_ms: int = Field(default=1_000, ge=0)
     # how often the router's pools read each worker's queue depth from its /health (gateway.balancer)
     worker_load_poll_interval_ms: int = Field(default=500, ge=10)
     # OTLP/HTTP endpoint the gateway's traces go to (gateway.tracing); unset: tracing is off

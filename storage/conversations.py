@@ -8,6 +8,7 @@
     model_routes        the model router's control plane: an alias's stable and canary versions (0009)
     prompt_versions     named system prompts, by version (0009)
     model_evals         each version's score on the evaluation set, the promotion gate's evidence (0009)
+    rollout_outcomes    each routed request's outcome during a rollout, from every gateway (0018)
 
 Every row carries its `tenant_id` and every read filters on it: one tenant never reads another's. This
 is the only place conversation text is kept; the ledger's events hold token counts and ids only. The
@@ -17,7 +18,7 @@ retention has passed since `updated_at_ms` (conversations) or `created_at_ms` (r
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, ForeignKey, Identity, Index, Text
+from sqlalchemy import BigInteger, Boolean, Double, ForeignKey, Identity, Index, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.base import Base
@@ -120,3 +121,19 @@ class ModelEval(Base):
     cases: Mapped[int] = mapped_column(BigInteger)
     passed: Mapped[int] = mapped_column(BigInteger)
     evaluated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class RolloutOutcome(Base):
+    """One routed request's outcome while its alias has a canary (gateway.router): every gateway writes
+    its own, and each judges the canary over all of them in the window (migration 0018)."""
+
+    __tablename__ = "rollout_outcomes"
+
+    outcome_id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    alias: Mapped[str] = mapped_column(Text)
+    at_ms: Mapped[int] = mapped_column(BigInteger)  # wall clock: gateways compare their outcomes by it
+    role: Mapped[str] = mapped_column(Text)  # stable | canary
+    failed: Mapped[bool] = mapped_column(Boolean)
+    ttft_ms: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (Index(None, "alias", "at_ms"),)
