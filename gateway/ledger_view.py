@@ -72,11 +72,22 @@ class PublishedBalance:
     as_of_ms: int
     applied_offset: int  # highest ledger.events offset (of the tenant's partition) folded in
     expiring: tuple[tuple[int, int], ...] = ()  # (expires_at_ms, remaining) of blocks in `balance`
+    # (models, expires_at_ms, remaining) of the blocks in `balance` scoped to models; empty for most tenants
+    scoped: tuple[tuple[tuple[str, ...], int | None, int], ...] = ()
 
     def spendable_at(self, now_ms: int) -> int:
         """The balance without the blocks that have expired by now_ms (their forfeit may not be out yet)."""
         expired = sum(remaining for expires_at_ms, remaining in self.expiring if expires_at_ms <= now_ms)
         return self.balance - expired
+
+    def spendable_for(self, model: str, now_ms: int) -> int:
+        """What a request of `model` may spend now: the spendable balance less the unexpired credit scoped
+        to other models (ledger.scoped: unscoped credit plus the scopes that name the model)."""
+        spendable = self.spendable_at(now_ms)
+        for models, expires_at_ms, remaining in self.scoped:
+            if model not in models and (expires_at_ms is None or expires_at_ms > now_ms):
+                spendable -= remaining
+        return spendable
 
     @classmethod
     def from_record(cls, record: BalanceRecord) -> PublishedBalance:
@@ -87,6 +98,7 @@ class PublishedBalance:
             as_of_ms=record.as_of,
             applied_offset=record.applied_offset,
             expiring=tuple((int(e), int(r)) for e, r in record.expiring),
+            scoped=tuple((tuple(m), e, int(r)) for m, e, r in record.scoped),
         )
 
 

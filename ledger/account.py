@@ -178,6 +178,11 @@ class Account:
         self.closed_until = 0  # the tenant's books are closed before this (PeriodClosed)
         self._scopes: Scopes | None = None  # usage by model, from the tenant's first scoped grant on
 
+    @property
+    def has_scopes(self) -> bool:
+        """True once a grant scoped to models was folded in (ledger.scoped)."""
+        return self._scopes is not None
+
     # ----------------------------------------------------------------------------------------- apply
 
     def apply(

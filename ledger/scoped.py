@@ -101,6 +101,24 @@ def _take(grant_id: str, remaining: dict[str, int], takes: dict[str, int], need:
     return need
 
 
+class CreditBlockView(Protocol):
+    remaining: int
+    expires_at: int | None
+    models: tuple[str, ...]
+
+
+def scoped_credit(blocks: Iterable[CreditBlockView]) -> tuple[tuple[tuple[str, ...], int | None, int], ...]:
+    """(models, expires_at, remaining) of the scoped blocks with credit left, summed per scope and expiry,
+    sorted: what a balance record tells admission about the credit only some models may spend."""
+    sums: dict[tuple[tuple[str, ...], int | None], int] = {}
+    for block in blocks:
+        if block.models and block.remaining:
+            key = (tuple(sorted(block.models)), block.expires_at)
+            sums[key] = sums.get(key, 0) + block.remaining
+    ordered = sorted(sums.items(), key=lambda item: (item[0][0], item[0][1] or 0))
+    return tuple((models, expires_at, remaining) for (models, expires_at), remaining in ordered)
+
+
 class Scopes:
     """A scoped tenant's usage by model: per segment (aligned with the account's segments) and by
     millisecond. Not thread-safe; its account's owner mutates it."""

@@ -75,6 +75,7 @@ from ledger.codec import decode_input_event
 from ledger.entries import Entry, encode_entry
 from ledger.events import InvalidEvent, UsageRecorded
 from ledger.pending import pending_grants
+from ledger.scoped import scoped_credit
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.usage_index import InMemoryUsageIndex, UsageIndex, UsageSummary
 from streams.audit_checkpoints import CheckpointPolicy
@@ -544,6 +545,7 @@ class LedgerProcessor:
                 (b.expires_at, b.remaining) for b in blocks if b.expires_at is not None and b.remaining
             ),
             pending=pending_grants(account.blocks.values(), as_of),  # grants not yet effective
+            scoped=scoped_credit(blocks) if account.has_scopes else (),  # credit only some models spend
         )
         return _json.encode(record)
 

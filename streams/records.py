@@ -68,6 +68,10 @@ class BalanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     # (grant_id, effective_at, amount, expires_at) of the grants not yet effective at `as_of`, soonest
     # first: the pending balance (README "Three balances"). Empty in older records.
     pending: tuple[tuple[str, int, int, int | None], ...] = ()
+    # (models, expires_at, remaining) of the blocks in `balance` scoped to models, summed per scope and
+    # expiry (ledger.scoped.scoped_credit): a request of model M may spend the balance less the credit
+    # scoped to other models (gateway.ledger_view). Empty for a tenant without scoped grants.
+    scoped: tuple[tuple[tuple[str, ...], int | None, int], ...] = ()
 
 
 class ApiKeyRevoked(msgspec.Struct, frozen=True, tag="api_key_revoked", tag_field="type", kw_only=True):

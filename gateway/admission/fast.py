@@ -43,8 +43,9 @@ class FastAdmission(AdmissionCore):
         now_ms = self.clock_ms()
         tenant_id = request.tenant_id
         self._forget(self.holds.expire(tenant_id, now_ms), "timed_out")
-        available = self.available(tenant_id, now_ms)
-        if request.estimated_cost > 0 and not self._fits(tenant_id, request.estimated_cost, now_ms):
+        available = self.available(tenant_id, now_ms, request.model)
+        cost = request.estimated_cost
+        if cost > 0 and not self._fits(tenant_id, cost, now_ms, request.model):
             headers = self.rate_limiter.peek_headers(tenant_id, request.tier, now_ms)
             raise self._refused(credit_exhausted(request, available, headers))
         credits = {} if budget is None else self._check_key_budget(request, budget, key_entries, now_ms)
@@ -63,18 +64,21 @@ class FastAdmission(AdmissionCore):
         """The tenant's open holds in this process (the live balance subtracts them)."""
         return self.holds.total(tenant_id)
 
-    def available(self, tenant_id: str, now_ms: int) -> int:
-        """The view's balance spendable now minus this process's holds (may be negative)."""
-        return self._spendable(tenant_id, now_ms) - self.holds.total(tenant_id)
+    def available(self, tenant_id: str, now_ms: int, model: str | None = None) -> int:
+        """The view's balance spendable now (by a request of `model`: without the credit scoped to other
+        models) minus this process's holds (may be negative)."""
+        return self._spendable(tenant_id, now_ms, model) - self.holds.total(tenant_id)
 
-    def _fits(self, tenant_id: str, cost: int, now_ms: int) -> bool:
+    def _fits(self, tenant_id: str, cost: int, now_ms: int, model: str | None = None) -> bool:
         """Within this process's share, or a lone request within the whole spendable balance."""
-        spendable = self._spendable(tenant_id, now_ms)
+        spendable = self._spendable(tenant_id, now_ms, model)
         held = self.holds.total(tenant_id)
         if held == 0:
             return cost <= spendable
         return held + cost <= spendable // self.settings.gateway_processes
 
-    def _spendable(self, tenant_id: str, now_ms: int) -> int:
+    def _spendable(self, tenant_id: str, now_ms: int, model: str | None) -> int:
         balance = self.view.balance(tenant_id)
-        return balance.spendable_at(now_ms) if balance is not None else 0
+        if balance is None:
+            return 0
+        return balance.spendable_at(now_ms) if model is None else balance.spendable_for(model, now_ms)
