@@ -45,6 +45,7 @@ from ledger.entries import (
     voided_entry_id,
 )
 from ledger.events import (
+    RULE_EVENT_TYPES,
     TENANT_CREDIT_MAX,
     CreditExpired,
     CreditGranted,
@@ -199,6 +200,8 @@ class Account:
             return self._apply_void(event, index)
         if kind is PeriodClosed:
             self.closed_until = max(self.closed_until, event.closed_until)
+            return []
+        if kind in RULE_EVENT_TYPES:  # alert and top-up rules: folded beside the account (ledger.rules)
             return []
         if kind is CreditExpired:
             raise InvalidEvent("credit_expired is derived by the fold and is not accepted as input")

@@ -43,6 +43,10 @@ class AlertFired(msgspec.Struct, frozen=True, tag="alert_fired", tag_field="type
     remaining: int | None = None  # grant_expiring: the grant's remaining credit
     top_up_amount: int | None = None  # top_up: the credits to grant
     schema_version: int = ALERT_SCHEMA_VERSION
+    # top_up: the grant's terms, from the rule (the agent grants exactly these; price of top_up_amount)
+    top_up_category: str | None = None
+    top_up_price: int | None = None
+    top_up_currency: str | None = None
 
     def __post_init__(self) -> None:
         if self.crossing < 1:

@@ -194,8 +194,127 @@ class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field
         return self.event_id
 
 
-InputEvent = CreditGranted | GrantVoided | UsageRecorded | PeriodClosed
-Event = CreditGranted | GrantVoided | UsageRecorded | PeriodClosed | CreditExpired
+# Alert and auto top-up rules (ledger.rules): facts on the log, so every replay folds the same rules. The
+# account's fold ignores them; the processor keeps each tenant's rules beside its account. Rule ids are
+# shorter than identifiers: alert ids and top-up grant ids are built from them.
+RULE_ID_LENGTH_MAX = 64
+RuleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+AlertRuleKind = Literal["balance_below", "balance_below_percent", "depleted", "grant_expiring"]
+PERCENT_MAX = 100
+WINDOW_MAX_MS = 366 * 24 * 3600 * 1000  # a grant_expiring rule looks at most a year ahead
+MonthlyCount = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+
+
+class AlertRuleSet(msgspec.Struct, frozen=True, tag="alert_rule_set", tag_field="type", kw_only=True):
+    """Rule `rule_id` of the tenant is (from now on) this one: balance_below `threshold` credits,
+    balance_below_percent `threshold` percent of the credit granted, depleted (no threshold), or
+    grant_expiring (a grant with credit left expires within `window_ms`). Setting it again replaces it."""
+
+    event_id: Identifier
+    tenant_id: TenantId
+    rule_id: RuleId
+    kind: AlertRuleKind
+    set_at: TimestampMs
+    threshold: NonNegativeAmount | None = None
+    window_ms: Annotated[int, msgspec.Meta(gt=0, le=WINDOW_MAX_MS)] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 5
+
+    def __post_init__(self) -> None:
+        needs_threshold = self.kind in ("balance_below", "balance_below_percent")
+        if needs_threshold != (self.threshold is not None):
+            verb = "needs" if needs_threshold else "has no"
+            raise InvalidEvent(f"threshold: a {self.kind} rule {verb} threshold")
+        if self.kind == "balance_below_percent" and not 0 < self.threshold <= PERCENT_MAX:  # type: ignore[operator]
+            raise InvalidEvent(f"threshold: a percent in 1..{PERCENT_MAX}")
+        if (self.kind == "grant_expiring") != (self.window_ms is not None):
+            raise InvalidEvent("window_ms: a grant_expiring rule, and only it, has a window")
+
+    @property
+    def timestamp(self) -> int:
+        return self.set_at
+
+
+class AlertRuleRemoved(msgspec.Struct, frozen=True, tag="alert_rule_removed", tag_field="type", kw_only=True):
+    """Alert rule `rule_id` no longer fires (removing one that does not exist changes nothing)."""
+
+    event_id: Identifier
+    tenant_id: TenantId
+    rule_id: RuleId
+    removed_at: TimestampMs
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 5
+
+    @property
+    def timestamp(self) -> int:
+        return self.removed_at
+
+
+class TopUpRuleSet(msgspec.Struct, frozen=True, tag="top_up_rule_set", tag_field="type", kw_only=True):
+    """Auto top-up: when the settled balance falls below `threshold`, grant `amount` credits, or enough to
+    reach `target`, with the category, price and currency of a grant (`price` is that of `amount`, or of
+    `target` credits for a target rule, prorated and rounded down), at most `monthly_count_max` times and
+    for at most `monthly_price_max` money per calendar month (UTC). At least one cap is required."""
+
+    event_id: Identifier
+    tenant_id: TenantId
+    rule_id: RuleId
+    threshold: PositiveAmount
+    set_at: TimestampMs
+    amount: PositiveAmount | None = None
+    target: PositiveAmount | None = None
+    category: Category = PAID
+    price: MoneyAmount | None = None
+    currency: CurrencyCode | None = None
+    monthly_count_max: MonthlyCount | None = None
+    monthly_price_max: MoneyAmount | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 5
+
+    def __post_init__(self) -> None:
+        if (self.amount is None) == (self.target is None):
+            raise InvalidEvent("amount: a top-up rule grants either a fixed amount or up to a target")
+        if self.target is not None and self.target <= self.threshold:
+            raise InvalidEvent("target: must be above the threshold")
+        if self.monthly_count_max is None and self.monthly_price_max is None:
+            raise InvalidEvent("monthly_count_max: a top-up rule needs a monthly cap (count or price)")
+        if self.category == PAID and (self.price is None or self.currency is None):
+            raise InvalidEvent("price: a paid top-up needs a price and a currency")
+        if self.category == PROMOTIONAL and (self.price is not None or self.monthly_price_max is not None):
+            raise InvalidEvent("price: a promotional top-up has no price (cap it by count)")
+
+    @property
+    def timestamp(self) -> int:
+        return self.set_at
+
+
+class TopUpRuleRemoved(
+    msgspec.Struct, frozen=True, tag="top_up_rule_removed", tag_field="type", kw_only=True
+):
+    """Top-up rule `rule_id` no longer grants (removing one that does not exist changes nothing)."""
+
+    event_id: Identifier
+    tenant_id: TenantId
+    rule_id: RuleId
+    removed_at: TimestampMs
+    schema_version: int = SCHEMA_VERSION
+
+    kind_order: ClassVar[int] = 5
+
+    @property
+    def timestamp(self) -> int:
+        return self.removed_at
+
+
+RuleEvent = AlertRuleSet | AlertRuleRemoved | TopUpRuleSet | TopUpRuleRemoved
+RULE_EVENT_TYPES = frozenset((AlertRuleSet, AlertRuleRemoved, TopUpRuleSet, TopUpRuleRemoved))
+
+
+InputEvent = CreditGranted | GrantVoided | UsageRecorded | PeriodClosed | RuleEvent
+Event = CreditGranted | GrantVoided | UsageRecorded | PeriodClosed | CreditExpired | RuleEvent
 
 
 def validated(event: Event) -> Event:

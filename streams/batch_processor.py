@@ -242,6 +242,7 @@ class BatchEngine:
                 (topics.balances, output.balances),
                 (topics.dlq, output.dead_letters),
                 (topics.checkpoints, output.checkpoints),
+                (topics.alerts, output.alerts),
             )
             for record in records
         ]

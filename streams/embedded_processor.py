@@ -113,6 +113,7 @@ class EmbeddedProcessor:
             + [OutgoingRecord(topics.balances, r.key, r.value) for r in output.balances]
             + [OutgoingRecord(topics.dlq, r.key, r.value) for r in output.dead_letters]
             + [OutgoingRecord(topics.checkpoints, r.key, r.value) for r in output.checkpoints]
+            + [OutgoingRecord(topics.alerts, r.key, r.value) for r in output.alerts]
         )
         try:
             async with self.log.engine.begin() as connection:

@@ -104,7 +104,8 @@ def records_by_partition(events) -> dict[int, list[LogRecord]]:
 
 
 def outgoing_records(topics: LedgerTopics, outputs: list[ProcessorOutput]) -> list[OutgoingRecord]:
-    """The records the outputs publish: entries, balances and dead letters, each to its topic."""
+    """The records the outputs publish: entries, balances, dead letters, checkpoints and alerts, each to its
+    topic."""
     return [
         OutgoingRecord(topic, r.key, r.value)
         for output in outputs
@@ -113,6 +114,7 @@ def outgoing_records(topics: LedgerTopics, outputs: list[ProcessorOutput]) -> li
             (topics.balances, output.balances),
             (topics.dlq, output.dead_letters),
             (topics.checkpoints, output.checkpoints),
+            (topics.alerts, output.alerts),
         )
         for r in records
     ]

@@ -70,11 +70,13 @@ from typing import NamedTuple, Protocol
 import msgspec
 
 from ledger.account import Account
+from ledger.alerts import encode_alert
 from ledger.chain import ChainState
 from ledger.codec import decode_input_event
 from ledger.entries import Entry, encode_entry
-from ledger.events import InvalidEvent, UsageRecorded
+from ledger.events import RULE_EVENT_TYPES, InvalidEvent, UsageRecorded
 from ledger.pending import pending_grants
+from ledger.rules import ExpiringBlock, RulesState, TenantRules
 from ledger.scoped import scoped_credit
 from ledger.snapshot import account_from_bytes, account_to_bytes
 from ledger.usage_index import InMemoryUsageIndex, UsageIndex, UsageSummary
@@ -104,12 +106,14 @@ class Outbox(msgspec.Struct, frozen=True, array_like=True):
     dead_letters: list[tuple[bytes, bytes]]  # (key, value)
     balance: bytes | None
     checkpoints: list[bytes] = []  # signed checkpoint records (ledger.checkpoints), keyed by the tenant id
+    alerts: list[bytes] = []  # alerts its rules fired (ledger.alerts), keyed by the tenant id
 
 
 class AccountRecord(msgspec.Struct, frozen=True, array_like=True):
     """An account snapshot with the highest source offset it includes, its stream time (sweeps
     included), its outbox (msgpack of `Outbox`, zlib-compressed when `outbox_compressed`) and its hash
-    chain after that outbox (`ledger.chain`; None: no entry yet)."""
+    chain after that outbox (`ledger.chain`; None: no entry yet), and its alert and top-up rules with their
+    crossing state (`ledger.rules`; None: the tenant never had a rule)."""
 
     applied_offset: int
     stream_time: int
@@ -117,6 +121,7 @@ class AccountRecord(msgspec.Struct, frozen=True, array_like=True):
     outbox: bytes = b""
     outbox_compressed: bool = False
     chain: ChainState | None = None
+    rules: RulesState | None = None
 
 
 class SeenRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -134,6 +139,7 @@ class ProcessorOutput:
     balances: list[OutputRecord] = field(default_factory=list)
     dead_letters: list[OutputRecord] = field(default_factory=list)
     checkpoints: list[OutputRecord] = field(default_factory=list)
+    alerts: list[OutputRecord] = field(default_factory=list)  # ledger.alerts, keyed by the tenant id
     state_writes: list[tuple[bytes, bytes]] = field(default_factory=list)
     applied_events: int = 0
     duplicate_events: int = 0
@@ -141,7 +147,12 @@ class ProcessorOutput:
 
     def __bool__(self) -> bool:
         return bool(
-            self.entries or self.balances or self.dead_letters or self.checkpoints or self.state_writes
+            self.entries
+            or self.balances
+            or self.dead_letters
+            or self.checkpoints
+            or self.alerts
+            or self.state_writes
         )
 
 
@@ -239,6 +250,7 @@ class _Tenant:
     stream_time: int
     stored_outbox: Outbox | None = None  # loaded from durable state, not yet sent again by this process
     chain: ChainState = field(default_factory=ChainState)  # its hash chain, entries of this call included
+    rules: TenantRules | None = None  # its alert and top-up rules; None: it never had one (not evaluated)
 
 
 @dataclass
@@ -249,6 +261,7 @@ class _TenantBatch:
     watermark: int  # its account's watermark when the batch began (on the hash chain's links)
     entries: list[bytes] = field(default_factory=list)
     dead_letters: list[tuple[bytes, bytes]] = field(default_factory=list)
+    alerts: list[bytes] = field(default_factory=list)
     touched: bool = False  # its account changed: one account record is written
 
 
@@ -310,9 +323,7 @@ class LedgerProcessor:
                 continue
             tenant_id = event.tenant_id
             tenant = tenants.get(tenant_id) or self._tenant(tenant_id)
-            batch = batches.get(tenant_id)
-            if batch is None:
-                batch = batches[tenant_id] = self._batch_of(tenant)
+            batch = batches.get(tenant_id) or batches.setdefault(tenant_id, self._batch_of(tenant))
             offset = record.offset
             if offset <= tenant.applied_offset:
                 output.duplicate_events += 1
@@ -333,6 +344,8 @@ class LedgerProcessor:
             moved_to = event.occurred_at if usage else -1
             tenant.stream_time = max(tenant.stream_time, record.timestamp_ms, moved_to)
             batch.touched = True
+            if tenant.rules is not None or (not usage and type(event) in RULE_EVENT_TYPES):
+                self._rules_step(tenant, event, batch)
             if usage:
                 if not entries:
                     output.duplicate_events += 1
@@ -366,6 +379,8 @@ class LedgerProcessor:
                 tenant.stream_time = now_ms
                 batch.entries.extend(_encoded(tenant.account.advance_to(now_ms)))
                 batch.touched = True
+            if tenant.rules is not None and now_ms >= tenant.stream_time:
+                self._sweep_rules(tenant, batch, now_ms)
             self._emit(tenant_id, batch, output)
         return output
 
@@ -441,20 +456,58 @@ class LedgerProcessor:
             entries = carried.entries + new_entries if new_entries else carried.entries
             dead_letters = carried.dead_letters + batch.dead_letters
             checkpoints = carried.checkpoints + checkpoints if checkpoints else carried.checkpoints
+            alerts = carried.alerts + batch.alerts if batch.alerts else carried.alerts
         else:
-            entries, dead_letters = new_entries, batch.dead_letters
+            entries, dead_letters, alerts = new_entries, batch.dead_letters, batch.alerts
         if batch.touched:
             tenant = self._tenants[tenant_id]
             balance = self._balance_record(tenant)
-            outbox = Outbox(entries, dead_letters, balance, checkpoints) if self._outbox else None
+            outbox = Outbox(entries, dead_letters, balance, checkpoints, alerts) if self._outbox else None
             output.state_writes.append((account_key(tenant_id), self._account_record(tenant, outbox)))
         else:
             balance = carried.balance if carried is not None else None
         output.entries.extend([OutputRecord(key, value) for value in entries])
         output.dead_letters.extend([OutputRecord(k, v) for k, v in dead_letters])
         output.checkpoints.extend([OutputRecord(key, value) for value in checkpoints])
+        if alerts:
+            output.alerts.extend([OutputRecord(key, value) for value in alerts])
         if balance is not None:
             output.balances.append(OutputRecord(key, balance))
+
+    def _rules_step(self, tenant: _Tenant, event, batch: _TenantBatch) -> None:
+        """After an applied event of a tenant with rules (or a rule event): fold a rule event into its rules,
+        then evaluate them at its stream time."""
+        if type(event) in RULE_EVENT_TYPES:
+            if tenant.rules is None:
+                tenant.rules = TenantRules(tenant.account.tenant_id)
+            tenant.rules.apply(event)
+        self._evaluate_rules(tenant, batch, tenant.stream_time)
+
+    def _evaluate_rules(self, tenant: _Tenant, batch: _TenantBatch, at: int) -> bool:
+        """Evaluate the tenant's rules on its settled balance at stream time `at`; their alerts join the
+        batch (and so its outbox). Whether any fired."""
+        rules = tenant.rules
+        assert rules is not None, "only a tenant with rules is evaluated"
+        blocks = tenant.account.blocks_at(max(at, 0), tenant.index.index)
+        expiring = [
+            ExpiringBlock(b.grant_id, b.expires_at, b.remaining)
+            for b in blocks
+            if b.expires_at is not None and b.remaining > 0
+        ]
+        balance = sum(b.remaining for b in blocks)
+        alerts = rules.evaluate(balance, sum(b.amount for b in blocks), expiring, at)
+        if not alerts:
+            return False
+        batch.alerts.extend([encode_alert(alert) for alert in alerts])
+        batch.touched = True
+        return True
+
+    def _sweep_rules(self, tenant: _Tenant, batch: _TenantBatch, now_ms: int) -> None:
+        """A sweep evaluates the rules at `now_ms` (a grant comes within an expiry window with time alone);
+        when one fires, the tenant's stream time moves there as a sweep's does, persisted with the alert."""
+        if self._evaluate_rules(tenant, batch, now_ms) and now_ms > tenant.stream_time:
+            tenant.stream_time = now_ms
+            batch.entries.extend(_encoded(tenant.account.advance_to(now_ms)))
 
     def _link(self, tenant_id: str, batch: _TenantBatch) -> tuple[list[bytes], list[bytes]]:
         """A tenant's new entries linked onto its hash chain, and the checkpoints they completed."""
@@ -492,6 +545,7 @@ class LedgerProcessor:
     def _load_tenant(self, tenant_id: str) -> _Tenant:
         stored = self._state.get(account_key(tenant_id))
         outbox = None
+        rules = None
         if stored is None:
             account, applied_offset, stream_time, chain = Account(tenant_id), -1, -1, ChainState()
         else:
@@ -500,6 +554,7 @@ class LedgerProcessor:
             applied_offset, stream_time = record.applied_offset, record.stream_time
             outbox = stored_outbox(record) if self._outbox else None
             chain = record.chain or ChainState()
+            rules = TenantRules(tenant_id, record.rules) if record.rules is not None else None
         if self._usage_indexes is not None:
             return _Tenant(
                 account,
@@ -508,6 +563,7 @@ class LedgerProcessor:
                 stream_time,
                 outbox,
                 chain,
+                rules,
             )
         index = _OffsetAwareIndex()
         for seen in self._seen_of(tenant_id):
@@ -517,7 +573,7 @@ class LedgerProcessor:
             if seen.offset <= applied_offset and seen.event_id not in index.first_offsets:
                 index.current_offset = seen.offset
                 index.record(seen.event_id, seen.occurred_at, seen.amount)
-        return _Tenant(account, index, applied_offset, stream_time, outbox, chain)
+        return _Tenant(account, index, applied_offset, stream_time, outbox, chain, rules)
 
     def _seen_of(self, tenant_id: str) -> list[SeenRecord]:
         """The stored seen ids of a tenant. One pass over the state groups them all, once per recovery."""
@@ -562,6 +618,7 @@ class LedgerProcessor:
             packed,
             compressed,
             tenant.chain if tenant.chain.sequence else None,
+            tenant.rules.state if tenant.rules is not None else None,
         )
         return _account_record_codec[0].encode(record)
 

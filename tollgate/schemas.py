@@ -21,11 +21,12 @@ from pathlib import Path
 
 import msgspec
 
+from ledger.alerts import AlertFired
 from ledger.chain import ChainLink, Checkpoint
 from ledger.entries import Entry
 from ledger.events import Event
 from streams.records import ApiKeyRevoked, BalanceRecord, DeadLetter
-from streams.topics import BALANCES, CHECKPOINTS, DLQ, ENTRIES, EVENTS, KEYS
+from streams.topics import ALERTS, BALANCES, CHECKPOINTS, DLQ, ENTRIES, EVENTS, KEYS
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -77,6 +78,7 @@ def _topic_schemas() -> dict[str, dict]:
         CHECKPOINTS: _schema(
             Checkpoint, "a signed checkpoint of a tenant's entry chain", {"signature": {"type": "string"}}
         ),
+        ALERTS: _schema(AlertFired, "an alert a tenant's rule fired, or an auto top-up decision"),
     }
 
 

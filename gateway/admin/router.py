@@ -56,6 +56,7 @@ from gateway.admin.models import (
     TimeMs,
 )
 from gateway.admin.publisher import EventPublisher
+from gateway.admin.rules import router as rule_routes
 from gateway.admin.settings import AdminSettings, resolve_admin_token
 from gateway.admin.webhooks import router as webhook_routes
 from gateway.console import portal_links
@@ -279,4 +280,5 @@ def build_admin_router(
     mounted.include_router(credentials.router)  # named admin credentials, operator and finance (issue 15)
     mounted.include_router(portal_links.router)  # signed tenant portal links (issue 17)
     mounted.include_router(webhook_routes)  # tenants' webhook endpoints and delivery logs (issue 16)
+    mounted.include_router(rule_routes)  # tenants' alert and auto top-up rules (issue 16)
     return mounted

@@ -74,5 +74,9 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/credentials",
         "/admin/v1/credentials/{name}/revoke",
         "/admin/v1/tenants/{tenant_id}/portal-links",  # tenant portal links (issue 17)
+        "/admin/v1/tenants/{tenant_id}/alert-rules",  # alert and auto top-up rules (issue 16)
+        "/admin/v1/tenants/{tenant_id}/alert-rules/{rule_id}",
+        "/admin/v1/tenants/{tenant_id}/top-up-rules",
+        "/admin/v1/tenants/{tenant_id}/top-up-rules/{rule_id}",
     }
     assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"
