@@ -9,8 +9,9 @@ import msgspec
 import pytest
 from sqlalchemy import select
 
-from storage.webhooks import DEAD, DELIVERED, PENDING, WebhookAttempt, WebhookDelivery
+from storage.webhooks import DEAD, DELIVERED, PENDING, WebhookAttempt, WebhookDelivery, consumer_offsets
 from streams.records import DeadLetter
+from streams.webhooks import dispatcher as dispatcher_module
 from streams.webhooks.dispatcher import WebhookDispatcher
 from tests.webhooks.conftest import (
     add_endpoint,
@@ -224,3 +225,41 @@ async def test_a_slow_endpoint_does_not_hold_back_the_others(event_log, sessions
     # the 20 quick ones are through while the slow endpoint has had at most a few requests answered
     assert len(slow.delivered) <= settings.endpoint_in_flight_max
     assert slow.in_flight_peak <= settings.endpoint_in_flight_max
+
+
+class CrashBeforeCommit(RuntimeError):
+    pass
+
+
+async def test_offsets_advance_only_in_the_transaction_that_schedules_the_deliveries(
+    event_log, sessions, receivers, monkeypatch
+):
+    """A crash after the delivery rows are written and before the commit leaves neither rows nor offsets:
+    the next step reads the same alerts and schedules them."""
+    receiver = await receivers()
+    tenant = await add_tenant(sessions, "acme")
+    await add_endpoint(sessions, tenant, receiver, "we_acme")
+    alerts = [alert(tenant, crossing) for crossing in range(1, 4)]
+    await produce(event_log, alerts)
+    dispatcher = WebhookDispatcher(event_log, sessions, fast_settings())
+    real_schedule = dispatcher_module.schedule
+
+    async def schedule_then_crash(session, *arguments) -> None:
+        await real_schedule(session, *arguments)
+        raise CrashBeforeCommit
+
+    monkeypatch.setattr(dispatcher_module, "schedule", schedule_then_crash)
+    with pytest.raises(CrashBeforeCommit):
+        await dispatcher.consume_step()
+    async with sessions() as session:
+        assert await consumer_offsets(session, dispatcher.settings.consumer_name) == {}
+    assert await states(sessions) == {}
+
+    monkeypatch.setattr(dispatcher_module, "schedule", real_schedule)
+    assert await dispatcher.consume_step() == len(alerts)
+    assert await dispatcher.consume_step() == 0
+    assert set(await states(sessions)) == {("we_acme", item.alert_id) for item in alerts}
+    async with sessions() as session:
+        offsets = await consumer_offsets(session, dispatcher.settings.consumer_name)
+    assert sum(offsets.values()) == len(alerts)
+    await dispatcher.close()
