@@ -33,6 +33,7 @@ from sqlalchemy import (
     Integer,
     Text,
     UniqueConstraint,
+    delete,
     select,
     text,
     update,
@@ -298,6 +299,18 @@ async def record_attempt(session: AsyncSession, claimed: Claimed, outcome: Outco
         )
     )
     return True
+
+
+async def prune_attempts(session: AsyncSession, before_ms: int, limit: int) -> int:
+    """Delete up to `limit` of the oldest attempts made before `before_ms`; how many it deleted."""
+    oldest = (
+        select(WebhookAttempt.attempt_id)
+        .where(WebhookAttempt.at_ms < before_ms)
+        .order_by(WebhookAttempt.attempt_id)
+        .limit(limit)
+    )
+    deleted = await session.execute(delete(WebhookAttempt).where(WebhookAttempt.attempt_id.in_(oldest)))
+    return deleted.rowcount
 
 
 # ---- the admin API's side --------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from storage.webhooks import (
     claim_due,
     consumer_offsets,
     enabled_endpoints,
+    prune_attempts,
     record_attempt,
     schedule,
 )
@@ -71,6 +72,9 @@ from streams.webhooks.message import (
 from streams.webhooks.settings import WebhookSettings
 
 log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_MS = 3_600_000  # between prunes of the delivery log
+PRUNE_BATCH_MAX = 10_000  # attempts deleted by one prune
 
 
 def wall_clock_ms() -> int:
@@ -105,6 +109,7 @@ class WebhookDispatcher:
         self._in_flight: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self.attempts_made = 0
+        self._next_prune_ms = 0
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -268,7 +273,19 @@ class WebhookDispatcher:
     # ---- the loop --------------------------------------------------------------------------------------
 
     async def step(self) -> int:
+        await self.prune_when_due()
         return await self.consume_step() + await self.deliver_step()
+
+    async def prune_when_due(self) -> int:
+        """Every PRUNE_INTERVAL_MS, delete attempts past `delivery_log_retention_ms` (one bounded batch)."""
+        now = self.clock_ms()
+        if now < self._next_prune_ms:
+            return 0
+        self._next_prune_ms = now + PRUNE_INTERVAL_MS
+        async with self.sessions() as session, session.begin():
+            return await prune_attempts(
+                session, now - self.settings.delivery_log_retention_ms, PRUNE_BATCH_MAX
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and deliver until `stop` is set; then wait for the requests in flight."""

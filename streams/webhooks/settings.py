@@ -22,6 +22,9 @@ class WebhookSettings(BaseSettings):
     alert_batch_max: int = Field(default=500, ge=1, le=5_000)  # alerts read per partition per step
     poll_interval_ms: int = Field(default=500, ge=1, le=60_000)  # between looks for due retries when idle
     consumer_name: str = Field(default="webhook-dispatcher", min_length=1, max_length=128)  # its offsets' key
+    # attempts older than this leave the delivery log (each delivery's row, its final state, stays: it is
+    # what keeps a redelivered alert from being sent again)
+    delivery_log_retention_ms: int = Field(default=30 * 86_400_000, ge=60_000)
 
     @model_validator(mode="after")
     def _delays_ordered(self) -> WebhookSettings:

@@ -5,6 +5,7 @@ back, none twice by id. Also: disabling an endpoint dead-letters what was still 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from sqlalchemy import select
@@ -132,3 +133,31 @@ async def test_disabling_an_endpoint_dead_letters_its_pending_deliveries(event_l
     assert await dispatcher.consume_step() == 1
     assert len(await states(sessions)) == 1, "nothing is scheduled for a disabled endpoint"
     await dispatcher.close()
+
+
+async def test_the_delivery_log_forgets_old_attempts_but_not_what_was_delivered(
+    event_log, sessions, receivers
+):
+    receiver = await receivers()
+    await receiver.start()
+    tenant = await add_tenant(sessions, "acme")
+    await add_endpoint(sessions, tenant, receiver, "we_acme")
+    item = alert(tenant, 1)
+    await produce(event_log, [item])
+    dispatcher = WebhookDispatcher(event_log, sessions, fast_settings(delivery_log_retention_ms=60_000))
+    await run_until(dispatcher, all_in({("we_acme", item.alert_id)}, DELIVERED, sessions))
+    assert await attempted(sessions) == {item.alert_id}
+
+    later = WebhookDispatcher(
+        event_log,
+        sessions,
+        fast_settings(delivery_log_retention_ms=60_000),
+        clock_ms=lambda: int(time.time() * 1000) + 61_000,
+    )
+    assert await later.prune_when_due() == 1
+    assert await later.prune_when_due() == 0, "once per interval"
+    assert not await attempted(sessions)
+    await produce(event_log, [item])  # redelivered after its attempts were forgotten
+    assert await later.consume_step() == 1 and await later.deliver_step() == 0
+    await later.close()
+    assert dict(receiver.delivered) == {item.alert_id: 1}
