@@ -98,6 +98,7 @@ class StrictAdmission(AdmissionCore):
         now_ms = self.clock_ms()
         tenant_id = request.tenant_id
         self._forget(self.holds.expire(tenant_id, now_ms), "timed_out")
+        self._refuse_credit_scoped_to_other_models(request, now_ms)
         headers = self._take_hold_slot_and_rate(request, now_ms)
         try:
             async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
@@ -143,6 +144,17 @@ class StrictAdmission(AdmissionCore):
             credits = budget_headers(result.budget, result.spend, request.estimated_cost, now_ms)
             headers = {**headers, **credits}
         return self._held(request, now_ms, headers)
+
+    def _refuse_credit_scoped_to_other_models(self, request: AdmissionRequest, now_ms: int) -> None:
+        """The reservation below counts the tenant's whole balance; a tenant with credit scoped to models
+        (ledger.scoped) is first refused here when the view's credit its model may use cannot cover it."""
+        balance = self.view.balance(request.tenant_id)
+        if balance is None or not balance.scoped or request.estimated_cost == 0:
+            return
+        usable = balance.spendable_for(request.model, now_ms)
+        if request.estimated_cost > usable:
+            headers = self.rate_limiter.peek_headers(request.tenant_id, request.tier, now_ms)
+            raise self._refused(credit_exhausted(request, usable, headers))
 
     async def finish(self, reservation: Reservation, actual_cost: int) -> None:
         now_ms = self.clock_ms()

@@ -7,13 +7,16 @@ from __future__ import annotations
 import dataclasses
 
 import msgspec
+import pytest
 
 from gateway.admission.base import CreditExhausted
 from gateway.admission.fast import FastAdmission
 from gateway.admission.settings import AdmissionSettings
+from gateway.admission.strict import StrictAdmission
 from gateway.ledger_view import PublishedBalance
 from ledger.codec import encode_event
 from ledger.events import CreditGranted, UsageRecorded
+from storage.database import build_async_engine
 from streams.processor import LedgerProcessor
 from streams.records import BalanceRecord, LogRecord
 from streams.replay import DictState
@@ -117,3 +120,28 @@ def test_expired_scoped_credit_is_not_subtracted_twice():
     # Expired: out of the balance for every model, once.
     assert balance.spendable_for("other", START_MS + 10) == 100
     assert balance.spendable_for("gpt-x", START_MS + 10) == 100
+
+
+@pytest.mark.postgres
+async def test_strict_mode_refuses_a_request_whose_model_cannot_use_the_scoped_credit(
+    database_url, database_settings
+):
+    clock = ManualClock()
+    view = new_view()
+    record = folded_balance([grant("scoped", 1_000, ("gpt-x",)), grant("any", 100)])
+    view.apply_balance_records(
+        [LogRecord(TOPICS.balances, partition_of(TENANT), 0, TENANT.encode(), msgspec.json.encode(record), 0)]
+    )
+    mark_caught_up(view, clock())
+    engine = build_async_engine(database_url, database_settings)
+    settings = AdmissionSettings(mode="strict", view_ready_wait_ms=0, view_staleness_max_ms=10**9)
+    admission = StrictAdmission(view, settings, engine, clock_ms=clock)
+    await admission.start()
+    try:
+        with pytest.raises(CreditExhausted, match="100 are available"):
+            await admission.admit(request("r1", "other-model", 500))
+        reservation = await admission.admit(request("r2", "gpt-x", 500))
+        assert reservation.amount == 500
+    finally:
+        await admission.stop()
+        await engine.dispose()
