@@ -63,6 +63,7 @@ class RulesState(msgspec.Struct, kw_only=True):
     """A tenant's rules, in the order first set (removed ones kept for their counts)."""
 
     rules: dict[str, RuleState] = {}
+    event_ids: list[str] = []  # the rule events applied: one resent by a producer is not applied again
 
 
 class TenantRules:
@@ -77,8 +78,12 @@ class TenantRules:
     # ------------------------------------------------------------------------------------------ rules
 
     def apply(self, event: RuleEvent) -> None:
-        """Fold one rule event in (log order). Removing a rule that is not there changes nothing."""
+        """Fold one rule event in (log order). Removing a rule that is not there changes nothing; an event
+        applied before (a resend) changes nothing either."""
         assert event.tenant_id == self.tenant_id, f"rule of {event.tenant_id} applied to {self.tenant_id}"
+        if event.event_id in self.state.event_ids:
+            return
+        self.state.event_ids.append(event.event_id)
         rules = self.state.rules
         rule = rules.get(event.rule_id)
         if rule is None:

@@ -426,6 +426,10 @@ class LedgerProcessor:
         tenant = self._tenant(tenant_id)
         return tenant.account, tenant.index.index
 
+    def tenant_rules(self, tenant_id: str) -> TenantRules | None:
+        """A tenant's alert and top-up rules with their crossing state (None: it never had a rule)."""
+        return self._tenant(tenant_id).rules
+
     def tenant_position(self, tenant_id: str) -> tuple[int, int]:
         """(applied source offset, stream time) of a tenant as this processor holds it."""
         tenant = self._tenant(tenant_id)

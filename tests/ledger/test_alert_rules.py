@@ -194,3 +194,11 @@ def test_invalid_rules_are_refused_on_construction_naming_the_field(build, field
     with pytest.raises(InvalidEvent) as raised:
         build()
     assert raised.value.reason.startswith(field)
+
+
+def test_a_resent_rule_event_is_not_applied_again():
+    """A producer resend of an earlier AlertRuleSet after its removal does not bring the rule back."""
+    rules = rules_of(T, [below()])
+    rules.apply(AlertRuleRemoved(event_id="rm", tenant_id=T, rule_id="low", removed_at=1))
+    rules.apply(below())
+    assert rules.alert_rules() == []

@@ -17,7 +17,7 @@ from collections import defaultdict
 import msgspec
 
 from ledger.codec import decode_input_event
-from ledger.events import CreditGranted, UsageRecorded
+from ledger.events import RULE_EVENT_TYPES, CreditGranted, UsageRecorded
 from streams.records import BalanceRecord
 from streams.topics import LedgerTopics
 from tests.ledger import oracle
@@ -47,8 +47,8 @@ class LedgerModel:
         applied = []
         has_grant = False
         for event in decoded[: through_offset + 1]:
-            if event.tenant_id != tenant_id:
-                continue
+            if event.tenant_id != tenant_id or type(event) in RULE_EVENT_TYPES:
+                continue  # rule events: folded beside the account (tests.simulation.alerts_check)
             if isinstance(event, UsageRecorded) and not has_grant:
                 continue  # dead-lettered: unknown tenant
             has_grant = has_grant or isinstance(event, CreditGranted)

@@ -43,6 +43,7 @@ from streams.producer import BrokerUnavailable
 from streams.records import partition_for_key
 from streams.state_store import RocksState
 from streams.topics import LedgerTopics
+from tests.simulation.alerts_check import AlertObserver, with_rules
 from tests.simulation.chain_check import ChainObserver
 from tests.simulation.log import FaultPlan, SimulatedCrash, SimulatedLog, SimulatedTransport
 from tests.simulation.model import Finance, LedgerModel, PropertyViolated
@@ -131,6 +132,7 @@ class Simulation:
         self.finance = Finance(
             self.log, self.topics, self.model, self.partition_of, ChainObserver(key.public_key())
         )
+        self.alerts = AlertObserver(self.log, self.topics.alerts)  # ledger.alerts: one content per id
         self.pending = generate_events(rng)
         self.tenants = sorted({event.tenant_id for event in self.pending})
         self.processors = [SimulatedProcessor(f"p{n}") for n in range(PROCESSOR_COUNT)]
@@ -177,6 +179,7 @@ class Simulation:
 
     def observe(self) -> None:
         self.finance.consume()
+        self.alerts.consume()
         for partition in range(self.partitions):
             processor = self.processors[self.owner[partition]]
             if processor.engine is not None and partition in processor.engine.loaded:
@@ -214,6 +217,8 @@ class Simulation:
             self.finance.check_integration(tenant_id)
             self.finance.chain.check_complete(tenant_id)
             self.check_refold(tenant_id)
+            owner = self.processors[self.owner[self.partition_of(tenant_id)]].engine
+            self.alerts.check_complete(tenant_id, owner.processor.tenant_rules(tenant_id))
             self.finance.check_balance_now(tenant_id, final_sweep_ms)
             latest = self.finance.latest_balance.get(tenant_id)
             end = self.log.end_offset(self.topics.events, self.partition_of(tenant_id))
@@ -438,6 +443,7 @@ def generate_events(rng: random.Random) -> list:
     else:  # any order at all: usage before any grant is dead-lettered
         for grant in firsts:
             events.insert(rng.randint(0, len(events)), grant)
+    events = with_rules(rng, events, TIME_HORIZON_MS)
     for _ in range(rng.randint(0, len(events) // 3)):  # producer resends
         position = rng.randrange(len(events))
         events.insert(rng.randint(position, len(events)), events[position])
