@@ -24,6 +24,7 @@ import uuid
 from typing import Annotated
 from urllib.parse import urlsplit
 
+import httpx
 from fastapi import APIRouter, Depends, Query, Response, status
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -63,6 +64,10 @@ def http_url(value: str) -> str:
         raise ValueError("must be an http:// or https:// URL with a host")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials; the signature authenticates the request")
+    try:
+        httpx.URL(value)  # what the dispatcher will request: refused here rather than at every attempt
+    except httpx.InvalidURL as error:
+        raise ValueError(f"not a URL the dispatcher can request: {error}") from None
     return value
 
 

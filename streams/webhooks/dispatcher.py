@@ -248,11 +248,20 @@ class WebhookDispatcher:
         if not delivery.enabled:
             return None, "endpoint disabled"
         headers = signed_headers(delivery.secret, delivery.alert_id, delivery.body, now_ms)
+        timeout_s = self.settings.request_timeout_ms / 1000
         try:
-            response = await self.client.post(delivery.url, content=delivery.body.encode(), headers=headers)
-        except httpx.HTTPError as failure:
-            return None, f"{type(failure).__name__}: {failure}"[:ERROR_CHARS_MAX] or type(failure).__name__
-        return response.status_code, None
+            # the whole request within the timeout (httpx's own bounds each phase); the response's body is
+            # never read: the status says it all, and an endpoint cannot make us hold a large body
+            async with asyncio.timeout(timeout_s):
+                request = self.client.stream(
+                    "POST", delivery.url, content=delivery.body.encode(), headers=headers
+                )
+                async with request as response:
+                    return response.status_code, None
+        except TimeoutError:
+            return None, f"timed out after {self.settings.request_timeout_ms} ms"
+        except (httpx.HTTPError, httpx.InvalidURL) as failure:
+            return None, f"{type(failure).__name__}: {failure}"[:ERROR_CHARS_MAX]
 
     def _dead_letter(self, delivery: Claimed, outcome: Outcome) -> OutgoingRecord:
         last = outcome.error if outcome.error is not None else f"HTTP {outcome.status_code}"

@@ -263,3 +263,20 @@ async def test_offsets_advance_only_in_the_transaction_that_schedules_the_delive
         offsets = await consumer_offsets(session, dispatcher.settings.consumer_name)
     assert sum(offsets.values()) == len(alerts)
     await dispatcher.close()
+
+
+async def test_a_request_is_bounded_by_the_timeout_from_connect_to_answer(event_log, sessions, receivers):
+    receiver = await receivers(delay_s=2.0)
+    await receiver.start()
+    tenant = await add_tenant(sessions, "acme")
+    await add_endpoint(sessions, tenant, receiver, "we_acme")
+    item = alert(tenant, 1)
+    await produce(event_log, [item])
+    settings = fast_settings(request_timeout_ms=300, give_up_after_ms=200)
+    dispatcher = WebhookDispatcher(event_log, sessions, settings)
+
+    await run_until(dispatcher, all_in({("we_acme", item.alert_id)}, DEAD, sessions))
+
+    (attempt,) = await attempts_of(sessions, "we_acme")
+    assert attempt.error == "timed out after 300 ms" and attempt.status_code is None
+    assert 300 <= attempt.latency_ms < 1_500
