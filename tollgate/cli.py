@@ -434,4 +434,5 @@ def main() -> None:
 # (audit public-key, audit verify) add themselves to `app`.
 import tollgate.audit_cli  # noqa: E402,F401
 import tollgate.finance_cli  # noqa: E402,F401
+import tollgate.rules_cli  # noqa: E402,F401  (alerts, top-up)
 import tollgate.webhooks_cli  # noqa: E402,F401

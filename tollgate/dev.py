@@ -101,6 +101,7 @@ def check_port_free(host: str, port: int, option: str) -> None:
 
 async def _run(options: DevOptions) -> None:
     from gateway.__main__ import start_gateway
+    from gateway.admin.settings import AdminSettings
     from gateway.settings import GatewaySettings
     from inference.settings import WorkerSettings
     from inference.worker import create_app as create_worker_app
@@ -111,6 +112,7 @@ async def _run(options: DevOptions) -> None:
     from streams.settings import StreamSettings
     from streams.webhooks.dispatcher import WebhookDispatcher
     from streams.webhooks.settings import WebhookSettings
+    from tollgate.topup_agent import TopUpAgent
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,6 +144,7 @@ async def _run(options: DevOptions) -> None:
     await processor.start()
     projector = EmbeddedProjector(event_log, sessions)
     webhook_dispatcher = WebhookDispatcher(event_log, sessions, WebhookSettings())  # alerts -> endpoints
+    top_up_agent = TopUpAgent(event_log, sessions, AdminSettings())  # top-up alerts -> grants
 
     internal_token = dev_internal_token()
     worker_settings = WorkerSettings(host="127.0.0.1", port=options.worker_port)
@@ -167,6 +170,7 @@ async def _run(options: DevOptions) -> None:
         asyncio.create_task(processor.run(stop), name="ledger-processor"),
         asyncio.create_task(projector.run(stop), name="projector"),
         asyncio.create_task(webhook_dispatcher.run(stop), name="webhook-dispatcher"),
+        asyncio.create_task(top_up_agent.run(stop), name="top-up-agent"),
         *[asyncio.create_task(server.serve(), name="http") for server in servers],
     ]
     base = f"http://{options.host}:{options.port}"
