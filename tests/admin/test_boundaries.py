@@ -39,6 +39,11 @@ VALID_BODIES = {
         "currency": "USD",
     },
     ("POST", "/admin/v1/periods/close"): {"until": "2026-11-01T00:00:00Z"},
+    ("POST", "/admin/v1/tenants/{tenant_id}/webhooks"): {
+        "url": "https://hooks.example/tollgate",
+        "description": "ops",
+        "alert_kinds": ["depleted"],
+    },
     ("POST", "/admin/v1/tenants/{tenant_id}/grants"): {
         "amount": 5,
         "effective_at": "1700000000000",
@@ -48,6 +53,7 @@ VALID_BODIES = {
         "price": 500,
         "currency": "USD",
         "reference": "inv-1",
+        "models": ["gpt-x"],
     },
 }
 VALID_HEADERS = {"Idempotency-Key": "walk-1"}
@@ -90,6 +96,7 @@ async def existing_ids(client, tenant_id) -> dict[str, str]:
         "name": "support",
         "version": "1",
         "entry_id": f"{tenant_id}/usage/walk",  # holds slashes: the proof route's {entry_id:rest}
+        "endpoint_id": "we_walk",
     }
 
 
