@@ -78,5 +78,9 @@ async def test_router_is_in_the_openapi_document_with_its_security_scheme(client
         "/admin/v1/tenants/{tenant_id}/alert-rules/{rule_id}",
         "/admin/v1/tenants/{tenant_id}/top-up-rules",
         "/admin/v1/tenants/{tenant_id}/top-up-rules/{rule_id}",
+        "/admin/v1/tenants/{tenant_id}/webhooks",  # webhook endpoints and their delivery logs (issue 16)
+        "/admin/v1/webhooks/{endpoint_id}",
+        "/admin/v1/webhooks/{endpoint_id}/rotate-secret",
+        "/admin/v1/webhooks/{endpoint_id}/deliveries",
     }
     assert document["components"]["securitySchemes"]["AdminToken"]["scheme"] == "bearer"
