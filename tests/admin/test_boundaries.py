@@ -44,11 +44,6 @@ VALID_BODIES = {
         "description": "ops",
         "alert_kinds": ["depleted"],
     },
-    ("POST", "/admin/v1/tenants/{tenant_id}/webhooks"): {
-        "url": "https://hooks.example/tollgate",
-        "description": "ops",
-        "alert_kinds": ["depleted"],
-    },
     ("POST", "/admin/v1/tenants/{tenant_id}/grants"): {
         "amount": 5,
         "effective_at": "1700000000000",
@@ -101,7 +96,6 @@ async def existing_ids(client, tenant_id) -> dict[str, str]:
         "name": "support",
         "version": "1",
         "entry_id": f"{tenant_id}/usage/walk",  # holds slashes: the proof route's {entry_id:rest}
-        "endpoint_id": "we_walk",
         "endpoint_id": "we_walk",
     }
 
