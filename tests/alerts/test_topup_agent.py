@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from gateway.admin.settings import AdminSettings
+from storage.finance import tenant_statement
 from storage.projections import LedgerEntry
 from streams.embedded_processor import EmbeddedProcessor
 from streams.embedded_projector import EmbeddedProjector
@@ -71,6 +72,10 @@ async def test_a_top_up_is_granted_once_with_its_source_and_folded(event_log, se
             if e.entry_type == "grant_recorded" and e.payload["grant_id"] == grant.grant_id
         ]
     assert [(p["reference"], p["price"]) for p in recorded] == [("top-up rule auto, crossing 1", 1_200)]
+    async with sessions() as session:
+        statement = await tenant_statement(session, tenant, 0, alert.fired_at + 1)
+    paid = [(line.credits, [(m.currency, m.amount) for m in line.money]) for line in statement.grants]
+    assert (500, [("USD", 1_200)]) in paid, "the statement's paid grants carry the top-up and its price"
     assert [a.kind for a in await alerts_on(event_log)] == ["top_up"], "the balance recovered: nothing more"
 
 
