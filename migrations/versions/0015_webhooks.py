@@ -2,7 +2,7 @@
 WebhookAttempt. The dispatcher's consumer offsets are projector_offsets rows (name "webhook-dispatcher").
 
 Revision ID: 0015
-Revises: 0012
+Revises: 0013
 """
 
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0015"
-down_revision: str | Sequence[str] | None = "0012"
+down_revision: str | Sequence[str] | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

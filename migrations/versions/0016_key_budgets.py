@@ -5,7 +5,7 @@ for a key with a budget: the key's row lock, its spend (usage entries of the win
 checked against its limits, then admission_reserve() in the same transaction (gateway.admission.strict_store).
 
 Revision ID: 0016
-Revises: 0012
+Revises: 0015
 """
 
 from collections.abc import Sequence
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0016"
-down_revision: str | Sequence[str] | None = "0012"
+down_revision: str | Sequence[str] | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

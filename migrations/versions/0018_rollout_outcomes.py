@@ -1,7 +1,7 @@
 """The canary's window shared by every gateway: rollout_outcomes (storage.conversations.RolloutOutcome).
 
 Revision ID: 0018
-Revises: 0012
+Revises: 0016
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0018"
-down_revision: str | Sequence[str] | None = "0012"
+down_revision: str | Sequence[str] | None = "0016"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
