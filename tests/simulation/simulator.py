@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger.codec import encode_event
@@ -439,7 +440,7 @@ def generate_events(rng: random.Random) -> list:
         firsts.append(grants[0])
     rng.shuffle(events)
     if rng.random() < 0.8:  # as admission orders them: a tenant's first grant before its usage
-        events = firsts + events
+        events = with_scopes(rng, firsts + events)
     else:  # any order at all: usage before any grant is dead-lettered
         for grant in firsts:
             events.insert(rng.randint(0, len(events)), grant)
@@ -448,6 +449,31 @@ def generate_events(rng: random.Random) -> list:
         position = rng.randrange(len(events))
         events.insert(rng.randint(position, len(events)), events[position])
     return events
+
+
+SCOPES = (("m",), ("m2",), ("m", "m2"))  # nested or disjoint: the oracle draws usage one event at a time
+USAGE_MODELS = ("m", "m2", "m3")  # m3: no scope names it
+
+
+def with_scopes(rng: random.Random, events: list) -> list:
+    """Some tenants' grants scoped to models (ledger.scoped) and their usage of several models. Only when
+    the tenant's first grant comes first: the fold keeps usage by model from a tenant's first scoped grant
+    on, so that grant is scoped and precedes its usage."""
+    scoped_tenants: set[str] = set()
+    result = []
+    for event in events:
+        tenant = event.tenant_id
+        if isinstance(event, CreditGranted):
+            first = tenant not in scoped_tenants and not any(e.tenant_id == tenant for e in result)
+            if first and rng.random() < 0.5:
+                scoped_tenants.add(tenant)
+                event = msgspec.structs.replace(event, models=rng.choice(SCOPES))
+            elif not first and tenant in scoped_tenants:
+                event = msgspec.structs.replace(event, models=rng.choice(((), *SCOPES)))
+        elif isinstance(event, UsageRecorded) and tenant in scoped_tenants:
+            event = msgspec.structs.replace(event, model=rng.choice(USAGE_MODELS))
+        result.append(event)
+    return result
 
 
 def _refold_divergence(simulation: Simulation, tenant_id: str):
