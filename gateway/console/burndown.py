@@ -30,26 +30,25 @@ class Block:
 
 @dataclass(frozen=True, slots=True)
 class Axis:
-    """`points` times t0 + i * step_ms (i = 0 .. points - 1), the last one `now_ms`."""
+    """`points` times t0 + i * step_ms (i = 0 .. points - 2), then `now_ms` (at or before t0 + the last
+    step: the step is the span over the intervals, rounded up to a whole millisecond)."""
 
     t0_ms: int
     now_ms: int
     points: int
 
     @property
-    def step_ms(self) -> float:
-        return max(self.now_ms - self.t0_ms, 1) / (self.points - 1)
+    def step_ms(self) -> int:
+        return -(-max(self.now_ms - self.t0_ms, 1) // (self.points - 1))
 
     def times_ms(self) -> list[int]:
-        return [round(self.t0_ms + i * self.step_ms) for i in range(self.points - 1)] + [self.now_ms]
+        return [self.t0_ms + i * self.step_ms for i in range(self.points - 1)] + [self.now_ms]
 
     def first_point_at_or_after(self, t_ms: int) -> int:
         """The index of the first point whose time is >= t (a movement at t counts from there on)."""
         if t_ms <= self.t0_ms:
             return 0
-        steps = (t_ms - self.t0_ms) / self.step_ms
-        index = int(steps)
-        return index if index == steps else index + 1
+        return min(self.points - 1, -(-(t_ms - self.t0_ms) // self.step_ms))
 
 
 def axis_for(blocks: list[Block], now_ms: int, width_px: int, points_max: int) -> Axis:
@@ -58,18 +57,19 @@ def axis_for(blocks: list[Block], now_ms: int, width_px: int, points_max: int) -
     return Axis(min(t0, now_ms - 1), now_ms, points)
 
 
-def block_series(
-    axis: Axis, block_ids: list[str], deltas: dict[tuple[str, int], int]
-) -> dict[str, list[int]]:
+def block_series(axis: Axis, blocks: list[Block], deltas: dict[tuple[str, int], int]) -> dict[str, list[int]]:
     """Each block's remaining credit at each point: the running sum of its movements summed per point
-    (`deltas[(grant_id, point index)]`, index as Axis.first_point_at_or_after)."""
+    (`deltas[(grant_id, point index)]`, index as Axis.first_point_at_or_after), and 0 from its expiry or
+    void on, as the fold counts it (its forfeit entry may come later, after the grace period)."""
     series = {}
-    for grant_id in block_ids:
+    for block in blocks:
+        ends = [t for t in (block.expires_at_ms, block.voided_at_ms) if t is not None and t <= axis.now_ms]
+        end_index = axis.first_point_at_or_after(min(ends)) if ends else axis.points
         running, values = 0, []
         for index in range(axis.points):
-            running += deltas.get((grant_id, index), 0)
-            values.append(running)
-        series[grant_id] = values
+            running += deltas.get((block.grant_id, index), 0)
+            values.append(running if index < end_index else 0)
+        series[block.grant_id] = values
     return series
 
 

@@ -12,17 +12,20 @@ usage_by_day()    consumption per UTC day and model (ledger_movement_days)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
-from sqlalchemy import Integer, and_, cast, func, literal, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.console import burndown
+from ledger.entries import Entry
 from ledger.statement import CONSUMPTION
 from storage.finance import DAY_MS, LedgerMovement, LedgerMovementDay
 from storage.projections import Balance, LedgerEntry
 from storage.tenants import ApiKey, Grant, Tenant
 
 TENANTS_PAGE = 50
+ENTRY_TYPES = tuple(sorted(kind.__struct_config__.tag for kind in get_args(Entry)))
 GRANT_SECTION = "grant"
 
 
@@ -79,11 +82,11 @@ class GrantRow:
 
 
 async def grants(session: AsyncSession, tenant_id: str) -> list[GrantRow]:
-    m = LedgerMovement
+    d = LedgerMovementDay  # every movement, summed per day: a few rows per grant and day, not one per usage
     remaining = (
-        select(m.grant_id, func.sum(m.credits).label("left"))
-        .where(m.tenant_id == tenant_id, m.grant_id != "")
-        .group_by(m.grant_id)
+        select(d.grant_id, func.sum(d.credits).label("left"))
+        .where(d.tenant_id == tenant_id, d.grant_id != "")
+        .group_by(d.grant_id)
         .subquery()
     )
     rows = (
@@ -154,9 +157,10 @@ async def history_page(
     ).all()
     page = found[:size]
     rows = await _with_balance_after(session, tenant_id, page)
-    types = await _distinct(session, e.entry_type, mine)
     models = await _distinct(session, LedgerMovementDay.model, LedgerMovementDay.tenant_id == tenant_id)
-    return HistoryPage(rows, page[-1][0] if len(found) > size else None, types, [m for m in models if m])
+    return HistoryPage(
+        rows, page[-1][0] if len(found) > size else None, list(ENTRY_TYPES), [m for m in models if m]
+    )
 
 
 async def _distinct(session: AsyncSession, column, where) -> list[str]:
@@ -164,17 +168,23 @@ async def _distinct(session: AsyncSession, column, where) -> list[str]:
 
 
 async def _with_balance_after(session: AsyncSession, tenant_id: str, page: list) -> list[HistoryRow]:
-    """The balance after each row: the sum of the credits of every entry up to it in sequence order. One
-    sum up to the page's newest row, then the page's range walked down (only the range's rows are read)."""
+    """The balance after each row: the sum of the credits of every entry up to it in sequence order. The
+    total (from the daily sums) less the entries after the page's newest row, then the page's range walked
+    down (only the range's rows are read)."""
     if not page:
         return []
     e = LedgerEntry
     top, bottom = page[0][0], page[-1][0]
-    through_top = (
+    d = LedgerMovementDay  # the sum of every entry's credits: its daily sums (a few rows a day)
+    total = (
+        await session.execute(select(func.coalesce(func.sum(d.credits), 0)).where(d.tenant_id == tenant_id))
+    ).scalar_one()
+    after_top = (  # the entries recorded after the page's newest: none on the first page
         await session.execute(
-            select(func.coalesce(func.sum(e.credits), 0)).where(e.tenant_id == tenant_id, e.sequence <= top)
+            select(func.coalesce(func.sum(e.credits), 0)).where(e.tenant_id == tenant_id, e.sequence > top)
         )
     ).scalar_one()
+    through_top = int(total) - int(after_top)
     in_range = (
         await session.execute(
             select(e.sequence, func.coalesce(e.credits, 0))
@@ -205,8 +215,9 @@ async def burndown_chart(
     ]
     axis = burndown.axis_for(blocks, now_ms, width_px, points_max)
     m = LedgerMovement
-    # Axis.first_point_at_or_after in SQL: ceil((t - t0) / step), 0 for t <= t0; movements after now left out.
-    point = func.greatest(0, cast(func.ceil((m.own_time_ms - axis.t0_ms) / literal(axis.step_ms)), Integer))
+    # Axis.first_point_at_or_after in SQL, in integers: ceil((t - t0) / step), 0 for t <= t0 (bigint division
+    # rounds toward zero, the floor here); movements after now are left out.
+    point = func.greatest(0, (m.own_time_ms - axis.t0_ms + axis.step_ms - 1) // axis.step_ms)
     summed = (
         await session.execute(
             select(m.grant_id, point, func.sum(m.credits))
@@ -215,7 +226,7 @@ async def burndown_chart(
         )
     ).all()
     deltas = {(grant_id, min(int(index), axis.points - 1)): int(total) for grant_id, index, total in summed}
-    series = burndown.block_series(axis, [b.grant_id for b in blocks], deltas)
+    series = burndown.block_series(axis, blocks, deltas)
     consumed = await consumed_since(session, tenant_id, now_ms - window_ms, now_ms)
     remaining = sum(values[-1] for values in series.values())
     return burndown.chart(axis, blocks, series, burndown.project(remaining, consumed, window_ms, now_ms))

@@ -31,11 +31,11 @@ async def existing(session: AsyncSession, tenant_id: str) -> Tenant:
     return tenant
 
 
-async def balance_cards(session: AsyncSession, tenant_id: str) -> dict:
+async def balance_cards(session: AsyncSession, tenant_id: str, grants: list | None = None) -> dict:
     """Settled: the balance the stream processor last published (ledger.balances, projected); the
     grants' remaining credit and its money where a grant is priced."""
     settled = await data.settled_balance(session, tenant_id)
-    grants = await data.grants(session, tenant_id)
+    grants = grants if grants is not None else await data.grants(session, tenant_id)
     money: dict[str, int] = {}
     for row in grants:
         if row.remaining_money is not None and row.grant.voided_at_ms is None:
@@ -61,10 +61,11 @@ async def page_context(
         query.get("type", ""),
         query.get("model", ""),
     )
+    grants = await data.grants(session, tenant_id)
     return {
         "tenant": tenant,
-        "cards": await balance_cards(session, tenant_id),
-        "grants": await data.grants(session, tenant_id),
+        "cards": await balance_cards(session, tenant_id, grants),
+        "grants": grants,
         "history": history,
         "filters": {"type": query.get("type", ""), "model": query.get("model", "")},
         "period": time.strftime("%Y-%m", time.gmtime(runtime.clock_ms() / 1000)),

@@ -57,9 +57,11 @@ def test_each_blocks_series_is_the_running_sum_of_its_movements_at_each_point():
     for grant_id, at, credits in movements:
         key = (grant_id, axis.first_point_at_or_after(at))
         deltas[key] = deltas.get(key, 0) + credits
-    series = burndown.block_series(axis, ["g1", "g2"], deltas)
+    series = burndown.block_series(axis, blocks, deltas)
     assert series["g1"] == [1_000, 1_000, 700, 700, 700, 0, 0, 0, 0, 0, 0]
     assert series["g2"] == [0, 0, 0, 0, 500, 500, 0, 0, 0, 0, 0]
+    later = burndown.Block("g3", 10, 0, 100_001, None, "paid")  # expires after now: counted until then
+    assert burndown.block_series(axis, [later], {("g3", 0): 10})["g3"] == [10] * 11
     chart = burndown.chart(axis, blocks, series, burndown.project(0, 0, 1_000, 100_000))
     assert {(m["kind"], m["grant_id"]) for m in chart["markers"]} == {("expiry", "g1"), ("void", "g2")}
     assert chart["remaining_total"] == 0 and chart["projection"]["runs_out_at"] is None
