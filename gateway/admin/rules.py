@@ -135,7 +135,7 @@ async def put_alert_rule(
     now_ms = clock()
     event = _checked(
         lambda: AlertRuleSet(
-            event_id=rule_event_id("alert-rule-set", tenant_id, rule_id, now_ms),
+            event_id=rule_event_id("alert-rule-set", tenant_id, rule_id, now_ms, body),
             tenant_id=tenant_id,
             rule_id=rule_id,
             set_at=now_ms,
@@ -197,7 +197,7 @@ async def put_top_up_rule(
     now_ms = clock()
     event = _checked(
         lambda: TopUpRuleSet(
-            event_id=rule_event_id("top-up-rule-set", tenant_id, rule_id, now_ms),
+            event_id=rule_event_id("top-up-rule-set", tenant_id, rule_id, now_ms, body),
             tenant_id=tenant_id,
             rule_id=rule_id,
             set_at=now_ms,
@@ -254,9 +254,13 @@ async def folded_rules(sessions, tenant_id: str) -> TenantRules:
     return rules_of(tenant_id, events)
 
 
-def rule_event_id(action: str, tenant_id: str, rule_id: str, now_ms: int) -> str:
-    """Unique per tenant, rule and millisecond (ledger_events is unique on event ids across tenants)."""
-    digest = hashlib.sha256(f"{tenant_id}\x00{rule_id}\x00{now_ms}".encode()).hexdigest()[:32]
+def rule_event_id(
+    action: str, tenant_id: str, rule_id: str, now_ms: int, body: BaseModel | None = None
+) -> str:
+    """Unique per tenant, rule, millisecond and body (ledger_events is unique on event ids across tenants):
+    two different changes in one millisecond are two events; the same one sent twice is one."""
+    content = body.model_dump_json() if body is not None else ""
+    digest = hashlib.sha256(f"{tenant_id}\x00{rule_id}\x00{now_ms}\x00{content}".encode()).hexdigest()[:32]
     return f"{action}-{digest}"
 
 
