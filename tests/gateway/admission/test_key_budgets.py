@@ -7,11 +7,13 @@ reached; a key without a budget unaffected."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
 from gateway.admission.base import AdmissionRequest, Rejection
 from gateway.admission.budgets import (
@@ -32,6 +34,7 @@ from storage.database import DatabaseSettings, build_async_engine, build_session
 from tests.fixtures.processes import free_port
 from tests.gateway.admission.helpers import balance_record, mark_caught_up, new_view
 from tests.gateway.conftest import (
+    ADMIN_TOKEN,
     INTERNAL_TOKEN,
     RecordingLog,
     gateway_settings,
@@ -40,6 +43,7 @@ from tests.gateway.conftest import (
 )
 from tests.gateway.ledger_rows import project_events
 from tests.gateway.servers import FakeStream, ThreadServer
+from tollgate.cli import app as cli
 
 pytestmark = pytest.mark.postgres
 
@@ -327,3 +331,31 @@ async def test_a_key_with_a_budget_gets_credit_headers_on_success(gateway_with_b
     assert response.status_code == 200, response.text
     assert response.headers["x-ratelimit-limit-credits"] == str(10**6)
     assert 0 < int(response.headers["x-ratelimit-remaining-credits"]) < 10**6
+
+
+async def test_the_cli_creates_a_key_with_budgets_and_replaces_them(gateway_with_budgets, database_url):
+    insert_tenant_with_key(database_url, "acme")
+    server, _ = gateway_with_budgets
+    target = ["--url", server.url, "--admin-token", ADMIN_TOKEN]
+    runner = CliRunner()
+    created = runner.invoke(
+        cli, ["keys", "create", "acme", "--daily-credits", "5", "--monthly-credits", "50", *target]
+    )
+    assert created.exit_code == 0, created.output
+    key = json.loads(created.output)
+    assert (key["daily_credits"], key["monthly_credits"]) == (5, 50)
+    changed = runner.invoke(cli, ["keys", "budget", key["key_id"], "--monthly-credits", "7", *target])
+    assert changed.exit_code == 0, changed.output
+    assert json.loads(changed.output) == {
+        "key_id": key["key_id"],
+        "tenant_id": "acme",
+        "daily_credits": None,
+        "monthly_credits": 7,
+    }
+    with psycopg.connect(database_url) as connection:
+        row = connection.execute(
+            "SELECT daily_credits, monthly_credits FROM api_keys WHERE key_id = %s", (key["key_id"],)
+        ).fetchone()
+    assert row == (None, 7)
+    unknown = runner.invoke(cli, ["keys", "budget", "key_nope", "--daily-credits", "1", *target])
+    assert unknown.exit_code == 1 and "key_nope" in unknown.output
