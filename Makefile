@@ -30,7 +30,7 @@ simulate: $(STAMP)
 	$(PY) -m tests.simulation $(if $(SEED),--seed $(SEED),--seeds $(SEEDS) --first $(FIRST))
 
 # Each benchmark prints one JSON line; see README "Benchmarks".
-BENCHES := ledger streams replay inference gateway overspend soak finance responses audit console
+BENCHES := ledger scoped streams replay inference gateway overspend soak finance responses audit console
 bench: $(STAMP)
 	@for name in $(BENCHES); do $(PY) -m bench.$$name || exit 1; done
 

@@ -55,7 +55,7 @@ from ledger.events import (
     UsageRecorded,
 )
 from ledger.revenue import check_grant_money, moved, recognised
-from ledger.scoped import Scopes, allocate_segment
+from ledger.scoped import Scopes, allocate_segment, scoped_order
 from ledger.snapshot import AccountState, BlockState
 from ledger.usage_index import UsageIndex, UsageSummary
 
@@ -178,6 +178,9 @@ class Account:
         self.watermark = NO_USAGE_LAST  # stream time up to which ends have been published
         self.closed_until = 0  # the tenant's books are closed before this (PeriodClosed)
         self._scopes: Scopes | None = None  # usage by model, from the tenant's first scoped grant on
+        # (segment, its active blocks, its scoped ones in drawing order) last drawn by a scoped tenant; a
+        # grant or void (anything that restructures) clears it
+        self._scoped_blocks_of: tuple[int, list[CreditBlock], list[CreditBlock]] | None = None
 
     @property
     def has_scopes(self) -> bool:
@@ -332,6 +335,7 @@ class Account:
     ) -> list[Entry]:
         """After a block was added or its end moved: split segments at the new bounds, recompute the
         segments from the change on, and report what moved."""
+        self._scoped_blocks_of = None
         dirty_from = NEVER
         for bound in new_bounds:
             if bound != NEVER:
@@ -539,7 +543,8 @@ class Account:
         (ledger.scoped.allocate_segment)."""
         consumed_before: dict[str, int] = {}
         overage_before = self.overage_total
-        for segment in range(first_segment, len(self._segment_allocations)):
+        last = max(self._frontier, first_segment)  # segments after it hold no usage, no allocations
+        for segment in range(first_segment, last + 1):
             for grant_id, amount in self._segment_allocations[segment].items():
                 block = self.blocks[grant_id]
                 consumed_before.setdefault(grant_id, block.consumed)
@@ -547,13 +552,18 @@ class Account:
             self._segment_allocations[segment] = {}
             self.overage_total -= self._segment_overage[segment]
             self._segment_overage[segment] = 0
-        for segment in range(first_segment, len(self._segment_usage)):
+        for segment in range(first_segment, last + 1):
             total = self._segment_usage[segment]
             if not total:
                 continue
-            active = self._active_blocks(segment)
+            cached = self._scoped_blocks_of
+            if cached is None or cached[0] != segment:
+                active = self._active_blocks(segment)
+                cached = self._scoped_blocks_of = (segment, active, scoped_order(active))
+            _, active, scoped = cached
             remaining = {block.grant_id: block.amount - block.consumed for block in active}
-            takes, overage = allocate_segment(active, remaining, scopes.segment_model_usage[segment], total)
+            usage = scopes.segment_model_usage[segment]
+            takes, overage = allocate_segment(active, scoped, remaining, usage, total)
             for grant_id, take in takes.items():
                 block = self.blocks[grant_id]
                 consumed_before.setdefault(grant_id, block.consumed)
@@ -561,7 +571,10 @@ class Account:
             self._segment_allocations[segment] = takes
             self._segment_overage[segment] = overage
             self.overage_total += overage
-        self._settle_frontier()
+        frontier = last  # the last segment holding usage; the unscoped fast path's blocks are not kept
+        while frontier > 0 and self._segment_usage[frontier] == 0:
+            frontier -= 1
+        self._frontier = frontier
         deltas = {}
         for grant_id, before in consumed_before.items():
             delta = self.blocks[grant_id].consumed - before
@@ -712,7 +725,7 @@ class Account:
         remaining = {block.grant_id: block.amount - consumed.get(block.grant_id, 0) for block in active}
         start = self._segment_start(segment)
         model_usage = scopes.usage_between(start, t + 1, scopes.segment_model_usage[segment])
-        takes, segment_overage = allocate_segment(active, remaining, model_usage, usage)
+        takes, segment_overage = allocate_segment(active, scoped_order(active), remaining, model_usage, usage)
         for grant_id, take in takes.items():
             consumed[grant_id] = consumed.get(grant_id, 0) + take
         return consumed, overage + segment_overage

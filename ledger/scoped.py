@@ -58,19 +58,24 @@ def scope_key(models: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
     return (len(models), tuple(sorted(models)))
 
 
+def scoped_order(active: Sequence[ScopedBlock]) -> list[ScopedBlock]:
+    """The scoped blocks among `active`, in the order a usage tries them (smallest scope first)."""
+    scoped = [block for block in active if block.models]
+    return sorted(scoped, key=lambda b: (scope_key(b.models), b.order_key))
+
+
 def allocate_segment(
     active: Sequence[ScopedBlock],
+    scoped: Sequence[ScopedBlock],
     remaining: dict[str, int],
     model_usage: dict[str, int],
     total: int,
 ) -> tuple[dict[str, int], int]:
-    """Greedy consumption of one segment. `active`: the blocks active in it, in the usual order;
-    `remaining`: each one's credit left before the segment; `model_usage`: the segment's usage by model
-    (it may be less than `total`: usage of no model). Returns (what each block gives, > 0; the overage)."""
+    """Greedy consumption of one segment. `active`: the blocks active in it, in the usual order; `scoped`:
+    `scoped_order(active)`; `remaining`: each one's credit left before the segment; `model_usage`: the
+    segment's usage by model (it may be less than `total`: usage of no model). Returns (what each block
+    gives, > 0; the overage)."""
     takes: dict[str, int] = {}
-    scoped = sorted(
-        (block for block in active if block.models), key=lambda b: (scope_key(b.models), b.order_key)
-    )
     leftover = total
     if scoped:
         for model in sorted(model_usage):
