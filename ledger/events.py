@@ -198,11 +198,13 @@ class CreditExpired(msgspec.Struct, frozen=True, tag="credit_expired", tag_field
 # account's fold ignores them; the processor keeps each tenant's rules beside its account. Rule ids are
 # shorter than identifiers: alert ids and top-up grant ids are built from them.
 RULE_ID_LENGTH_MAX = 64
-RuleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+RULE_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{RULE_ID_LENGTH_MAX - 1}}}$"
+RuleId = Annotated[str, msgspec.Meta(pattern=RULE_ID_PATTERN)]
 AlertRuleKind = Literal["balance_below", "balance_below_percent", "depleted", "grant_expiring"]
 PERCENT_MAX = 100
 WINDOW_MAX_MS = 366 * 24 * 3600 * 1000  # a grant_expiring rule looks at most a year ahead
-MonthlyCount = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+MONTHLY_COUNT_MAX = 10_000  # top-ups of one rule in a month
+MonthlyCount = Annotated[int, msgspec.Meta(ge=1, le=MONTHLY_COUNT_MAX)]
 
 
 class AlertRuleSet(msgspec.Struct, frozen=True, tag="alert_rule_set", tag_field="type", kw_only=True):

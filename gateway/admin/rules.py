@@ -35,8 +35,11 @@ from gateway.admin.deps import Clock, Publisher, Sessions, Settings, TenantIdPat
 from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute, ErrorBody
 from ledger.codec import decode_event
 from ledger.events import (
+    AMOUNT_MAX,
+    MONTHLY_COUNT_MAX,
     PERCENT_MAX,
     PRICE_MAX,
+    RULE_ID_PATTERN,
     WINDOW_MAX_MS,
     AlertRuleRemoved,
     AlertRuleSet,
@@ -52,8 +55,7 @@ from storage.projections import LedgerEvent
 RULE_EVENT_TAGS = tuple(
     cls.__struct_config__.tag for cls in (AlertRuleSet, AlertRuleRemoved, TopUpRuleSet, TopUpRuleRemoved)
 )
-RuleIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-CREDITS_MAX = 2**62
+RuleIdPath = Annotated[str, Path(pattern=RULE_ID_PATTERN)]
 NOT_PUBLISHED = {"model": ErrorBody, "description": "the event bus did not accept the event; retry"}
 OTHER_KIND = {"model": ErrorBody, "description": "the rule id is held by a rule of the other kind"}
 
@@ -71,7 +73,7 @@ class AlertRuleBody(BaseModel):
 
     kind: Literal["balance_below", "balance_below_percent", "depleted", "grant_expiring"]
     threshold: int | None = Field(
-        default=None, ge=0, le=CREDITS_MAX, description=f"credits, or a percent (1..{PERCENT_MAX})"
+        default=None, ge=0, le=AMOUNT_MAX, description=f"credits, or a percent (1..{PERCENT_MAX})"
     )
     window_ms: int | None = Field(
         default=None, gt=0, le=WINDOW_MAX_MS, description="grant_expiring: how long before the expiry"
@@ -88,15 +90,15 @@ class AlertRuleView(AlertRuleBody):
 class TopUpRuleBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    threshold: int = Field(gt=0, le=CREDITS_MAX, description="top up when the settled balance falls below")
-    amount: int | None = Field(default=None, gt=0, le=CREDITS_MAX, description="grant this many credits")
-    target: int | None = Field(default=None, gt=0, le=CREDITS_MAX, description="or enough to reach this")
+    threshold: int = Field(gt=0, le=AMOUNT_MAX, description="top up when the settled balance falls below")
+    amount: int | None = Field(default=None, gt=0, le=AMOUNT_MAX, description="grant this many credits")
+    target: int | None = Field(default=None, gt=0, le=AMOUNT_MAX, description="or enough to reach this")
     category: Literal["paid", "promotional"] = "paid"
     price: int | None = Field(
         default=None, ge=0, le=PRICE_MAX, description="of `amount`, or of `target` credits (prorated)"
     )
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
-    monthly_count_max: int | None = Field(default=None, ge=1, le=10_000)
+    monthly_count_max: int | None = Field(default=None, ge=1, le=MONTHLY_COUNT_MAX)
     monthly_price_max: int | None = Field(default=None, ge=0, le=PRICE_MAX)
 
 
