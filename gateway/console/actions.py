@@ -10,10 +10,11 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from gateway.admin import audit_log, commands
+from gateway.admin import audit_log, commands, rules
 from gateway.admin.audit_log import AdminAction, CapturingPublisher
 from gateway.admin.errors import AdminError
 from gateway.admin.models import GrantCreate, TenantCreate
+from gateway.console import rules as console_rules
 from gateway.console.auth import ConsoleSession
 from gateway.console.runtime import ConsoleRuntime
 
@@ -115,3 +116,29 @@ class Actions:
             raise _refusal(error) from None
         await self.audit("revoke key", f"key_id={key_id}", {})
         return api_key.tenant_id
+
+    async def set_rule(self, tenant_id: str, kind: str, form: dict[str, str]) -> str:
+        """Set an alert rule (kind "alert") or an auto top-up rule ("top_up") through the admin API's PUT."""
+        try:
+            rule_id = console_rules.rule_id_of(form)
+            if kind == "alert":
+                body = rules.AlertRuleBody(**console_rules.numbers(form, console_rules.ALERT_FIELDS))
+                put = rules.put_alert_rule
+            else:
+                body = rules.TopUpRuleBody(**console_rules.numbers(form, console_rules.TOP_UP_FIELDS))
+                put = rules.put_top_up_rule
+            settings, clock = self.runtime.admin_settings, self.runtime.clock_ms
+            await put(tenant_id, rule_id, body, self.sessions, self.publisher, settings, clock)
+        except (AdminError, ValidationError) as error:
+            raise _refusal(error) from None
+        await self.audit(f"set {kind} rule", f"rule_id={rule_id},tenant_id={tenant_id}", body.model_dump())
+        return rule_id
+
+    async def remove_rule(self, tenant_id: str, kind: str, rule_id: str) -> None:
+        remove = rules.delete_alert_rule if kind == "alert" else rules.delete_top_up_rule
+        try:
+            settings, clock = self.runtime.admin_settings, self.runtime.clock_ms
+            await remove(tenant_id, rule_id, self.sessions, self.publisher, settings, clock)
+        except AdminError as error:
+            raise _refusal(error) from None
+        await self.audit(f"remove {kind} rule", f"rule_id={rule_id},tenant_id={tenant_id}", {})

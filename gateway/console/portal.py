@@ -64,7 +64,9 @@ async def enter(token: str, runtime: Runtime) -> Response:
 @router.get("")
 async def portal_page(request: Request, runtime: Runtime, tenant_id: PortalTenant) -> Response:
     async with request.app.state.session_factory() as session:
-        context = await tenant_view.page_context(session, runtime, tenant_id, dict(request.query_params))
+        context = await tenant_view.page_context(
+            session, request.app, runtime, tenant_id, dict(request.query_params)
+        )
     return runtime.render(
         "tenant.html", session=None, portal=True, base="/portal", keys=[], done=None, **context
     )
@@ -73,7 +75,7 @@ async def portal_page(request: Request, runtime: Runtime, tenant_id: PortalTenan
 @router.get("/fragments/balance")
 async def balance_fragment(request: Request, runtime: Runtime, tenant_id: PortalTenant) -> Response:
     async with request.app.state.session_factory() as session:
-        cards = await tenant_view.balance_cards(session, tenant_id)
+        cards = await tenant_view.balance_cards(session, request.app, tenant_id, runtime.clock_ms())
     return runtime.render("_balance_cards.html", cards=cards, base="/portal")
 
 

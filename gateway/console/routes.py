@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from gateway.admin.deps import Identifier, TenantIdPath
 from gateway.admin.principals import authenticate
 from gateway.console import auth, data, overview, portal_links, tenant_view
+from gateway.console import rules as console_rules
 from gateway.console.actions import ActionRefused, Actions
 from gateway.console.auth import Runtime, SignedIn
 from gateway.console.runtime import ConsoleRoute
@@ -25,6 +26,8 @@ DONE = {
     "granted": "Credit granted.",
     "voided": "Grant voided.",
     "revoked": "Key revoked.",
+    "rule": "Rule set: it shows here once the projector has archived its event (normally within a second).",
+    "rule-removed": "Rule removed (the list follows once its event is archived).",
 }
 
 
@@ -131,14 +134,19 @@ async def tenant_page(
 ) -> Response:
     query = dict(request.query_params)
     async with request.app.state.session_factory() as session:
-        context = await tenant_view.page_context(session, runtime, tenant_id, query)
+        context = await tenant_view.page_context(session, request.app, runtime, tenant_id, query)
         keys = await data.keys(session, tenant_id)
+        endpoints = await console_rules.tenant_webhooks(session, tenant_id)
+    rules = await console_rules.tenant_rules(request.app.state.session_factory, tenant_id)
     return runtime.render(
         "tenant.html",
         session=signed_in,
         portal=False,
         base=f"/console/tenants/{tenant_id}",
         keys=keys,
+        rules=rules,
+        alert_kinds=console_rules.ALERT_KINDS,
+        endpoints=endpoints,
         done=DONE.get(query.get("done", "")),
         idempotency_key=f"console-{secrets.token_hex(12)}",
         **context,
@@ -151,7 +159,7 @@ async def balance_fragment(
 ) -> Response:
     async with request.app.state.session_factory() as session:
         await tenant_view.existing(session, tenant_id)
-        cards = await tenant_view.balance_cards(session, tenant_id)
+        cards = await tenant_view.balance_cards(session, request.app, tenant_id, runtime.clock_ms())
     return runtime.render("_balance_cards.html", cards=cards, base=f"/console/tenants/{tenant_id}")
 
 
@@ -287,3 +295,39 @@ async def portal_link(
         expires_at=link.expires_at_ms,
         back=f"/console/tenants/{tenant_id}",
     )
+
+
+RULE_KINDS = ("alert", "top_up")
+
+
+@router.post("/tenants/{tenant_id}/rules/{kind}")
+async def set_rule(
+    request: Request, runtime: Runtime, signed_in: SignedIn, tenant_id: TenantIdPath, kind: str
+) -> Response:
+    form = await auth.checked_form(request, signed_in)
+    if kind not in RULE_KINDS:
+        raise HTTPException(404, f"no rule kind {kind!r}")
+    try:
+        await Actions(request, runtime, signed_in).set_rule(tenant_id, kind, form)
+    except ActionRefused as refusal:
+        return _refused(runtime, signed_in, refusal, f"/console/tenants/{tenant_id}")
+    return _see(f"/console/tenants/{tenant_id}?done=rule#rules-title")
+
+
+@router.post("/tenants/{tenant_id}/rules/{kind}/{rule_id}/remove")
+async def remove_rule(
+    request: Request,
+    runtime: Runtime,
+    signed_in: SignedIn,
+    tenant_id: TenantIdPath,
+    kind: str,
+    rule_id: Identifier,
+) -> Response:
+    await auth.checked_form(request, signed_in)
+    if kind not in RULE_KINDS:
+        raise HTTPException(404, f"no rule kind {kind!r}")
+    try:
+        await Actions(request, runtime, signed_in).remove_rule(tenant_id, kind, rule_id)
+    except ActionRefused as refusal:
+        return _refused(runtime, signed_in, refusal, f"/console/tenants/{tenant_id}")
+    return _see(f"/console/tenants/{tenant_id}?done=rule-removed#rules-title")

@@ -13,6 +13,7 @@ import msgspec
 from fastapi import HTTPException
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.admin import queries
 from gateway.console import data
 from gateway.console.runtime import ConsoleRuntime
 from ledger.statement import StatementLine, statement_lines
@@ -31,16 +32,32 @@ async def existing(session: AsyncSession, tenant_id: str) -> Tenant:
     return tenant
 
 
-async def balance_cards(session: AsyncSession, tenant_id: str, grants: list | None = None) -> dict:
-    """Settled: the balance the stream processor last published (ledger.balances, projected); the
-    grants' remaining credit and its money where a grant is priced."""
+async def balance_cards(
+    session: AsyncSession, app, tenant_id: str, now_ms: int, grants: list | None = None
+) -> dict:
+    """The three balances (README "Three balances"): settled, the balance the stream processor last
+    published (ledger.balances, projected); live, settled less the open holds of admitted requests as this
+    gateway's admission counts them (gateway.admin.queries.open_holds; none where it admits nothing);
+    pending, the grants recorded but not yet effective. And the remaining credit's money where priced."""
     settled = await data.settled_balance(session, tenant_id)
     grants = grants if grants is not None else await data.grants(session, tenant_id)
+    held = await queries.open_holds(app, tenant_id)
+    pending = [
+        row.grant
+        for row in grants
+        if row.grant.effective_at_ms > now_ms
+        and row.grant.voided_at_ms is None
+        and (row.grant.expires_at_ms is None or row.grant.expires_at_ms > row.grant.effective_at_ms)
+    ]
     money: dict[str, int] = {}
     for row in grants:
         if row.remaining_money is not None and row.grant.voided_at_ms is None:
             money[row.grant.currency or ""] = money.get(row.grant.currency or "", 0) + row.remaining_money
     return {
+        "held": held,
+        "live": None if settled is None or held is None else settled.balance - held,
+        "pending_total": sum(grant.amount for grant in pending),
+        "pending": sorted(pending, key=lambda grant: grant.effective_at_ms),
         "settled": None if settled is None else settled.balance,
         "overage": None if settled is None else settled.overage,
         "as_of": None if settled is None else settled.as_of_ms,
@@ -49,7 +66,7 @@ async def balance_cards(session: AsyncSession, tenant_id: str, grants: list | No
 
 
 async def page_context(
-    session: AsyncSession, runtime: ConsoleRuntime, tenant_id: str, query: dict[str, str]
+    session: AsyncSession, app, runtime: ConsoleRuntime, tenant_id: str, query: dict[str, str]
 ) -> dict:
     tenant = await existing(session, tenant_id)
     before = int(query["before"]) if query.get("before", "").isdigit() else None
@@ -64,7 +81,7 @@ async def page_context(
     grants = await data.grants(session, tenant_id)
     return {
         "tenant": tenant,
-        "cards": await balance_cards(session, tenant_id, grants),
+        "cards": await balance_cards(session, app, tenant_id, runtime.clock_ms(), grants),
         "grants": grants,
         "history": history,
         "filters": {"type": query.get("type", ""), "model": query.get("model", "")},

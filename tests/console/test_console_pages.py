@@ -143,3 +143,84 @@ async def test_the_tenant_page_shows_the_ledgers_numbers(operator, session_facto
     assert [s["model"] for s in usage["series"]] == ["tollgate-tiny"] and sum(
         usage["series"][0]["values"]
     ) == 600
+
+
+async def test_rules_set_and_removed_from_the_console_publish_their_events_and_list_once_archived(
+    operator, session_factory, publisher
+):
+    from ledger.codec import encode_event
+    from ledger.events import AlertRuleRemoved, AlertRuleSet, TopUpRuleSet
+    from streams.projector import rows_of_batch, write_batch
+    from streams.records import LogRecord
+    from tests.console.conftest import TOPICS
+
+    async def archive(events) -> None:
+        records = [LogRecord(TOPICS.events, 0, n, e.tenant_id.encode(), encode_event(e)) for n, e in events]
+        async with session_factory() as session, session.begin():
+            await write_batch(session, "test", rows_of_batch(TOPICS, records, now_ms=0))
+
+    csrf = await csrf_of(operator, "/console/tenants")
+    created = await operator.post("/console/tenants", data={"name": "Rules", "tier": "pro", "csrf": csrf})
+    tenant_id = created.headers["location"].split("/")[-1].split("?")[0]
+    base = f"/console/tenants/{tenant_id}"
+    alert = await operator.post(
+        f"{base}/rules/alert",
+        data={"csrf": csrf, "rule_id": "low", "kind": "balance_below", "threshold": "500"},
+    )
+    assert alert.status_code == 303, alert.text
+    top_up = await operator.post(
+        f"{base}/rules/top_up",
+        data={"csrf": csrf, "rule_id": "refill", "threshold": "100", "amount": "1000", "price": "900",
+              "currency": "USD", "category": "paid", "monthly_count_max": "4"},
+    )  # fmt: skip
+    assert top_up.status_code == 303, top_up.text
+    bad = await operator.post(f"{base}/rules/alert", data={"csrf": csrf, "rule_id": "-x", "kind": "depleted"})
+    assert bad.status_code == 422 and "rule_id" in bad.text
+    set_events = [e for e in publisher.events if isinstance(e, AlertRuleSet | TopUpRuleSet)]
+    assert [(type(e).__name__, e.rule_id) for e in set_events] == [
+        ("AlertRuleSet", "low"),
+        ("TopUpRuleSet", "refill"),
+    ]
+    await archive(enumerate(set_events))
+    page = await operator.get(base)
+    assert (
+        'data-rule="low"' in page.text and 'data-rule="refill"' in page.text and "balance_below" in page.text
+    )
+
+    removed = await operator.post(f"{base}/rules/alert/low/remove", data={"csrf": csrf})
+    assert removed.status_code == 303
+    removal = publisher.events[-1]
+    assert isinstance(removal, AlertRuleRemoved) and removal.rule_id == "low"
+    await archive([(2, removal)])
+    page = await operator.get(base)
+    assert 'data-rule="low"' not in page.text and 'data-rule="refill"' in page.text
+    async with session_factory() as session:
+        actions = list(
+            (
+                await session.execute(select(AdminAuditRecord.action).order_by(AdminAuditRecord.sequence))
+            ).scalars()
+        )
+    assert actions[-3:] == ["console set alert rule", "console set top_up rule", "console remove alert rule"]
+
+
+async def test_the_cards_show_the_pending_grants_and_no_live_balance_where_nothing_is_admitted(
+    operator, session_factory, publisher, clock
+):
+    csrf = await csrf_of(operator, "/console/tenants")
+    created = await operator.post("/console/tenants", data={"name": "Later", "tier": "pro", "csrf": csrf})
+    tenant_id = created.headers["location"].split("/")[-1].split("?")[0]
+    async with session_factory() as session, session.begin():
+        from gateway.admin import commands
+        from gateway.admin.models import GrantCreate
+
+        await commands.record_grant(
+            session,
+            tenant_id,
+            "later",
+            GrantCreate(amount=700, effective_at=clock.now_ms + 86_400_000),
+            10**9,
+            clock.now_ms,
+        )
+    cards = await operator.get(f"/console/tenants/{tenant_id}/fragments/balance")
+    assert 'data-balance="pending">700<' in cards.text
+    assert 'data-balance="live">—<' in cards.text, "this app admits no requests: no holds to count"
