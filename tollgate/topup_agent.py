@@ -99,11 +99,14 @@ class TopUpAgent:
         self.clock_ms = clock_ms
         self.consumer_name = consumer_name
         self.granted = 0  # top-ups this agent granted (new grants, not repeats)
+        self._next_offsets: dict[int, int] | None = None  # as stored; read once, then kept as it commits
 
     async def step(self) -> int:
         """Handle at most ALERT_BATCH_MAX alerts per partition; the records read."""
         topic = self.log.topics.alerts
-        offsets = await self._offsets(topic)
+        if self._next_offsets is None:
+            self._next_offsets = await self._offsets(topic)
+        offsets = self._next_offsets
         handled = 0
         for partition in range(self.log.partitions):
             start = offsets.get(partition, 0)
@@ -114,6 +117,7 @@ class TopUpAgent:
                 await self.handle(record)
             if records:
                 await self._commit(topic, partition, records[-1].offset + 1)  # every grant acknowledged
+                offsets[partition] = records[-1].offset + 1
                 handled += len(records)
         return handled
 
@@ -148,9 +152,9 @@ class TopUpAgent:
         while not stop.is_set():
             try:
                 found = await self.step()
-            except Exception:  # the event log or the database: retried from the same offsets
+            except Exception:  # the event log or the database: retried from the stored offsets
                 log.exception("top-up step failed; retrying in %d ms", RETRY_DELAY_MS)
-                found = 0
+                self._next_offsets, found = None, 0
                 await _wait(stop, RETRY_DELAY_MS)
             if not found:
                 await _wait(stop, POLL_INTERVAL_MS)
