@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 
 import httpx
 import openai
@@ -359,3 +360,17 @@ async def test_the_cli_creates_a_key_with_budgets_and_replaces_them(gateway_with
     assert row == (None, 7)
     unknown = runner.invoke(cli, ["keys", "budget", "key_nope", "--daily-credits", "1", *target])
     assert unknown.exit_code == 1 and "key_nope" in unknown.output
+
+
+def test_windows_are_the_utc_day_and_calendar_month_around_now():
+    def ms(text: str) -> int:
+        return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+    windows = Windows.at(ms("2026-12-31T23:59:59.999+00:00"))
+    assert windows == Windows(
+        day_start_ms=ms("2026-12-31T00:00:00+00:00"),
+        day_end_ms=ms("2027-01-01T00:00:00+00:00"),
+        month_start_ms=ms("2026-12-01T00:00:00+00:00"),
+        month_end_ms=ms("2027-01-01T00:00:00+00:00"),
+    )
+    assert Windows.at(ms("2027-02-01T00:00:00+00:00")).month_end_ms == ms("2027-03-01T00:00:00+00:00")
