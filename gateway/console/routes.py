@@ -213,7 +213,7 @@ async def grant(request: Request, runtime: Runtime, signed_in: SignedIn, tenant_
     form = await auth.checked_form(request, signed_in)
     fields = {
         name: form[name]
-        for name in ("amount", "expires_at", "category", "price", "currency", "reference")
+        for name in ("amount", "effective_at", "expires_at", "category", "price", "currency", "reference")
         if form.get(name)
     }
     for number in ("amount", "price"):

@@ -13,6 +13,7 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin.settings import AdminSettings
 from gateway.console.overview import RateMeter
@@ -120,6 +121,15 @@ class ConsoleRoute(APIRoute):
                     response = Response(status_code=204, headers={"HX-Redirect": "/console/sign-in"})
                 else:
                     response = RedirectResponse("/console/sign-in", status_code=303)
+            except StarletteHTTPException as error:  # a refused form or an unknown tenant: a page, not JSON
+                response = console_runtime(request).render(
+                    "message.html",
+                    error.status_code,
+                    session=None,
+                    title="Not done",
+                    message=error.detail,
+                    back="",
+                )
             except PortalRefused as refused:
                 response = console_runtime(request).render(
                     "portal_refused.html", 403, session=None, message=refused.message

@@ -116,6 +116,10 @@ def sign_in(w: Watched, dev: dict) -> None:
     assert dev["admin_token"] not in w.page.url
 
 
+def iso(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
 def complete(dev: dict, key: str) -> None:
     client = OpenAI(base_url=dev["base_url"], api_key=key, max_retries=0)
     answer = client.chat.completions.create(
@@ -139,9 +143,17 @@ def test_operator_console_and_tenant_portal_in_chromium(dev, chromium):
     tenant_url = w.page.url.split("?")[0]
     tenant_id = tenant_url.rsplit("/", 1)[1]
 
+    two_days_ago, yesterday = iso(time.time() - 2 * 86_400), iso(time.time() - 86_400)
     w.tab_to("#grant-amount")  # the main actions are reachable by keyboard
     w.page.keyboard.type(str(GRANTED))
+    w.page.fill("#grant-effective", two_days_ago)
     w.page.fill("#grant-reference", "INV-browser")
+    w.page.click("#grant-form button[type=submit]")
+    w.page.wait_for_selector("text=Credit granted.")
+    # A block that ran out yesterday, unused: on the chart until its expiry marker, not in the balance.
+    w.page.fill("#grant-amount", "50000")
+    w.page.fill("#grant-effective", two_days_ago)
+    w.page.fill("#grant-expires", yesterday)
     w.page.click("#grant-form button[type=submit]")
     w.page.wait_for_selector("text=Credit granted.")
     w.page.wait_for_function(
@@ -175,7 +187,7 @@ def test_operator_console_and_tenant_portal_in_chromium(dev, chromium):
     history = w.page.locator("#history tbody tr").first.inner_text()
     assert "usage_allocated" in history and "tollgate-tiny" in history and f"{after:,}" in history
     assert "runs out on" in w.page.inner_text("#burndown-projection")
-    w.check("tenant")
+    w.check()
 
     w.page.fill("#grant-amount", "5000")
     w.page.fill("#grant-expires", "2099-01-01T00:00:00Z")
@@ -187,6 +199,8 @@ def test_operator_console_and_tenant_portal_in_chromium(dev, chromium):
     w.page.click("#confirm-void")
     w.page.wait_for_selector("text=Grant voided.")
     assert "voided" in w.page.inner_text("#grants")
+    w.page.wait_for_selector("#burndown[data-loaded]")
+    w.check("tenant")
 
     w.page.click("[data-key] button:has-text('Revoke')")
     w.page.wait_for_selector("text=Key revoked.")
