@@ -44,6 +44,21 @@ VALID_BODIES = {
         "description": "ops",
         "alert_kinds": ["depleted"],
     },
+    ("PUT", "/admin/v1/tenants/{tenant_id}/alert-rules/{rule_id}"): {
+        "kind": "balance_below",
+        "threshold": 10,
+        "window_ms": None,
+    },
+    ("PUT", "/admin/v1/tenants/{tenant_id}/top-up-rules/{rule_id}"): {
+        "threshold": 10,
+        "amount": 5,
+        "target": None,
+        "category": "paid",
+        "price": 100,
+        "currency": "USD",
+        "monthly_count_max": 1,
+        "monthly_price_max": None,
+    },
     ("POST", "/admin/v1/tenants/{tenant_id}/grants"): {
         "amount": 5,
         "effective_at": "1700000000000",
@@ -97,6 +112,7 @@ async def existing_ids(client, tenant_id) -> dict[str, str]:
         "version": "1",
         "entry_id": f"{tenant_id}/usage/walk",  # holds slashes: the proof route's {entry_id:rest}
         "endpoint_id": "we_walk",
+        "rule_id": "low",
     }
 
 
