@@ -230,6 +230,10 @@ async def grant(request: Request, runtime: Runtime, signed_in: SignedIn, tenant_
 async def void_confirmation(
     request: Request, runtime: Runtime, signed_in: SignedIn, grant_id: Identifier
 ) -> Response:
+    if not signed_in.may_change:
+        raise HTTPException(
+            403, f"{signed_in.principal.name} has the {signed_in.principal.role} role: read-only"
+        )
     async with request.app.state.session_factory() as session:
         found = await data.grant(session, grant_id)
     if found is None:
