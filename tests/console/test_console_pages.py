@@ -101,6 +101,7 @@ async def test_a_finance_credential_gets_a_read_only_console(operator, browser, 
     assert csrf != operator_csrf
     refused = await operator.post(f"/console/tenants/{tenant_id}/grants", data={"amount": "5", "csrf": csrf})
     assert refused.status_code == 403
+    assert (await operator.get("/console/grants/gr_any/void")).status_code == 403, "no void page either"
 
 
 async def test_the_tenant_page_shows_the_ledgers_numbers(operator, session_factory, publisher, clock):
