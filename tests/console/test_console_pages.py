@@ -225,3 +225,67 @@ async def test_the_cards_show_the_pending_grants_and_no_live_balance_where_nothi
     cards = await operator.get(f"/console/tenants/{tenant_id}/fragments/balance")
     assert 'data-balance="pending">700<' in cards.text
     assert 'data-balance="live">—<' in cards.text, "this app admits no requests: no holds to count"
+
+
+HISTORY_ROW = re.compile(
+    r"<tr><td>(\d+)</td><td>[^<]*</td><td>(\w+)</td><td>([^<]*)</td>\s*"
+    r'<td class="num (?:neg|pos)">([+\-][\d,]+)</td><td class="num">([\d,\-]+)</td></tr>'
+)
+
+
+async def history(client, path: str) -> list[tuple[int, str, str, int, int]]:
+    rows, url = [], path
+    while url:
+        page = (await client.get(url)).text
+        rows += [
+            (int(seq), kind, model, int(amount.replace(",", "")), int(after.replace(",", "")))
+            for seq, kind, model, amount, after in HISTORY_ROW.findall(page)
+        ]
+        older = re.search(r'<a href="([^"]+)">Older entries</a>', page)
+        url = older[1].replace("&amp;", "&") if older else None
+    return rows
+
+
+async def test_history_pages_filters_and_the_balance_after_each_row(session_factory, publisher, clock):
+    import httpx
+
+    app = console_app(session_factory, publisher, clock, ConsoleSettings(history_page_size=7))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c.test") as client:
+        assert (await sign_in(client)).status_code == 303
+        csrf = await csrf_of(client, "/console/tenants")
+        created = await client.post("/console/tenants", data={"name": "Pages", "tier": "pro", "csrf": csrf})
+        tenant_id = created.headers["location"].split("/")[-1].split("?")[0]
+        granted = await client.post(
+            f"/console/tenants/{tenant_id}/grants",
+            data={"amount": "1000", "csrf": csrf, "idempotency_key": "h"},
+        )
+        assert granted.status_code == 303
+        clock.now_ms += 3_600_000
+        usage = [
+            UsageRecorded(
+                event_id=f"h{n}", tenant_id=tenant_id, amount=10 + n, occurred_at=clock.now_ms - 9_000 + n,
+                model=("a-model", "b-model")[n % 2], prompt_tokens=1, completion_tokens=1,
+            )
+            for n in range(20)
+        ]  # fmt: skip
+        await fold_and_project(session_factory, tenant_id, [*publisher.events, *usage], clock.now_ms)
+        base = f"/console/tenants/{tenant_id}"
+        rows = await history(client, base)
+        assert len(rows) == 21 and [r[0] for r in rows] == sorted((r[0] for r in rows), reverse=True)
+        assert rows[-1][1:] == ("grant_recorded", "", 1_000, 1_000)
+        for newer, older in zip(rows, rows[1:], strict=False):
+            assert newer[4] - newer[3] == older[4], (newer, older)  # balance after = the one before + amount
+        assert rows[0][4] == 1_000 - sum(10 + n for n in range(20))
+        by_sequence = {r[0]: r for r in rows}
+        only_b = await history(client, f"{base}?model=b-model")
+        assert len(only_b) == 10 and all(r[2] == "b-model" for r in only_b)
+        assert all(by_sequence[r[0]] == r for r in only_b), "the balance after is the whole ledger's"
+        grants = await history(client, f"{base}?type=grant_recorded")
+        assert [r[1:] for r in grants] == [("grant_recorded", "", 1_000, 1_000)]
+        statement = await client.get(f"{base}/statement?period=2026-11")
+        assert statement.status_code == 200 and "a-model" in statement.text and "b-model" in statement.text
+        csv = await client.get(f"{base}/statement?period=2026-11&format=csv")
+        assert csv.headers["content-type"].startswith("text/csv") and csv.text.startswith(
+            "section,key,credits"
+        )
+        assert (await client.get(f"{base}/statement?period=2026-13")).status_code == 422
