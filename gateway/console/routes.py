@@ -216,6 +216,8 @@ async def grant(request: Request, runtime: Runtime, signed_in: SignedIn, tenant_
         for name in ("amount", "effective_at", "expires_at", "category", "price", "currency", "reference")
         if form.get(name)
     }
+    if form.get("models", "").strip():  # credit scoped to these models (issue 16); empty: any model
+        fields["models"] = [name.strip() for name in form["models"].split(",") if name.strip()]
     for number in ("amount", "price"):
         if fields.get(number, "").lstrip("-").isdigit():
             fields[number] = int(fields[number])

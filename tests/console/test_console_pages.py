@@ -289,3 +289,21 @@ async def test_history_pages_filters_and_the_balance_after_each_row(session_fact
             "section,key,credits"
         )
         assert (await client.get(f"{base}/statement?period=2026-13")).status_code == 422
+
+
+async def test_a_grant_scoped_to_models_from_the_console(operator, publisher):
+    csrf = await csrf_of(operator, "/console/tenants")
+    created = await operator.post("/console/tenants", data={"name": "Scoped", "tier": "pro", "csrf": csrf})
+    tenant_id = created.headers["location"].split("/")[-1].split("?")[0]
+    granted = await operator.post(
+        f"/console/tenants/{tenant_id}/grants",
+        data={"amount": "900", "models": "tiny, small ,", "csrf": csrf, "idempotency_key": "scoped"},
+    )
+    assert granted.status_code == 303, granted.text
+    assert tuple(publisher.events[-1].models) == ("tiny", "small")
+    assert "<td>tiny, small</td>" in (await operator.get(f"/console/tenants/{tenant_id}")).text
+    twice = await operator.post(
+        f"/console/tenants/{tenant_id}/grants",
+        data={"amount": "900", "models": "tiny,tiny", "csrf": csrf, "idempotency_key": "twice"},
+    )
+    assert twice.status_code == 422 and "models" in twice.text
