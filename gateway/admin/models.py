@@ -193,6 +193,7 @@ class CreditBlockView(BaseModel):
     effective_at: int
     expires_at: int | None
     priority: int
+    models: list[str] = []  # the models it pays for; empty: any
 
 
 class PendingGrantView(BaseModel):

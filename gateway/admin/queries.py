@@ -130,6 +130,7 @@ def _balance_view(ledger: TenantLedger, at_ms: int) -> BalanceView:
             effective_at=block.effective_at,
             expires_at=block.expires_at,
             priority=block.priority,
+            models=list(block.models),
         )
         for block in ledger.blocks_at(at_ms)
     ]

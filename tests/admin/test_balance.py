@@ -130,7 +130,15 @@ async def test_balance_at_past_times_after_out_of_order_events_matches_the_ledge
         assert view["balance"] == oracle.balance_at(at), at
         assert view["overage"] == oracle.overage_at(at), at
         assert [
-            (b["grant_id"], b["amount"], b["remaining"], b["effective_at"], b["expires_at"], b["priority"])
+            (
+                b["grant_id"],
+                b["amount"],
+                b["remaining"],
+                b["effective_at"],
+                b["expires_at"],
+                b["priority"],
+                tuple(b["models"]),
+            )
             for b in view["blocks"]
         ] == [tuple(block) for block in oracle.blocks_at(at)], at
 

@@ -52,3 +52,20 @@ def test_an_unscoped_grants_fingerprint_is_the_one_before_models_existed():
     expected = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).digest()
     assert request_fingerprint(request) == expected
     assert request_fingerprint(GrantCreate(amount=5, models=["m"])) != request_fingerprint(request)
+
+
+async def test_the_balance_shows_each_blocks_models_and_scoped_usage_draws_its_grant(
+    client, tenant_id, publisher, session_factory, clock
+):
+    from ledger.events import UsageRecorded
+    from tests.admin.conftest import archive_events
+
+    await grant(client, tenant_id, {"amount": 100, "effective_at": 1_000, "models": ["gpt-x"]}, key="x")
+    await grant(client, tenant_id, {"amount": 50, "effective_at": 1_000, "priority": -1}, key="any")
+    usage = UsageRecorded(event_id="req-1", tenant_id=tenant_id, amount=30, occurred_at=2_000, model="gpt-x")
+    await archive_events(session_factory, [*publisher.events, usage])
+
+    response = await client.get(f"/admin/v1/tenants/{tenant_id}/balance", params={"at": 2_500})
+    assert response.status_code == 200, response.text
+    blocks = {block["remaining"]: block["models"] for block in response.json()["blocks"]}
+    assert blocks == {70: ["gpt-x"], 50: []}  # the unscoped grant, drawn first otherwise, kept its credit
