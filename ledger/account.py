@@ -42,6 +42,7 @@ from ledger.entries import (
     expired_entry_id,
     granted_entry_id,
     reallocation_entry_id,
+    usage_entry_id,
     voided_entry_id,
 )
 from ledger.events import (
@@ -239,7 +240,7 @@ class Account:
         index.record(event_id, occurred_at, amount)
         closed_until = self.closed_until
         allocated = UsageAllocated(
-            entry_id=f"{self.tenant_id}/usage/{event_id}",  # the one place a usage entry id is formed
+            entry_id=usage_entry_id(self.tenant_id, event_id),
             tenant_id=self.tenant_id,
             event_id=event_id,
             occurred_at=occurred_at,

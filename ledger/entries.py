@@ -164,6 +164,11 @@ def decode_entry(data: bytes) -> Entry:
         raise InvalidEvent(f"invalid entry: {error}") from None
 
 
+def usage_entry_id(tenant_id: str, event_id: str) -> str:
+    """A usage event's entry (its event id is the request id)."""
+    return f"{tenant_id}/usage/{event_id}"
+
+
 def expired_entry_id(tenant_id: str, grant_id: str) -> str:
     return f"{tenant_id}/expired/{grant_id}"
 

@@ -5,6 +5,8 @@ and the open holds.
                         (by applied_offset, then as_of), with its expiring blocks. Reservations lock it.
     admission_holds     one row per admitted request until its usage is folded into that balance,
                         it is released, or it expires.
+    admission_key_unprojected  a settled hold of a key with a budget until its usage entry is projected
+                        (migration 0019): the key's budget counts it meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.base import Base
+
+# A settled usage whose entry was not projected within this long stops counting against its key's budget
+# (the projector is that far behind, or the fold refused the usage): its entry, once projected, counts.
+UNPROJECTED_COUNTED_MAX_MS = 3_600_000
 
 
 class AdmissionAccount(Base):
@@ -44,3 +50,14 @@ class AdmissionHold(Base):
     api_key_id: Mapped[str | None] = mapped_column(Text, index=True)
 
     __table_args__ = (CheckConstraint("amount >= 0", name="amount_non_negative"),)
+
+
+class AdmissionKeyUnprojected(Base):
+    """A key's usage folded (its hold settled) whose entry the projector has not written yet."""
+
+    __tablename__ = "admission_key_unprojected"
+
+    entry_id: Mapped[str] = mapped_column(Text, primary_key=True)  # ledger.entries.usage_entry_id
+    api_key_id: Mapped[str] = mapped_column(Text, index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    settled_at_ms: Mapped[int] = mapped_column(BigInteger)

@@ -15,8 +15,11 @@ hold it takes. Strict mode does it all in Postgres under the key's row lock (adm
 migration 0016), so holds of every gateway count.
 
 A usage both projected and still held (its hold not yet settled) counts twice for a moment:
-conservative. A usage folded (its hold dropped) but not yet projected is not counted for the projector's
-lag (fast mode also its cache's ttl): the README says so.
+conservative. A usage folded (its hold dropped when the balance includes it) but not yet projected (the
+projector writes the entry a moment later) keeps counting: the settled hold is kept as "unprojected",
+with its usage entry's id, until a read of the key's spend finds that entry (fast mode: `KeySpendReader`;
+strict mode: admission_key_unprojected, migration 0019), at most `UNPROJECTED_COUNTED_MAX_MS`. So a key
+that sends request after request never runs past its budget by what the projector has not written yet.
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.admission.base import Overloaded, Rejection
 from gateway.admission.rate_limit import format_duration
+from storage.admission import UNPROJECTED_COUNTED_MAX_MS
 
 DAILY = "daily_credits"
 MONTHLY = "monthly_credits"
 KEY_SPEND_QUERY_TIMEOUT_MS = 2_000  # one read of a key's spend; beyond it the state is unavailable
 KEY_SPEND_CACHE_ENTRIES_MAX = 100_000  # keys whose spend a fast-mode gateway remembers
+UNPROJECTED_PER_KEY_MAX = 10_000  # settled usages awaiting projection a fast-mode gateway keeps per key
 
 _SPEND = text("""
 SELECT COALESCE(SUM(amount) FILTER (WHERE occurred_at_ms >= :day_start_ms), 0) AS daily,
-       COALESCE(SUM(amount), 0) AS monthly
+       COALESCE(SUM(amount), 0) AS monthly,
+       ARRAY(SELECT entry_id FROM ledger_entries WHERE entry_id = ANY(:unprojected)) AS projected
 FROM ledger_entries
 WHERE api_key_id = :api_key_id AND entry_type = 'usage_allocated' AND occurred_at_ms >= :month_start_ms
 """)
@@ -198,9 +204,47 @@ class KeySpendReader:
         self.stale_max_ms = stale_max_ms
         self.retry_after_s = retry_after_s
         self._cache: dict[tuple[str, int, int], tuple[float, KeySpend]] = {}  # -> (read at, spend)
+        # key id -> usage entry id -> (amount, settled at): folded, not yet seen projected
+        self._unprojected: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def settled(self, key_id: str, entry_id: str, amount: int, now_ms: int) -> None:
+        """A usage of the key was folded (its hold dropped): count it until its entry is read."""
+        assert amount >= 0, f"a settled usage costs a non-negative amount, got {amount}"
+        if amount == 0:
+            return
+        pending = self._unprojected.setdefault(key_id, {})
+        pending[entry_id] = (amount, now_ms)
+        if len(pending) > UNPROJECTED_PER_KEY_MAX:
+            pending.pop(next(iter(pending)))
+
+    def _unprojected_spend(self, key_id: str, windows: Windows, now_ms: int) -> KeySpend:
+        pending = self._unprojected.get(key_id)
+        if not pending:
+            return KeySpend(0, 0)
+        for entry_id, (_, settled_at) in list(pending.items()):
+            if settled_at < now_ms - UNPROJECTED_COUNTED_MAX_MS:
+                del pending[entry_id]
+        daily = sum(amount for amount, at in pending.values() if at >= windows.day_start_ms)
+        monthly = sum(amount for amount, at in pending.values() if at >= windows.month_start_ms)
+        return KeySpend(daily, monthly)
+
+    def _projected(self, key_id: str, entry_ids: list[str]) -> None:
+        pending = self._unprojected.get(key_id)
+        for entry_id in entry_ids:
+            if pending is not None:
+                pending.pop(entry_id, None)
+        if pending is not None and not pending:
+            del self._unprojected[key_id]
 
     async def spent(self, budget: KeyBudget, now_ms: int) -> KeySpend:
+        """The key's usage entries in its windows (read, or cached) plus its usage folded but not yet
+        projected."""
         windows = Windows.at(now_ms)
+        entries = await self._entries_spent(budget, windows)
+        unprojected = self._unprojected_spend(budget.key_id, windows, now_ms)
+        return KeySpend(entries.daily + unprojected.daily, entries.monthly + unprojected.monthly)
+
+    async def _entries_spent(self, budget: KeyBudget, windows: Windows) -> KeySpend:
         cache_key = (budget.key_id, windows.day_start_ms, windows.month_start_ms)
         cached = self._cache.get(cache_key)
         read_at = time.monotonic() * 1000
@@ -222,6 +266,7 @@ class KeySpendReader:
                             "api_key_id": budget.key_id,
                             "day_start_ms": windows.day_start_ms,
                             "month_start_ms": windows.month_start_ms,
+                            "unprojected": list(self._unprojected.get(budget.key_id, ())),
                         },
                     )
                 ).one()
@@ -234,6 +279,7 @@ class KeySpendReader:
                 self.retry_after_s,
             ) from None
         spend = KeySpend(int(row.daily), int(row.monthly))
+        self._projected(budget.key_id, row.projected)  # counted in the read from now on
         if len(self._cache) >= KEY_SPEND_CACHE_ENTRIES_MAX:
             self._cache.pop(next(iter(self._cache)))
         self._cache[cache_key] = (read_at, spend)

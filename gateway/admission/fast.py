@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from gateway.admission.base import AdmissionRequest, Rejection, Reservation
 from gateway.admission.core import AdmissionCore, check_request, credit_exhausted, limited_budget
+from gateway.admission.holds import Hold
 from gateway.admission.view_guard import require_fresh_view
+from gateway.ledger_view import PublishedBalance
+from ledger.entries import usage_entry_id
 
 
 class FastAdmission(AdmissionCore):
@@ -59,6 +62,11 @@ class FastAdmission(AdmissionCore):
 
     async def release(self, reservation: Reservation) -> None:
         self._release_locally(reservation)
+
+    def _settled(self, hold: Hold, balance: PublishedBalance) -> None:
+        if hold.api_key_id is not None:  # its usage counts against the key's budget until projected
+            entry_id = usage_entry_id(hold.tenant_id, hold.request_id)
+            self.key_spend.settled(hold.api_key_id, entry_id, hold.amount, self.clock_ms())
 
     async def held(self, tenant_id: str) -> int:
         """The tenant's open holds in this process (the live balance subtracts them)."""

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.admission.budgets import KeyBudget, KeySpend, Windows
 from gateway.ledger_view import PublishedBalance
+from ledger.entries import usage_entry_id
 
 NO_BALANCE_OFFSET = -1  # an account row for a tenant no view has a balance for yet
 
@@ -50,8 +51,18 @@ INSERT INTO admission_accounts AS account (tenant_id, balance, applied_offset, a
         expiring = CASE WHEN {_NEWER} THEN excluded.expiring ELSE account.expiring END,
         updated_at_ms = CASE WHEN {_NEWER} THEN excluded.updated_at_ms ELSE account.updated_at_ms END
     RETURNING 1
+), settled AS (
+    DELETE FROM admission_holds WHERE request_id = ANY(:request_ids)
+    RETURNING request_id, api_key_id, amount
 )
-DELETE FROM admission_holds WHERE request_id = ANY(:request_ids)
+-- A key's settled usage keeps counting against its budget until the projector writes its entry.
+INSERT INTO admission_key_unprojected (entry_id, api_key_id, amount, settled_at_ms)
+SELECT usage.entry_id, settled.api_key_id, settled.amount, :now_ms
+FROM settled
+JOIN unnest(CAST(:request_ids AS text[]), CAST(:entry_ids AS text[])) AS usage (request_id, entry_id)
+    ON usage.request_id = settled.request_id
+WHERE settled.api_key_id IS NOT NULL AND settled.amount > 0
+ON CONFLICT (entry_id) DO NOTHING
 """)
 
 _RESERVE = text("""
@@ -214,6 +225,10 @@ class StrictStore:
                 "as_of_ms": [row["as_of_ms"] for row in rows],
                 "expirings": [row["expiring"] for row in rows],
                 "request_ids": [settlement.request_id for settlement in settlements],
+                "entry_ids": [
+                    usage_entry_id(settlement.balance.tenant_id, settlement.request_id)
+                    for settlement in settlements
+                ],
             },
         )
 

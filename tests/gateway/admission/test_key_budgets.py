@@ -33,7 +33,7 @@ from gateway.ledger_view import wall_clock_ms
 from ledger.events import CreditGranted, UsageRecorded
 from storage.database import DatabaseSettings, build_async_engine, build_session_factory
 from tests.fixtures.processes import free_port
-from tests.gateway.admission.helpers import balance_record, mark_caught_up, new_view
+from tests.gateway.admission.helpers import balance_record, mark_caught_up, new_view, usage_record
 from tests.gateway.conftest import (
     ADMIN_TOKEN,
     INTERNAL_TOKEN,
@@ -374,3 +374,62 @@ def test_windows_are_the_utc_day_and_calendar_month_around_now():
         month_end_ms=ms("2027-01-01T00:00:00+00:00"),
     )
     assert Windows.at(ms("2027-02-01T00:00:00+00:00")).month_end_ms == ms("2027-03-01T00:00:00+00:00")
+
+
+# ---------------------------------------------------------- folded before projected (both modes)
+
+
+@pytest.mark.parametrize("mode", ["fast", "strict"])
+async def test_usage_folded_but_not_yet_projected_still_counts_and_then_counts_once(
+    engine, database_url, key, mode
+):
+    """Request after request: each one's usage is folded (its hold settles) a moment before the projector
+    writes its entry. In that moment it still counts against the key's budget, and once projected it
+    counts once, as the entry."""
+    budget = set_budget(database_url, key.key_id, 500, None)
+    view = fed_view(wall_clock_ms())
+    admission_class = FastAdmission if mode == "fast" else StrictAdmission
+    admission = admission_class(view, settings(mode, budget_spend_cache_ttl_ms=0), engine=engine)
+    await admission.start()
+    try:
+        first = await admission.admit(budget_request("r1", budget))
+        second = await admission.admit(budget_request("r2", budget))
+        await admission.finish(first, COST)
+        await admission.finish(second, COST)
+        # the processor folds both usages: the view sees their events and a balance that includes them
+        view.apply_event_records([usage_record("acme", "r1", COST, 1), usage_record("acme", "r2", COST, 2)])
+        view.apply_balance_records([balance_record("acme", BALANCE - 2 * COST, applied_offset=2)])
+        assert admission.holds.key_total(key.key_id) == 0, "both holds settled"
+        if mode == "strict":
+            await wait_for_no_holds(database_url, key.key_id)
+
+        # 300 spent, not projected yet: 150 more fits, 300 more does not
+        third = await admission.admit(budget_request("r3", budget))
+        with pytest.raises(KeyBudgetExceeded):
+            await admission.admit(budget_request("r4", budget))
+        await admission.release(third)
+
+        # the projector catches up: the entries count, the settled holds no longer (not twice)
+        sessions = build_session_factory(engine)
+        now_ms = wall_clock_ms()
+        await used_by_key(sessions, key.key_id, [("r1", COST, now_ms), ("r2", COST, now_ms)])
+        fourth = await admission.admit(budget_request("r5", budget))
+        assert fourth.headers["x-ratelimit-remaining-credits"] == str(500 - 3 * COST)
+        if mode == "strict":
+            with psycopg.connect(database_url) as connection:
+                kept = connection.execute("SELECT count(*) FROM admission_key_unprojected").fetchone()
+            assert kept == (0,), "a projected entry's row is deleted"
+    finally:
+        await admission.stop()
+
+
+async def wait_for_no_holds(database_url: str, key_id: str) -> None:
+    for _ in range(200):
+        with psycopg.connect(database_url) as connection:
+            (held,) = connection.execute(
+                "SELECT count(*) FROM admission_holds WHERE api_key_id = %s", (key_id,)
+            ).fetchone()
+        if held == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the strict settler did not delete the holds")
