@@ -169,3 +169,19 @@ def test_a_sweep_fires_grant_expiring_as_time_passes():
     assert (alert.kind, alert.grant_id, alert.fired_at) == ("grant_expiring", "g1", 9 * DAY_MS + 1)
     assert processor.tenant_position(T)[1] == 9 * DAY_MS + 1
     assert processor.expire_quiet(9 * DAY_MS + 2, 1) == []
+
+
+def test_every_engine_publishes_the_alerts_to_ledger_alerts_keyed_by_the_tenant():
+    """The faust engine's outgoing records (the batch engine and the embedded driver are exercised by the
+    simulation and tests/alerts/test_topup_agent.py): the alerts go to ledger.alerts with the others."""
+    from streams.faust_app import outgoing_records
+    from streams.topics import LedgerTopics
+
+    output = LedgerProcessor(DictState(), source_topic=TOPIC).process(
+        0, records([grant("g1", 1_000), rules()[0], usage(1, 800, 5)])
+    )
+    topics = LedgerTopics(
+        events=TOPIC, entries="ledger.entries", balances="ledger.balances", dlq="ledger.dlq"
+    )
+    alerts = [r for r in outgoing_records(topics, [output]) if r.topic == topics.alerts]
+    assert [(r.key, decode_alert(r.value).kind) for r in alerts] == [(T.encode(), "balance_below")]
