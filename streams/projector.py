@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from ledger.entries import (
 from ledger.events import CreditExpired, Event, InvalidEvent
 from ledger.statement import movements
 from storage.audit import LedgerCheckpoint
-from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from storage.database import DatabaseSettings
 from storage.finance import (
     GrantTermsRow,
     entry_finance_columns,
@@ -70,10 +69,11 @@ from streams.audit_rows import chain_columns, checkpoint_row
 from streams.fold_tracing import FoldSpans
 from streams.log import KafkaLog
 from streams.records import BalanceRecord, DeadLetter, LogPosition, LogRecord
+from streams.service import run_until_signalled, with_database_and_log
 from streams.settings import StreamSettings
 from streams.snapshotter import Snapshotter
 from streams.spool import OutgoingRecord
-from streams.topics import LedgerTopics, describe_partition_counts, ensure_topics, ledger_topic_specs
+from streams.topics import LedgerTopics, describe_partition_counts
 from tollgate.tracing_setup import install_otlp_provider, tracing_enabled
 
 logger = logging.getLogger(__name__)
@@ -515,45 +515,27 @@ async def run_projector(
 ) -> None:
     """Wait for and migrate the database, create missing topics, then project until `stop` is set."""
     install_otlp_provider(projector_settings.otlp_traces_endpoint, "tollgate-projector")
-    database_url = await asyncio.to_thread(prepare_database, database_settings)
-    await ensure_topics(
-        stream_settings.kafka_bootstrap_servers,
-        ledger_topic_specs(stream_settings),
-        request_timeout_ms=stream_settings.admin_request_timeout_ms,
-    )
-    engine = build_async_engine(database_url, database_settings)
-    dead_letter_log = KafkaLog(stream_settings)
-    try:
-        await dead_letter_log.start()
+
+    async def project(dead_letter_log: KafkaLog, sessions: async_sessionmaker[AsyncSession]) -> None:
         projector = Projector(
             settings=projector_settings,
             topics=LedgerTopics.from_settings(stream_settings),
             bootstrap_servers=stream_settings.kafka_bootstrap_servers,
-            session_factory=build_session_factory(engine),
+            session_factory=sessions,
             dead_letter_log=dead_letter_log,
             snapshot_every_events=(audit_settings or AuditSettings()).snapshot_every_events,
         )
         async with projector:
             await projector.run(stop)
-    finally:
-        await dead_letter_log.stop()
-        await engine.dispose()
+
+    await with_database_and_log(database_settings, stream_settings, project)
 
 
 def main() -> None:
     """`python -m streams.projector`: run until SIGINT or SIGTERM. Settings from the environment."""
-    from tollgate.logging_setup import configure_logging
-
-    configure_logging()
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signal_number, stop.set)
-        await run_projector(DatabaseSettings(), StreamSettings(), ProjectorSettings(), stop)
-
-    asyncio.run(run())
+    run_until_signalled(
+        lambda stop: run_projector(DatabaseSettings(), StreamSettings(), ProjectorSettings(), stop)
+    )
 
 
 if __name__ == "__main__":

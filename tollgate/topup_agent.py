@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable
 
@@ -40,13 +39,13 @@ from gateway.admin.publisher import EventPublisher
 from gateway.admin.settings import AdminSettings
 from ledger.alerts import AlertFired, decode_alert
 from ledger.events import InvalidEvent
-from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from storage.database import DatabaseSettings
 from storage.projections import ProjectorOffset
 from storage.tenants import Grant
-from streams.log import EventLog, KafkaLog
+from streams.log import EventLog
 from streams.records import LogRecord
+from streams.service import run_until_signalled, with_database_and_log
 from streams.settings import StreamSettings
-from streams.topics import ensure_topics, ledger_topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -199,36 +198,16 @@ async def run_top_up_agent(
 ) -> None:
     """The distributed deployment's agent: wait for and migrate the database, create missing topics, then
     grant top-ups over Kafka until `stop` is set."""
-    database_url = await asyncio.to_thread(prepare_database, database_settings)
-    await ensure_topics(
-        stream_settings.kafka_bootstrap_servers,
-        ledger_topic_specs(stream_settings),
-        request_timeout_ms=stream_settings.admin_request_timeout_ms,
-    )
-    engine = build_async_engine(database_url, database_settings)
-    event_log = KafkaLog(stream_settings)
-    try:
-        await event_log.start()
-        await TopUpAgent(event_log, build_session_factory(engine), AdminSettings()).run(stop)
-    finally:
-        await event_log.stop()
-        await engine.dispose()
+
+    async def grant(event_log: EventLog, sessions: async_sessionmaker[AsyncSession]) -> None:
+        await TopUpAgent(event_log, sessions, AdminSettings()).run(stop)
+
+    await with_database_and_log(database_settings, stream_settings, grant)
 
 
 def main() -> None:
     """`python -m tollgate.topup_agent` (or `tollgate top-up agent`): until SIGINT or SIGTERM."""
-    from tollgate.logging_setup import configure_logging
-
-    configure_logging()
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signal_number, stop.set)
-        await run_top_up_agent(DatabaseSettings(), StreamSettings(), stop)
-
-    asyncio.run(run())
+    run_until_signalled(lambda stop: run_top_up_agent(DatabaseSettings(), StreamSettings(), stop))
 
 
 if __name__ == "__main__":

@@ -20,34 +20,25 @@ down_revision: str | Sequence[str] | None = "0018"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-RESERVE_KEY_FUNCTION = """
-CREATE OR REPLACE FUNCTION admission_reserve_key(
-    p_api_key_id text, p_day_start_ms bigint, p_month_start_ms bigint,
-    p_tenant_id text, p_request_id text, p_amount bigint,
-    p_balance bigint, p_applied_offset bigint, p_as_of_ms bigint, p_expiring jsonb,
-    p_now_ms bigint, p_expires_at_ms bigint, p_holds_max bigint,
-    OUT reserved boolean, OUT spendable bigint, OUT held bigint, OUT holds bigint,
-    OUT budget_refused text, OUT daily_limit bigint, OUT monthly_limit bigint,
-    OUT daily_spent bigint, OUT monthly_spent bigint
-) LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    key_held bigint;
+# admission_reserve_key() of 0016 with the unprojected usage counted: the same function text, two changes.
+_DECLARE = """    key_held bigint;
+BEGIN"""
+_DECLARE_UNPROJECTED = """    key_held bigint;
     unprojected_daily bigint;
     unprojected_monthly bigint;
-BEGIN
-    -- The key's row lock: reservations of one key queue here, from every gateway (then the tenant's
-    -- row lock inside admission_reserve, always in this order). The limits are read under it, fresh.
-    SELECT k.daily_credits, k.monthly_credits INTO daily_limit, monthly_limit
-    FROM api_keys AS k WHERE k.key_id = p_api_key_id FOR UPDATE;
-    -- Fresh snapshots (READ COMMITTED, VOLATILE): every hold committed by earlier holders of the lock.
-    SELECT COALESCE(SUM(h.amount), 0) INTO key_held
-    FROM admission_holds AS h WHERE h.api_key_id = p_api_key_id AND h.expires_at_ms > p_now_ms;
+BEGIN"""
+_SPENT = (
+    "    SELECT COALESCE(SUM(e.amount) FILTER (WHERE e.occurred_at_ms >= p_day_start_ms), 0) + key_held,\n"
+    "           COALESCE(SUM(e.amount), 0) + key_held\n"
+    "    INTO daily_spent, monthly_spent"
+)
+_SPENT_UNPROJECTED = f"""
     -- Usage folded (its hold settled) but not projected yet still counts; once its entry is projected,
     -- the entry counts instead. Past UNPROJECTED_COUNTED_MAX_MS a row no longer counts.
     DELETE FROM admission_key_unprojected AS u USING ledger_entries AS e
     WHERE u.api_key_id = p_api_key_id AND e.entry_id = u.entry_id;
     DELETE FROM admission_key_unprojected AS u
-    WHERE u.api_key_id = p_api_key_id AND u.settled_at_ms < p_now_ms - {counted_max_ms};
+    WHERE u.api_key_id = p_api_key_id AND u.settled_at_ms < p_now_ms - {UNPROJECTED_COUNTED_MAX_MS};
     SELECT COALESCE(SUM(u.amount) FILTER (WHERE u.settled_at_ms >= p_day_start_ms), 0),
            COALESCE(SUM(u.amount) FILTER (WHERE u.settled_at_ms >= p_month_start_ms), 0)
     INTO unprojected_daily, unprojected_monthly
@@ -55,31 +46,7 @@ BEGIN
     SELECT COALESCE(SUM(e.amount) FILTER (WHERE e.occurred_at_ms >= p_day_start_ms), 0) + key_held
                + unprojected_daily,
            COALESCE(SUM(e.amount), 0) + key_held + unprojected_monthly
-    INTO daily_spent, monthly_spent
-    FROM ledger_entries AS e
-    WHERE e.api_key_id = p_api_key_id AND e.entry_type = 'usage_allocated'
-      AND e.occurred_at_ms >= p_month_start_ms;  -- a month starts at or before its days
-    IF daily_limit IS NOT NULL AND p_amount > 0 AND daily_spent + p_amount > daily_limit THEN
-        budget_refused := 'daily_credits';
-    ELSIF monthly_limit IS NOT NULL AND p_amount > 0 AND monthly_spent + p_amount > monthly_limit THEN
-        budget_refused := 'monthly_credits';
-    END IF;
-    IF budget_refused IS NOT NULL THEN
-        reserved := false;
-        spendable := 0;
-        held := 0;
-        holds := 0;
-        RETURN;
-    END IF;
-    SELECT r.reserved, r.spendable, r.held, r.holds INTO reserved, spendable, held, holds
-    FROM admission_reserve(p_tenant_id, p_request_id, p_amount, p_balance, p_applied_offset, p_as_of_ms,
-                           p_expiring, p_now_ms, p_expires_at_ms, p_holds_max) AS r;
-    IF reserved THEN
-        UPDATE admission_holds SET api_key_id = p_api_key_id WHERE request_id = p_request_id;
-    END IF;
-END
-$$
-""".replace("{counted_max_ms}", str(UNPROJECTED_COUNTED_MAX_MS))
+    INTO daily_spent, monthly_spent"""
 
 
 def _function_of_0016() -> str:
@@ -88,6 +55,12 @@ def _function_of_0016() -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.RESERVE_KEY_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+
+
+def _function_counting_unprojected() -> str:
+    function = _function_of_0016()
+    assert function.count(_DECLARE) == 1 and function.count(_SPENT) == 1, "0016's function changed"
+    return function.replace(_DECLARE, _DECLARE_UNPROJECTED).replace(_SPENT, _SPENT_UNPROJECTED)
 
 
 def upgrade() -> None:
@@ -102,7 +75,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_admission_key_unprojected_api_key_id", "admission_key_unprojected", ["api_key_id"]
     )
-    op.execute(RESERVE_KEY_FUNCTION)
+    op.execute(_function_counting_unprojected())
 
 
 def downgrade() -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
 import time
 from collections.abc import Callable, Sequence
 
@@ -41,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ledger.alerts import AlertFired, decode_alert
 from ledger.events import InvalidEvent
-from storage.database import DatabaseSettings, build_async_engine, build_session_factory, prepare_database
+from storage.database import DatabaseSettings
 from storage.webhooks import (
     DEAD,
     PENDING,
@@ -55,12 +54,12 @@ from storage.webhooks import (
     record_attempt,
     schedule,
 )
-from streams.log import EventLog, KafkaLog
+from streams.log import EventLog
 from streams.projector import dead_letter
 from streams.records import DeadLetter, LogRecord
+from streams.service import run_until_signalled, with_database_and_log
 from streams.settings import StreamSettings
 from streams.spool import OutgoingRecord
-from streams.topics import ensure_topics, ledger_topic_specs
 from streams.webhooks.message import (
     ERROR_CHARS_MAX,
     after_attempt,
@@ -328,33 +327,15 @@ async def run_webhook_dispatcher(
 ) -> None:
     """The distributed deployment's dispatcher: wait for and migrate the database, create missing topics,
     then deliver over Kafka until `stop` is set."""
-    database_url = await asyncio.to_thread(prepare_database, database_settings)
-    await ensure_topics(
-        stream_settings.kafka_bootstrap_servers,
-        ledger_topic_specs(stream_settings),
-        request_timeout_ms=stream_settings.admin_request_timeout_ms,
-    )
-    engine = build_async_engine(database_url, database_settings)
-    event_log = KafkaLog(stream_settings)
-    try:
-        await event_log.start()
-        await WebhookDispatcher(event_log, build_session_factory(engine), settings).run(stop)
-    finally:
-        await event_log.stop()
-        await engine.dispose()
+
+    async def deliver(event_log: EventLog, sessions: async_sessionmaker[AsyncSession]) -> None:
+        await WebhookDispatcher(event_log, sessions, settings).run(stop)
+
+    await with_database_and_log(database_settings, stream_settings, deliver)
 
 
 def main() -> None:
     """`python -m streams.webhooks` (or `tollgate webhooks dispatch`): until SIGINT or SIGTERM."""
-    from tollgate.logging_setup import configure_logging
-
-    configure_logging()
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signal_number, stop.set)
-        await run_webhook_dispatcher(DatabaseSettings(), StreamSettings(), WebhookSettings(), stop)
-
-    asyncio.run(run())
+    run_until_signalled(
+        lambda stop: run_webhook_dispatcher(DatabaseSettings(), StreamSettings(), WebhookSettings(), stop)
+    )
