@@ -134,17 +134,9 @@ async def put_alert_rule(
     rules = await folded_rules(sessions, tenant_id)
     if any(rule.rule_id == rule_id for rule in rules.top_up_rules()):
         raise AdminError(409, "rule_id", f"{rule_id!r} is a top-up rule; remove it first")
-    now_ms = clock()
-    event = _checked(
-        lambda: AlertRuleSet(
-            event_id=rule_event_id("alert-rule-set", tenant_id, rule_id, now_ms, body),
-            tenant_id=tenant_id,
-            rule_id=rule_id,
-            set_at=now_ms,
-            **body.model_dump(),
-        )
+    event = await _publish_set(
+        AlertRuleSet, "alert-rule-set", tenant_id, rule_id, body, publisher, settings, clock
     )
-    await commands.accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
     return alert_rule_view(event)
 
 
@@ -161,15 +153,9 @@ async def delete_alert_rule(
 ) -> RuleRemoved:
     """Remove an alert rule (AlertRuleRemoved); removing one that is not there changes nothing."""
     await folded_rules(sessions, tenant_id)  # the tenant exists
-    now_ms = clock()
-    event = AlertRuleRemoved(
-        event_id=rule_event_id("alert-rule-removed", tenant_id, rule_id, now_ms),
-        tenant_id=tenant_id,
-        rule_id=rule_id,
-        removed_at=now_ms,
+    return await _publish_removed(
+        AlertRuleRemoved, "alert-rule-removed", tenant_id, rule_id, publisher, settings, clock
     )
-    await commands.accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
-    return RuleRemoved(tenant_id=tenant_id, rule_id=rule_id, event_id=event.event_id, removed_at=now_ms)
 
 
 @router.get("/tenants/{tenant_id}/alert-rules", response_model=list[AlertRuleView])
@@ -196,17 +182,9 @@ async def put_top_up_rule(
     rules = await folded_rules(sessions, tenant_id)
     if any(rule.rule_id == rule_id for rule in rules.alert_rules()):
         raise AdminError(409, "rule_id", f"{rule_id!r} is an alert rule; remove it first")
-    now_ms = clock()
-    event = _checked(
-        lambda: TopUpRuleSet(
-            event_id=rule_event_id("top-up-rule-set", tenant_id, rule_id, now_ms, body),
-            tenant_id=tenant_id,
-            rule_id=rule_id,
-            set_at=now_ms,
-            **body.model_dump(),
-        )
+    event = await _publish_set(
+        TopUpRuleSet, "top-up-rule-set", tenant_id, rule_id, body, publisher, settings, clock
     )
-    await commands.accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
     return top_up_rule_view(event)
 
 
@@ -223,21 +201,45 @@ async def delete_top_up_rule(
 ) -> RuleRemoved:
     """Remove an auto top-up rule (TopUpRuleRemoved); removing one that is not there changes nothing."""
     await folded_rules(sessions, tenant_id)  # the tenant exists
-    now_ms = clock()
-    event = TopUpRuleRemoved(
-        event_id=rule_event_id("top-up-rule-removed", tenant_id, rule_id, now_ms),
-        tenant_id=tenant_id,
-        rule_id=rule_id,
-        removed_at=now_ms,
+    return await _publish_removed(
+        TopUpRuleRemoved, "top-up-rule-removed", tenant_id, rule_id, publisher, settings, clock
     )
-    await commands.accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
-    return RuleRemoved(tenant_id=tenant_id, rule_id=rule_id, event_id=event.event_id, removed_at=now_ms)
 
 
 @router.get("/tenants/{tenant_id}/top-up-rules", response_model=list[TopUpRuleView])
 async def list_top_up_rules(tenant_id: TenantIdPath, sessions: Sessions) -> list[TopUpRuleView]:
     """The tenant's auto top-up rules as folded from its archived rule events, in the order first set."""
     return [top_up_rule_view(rule) for rule in (await folded_rules(sessions, tenant_id)).top_up_rules()]
+
+
+async def _publish_set(event_type, name: str, tenant_id: str, rule_id: str, body, publisher, settings, clock):
+    """The rule's set event (validated as the fold decodes it: a 422 naming the field), published."""
+    now_ms = clock()
+    event = _checked(
+        lambda: event_type(
+            event_id=rule_event_id(name, tenant_id, rule_id, now_ms, body),
+            tenant_id=tenant_id,
+            rule_id=rule_id,
+            set_at=now_ms,
+            **body.model_dump(),
+        )
+    )
+    await commands.accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
+    return event
+
+
+async def _publish_removed(
+    event_type, name: str, tenant_id: str, rule_id: str, publisher, settings, clock
+) -> RuleRemoved:
+    now_ms = clock()
+    event = event_type(
+        event_id=rule_event_id(name, tenant_id, rule_id, now_ms),
+        tenant_id=tenant_id,
+        rule_id=rule_id,
+        removed_at=now_ms,
+    )
+    await commands.accepted(publisher.publish(event), event.event_id, settings.publish_timeout_ms)
+    return RuleRemoved(tenant_id=tenant_id, rule_id=rule_id, event_id=event.event_id, removed_at=now_ms)
 
 
 # ------------------------------------------------------------------------------------------ helpers
