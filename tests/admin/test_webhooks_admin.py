@@ -15,8 +15,6 @@ from tests.admin.conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.postgres
 
-pytest_plugins = ["tests.admin.conftest"]
-
 
 async def finance_token(client) -> str:
     response = await client.post("/admin/v1/credentials", json={"name": "fin", "role": "finance"})
