@@ -89,7 +89,8 @@ async def test_a_response_is_billed_for_the_tokens_the_worker_counted(client, ga
     # The ledger's event names ids and counts only: the text is kept by the conversation store alone.
     fields = msgspec.structs.asdict(usage)
     text_fields = {name for name, value in fields.items() if isinstance(value, str)}
-    assert text_fields == {"event_id", "tenant_id", "model"}
+    assert text_fields == {"event_id", "tenant_id", "model", "api_key_id"}
+    assert fields["api_key_id"] == tenant.key_id
     assert (fields["event_id"], fields["tenant_id"], fields["model"]) == (
         request_id_of(response),
         tenant.tenant_id,
