@@ -98,7 +98,10 @@ class StrictAdmission(AdmissionCore):
         now_ms = self.clock_ms()
         tenant_id = request.tenant_id
         self._forget(self.holds.expire(tenant_id, now_ms), "timed_out")
-        self._refuse_credit_scoped_to_other_models(request, now_ms)
+        usable = self._usable_by_model(request, now_ms)
+        if usable is not None and request.estimated_cost > usable:
+            headers = self.rate_limiter.peek_headers(request.tenant_id, request.tier, now_ms)
+            raise self._refused(credit_exhausted(request, usable, headers))
         headers = self._take_hold_slot_and_rate(request, now_ms)
         try:
             async with asyncio.timeout(self.settings.strict_transaction_timeout_ms / 1000):
@@ -140,21 +143,26 @@ class StrictAdmission(AdmissionCore):
             if result.holds >= self.settings.tenant_holds_max:
                 raise self._refused(too_many_holds(tenant_id, self.settings))
             raise self._refused(credit_exhausted(request, result.available, headers))
+        if usable is not None and request.estimated_cost + result.held > usable:
+            # Credit scoped to models: the tenant's other holds (of any model) count against what this one's
+            # model may use, so concurrent requests never spend credit scoped to other models (conservative,
+            # as fast mode: holds are the tenant's, not per model). The hold just written is deleted.
+            await self._release_row(request.request_id)
+            headers = self.rate_limiter.give_back(tenant_id, rate_tokens(request), self.clock_ms())
+            raise self._refused(credit_exhausted(request, usable - result.held, headers))
         if result.budget is not None and result.spend is not None and result.budget.limited:
             credits = budget_headers(result.budget, result.spend, request.estimated_cost, now_ms)
             headers = {**headers, **credits}
         return self._held(request, now_ms, headers)
 
-    def _refuse_credit_scoped_to_other_models(self, request: AdmissionRequest, now_ms: int) -> None:
-        """The reservation below counts the tenant's whole balance; a tenant with credit scoped to models
-        (ledger.scoped) is first refused here when the view's credit its model may use cannot cover it."""
+    def _usable_by_model(self, request: AdmissionRequest, now_ms: int) -> int | None:
+        """For a tenant with credit scoped to models (ledger.scoped): the view's credit the request's model
+        may use (the reservation counts the tenant's whole balance); None for any other tenant or a free
+        request."""
         balance = self.view.balance(request.tenant_id)
         if balance is None or not balance.scoped or request.estimated_cost == 0:
-            return
-        usable = balance.spendable_for(request.model, now_ms)
-        if request.estimated_cost > usable:
-            headers = self.rate_limiter.peek_headers(request.tenant_id, request.tier, now_ms)
-            raise self._refused(credit_exhausted(request, usable, headers))
+            return None
+        return balance.spendable_for(request.model, now_ms)
 
     async def finish(self, reservation: Reservation, actual_cost: int) -> None:
         now_ms = self.clock_ms()
