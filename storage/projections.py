@@ -4,8 +4,22 @@ balances (latest per tenant), projector_offsets."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, Identity, Index, Integer, LargeBinary, Text, text
-from sqlalchemy.dialects.postgresql import JSONB
+from collections.abc import Mapping
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    Text,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.base import Base
@@ -104,3 +118,33 @@ class ProjectorOffset(Base):
     next_offset: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (CheckConstraint("next_offset >= 0", name="next_offset_non_negative"),)
+
+
+async def stored_offsets(session: AsyncSession, consumer_name: str) -> dict[tuple[str, int], int]:
+    """A consumer's next offsets, by (topic, partition): the projector's, the webhook dispatcher's, the
+    top-up agent's (each under its own name)."""
+    rows = await session.execute(
+        select(ProjectorOffset.topic, ProjectorOffset.partition, ProjectorOffset.next_offset).where(
+            ProjectorOffset.projector_name == consumer_name
+        )
+    )
+    return {(topic, partition): next_offset for topic, partition, next_offset in rows}
+
+
+async def write_offsets(
+    session: AsyncSession, consumer_name: str, next_offsets: Mapping[tuple[str, int], int]
+) -> None:
+    """In the caller's transaction: the consumer's next offsets, so they advance only with its rows."""
+    if not next_offsets:
+        return
+    rows = [
+        {"projector_name": consumer_name, "topic": topic, "partition": partition, "next_offset": offset}
+        for (topic, partition), offset in next_offsets.items()
+    ]
+    statement = insert(ProjectorOffset).values(rows)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[ProjectorOffset.projector_name, ProjectorOffset.topic, ProjectorOffset.partition],
+            set_={"next_offset": statement.excluded.next_offset},
+        )
+    )

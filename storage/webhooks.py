@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.base import Base
-from storage.projections import ProjectorOffset
+from storage.projections import write_offsets
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 DELIVERY_STATES = (PENDING, DELIVERED, DEAD)
@@ -186,31 +186,7 @@ async def schedule(
     next offsets, so the offsets advance only with the deliveries they scheduled."""
     if deliveries:
         await session.execute(insert(WebhookDelivery).on_conflict_do_nothing(), list(deliveries))
-    if next_offsets:
-        rows = [
-            {"projector_name": consumer_name, "topic": topic, "partition": partition, "next_offset": offset}
-            for (topic, partition), offset in next_offsets.items()
-        ]
-        statement = insert(ProjectorOffset).values(rows)
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[
-                    ProjectorOffset.projector_name,
-                    ProjectorOffset.topic,
-                    ProjectorOffset.partition,
-                ],
-                set_={"next_offset": statement.excluded.next_offset},
-            )
-        )
-
-
-async def consumer_offsets(session: AsyncSession, consumer_name: str) -> dict[tuple[str, int], int]:
-    rows = await session.execute(
-        select(ProjectorOffset.topic, ProjectorOffset.partition, ProjectorOffset.next_offset).where(
-            ProjectorOffset.projector_name == consumer_name
-        )
-    )
-    return {(topic, partition): next_offset for topic, partition, next_offset in rows}
+    await write_offsets(session, consumer_name, next_offsets)
 
 
 # The due rows, at most `per_endpoint` in flight per endpoint: rows already leased rank first in their

@@ -38,7 +38,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -63,7 +63,7 @@ from storage.finance import (
     movement_values,
     write_movements,
 )
-from storage.projections import Balance, LedgerEntry, LedgerEvent, ProjectorOffset
+from storage.projections import Balance, LedgerEntry, LedgerEvent, stored_offsets, write_offsets
 from streams.audit_checkpoints import AuditSettings
 from streams.audit_rows import chain_columns, checkpoint_row
 from streams.fold_tracing import FoldSpans
@@ -289,31 +289,7 @@ async def write_batch(session: AsyncSession, projector_name: str, rows: BatchRow
     tombstones = [tenant_id for tenant_id, row in rows.balances.items() if row is None]
     if tombstones:
         await session.execute(delete(Balance).where(Balance.tenant_id.in_(tombstones)))
-    if rows.next_offsets:
-        offsets = [
-            {"projector_name": projector_name, "topic": topic, "partition": partition, "next_offset": offset}
-            for (topic, partition), offset in rows.next_offsets.items()
-        ]
-        statement = insert(ProjectorOffset).values(offsets)
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[
-                    ProjectorOffset.projector_name,
-                    ProjectorOffset.topic,
-                    ProjectorOffset.partition,
-                ],
-                set_={"next_offset": statement.excluded.next_offset},
-            )
-        )
-
-
-async def stored_offsets(session: AsyncSession, projector_name: str) -> dict[tuple[str, int], int]:
-    rows = await session.execute(
-        select(ProjectorOffset.topic, ProjectorOffset.partition, ProjectorOffset.next_offset).where(
-            ProjectorOffset.projector_name == projector_name
-        )
-    )
-    return {(topic, partition): next_offset for topic, partition, next_offset in rows}
+    await write_offsets(session, projector_name, rows.next_offsets)
 
 
 BeforeCommit = Callable[[Sequence[LogRecord]], Awaitable[None]]

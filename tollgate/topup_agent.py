@@ -29,7 +29,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.admin import commands
@@ -40,7 +39,7 @@ from gateway.admin.settings import AdminSettings
 from ledger.alerts import AlertFired, decode_alert
 from ledger.events import InvalidEvent
 from storage.database import DatabaseSettings
-from storage.projections import ProjectorOffset
+from storage.projections import stored_offsets, write_offsets
 from storage.tenants import Grant
 from streams.log import EventLog
 from streams.records import LogRecord
@@ -160,32 +159,12 @@ class TopUpAgent:
 
     async def _offsets(self, topic: str) -> dict[int, int]:
         async with self.sessions() as session:
-            rows = await session.execute(
-                ProjectorOffset.__table__.select().where(
-                    ProjectorOffset.projector_name == self.consumer_name, ProjectorOffset.topic == topic
-                )
-            )
-            return {row.partition: row.next_offset for row in rows}
+            stored = await stored_offsets(session, self.consumer_name)
+        return {partition: offset for (name, partition), offset in stored.items() if name == topic}
 
     async def _commit(self, topic: str, partition: int, next_offset: int) -> None:
-        values = {
-            "projector_name": self.consumer_name,
-            "topic": topic,
-            "partition": partition,
-            "next_offset": next_offset,
-        }
-        statement = insert(ProjectorOffset).values(values)
         async with self.sessions() as session, session.begin():
-            await session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[
-                        ProjectorOffset.projector_name,
-                        ProjectorOffset.topic,
-                        ProjectorOffset.partition,
-                    ],
-                    set_={"next_offset": statement.excluded.next_offset},
-                )
-            )
+            await write_offsets(session, self.consumer_name, {(topic, partition): next_offset})
 
 
 async def _wait(stop: asyncio.Event, ms: int) -> None:

@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from ledger.alerts import AlertFired, decode_alert
 from ledger.events import InvalidEvent
 from storage.database import DatabaseSettings
+from storage.projections import stored_offsets
 from storage.webhooks import (
     DEAD,
     PENDING,
@@ -48,7 +49,6 @@ from storage.webhooks import (
     Outcome,
     WebhookEndpoint,
     claim_due,
-    consumer_offsets,
     enabled_endpoints,
     prune_attempts,
     record_attempt,
@@ -138,7 +138,7 @@ class WebhookDispatcher:
         """Schedule the deliveries of at most `alert_batch_max` alerts per partition; the records read."""
         topic = self.log.topics.alerts
         async with self.sessions() as session:
-            offsets = await consumer_offsets(session, self.settings.consumer_name)
+            offsets = await stored_offsets(session, self.settings.consumer_name)
         records: list[LogRecord] = []
         for partition in range(self.log.partitions):
             start = offsets.get((topic, partition), 0)

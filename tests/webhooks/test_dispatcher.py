@@ -9,7 +9,8 @@ import msgspec
 import pytest
 from sqlalchemy import select
 
-from storage.webhooks import DEAD, DELIVERED, PENDING, WebhookAttempt, WebhookDelivery, consumer_offsets
+from storage.projections import stored_offsets
+from storage.webhooks import DEAD, DELIVERED, PENDING, WebhookAttempt, WebhookDelivery
 from streams.records import DeadLetter
 from streams.webhooks import dispatcher as dispatcher_module
 from streams.webhooks.dispatcher import WebhookDispatcher
@@ -252,7 +253,7 @@ async def test_offsets_advance_only_in_the_transaction_that_schedules_the_delive
     with pytest.raises(CrashBeforeCommit):
         await dispatcher.consume_step()
     async with sessions() as session:
-        assert await consumer_offsets(session, dispatcher.settings.consumer_name) == {}
+        assert await stored_offsets(session, dispatcher.settings.consumer_name) == {}
     assert await states(sessions) == {}
 
     monkeypatch.setattr(dispatcher_module, "schedule", real_schedule)
@@ -260,7 +261,7 @@ async def test_offsets_advance_only_in_the_transaction_that_schedules_the_delive
     assert await dispatcher.consume_step() == 0
     assert set(await states(sessions)) == {("we_acme", item.alert_id) for item in alerts}
     async with sessions() as session:
-        offsets = await consumer_offsets(session, dispatcher.settings.consumer_name)
+        offsets = await stored_offsets(session, dispatcher.settings.consumer_name)
     assert sum(offsets.values()) == len(alerts)
     await dispatcher.close()
 
