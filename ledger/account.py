@@ -226,7 +226,7 @@ class Account:
         if occurred_at > self._segment_last_usage_at[segment]:
             self._segment_last_usage_at[segment] = occurred_at
         if self._scopes is not None:  # a tenant with scoped grants: its segments are drawn by model
-            self._scopes.record(segment, event.model, occurred_at, amount)
+            self._scopes.record(segment, event.model, amount)
             deltas, overage = self._recompute_from(segment)
             allocations = self._allocations(deltas)
         elif segment >= self._frontier:
@@ -237,7 +237,7 @@ class Account:
             settled = self._consume_in_earlier_segment(segment, amount)
             deltas, overage = settled if settled is not None else self._recompute_from(segment)
             allocations = self._allocations(deltas)
-        index.record(event_id, occurred_at, amount)
+        index.record(event_id, occurred_at, amount, event.model)
         closed_until = self.closed_until
         allocated = UsageAllocated(
             entry_id=usage_entry_id(self.tenant_id, event_id),
@@ -293,8 +293,8 @@ class Account:
             price=event.price or 0,
             models=event.models,
         )
-        if block.models and self._scopes is None:
-            self._scopes = Scopes(len(self._segment_usage))
+        if block.models and self._scopes is None:  # the first scoped grant: usage by model from the index
+            self._scopes = Scopes.from_index(self._segments_with_usage(), index)
         self.blocks[grant_id] = block
         self.granted_total += block.amount
         self._grant_event_ids[grant_id] = event.event_id
@@ -383,6 +383,12 @@ class Account:
     def _segment_start(self, segment: int) -> int:
         return self._bounds[segment - 1] if segment > 0 else -NEVER
 
+    def _segments_with_usage(self) -> list[tuple[int, int, int]]:
+        """(start, end, usage total) of every segment."""
+        starts = [-NEVER, *self._bounds]
+        ends = [*self._bounds, NEVER]
+        return list(zip(starts, ends, self._segment_usage, strict=True))
+
     def _insert_bound(self, bound: int, index: UsageIndex) -> int:
         """Split the segment containing `bound` at it. Returns the first segment whose allocations are
         no longer valid (NEVER if none)."""
@@ -410,8 +416,11 @@ class Account:
             )
             left, right = _segment_usage_of(before), _segment_usage_of(after)
         if self._scopes is not None:
-            end = NEVER if segment == len(self._bounds) else self._bounds[segment]
-            self._scopes.split_segment(segment, start, bound, end)
+            if last < bound or first >= bound:
+                left_models = self._scopes.segment_model_usage[segment] if last < bound else {}
+            else:
+                left_models = index.usage_by_model_between(start, bound)
+            self._scopes.split_segment(segment, left_models)
         self._bounds.insert(position, bound)
         self._segment_usage[segment : segment + 1] = [left[0], right[0]]
         self._segment_first_usage_at[segment : segment + 1] = [left[1], right[1]]
@@ -706,7 +715,7 @@ class Account:
             return consumed, overage
         usage = index.usage_between(self._segment_start(segment), t + 1).total
         if self._scopes is not None:
-            return self._scoped_consumption_through(segment, t, usage, consumed, overage, self._scopes)
+            return self._scoped_consumption_through(segment, t, usage, consumed, overage, index)
         for block in self._active_blocks(segment):
             if not usage:
                 break
@@ -718,14 +727,14 @@ class Account:
         return consumed, overage + usage
 
     def _scoped_consumption_through(
-        self, segment: int, t: int, usage: int, consumed: dict[str, int], overage: int, scopes: Scopes
+        self, segment: int, t: int, usage: int, consumed: dict[str, int], overage: int, index: UsageIndex
     ) -> tuple[dict[str, int], int]:
         """The end of `_consumption_through` for a tenant with scoped grants: the segment's usage at or
         before t (`usage`) drawn by model."""
         active = self._active_blocks(segment)
         remaining = {block.grant_id: block.amount - consumed.get(block.grant_id, 0) for block in active}
         start = self._segment_start(segment)
-        model_usage = scopes.usage_between(start, t + 1, scopes.segment_model_usage[segment])
+        model_usage = index.usage_by_model_between(start, t + 1)
         takes, segment_overage = allocate_segment(active, scoped_order(active), remaining, model_usage, usage)
         for grant_id, take in takes.items():
             consumed[grant_id] = consumed.get(grant_id, 0) + take
@@ -903,8 +912,6 @@ def _segment_usage_of(summary: UsageSummary) -> tuple[int, int, int]:
     if summary.first_at is None:
         return (0, NO_USAGE_FIRST, NO_USAGE_LAST)
     return (summary.total, summary.first_at, summary.last_at)
-
-
 
 
 def _same_terms(block: CreditBlock, event: CreditGranted) -> bool:

@@ -17,16 +17,16 @@ The rules (see the README's "Credits scoped to models"):
   any arrival order give the same result.
 
 The account's segments stay as they are (bounds, usage total, allocations, overage per segment). A scoped
-tenant's account also keeps, per segment, its usage by model, and each model's usage by millisecond (to
-split a segment whose usage lies on both sides of a late bound, and to answer a query inside a segment):
-that history grows with the tenant's usage, merged per millisecond, and lives in the account state. A
+tenant's account also keeps, per segment, its usage by model: O(segments x models), not O(usage). A
 segment is allocated from these sums, so a usage at the frontier costs O(active blocks), and a late event
-recomputes the segments from its own on, as for any tenant.
+recomputes the segments from its own on, as for any tenant. When to split a segment whose usage lies on
+both sides of a late bound, or to answer a query inside a segment, the account asks the usage index beside
+it (`UsageIndex.usage_by_model_between`), which keeps every usage's model, as it asks it for totals.
 
-The history starts at the tenant's first scoped grant: usage folded before it has no model in the state
-(the usage index beside the account has none either) and counts as usage of no model, drawn from the
-unscoped blocks only. A grant that backdates the first scope over usage already folded does not
-re-attribute that usage; from the first scoped grant on, every order of events gives the same result.
+The per-segment sums are built from the index at the tenant's first scoped grant, whenever it arrives:
+usage folded before it is attributed to its models then, so a first scoped grant that arrives late and is
+backdated over usage already folded takes that usage as it would have in time order. Every arrival order
+of the same events gives the same result.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import msgspec
+
+from ledger.usage_index import UsageIndex
 
 
 class ScopedBlock(Protocol):
@@ -50,7 +52,6 @@ class ScopesState(msgspec.Struct, frozen=True):
     """The scoped part of `ledger.snapshot.AccountState` (None in the state of a tenant without it)."""
 
     segment_model_usage: list[dict[str, int]]  # per segment: usage by model
-    model_usage_by_time: dict[str, dict[int, int]]  # model -> usage by millisecond
 
 
 def scope_key(models: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
@@ -125,62 +126,43 @@ def scoped_credit(blocks: Iterable[CreditBlockView]) -> tuple[tuple[tuple[str, .
 
 
 class Scopes:
-    """A scoped tenant's usage by model: per segment (aligned with the account's segments) and by
-    millisecond. Not thread-safe; its account's owner mutates it."""
+    """A scoped tenant's usage by model per segment (aligned with the account's segments). Not
+    thread-safe; its account's owner mutates it."""
 
-    __slots__ = ("segment_model_usage", "model_usage_by_time")
+    __slots__ = ("segment_model_usage",)
 
-    def __init__(self, segment_count: int) -> None:
-        self.segment_model_usage: list[dict[str, int]] = [{} for _ in range(segment_count)]
-        self.model_usage_by_time: dict[str, dict[int, int]] = {}
+    def __init__(self, segment_model_usage: list[dict[str, int]]) -> None:
+        self.segment_model_usage = segment_model_usage
 
-    def record(self, segment: int, model: str, occurred_at: int, amount: int) -> None:
-        if not amount:
-            return  # the account keeps the times of usage; the sums here have nothing to add
+    @classmethod
+    def from_index(cls, segment_bounds: Iterable[tuple[int, int, int]], index: UsageIndex) -> Scopes:
+        """At the tenant's first scoped grant: each segment's usage by model, from the index. Segments as
+        (start, end, usage total); one with no usage is not read."""
+        return cls([index.usage_by_model_between(s, e) if usage else {} for s, e, usage in segment_bounds])
+
+    def record(self, segment: int, model: str, amount: int) -> None:
+        if amount:  # the account keeps the times of usage; the sums here have nothing to add
+            usage = self.segment_model_usage[segment]
+            usage[model] = usage.get(model, 0) + amount
+
+    def split_segment(self, segment: int, left: dict[str, int]) -> None:
+        """The account split a segment in two; `left`: the usage by model of the first part."""
         usage = self.segment_model_usage[segment]
-        usage[model] = usage.get(model, 0) + amount
-        by_time = self.model_usage_by_time.get(model)
-        if by_time is None:
-            by_time = self.model_usage_by_time[model] = {}
-        by_time[occurred_at] = by_time.get(occurred_at, 0) + amount
-
-    def usage_between(self, start: int, end: int, models: Iterable[str]) -> dict[str, int]:
-        """Usage by model with start <= time < end (models without any left out)."""
-        usage = {}
-        for model in models:
-            total = sum(a for t, a in self.model_usage_by_time.get(model, {}).items() if start <= t < end)
-            if total:
-                usage[model] = total
-        return usage
-
-    def split_segment(self, segment: int, start: int, bound: int, end: int) -> None:
-        """The account split segment [start, end) at bound into [start, bound) and [bound, end)."""
-        usage = self.segment_model_usage[segment]
-        left = self.usage_between(start, bound, usage)
         right = {model: amount - left.get(model, 0) for model, amount in usage.items()}
-        self.segment_model_usage[segment : segment + 1] = [left, {m: a for m, a in right.items() if a}]
+        assert all(amount >= 0 for amount in right.values()), f"segment {segment}: split beyond its usage"
+        self.segment_model_usage[segment : segment + 1] = [dict(left), {m: a for m, a in right.items() if a}]
 
     def check(self, segment_usage: list[int]) -> None:
-        """Usage by model within each segment's total, and the history equal to the segment sums."""
+        """Usage by model within each segment's total."""
         assert len(self.segment_model_usage) == len(segment_usage), "scopes and segments out of step"
-        by_model: dict[str, int] = {}
         for segment, usage in enumerate(self.segment_model_usage):
             assert sum(usage.values()) <= segment_usage[segment], f"segment {segment}: usage by model"
             for model, amount in usage.items():
                 assert amount > 0, f"segment {segment}: {model} has {amount}"
-                by_model[model] = by_model.get(model, 0) + amount
-        for model, by_time in self.model_usage_by_time.items():
-            assert sum(by_time.values()) == by_model.get(model, 0), f"{model}: history != segment sums"
 
     def to_state(self) -> ScopesState:
-        return ScopesState(
-            segment_model_usage=[dict(u) for u in self.segment_model_usage],
-            model_usage_by_time={m: dict(u) for m, u in self.model_usage_by_time.items()},
-        )
+        return ScopesState(segment_model_usage=[dict(u) for u in self.segment_model_usage])
 
     @classmethod
     def from_state(cls, state: ScopesState) -> Scopes:
-        scopes = cls(0)
-        scopes.segment_model_usage = [dict(u) for u in state.segment_model_usage]
-        scopes.model_usage_by_time = {m: dict(u) for m, u in state.model_usage_by_time.items()}
-        return scopes
+        return cls([dict(u) for u in state.segment_model_usage])

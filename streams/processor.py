@@ -79,7 +79,7 @@ from ledger.pending import pending_grants
 from ledger.rules import ExpiringBlock, RulesState, TenantRules
 from ledger.scoped import scoped_credit
 from ledger.snapshot import account_from_bytes, account_to_bytes
-from ledger.usage_index import InMemoryUsageIndex, UsageIndex, UsageSummary
+from ledger.usage_index import NO_MODEL, InMemoryUsageIndex, UsageIndex, UsageSummary
 from streams.audit_checkpoints import CheckpointPolicy
 from streams.records import BalanceRecord, DeadLetter, LogRecord, partition_for_key
 
@@ -131,6 +131,7 @@ class SeenRecord(msgspec.Struct, frozen=True, array_like=True):
     offset: int
     occurred_at: int
     amount: int
+    model: str = NO_MODEL  # its model (for credits scoped to models); NO_MODEL in batches written before
 
 
 @dataclass
@@ -173,9 +174,11 @@ class TenantUsageIndex(Protocol):
 
     def seen(self, event_id: str) -> bool: ...
 
-    def record(self, event_id: str, occurred_at: int, amount: int) -> None: ...
+    def record(self, event_id: str, occurred_at: int, amount: int, model: str) -> None: ...
 
     def usage_between(self, start: int, end: int) -> UsageSummary: ...
+
+    def usage_by_model_between(self, start: int, end: int) -> dict[str, int]: ...
 
     @property
     def index(self) -> UsageIndex: ...
@@ -234,12 +237,15 @@ class _OffsetAwareIndex:
         first = self.first_offsets.get(event_id)
         return first is not None and first != self.current_offset
 
-    def record(self, event_id: str, occurred_at: int, amount: int) -> None:
+    def record(self, event_id: str, occurred_at: int, amount: int, model: str) -> None:
         self.first_offsets[event_id] = self.current_offset
-        self.index.record(event_id, occurred_at, amount)
+        self.index.record(event_id, occurred_at, amount, model)
 
     def usage_between(self, start: int, end: int) -> UsageSummary:
         return self.index.usage_between(start, end)
+
+    def usage_by_model_between(self, start: int, end: int) -> dict[str, int]:
+        return self.index.usage_by_model_between(start, end)
 
 
 @dataclass
@@ -353,7 +359,7 @@ class LedgerProcessor:
                 seen = new_seen.get(tenant_id)
                 if seen is None:
                     seen = new_seen[tenant_id] = []
-                seen.append(SeenRecord(event.event_id, offset, event.occurred_at, event.amount))
+                seen.append(SeenRecord(event.event_id, offset, event.occurred_at, event.amount, event.model))
             output.applied_events += 1
             batch.entries.extend([encode_entry(entry) for entry in entries])
         output.state_writes.extend(
@@ -576,7 +582,7 @@ class LedgerProcessor:
             # then a refold of other boundaries) stores the same event at the same offset twice.
             if seen.offset <= applied_offset and seen.event_id not in index.first_offsets:
                 index.current_offset = seen.offset
-                index.record(seen.event_id, seen.occurred_at, seen.amount)
+                index.record(seen.event_id, seen.occurred_at, seen.amount, seen.model)
         return _Tenant(account, index, applied_offset, stream_time, outbox, chain, rules)
 
     def _seen_of(self, tenant_id: str) -> list[SeenRecord]:

@@ -250,7 +250,7 @@ def _replay_in_worker(
     settings_json: bytes, topic: str, ends: dict[int, int], until_time_ms: int | None, slot: int
 ):
     """A worker process: fold its partitions; send back (records, dead letters, {tenant: (snapshot, usage
-    by ms, stream time)})."""
+    history, stream time)})."""
     settings = StreamSettings.model_validate_json(settings_json)
 
     def on_records(records: int) -> None:
@@ -258,7 +258,7 @@ def _replay_in_worker(
 
     fold = _fold_partitions(settings, topic, ends, until_time_ms, on_records)
     tenants = {
-        tenant_id: (account_to_bytes(account), index.usage_by_time(), fold.stream_time.get(tenant_id))
+        tenant_id: (account_to_bytes(account), index.history(), fold.stream_time.get(tenant_id))
         for tenant_id, (account, index) in fold.tenants.items()
     }
     return fold.records, fold.dead_letters, tenants
@@ -302,11 +302,11 @@ async def _fold_in_workers(
     for records, dead_letters, tenants in results:
         fold.records += records
         fold.dead_letters += dead_letters
-        for tenant_id, (snapshot, usage_by_time, stream_time) in tenants.items():
+        for tenant_id, (snapshot, history, stream_time) in tenants.items():
             assert tenant_id not in fold.tenants, f"tenant {tenant_id} folded by two workers"
             fold.tenants[tenant_id] = (
                 account_from_bytes(snapshot),
-                InMemoryUsageIndex.for_queries(usage_by_time),
+                InMemoryUsageIndex.for_queries(history),
             )
             if stream_time is not None:
                 fold.stream_time[tenant_id] = stream_time

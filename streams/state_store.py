@@ -16,7 +16,7 @@ big-endian so that byte order is numeric order):
     k <state key>                                  -> the state value (the changelog record)
     p <partition> <state key>                      -> b"" (which keys a partition owns, for drop)
     i <partition> <tenant> / <event id>            -> the source offset it was first applied at (8 bytes)
-    t <partition> <tenant> / <time> <event id>     -> its amount (8 bytes, signed)
+    t <partition> <tenant> / <time> <event id>     -> its amount (8 bytes, signed), then its model (UTF-8)
 
 The usage index is a materialisation of the seen batches (`s/<tenant>/<first offset>` state keys):
 writing a batch into the store, live or while reading the changelog back on a takeover, writes its
@@ -60,7 +60,7 @@ from pathlib import Path
 import msgspec
 from rocksdict import BlockBasedOptions, Cache, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
-from ledger.usage_index import UsageSummary
+from ledger.usage_index import NO_MODEL, UsageSummary
 from streams.processor import SEEN_KEY_PREFIX, SeenRecord, seen_batch_key
 
 STATE_BLOCK_CACHE_BYTES = 32 * 1024 * 1024  # RocksDB block cache, index and filter blocks included
@@ -387,7 +387,7 @@ class DiskUsageIndexes:
             put(seen_prefix + encoded_id, pack_offset(record.offset))
             put(
                 usage_prefix + (record.occurred_at + _TIME_BIAS).to_bytes(8, "big") + encoded_id,
-                pack_amount(record.amount),
+                pack_amount(record.amount) + record.model.encode(),
             )
         self.filter.add_all([record.event_id for record in records])
         view = self._open.get(tenant_id)
@@ -450,9 +450,8 @@ class DiskUsageIndex:
         self._indexes = indexes
         self.tenant_id = tenant_id
         self.current_offset = -1
-        self._pending: dict[
-            str, tuple[int, int, int]
-        ] = {}  # event id -> (offset, occurred_at, amount), unwritten
+        # event id -> (offset, occurred_at, amount, model), not written yet
+        self._pending: dict[str, tuple[int, int, int, str]] = {}
 
     @property
     def index(self) -> DiskUsageIndex:
@@ -463,28 +462,43 @@ class DiskUsageIndex:
         first = self._first_offset(event_id)
         return first is not None and first != self.current_offset
 
-    def record(self, event_id: str, occurred_at: int, amount: int) -> None:
-        self._pending[event_id] = (self.current_offset, occurred_at, amount)
+    def record(self, event_id: str, occurred_at: int, amount: int, model: str) -> None:
+        self._pending[event_id] = (self.current_offset, occurred_at, amount, model)
+
+    def _stored_between(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(time, stored value) of the usage on disk with start <= time < end, in time order."""
+        prefix = self._indexes.prefix(self.tenant_id)
+        if prefix is None or start >= end:
+            return
+        head = _USAGE_AT + prefix
+        high = head + _time_key(end)
+        for key, value in self._indexes.db.items(from_key=head + _time_key(start)):
+            if key >= high:
+                break
+            yield int.from_bytes(key[len(head) : len(head) + 8], "big") - _TIME_BIAS, value
 
     def usage_between(self, start: int, end: int) -> UsageSummary:
         total, first_at, last_at = 0, None, None
-        prefix = self._indexes.prefix(self.tenant_id)
-        if prefix is not None and start < end:
-            head = _USAGE_AT + prefix
-            high = head + _time_key(end)
-            for key, value in self._indexes.db.items(from_key=head + _time_key(start)):
-                if key >= high:
-                    break
-                at = int.from_bytes(key[len(head) : len(head) + 8], "big") - _TIME_BIAS
-                total += _amount_bytes.unpack(value)[0]
-                first_at = at if first_at is None else first_at
-                last_at = at
-        for _offset, at, amount in self._pending.values():
+        for at, value in self._stored_between(start, end):
+            total += _amount_bytes.unpack_from(value)[0]
+            first_at = at if first_at is None else first_at
+            last_at = at
+        for _offset, at, amount, _model in self._pending.values():
             if start <= at < end:
                 total += amount
                 first_at = at if first_at is None or at < first_at else first_at
                 last_at = at if last_at is None or at > last_at else last_at
         return UsageSummary(total, first_at, last_at)
+
+    def usage_by_model_between(self, start: int, end: int) -> dict[str, int]:
+        usage: dict[str, int] = {}
+        for _at, value in self._stored_between(start, end):
+            model = value[_amount_bytes.size :].decode()
+            usage[model] = usage.get(model, 0) + _amount_bytes.unpack_from(value)[0]
+        for _offset, at, amount, model in self._pending.values():
+            if start <= at < end:
+                usage[model] = usage.get(model, 0) + amount
+        return {model: amount for model, amount in usage.items() if amount and model != NO_MODEL}
 
     def written(self, records: list[SeenRecord]) -> None:
         """A seen batch of this tenant reached the store: its records are on disk now."""

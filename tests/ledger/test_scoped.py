@@ -82,6 +82,34 @@ def test_a_late_scoped_grant_takes_its_models_usage_from_the_unscoped_grant():
     ledger.account.check_invariants()
 
 
+def test_a_late_first_scoped_grant_takes_usage_folded_before_any_scope_existed():
+    """The tenant's first scoped grant arrives after usage it is backdated over (the account had no scoped
+    state then): that usage is attributed to its models from the usage index, as in time order."""
+    events = [
+        grant("any", 100),
+        usage("u1", 30, "gpt-x", occurred_at=50),
+        usage("u2", 20, "other", occurred_at=60),
+        usage("u3", 5, "gpt-x", occurred_at=30),  # before the scoped grant takes effect
+        grant("x", 40, ("gpt-x",), effective_at=40),
+    ]
+    late = TenantLedger(TENANT)
+    for event in events[:-1]:
+        late.apply(event)
+    late.account = account_from_bytes(account_to_bytes(late.account))  # no scoped state in it yet
+    assert not late.account.has_scopes
+    corrected = [e for e in late.apply(events[-1]) if type(e).__name__ == "AllocationCorrected"]
+    assert [{a.grant_id: a.amount for a in c.allocations} for c in corrected] == [{"any": -30, "x": 30}]
+    in_order = TenantLedger(TENANT)
+    for event in [events[0], events[-1], *events[1:-1]]:
+        in_order.apply(event)
+    for ledger in (late, in_order):
+        assert {b.grant_id: b.remaining for b in ledger.blocks_at(70)} == {"x": 10, "any": 75}
+        assert {b.grant_id: b.remaining for b in ledger.blocks_at(55)} == {"x": 10, "any": 95}
+        ledger.account.check_invariants()
+    for t in range(0, 80, 5):
+        assert late.totals_at(t) == in_order.totals_at(t), t
+
+
 def test_a_split_segment_keeps_each_models_usage_on_its_side():
     """A late bound inside a segment whose usage of a model lies on both sides: each side keeps its own."""
     ledger = TenantLedger(TENANT)

@@ -440,10 +440,11 @@ def generate_events(rng: random.Random) -> list:
         firsts.append(grants[0])
     rng.shuffle(events)
     if rng.random() < 0.8:  # as admission orders them: a tenant's first grant before its usage
-        events = with_scopes(rng, firsts + events)
+        events = firsts + events
     else:  # any order at all: usage before any grant is dead-lettered
         for grant in firsts:
             events.insert(rng.randint(0, len(events)), grant)
+    events = with_scopes(rng, events)
     events = with_rules(rng, events, TIME_HORIZON_MS)
     for _ in range(rng.randint(0, len(events) // 3)):  # producer resends
         position = rng.randrange(len(events))
@@ -456,22 +457,17 @@ USAGE_MODELS = ("m", "m2", "m3")  # m3: no scope names it
 
 
 def with_scopes(rng: random.Random, events: list) -> list:
-    """Some tenants' grants scoped to models (ledger.scoped) and their usage of several models. Only when
-    the tenant's first grant comes first: the fold keeps usage by model from a tenant's first scoped grant
-    on, so that grant is scoped and precedes its usage."""
-    scoped_tenants: set[str] = set()
+    """Half the tenants get grants scoped to models (ledger.scoped) and usage of several models, in
+    whatever order their events arrive: a tenant's first scoped grant may come after usage it is backdated
+    over."""
+    scoped_tenants = {t for t in sorted({e.tenant_id for e in events}) if rng.random() < 0.5}
     result = []
     for event in events:
-        tenant = event.tenant_id
-        if isinstance(event, CreditGranted):
-            first = tenant not in scoped_tenants and not any(e.tenant_id == tenant for e in result)
-            if first and rng.random() < 0.5:
-                scoped_tenants.add(tenant)
-                event = msgspec.structs.replace(event, models=rng.choice(SCOPES))
-            elif not first and tenant in scoped_tenants:
+        if event.tenant_id in scoped_tenants:
+            if isinstance(event, CreditGranted):
                 event = msgspec.structs.replace(event, models=rng.choice(((), *SCOPES)))
-        elif isinstance(event, UsageRecorded) and tenant in scoped_tenants:
-            event = msgspec.structs.replace(event, model=rng.choice(USAGE_MODELS))
+            elif isinstance(event, UsageRecorded):
+                event = msgspec.structs.replace(event, model=rng.choice(USAGE_MODELS))
         result.append(event)
     return result
 

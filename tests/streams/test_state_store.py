@@ -115,10 +115,10 @@ class DiskIndexDriver:
         self.view.current_offset = self.next_offset
         return self.view.seen(event_id)
 
-    def record(self, event_id: str, occurred_at: int, amount: int) -> None:
+    def record(self, event_id: str, occurred_at: int, amount: int, model: str) -> None:
         self.view.current_offset = self.next_offset
-        self.view.record(event_id, occurred_at, amount)
-        self.unwritten.append(SeenRecord(event_id, self.next_offset, occurred_at, amount))
+        self.view.record(event_id, occurred_at, amount, model)
+        self.unwritten.append(SeenRecord(event_id, self.next_offset, occurred_at, amount, model))
         self.next_offset += 1
         if self.records_per_batch is not None and len(self.unwritten) >= self.records_per_batch:
             self.store.put(0, *seen_batch(self.tenant_id, self.unwritten))
@@ -126,6 +126,9 @@ class DiskIndexDriver:
 
     def usage_between(self, start: int, end: int) -> UsageSummary:
         return self.view.usage_between(start, end)
+
+    def usage_by_model_between(self, start: int, end: int) -> dict[str, int]:
+        return self.view.usage_by_model_between(start, end)
 
 
 @pytest.fixture(params=["in_memory", "disk_unwritten", "disk_each_written", "disk_batches_of_3"])
@@ -141,14 +144,14 @@ def usage_index(request, tmp_path):
 
 def test_usage_index_seen_after_record(usage_index):
     assert not usage_index.seen("u1")
-    usage_index.record("u1", 10, 5)
+    usage_index.record("u1", 10, 5, "m")
     assert usage_index.seen("u1")
     assert not usage_index.seen("u2")
 
 
 def test_usage_index_window_is_half_open_with_first_and_last(usage_index):
     for n, (at, amount) in enumerate([(10, 5), (20, 7), (20, 1), (30, 0), (40, 2)]):
-        usage_index.record(f"u{n}", at, amount)
+        usage_index.record(f"u{n}", at, amount, "m")
     assert usage_index.usage_between(10, 40) == UsageSummary(13, 10, 30)  # zero-amount usage has a time
     assert usage_index.usage_between(11, 20) == UsageSummary(0, None, None)
     assert usage_index.usage_between(20, 21) == UsageSummary(8, 20, 20)
@@ -158,11 +161,27 @@ def test_usage_index_window_is_half_open_with_first_and_last(usage_index):
 
 def test_usage_index_out_of_order_records(usage_index):
     for n, at in enumerate([50, 10, 30, 20, 40]):
-        usage_index.record(f"u{n}", at, at)
+        usage_index.record(f"u{n}", at, at, "m")
     assert usage_index.usage_between(15, 45) == UsageSummary(90, 20, 40)
 
 
-records_strategy = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 50)), min_size=0, max_size=40)
+def test_usage_index_sums_usage_by_model(usage_index):
+    """Each usage's model is kept: several models in one millisecond, zero amounts left out."""
+    for n, (at, amount, model) in enumerate(
+        [(10, 5, "a"), (10, 2, "b"), (10, 1, "a"), (20, 0, "c"), (30, 4, "b")]
+    ):
+        usage_index.record(f"u{n}", at, amount, model)
+    assert usage_index.usage_by_model_between(10, 11) == {"a": 6, "b": 2}
+    assert usage_index.usage_by_model_between(-NEVER, NEVER) == {"a": 6, "b": 6}
+    assert usage_index.usage_by_model_between(11, 30) == {}  # zero-amount usage of c: no total
+    assert usage_index.usage_by_model_between(11, 31) == {"b": 4}
+
+
+records_strategy = st.lists(
+    st.tuples(st.integers(0, 60), st.integers(0, 50), st.sampled_from(["a", "b", "c"])),
+    min_size=0,
+    max_size=40,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -176,11 +195,13 @@ def test_disk_usage_index_answers_as_the_in_memory_one(tmp_path_factory, records
     try:
         disk = DiskIndexDriver(store, "acme", per_batch)
         memory = InMemoryUsageIndex()
-        for n, (at, amount) in enumerate(records):
-            memory.record(f"u{n}", at, amount)
-            disk.record(f"u{n}", at, amount)
+        for n, (at, amount, model) in enumerate(records):
+            memory.record(f"u{n}", at, amount, model)
+            disk.record(f"u{n}", at, amount, model)
         for start, end in windows + [(-NEVER, NEVER)]:
             assert disk.usage_between(start, end) == memory.usage_between(start, end), (start, end)
+            by_model = disk.usage_by_model_between(start, end)
+            assert by_model == memory.usage_by_model_between(start, end), (start, end)
     finally:
         store.close()
 
@@ -192,8 +213,8 @@ def test_restored_from_the_changelog_on_takeover(tmp_path):
     """Another process reads the changelog back into a fresh store: the index follows the seen batches."""
     changelog = [
         (b"a/acme", b"snapshot"),
-        seen_batch("acme", [SeenRecord("u1", 3, 100, 5), SeenRecord("u2", 4, 150, 7)]),
-        seen_batch("acme", [SeenRecord("u3", 9, 120, 1)]),
+        seen_batch("acme", [SeenRecord("u1", 3, 100, 5, "a"), SeenRecord("u2", 4, 150, 7, "b")]),
+        seen_batch("acme", [SeenRecord("u3", 9, 120, 1)]),  # written before seen records had models
     ]
     store = RocksState(tmp_path / "taker")
     try:
@@ -204,6 +225,7 @@ def test_restored_from_the_changelog_on_takeover(tmp_path):
         assert view.seen("u1") and view.seen("u3") and not view.seen("u4")
         assert view.usage_between(0, 1000) == UsageSummary(13, 100, 150)
         assert view.usage_between(101, 150) == UsageSummary(1, 120, 120)
+        assert view.usage_by_model_between(0, 1000) == {"a": 5, "b": 7}  # u3: usage of no model
     finally:
         store.close()
 
@@ -216,9 +238,9 @@ def test_batches_after_the_snapshot_are_rolled_back_and_redelivery_counts_once(r
     assert view.usage_between(0, 1000) == UsageSummary(12, 100, 150)
     view.current_offset = 9  # u3 redelivered at its own offset: not a duplicate
     assert not view.seen("u3")
-    view.record("u3", 120, 1)
+    view.record("u3", 120, 1, "m")
     view.current_offset = 10
-    view.record("u4", 160, 2)
+    view.record("u4", 160, 2, "m")
     rocks_state.put(0, *seen_batch("acme", [SeenRecord("u3", 9, 120, 1), SeenRecord("u4", 10, 160, 2)]))
     assert view.pending_count() == 0
     assert view.usage_between(0, 1000) == UsageSummary(15, 100, 160)
@@ -259,7 +281,7 @@ def test_unwritten_records_are_forgotten_when_the_tenant_is_opened_again(rocks_s
     """A batch the broker refused: the processor forgets its tenants and folds the batch again."""
     view = rocks_state.usage_indexes.open("acme", applied_offset=-1)
     view.current_offset = 0
-    view.record("u1", 100, 5)
+    view.record("u1", 100, 5, "m")
     reopened = rocks_state.usage_indexes.open("acme", applied_offset=-1)
     reopened.current_offset = 0
     assert not reopened.seen("u1")
@@ -290,10 +312,13 @@ def test_drop_forgets_the_index_of_that_partition_only(rocks_state):
 def test_a_seen_batch_rewritten_within_one_chunk_keeps_only_its_last_records(rocks_state):
     """A changelog read back in chunks: a crash wrote a tenant's batch at offset 9 with two records, the
     refold rewrote it with one; both land in the same `put_all`. Simulation seed 620 found this."""
-    rocks_state.put_all(0, [
-        seen_batch("acme", [SeenRecord("u2", 9, 238, 4), SeenRecord("u4", 12, 117, 5)]),
-        seen_batch("acme", [SeenRecord("u2", 9, 238, 4)]),
-    ])
+    rocks_state.put_all(
+        0,
+        [
+            seen_batch("acme", [SeenRecord("u2", 9, 238, 4), SeenRecord("u4", 12, 117, 5)]),
+            seen_batch("acme", [SeenRecord("u2", 9, 238, 4)]),
+        ],
+    )
     view = rocks_state.usage_indexes.open("acme", applied_offset=12)
     view.current_offset = 20
     assert view.seen("u2") and not view.seen("u4")
