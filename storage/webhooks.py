@@ -11,6 +11,12 @@ The secret is stored as it is, not hashed: the dispatcher needs it to sign every
 It leaves this table only in the response that creates or rotates it and in the dispatcher's requests'
 signatures; listings and logs never carry it.
 
+Rotation with an overlap (migration 0020): `rotate_secret` makes the current secret the previous one,
+which keeps signing beside the new one until `previous_secret_expires_at_ms` (Standard Webhooks: the
+`webhook-signature` header carries both, space-delimited, and a receiver accepts either), so a receiver
+that has not deployed the new secret yet keeps verifying. Rotating again during an overlap drops the older
+secret: at most two ever sign. An overlap of 0 stops the old secret at once.
+
 Why (endpoint_id, alert_id) is the key: an alert id is derived from the rule and the crossing
 (ledger.alerts), so a redelivered or replayed alert finds its row and schedules nothing (`schedule` inserts
 ON CONFLICT DO NOTHING), and a delivered row is never claimed again. `claim_due` leases due rows (a lease
@@ -49,6 +55,7 @@ PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 DELIVERY_STATES = (PENDING, DELIVERED, DEAD)
 RETRYING = "retrying"  # an attempt's outcome when another follows
 ATTEMPT_OUTCOMES = (DELIVERED, RETRYING, DEAD)
+SECRET_OVERLAP_MAX_MS = 7 * 86_400_000  # the longest a rotated-out secret keeps signing (Svix: 7 days too)
 
 
 class WebhookEndpoint(Base):
@@ -66,11 +73,30 @@ class WebhookEndpoint(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     disabled_at_ms: Mapped[int | None] = mapped_column(BigInteger)
     secret_rotated_at_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # the secret before the last rotation, signing beside `secret` until previous_secret_expires_at_ms
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret_expires_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         CheckConstraint("length(url) BETWEEN 1 AND 2048", name="url_length"),
         CheckConstraint("secret LIKE 'whsec_%'", name="secret_scheme"),
+        CheckConstraint("previous_secret LIKE 'whsec_%'", name="previous_secret_scheme"),
+        CheckConstraint(
+            "(previous_secret IS NULL) = (previous_secret_expires_at_ms IS NULL)",
+            name="previous_secret_expires",
+        ),
     )
+
+    def rotate_secret(self, new_secret: str, now_ms: int, overlap_ms: int) -> None:
+        """`new_secret` signs from now on; the current one also signs until now + overlap_ms (0: it stops
+        at once). A previous secret still in its overlap stops: only the latest previous one is kept."""
+        assert 0 <= overlap_ms <= SECRET_OVERLAP_MAX_MS, overlap_ms
+        assert new_secret != self.secret, "a rotation changes the secret"
+        if overlap_ms > 0:
+            self.previous_secret, self.previous_secret_expires_at_ms = self.secret, now_ms + overlap_ms
+        else:
+            self.previous_secret, self.previous_secret_expires_at_ms = None, None
+        self.secret, self.secret_rotated_at_ms = new_secret, now_ms
 
 
 class WebhookDelivery(Base):
@@ -148,6 +174,16 @@ class Claimed:
     url: str
     secret: str
     enabled: bool
+    previous_secret: str | None  # signs too while now < previous_secret_expires_at_ms
+    previous_secret_expires_at_ms: int | None
+
+    def signing_secrets(self, now_ms: int) -> tuple[str, ...]:
+        """The secrets an attempt at `now_ms` is signed with: the current one, and the previous one while
+        its overlap lasts."""
+        expires = self.previous_secret_expires_at_ms
+        if self.previous_secret is not None and expires is not None and now_ms < expires:
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +254,7 @@ _CLAIM = text(
       AND d.state = 'pending' AND coalesce(d.leased_until_ms, 0) <= :now
     RETURNING d.endpoint_id, d.alert_id, d.tenant_id, d.body, d.attempts, d.alert_partition,
               d.alert_offset, d.scheduled_at_ms,
-              e.url, e.secret, e.enabled
+              e.url, e.secret, e.enabled, e.previous_secret, e.previous_secret_expires_at_ms
     """
 )
 

@@ -3,13 +3,14 @@
 tollgate webhooks create TENANT https://... [--description ...] [--kind depleted ...]
 tollgate webhooks list TENANT
 tollgate webhooks delete ENDPOINT            (disables it; its delivery log stays)
-tollgate webhooks rotate-secret ENDPOINT
+tollgate webhooks rotate-secret ENDPOINT [--overlap 24h]   the old secret signs too until the overlap ends
 tollgate webhooks deliveries ENDPOINT [--since N] [--limit N]
 tollgate webhooks dispatch                   the dispatcher over Kafka (python -m streams.webhooks)
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
@@ -21,6 +22,17 @@ webhooks_app = typer.Typer(
     help="Webhook endpoints for alerts, and their delivery logs.", no_args_is_help=True
 )
 app.add_typer(webhooks_app, name="webhooks")
+
+DURATION_UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)?")
+
+
+def duration_ms(text: str) -> int:
+    """The milliseconds of "90s", "30m", "24h", "7d", "1500ms" or a bare number (milliseconds)."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise typer.BadParameter(f"{text!r}: a duration such as 0, 90s, 30m, 24h or 7d")
+    return int(match[1]) * DURATION_UNITS_MS[match[2] or "ms"]
 
 
 @webhooks_app.command("create")
@@ -58,10 +70,22 @@ def webhooks_delete(endpoint_id: str, url: Url = None, admin_token: AdminToken =
 
 
 @webhooks_app.command("rotate-secret")
-def webhooks_rotate(endpoint_id: str, url: Url = None, admin_token: AdminToken = None) -> None:
-    """A new signing secret, shown once; the old one stops signing at once."""
+def webhooks_rotate(
+    endpoint_id: str,
+    overlap: Annotated[
+        str | None,
+        typer.Option(
+            help="How long the old secret keeps signing beside the new one (0, 90s, 30m, 24h, at most 7d); "
+            "0 stops it at once; default the admin API's (TOLLGATE_ADMIN_WEBHOOK_SECRET_OVERLAP_MS, 24h)."
+        ),
+    ] = None,
+    url: Url = None,
+    admin_token: AdminToken = None,
+) -> None:
+    """A new signing secret, shown once; the old one keeps signing beside it until the overlap ends."""
+    body = {"overlap_ms": duration_ms(overlap)} if overlap is not None else None
     with _admin(url, admin_token) as client:
-        _show(client.post(f"/admin/v1/webhooks/{endpoint_id}/rotate-secret"))
+        _show(client.post(f"/admin/v1/webhooks/{endpoint_id}/rotate-secret", json=body))
 
 
 @webhooks_app.command("deliveries")

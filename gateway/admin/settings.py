@@ -14,6 +14,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from ledger.events import AMOUNT_MAX
+from storage.webhooks import SECRET_OVERLAP_MAX_MS
 from tollgate.common_settings import CommonSettings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,13 @@ class AdminSettings(CommonSettings):
     )
     balance_events_max: int = Field(
         default=1_000_000, ge=1, description="events folded to answer one balance query"
+    )
+    webhook_secret_overlap_ms: int = Field(
+        default=86_400_000,
+        ge=0,
+        le=SECRET_OVERLAP_MAX_MS,
+        description="how long a webhook endpoint's rotated-out secret keeps signing when the rotation names "
+        "no overlap_ms (0: it stops at once)",
     )
 
     @property

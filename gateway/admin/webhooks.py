@@ -6,14 +6,20 @@ delivery log.
     GET    /admin/v1/tenants/{tenant_id}/webhooks    the tenant's endpoints, never their secrets
     GET    /admin/v1/webhooks/{endpoint_id}
     DELETE /admin/v1/webhooks/{endpoint_id}          disable: nothing more is sent; the log stays (operator)
-    POST   /admin/v1/webhooks/{endpoint_id}/rotate-secret   a new secret, once; the old one stops signing
-                                                     at once (operator)
+    POST   /admin/v1/webhooks/{endpoint_id}/rotate-secret   {"overlap_ms"} (optional) -> a new secret, once;
+                                                     the old one keeps signing beside it for overlap_ms
+                                                     (operator)
     GET    /admin/v1/webhooks/{endpoint_id}/deliveries?since=&limit=   every attempt, oldest first
 
 The secret is `whsec_` + base64 of SECRET_BYTES random bytes (Standard Webhooks). It is stored as it is
 (the dispatcher signs with it: storage.webhooks says why it is not hashed) and appears only in the create
 and rotate responses (`Cache-Control: no-store`); the audit log keeps the request bodies, which never
 carry it. Operators create, disable and rotate; finance credentials read (gateway.admin.principals).
+
+Rotation keeps the old secret signing for an overlap (default TOLLGATE_ADMIN_WEBHOOK_SECRET_OVERLAP_MS, 24 h;
+at most storage.webhooks.SECRET_OVERLAP_MAX_MS, 7 days; 0 stops it at once), as Svix and Stripe do: every
+attempt until then carries both signatures, so a receiver holding either secret verifies it and can deploy
+the new one without losing a delivery. The endpoint's view says until when (`previous_secret_expires_at`).
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from gateway.admin import commands
-from gateway.admin.deps import Clock, Identifier, Sessions, TenantIdPath, require_admin
+from gateway.admin.deps import Clock, Identifier, Sessions, Settings, TenantIdPath, require_admin
 from gateway.admin.errors import ERROR_RESPONSES, AdminError, AdminRoute
 from gateway.admin.models import PlainText
 from ledger.alerts import AlertKind
-from storage.webhooks import WebhookEndpoint, attempts_page
+from storage.webhooks import SECRET_OVERLAP_MAX_MS, WebhookEndpoint, attempts_page
 
 router = APIRouter(
     prefix="/admin/v1",
@@ -97,10 +103,32 @@ class EndpointView(BaseModel):
     created_at: int
     disabled_at: int | None
     secret_rotated_at: int | None
+    previous_secret_expires_at: int | None = Field(
+        description="the secret before the last rotation signs beside the current one until then (past: "
+        "it has stopped); null: only the current secret signs"
+    )
 
 
 class EndpointCreated(EndpointView):
     secret: str = Field(description="whsec_...: verify the webhook-signature header with it; shown once")
+
+
+class SecretRotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_ms: int | None = Field(
+        default=None,
+        ge=0,
+        le=SECRET_OVERLAP_MAX_MS,
+        description="how long the old secret keeps signing beside the new one; 0: it stops at once; "
+        "default TOLLGATE_ADMIN_WEBHOOK_SECRET_OVERLAP_MS",
+    )
+
+
+class SecretRotated(EndpointCreated):
+    old_secret_stops_at: int = Field(
+        description="when the replaced secret stops signing: the rotation's time when overlap_ms is 0"
+    )
 
 
 class DeliveryAttemptView(BaseModel):
@@ -132,6 +160,7 @@ def view(row: WebhookEndpoint) -> EndpointView:
         created_at=row.created_at_ms,
         disabled_at=row.disabled_at_ms,
         secret_rotated_at=row.secret_rotated_at_ms,
+        previous_secret_expires_at=row.previous_secret_expires_at_ms,
     )
 
 
@@ -197,15 +226,25 @@ async def disable_endpoint(endpoint_id: Identifier, sessions: Sessions, clock: C
     return view(row)
 
 
-@router.post("/webhooks/{endpoint_id}/rotate-secret", response_model=EndpointCreated)
+@router.post("/webhooks/{endpoint_id}/rotate-secret", response_model=SecretRotated)
 async def rotate_secret(
-    endpoint_id: Identifier, sessions: Sessions, clock: Clock, response: Response
-) -> EndpointCreated:
-    """A new secret, in this response only; every attempt from now on is signed with it alone."""
+    endpoint_id: Identifier,
+    sessions: Sessions,
+    clock: Clock,
+    settings: Settings,
+    response: Response,
+    body: SecretRotation | None = None,
+) -> SecretRotated:
+    """A new secret, in this response only. Every attempt from now on is signed with it and, for
+    `overlap_ms`, with the old one too; a secret still signing from an earlier rotation stops."""
+    overlap_ms = settings.webhook_secret_overlap_ms
+    if body is not None and body.overlap_ms is not None:
+        overlap_ms = body.overlap_ms
+    now = clock()
     async with sessions() as session, session.begin():
         row = await existing_endpoint(session, endpoint_id, lock=True)
-        row.secret, row.secret_rotated_at_ms = new_secret(), clock()
-    return created(row, response)
+        row.rotate_secret(new_secret(), now, overlap_ms)
+    return SecretRotated(**created(row, response).model_dump(), old_secret_stops_at=now + overlap_ms)
 
 
 @router.get("/webhooks/{endpoint_id}/deliveries", response_model=DeliveriesPage)

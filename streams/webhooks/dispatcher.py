@@ -246,7 +246,7 @@ class WebhookDispatcher:
         """(HTTP status, None) or (None, the error); never raises for the endpoint's faults."""
         if not delivery.enabled:
             return None, "endpoint disabled"
-        headers = signed_headers(delivery.secret, delivery.alert_id, delivery.body, now_ms)
+        headers = signed_headers(delivery.signing_secrets(now_ms), delivery.alert_id, delivery.body, now_ms)
         timeout_s = self.settings.request_timeout_ms / 1000
         try:
             # the whole request within the timeout (httpx's own bounds each phase); the response's body is

@@ -5,7 +5,9 @@ The message (https://www.standardwebhooks.com):
     webhook-id          the alert id (derived from the tenant, the rule and the crossing: the same on every
                         attempt, every replay and every redelivery, so a receiver drops repeats by it)
     webhook-timestamp   the attempt's time, epoch seconds
-    webhook-signature   v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}" with the endpoint's secret>
+    webhook-signature   v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}" with the endpoint's secret>;
+                        during a secret rotation's overlap a second one, space-delimited, with the
+                        previous secret (a receiver accepts the message if any signature verifies)
     body                {"type": "balance.below", "timestamp": "<ISO 8601 of fired_at>", "data": {...}}
 
 The body is built once, when the delivery is scheduled, and stored: every attempt sends the same bytes.
@@ -19,6 +21,7 @@ after the delivery was scheduled: the one that would is not made, and the delive
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -64,13 +67,17 @@ def body_of(alert: AlertFired) -> str:
     ).decode()
 
 
-def signed_headers(secret: str, message_id: str, body: str, now_ms: int) -> dict[str, str]:
-    """The Standard Webhooks headers of one attempt at `now_ms`, signed with the endpoint's secret."""
+def signed_headers(secrets: Sequence[str], message_id: str, body: str, now_ms: int) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt at `now_ms`, signed with each of the endpoint's
+    signing secrets (storage.webhooks.Claimed.signing_secrets: the current one first, then the previous
+    one during a rotation's overlap), the signatures space-delimited as the specification has it."""
+    assert secrets and not isinstance(secrets, str), "a sequence of whsec_ secrets"
     timestamp = datetime.fromtimestamp(now_ms // 1000, tz=UTC)
+    signatures = [Webhook(secret).sign(message_id, timestamp, body) for secret in secrets]
     return {
         "webhook-id": message_id,
         "webhook-timestamp": str(now_ms // 1000),
-        "webhook-signature": Webhook(secret).sign(message_id, timestamp, body),
+        "webhook-signature": " ".join(signatures),
         "content-type": "application/json",
         "user-agent": USER_AGENT,
     }

@@ -110,12 +110,26 @@ async def test_the_delivery_log_pages_every_attempt_with_the_deliverys_state(
     async with session_factory() as session, session.begin():
         for number in range(3):
             claimed = Claimed(
-                endpoint, f"{tenant_id}:low:{number + 1}", tenant_id, "{}", 0, 0, number, 0, "", "", True
+                endpoint,
+                f"{tenant_id}:low:{number + 1}",
+                tenant_id,
+                "{}",
+                0,
+                0,
+                number,
+                0,
+                "",
+                "",
+                True,
+                None,
+                None,
             )
             await record_attempt(session, claimed, Outcome(10, None, "ConnectError", 3, "pending", 500))
-        claimed = Claimed(endpoint, f"{tenant_id}:low:1", tenant_id, "{}", 1, 0, 0, 0, "", "", True)
+        claimed = Claimed(
+            endpoint, f"{tenant_id}:low:1", tenant_id, "{}", 1, 0, 0, 0, "", "", True, None, None
+        )
         assert await record_attempt(session, claimed, Outcome(600, 204, None, 7, "delivered", None))
-        stale = Claimed(endpoint, f"{tenant_id}:low:1", tenant_id, "{}", 1, 0, 0, 0, "", "", True)
+        stale = Claimed(endpoint, f"{tenant_id}:low:1", tenant_id, "{}", 1, 0, 0, 0, "", "", True, None, None)
         assert not await record_attempt(session, stale, Outcome(601, 204, None, 7, "delivered", None))
 
     first = (await client.get(f"/admin/v1/webhooks/{endpoint}/deliveries", params={"limit": 3})).json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
 import socket
@@ -42,7 +43,9 @@ def new_secret() -> str:
 class Receiver:
     """An HTTP endpoint on a free port. `status` is what it answers; `delay_s` how long it takes. Every
     request is verified with Webhook(secret).verify; a request that fails verification is answered 400
-    and counted in `unverified`. `delivered` counts the 2xx answers per webhook-id."""
+    and counted in `unverified`. `delivered` counts the 2xx answers per webhook-id. `verified_with`
+    counts, for `secret` and each of `also_held` (receivers holding only that secret), the requests
+    Webhook(that secret).verify accepts; `signatures` keeps each request's webhook-signature header."""
 
     secret: str
     status: int = 204
@@ -51,6 +54,9 @@ class Receiver:
     requests: list[tuple[str, dict]] = field(default_factory=list)  # (webhook-id, body) of verified ones
     delivered: Counter = field(default_factory=Counter)
     unverified: int = 0
+    also_held: list[str] = field(default_factory=list)
+    verified_with: Counter = field(default_factory=Counter)
+    signatures: list[str] = field(default_factory=list)
     in_flight: int = 0
     in_flight_peak: int = 0
     _server: uvicorn.Server | None = None
@@ -71,6 +77,11 @@ class Receiver:
             if not message.get("more_body"):
                 break
         headers = {name.decode(): value.decode() for name, value in scope["headers"]}
+        self.signatures.append(headers.get("webhook-signature", ""))
+        for secret in dict.fromkeys([self.secret, *self.also_held]):
+            with contextlib.suppress(WebhookVerificationError):
+                Webhook(secret).verify(body, headers)
+                self.verified_with[secret] += 1
         self.in_flight += 1
         self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
         try:

@@ -25,14 +25,14 @@ def test_every_alert_kind_has_a_webhook_type():
 def test_a_signed_message_verifies_and_a_tampered_one_does_not():
     secret, item = new_secret(), alert("acme", 3)
     body = body_of(item)
-    headers = signed_headers(secret, item.alert_id, body, int(time.time() * 1000))
+    headers = signed_headers([secret], item.alert_id, body, int(time.time() * 1000))
     assert headers["webhook-id"] == "acme:low:3"
     assert Webhook(secret).verify(body, headers)["data"]["alert_id"] == item.alert_id
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(body.replace('"balance":97', '"balance":98'), headers)
     with pytest.raises(WebhookVerificationError):
         Webhook(new_secret()).verify(body, headers)
-    stale = signed_headers(secret, item.alert_id, body, int(time.time() * 1000) - 600_000)
+    stale = signed_headers([secret], item.alert_id, body, int(time.time() * 1000) - 600_000)
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(body, stale)
 
