@@ -12,6 +12,12 @@ a segment) grows with usage, so a snapshot keeps a sample of it: every `USAGE_ST
 usage time with the usage before it. The usage between two sampled times (an "edge") is read from the
 archive when a query needs it and checked against the sample's difference: a mismatch means the archive
 gained an event known by K_s after the snapshot was cut, and the caller falls back to the full fold.
+
+The sample has no models. A tenant with credits scoped to models asks its usage index for usage by model
+in a range (`UsageIndex.usage_by_model_between`: at its first scoped grant, once per segment with usage;
+when a segment splits or a query falls inside one): where the snapshot has usage in the range, that is
+read from the archive (one grouped query) and checked against the sample's total over the range, as an
+edge is. Both kinds of read are kept in one `ArchiveReads` for the answers over one snapshot.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import logging
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -31,7 +38,7 @@ from ledger.codec import decode_input_event
 from ledger.events import InvalidEvent
 from ledger.snapshot import account_from_bytes
 from ledger.tenant import TenantLedger
-from ledger.usage_index import InMemoryUsageIndex, UsageSummary
+from ledger.usage_index import NO_MODEL, InMemoryUsageIndex, UsageSummary
 from storage.base import Base
 from storage.projections import LedgerEvent
 
@@ -39,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 INPUT_EVENT_TYPES = ("credit_granted", "grant_voided", "usage_recorded")
 USAGE_STRIDE_TIMES = 512  # distinct usage times between two sampled ones: an edge read's size
-EDGE_READS_MAX = 64  # edges one answer may read before it gives up on the snapshot
+EDGE_READS_MAX = 64  # archive reads (edges, usage by model) an answer makes before giving up on the snapshot
 
 
 class AuditSnapshot(Base):
@@ -95,6 +102,26 @@ class EdgeNeeded(Exception):
         self.interval = interval
 
 
+class ModelUsageNeeded(Exception):
+    """The answer needs the snapshot's usage by model in [start, end), where the snapshot has usage
+    `total`: read it and ask again."""
+
+    def __init__(self, start: int, end: int, total: int) -> None:
+        super().__init__(start, end, total)
+        self.start = start
+        self.end = end
+        self.total = total
+
+
+@dataclass
+class ArchiveReads:
+    """What the answers over one snapshot have read from the archive so far: edges (usage by millisecond
+    inside sampled interval i, sorted) and usage by model in [start, end) (positive, no `NO_MODEL`)."""
+
+    edges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    model_usage: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)
+
+
 class SnapshotStale(Exception):
     """The archive no longer matches the snapshot (an event known by K_s arrived after it was cut)."""
 
@@ -117,20 +144,41 @@ def check_edge(sample: UsageSample, interval: int, amount_by_time: dict[int, int
     return sorted(amount_by_time.items())
 
 
-class SnapshotUsageIndex:
-    """A `UsageIndex` over the snapshot's usage (the sample plus the edges read so far) and the usage
-    folded on top of it (`delta`). The archive holds each event id once, so `seen` asks the delta only."""
+def check_model_usage(need: ModelUsageNeeded, amount_by_model: dict[str, int]) -> dict[str, int]:
+    """The usage by model read from the archive (every model, `NO_MODEL` included), as the index answers
+    it (positive, no `NO_MODEL`), if it sums to what the snapshot says; else SnapshotStale."""
+    if sum(amount_by_model.values()) != need.total:
+        raise SnapshotStale(f"usage by model in [{need.start}, {need.end}) differs from the snapshot")
+    return {model: amount for model, amount in amount_by_model.items() if amount > 0 and model != NO_MODEL}
 
-    def __init__(self, sample: UsageSample, edges: dict[int, list[tuple[int, int]]]) -> None:
+
+class SnapshotUsageIndex:
+    """A `UsageIndex` over the snapshot's usage (the sample plus what was read from the archive so far,
+    `reads`: shared with the caller, which adds to it) and the usage folded on top of it (`delta`). The
+    archive holds each event id once, so `seen` asks the delta only."""
+
+    def __init__(self, sample: UsageSample, reads: ArchiveReads) -> None:
         self.sample = sample
-        self.edges = edges
+        self.reads = reads
         self.delta = InMemoryUsageIndex()
 
     def seen(self, event_id: str) -> bool:
         return self.delta.seen(event_id)
 
-    def record(self, event_id: str, occurred_at: int, amount: int) -> None:
-        self.delta.record(event_id, occurred_at, amount)
+    def record(self, event_id: str, occurred_at: int, amount: int, model: str) -> None:
+        self.delta.record(event_id, occurred_at, amount, model)
+
+    def usage_by_model_between(self, start: int, end: int) -> dict[str, int]:
+        usage = self.delta.usage_by_model_between(start, end)
+        total = self._base_between(start, end).total
+        if not total:
+            return usage
+        base = self.reads.model_usage.get((start, end))
+        if base is None:
+            raise ModelUsageNeeded(start, end, total)
+        for model, amount in base.items():
+            usage[model] = usage.get(model, 0) + amount
+        return usage
 
     def usage_between(self, start: int, end: int) -> UsageSummary:
         mine = self._base_between(start, end)
@@ -142,7 +190,7 @@ class SnapshotUsageIndex:
         )
 
     def _edge(self, interval: int) -> list[tuple[int, int]]:
-        edge = self.edges.get(interval)
+        edge = self.reads.edges.get(interval)
         if edge is None:
             raise EdgeNeeded(interval)
         return edge
@@ -214,16 +262,12 @@ def merged_sample(base: UsageSample, delta: InMemoryUsageIndex) -> UsageSample:
     return UsageSample(times, before, base.total + cumulative[-1], max(last, delta_times[-1]))
 
 
-
-Edges = dict[int, list[tuple[int, int]]]
-
-
-def folded_on(snapshot: AuditSnapshot, edges: Edges, events: Sequence) -> TenantLedger:
+def folded_on(snapshot: AuditSnapshot, reads: ArchiveReads, events: Sequence) -> TenantLedger:
     """A fresh ledger from the snapshot with `events` (decoded input events known after it) folded on top.
-    Raises EdgeNeeded when the fold needs usage inside a sampled interval."""
+    Raises EdgeNeeded or ModelUsageNeeded when the fold needs a read that `reads` does not hold yet."""
     ledger = TenantLedger(snapshot.tenant_id)
     ledger.account = account_from_bytes(snapshot.account)
-    ledger.index = SnapshotUsageIndex(sample_from_bytes(snapshot.usage), edges)
+    ledger.index = SnapshotUsageIndex(sample_from_bytes(snapshot.usage), reads)
     for event in events:
         ledger.apply(event)
     return ledger
@@ -241,18 +285,32 @@ def decoded_events(tenant_id: str, payloads: Sequence[dict]) -> list:
 
 
 async def with_edges(
-    session: AsyncSession, snapshot: AuditSnapshot, work: Callable[[Edges], Any], edges: Edges | None = None
+    session: AsyncSession,
+    snapshot: AuditSnapshot,
+    work: Callable[[ArchiveReads], Any],
+    reads: ArchiveReads | None = None,
+    reads_max: int | None = EDGE_READS_MAX,
 ) -> Any:
-    """`work(edges)` in a thread, reading each edge it asks for from the archive and asking again.
-    Raises SnapshotStale when an edge does not match the snapshot or too many are needed."""
-    edges = {} if edges is None else edges
+    """`work(reads)` in a thread, reading each edge or usage by model it asks for from the archive into
+    `reads` and asking again. Raises SnapshotStale when a read does not match the snapshot, or when the
+    work needs more than `reads_max` reads (None: no limit; it still ends, since each read is one that
+    `reads` did not hold, and an answer over a snapshot needs finitely many)."""
+    reads = ArchiveReads() if reads is None else reads
     sample = sample_from_bytes(snapshot.usage)
-    for _ in range(EDGE_READS_MAX):
+    done = 0
+    while True:
         try:
-            return await asyncio.to_thread(work, edges)
-        except EdgeNeeded as need:
-            edges[need.interval] = await read_edge(session, snapshot, sample, need.interval)
-    raise SnapshotStale(f"more than {EDGE_READS_MAX} sampled intervals needed")
+            return await asyncio.to_thread(work, reads)
+        except (EdgeNeeded, ModelUsageNeeded) as need:
+            if reads_max is not None and done >= reads_max:
+                raise SnapshotStale(f"more than {reads_max} archive reads needed") from None
+            done += 1
+            if isinstance(need, EdgeNeeded):
+                assert need.interval not in reads.edges, f"edge {need.interval} asked for twice"
+                reads.edges[need.interval] = await read_edge(session, snapshot, sample, need.interval)
+            else:
+                assert (need.start, need.end) not in reads.model_usage, "usage by model asked for twice"
+                reads.model_usage[need.start, need.end] = await read_model_usage(session, snapshot, need)
 
 
 async def read_edge(
@@ -271,6 +329,30 @@ async def read_edge(
         .group_by(LedgerEvent.occurred_at_ms)
     )
     return check_edge(sample, interval, {at: int(amount) for at, amount in rows.all()})
+
+
+async def read_model_usage(
+    session: AsyncSession, snapshot: AuditSnapshot, need: ModelUsageNeeded
+) -> dict[str, int]:
+    """The snapshot's usage by model in [need.start, need.end): one grouped query over the archive (grouped
+    in an outer query by the inner one's column: an expression with bound parameters in both the select
+    list and GROUP BY is two different expressions to Postgres)."""
+    usage = (
+        select(
+            func.coalesce(LedgerEvent.payload["model"].as_string(), NO_MODEL).label("model"),
+            LedgerEvent.payload["amount"].as_integer().label("amount"),
+        )
+        .where(
+            LedgerEvent.tenant_id == snapshot.tenant_id,
+            LedgerEvent.event_type == "usage_recorded",
+            LedgerEvent.occurred_at_ms >= need.start,
+            LedgerEvent.occurred_at_ms < need.end,
+            knowledge_time() <= snapshot.known_through_ms,
+        )
+        .subquery()
+    )
+    rows = await session.execute(select(usage.c.model, func.sum(usage.c.amount)).group_by(usage.c.model))
+    return check_model_usage(need, {name: int(amount) for name, amount in rows.all()})
 
 
 async def latest_snapshot(

@@ -4,10 +4,14 @@ input events, in knowledge order, each built on the previous one.
 A snapshot is cut only between two knowledge times (every event known at its K_s is in it) and never at
 the tenant's latest knowledge time (an event of that millisecond may still be on its way to the
 archive). When the previous snapshot no longer matches the archive (`SnapshotStale`), the tenant's
-snapshots are rebuilt from its first event. Run by the projector after each batch it commits
-(`Snapshotter`, for the tenants whose events the batch archived), at most `SNAPSHOTS_PER_BATCH_MAX`
-snapshots a batch, so one batch's extra work stays bounded (a tenant that is further behind catches up
-over the following batches).
+snapshots are rebuilt from its first event. Folding a batch over the previous snapshot reads from the
+archive what the snapshot's usage sample cannot answer (storage.snapshots.with_edges) with no limit on the
+number of reads: a tenant's first grant scoped to models reads usage by model once per segment with usage,
+and a limit would make a snapshot that needs more give up, be rebuilt, and give up again.
+
+Run by the projector after each batch it commits (`Snapshotter`, for the tenants whose events the batch
+archived), at most `SNAPSHOTS_PER_BATCH_MAX` snapshots a batch, so one batch's extra work stays bounded (a
+tenant that is further behind catches up over the following batches).
 """
 
 from __future__ import annotations
@@ -81,8 +85,10 @@ async def snapshot_tenant(
                 return written
             events = decoded_events(tenant_id, [payload for _, _, payload in rows[:taken]])
             try:
+                # No limit on the archive reads: the balance query gives up after EDGE_READS_MAX and
+                # folds the archive, but a snapshot that gave up here would be rebuilt, and give up again.
                 ledger = await with_edges(
-                    session, base, lambda edges, b=base, e=events: folded_on(b, edges, e)
+                    session, base, lambda reads, b=base, e=events: folded_on(b, reads, e), reads_max=None
                 )
             except SnapshotStale as stale:
                 logger.warning("snapshots of %s are stale (%s): rebuilding them", tenant_id, stale)

@@ -19,8 +19,8 @@ from ledger.pending import pending_grants
 from ledger.tenant import TenantLedger
 from storage.projections import LedgerEntry, LedgerEvent
 from storage.snapshots import (
+    ArchiveReads,
     AuditSnapshot,
-    Edges,
     SnapshotStale,
     decoded_events,
     events_known_after,
@@ -107,9 +107,9 @@ async def _balance_from_snapshot(
     if len(rows) > events_max:
         raise SnapshotStale(f"more than balance_events_max={events_max} events after the snapshot")
     events = decoded_events(snapshot.tenant_id, [payload for _, _, payload in rows])
-    edges: Edges = {}
-    ledger = await with_edges(session, snapshot, lambda found: folded_on(snapshot, found, events), edges)
-    return await with_edges(session, snapshot, lambda _: render(ledger, at_ms), edges)
+    reads = ArchiveReads()  # the render's index reads what the fold read (and adds to it)
+    ledger = await with_edges(session, snapshot, lambda found: folded_on(snapshot, found, events), reads)
+    return await with_edges(session, snapshot, lambda _: render(ledger, at_ms), reads)
 
 
 def _fold_chunk(ledger: TenantLedger, payloads: Sequence[dict]) -> None:
