@@ -73,17 +73,19 @@ def webhooks_delete(endpoint_id: str, url: Url = None, admin_token: AdminToken =
 def webhooks_rotate(
     endpoint_id: str,
     overlap: Annotated[
-        str | None,
+        int | None,
         typer.Option(
-            help="How long the old secret keeps signing beside the new one (0, 90s, 30m, 24h, at most 7d); "
-            "0 stops it at once; default the admin API's (TOLLGATE_ADMIN_WEBHOOK_SECRET_OVERLAP_MS, 24h)."
+            parser=duration_ms,
+            metavar="DURATION",
+            help="How long the old secret keeps signing beside the new one: 0 (it stops at once), 90s, 30m, "
+            "24h, 7d, 1500ms; default the admin API's (TOLLGATE_ADMIN_WEBHOOK_SECRET_OVERLAP_MS).",
         ),
     ] = None,
     url: Url = None,
     admin_token: AdminToken = None,
 ) -> None:
     """A new signing secret, shown once; the old one keeps signing beside it until the overlap ends."""
-    body = {"overlap_ms": duration_ms(overlap)} if overlap is not None else None
+    body = {"overlap_ms": overlap} if overlap is not None else None
     with _admin(url, admin_token) as client:
         _show(client.post(f"/admin/v1/webhooks/{endpoint_id}/rotate-secret", json=body))
 

@@ -1,5 +1,6 @@
 """The admin API's webhook endpoints over a real database: the secret once, never in listings nor the audit
-log; operators create, disable and rotate, finance reads; the delivery log paged."""
+log; operators create, disable and rotate (the old secret signing on for an overlap), finance reads; the
+delivery log paged."""
 
 from __future__ import annotations
 
@@ -7,10 +8,19 @@ import base64
 import json
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
+from gateway.admin import AdminSettings
 from storage.audit import AdminAuditRecord
-from storage.webhooks import Claimed, Outcome, WebhookDelivery, record_attempt
+from storage.webhooks import (
+    SECRET_OVERLAP_MAX_MS,
+    Claimed,
+    Outcome,
+    WebhookDelivery,
+    WebhookEndpoint,
+    record_attempt,
+)
 from tests.admin.conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.postgres
@@ -147,3 +157,100 @@ async def test_the_delivery_log_pages_every_attempt_with_the_deliverys_state(
     assert rows[0]["error"] == "ConnectError" and rows[0]["next_retry_at"] == 500
     assert rows[0]["delivery_state"] == "delivered" and rows[1]["delivery_state"] == "pending"
     assert rows[3]["status_code"] == 204 and rows[3]["latency_ms"] == 7
+
+
+async def test_rotation_keeps_the_old_secret_signing_for_the_overlap_and_never_shows_a_secret(
+    client, tenant_id, session_factory, clock
+):
+    created = await create(client, tenant_id)
+    endpoint, first = created["endpoint_id"], created["secret"]
+    assert created["previous_secret_expires_at"] is None
+
+    response = await client.post(
+        f"/admin/v1/webhooks/{endpoint}/rotate-secret", json={"overlap_ms": 3_600_000}
+    )
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    rotated = response.json()
+    second = rotated["secret"]
+    assert second.startswith("whsec_") and second != first
+    assert rotated["secret_rotated_at"] == clock.now_ms
+    assert rotated["previous_secret_expires_at"] == rotated["old_secret_stops_at"] == clock.now_ms + 3_600_000
+    async with session_factory() as session:
+        row = await session.get(WebhookEndpoint, endpoint)
+    assert (row.secret, row.previous_secret) == (second, first)
+
+    clock.now_ms += 60_000  # rotating again during the overlap: the first secret stops, the second signs on
+    third = (
+        await client.post(f"/admin/v1/webhooks/{endpoint}/rotate-secret", json={"overlap_ms": 1_000})
+    ).json()
+    async with session_factory() as session:
+        row = await session.get(WebhookEndpoint, endpoint)
+    assert (row.secret, row.previous_secret) == (third["secret"], second)
+    assert row.previous_secret_expires_at_ms == clock.now_ms + 1_000
+
+    listed = (await client.get(f"/admin/v1/tenants/{tenant_id}/webhooks")).json()
+    fetched = (await client.get(f"/admin/v1/webhooks/{endpoint}")).json()
+    assert listed == [fetched] and fetched["previous_secret_expires_at"] == clock.now_ms + 1_000
+    async with session_factory() as session:
+        audit_rows = (await session.execute(select(AdminAuditRecord))).scalars().all()
+    rotations = [row for row in audit_rows if row.action.endswith("/rotate-secret")]
+    assert [row.details["body"] for row in rotations] == [{"overlap_ms": 3_600_000}, {"overlap_ms": 1_000}]
+    for shown in (json.dumps(listed), json.dumps(fetched), *(json.dumps(row.details) for row in audit_rows)):
+        assert "whsec_" not in shown
+
+
+async def test_rotation_without_overlap_ms_takes_the_setting_and_0_stops_the_old_secret_at_once(
+    client, tenant_id, session_factory, clock
+):
+    endpoint = (await create(client, tenant_id))["endpoint_id"]
+    rotated = (await client.post(f"/admin/v1/webhooks/{endpoint}/rotate-secret")).json()
+    default = AdminSettings().webhook_secret_overlap_ms
+    assert default == 86_400_000  # 24 h, like Svix
+    assert rotated["previous_secret_expires_at"] == clock.now_ms + default
+
+    clock.now_ms += 1
+    stopped = (
+        await client.post(f"/admin/v1/webhooks/{endpoint}/rotate-secret", json={"overlap_ms": 0})
+    ).json()
+    assert stopped["previous_secret_expires_at"] is None and stopped["old_secret_stops_at"] == clock.now_ms
+    async with session_factory() as session:
+        row = await session.get(WebhookEndpoint, endpoint)
+    assert (row.secret, row.previous_secret, row.previous_secret_expires_at_ms) == (
+        stopped["secret"],
+        None,
+        None,
+    )
+
+
+async def test_an_overlap_out_of_range_is_a_422_naming_the_field(client, tenant_id, session_factory):
+    created = await create(client, tenant_id)
+    endpoint = created["endpoint_id"]
+    for body in ({"overlap_ms": -1}, {"overlap_ms": SECRET_OVERLAP_MAX_MS + 1}, {"overlap_ms": "a day"}):
+        response = await client.post(f"/admin/v1/webhooks/{endpoint}/rotate-secret", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["detail"]["field"] == "overlap_ms", response.text
+    response = await client.post(f"/admin/v1/webhooks/{endpoint}/rotate-secret", json={"overlap": 5})
+    assert response.status_code == 422 and response.json()["detail"]["field"] == "overlap"
+    longest = {"overlap_ms": SECRET_OVERLAP_MAX_MS}
+    assert (
+        await client.post(f"/admin/v1/webhooks/{endpoint}/rotate-secret", json=longest)
+    ).status_code == 200
+    async with session_factory() as session:
+        row = await session.get(WebhookEndpoint, endpoint)
+    assert row.previous_secret == created["secret"]  # the refused rotations changed nothing
+
+
+async def test_the_table_refuses_a_previous_secret_without_its_expiry_or_scheme(
+    client, tenant_id, session_factory
+):
+    endpoint = (await create(client, tenant_id))["endpoint_id"]
+    for values in (
+        {"previous_secret": "whsec_AAAA", "previous_secret_expires_at_ms": None},
+        {"previous_secret": None, "previous_secret_expires_at_ms": 5},
+        {"previous_secret": "plain", "previous_secret_expires_at_ms": 5},
+    ):
+        with pytest.raises(IntegrityError):
+            async with session_factory() as session, session.begin():
+                await session.execute(
+                    update(WebhookEndpoint).where(WebhookEndpoint.endpoint_id == endpoint).values(**values)
+                )

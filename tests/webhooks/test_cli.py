@@ -67,6 +67,28 @@ def test_each_command_calls_its_admin_route(monkeypatch):
     assert dict(seen[-1].url.params) == {"since": "7", "limit": "20"}
 
 
+def test_rotate_secret_sends_the_overlap_in_milliseconds_and_refuses_a_bad_one(monkeypatch):
+    seen = served(monkeypatch)
+    for overlap, expected in (
+        ("24h", 86_400_000),
+        ("30m", 1_800_000),
+        ("90s", 90_000),
+        ("0", 0),
+        ("7d", 604_800_000),
+        ("1500ms", 1_500),
+    ):
+        result = runner.invoke(cli.app, ["webhooks", "rotate-secret", "we_1", "--overlap", overlap])
+        assert result.exit_code == 0, result.output
+        assert json.loads(seen[-1].content) == {"overlap_ms": expected}
+    assert runner.invoke(cli.app, ["webhooks", "rotate-secret", "we_1"]).exit_code == 0
+    assert seen[-1].content == b""  # no --overlap: the admin API's default
+    sent = len(seen)
+    for bad in ("a day", "-5m", "2w", "1.5h"):
+        result = runner.invoke(cli.app, ["webhooks", "rotate-secret", "we_1", "--overlap", bad])
+        assert result.exit_code == 2 and "--overlap" in result.output, (bad, result.output)
+    assert len(seen) == sent
+
+
 def test_an_error_answer_exits_1(monkeypatch):
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(404, json={"error": {"message": "endpoint_id: no webhook endpoint"}})

@@ -1,5 +1,6 @@
 """The message and the retry schedule, without I/O: a signature the standardwebhooks verifier accepts and
-a tampered one it refuses; full-jitter delays within their doubling caps; giving up on time."""
+a tampered one it refuses; during a rotation's overlap two signatures, either secret verifying, and only
+the current one from the overlap's end; full-jitter delays within their doubling caps; giving up on time."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from ledger.alerts import AlertKind
-from storage.webhooks import DEAD, DELIVERED, PENDING
+from storage.webhooks import DEAD, DELIVERED, PENDING, Claimed
 from streams.webhooks.message import EVENT_TYPES, after_attempt, body_of, retry_delay_ms, signed_headers
 from streams.webhooks.settings import WebhookSettings
 from tests.webhooks.conftest import alert, new_secret
@@ -35,6 +36,35 @@ def test_a_signed_message_verifies_and_a_tampered_one_does_not():
     stale = signed_headers([secret], item.alert_id, body, int(time.time() * 1000) - 600_000)
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(body, stale)
+
+
+def claimed(secret: str, previous: str | None, expires_at_ms: int | None) -> Claimed:
+    return Claimed(
+        "we_1", "acme:low:1", "acme", "{}", 0, 0, 0, 0, "http://x/", secret, True, previous, expires_at_ms
+    )
+
+
+def test_during_an_overlap_both_secrets_sign_and_either_verifies_after_it_only_the_current():
+    current, previous, stranger = new_secret(), new_secret(), new_secret()
+    now = int(time.time() * 1000)
+    delivery = claimed(current, previous, now + 1)
+    assert delivery.signing_secrets(now) == (current, previous)
+    assert delivery.signing_secrets(now + 1) == (current,)  # the overlap ends at its expiry
+    assert claimed(current, None, None).signing_secrets(now) == (current,)
+
+    item = alert("acme", 1)
+    body = body_of(item)
+    headers = signed_headers(delivery.signing_secrets(now), item.alert_id, body, now)
+    signatures = headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2 and all(signature.startswith("v1,") for signature in signatures)
+    for secret in (current, previous):
+        assert Webhook(secret).verify(body, headers)["data"]["alert_id"] == item.alert_id
+    with pytest.raises(WebhookVerificationError):
+        Webhook(stranger).verify(body, headers)
+    after = signed_headers(delivery.signing_secrets(now + 1), item.alert_id, body, now + 1)
+    assert Webhook(current).verify(body, after)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(previous).verify(body, after)
 
 
 def test_delays_are_full_jitter_under_a_doubling_cap():
