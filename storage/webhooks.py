@@ -325,6 +325,16 @@ async def prune_attempts(session: AsyncSession, before_ms: int, limit: int) -> i
     return deleted.rowcount
 
 
+async def forget_expired_secrets(session: AsyncSession, now_ms: int) -> int:
+    """Erase the previous secrets whose overlap has ended (they sign nothing more); how many."""
+    erased = await session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.previous_secret_expires_at_ms <= now_ms)
+        .values(previous_secret=None, previous_secret_expires_at_ms=None)
+    )
+    return erased.rowcount
+
+
 # ---- the admin API's side --------------------------------------------------------------------------------
 
 

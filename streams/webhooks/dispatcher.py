@@ -50,6 +50,7 @@ from storage.webhooks import (
     WebhookEndpoint,
     claim_due,
     enabled_endpoints,
+    forget_expired_secrets,
     prune_attempts,
     record_attempt,
     schedule,
@@ -285,12 +286,14 @@ class WebhookDispatcher:
         return await self.consume_step() + await self.deliver_step()
 
     async def prune_when_due(self) -> int:
-        """Every PRUNE_INTERVAL_MS, delete attempts past `delivery_log_retention_ms` (one bounded batch)."""
+        """Every PRUNE_INTERVAL_MS, delete attempts past `delivery_log_retention_ms` (one bounded batch;
+        returns how many) and erase the previous secrets whose overlap has ended."""
         now = self.clock_ms()
         if now < self._next_prune_ms:
             return 0
         self._next_prune_ms = now + PRUNE_INTERVAL_MS
         async with self.sessions() as session, session.begin():
+            await forget_expired_secrets(session, now)
             return await prune_attempts(
                 session, now - self.settings.delivery_log_retention_ms, PRUNE_BATCH_MAX
             )

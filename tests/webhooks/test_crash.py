@@ -161,3 +161,26 @@ async def test_the_delivery_log_forgets_old_attempts_but_not_what_was_delivered(
     assert await later.consume_step() == 1 and await later.deliver_step() == 0
     await later.close()
     assert dict(receiver.delivered) == {item.alert_id: 1}
+
+
+async def test_the_prune_erases_previous_secrets_whose_overlap_ended(event_log, sessions, receivers):
+    receiver = await receivers()
+    tenant = await add_tenant(sessions, "acme")
+    await add_endpoint(sessions, tenant, receiver, "we_ended")
+    await add_endpoint(sessions, tenant, receiver, "we_overlapping")
+    now = int(time.time() * 1000)
+    async with sessions() as session, session.begin():
+        (await session.get(WebhookEndpoint, "we_ended")).rotate_secret("whsec_" + "A" * 44, now, 60_000)
+        (await session.get(WebhookEndpoint, "we_overlapping")).rotate_secret(
+            "whsec_" + "B" * 44, now, 600_000
+        )
+    dispatcher = WebhookDispatcher(event_log, sessions, fast_settings(), clock_ms=lambda: now + 61_000)
+    await dispatcher.prune_when_due()
+    await dispatcher.close()
+    async with sessions() as session:
+        ended = await session.get(WebhookEndpoint, "we_ended")
+        overlapping = await session.get(WebhookEndpoint, "we_overlapping")
+        assert (ended.previous_secret, ended.previous_secret_expires_at_ms) == (None, None)
+        assert ended.secret == "whsec_" + "A" * 44
+        assert overlapping.previous_secret is not None
+        assert overlapping.previous_secret_expires_at_ms == now + 600_000
