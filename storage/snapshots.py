@@ -17,17 +17,23 @@ The sample has no models. A tenant with credits scoped to models asks its usage 
 in a range (`UsageIndex.usage_by_model_between`: at its first scoped grant, once per segment with usage;
 when a segment splits or a query falls inside one): where the snapshot has usage in the range, that is
 read from the archive (one grouped query) and checked against the sample's total over the range, as an
-edge is. Both kinds of read are kept in one `ArchiveReads` for the answers over one snapshot.
+edge is.
+
+Both kinds of read are kept in one `ArchiveReads` for the answers over one snapshot, which makes each
+read where the fold or query needs it: the fold runs in a worker thread and a read waits there for the
+archive query, which runs on the event loop (`archive_reads`). A fold that needs hundreds of reads (a
+first scoped grant over hundreds of segments with usage) is folded once, not once per read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy import BigInteger, Index, LargeBinary, Text, func, select
@@ -94,36 +100,57 @@ def sample_from_bytes(data: bytes) -> UsageSample:
     return _decode_sample(data)
 
 
-class EdgeNeeded(Exception):
-    """The answer needs the usage inside sampled interval `interval`: read it and ask again."""
+class EdgeNeeded(NamedTuple):
+    """A read an answer needs: the snapshot's usage by millisecond inside sampled interval `interval`."""
 
-    def __init__(self, interval: int) -> None:
-        super().__init__(interval)
-        self.interval = interval
+    interval: int
 
 
-class ModelUsageNeeded(Exception):
-    """The answer needs the snapshot's usage by model in [start, end), where the snapshot has usage
-    `total`: read it and ask again."""
+class ModelUsageNeeded(NamedTuple):
+    """A read an answer needs: the snapshot's usage by model in [start, end), where the snapshot has usage
+    `total` (what the read must sum to)."""
 
-    def __init__(self, start: int, end: int, total: int) -> None:
-        super().__init__(start, end, total)
-        self.start = start
-        self.end = end
-        self.total = total
+    start: int
+    end: int
+    total: int
+
+
+class SnapshotStale(Exception):
+    """The archive no longer matches the snapshot (an event known by K_s arrived after it was cut), or an
+    answer needs more archive reads than it may make."""
 
 
 @dataclass
 class ArchiveReads:
-    """What the answers over one snapshot have read from the archive so far: edges (usage by millisecond
-    inside sampled interval i, sorted) and usage by model in [start, end) (positive, no `NO_MODEL`)."""
+    """The archive reads of the answers over one snapshot: `fetch(need)` makes one (blocking the calling
+    thread until the archive answers) and returns what it read, checked (`check_edge`, `check_model_usage`);
+    at most `reads_max` of them (None: no limit), then SnapshotStale. What was read is kept: edges (usage by
+    millisecond inside sampled interval i, sorted) and usage by model in [start, end) (positive, no
+    `NO_MODEL`). Not thread-safe: one fold or query at a time."""
 
+    fetch: Callable[[EdgeNeeded | ModelUsageNeeded], Any]
+    reads_max: int | None = EDGE_READS_MAX
     edges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     model_usage: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict)
+    done: int = 0
 
+    def edge(self, interval: int) -> list[tuple[int, int]]:
+        edge = self.edges.get(interval)
+        if edge is None:
+            edge = self.edges[interval] = self._read(EdgeNeeded(interval))
+        return edge
 
-class SnapshotStale(Exception):
-    """The archive no longer matches the snapshot (an event known by K_s arrived after it was cut)."""
+    def usage_by_model(self, need: ModelUsageNeeded) -> dict[str, int]:
+        usage = self.model_usage.get((need.start, need.end))
+        if usage is None:
+            usage = self.model_usage[need.start, need.end] = self._read(need)
+        return usage
+
+    def _read(self, need: EdgeNeeded | ModelUsageNeeded) -> Any:
+        if self.reads_max is not None and self.done >= self.reads_max:
+            raise SnapshotStale(f"more than {self.reads_max} archive reads needed")
+        self.done += 1
+        return self.fetch(need)
 
 
 def interval_bounds(sample: UsageSample, interval: int) -> tuple[int, int]:
@@ -153,9 +180,9 @@ def check_model_usage(need: ModelUsageNeeded, amount_by_model: dict[str, int]) -
 
 
 class SnapshotUsageIndex:
-    """A `UsageIndex` over the snapshot's usage (the sample plus what was read from the archive so far,
-    `reads`: shared with the caller, which adds to it) and the usage folded on top of it (`delta`). The
-    archive holds each event id once, so `seen` asks the delta only."""
+    """A `UsageIndex` over the snapshot's usage (the sample, and what `reads` reads from the archive where
+    the sample cannot answer) and the usage folded on top of it (`delta`). The archive holds each event id
+    once, so `seen` asks the delta only."""
 
     def __init__(self, sample: UsageSample, reads: ArchiveReads) -> None:
         self.sample = sample
@@ -173,10 +200,7 @@ class SnapshotUsageIndex:
         total = self._base_between(start, end).total
         if not total:
             return usage
-        base = self.reads.model_usage.get((start, end))
-        if base is None:
-            raise ModelUsageNeeded(start, end, total)
-        for model, amount in base.items():
+        for model, amount in self.reads.usage_by_model(ModelUsageNeeded(start, end, total)).items():
             usage[model] = usage.get(model, 0) + amount
         return usage
 
@@ -189,12 +213,6 @@ class SnapshotUsageIndex:
             mine.total + delta.total, min(firsts) if firsts else None, max(lasts) if lasts else None
         )
 
-    def _edge(self, interval: int) -> list[tuple[int, int]]:
-        edge = self.reads.edges.get(interval)
-        if edge is None:
-            raise EdgeNeeded(interval)
-        return edge
-
     def _before(self, t: int) -> int:
         """The snapshot's usage strictly before t."""
         sample = self.sample
@@ -205,7 +223,7 @@ class SnapshotUsageIndex:
         interval = bisect_right(sample.times, t) - 1
         if sample.times[interval] == t:
             return sample.before[interval]
-        return sample.before[interval] + sum(a for at, a in self._edge(interval) if at < t)
+        return sample.before[interval] + sum(a for at, a in self.reads.edge(interval) if at < t)
 
     def _base_between(self, start: int, end: int) -> UsageSummary:
         sample = self.sample
@@ -220,7 +238,7 @@ class SnapshotUsageIndex:
     def _first_from(self, low: int, high: int) -> int | None:
         sample = self.sample
         interval = bisect_right(sample.times, low) - 1
-        later = [at for at, _ in self._edge(interval) if at >= low]
+        later = [at for at, _ in self.reads.edge(interval) if at >= low]
         if later:
             return later[0] if later[0] < high else None
         following = interval + 1
@@ -231,7 +249,7 @@ class SnapshotUsageIndex:
     def _last_before(self, low: int, high: int) -> int | None:
         sample = self.sample
         interval = bisect_right(sample.times, high - 1) - 1
-        earlier = [at for at, _ in self._edge(interval) if at < high]
+        earlier = [at for at, _ in self.reads.edge(interval) if at < high]
         return earlier[-1] if earlier and earlier[-1] >= low else None
 
 
@@ -263,8 +281,8 @@ def merged_sample(base: UsageSample, delta: InMemoryUsageIndex) -> UsageSample:
 
 
 def folded_on(snapshot: AuditSnapshot, reads: ArchiveReads, events: Sequence) -> TenantLedger:
-    """A fresh ledger from the snapshot with `events` (decoded input events known after it) folded on top.
-    Raises EdgeNeeded or ModelUsageNeeded when the fold needs a read that `reads` does not hold yet."""
+    """A fresh ledger from the snapshot with `events` (decoded input events known after it) folded on top,
+    its index reading through `reads` what the snapshot's sample cannot answer."""
     ledger = TenantLedger(snapshot.tenant_id)
     ledger.account = account_from_bytes(snapshot.account)
     ledger.index = SnapshotUsageIndex(sample_from_bytes(snapshot.usage), reads)
@@ -284,33 +302,27 @@ def decoded_events(tenant_id: str, payloads: Sequence[dict]) -> list:
     return events
 
 
-async def with_edges(
-    session: AsyncSession,
-    snapshot: AuditSnapshot,
-    work: Callable[[ArchiveReads], Any],
-    reads: ArchiveReads | None = None,
-    reads_max: int | None = EDGE_READS_MAX,
-) -> Any:
-    """`work(reads)` in a thread, reading each edge or usage by model it asks for from the archive into
-    `reads` and asking again. Raises SnapshotStale when a read does not match the snapshot, or when the
-    work needs more than `reads_max` reads (None: no limit; it still ends, since each read is one that
-    `reads` did not hold, and an answer over a snapshot needs finitely many)."""
-    reads = ArchiveReads() if reads is None else reads
+def archive_reads(
+    session: AsyncSession, snapshot: AuditSnapshot, reads_max: int | None = EDGE_READS_MAX
+) -> ArchiveReads:
+    """Reads of the snapshot's usage from the archive through `session`, for a fold or query over the
+    snapshot that runs in a worker thread (`asyncio.to_thread`) while this event loop runs the queries:
+    call it on the loop, use it off the loop. A read that does not match the snapshot raises SnapshotStale
+    in the worker, as does one more than `reads_max`."""
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
     sample = sample_from_bytes(snapshot.usage)
-    done = 0
-    while True:
-        try:
-            return await asyncio.to_thread(work, reads)
-        except (EdgeNeeded, ModelUsageNeeded) as need:
-            if reads_max is not None and done >= reads_max:
-                raise SnapshotStale(f"more than {reads_max} archive reads needed") from None
-            done += 1
-            if isinstance(need, EdgeNeeded):
-                assert need.interval not in reads.edges, f"edge {need.interval} asked for twice"
-                reads.edges[need.interval] = await read_edge(session, snapshot, sample, need.interval)
-            else:
-                assert (need.start, need.end) not in reads.model_usage, "usage by model asked for twice"
-                reads.model_usage[need.start, need.end] = await read_model_usage(session, snapshot, need)
+
+    async def read(need: EdgeNeeded | ModelUsageNeeded) -> Any:
+        if type(need) is EdgeNeeded:
+            return await read_edge(session, snapshot, sample, need.interval)
+        return await read_model_usage(session, snapshot, need)
+
+    def fetch(need: EdgeNeeded | ModelUsageNeeded) -> Any:
+        assert threading.get_ident() != loop_thread, "an archive read on the event loop would block it"
+        return asyncio.run_coroutine_threadsafe(read(need), loop).result()
+
+    return ArchiveReads(fetch, reads_max)
 
 
 async def read_edge(

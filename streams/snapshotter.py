@@ -5,9 +5,9 @@ A snapshot is cut only between two knowledge times (every event known at its K_s
 the tenant's latest knowledge time (an event of that millisecond may still be on its way to the
 archive). When the previous snapshot no longer matches the archive (`SnapshotStale`), the tenant's
 snapshots are rebuilt from its first event. Folding a batch over the previous snapshot reads from the
-archive what the snapshot's usage sample cannot answer (storage.snapshots.with_edges) with no limit on the
-number of reads: a tenant's first grant scoped to models reads usage by model once per segment with usage,
-and a limit would make a snapshot that needs more give up, be rebuilt, and give up again.
+archive what the snapshot's usage sample cannot answer (storage.snapshots.archive_reads) with no limit on
+the number of reads: a tenant's first grant scoped to models reads usage by model once per segment with
+usage, and a limit would make a snapshot that needs more give up, be rebuilt, and give up again.
 
 Run by the projector after each batch it commits (`Snapshotter`, for the tenants whose events the batch
 archived), at most `SNAPSHOTS_PER_BATCH_MAX` snapshots a batch, so one batch's extra work stays bounded (a
@@ -16,6 +16,7 @@ tenant that is further behind catches up over the following batches).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
@@ -29,6 +30,7 @@ from storage.snapshots import (
     INPUT_EVENT_TYPES,
     AuditSnapshot,
     SnapshotStale,
+    archive_reads,
     decoded_events,
     events_known_after,
     folded_on,
@@ -36,7 +38,6 @@ from storage.snapshots import (
     merged_sample,
     sample_from_bytes,
     sample_to_bytes,
-    with_edges,
 )
 from streams.audit_checkpoints import AuditSettings
 
@@ -87,9 +88,9 @@ async def snapshot_tenant(
             try:
                 # No limit on the archive reads: the balance query gives up after EDGE_READS_MAX and
                 # folds the archive, but a snapshot that gave up here would be rebuilt, and give up again.
-                ledger = await with_edges(
-                    session, base, lambda reads, b=base, e=events: folded_on(b, reads, e), reads_max=None
-                )
+                # In a worker thread: its reads wait there for this loop to run them.
+                reads = archive_reads(session, base, reads_max=None)
+                ledger = await asyncio.to_thread(folded_on, base, reads, events)
             except SnapshotStale as stale:
                 logger.warning("snapshots of %s are stale (%s): rebuilding them", tenant_id, stale)
                 await session.execute(delete(AuditSnapshot).where(AuditSnapshot.tenant_id == tenant_id))

@@ -19,14 +19,13 @@ from ledger.pending import pending_grants
 from ledger.tenant import TenantLedger
 from storage.projections import LedgerEntry, LedgerEvent
 from storage.snapshots import (
-    ArchiveReads,
     AuditSnapshot,
     SnapshotStale,
+    archive_reads,
     decoded_events,
     events_known_after,
     folded_on,
     latest_snapshot,
-    with_edges,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,9 +106,11 @@ async def _balance_from_snapshot(
     if len(rows) > events_max:
         raise SnapshotStale(f"more than balance_events_max={events_max} events after the snapshot")
     events = decoded_events(snapshot.tenant_id, [payload for _, _, payload in rows])
-    reads = ArchiveReads()  # the render's index reads what the fold read (and adds to it)
-    ledger = await with_edges(session, snapshot, lambda found: folded_on(snapshot, found, events), reads)
-    return await with_edges(session, snapshot, lambda _: render(ledger, at_ms), reads)
+    # In worker threads: the fold's and the render's archive reads wait there for this loop to run them
+    # (at most EDGE_READS_MAX in all, then SnapshotStale: the caller folds the archive instead).
+    reads = archive_reads(session, snapshot)
+    ledger = await asyncio.to_thread(folded_on, snapshot, reads, events)
+    return await asyncio.to_thread(render, ledger, at_ms)
 
 
 def _fold_chunk(ledger: TenantLedger, payloads: Sequence[dict]) -> None:

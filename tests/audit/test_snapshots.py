@@ -132,23 +132,13 @@ class ArchiveReader:
             amounts[event.model] = amounts.get(event.model, 0) + event.amount
         return check_model_usage(need, amounts)
 
+    def read(self, need: EdgeNeeded | ModelUsageNeeded):
+        """`ArchiveReads.fetch`, synchronous (the gateway's waits for its event loop to read Postgres)."""
+        return self.edge(need.interval) if type(need) is EdgeNeeded else self.model_usage(need)
 
-def with_edges(reader, reads, work, reads_max=snapshots.EDGE_READS_MAX):
-    """The gateway's `storage.snapshots.with_edges`, synchronous: read what is asked for, ask again."""
-    done = 0
-    while True:
-        try:
-            return work(reads)
-        except (EdgeNeeded, ModelUsageNeeded) as need:
-            if reads_max is not None and done >= reads_max:
-                raise SnapshotStale("too many reads") from None
-            done += 1
-            if isinstance(need, EdgeNeeded):
-                assert need.interval not in reads.edges
-                reads.edges[need.interval] = reader.edge(need.interval)
-            else:
-                assert (need.start, need.end) not in reads.model_usage
-                reads.model_usage[need.start, need.end] = reader.model_usage(need)
+    def reads(self, reads_max=snapshots.EDGE_READS_MAX) -> ArchiveReads:
+        """What `storage.snapshots.archive_reads` gives the fold, over this archive."""
+        return ArchiveReads(self.read, reads_max)
 
 
 def build_snapshots(history, every_events):
@@ -161,12 +151,7 @@ def build_snapshots(history, every_events):
         if not taken:
             return built
         events = [event for _, _, event in rows[:taken]]
-        ledger = with_edges(
-            ArchiveReader(history, base),
-            ArchiveReads(),
-            lambda reads, b=base, e=events: folded_on(b, reads, e),
-            reads_max=None,
-        )
+        ledger = folded_on(base, ArchiveReader(history, base).reads(reads_max=None), events)
         base = snapshots.AuditSnapshot(
             tenant_id=TENANT,
             known_through_ms=rows[taken - 1][0],
@@ -188,9 +173,9 @@ def small_stride():
     snapshots.USAGE_STRIDE_TIMES = saved
 
 
-def snapshot_answer(history, snapshot, known_by: int, at: int, reads: ArchiveReads):
+def snapshot_answer(history, snapshot, known_by: int, at: int):
     """The answer at T as known at K from `snapshot` plus the events known in (K_s, K] folded on top, in
-    knowledge order, as the balance query makes it (its read limit included)."""
+    knowledge order, as the balance query makes it (its read limit included), and the reads it made."""
     delta = sorted(
         (
             (known, event.event_id, event)
@@ -199,10 +184,9 @@ def snapshot_answer(history, snapshot, known_by: int, at: int, reads: ArchiveRea
         ),
         key=lambda row: row[:2],
     )
-    reader = ArchiveReader(history, snapshot)
-    late = [event for _, _, event in delta]
-    ledger = with_edges(reader, reads, lambda found, s=snapshot, e=late: folded_on(s, found, e))
-    return with_edges(reader, reads, lambda _, led=ledger, t=at: answer(led, t))
+    reads = ArchiveReader(history, snapshot).reads()
+    ledger = folded_on(snapshot, reads, [event for _, _, event in delta])
+    return answer(ledger, at), reads
 
 
 def check_snapshot_answers(history, every_events, queries) -> None:
@@ -211,7 +195,7 @@ def check_snapshot_answers(history, every_events, queries) -> None:
         expected = answer(fold([event for event, known in history if known <= known_by]), at)
         usable = [snapshot for snapshot in built if snapshot.known_through_ms <= known_by]
         if usable:
-            assert snapshot_answer(history, usable[-1], known_by, at, ArchiveReads()) == expected
+            assert snapshot_answer(history, usable[-1], known_by, at)[0] == expected
 
 
 QUERIES = st.lists(st.tuples(st.integers(-5, 130), st.integers(-5, 330)), max_size=6)
@@ -282,8 +266,7 @@ def test_a_late_first_scoped_grant_takes_usage_a_snapshot_already_holds(small_st
     snapshot = before_grant[-1]
     in_time_order = fold([event for event, _ in sorted(history, key=lambda pair: pair[0].timestamp)])
     for at in [-1, 0, 1, *rng.sample(range(1_000), 20), 999, 5_000]:
-        reads = ArchiveReads()
-        got = snapshot_answer(history, snapshot, 6_000, at, reads)
+        got, reads = snapshot_answer(history, snapshot, 6_000, at)
         assert got == answer(fold([event for event, _ in history]), at) == answer(in_time_order, at)
         assert reads.model_usage, "the scoped grant did not read usage by model from the archive"
     scoped_block = next(block for block in in_time_order.blocks_at(999) if block.grant_id == "gs")
@@ -299,37 +282,54 @@ def test_usage_by_model_that_does_not_match_the_snapshot_is_stale():
         check_model_usage(need, {"m": 4, "n": 1})
 
 
-def test_the_read_limit_is_a_parameter_of_with_edges(small_stride, monkeypatch):
-    """storage.snapshots.with_edges: a first scoped grant folded over a snapshot reads usage by model
-    once per segment with usage; past `reads_max` the answer gives up (SnapshotStale), with no limit
-    (the snapshotter's) it completes, equal to the full fold."""
+def test_archive_reads_have_a_limit_and_wait_for_the_loop(small_stride, monkeypatch):
+    """storage.snapshots.archive_reads: a first scoped grant folded over a snapshot (in a worker thread,
+    its reads run on the event loop) reads usage by model once per segment with usage; past `reads_max`
+    the answer gives up (SnapshotStale), with no limit (the snapshotter's) it completes, equal to the full
+    fold, having folded once (each read is made once, where the fold needs it). A read that does not
+    match the snapshot raises SnapshotStale out of the worker."""
     rng = random.Random(9)
     history = late_first_scope_history(TENANT, 400, rng, grants=50)
-    built = build_snapshots(history, 50)  # with reads_max=None: it would never finish otherwise
+    built = build_snapshots(history, 50)  # reads as the snapshotter does: with no limit
     snapshot = [snapshot for snapshot in built if snapshot.known_through_ms < 5_000][-1]
     late = [event for event, known in history if known > snapshot.known_through_ms]
     assert any(type(event) is CreditGranted and event.models for event in late)
-    reader = ArchiveReader(history, snapshot)
+    archive = [ArchiveReader(history, snapshot)]
 
     async def read_edge(session, snap, sample, interval):
-        return reader.edge(interval)
+        return archive[0].edge(interval)
 
     async def read_model_usage(session, snap, need):
-        return reader.model_usage(need)
+        return archive[0].model_usage(need)
 
     monkeypatch.setattr(snapshots, "read_edge", read_edge)
     monkeypatch.setattr(snapshots, "read_model_usage", read_model_usage)
 
-    def work(reads):
-        return answer(folded_on(snapshot, reads, late), 999)
+    folds = []
+
+    async def fold_over_snapshot(reads_max):
+        reads = snapshots.archive_reads(None, snapshot, reads_max)
+        folds.append(reads)
+        return await asyncio.to_thread(lambda: answer(folded_on(snapshot, reads, late), 999))
 
     with pytest.raises(SnapshotStale):
-        asyncio.run(snapshots.with_edges(None, snapshot, work))
-    reads = ArchiveReads()
-    assert asyncio.run(snapshots.with_edges(None, snapshot, work, reads, reads_max=None)) == answer(
-        fold([event for event, _ in history]), 999
-    )
+        asyncio.run(fold_over_snapshot(snapshots.EDGE_READS_MAX))
+    assert folds[-1].done == snapshots.EDGE_READS_MAX
+    expected = answer(fold([event for event, _ in history]), 999)
+    assert asyncio.run(fold_over_snapshot(None)) == expected
+    reads = folds[-1]
     assert len(reads.model_usage) > snapshots.EDGE_READS_MAX
+    assert reads.done == len(reads.model_usage) + len(reads.edges)
+    with pytest.raises(AssertionError, match="block"):  # a read on the loop itself would block it
+
+        async def on_the_loop():
+            folded_on(snapshot, snapshots.archive_reads(None, snapshot, None), late)
+
+        asyncio.run(on_the_loop())
+    missed = UsageRecorded(event_id="missed", tenant_id=TENANT, amount=5, occurred_at=500, model="n")
+    archive[0] = ArchiveReader([*history, (missed, 0)], snapshot)  # archived after the snapshot was cut
+    with pytest.raises(SnapshotStale, match="differs from the snapshot"):
+        asyncio.run(fold_over_snapshot(None))
 
 
 async def test_scoped_snapshots_through_postgres(client, session_factory, monkeypatch):  # noqa: F811
