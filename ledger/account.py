@@ -227,7 +227,8 @@ class Account:
             self._segment_last_usage_at[segment] = occurred_at
         if self._scopes is not None:  # a tenant with scoped grants: its segments are drawn by model
             self._scopes.record(segment, event.model, amount)
-            deltas, overage = self._recompute_from(segment)
+            settled = self._redraw_scoped_segment(segment, self._scopes) if segment < self._frontier else None
+            deltas, overage = settled if settled is not None else self._recompute_from(segment)
             allocations = self._allocations(deltas)
         elif segment >= self._frontier:
             if segment > self._frontier:
@@ -516,6 +517,47 @@ class Account:
             self._segment_overage[segment] += need
             self.overage_total += need
         return takes, need
+
+    def _redraw_scoped_segment(self, segment: int, scopes: Scopes) -> tuple[dict[str, int], int] | None:
+        """A late usage of a scoped tenant in a segment before the frontier: redraw that segment alone.
+        If no block gives less there (nor the overage shrinks), and none it gives more is exhausted later on
+        (its total consumption plus the increase stays within its amount), every later segment's
+        allocation stands, as in `_consume_in_earlier_segment`. Returns None when that does not hold:
+        recompute from here on."""
+        cached = self._scoped_blocks_of
+        if cached is None or cached[0] != segment:
+            active = self._active_blocks(segment)
+            cached = self._scoped_blocks_of = (segment, active, scoped_order(active))
+        _, active, scoped = cached
+        later_allocations = self._segment_allocations[segment + 1 : self._frontier + 1]
+        drawn = self._segment_allocations[segment]
+        remaining = {}
+        for block in active:
+            grant_id = block.grant_id
+            later = sum(a.get(grant_id, 0) for a in later_allocations)
+            remaining[grant_id] = block.amount - (block.consumed - drawn.get(grant_id, 0) - later)
+        takes, overage = allocate_segment(
+            active, scoped, remaining, scopes.segment_model_usage[segment], self._segment_usage[segment]
+        )
+        deltas = {}
+        for grant_id in drawn.keys() | takes.keys():
+            delta = takes.get(grant_id, 0) - drawn.get(grant_id, 0)
+            if delta < 0:
+                return None
+            if delta:
+                block = self.blocks[grant_id]
+                if block.consumed + delta > block.amount:
+                    return None
+                deltas[grant_id] = delta
+        overage_delta = overage - self._segment_overage[segment]
+        if overage_delta < 0:
+            return None
+        for grant_id, delta in deltas.items():
+            self.blocks[grant_id].consumed += delta
+        self._segment_allocations[segment] = takes
+        self._segment_overage[segment] = overage
+        self.overage_total += overage_delta
+        return deltas, overage_delta
 
     def _recompute_from(self, first_segment: int) -> tuple[dict[str, int], int]:
         """Redo greedy consumption of every segment from first_segment on. Returns the net change per
