@@ -68,6 +68,12 @@ class AuditSnapshot(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+def usage_amount() -> object:
+    """An archived usage event's amount, as a bigint (amounts go up to ledger.events.AMOUNT_MAX, 2**62:
+    `as_integer()` would cast to a 32-bit integer)."""
+    return LedgerEvent.payload["amount"].astext.cast(BigInteger)
+
+
 def knowledge_time() -> object:
     """An archived event's knowledge time (the log's append time; the projector's clock for old rows)."""
     return func.coalesce(LedgerEvent.known_at_ms, LedgerEvent.recorded_at_ms)
@@ -330,7 +336,7 @@ async def read_edge(
 ) -> list[tuple[int, int]]:
     start, end = interval_bounds(sample, interval)
     rows = await session.execute(
-        select(LedgerEvent.occurred_at_ms, func.sum(LedgerEvent.payload["amount"].as_integer()))
+        select(LedgerEvent.occurred_at_ms, func.sum(usage_amount()))
         .where(
             LedgerEvent.tenant_id == snapshot.tenant_id,
             LedgerEvent.event_type == "usage_recorded",
@@ -352,7 +358,7 @@ async def read_model_usage(
     usage = (
         select(
             func.coalesce(LedgerEvent.payload["model"].as_string(), NO_MODEL).label("model"),
-            LedgerEvent.payload["amount"].as_integer().label("amount"),
+            usage_amount().label("amount"),
         )
         .where(
             LedgerEvent.tenant_id == snapshot.tenant_id,

@@ -391,3 +391,52 @@ async def test_scoped_snapshots_through_postgres(client, session_factory, monkey
             (block.grant_id, block.remaining) for block in ledger.blocks_at(at)
         ]
     assert model_reads, "no answer read usage by model from the archive"
+
+
+async def test_archive_reads_take_amounts_beyond_32_bits(client, session_factory, monkeypatch):  # noqa: F811
+    """Usage amounts go up to 2**62 (ledger.events.AMOUNT_MAX): the edge and usage-by-model reads sum them
+    as 64-bit integers (a cast to `integer` failed above 2**31 - 1)."""
+    monkeypatch.setattr(snapshots, "USAGE_STRIDE_TIMES", 3)
+    tenant_id = (await client.post("/admin/v1/tenants", json={"name": "Large", "tier": "pro"})).json()[
+        "tenant_id"
+    ]
+    rng = random.Random(7)
+    large = 2**33
+    history = [
+        (
+            CreditGranted(
+                event_id="g-any", tenant_id=tenant_id, grant_id="g-any", amount=2**45, effective_at=0
+            ),
+            0,
+        )
+    ]
+    for index in range(60):
+        at = rng.randrange(0, 1_000)
+        usage = UsageRecorded(
+            event_id=f"big-{index}",
+            tenant_id=tenant_id,
+            amount=large + rng.randrange(0, 1_000),
+            occurred_at=at,
+            model=rng.choice(("m", "n")),
+        )
+        history.append((usage, at + rng.randrange(0, 3)))
+    scoped = CreditGranted(
+        event_id="g-m", tenant_id=tenant_id, grant_id="g-m", amount=2**40, effective_at=0, models=("m",)
+    )
+    history.append((scoped, 5_000))  # the first scoped grant, known late: usage by model is read
+    records = [
+        LogRecord(TOPICS.events, 0, offset, tenant_id.encode(), encode_event(event), known)
+        for offset, (event, known) in enumerate(history)
+    ]
+    await archive_records(session_factory, records)
+    assert await snapshot_tenant(session_factory, tenant_id, 10, now_ms=0) >= 5
+    for at, known_by in [(rng.randrange(0, 1_000), rng.choice([400, 900, 5_000])) for _ in range(20)]:
+        ledger = fold([event for event, known in history if known <= known_by], tenant_id)
+        response = await client.get(
+            f"/admin/v1/tenants/{tenant_id}/balance", params={"at": at, "as_known_at": known_by}
+        )
+        assert response.status_code == 200, response.text
+        assert (response.json()["balance"], response.json()["overage"]) == (
+            ledger.balance_at(at),
+            ledger.overage_at(at),
+        )
