@@ -838,8 +838,10 @@ class Account:
             closing_balance=closing.remaining,
         )
 
-    def check_invariants(self) -> None:
-        """Conservation and the bookkeeping that the fast path relies on; raises AssertionError."""
+    def check_invariants(self, index: UsageIndex | None = None) -> None:
+        """Conservation and the bookkeeping that the fast path relies on; raises AssertionError. With the
+        usage index beside the account (O(usage): for tests), also that a scoped tenant's sums by model
+        are the index's."""
         by_block: dict[str, int] = {}
         for segment, allocations in enumerate(self._segment_allocations):
             for grant_id, amount in allocations.items():
@@ -869,6 +871,11 @@ class Account:
         assert len(self._segment_usage) == len(self._bounds) + 1, "segments and bounds out of step"
         if self._scopes is not None:
             self._scopes.check(self._segment_usage)
+            if index is not None:
+                for segment, (start, end, _) in enumerate(self._segments_with_usage()):
+                    assert self._scopes.segment_model_usage[segment] == index.usage_by_model_between(
+                        start, end
+                    ), f"segment {segment}: usage by model differs from the usage index"
 
     # ------------------------------------------------------------------------------------ snapshots
 

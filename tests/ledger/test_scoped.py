@@ -62,7 +62,7 @@ def test_usage_draws_its_models_scoped_grants_first_smallest_scope_first_then_un
     assert allocations(ledger.apply(usage("u2", 8, "gpt-y"))) == {"pair": 5, "any": 3, "overage": 0}
     assert allocations(ledger.apply(usage("u3", 4, "other"))) == {"any": 4, "overage": 0}
     assert ledger.balance_at(10) == 93
-    ledger.account.check_invariants()
+    ledger.account.check_invariants(ledger.index)
 
 
 def test_a_late_scoped_grant_takes_its_models_usage_from_the_unscoped_grant():
@@ -79,7 +79,7 @@ def test_a_late_scoped_grant_takes_its_models_usage_from_the_unscoped_grant():
     voided = ledger.apply(GrantVoided(event_id="void-x", tenant_id=TENANT, grant_id="x", voided_at=55))
     assert {b.grant_id: b.remaining for b in ledger.blocks_at(70)} == {"any": 80}
     assert [type(e).__name__ for e in voided] == []  # consumption unchanged: u1 at 50 is before the void
-    ledger.account.check_invariants()
+    ledger.account.check_invariants(ledger.index)
 
 
 def test_a_late_first_scoped_grant_takes_usage_folded_before_any_scope_existed():
@@ -105,7 +105,7 @@ def test_a_late_first_scoped_grant_takes_usage_folded_before_any_scope_existed()
     for ledger in (late, in_order):
         assert {b.grant_id: b.remaining for b in ledger.blocks_at(70)} == {"x": 10, "any": 75}
         assert {b.grant_id: b.remaining for b in ledger.blocks_at(55)} == {"x": 10, "any": 95}
-        ledger.account.check_invariants()
+        ledger.account.check_invariants(ledger.index)
     for t in range(0, 80, 5):
         assert late.totals_at(t) == in_order.totals_at(t), t
 
@@ -122,7 +122,7 @@ def test_a_split_segment_keeps_each_models_usage_on_its_side():
     assert {b.grant_id: b.remaining for b in ledger.blocks_at(80)} == {"x": 0, "any": 65}
     ledger.account = account_from_bytes(account_to_bytes(ledger.account))
     assert ledger.balance_at(65) == 75  # any: 100 - 10 (u0) - 10 (u1) - 5 (u2 after x ran out)
-    ledger.account.check_invariants()
+    ledger.account.check_invariants(ledger.index)
 
 
 def test_a_tenant_without_scoped_grants_has_no_scopes_in_its_state_and_old_states_decode():

@@ -95,7 +95,7 @@ def test_scoped_fold_matches_replay_oracle_in_any_order(steps):
         if action == "apply":
             ledger.apply(value)
             applied.append(value)
-            ledger.account.check_invariants()
+            ledger.account.check_invariants(ledger.index)
         elif action == "advance":
             ledger.advance_to(value)
         elif action == "snapshot":
@@ -125,7 +125,7 @@ def final_view(steps) -> tuple:
     ledger = TenantLedger(TENANT)
     for event in applied:
         ledger.apply(event)
-    ledger.account.check_invariants()
+    ledger.account.check_invariants(ledger.index)
     totals = sum_entries(entries)
     queries = [
         (ledger.balance_at(t), tuple(ledger.totals_at(t)), tuple(ledger.blocks_at(t)))
