@@ -12,12 +12,13 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.admin import AdminSettings, build_admin_router
+from gateway.admin import AdminSettings
 from ledger.codec import encode_event
 from ledger.events import Event
 from streams.projector import rows_of_batch, write_batch
 from streams.records import LogRecord
 from streams.topics import LedgerTopics
+from tests.fixtures.admin_api import admin_api, admin_client
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 GRANT_AMOUNT_MAX = 1_000_000
@@ -75,26 +76,12 @@ def admin_app(session_factory, publisher, clock) -> FastAPI:
         entries_page_size_max=ENTRIES_PAGE_SIZE_MAX,
         entries_page_size_default=10,
     )
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=settings,
-            admin_token=ADMIN_TOKEN,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: publisher,
-            clock_ms=clock,
-        )
-    )
-    return app
+    return admin_api(session_factory, publisher, ADMIN_TOKEN, settings=settings, clock=clock)
 
 
 @pytest.fixture
 async def client(admin_app) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=admin_app),
-        base_url="http://admin.test",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as client:
+    async with admin_client(admin_app, ADMIN_TOKEN) as client:
         yield client
 
 

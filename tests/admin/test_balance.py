@@ -2,14 +2,13 @@
 
 import random
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
-from gateway.admin import AdminSettings, build_admin_router
+from gateway.admin import AdminSettings
 from ledger.events import CreditGranted, GrantVoided, UsageRecorded, event_order_key
 from ledger.tenant import TenantLedger
 from tests.admin.conftest import ADMIN_TOKEN, archive_events
+from tests.fixtures.admin_api import admin_api, admin_client
 
 pytestmark = pytest.mark.postgres
 
@@ -152,25 +151,14 @@ async def test_balance_refusals_name_the_field(client, tenant_id):
 
 
 async def test_balance_needing_more_events_than_the_limit_is_503(session_factory, tenant_id, publisher):
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=AdminSettings(balance_events_max=2),
-            admin_token=ADMIN_TOKEN,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: publisher,
-        )
-    )
+    app = admin_api(session_factory, publisher, ADMIN_TOKEN, settings=AdminSettings(balance_events_max=2))
     usages = [
         UsageRecorded(event_id=f"r{n}", tenant_id=tenant_id, amount=1, occurred_at=n, model="m")
         for n in range(3)
     ]
     await archive_events(session_factory, usages)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://admin.test") as limited:
-        response = await limited.get(
-            f"/admin/v1/tenants/{tenant_id}/balance", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        )
+    async with admin_client(app, ADMIN_TOKEN) as limited:
+        response = await limited.get(f"/admin/v1/tenants/{tenant_id}/balance")
 
     assert response.status_code == 503
     assert "balance_events_max=2" in response.json()["detail"]["message"]

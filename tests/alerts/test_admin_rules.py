@@ -8,12 +8,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 
-from gateway.admin import AdminSettings, build_admin_router
 from gateway.admin.audit_log import _signer
 from ledger.events import AlertRuleRemoved, AlertRuleSet, TopUpRuleSet
 from tests.admin.conftest import RecordingPublisher, SettableClock, archive_events
 from tests.audit.helpers import KEY
-from tests.audit.test_admin_audit import client_as, create
+from tests.audit.test_admin_audit import create
+from tests.fixtures.admin_api import admin_api, admin_client
 
 pytestmark = pytest.mark.postgres
 
@@ -40,24 +40,14 @@ async def app(session_factory, publisher, clock, tmp_path, monkeypatch) -> FastA
     )
     monkeypatch.setenv("TOLLGATE_AUDIT_SIGNING_KEY_PATH", str(key_path))
     _signer.cache_clear()
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=AdminSettings(),
-            admin_token=BOOTSTRAP,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: publisher,
-            clock_ms=clock,
-        )
-    )
-    yield app
+    yield admin_api(session_factory, publisher, BOOTSTRAP, clock=clock)
     _signer.cache_clear()
 
 
 async def test_rules_are_published_folded_and_listed_and_only_operators_change_them(
     app, publisher, clock, session_factory
 ):
-    async with client_as(app, BOOTSTRAP) as admin:
+    async with admin_client(app, BOOTSTRAP) as admin:
         tenant = (await admin.post("/admin/v1/tenants", json={"name": "Acme", "tier": "pro"})).json()[
             "tenant_id"
         ]
@@ -89,7 +79,7 @@ async def test_rules_are_published_folded_and_listed_and_only_operators_change_t
     assert publisher.events[0].threshold == 500 and publisher.events[2].target == 1_000
     await archive_events(session_factory, publisher.events)  # as the projector archives ledger.events
 
-    async with client_as(app, finance_secret) as finance:
+    async with admin_client(app, finance_secret) as finance:
         listed = (await finance.get(f"/admin/v1/tenants/{tenant}/alert-rules")).json()
         assert [(r["rule_id"], r["kind"], r["threshold"]) for r in listed] == [("low", "balance_below", 500)]
         [top_up] = (await finance.get(f"/admin/v1/tenants/{tenant}/top-up-rules")).json()
@@ -98,7 +88,7 @@ async def test_rules_are_published_folded_and_listed_and_only_operators_change_t
         assert refused.status_code == 403
         assert (await finance.delete(f"/admin/v1/tenants/{tenant}/alert-rules/low")).status_code == 403
 
-    async with client_as(app, BOOTSTRAP) as admin:
+    async with admin_client(app, BOOTSTRAP) as admin:
         taken = await admin.put(f"/admin/v1/tenants/{tenant}/alert-rules/auto", json=soon)
         assert taken.status_code == 409 and taken.json()["detail"]["field"] == "rule_id"
         log = (await admin.get("/admin/v1/audit/log")).json()["rows"]

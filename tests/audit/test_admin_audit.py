@@ -10,11 +10,11 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from gateway.admin import AdminSettings, build_admin_router
 from gateway.admin.audit_log import _signer
 from streams.audit_verify import admin_log, check_admin_log
 from tests.admin.conftest import RecordingPublisher, SettableClock
 from tests.audit.helpers import KEY
+from tests.fixtures.admin_api import admin_api, admin_client
 
 BOOTSTRAP = "test-admin-token-0123456789abcdef"
 
@@ -34,26 +34,8 @@ async def app(session_factory, publisher, tmp_path, monkeypatch) -> FastAPI:
     )
     monkeypatch.setenv("TOLLGATE_AUDIT_SIGNING_KEY_PATH", str(key_path))
     _signer.cache_clear()
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=AdminSettings(),
-            admin_token=BOOTSTRAP,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: publisher,
-            clock_ms=SettableClock(),
-        )
-    )
-    yield app
+    yield admin_api(session_factory, publisher, BOOTSTRAP, clock=SettableClock())
     _signer.cache_clear()
-
-
-def client_as(app: FastAPI, token: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://admin.test",
-        headers={"Authorization": f"Bearer {token}"},
-    )
 
 
 async def create(bootstrap: httpx.AsyncClient, name: str, role: str) -> str:
@@ -66,13 +48,13 @@ async def create(bootstrap: httpx.AsyncClient, name: str, role: str) -> str:
 async def test_finance_reads_but_cannot_grant_or_void_and_every_action_is_logged_with_its_actor(
     app, publisher, session_factory
 ):
-    async with client_as(app, BOOTSTRAP) as bootstrap:
+    async with admin_client(app, BOOTSTRAP) as bootstrap:
         finance_secret = await create(bootstrap, "fiona", "finance")
         operator_secret = await create(bootstrap, "oscar", "operator")
         tenant = (await bootstrap.post("/admin/v1/tenants", json={"name": "Acme", "tier": "pro"})).json()
     tenant_id = tenant["tenant_id"]
 
-    async with client_as(app, finance_secret) as finance:
+    async with admin_client(app, finance_secret) as finance:
         refused = await finance.post(
             f"/admin/v1/tenants/{tenant_id}/grants", json={"amount": 100}, headers={"Idempotency-Key": "f-1"}
         )
@@ -83,7 +65,7 @@ async def test_finance_reads_but_cannot_grant_or_void_and_every_action_is_logged
             await finance.post("/admin/v1/credentials", json={"name": "x", "role": "operator"})
         ).status_code == 403
 
-    async with client_as(app, operator_secret) as operator:
+    async with admin_client(app, operator_secret) as operator:
         granted = await operator.post(
             f"/admin/v1/tenants/{tenant_id}/grants",
             json={"amount": 100},
@@ -92,15 +74,15 @@ async def test_finance_reads_but_cannot_grant_or_void_and_every_action_is_logged
         assert granted.status_code == 201, granted.text
         assert granted.headers["x-request-id"] == "req-grant-1"
         grant_id = granted.json()["grant_id"]
-        async with client_as(app, finance_secret) as finance:
+        async with admin_client(app, finance_secret) as finance:
             voiding = await finance.post(f"/admin/v1/grants/{grant_id}/void")
             assert voiding.status_code == 403
         assert (await operator.post(f"/admin/v1/grants/{grant_id}/void")).status_code == 200
 
-    async with client_as(app, BOOTSTRAP) as bootstrap:
+    async with admin_client(app, BOOTSTRAP) as bootstrap:
         assert (await bootstrap.post("/admin/v1/credentials/fiona/revoke")).status_code == 200
         log = (await bootstrap.get("/admin/v1/audit/log")).json()
-    async with client_as(app, finance_secret) as revoked:
+    async with admin_client(app, finance_secret) as revoked:
         assert (await revoked.get(f"/admin/v1/tenants/{tenant_id}/balance")).status_code == 401
 
     actions = [(row["credential_name"], row["action"]) for row in log["rows"]]
@@ -127,7 +109,7 @@ async def test_finance_reads_but_cannot_grant_or_void_and_every_action_is_logged
 
 
 async def test_an_edited_or_deleted_audit_row_is_named(app, session_factory):
-    async with client_as(app, BOOTSTRAP) as bootstrap:
+    async with admin_client(app, BOOTSTRAP) as bootstrap:
         for name in ("a", "b", "c"):
             await create(bootstrap, name, "finance")
     with pytest.raises(Exception, match="append-only"):
@@ -150,10 +132,10 @@ async def test_an_edited_or_deleted_audit_row_is_named(app, session_factory):
 
 
 async def test_the_bootstrap_token_stays_an_operator_and_a_wrong_token_is_refused(app):
-    async with client_as(app, BOOTSTRAP) as bootstrap:
+    async with admin_client(app, BOOTSTRAP) as bootstrap:
         assert (await bootstrap.get("/admin/v1/credentials")).status_code == 200
         assert (
             await bootstrap.post("/admin/v1/credentials", json={"name": "bootstrap", "role": "finance"})
         ).status_code == 422
-    async with client_as(app, "tga_" + "x" * 43) as stranger:
+    async with admin_client(app, "tga_" + "x" * 43) as stranger:
         assert (await stranger.get("/admin/v1/credentials")).status_code == 401

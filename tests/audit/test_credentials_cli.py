@@ -12,11 +12,11 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
-from gateway.admin import AdminSettings, build_admin_router
 from gateway.admin.audit_log import _signer
 from storage.database import build_async_engine, build_session_factory
 from tests.admin.conftest import RecordingPublisher, SettableClock
 from tests.audit.helpers import KEY
+from tests.fixtures.admin_api import admin_api
 from tests.gateway.servers import ThreadServer
 from tollgate import cli
 
@@ -38,17 +38,7 @@ def admin_url(database_url, database_settings, tmp_path, monkeypatch):
 
     async def build() -> FastAPI:  # in the server's own loop, with an engine bound to it
         sessions = build_session_factory(build_async_engine(database_url, database_settings))
-        app = FastAPI()
-        app.include_router(
-            build_admin_router(
-                settings=AdminSettings(),
-                admin_token=BOOTSTRAP,
-                session_factory_dependency=lambda: sessions,
-                publisher_dependency=lambda: RecordingPublisher(),
-                clock_ms=SettableClock(),
-            )
-        )
-        return app
+        return admin_api(sessions, RecordingPublisher(), BOOTSTRAP, clock=SettableClock())
 
     server = ThreadServer(build).start()
     yield server.url

@@ -9,18 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fastapi import FastAPI
 
-from gateway.admin import AdminSettings, build_admin_router
 from gateway.admin.audit import _public_key
 from storage.database import build_async_engine, build_session_factory
 from storage.tenants import Tenant
 from streams.embedded_log import PostgresLog
 from tests.audit.helpers import KEY, TENANTS, ledger_events, write_ledger
+from tests.fixtures.admin_api import admin_api, admin_client
 from tests.streams.helpers import stream_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,20 +43,7 @@ async def client(database_url, database_settings, topic_prefix, tmp_path, monkey
     await write_ledger(log, session_factory, ledger_events())
     async with session_factory() as session, session.begin():
         session.add_all(Tenant(tenant_id=t, name=t, tier="pro", created_at_ms=0) for t in TENANTS)
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=AdminSettings(),
-            admin_token=ADMIN_TOKEN,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: None,
-        )
-    )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://admin.test",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as client:
+    async with admin_client(admin_api(session_factory, None, ADMIN_TOKEN), ADMIN_TOKEN) as client:
         yield client
     _public_key.cache_clear()
     await log.stop()

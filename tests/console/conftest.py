@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from fastapi import FastAPI
 
-from gateway.admin import AdminSettings, build_admin_router
+from gateway.admin import AdminSettings
 from gateway.console.mount import mount_console
 from gateway.console.settings import ConsoleSettings
 from ledger.entries import encode_entry
@@ -21,6 +21,7 @@ from ledger.tenant import TenantLedger
 from streams.projector import rows_of_batch, write_batch
 from streams.records import BalanceRecord, LogRecord
 from tests.admin.conftest import ADMIN_TOKEN, TOPICS, RecordingPublisher, SettableClock
+from tests.fixtures.admin_api import admin_api
 
 __all__ = ["ADMIN_TOKEN", "RecordingPublisher", "SettableClock"]
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
@@ -41,15 +42,7 @@ def console_app(session_factory, publisher, clock, settings: ConsoleSettings | N
     app = FastAPI()
     app.state.session_factory, app.state.event_log = session_factory, publisher
     admin_settings = AdminSettings()
-    app.include_router(
-        build_admin_router(
-            settings=admin_settings,
-            admin_token=ADMIN_TOKEN,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: publisher,
-            clock_ms=clock,
-        )
-    )
+    admin_api(session_factory, publisher, ADMIN_TOKEN, settings=admin_settings, clock=clock, app=app)
     mount_console(app, admin_settings, ADMIN_TOKEN, [UNREACHABLE_WORKER], settings, clock)
     return app
 

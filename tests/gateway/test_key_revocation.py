@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
-from gateway.admin import AdminSettings, build_admin_router
 from gateway.auth import KeyRevocationFeed, TenantKeyCache, authenticate
 from gateway.errors import ApiError
 from streams.embedded_log import PostgresLog
 from streams.records import ApiKeyRevoked, LogRecord, encode_revocation
 from streams.settings import StreamSettings
+from tests.fixtures.admin_api import admin_api, admin_client
 
 pytestmark = pytest.mark.postgres
 
@@ -34,20 +33,7 @@ async def event_log(async_engine) -> AsyncIterator[PostgresLog]:
 
 @pytest.fixture
 async def admin(session_factory, event_log) -> AsyncIterator[httpx.AsyncClient]:
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=AdminSettings(),
-            admin_token=ADMIN_TOKEN,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: event_log,
-        )
-    )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://admin.test",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as client:
+    async with admin_client(admin_api(session_factory, event_log, ADMIN_TOKEN), ADMIN_TOKEN) as client:
         yield client
 
 
@@ -164,24 +150,12 @@ async def test_a_revoked_key_is_refused_within_a_second_over_kafka(
     await create_ledger_topics(settings)
     log = KafkaLog(settings)
     await log.start()
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=AdminSettings(),
-            admin_token=ADMIN_TOKEN,
-            session_factory_dependency=lambda: session_factory,
-            publisher_dependency=lambda: log,
-        )
-    )
+    app = admin_api(session_factory, log, ADMIN_TOKEN)
     key_cache = TenantKeyCache(session_factory, ttl_ms=CACHE_TTL_MS, entries_max=100)
     feed = KeyRevocationFeed(log, key_cache)
     await feed.start()
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://admin.test",
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        ) as admin:
+        async with admin_client(app, ADMIN_TOKEN) as admin:
             tenant_id, key_id, key = await issued_key(admin)
             assert (await authenticate(key_cache, f"Bearer {key}")).tenant_id == tenant_id
             revoked = await admin.delete(f"/admin/v1/keys/{key_id}")

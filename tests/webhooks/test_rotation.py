@@ -9,14 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
-from gateway.admin import AdminSettings, build_admin_router
+from gateway.admin import AdminSettings
 from storage.webhooks import DELIVERED, WebhookEndpoint
 from streams.webhooks.dispatcher import WebhookDispatcher
 from tests.admin.conftest import ADMIN_TOKEN, RecordingPublisher
+from tests.fixtures.admin_api import admin_api, admin_client
 from tests.webhooks.conftest import add_tenant, alert, all_in, fast_settings, produce, run_until
 
 pytestmark = pytest.mark.postgres
@@ -43,21 +42,7 @@ def clock() -> ShiftedClock:
 @pytest.fixture
 async def admin(sessions, clock):
     publisher = RecordingPublisher()  # no route here publishes
-    app = FastAPI()
-    app.include_router(
-        build_admin_router(
-            settings=AdminSettings(),
-            admin_token=ADMIN_TOKEN,
-            session_factory_dependency=lambda: sessions,
-            publisher_dependency=lambda: publisher,
-            clock_ms=clock,
-        )
-    )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://admin.test",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as client:
+    async with admin_client(admin_api(sessions, publisher, ADMIN_TOKEN, clock=clock), ADMIN_TOKEN) as client:
         yield client
 
 
