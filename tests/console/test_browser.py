@@ -3,11 +3,14 @@ sign in by keyboard, create a tenant, grant credit, create a key, send a complet
 client with it and watch the balance card and the burn-down chart change without a reload, see the usage
 in the history, void a grant after its confirmation, revoke the key, open a portal link in another
 browser context (only that tenant), an expired and an altered link refused. Every page: no JavaScript
-error, every control labelled. Screenshots go to docs/screenshots/ (the README shows them)."""
+error, every control labelled. Screenshots go to docs/screenshots/ (the README shows them) when
+TOLLGATE_UPDATE_SCREENSHOTS=1, else to a temporary directory."""
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +25,13 @@ from tests.test_dev_smoke import start_dev, stop, wait_for_demo
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
+# The README's screenshots are refreshed only when asked (TOLLGATE_UPDATE_SCREENSHOTS=1): a test run leaves
+# the checkout as it was; otherwise they go to a temporary directory.
+SCREENSHOTS = (
+    REPO_ROOT / "docs" / "screenshots"
+    if os.environ.get("TOLLGATE_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "tollgate-screenshots"
+)
 REFRESH_TIMEOUT_MS = 60_000  # htmx refreshes every 5 s; the usage reaches the projection within seconds
 TABS_MAX = 40
 GRANTED = 200_000
