@@ -40,6 +40,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     delete,
+    func,
     select,
     text,
     update,
@@ -271,6 +272,20 @@ async def claim_due(
         {"now": now_ms, "lease_until": now_ms + lease_ms, "limit": limit, "per_endpoint": per_endpoint},
     )
     return [Claimed(*row) for row in rows]
+
+
+async def next_due_ms(session: AsyncSession) -> int | None:
+    """When the earliest pending delivery can next be claimed (its next attempt's time, or its lease's end
+    if later); None when nothing is pending."""
+    return await session.scalar(
+        select(
+            func.min(
+                func.greatest(
+                    WebhookDelivery.next_attempt_at_ms, func.coalesce(WebhookDelivery.leased_until_ms, 0)
+                )
+            )
+        ).where(WebhookDelivery.state == PENDING)
+    )
 
 
 async def record_attempt(session: AsyncSession, claimed: Claimed, outcome: Outcome) -> bool:

@@ -9,11 +9,17 @@
 
 Offsets start at 0 and grow by one per record within a partition. The shared contract tests
 (tests/streams/test_log_contract.py) run over both implementations.
+
+A consumer that polls (the webhook dispatcher, the top-up agent) idles with `append_mark` taken before it
+reads and `idle_until_appended` after a read that found nothing: the embedded log wakes it on an append
+(LISTEN/NOTIFY), so an idle `tollgate dev` does not query Postgres at the poll rate; over Kafka it waits the
+poll interval it was given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -29,6 +35,24 @@ from streams.topics import LedgerTopics
 
 TAIL_POLL_TIMEOUT_MS = 200
 READ_TIMEOUT_MS = 5_000
+
+
+def append_mark(log: EventLog, topics: Sequence[str]) -> int | None:
+    """The log's append count of `topics` where it can wait for appends (the embedded log), else None."""
+    mark = getattr(log, "append_mark", None)
+    return None if mark is None else mark(topics)
+
+
+async def idle_until_appended(
+    log: EventLog, topics: Sequence[str], mark: int | None, stop: asyncio.Event, poll_s: float, idle_s: float
+) -> None:
+    """After a read that found nothing: until `stop`, and until something is appended to `topics` after
+    `mark` or `idle_s` passes (a log that wakes on appends), else until `poll_s` passes (Kafka)."""
+    if mark is not None:
+        await log.wait_for_append(topics, mark, stop, timeout_s=idle_s)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), poll_s)
 
 
 class EventLog(Protocol):

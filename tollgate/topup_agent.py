@@ -41,7 +41,7 @@ from ledger.events import InvalidEvent
 from storage.database import DatabaseSettings
 from storage.projections import stored_offsets, write_offsets
 from storage.tenants import Grant
-from streams.log import EventLog
+from streams.log import EventLog, append_mark, idle_until_appended
 from streams.records import LogRecord
 from streams.service import run_until_signalled, with_database_and_log
 from streams.settings import StreamSettings
@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 CONSUMER_NAME = "topup-agent"  # its offsets in projector_offsets
 ALERT_BATCH_MAX = 100  # alerts read from one partition in one step
-POLL_INTERVAL_MS = 500  # between steps that found nothing
+POLL_INTERVAL_MS = 500  # between steps that found nothing (Kafka)
+IDLE_RECHECK_MS = 60_000  # the longest idle wait on a log that wakes on appends (the embedded one)
 RETRY_DELAY_MS = 1_000  # after a step the event log or the database failed
 
 
@@ -147,7 +148,9 @@ class TopUpAgent:
         return grant
 
     async def run(self, stop: asyncio.Event) -> None:
+        topics = [self.log.topics.alerts]
         while not stop.is_set():
+            mark = append_mark(self.log, topics)  # before reading: an append after it ends the idle wait
             try:
                 found = await self.step()
             except Exception:  # the event log or the database: retried from the stored offsets
@@ -155,7 +158,9 @@ class TopUpAgent:
                 self._next_offsets, found = None, 0
                 await _wait(stop, RETRY_DELAY_MS)
             if not found:
-                await _wait(stop, POLL_INTERVAL_MS)
+                await idle_until_appended(
+                    self.log, topics, mark, stop, POLL_INTERVAL_MS / 1000, IDLE_RECHECK_MS / 1000
+                )
 
     async def _offsets(self, topic: str) -> dict[int, int]:
         async with self.sessions() as session:

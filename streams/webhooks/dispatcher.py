@@ -51,11 +51,12 @@ from storage.webhooks import (
     claim_due,
     enabled_endpoints,
     forget_expired_secrets,
+    next_due_ms,
     prune_attempts,
     record_attempt,
     schedule,
 )
-from streams.log import EventLog
+from streams.log import EventLog, append_mark, idle_until_appended
 from streams.projector import dead_letter
 from streams.records import DeadLetter, LogRecord
 from streams.service import run_until_signalled, with_database_and_log
@@ -301,22 +302,33 @@ class WebhookDispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and deliver until `stop` is set; then wait for the requests in flight."""
         try:
+            topics = [self.log.topics.alerts]
             while not stop.is_set():
                 self._wake.clear()
+                mark = append_mark(self.log, topics)  # before reading: an append after it ends the idle wait
                 if await self.step():
                     continue
-                await self._idle(stop)
+                await self._idle(stop, topics, mark)
         finally:
             await self.close()
 
-    async def _idle(self, stop: asyncio.Event) -> None:
-        """Until a request finishes, something was scheduled, `stop`, or poll_interval_ms (new alerts and
-        retries that came due)."""
+    async def _idle(self, stop: asyncio.Event, topics: list[str], mark: int | None) -> None:
+        """Until `stop`, a request finishes, something was scheduled, a new alert (the embedded log wakes
+        it on an append; over Kafka: `poll_interval_ms`), or the earliest pending delivery comes due
+        (`idle_recheck_ms` at the longest)."""
+        async with self.sessions() as session:
+            due = await next_due_ms(session)
+        longest_ms = self.settings.poll_interval_ms if mark is None else self.settings.idle_recheck_ms
+        wait_ms = longest_ms if due is None else min(longest_ms, max(0, due - self.clock_ms()))
+        if wait_ms == 0:
+            return
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(
-                waiters, timeout=self.settings.poll_interval_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+        if mark is not None:
+            waiters.append(
+                asyncio.ensure_future(idle_until_appended(self.log, topics, mark, stop, 0, wait_ms / 1000))
             )
+        try:
+            await asyncio.wait(waiters, timeout=wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()

@@ -20,7 +20,10 @@ class WebhookSettings(BaseSettings):
     in_flight_deliveries_max: int = Field(default=64, ge=1, le=10_000)  # POSTs in flight, all endpoints
     endpoint_in_flight_max: int = Field(default=4, ge=1, le=1_000)  # POSTs in flight to one endpoint
     alert_batch_max: int = Field(default=500, ge=1, le=5_000)  # alerts read per partition per step
-    poll_interval_ms: int = Field(default=500, ge=1, le=60_000)  # between looks for due retries when idle
+    # Kafka: between looks for new alerts when idle
+    poll_interval_ms: int = Field(default=500, ge=1, le=60_000)
+    # the embedded log (which wakes it on appends): the longest idle wait; a due retry ends it sooner
+    idle_recheck_ms: int = Field(default=5_000, ge=1, le=600_000)
     consumer_name: str = Field(default="webhook-dispatcher", min_length=1, max_length=128)  # its offsets' key
     # attempts older than this leave the delivery log (each delivery's row, its final state, stays: it is
     # what keeps a redelivered alert from being sent again)
