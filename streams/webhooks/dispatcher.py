@@ -319,9 +319,13 @@ class WebhookDispatcher:
         async with self.sessions() as session:
             due = await next_due_ms(session)
         longest_ms = self.settings.poll_interval_ms if mark is None else self.settings.idle_recheck_ms
-        wait_ms = longest_ms if due is None else min(longest_ms, max(0, due - self.clock_ms()))
-        if wait_ms == 0:
-            return
+        now = self.clock_ms()
+        if due is None:
+            wait_ms = longest_ms
+        elif due > now:
+            wait_ms = min(longest_ms, due - now)
+        else:  # due and not claimed: held back by the in-flight limits (a finishing request wakes this wait),
+            wait_ms = min(longest_ms, self.settings.poll_interval_ms)  # or it came due since: never a spin
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         if mark is not None:
             waiters.append(

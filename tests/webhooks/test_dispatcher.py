@@ -281,3 +281,35 @@ async def test_a_request_is_bounded_by_the_timeout_from_connect_to_answer(event_
     (attempt,) = await attempts_of(sessions, "we_acme")
     assert attempt.error == "timed out after 300 ms" and attempt.status_code is None
     assert 300 <= attempt.latency_ms < 1_500
+
+
+async def test_due_deliveries_held_back_by_the_in_flight_limit_do_not_spin_the_loop(
+    event_log, sessions, receivers, monkeypatch
+):
+    """Three alerts due for one endpoint that takes one request at a time, each answered in 1 s: while it
+    is busy the others stay due and unclaimable, and the idle loop waits for the request to finish (or
+    `poll_interval_ms`) instead of asking again at once."""
+    import streams.webhooks.dispatcher as dispatcher_module
+
+    slow = await receivers(delay_s=1.0)
+    await slow.start()
+    await add_tenant(sessions, "slowco")
+    await add_endpoint(sessions, "slowco", slow, "we_slow")
+    items = [alert("slowco", crossing) for crossing in range(1, 4)]
+    await produce(event_log, items)
+    looks = []
+    next_due_ms = dispatcher_module.next_due_ms
+
+    async def counted(session):
+        looks.append(1)
+        return await next_due_ms(session)
+
+    monkeypatch.setattr(dispatcher_module, "next_due_ms", counted)
+    settings = fast_settings(endpoint_in_flight_max=1, poll_interval_ms=200)
+    dispatcher = WebhookDispatcher(event_log, sessions, settings)
+    await run_until(
+        dispatcher, all_in({("we_slow", item.alert_id) for item in items}, DELIVERED, sessions), 15
+    )
+    assert len(slow.delivered) == 3
+    # about 3 s of waiting: at most one look per 200 ms poll plus one per finished request (a spin: thousands)
+    assert len(looks) <= 3 * 1_000 // 200 + 10, len(looks)
