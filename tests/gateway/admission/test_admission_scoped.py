@@ -4,6 +4,7 @@ the unscoped credit plus the credit scoped to M, never the credit scoped to othe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import msgspec
@@ -123,13 +124,12 @@ def test_expired_scoped_credit_is_not_subtracted_twice():
     assert balance.spendable_for("gpt-x", START_MS + 10) == 100
 
 
-@pytest.mark.postgres
-async def test_strict_mode_refuses_a_request_whose_model_cannot_use_the_scoped_credit(
-    database_url, database_settings
-):
+@contextlib.asynccontextmanager
+async def strict_admission(grants, database_url, database_settings):
+    """Strict admission over Postgres, its view holding the balance record the fold publishes for `grants`."""
     clock = ManualClock()
     view = new_view()
-    record = folded_balance([grant("scoped", 1_000, ("gpt-x",)), grant("any", 100)])
+    record = folded_balance(grants)
     view.apply_balance_records(
         [LogRecord(TOPICS.balances, partition_of(TENANT), 0, TENANT.encode(), msgspec.json.encode(record), 0)]
     )
@@ -139,13 +139,22 @@ async def test_strict_mode_refuses_a_request_whose_model_cannot_use_the_scoped_c
     admission = StrictAdmission(view, settings, engine, clock_ms=clock)
     await admission.start()
     try:
+        yield admission
+    finally:
+        await admission.stop()
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_strict_mode_refuses_a_request_whose_model_cannot_use_the_scoped_credit(
+    database_url, database_settings
+):
+    grants = [grant("scoped", 1_000, ("gpt-x",)), grant("any", 100)]
+    async with strict_admission(grants, database_url, database_settings) as admission:
         with pytest.raises(CreditExhausted, match="100 are available"):
             await admission.admit(request("r1", "other-model", 500))
         reservation = await admission.admit(request("r2", "gpt-x", 500))
         assert reservation.amount == 500
-    finally:
-        await admission.stop()
-        await engine.dispose()
 
 
 @pytest.mark.postgres
@@ -155,18 +164,8 @@ async def test_strict_mode_counts_the_tenants_other_holds_against_the_credit_a_m
     """Unscoped 100 and 100 scoped to gpt-x: two concurrent 100-credit requests of another model would fit
     the tenant's whole balance (200) but not the credit that model may use (100): the second is refused and
     its hold deleted; a gpt-x request still fits beside the first."""
-    clock = ManualClock()
-    view = new_view()
-    record = folded_balance([grant("scoped", 100, ("gpt-x",)), grant("any", 100)])
-    view.apply_balance_records(
-        [LogRecord(TOPICS.balances, partition_of(TENANT), 0, TENANT.encode(), msgspec.json.encode(record), 0)]
-    )
-    mark_caught_up(view, clock())
-    engine = build_async_engine(database_url, database_settings)
-    settings = AdmissionSettings(mode="strict", view_ready_wait_ms=0, view_staleness_max_ms=10**9)
-    admission = StrictAdmission(view, settings, engine, clock_ms=clock)
-    await admission.start()
-    try:
+    grants = [grant("scoped", 100, ("gpt-x",)), grant("any", 100)]
+    async with strict_admission(grants, database_url, database_settings) as admission:
         await admission.admit(request("b1", "other-model", 100))
         with pytest.raises(CreditExhausted, match="0 are available"):
             await admission.admit(request("b2", "other-model", 100))
@@ -174,6 +173,3 @@ async def test_strict_mode_counts_the_tenants_other_holds_against_the_credit_a_m
         with psycopg.connect(database_url) as connection:
             held = connection.execute("SELECT request_id FROM admission_holds ORDER BY 1").fetchall()
         assert held == [("a1",), ("b1",)]
-    finally:
-        await admission.stop()
-        await engine.dispose()
