@@ -295,7 +295,7 @@ class Account:
             models=event.models,
         )
         if block.models and self._scopes is None:  # the first scoped grant: usage by model from the index
-            self._scopes = Scopes.from_index(self._segments_with_usage(), index)
+            self._scopes = Scopes.from_index(self._segment_spans(), index)
         self.blocks[grant_id] = block
         self.granted_total += block.amount
         self._grant_event_ids[grant_id] = event.event_id
@@ -384,7 +384,7 @@ class Account:
     def _segment_start(self, segment: int) -> int:
         return self._bounds[segment - 1] if segment > 0 else -NEVER
 
-    def _segments_with_usage(self) -> list[tuple[int, int, int]]:
+    def _segment_spans(self) -> list[tuple[int, int, int]]:
         """(start, end, usage total) of every segment."""
         starts = [-NEVER, *self._bounds]
         ends = [*self._bounds, NEVER]
@@ -872,7 +872,7 @@ class Account:
         if self._scopes is not None:
             self._scopes.check(self._segment_usage)
             if index is not None:
-                for segment, (start, end, _) in enumerate(self._segments_with_usage()):
+                for segment, (start, end, _) in enumerate(self._segment_spans()):
                     assert self._scopes.segment_model_usage[segment] == index.usage_by_model_between(
                         start, end
                     ), f"segment {segment}: usage by model differs from the usage index"
